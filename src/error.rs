@@ -1,0 +1,251 @@
+//! The crate's error type.
+//!
+//! `mlua::Error` is tied to the VM thread (it can hold Lua values and is not
+//! `Send` without mlua's `send` feature), so every failure is turned into an
+//! owned, `Send + Sync` [`IsleError`] on the VM thread before it crosses back.
+
+use std::any::Any;
+use std::fmt;
+
+/// Why a request failed.
+///
+/// Every request resolves exactly once, with its value or with one of these.
+/// The messages say what happened; the variant docs say what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IsleError {
+    /// The Lua code (or the conversion of its result) raised an error. The
+    /// VM is still usable.
+    #[error("{0}")]
+    Lua(LuaError),
+
+    /// The request was cancelled (by [`Task::cancel`](crate::Task::cancel),
+    /// a [`CancelToken`](crate::CancelToken), or by dropping its `Task`)
+    /// before it could finish.
+    #[error("request cancelled before it finished")]
+    Cancelled,
+
+    /// The request's time limit passed before it finished (time spent queued
+    /// counts).
+    #[error("request timed out: its time limit passed before it finished")]
+    Timeout,
+
+    /// The isle or pool has shut down (or is shutting down) and did not run
+    /// the request; submit to a live one.
+    #[error("the Lua VM has shut down; the request was not run")]
+    Shutdown,
+
+    /// Rust code running for the request (an `exec` closure, an init closure
+    /// or a Rust function called from Lua) panicked. The payload's message is
+    /// kept. The VM keeps serving other requests.
+    #[error("panic in Rust code run on the Lua thread: {0}")]
+    Panic(String),
+
+    /// The init closure failed, so the VM was not started.
+    #[error("Lua VM initialisation failed: {0}")]
+    Init(String),
+
+    /// The queue is full (see the pool's `queue_capacity`); retry later or
+    /// raise the capacity.
+    #[error("request queue is full; retry later or raise queue_capacity")]
+    QueueFull,
+
+    /// `call` named a global function that does not exist (the global is
+    /// `nil`).
+    #[error("no global Lua function named `{0}`")]
+    NotFound(String),
+
+    /// A blocking call was made from the VM's own thread (for example from an
+    /// `exec` closure); waiting there would deadlock. Use the `&Lua` you were
+    /// given, or a `spawn_*` method and let the task run later.
+    #[error("blocking call made from the Lua VM's own thread would deadlock; use the `&Lua` in hand or spawn_* instead")]
+    Reentrant,
+
+    /// The request pushed the VM past its memory limit. The VM stays usable.
+    #[error("Lua memory limit exceeded: {0}")]
+    MemoryLimit(String),
+
+    /// The request executed more Lua instructions than its budget allows.
+    #[error("Lua instruction budget exhausted")]
+    InstructionLimit,
+
+    /// The session's VM was replaced, and the state the session kept in it is
+    /// gone. Re-create the state and carry on.
+    #[error("the session's Lua VM was recycled; its state is gone")]
+    SessionLost,
+}
+
+impl IsleError {
+    /// Returns the Lua error, if this is one.
+    pub fn as_lua(&self) -> Option<&LuaError> {
+        match self {
+            IsleError::Lua(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// True for [`IsleError::Cancelled`] and [`IsleError::Timeout`]: the
+    /// request was stopped from outside rather than failing on its own.
+    pub fn is_cancellation(&self) -> bool {
+        matches!(self, IsleError::Cancelled | IsleError::Timeout)
+    }
+}
+
+/// What kind of Lua failure an [`IsleError::Lua`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum LuaErrorKind {
+    /// The source did not compile.
+    Syntax,
+    /// The code raised an error while running (`error(...)`, a bad operation
+    /// on a value, an error returned by a Rust callback, ...).
+    Runtime,
+    /// The Lua allocator failed (out of memory).
+    Memory,
+    /// The result (or an argument) could not be converted between Lua and
+    /// Rust.
+    Conversion,
+    /// Anything else reported by mlua.
+    Other,
+}
+
+/// A Lua error, owned and readable without the VM.
+///
+/// The message keeps Lua's position prefix (`chunk:line:`); the traceback,
+/// when Lua produced one, is kept apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LuaError {
+    kind: LuaErrorKind,
+    message: String,
+    traceback: Option<String>,
+}
+
+impl LuaError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> LuaErrorKind {
+        self.kind
+    }
+
+    /// The error message, starting with its position (`eval:3: boom`) when
+    /// Lua knew one.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The Lua stack traceback at the point of the error, if any.
+    pub fn traceback(&self) -> Option<&str> {
+        self.traceback.as_deref()
+    }
+}
+
+impl fmt::Display for LuaError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.kind {
+            LuaErrorKind::Syntax => "Lua syntax error",
+            LuaErrorKind::Runtime => "Lua runtime error",
+            LuaErrorKind::Memory => "Lua memory error",
+            LuaErrorKind::Conversion => "Lua conversion error",
+            LuaErrorKind::Other => "Lua error",
+        };
+        write!(f, "{what}: {}", self.message)
+    }
+}
+
+impl std::error::Error for LuaError {}
+
+/// Splits `"msg\nstack traceback:\n..."` into its two halves.
+fn split_traceback(text: &str) -> (String, Option<String>) {
+    match text.find("\nstack traceback:") {
+        Some(at) => (
+            text[..at].to_string(),
+            Some(text[at + 1..].trim_end().to_string()),
+        ),
+        None => (text.to_string(), None),
+    }
+}
+
+impl IsleError {
+    /// Converts an mlua error on the VM thread. Panics that mlua carried
+    /// through Lua frames are not errors: they unwind and are caught by the
+    /// worker (see `vm.rs`).
+    pub(crate) fn from_lua(err: &mlua::Error) -> IsleError {
+        let lua = |kind, text: &str| {
+            let (message, traceback) = split_traceback(text);
+            IsleError::Lua(LuaError {
+                kind,
+                message,
+                traceback,
+            })
+        };
+        match err {
+            mlua::Error::SyntaxError { message, .. } => lua(LuaErrorKind::Syntax, message),
+            mlua::Error::RuntimeError(m) => lua(LuaErrorKind::Runtime, m),
+            mlua::Error::MemoryError(m) => lua(LuaErrorKind::Memory, m),
+            mlua::Error::FromLuaConversionError { .. } | mlua::Error::BadArgument { .. } => {
+                lua(LuaErrorKind::Conversion, &err.to_string())
+            }
+            mlua::Error::CallbackError { traceback, cause } => {
+                // A Rust callback failed; report its root cause with the Lua
+                // traceback taken where it was raised.
+                let mut root = IsleError::from_lua(cause);
+                if let IsleError::Lua(e) = &mut root {
+                    if e.traceback.is_none() && !traceback.is_empty() {
+                        e.traceback = Some(traceback.clone());
+                    }
+                }
+                root
+            }
+            mlua::Error::WithContext { context, cause } => match IsleError::from_lua(cause) {
+                IsleError::Lua(mut e) => {
+                    e.message = format!("{context}: {}", e.message);
+                    IsleError::Lua(e)
+                }
+                other => other,
+            },
+            mlua::Error::ExternalError(e) => {
+                if let Some(isle) = e.downcast_ref::<IsleError>() {
+                    return isle.clone();
+                }
+                lua(LuaErrorKind::Runtime, &e.to_string())
+            }
+            other => lua(LuaErrorKind::Other, &other.to_string()),
+        }
+    }
+
+    /// Converts a caught panic payload.
+    pub(crate) fn from_panic(payload: &(dyn Any + Send)) -> IsleError {
+        IsleError::Panic(panic_message(payload))
+    }
+}
+
+/// The message of a panic payload (`panic!("...")` gives a `&str` or a
+/// `String`; anything else is opaque).
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&'static str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic payload is not a string".to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceback_is_split_from_the_message() {
+        let (m, t) = split_traceback("eval:1: boom\nstack traceback:\n\t[C]: in ?");
+        assert_eq!(m, "eval:1: boom");
+        assert_eq!(t.as_deref(), Some("stack traceback:\n\t[C]: in ?"));
+        assert_eq!(split_traceback("plain").1, None);
+    }
+
+    #[test]
+    fn isle_errors_are_send_sync_static() {
+        fn check<E: std::error::Error + Send + Sync + 'static>() {}
+        check::<IsleError>();
+        check::<LuaError>();
+    }
+}

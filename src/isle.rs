@@ -1,0 +1,280 @@
+//! `Isle`: one Lua VM on its own thread.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+use mlua::Lua;
+use parking_lot::Mutex;
+
+use crate::config::VmConfig;
+use crate::request::Job;
+use crate::submit::{request_methods, Owner, Submit};
+use crate::timer::Timer;
+use crate::vm::{next_owner_id, on_owner_thread, Vm};
+use crate::{IsleError, Task};
+
+/// One Lua VM confined to a dedicated thread, reachable from any thread.
+///
+/// `Isle` is a cheap handle (`Clone + Send + Sync`). Requests run one at a
+/// time on the VM thread, in the order they were submitted. Blocking methods
+/// (`eval`, `call`, `exec`) wait for their result; `spawn_*` methods return a
+/// [`Task`] at once.
+///
+/// Shutdown: [`shutdown`](Self::shutdown) finishes the queued work and joins
+/// the thread. Dropping the last handle without it stops the running request
+/// and resolves the queued ones with [`IsleError::Shutdown`], then joins.
+#[derive(Clone)]
+pub struct Isle {
+    inner: Arc<Inner>,
+}
+
+/// State shared by every handle of one isle.
+struct Inner {
+    /// Owner id, deadline thread and default time limit of its requests.
+    owner: Owner,
+    /// The VM thread's queue.
+    tx: Sender<Msg>,
+    /// Set by shutdown: new requests resolve `Shutdown` without queueing.
+    closed: AtomicBool,
+    /// Set when the last handle drops: the hook stops the running request and
+    /// the VM thread resolves queued ones without running them.
+    abort: Arc<AtomicBool>,
+    /// The VM thread; taken by whoever joins it.
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+enum Msg {
+    Job(Job),
+    Shutdown,
+}
+
+/// Configures and starts an [`Isle`]. Created by [`Isle::builder`].
+#[derive(Debug, Clone, Default)]
+pub struct IsleBuilder {
+    config: VmConfig,
+}
+
+impl IsleBuilder {
+    /// Names the VM thread (default `mlua-isle`); the deadline thread, when
+    /// started, is named `NAME-deadline`.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.config.name = name.into();
+        self
+    }
+
+    /// Stack size of the VM thread in bytes (default: std's).
+    pub fn stack_size(mut self, bytes: usize) -> Self {
+        self.config.stack_size = Some(bytes);
+        self
+    }
+
+    /// Lua instructions between two cancel checks (default 1000). Lower
+    /// values react to a cancel sooner and cost a little more.
+    pub fn hook_interval(mut self, instructions: u32) -> Self {
+        self.config.hook_interval = instructions.max(1);
+        self
+    }
+
+    /// A time limit for every request, counted from submission. A task's own
+    /// [`Task::timeout`] can shorten it, never extend it.
+    pub fn default_timeout(mut self, limit: Duration) -> Self {
+        self.config.default_timeout = Some(limit);
+        self
+    }
+
+    /// Starts the VM thread and runs `init` on it before any request.
+    ///
+    /// Blocks until `init` has returned. `init` cannot be cancelled.
+    ///
+    /// # Errors
+    /// [`IsleError::Init`] if `init` returns an error, [`IsleError::Panic`]
+    /// if it panics, [`IsleError::Init`] if the thread cannot be spawned. In
+    /// every case the thread is gone when this returns.
+    pub fn spawn<F>(self, init: F) -> Result<Isle, IsleError>
+    where
+        F: FnOnce(&Lua) -> mlua::Result<()> + Send + 'static,
+    {
+        let config = self.config;
+        let id = next_owner_id();
+        let abort = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+        let thread = {
+            let (config, abort) = (config.clone(), abort.clone());
+            config
+                .thread("")
+                .spawn(move || match Vm::start(id, &config, abort.clone(), init) {
+                    Ok(vm) => {
+                        let _ = ready_tx.send(Ok(()));
+                        serve(&vm, &rx, &abort);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                })
+                .map_err(|e| IsleError::Init(format!("cannot spawn the VM thread: {e}")))?
+        };
+        let started = ready_rx
+            .recv()
+            .unwrap_or_else(|_| Err(IsleError::Init("the VM thread died during init".into())));
+        if let Err(e) = started {
+            let _ = thread.join();
+            return Err(e);
+        }
+        Ok(Isle {
+            inner: Arc::new(Inner {
+                owner: Owner {
+                    id,
+                    timer: Timer::new(config.name.clone()),
+                    default_timeout: config.default_timeout,
+                },
+                tx,
+                closed: AtomicBool::new(false),
+                abort,
+                thread: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+}
+
+/// The VM thread's loop: run jobs in order until told to stop.
+fn serve(vm: &Vm, rx: &Receiver<Msg>, abort: &AtomicBool) {
+    // Idle: `recv` spins briefly, then parks; no CPU while nothing is queued.
+    while let Ok(msg) = rx.recv() {
+        match msg {
+            Msg::Job(job) if abort.load(Ordering::Acquire) => job.abandon(IsleError::Shutdown),
+            Msg::Job(job) => vm.run(job, None),
+            Msg::Shutdown => break,
+        }
+    }
+    // Jobs that raced past shutdown are dropped with the receiver and
+    // resolve `Shutdown` (see `request::Pending`'s Drop).
+}
+
+impl Isle {
+    /// Starts an isle with default options; see [`IsleBuilder::spawn`].
+    ///
+    /// ```
+    /// use mlua_isle::Isle;
+    ///
+    /// let isle = Isle::spawn(|lua| lua.globals().set("greeting", "hello"))?;
+    /// let s: String = isle.eval("greeting .. ', world'")?;
+    /// assert_eq!(s, "hello, world");
+    /// # Ok::<(), mlua_isle::IsleError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As for [`IsleBuilder::spawn`].
+    pub fn spawn<F>(init: F) -> Result<Isle, IsleError>
+    where
+        F: FnOnce(&Lua) -> mlua::Result<()> + Send + 'static,
+    {
+        IsleBuilder::default().spawn(init)
+    }
+
+    /// A builder to set options before starting.
+    pub fn builder() -> IsleBuilder {
+        IsleBuilder::default()
+    }
+
+    request_methods!();
+
+    /// Runs `f` with the VM on its thread and returns what it returns.
+    /// Blocks until it has run.
+    ///
+    /// # Errors
+    /// The closure's error as [`IsleError::Lua`]; [`IsleError::Panic`] if it
+    /// panics (the isle keeps serving); otherwise as for
+    /// [`eval`](Self::eval).
+    pub fn exec<T, F>(&self, f: F) -> Result<T, IsleError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Lua) -> mlua::Result<T> + Send + 'static,
+    {
+        self.run(crate::submit::exec(f))
+    }
+
+    /// Like [`exec`](Self::exec), but returns at once with a [`Task`].
+    pub fn spawn_exec<T, F>(&self, f: F) -> Task<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Lua) -> mlua::Result<T> + Send + 'static,
+    {
+        self.spawn(crate::submit::exec(f))
+    }
+
+    /// Stops accepting requests, lets the queued ones finish, and joins the
+    /// VM thread. Blocks until then. Calling it again (or from another
+    /// handle) waits for the same shutdown and returns `Ok`.
+    ///
+    /// # Errors
+    /// [`IsleError::Reentrant`] when called from the VM's own thread (it
+    /// cannot join itself); [`IsleError::Panic`] if the VM thread died from
+    /// a panic outside any request.
+    pub fn shutdown(&self) -> Result<(), IsleError> {
+        if on_owner_thread(self.inner.owner.id) {
+            return Err(IsleError::Reentrant);
+        }
+        let mut thread = self.inner.thread.lock();
+        let Some(handle) = thread.take() else {
+            return Ok(());
+        };
+        self.inner.closed.store(true, Ordering::Release);
+        let _ = self.inner.tx.send(Msg::Shutdown);
+        let joined = handle.join();
+        self.inner.owner.timer.shutdown();
+        joined.map_err(|p| IsleError::from_panic(&*p))
+    }
+
+    /// True once [`shutdown`](Self::shutdown) has begun.
+    pub fn is_shutdown(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
+    }
+}
+
+impl Submit for Isle {
+    fn owner(&self) -> &Owner {
+        &self.inner.owner
+    }
+
+    fn enqueue(&self, job: Job) {
+        if self.inner.closed.load(Ordering::Acquire) {
+            job.abandon(IsleError::Shutdown);
+        } else if let Err(e) = self.inner.tx.send(Msg::Job(job)) {
+            if let Msg::Job(job) = e.into_inner() {
+                job.abandon(IsleError::Shutdown);
+            }
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::Release);
+        self.abort.store(true, Ordering::Release);
+        let _ = self.tx.send(Msg::Shutdown);
+        if let Some(handle) = self.thread.get_mut().take() {
+            // The last handle can be dropped on the VM thread itself (inside
+            // an `exec` closure that owned it); that thread then exits on its
+            // own once the closure returns.
+            if handle.thread().id() != std::thread::current().id() {
+                let _ = handle.join();
+            }
+        }
+        self.owner.timer.shutdown();
+    }
+}
+
+impl fmt::Debug for Isle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Isle")
+            .field("id", &self.inner.owner.id)
+            .field("queued", &self.inner.tx.len())
+            .field("shutdown", &self.is_shutdown())
+            .finish()
+    }
+}

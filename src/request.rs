@@ -1,0 +1,335 @@
+//! One request: its state machine, its completion slot, and the type-erased
+//! job that carries it to a VM thread.
+//!
+//! A request is one `Arc<Request<T>>` shared by three parties: the caller's
+//! [`Task`](crate::Task), any [`CancelToken`] clones, and the [`Job`] in a
+//! queue. Exactly one party resolves it, decided by the `phase` CAS:
+//!
+//! ```text
+//!   QUEUED ──(VM: start)──► RUNNING ──(VM: finish)──► DONE
+//!      └──(cancel / timeout / shutdown / job dropped unrun)──► DONE
+//! ```
+//!
+//! Whoever moves `phase` to `DONE` writes the result, so a request resolves
+//! exactly once. A stop `reason` (cancel, timeout, shutdown) is recorded
+//! separately: the VM's hook polls it while the request runs.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::Waker;
+use std::time::Instant;
+
+use crossbeam_utils::Backoff;
+use mlua::{Lua, Table};
+use parking_lot::{Condvar, Mutex};
+
+use crate::hook::Interrupted;
+use crate::token::{CancelToken, Reason};
+use crate::IsleError;
+
+const QUEUED: u8 = 0;
+const RUNNING: u8 = 1;
+const DONE: u8 = 2;
+
+/// The type-independent part of a request.
+pub(crate) struct Header {
+    /// `QUEUED`, `RUNNING` or `DONE`; see the module docs.
+    phase: AtomicU8,
+    /// 0, or the first `Reason` the request was stopped for.
+    reason: AtomicU8,
+    /// The isle or pool the request belongs to (blocking waits from its VM
+    /// threads would deadlock).
+    pub(crate) owner: u64,
+    /// When it was submitted: time limits count from here.
+    pub(crate) submitted: Instant,
+}
+
+impl Header {
+    pub(crate) fn reason(&self) -> Option<Reason> {
+        // ORDERING: Acquire pairs with the Release CAS in `stop`; the value is
+        // only a flag, but readers act on it right away.
+        Reason::from_u8(self.reason.load(Ordering::Acquire))
+    }
+
+    pub(crate) fn is_done(&self) -> bool {
+        self.phase.load(Ordering::Acquire) == DONE
+    }
+}
+
+/// The operations a `CancelToken` needs, without knowing `T`.
+pub(crate) trait Cancel: Send + Sync {
+    fn header(&self) -> &Header;
+    /// Records `reason` and, if the request is still queued, resolves it now.
+    fn stop(&self, reason: Reason);
+}
+
+/// A request producing `T`.
+pub(crate) struct Request<T> {
+    header: Header,
+    /// Set (Release) once `slot.result` holds the result; lets waiters spin
+    /// without the lock.
+    ready: AtomicBool,
+    slot: Mutex<Slot<T>>,
+    cond: Condvar,
+}
+
+struct Slot<T> {
+    result: Option<Result<T, IsleError>>,
+    waker: Option<Waker>,
+    taken: bool,
+}
+
+impl<T> Request<T> {
+    pub(crate) fn new(owner: u64) -> Self {
+        Request {
+            header: Header {
+                phase: AtomicU8::new(QUEUED),
+                reason: AtomicU8::new(0),
+                owner,
+                submitted: Instant::now(),
+            },
+            ready: AtomicBool::new(false),
+            slot: Mutex::new(Slot {
+                result: None,
+                waker: None,
+                taken: false,
+            }),
+            cond: Condvar::new(),
+        }
+    }
+
+    pub(crate) fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Writes the result and wakes whoever waits. Only the party that moved
+    /// `phase` to `DONE` calls this.
+    fn resolve(&self, result: Result<T, IsleError>) {
+        let waker = {
+            let mut slot = self.slot.lock();
+            debug_assert!(slot.result.is_none() && !slot.taken);
+            slot.result = Some(result);
+            // ORDERING: Release publishes the write above to `is_ready`
+            // spinners, who then take the lock anyway.
+            self.ready.store(true, Ordering::Release);
+            slot.waker.take()
+        };
+        self.cond.notify_all();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Moves `from` → `DONE`; true if this call won the right to resolve.
+    fn claim(&self, from: u8) -> bool {
+        // ORDERING: AcqRel so the winner sees everything the request's
+        // creator wrote, and the loser's later reads see the winner's.
+        self.header
+            .phase
+            .compare_exchange(from, DONE, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Resolves a request that never started. No-op if it already did.
+    fn abandon(&self, err: IsleError) {
+        if self.claim(QUEUED) {
+            self.resolve(Err(err));
+        }
+    }
+
+    pub(crate) fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Blocks until the result is in or `deadline` passes; true if it is in.
+    /// Spins briefly first: a parked thread wakes slowly, and most requests
+    /// finish within microseconds.
+    pub(crate) fn wait(&self, deadline: Option<Instant>) -> bool {
+        let backoff = Backoff::new();
+        while !backoff.is_completed() {
+            if self.is_ready() {
+                return true;
+            }
+            backoff.snooze();
+        }
+        let mut slot = self.slot.lock();
+        while slot.result.is_none() && !slot.taken {
+            match deadline {
+                None => self.cond.wait(&mut slot),
+                Some(d) => {
+                    if self.cond.wait_until(&mut slot, d).timed_out() {
+                        return slot.result.is_some();
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// Takes the result if it is in.
+    ///
+    /// # Panics
+    /// If the result was already taken: a `Task` hands out its result once.
+    pub(crate) fn try_take(&self) -> Option<Result<T, IsleError>> {
+        let mut slot = self.slot.lock();
+        let r = slot.result.take();
+        match r {
+            Some(r) => {
+                slot.taken = true;
+                Some(r)
+            }
+            None if slot.taken => panic!("mlua_isle::Task: result already taken"),
+            None => None,
+        }
+    }
+
+    /// Like `try_take`, but registers `waker` when the result is not in yet.
+    pub(crate) fn poll_take(&self, waker: &Waker) -> Option<Result<T, IsleError>> {
+        let mut slot = self.slot.lock();
+        if slot.result.is_none() && !slot.taken {
+            match &mut slot.waker {
+                Some(w) if w.will_wake(waker) => {}
+                w => *w = Some(waker.clone()),
+            }
+            return None;
+        }
+        drop(slot);
+        self.try_take()
+    }
+}
+
+impl<T: Send> Cancel for Request<T> {
+    fn header(&self) -> &Header {
+        &self.header
+    }
+
+    fn stop(&self, reason: Reason) {
+        if self.header.is_done() {
+            return; // finished first: nothing to change
+        }
+        // ORDERING: AcqRel/Release pairs with `Header::reason`'s Acquire load
+        // in the VM's hook.
+        let _ = self.header.reason.compare_exchange(
+            0,
+            reason as u8,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        let reason = self.header.reason().unwrap_or(reason);
+        self.abandon(reason.error());
+    }
+}
+
+/// What a job's work sees on the VM thread.
+pub(crate) struct Ctx<'a> {
+    pub(crate) lua: &'a Lua,
+    /// The session's environment, for session work; `None` for plain work.
+    pub(crate) env: Option<&'a Table>,
+}
+
+/// The VM-side hooks a job calls around its work (the hook module's
+/// "current request" slot).
+pub(crate) trait RunScope {
+    fn enter(&self, token: &CancelToken);
+    fn leave(&self);
+}
+
+/// A request on its way to a VM: the work plus the request it resolves.
+pub(crate) struct Job(Box<dyn Runnable>);
+
+trait Runnable: Send {
+    fn run(self: Box<Self>, ctx: &Ctx<'_>, scope: &dyn RunScope);
+    fn abandon(&self, err: IsleError);
+}
+
+struct Pending<T, F> {
+    req: Arc<Request<T>>,
+    work: Option<F>,
+}
+
+impl Job {
+    pub(crate) fn new<T, F>(req: Arc<Request<T>>, work: F) -> Job
+    where
+        T: Send + 'static,
+        F: FnOnce(&Ctx<'_>) -> Result<T, IsleError> + Send + 'static,
+    {
+        Job(Box::new(Pending {
+            req,
+            work: Some(work),
+        }))
+    }
+
+    /// Runs the work on the VM thread and resolves the request, unless it
+    /// was resolved while queued (then the work is dropped unrun).
+    pub(crate) fn run(self, ctx: &Ctx<'_>, scope: &dyn RunScope) {
+        self.0.run(ctx, scope);
+    }
+
+    /// Resolves the request with `err` without running it (no-op if it
+    /// already started or finished).
+    pub(crate) fn abandon(self, err: IsleError) {
+        self.0.abandon(err);
+    }
+}
+
+impl<T, F> Runnable for Pending<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&Ctx<'_>) -> Result<T, IsleError> + Send + 'static,
+{
+    fn run(mut self: Box<Self>, ctx: &Ctx<'_>, scope: &dyn RunScope) {
+        let req = &self.req;
+        // ORDERING: see `claim`.
+        if req
+            .header
+            .phase
+            .compare_exchange(QUEUED, RUNNING, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return; // resolved while queued
+        }
+        let Some(work) = self.work.take() else {
+            unreachable!("a job's work is taken only here, once")
+        };
+        let result = match req.header.reason() {
+            // Stopped between the caller's stop() and our CAS: never run it.
+            Some(reason) => Err(reason.error()),
+            None => {
+                let token = CancelToken { req: req.clone() };
+                scope.enter(&token);
+                let out = catch_unwind(AssertUnwindSafe(|| work(ctx)));
+                scope.leave();
+                match out {
+                    Ok(r) => r,
+                    // The hook's interruption; replaced by the reason below.
+                    Err(payload) if payload.is::<Interrupted>() => Err(IsleError::Cancelled),
+                    Err(payload) => Err(IsleError::from_panic(&*payload)),
+                }
+            }
+        };
+        // An error after a stop request is the interruption (or a callback
+        // giving up because of it): report why it was stopped. A panic is a
+        // bug and is never hidden.
+        let result = match (result, req.header.reason()) {
+            (Err(e), Some(reason)) if !matches!(e, IsleError::Panic(_)) => Err(reason.error()),
+            (r, _) => r,
+        };
+        req.header.phase.store(DONE, Ordering::Release);
+        req.resolve(result);
+    }
+
+    fn abandon(&self, err: IsleError) {
+        self.req.abandon(err);
+    }
+}
+
+impl<T, F> Drop for Pending<T, F> {
+    fn drop(&mut self) {
+        // A job dropped without running (its queue was discarded, its VM
+        // died) still resolves: nothing is lost silently.
+        if self.work.is_some() {
+            self.req.abandon(IsleError::Shutdown);
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! The one request path: every `eval`, `call` and `exec` of `Isle`,
+//! `IslePool` and `Session` is built here (work + request + task) and handed
+//! to the front-end's queue. Front-ends differ only in `enqueue`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mlua::{FromLuaMulti, IntoLuaMulti, Lua, Table, Value};
+
+use crate::request::{Ctx, Job, Request};
+use crate::timer::Timer;
+use crate::vm::on_owner_thread;
+use crate::{IsleError, Task};
+
+/// What every request of one isle or pool shares.
+pub(crate) struct Owner {
+    pub(crate) id: u64,
+    pub(crate) timer: Timer,
+    pub(crate) default_timeout: Option<Duration>,
+}
+
+/// A front-end that can queue jobs.
+pub(crate) trait Submit {
+    fn owner(&self) -> &Owner;
+
+    /// Queues `job`, or drops it (it then resolves `Shutdown`) or abandons
+    /// it with another error (`QueueFull`).
+    fn enqueue(&self, job: Job);
+
+    /// Builds the request for `work`, queues it, and returns its task.
+    fn spawn<T, F>(&self, work: F) -> Task<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Ctx<'_>) -> Result<T, IsleError> + Send + 'static,
+    {
+        let owner = self.owner();
+        let req = Arc::new(Request::new(owner.id));
+        let task = Task::new(req.clone(), owner.timer.clone());
+        let task = match owner.default_timeout {
+            Some(d) => task.timeout(d),
+            None => task,
+        };
+        self.enqueue(Job::new(req, work));
+        task
+    }
+
+    /// `spawn` + `wait`, refusing at once on the owner's own VM thread.
+    fn run<T, F>(&self, work: F) -> Result<T, IsleError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Ctx<'_>) -> Result<T, IsleError> + Send + 'static,
+    {
+        if on_owner_thread(self.owner().id) {
+            return Err(IsleError::Reentrant);
+        }
+        self.spawn(work).wait()
+    }
+}
+
+fn lua_err(e: mlua::Error) -> IsleError {
+    IsleError::from_lua(&e)
+}
+
+/// Chunk name used for `eval` sources: errors read `eval:LINE: message`.
+const EVAL_CHUNK: &str = "=eval";
+
+/// Work for `eval`: the source runs as an expression if it parses as one,
+/// else as a block (`"1 + 1"` and `"return 1 + 1"` both give 2).
+pub(crate) fn eval<T>(
+    code: String,
+) -> impl FnOnce(&Ctx<'_>) -> Result<T, IsleError> + Send + 'static
+where
+    T: FromLuaMulti + Send + 'static,
+{
+    move |ctx| {
+        let mut chunk = ctx
+            .lua
+            .load(code)
+            .set_name(EVAL_CHUNK)
+            .set_mode(mlua::chunk::ChunkMode::Text);
+        if let Some(env) = ctx.env {
+            chunk = chunk.set_environment(env.clone());
+        }
+        chunk.eval::<T>().map_err(lua_err)
+    }
+}
+
+/// Work for `call`: looks `name` up (in the session environment, falling
+/// back to globals) and calls it.
+pub(crate) fn call<A, T>(
+    name: String,
+    args: A,
+) -> impl FnOnce(&Ctx<'_>) -> Result<T, IsleError> + Send + 'static
+where
+    A: IntoLuaMulti + Send + 'static,
+    T: FromLuaMulti + Send + 'static,
+{
+    move |ctx| {
+        let globals;
+        let scope = match ctx.env {
+            Some(env) => env,
+            None => {
+                globals = ctx.lua.globals();
+                &globals
+            }
+        };
+        match scope.get::<Value>(name.as_str()).map_err(lua_err)? {
+            Value::Nil => Err(IsleError::NotFound(name)),
+            Value::Function(f) => f.call::<T>(args).map_err(lua_err),
+            other => Err(IsleError::from_lua(&mlua::Error::runtime(format!(
+                "global `{name}` is a {}, not a function",
+                other.type_name()
+            )))),
+        }
+    }
+}
+
+/// Work for `exec`: a closure given the VM.
+pub(crate) fn exec<T, F>(f: F) -> impl FnOnce(&Ctx<'_>) -> Result<T, IsleError> + Send + 'static
+where
+    T: Send + 'static,
+    F: FnOnce(&Lua) -> mlua::Result<T> + Send + 'static,
+{
+    move |ctx| f(ctx.lua).map_err(lua_err)
+}
+
+/// Work for a session's `exec`: a closure given the VM and the session's
+/// environment.
+#[allow(dead_code)] // used by sessions
+pub(crate) fn exec_env<T, F>(f: F) -> impl FnOnce(&Ctx<'_>) -> Result<T, IsleError> + Send + 'static
+where
+    T: Send + 'static,
+    F: FnOnce(&Lua, &Table) -> mlua::Result<T> + Send + 'static,
+{
+    move |ctx| {
+        let globals;
+        let env = match ctx.env {
+            Some(env) => env,
+            None => {
+                globals = ctx.lua.globals();
+                &globals
+            }
+        };
+        f(ctx.lua, env).map_err(lua_err)
+    }
+}
+
+/// The request methods every front-end shares (`eval`, `call` and their
+/// `spawn_*` forms). Each is a thin wrapper over `Submit`; `exec` differs per
+/// front-end and is written beside it.
+macro_rules! request_methods {
+    () => {
+        /// Evaluates a Lua chunk and converts its result to `T`. Blocks until
+        /// it has run.
+        ///
+        /// The source may be an expression (`"1 + 1"`) or a block
+        /// (`"return 1 + 1"`). Errors carry the position as `eval:LINE:`.
+        ///
+        /// # Errors
+        /// [`IsleError::Lua`] for syntax, runtime and conversion errors;
+        /// [`IsleError::Reentrant`] when called from this VM's own thread;
+        /// [`IsleError::Timeout`] past the default time limit;
+        /// [`IsleError::Shutdown`] after shutdown.
+        pub fn eval<T>(&self, code: impl Into<String>) -> Result<T, IsleError>
+        where
+            T: mlua::FromLuaMulti + Send + 'static,
+        {
+            crate::submit::Submit::run(self, crate::submit::eval(code.into()))
+        }
+
+        /// Like [`eval`](Self::eval), but returns at once with a [`Task`].
+        pub fn spawn_eval<T>(&self, code: impl Into<String>) -> Task<T>
+        where
+            T: mlua::FromLuaMulti + Send + 'static,
+        {
+            crate::submit::Submit::spawn(self, crate::submit::eval(code.into()))
+        }
+
+        /// Calls the global Lua function `name` with `args` and converts its
+        /// result to `T`. Blocks until it has run.
+        ///
+        /// # Errors
+        /// [`IsleError::NotFound`] when no such global exists;
+        /// [`IsleError::Lua`] when it fails or is not a function; otherwise
+        /// as for [`eval`](Self::eval).
+        pub fn call<T>(
+            &self,
+            name: impl Into<String>,
+            args: impl mlua::IntoLuaMulti + Send + 'static,
+        ) -> Result<T, IsleError>
+        where
+            T: mlua::FromLuaMulti + Send + 'static,
+        {
+            crate::submit::Submit::run(self, crate::submit::call(name.into(), args))
+        }
+
+        /// Like [`call`](Self::call), but returns at once with a [`Task`].
+        pub fn spawn_call<T>(
+            &self,
+            name: impl Into<String>,
+            args: impl mlua::IntoLuaMulti + Send + 'static,
+        ) -> Task<T>
+        where
+            T: mlua::FromLuaMulti + Send + 'static,
+        {
+            crate::submit::Submit::spawn(self, crate::submit::call(name.into(), args))
+        }
+    };
+}
+pub(crate) use request_methods;

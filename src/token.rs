@@ -1,0 +1,85 @@
+//! `CancelToken`: the handle that stops one request.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::request::Cancel;
+
+/// Why a request was stopped from outside. Stored in the request header as a
+/// `u8`; the first reason recorded wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Reason {
+    Cancelled = 1,
+    Timeout = 2,
+    Shutdown = 3,
+}
+
+impl Reason {
+    pub(crate) fn from_u8(v: u8) -> Option<Reason> {
+        match v {
+            1 => Some(Reason::Cancelled),
+            2 => Some(Reason::Timeout),
+            3 => Some(Reason::Shutdown),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn error(self) -> crate::IsleError {
+        match self {
+            Reason::Cancelled => crate::IsleError::Cancelled,
+            Reason::Timeout => crate::IsleError::Timeout,
+            Reason::Shutdown => crate::IsleError::Shutdown,
+        }
+    }
+}
+
+/// Cancels one request. Cheap to clone; `Send + Sync`, so it can be handed to
+/// any thread.
+///
+/// - A request cancelled while queued never runs, and its task resolves
+///   [`IsleError::Cancelled`](crate::IsleError::Cancelled) at once.
+/// - A running request is interrupted at the VM's next hook tick (every
+///   `hook_interval` Lua instructions), including inside coroutines and
+///   `pcall` loops; once cancelled, Lua code cannot catch the interruption
+///   and carry on.
+/// - Cancelling a request that already finished changes nothing.
+///
+/// Rust functions called from Lua are not interrupted by the hook. One that
+/// blocks or loops can ask [`current_token`](crate::current_token) for its
+/// request's token and return early when [`is_cancelled`](Self::is_cancelled)
+/// says so.
+#[derive(Clone)]
+pub struct CancelToken {
+    pub(crate) req: Arc<dyn Cancel>,
+}
+
+impl CancelToken {
+    /// Cancels the request. Idempotent; never blocks.
+    pub fn cancel(&self) {
+        self.req.stop(Reason::Cancelled);
+    }
+
+    /// True once the request was asked to stop: cancelled, timed out, or
+    /// interrupted by shutdown. False if it finished before any of these.
+    pub fn is_cancelled(&self) -> bool {
+        self.req.header().reason().is_some()
+    }
+
+    pub(crate) fn stop(&self, reason: Reason) {
+        self.req.stop(reason);
+    }
+
+    pub(crate) fn downgrade(&self) -> std::sync::Weak<dyn Cancel> {
+        Arc::downgrade(&self.req)
+    }
+}
+
+impl fmt::Debug for CancelToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CancelToken")
+            .field("cancelled", &self.is_cancelled())
+            .field("finished", &self.req.header().is_done())
+            .finish()
+    }
+}

@@ -1,0 +1,71 @@
+//! One Lua VM as seen from its own thread: creation, init, and running jobs.
+
+use std::cell::Cell;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use mlua::{Lua, LuaOptions, StdLib, Table};
+
+use crate::config::VmConfig;
+use crate::hook::Interrupt;
+use crate::request::{Ctx, Job};
+use crate::IsleError;
+
+thread_local! {
+    /// The owner id (isle or pool) whose VM runs on this thread; 0 elsewhere.
+    static OWNER: Cell<u64> = const { Cell::new(0) };
+}
+
+/// A fresh owner id; never 0.
+pub(crate) fn next_owner_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// True on a VM thread of `owner`: blocking on that owner here would
+/// deadlock.
+pub(crate) fn on_owner_thread(owner: u64) -> bool {
+    OWNER.with(|o| o.get() == owner)
+}
+
+/// A VM living on the current thread.
+pub(crate) struct Vm {
+    lua: Lua,
+    interrupt: Arc<Interrupt>,
+}
+
+impl Vm {
+    /// Creates the VM, installs the hook and runs `init`. Must be called on
+    /// the thread that will own the VM; marks that thread as `owner`'s.
+    pub(crate) fn start(
+        owner: u64,
+        config: &VmConfig,
+        abort: Arc<AtomicBool>,
+        init: impl FnOnce(&Lua) -> mlua::Result<()>,
+    ) -> Result<Vm, IsleError> {
+        OWNER.with(|o| o.set(owner));
+        // `catch_rust_panics(false)`: Lua's pcall/xpcall re-raise Rust panics,
+        // so a panicking callback fails its request instead of being
+        // swallowed, and the hook's interruption cannot be caught (hook.rs).
+        let lua = Lua::new_with(StdLib::ALL_SAFE, LuaOptions::new().catch_rust_panics(false))
+            .map_err(|e| IsleError::Init(IsleError::from_lua(&e).to_string()))?;
+        let interrupt = Interrupt::install(&lua, config.hook_interval, abort)
+            .map_err(|e| IsleError::Init(IsleError::from_lua(&e).to_string()))?;
+        match catch_unwind(AssertUnwindSafe(|| init(&lua))) {
+            Ok(Ok(())) => Ok(Vm { lua, interrupt }),
+            Ok(Err(e)) => Err(IsleError::Init(IsleError::from_lua(&e).to_string())),
+            Err(payload) => Err(IsleError::from_panic(&*payload)),
+        }
+    }
+
+    /// Runs one job (in a session's environment when `env` is given).
+    pub(crate) fn run(&self, job: Job, env: Option<&Table>) {
+        let ctx = Ctx {
+            lua: &self.lua,
+            env,
+        };
+        job.run(&ctx, &*self.interrupt);
+        self.interrupt.reset(&self.lua, &self.interrupt);
+    }
+}
