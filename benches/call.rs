@@ -1,1 +1,196 @@
-fn main() {}
+//! Request round trip and cancel latency of one `Isle`, beside the floors.
+//!
+//! - `direct_mlua`: a same-thread call of the tiny function (no hop at all);
+//! - `crossbeam_ping_pong`: the physical floor of a hop, a request and a
+//!   reply between two threads over crossbeam channels;
+//! - `mpsc_actor`: the naive design, a `Lua` owned by a thread behind
+//!   `std::sync::mpsc`;
+//! - `isle_call`: `Isle::call` of the same function.
+//!
+//! Target: `isle_call` ≤ 2x `crossbeam_ping_pong`; cancel → `wait` p99 ≤ 50 µs.
+
+mod common;
+
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use mlua::{Function, Lua};
+use mlua_isle::{Isle, IsleError};
+
+const ADD: &str = "function add(a, b) return a + b end";
+
+fn direct() -> (Lua, Function) {
+    let lua = Lua::new();
+    lua.load(ADD).exec().unwrap();
+    let f: Function = lua.globals().get("add").unwrap();
+    (lua, f)
+}
+
+/// A thread answering each `u64` with `u64 + 1` (the hop floor).
+struct PingPong {
+    tx: crossbeam_channel::Sender<u64>,
+    rx: crossbeam_channel::Receiver<u64>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl PingPong {
+    fn new() -> Self {
+        let (tx, req) = crossbeam_channel::bounded::<u64>(1);
+        let (resp, rx) = crossbeam_channel::bounded::<u64>(1);
+        let thread = thread::spawn(move || {
+            while let Ok(v) = req.recv() {
+                let _ = resp.send(v + 1);
+            }
+        });
+        PingPong {
+            tx,
+            rx,
+            thread: Some(thread),
+        }
+    }
+    fn hop(&self, v: u64) -> u64 {
+        self.tx.send(v).unwrap();
+        self.rx.recv().unwrap()
+    }
+}
+
+impl Drop for PingPong {
+    fn drop(&mut self) {
+        let (tx, _) = crossbeam_channel::bounded(1);
+        drop(std::mem::replace(&mut self.tx, tx));
+        self.thread.take().unwrap().join().unwrap();
+    }
+}
+
+/// The naive actor: a thread owning a `Lua`, requests over std mpsc, each
+/// with its own reply channel.
+struct MpscActor {
+    tx: Option<mpsc::Sender<(i64, mpsc::Sender<i64>)>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl MpscActor {
+    fn new() -> Self {
+        let (tx, rx) = mpsc::channel::<(i64, mpsc::Sender<i64>)>();
+        let thread = thread::spawn(move || {
+            let (_lua, add) = direct();
+            while let Ok((v, reply)) = rx.recv() {
+                let _ = reply.send(add.call::<i64>((v, 1)).unwrap());
+            }
+        });
+        MpscActor {
+            tx: Some(tx),
+            thread: Some(thread),
+        }
+    }
+    fn call(&self, v: i64) -> i64 {
+        let (reply, rx) = mpsc::channel();
+        self.tx.as_ref().unwrap().send((v, reply)).unwrap();
+        rx.recv().unwrap()
+    }
+}
+
+impl Drop for MpscActor {
+    fn drop(&mut self) {
+        self.tx.take();
+        self.thread.take().unwrap().join().unwrap();
+    }
+}
+
+fn isle() -> Isle {
+    Isle::spawn(|lua| lua.load(ADD).exec()).unwrap()
+}
+
+fn round_trip(c: &mut Criterion) {
+    let mut g = c.benchmark_group("call_round_trip");
+    let (_lua, add) = direct();
+    g.bench_function("direct_mlua", |b| {
+        b.iter(|| add.call::<i64>((1, 2)).unwrap())
+    });
+    let pp = PingPong::new();
+    g.bench_function("crossbeam_ping_pong", |b| b.iter(|| pp.hop(1)));
+    let actor = MpscActor::new();
+    g.bench_function("mpsc_actor", |b| b.iter(|| actor.call(1)));
+    let isle = isle();
+    g.bench_function("isle_call", |b| {
+        b.iter(|| isle.call::<i64>("add", (1, 2)).unwrap())
+    });
+    g.finish();
+    if !common::benching() {
+        return;
+    }
+
+    // One summary, measured back to back, so the ratios are in one place.
+    let floor = common::per_op(7, 20_000, || {
+        pp.hop(1);
+    });
+    let ours = common::per_op(7, 20_000, || {
+        isle.call::<i64>("add", (1, 2)).unwrap();
+    });
+    let naive = common::per_op(7, 2_000, || {
+        actor.call(1);
+    });
+    let same = common::per_op(7, 200_000, || {
+        add.call::<i64>((1, 2)).unwrap();
+    });
+    common::report(
+        "isle_call (target <= 2x)",
+        ours,
+        "crossbeam_ping_pong",
+        floor,
+    );
+    common::report("mpsc_actor", naive, "crossbeam_ping_pong", floor);
+    common::report("direct_mlua", same, "crossbeam_ping_pong", floor);
+    isle.shutdown().unwrap();
+}
+
+/// Starts an infinite loop on `isle`, waits until it runs, then measures
+/// from `cancel` until `wait` has returned.
+fn cancel_once(isle: &Isle, started: &crossbeam_channel::Receiver<()>) -> Duration {
+    let task = isle.spawn_eval::<()>("started() while true do end");
+    started.recv().unwrap();
+    let t0 = Instant::now();
+    task.cancel();
+    let r = task.wait();
+    let dt = t0.elapsed();
+    assert_eq!(r, Err(IsleError::Cancelled));
+    dt
+}
+
+fn cancel_latency(c: &mut Criterion) {
+    let (tx, started) = crossbeam_channel::unbounded::<()>();
+    let isle = Isle::spawn(move |lua| {
+        let f = lua.create_function(move |_, ()| {
+            let _ = tx.send(());
+            Ok(())
+        })?;
+        lua.globals().set("started", f)
+    })
+    .unwrap();
+    let mut g = c.benchmark_group("cancel_latency");
+    g.bench_function("cancel_to_wait_return", |b| {
+        b.iter_custom(|iters| (0..iters).map(|_| cancel_once(&isle, &started)).sum())
+    });
+    g.finish();
+    if !common::benching() {
+        return;
+    }
+
+    let mut samples: Vec<Duration> = (0..2_000).map(|_| cancel_once(&isle, &started)).collect();
+    let p50 = common::quantile(&mut samples, 0.50);
+    let p99 = common::quantile(&mut samples, 0.99);
+    let max = common::quantile(&mut samples, 1.0);
+    println!("summary: cancel -> wait returns (target p99 <= 50us)   p50 {p50:.2?}   p99 {p99:.2?}   max {max:.2?}");
+    isle.shutdown().unwrap();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    targets = round_trip, cancel_latency
+}
+criterion_main!(benches);

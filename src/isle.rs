@@ -12,6 +12,7 @@ use parking_lot::Mutex;
 
 use crate::config::VmConfig;
 use crate::request::Job;
+use crate::spin::spin_until;
 use crate::submit::{request_methods, Owner, Submit};
 use crate::timer::Timer;
 use crate::vm::{next_owner_id, on_owner_thread, Vm};
@@ -143,8 +144,19 @@ impl IsleBuilder {
 
 /// The VM thread's loop: run jobs in order until told to stop.
 fn serve(vm: &Vm, rx: &Receiver<Msg>, abort: &AtomicBool) {
-    // Idle: `recv` spins briefly, then parks; no CPU while nothing is queued.
-    while let Ok(msg) = rx.recv() {
+    loop {
+        // Busy: take the next request at once. Idle: spin briefly (a caller
+        // in a loop sends its next request within microseconds), then park.
+        let msg = match rx.try_recv() {
+            Ok(msg) => msg,
+            Err(_) => {
+                spin_until(|| !rx.is_empty());
+                match rx.recv() {
+                    Ok(msg) => msg,
+                    Err(_) => break,
+                }
+            }
+        };
         match msg {
             Msg::Job(job) if abort.load(Ordering::Acquire) => job.abandon(IsleError::Shutdown),
             Msg::Job(job) => vm.run(job, None),

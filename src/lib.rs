@@ -38,6 +38,7 @@ mod error;
 mod hook;
 mod isle;
 mod request;
+mod spin;
 mod submit;
 mod task;
 mod timer;
@@ -49,6 +50,11 @@ pub use hook::current_token;
 pub use isle::{Isle, IsleBuilder};
 pub use task::Task;
 pub use token::CancelToken;
+
+// The README's examples run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
 
 /// The `mlua` crate this one is built on, for its types (`Lua`, `Table`, ...).
 pub use mlua;

@@ -20,11 +20,11 @@ use std::sync::Arc;
 use std::task::Waker;
 use std::time::Instant;
 
-use crossbeam_utils::Backoff;
 use mlua::{Lua, Table};
 use parking_lot::{Condvar, Mutex};
 
 use crate::hook::Interrupted;
+use crate::spin::spin_until;
 use crate::token::{CancelToken, Reason};
 use crate::IsleError;
 
@@ -146,12 +146,8 @@ impl<T> Request<T> {
     /// Spins briefly first: a parked thread wakes slowly, and most requests
     /// finish within microseconds.
     pub(crate) fn wait(&self, deadline: Option<Instant>) -> bool {
-        let backoff = Backoff::new();
-        while !backoff.is_completed() {
-            if self.is_ready() {
-                return true;
-            }
-            backoff.snooze();
+        if spin_until(|| self.is_ready()) {
+            return true;
         }
         let mut slot = self.slot.lock();
         while slot.result.is_none() && !slot.taken {
