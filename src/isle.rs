@@ -159,7 +159,9 @@ fn serve(vm: &Vm, rx: &Receiver<Msg>, abort: &AtomicBool) {
         };
         match msg {
             Msg::Job(job) if abort.load(Ordering::Acquire) => job.abandon(IsleError::Shutdown),
-            Msg::Job(job) => vm.run(job, None),
+            Msg::Job(job) => {
+                vm.run(job, None);
+            }
             Msg::Shutdown => break,
         }
     }

@@ -37,6 +37,7 @@ mod config;
 mod error;
 mod hook;
 mod isle;
+mod pool;
 mod request;
 mod spin;
 mod submit;
@@ -48,6 +49,7 @@ mod vm;
 pub use error::{IsleError, LuaError, LuaErrorKind};
 pub use hook::current_token;
 pub use isle::{Isle, IsleBuilder};
+pub use pool::{IslePool, IslePoolBuilder, PoolMetrics, Session, SessionKey, WorkerMetrics};
 pub use task::Task;
 pub use token::CancelToken;
 

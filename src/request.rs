@@ -231,11 +231,24 @@ pub(crate) trait RunScope {
     fn leave(&self);
 }
 
+/// How a job ended, for the pool's metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Ran and produced its value.
+    Completed,
+    /// Ran and failed (Lua error, panic, ...).
+    Failed,
+    /// Was stopped while running (cancel, time limit, shutdown).
+    Cancelled,
+    /// Had been resolved while queued; not run.
+    Skipped,
+}
+
 /// A request on its way to a VM: the work plus the request it resolves.
 pub(crate) struct Job(Box<dyn Runnable>);
 
 trait Runnable: Send {
-    fn run(self: Box<Self>, ctx: &Ctx<'_>, scope: &dyn RunScope);
+    fn run(self: Box<Self>, ctx: &Ctx<'_>, scope: &dyn RunScope) -> Outcome;
     fn abandon(&self, err: IsleError);
 }
 
@@ -258,8 +271,8 @@ impl Job {
 
     /// Runs the work on the VM thread and resolves the request, unless it
     /// was resolved while queued (then the work is dropped unrun).
-    pub(crate) fn run(self, ctx: &Ctx<'_>, scope: &dyn RunScope) {
-        self.0.run(ctx, scope);
+    pub(crate) fn run(self, ctx: &Ctx<'_>, scope: &dyn RunScope) -> Outcome {
+        self.0.run(ctx, scope)
     }
 
     /// Resolves the request with `err` without running it (no-op if it
@@ -274,7 +287,7 @@ where
     T: Send + 'static,
     F: FnOnce(&Ctx<'_>) -> Result<T, IsleError> + Send + 'static,
 {
-    fn run(mut self: Box<Self>, ctx: &Ctx<'_>, scope: &dyn RunScope) {
+    fn run(mut self: Box<Self>, ctx: &Ctx<'_>, scope: &dyn RunScope) -> Outcome {
         let req = &self.req;
         // ORDERING: see `claim`.
         if req
@@ -283,7 +296,7 @@ where
             .compare_exchange(QUEUED, RUNNING, Ordering::AcqRel, Ordering::Acquire)
             .is_err()
         {
-            return; // resolved while queued
+            return Outcome::Skipped; // resolved while queued
         }
         let Some(work) = self.work.take() else {
             unreachable!("a job's work is taken only here, once")
@@ -311,8 +324,14 @@ where
             (Err(e), Some(reason)) if !matches!(e, IsleError::Panic(_)) => Err(reason.error()),
             (r, _) => r,
         };
+        let outcome = match &result {
+            Ok(_) => Outcome::Completed,
+            Err(e) if e.is_cancellation() || *e == IsleError::Shutdown => Outcome::Cancelled,
+            Err(_) => Outcome::Failed,
+        };
         req.header.phase.store(DONE, Ordering::Release);
         req.resolve(result);
+        outcome
     }
 
     fn abandon(&self, err: IsleError) {

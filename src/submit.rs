@@ -19,6 +19,24 @@ pub(crate) struct Owner {
     pub(crate) default_timeout: Option<Duration>,
 }
 
+impl Owner {
+    /// Builds one request: its task (with the default time limit) and the
+    /// job that will run `work` and resolve it.
+    pub(crate) fn request<T, F>(&self, work: F) -> (Task<T>, Job)
+    where
+        T: Send + 'static,
+        F: FnOnce(&Ctx<'_>) -> Result<T, IsleError> + Send + 'static,
+    {
+        let req = Arc::new(Request::new(self.id));
+        let task = Task::new(req.clone(), self.timer.clone());
+        let task = match self.default_timeout {
+            Some(d) => task.timeout(d),
+            None => task,
+        };
+        (task, Job::new(req, work))
+    }
+}
+
 /// A front-end that can queue jobs.
 pub(crate) trait Submit {
     fn owner(&self) -> &Owner;
@@ -33,14 +51,8 @@ pub(crate) trait Submit {
         T: Send + 'static,
         F: FnOnce(&Ctx<'_>) -> Result<T, IsleError> + Send + 'static,
     {
-        let owner = self.owner();
-        let req = Arc::new(Request::new(owner.id));
-        let task = Task::new(req.clone(), owner.timer.clone());
-        let task = match owner.default_timeout {
-            Some(d) => task.timeout(d),
-            None => task,
-        };
-        self.enqueue(Job::new(req, work));
+        let (task, job) = self.owner().request(work);
+        self.enqueue(job);
         task
     }
 
@@ -126,7 +138,6 @@ where
 
 /// Work for a session's `exec`: a closure given the VM and the session's
 /// environment.
-#[allow(dead_code)] // used by sessions
 pub(crate) fn exec_env<T, F>(f: F) -> impl FnOnce(&Ctx<'_>) -> Result<T, IsleError> + Send + 'static
 where
     T: Send + 'static,

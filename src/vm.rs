@@ -9,7 +9,7 @@ use mlua::{Lua, LuaOptions, StdLib, Table};
 
 use crate::config::VmConfig;
 use crate::hook::Interrupt;
-use crate::request::{Ctx, Job};
+use crate::request::{Ctx, Job, Outcome};
 use crate::IsleError;
 
 thread_local! {
@@ -60,12 +60,17 @@ impl Vm {
     }
 
     /// Runs one job (in a session's environment when `env` is given).
-    pub(crate) fn run(&self, job: Job, env: Option<&Table>) {
+    pub(crate) fn run(&self, job: Job, env: Option<&Table>) -> Outcome {
         let ctx = Ctx {
             lua: &self.lua,
             env,
         };
-        job.run(&ctx, &*self.interrupt);
+        let outcome = job.run(&ctx, &*self.interrupt);
         self.interrupt.reset(&self.lua, &self.interrupt);
+        outcome
+    }
+
+    pub(crate) fn lua(&self) -> &Lua {
+        &self.lua
     }
 }

@@ -1,0 +1,128 @@
+//! Pool metrics: counters kept by the workers, read by `IslePool::metrics`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crossbeam_utils::CachePadded;
+
+use crate::request::Outcome;
+
+/// A snapshot of the pool's counters, from [`IslePool::metrics`](crate::IslePool::metrics).
+///
+/// Counters are read one by one while the pool runs, so a snapshot taken
+/// under load is approximate; once the pool is quiet they add up:
+/// `submitted == rejected + discarded + Σ(completed + failed + cancelled) +
+/// queued + running`, where `queued` counts requests still in a queue (including
+/// cancelled ones that no worker has discarded yet).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PoolMetrics {
+    /// One entry per worker (VM), in worker order.
+    pub workers: Vec<WorkerMetrics>,
+    /// Unkeyed requests waiting in the global queue.
+    pub unkeyed_queued: usize,
+    /// Sessions currently bound to a VM.
+    pub sessions_open: usize,
+    /// Sessions closed by `session_idle_timeout`.
+    pub sessions_expired: u64,
+    /// Requests submitted (session and unkeyed; not broadcasts).
+    pub submitted: u64,
+    /// Requests refused with `QueueFull`.
+    pub rejected: u64,
+    /// Queued requests resolved `Shutdown` by the pool itself, because it
+    /// stopped before any worker took them.
+    pub discarded: u64,
+}
+
+/// One worker's counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerMetrics {
+    /// Requests waiting in this worker's own queues (its deque of unkeyed
+    /// work and its session queue).
+    pub queued: usize,
+    /// 1 while a request runs on this VM, else 0.
+    pub running: usize,
+    /// Requests that ran and returned a value.
+    pub completed: u64,
+    /// Requests that ran and failed (Lua error, panic, `NotFound`, ...).
+    pub failed: u64,
+    /// Requests this worker discarded or stopped: cancelled, timed out or
+    /// shut down, whether queued or running.
+    pub cancelled: u64,
+    /// Time spent running requests.
+    pub busy: Duration,
+    /// Sessions bound to this VM.
+    pub sessions: usize,
+}
+
+/// The live counters of one worker; written by that worker (and session
+/// binding for `sessions`), read by anyone.
+#[derive(Default)]
+pub(crate) struct WorkerCounters {
+    pub(crate) running: AtomicBool,
+    pub(crate) completed: AtomicU64,
+    pub(crate) failed: AtomicU64,
+    pub(crate) cancelled: AtomicU64,
+    pub(crate) busy_ns: AtomicU64,
+    pub(crate) sessions: AtomicUsize,
+}
+
+impl WorkerCounters {
+    pub(crate) fn record(&self, outcome: Outcome, busy: Duration) {
+        // ORDERING: Relaxed: plain statistics, no data hangs on them.
+        let counter = match outcome {
+            Outcome::Completed => &self.completed,
+            Outcome::Failed => &self.failed,
+            Outcome::Cancelled | Outcome::Skipped => &self.cancelled,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.busy_ns
+            .fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self, queued: usize) -> WorkerMetrics {
+        WorkerMetrics {
+            queued,
+            running: usize::from(self.running.load(Ordering::Relaxed)),
+            completed: self.completed.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            cancelled: self.cancelled.load(Ordering::Relaxed),
+            busy: Duration::from_nanos(self.busy_ns.load(Ordering::Relaxed)),
+            sessions: self.sessions.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A counter many threads bump: striped over cache lines so submitters on
+/// different threads do not fight over one.
+pub(crate) struct StripedCounter {
+    stripes: [CachePadded<AtomicU64>; STRIPES],
+}
+
+const STRIPES: usize = 8;
+
+impl StripedCounter {
+    pub(crate) fn new() -> Self {
+        StripedCounter {
+            stripes: std::array::from_fn(|_| CachePadded::new(AtomicU64::new(0))),
+        }
+    }
+
+    pub(crate) fn add(&self, n: u64) {
+        thread_local! {
+            static STRIPE: usize = {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                std::thread::current().id().hash(&mut h);
+                h.finish() as usize % STRIPES
+            };
+        }
+        let i = STRIPE.with(|s| *s);
+        self.stripes[i].fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn sum(&self) -> u64 {
+        self.stripes.iter().map(|s| s.load(Ordering::Relaxed)).sum()
+    }
+}

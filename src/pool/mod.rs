@@ -1,0 +1,249 @@
+//! `IslePool`: N isles behind one work-stealing dispatcher, with sticky
+//! sessions.
+//!
+//! - `builder.rs`: options, and starting the workers (with a guard that stops
+//!   the started ones if a later one fails);
+//! - `shared.rs`: the queues every worker shares, and finding work;
+//! - `sleep.rs`: the sleep/wake protocol;
+//! - `worker.rs`: the worker loop;
+//! - `session.rs`: sessions and their binding to VMs;
+//! - `shutdown.rs`: graceful, bounded and abortive shutdown;
+//! - `metrics.rs`: counters.
+
+mod builder;
+mod key;
+mod metrics;
+mod session;
+mod shared;
+mod shutdown;
+mod sleep;
+mod worker;
+
+use std::fmt;
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use mlua::Lua;
+use parking_lot::Mutex;
+
+pub use builder::IslePoolBuilder;
+pub use key::SessionKey;
+pub use metrics::{PoolMetrics, WorkerMetrics};
+pub use session::Session;
+
+use crate::request::Job;
+use crate::submit::{request_methods, Owner, Submit};
+use crate::vm::on_owner_thread;
+use crate::{IsleError, Task};
+use shared::{Pinned, Shared};
+
+/// A pool of Lua VMs, each on its own thread, sharing one dispatcher.
+///
+/// Unkeyed requests (`eval`, `call`, `exec`, `spawn_*`) run on whichever VM
+/// is free: work goes to a global queue, idle workers take it in batches and
+/// steal from each other, so a long request on one VM never holds back work
+/// another VM could do. [`session`](Self::session) pins a key to one VM, with
+/// its own globals.
+///
+/// `IslePool` is a cheap handle (`Clone + Send + Sync`). Every VM is a full
+/// isle: its own thread, hook and per-request cancellation, so everything
+/// [`Task`] promises holds here too.
+///
+/// ```
+/// use mlua_isle::IslePool;
+///
+/// let pool = IslePool::new(2, |lua| lua.load("function sq(x) return x * x end").exec())?;
+/// let tasks: Vec<_> = (0..10).map(|i| pool.spawn_call::<i64>("sq", i)).collect();
+/// let sum: i64 = tasks.into_iter().map(|t| t.wait().unwrap()).sum();
+/// assert_eq!(sum, 285);
+///
+/// let alice = pool.session("alice");
+/// alice.eval::<()>("visits = (visits or 0) + 1")?;
+/// assert_eq!(alice.eval::<i64>("visits")?, 1);
+/// assert_eq!(pool.eval::<Option<i64>>("visits")?, None); // not a shared global
+/// pool.shutdown()?;
+/// # Ok::<(), mlua_isle::IsleError>(())
+/// ```
+#[derive(Clone)]
+pub struct IslePool {
+    inner: Arc<PoolInner>,
+}
+
+/// The owner of the workers; dropped with the last handle.
+struct PoolInner {
+    owner: Owner,
+    shared: Arc<Shared>,
+    /// Worker threads, taken by whoever joins them.
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Each worker sends its index here when it exits (for
+    /// `shutdown_timeout`).
+    exits: crossbeam_channel::Receiver<usize>,
+}
+
+impl IslePool {
+    /// A builder to set options before starting.
+    pub fn builder() -> IslePoolBuilder {
+        IslePoolBuilder::default()
+    }
+
+    /// Starts `workers` VMs, running `init` on each.
+    ///
+    /// # Errors
+    /// As for [`IslePoolBuilder::build`].
+    pub fn new<F>(workers: usize, init: F) -> Result<IslePool, IsleError>
+    where
+        F: Fn(&Lua) -> mlua::Result<()> + Send + Sync + 'static,
+    {
+        IslePoolBuilder::default()
+            .workers(workers)
+            .init(init)
+            .build()
+    }
+
+    request_methods!();
+
+    /// Runs `f` with a VM of the pool (any free one) and returns what it
+    /// returns. Blocks until it has run.
+    ///
+    /// # Errors
+    /// The closure's error as [`IsleError::Lua`]; [`IsleError::Panic`] if it
+    /// panics (the VM keeps serving); [`IsleError::QueueFull`] past
+    /// `queue_capacity`; otherwise as for [`eval`](Self::eval).
+    pub fn exec<T, F>(&self, f: F) -> Result<T, IsleError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Lua) -> mlua::Result<T> + Send + 'static,
+    {
+        self.run(crate::submit::exec(f))
+    }
+
+    /// Like [`exec`](Self::exec), but returns at once with a [`Task`].
+    pub fn spawn_exec<T, F>(&self, f: F) -> Task<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Lua) -> mlua::Result<T> + Send + 'static,
+    {
+        self.spawn(crate::submit::exec(f))
+    }
+
+    /// A handle to the session `key` (`&str`, `String`, or any integer).
+    /// The key is bound to a VM on its first request, and stays bound until
+    /// [`close_session`](Self::close_session) or the idle timeout.
+    pub fn session(&self, key: impl Into<SessionKey>) -> Session {
+        Session::new(self.clone(), key.into())
+    }
+
+    /// Closes the session `key`: requests already queued for it still run,
+    /// then its VM drops its environment. The next request for `key` starts
+    /// a fresh session (possibly on another VM). Returns whether it was open.
+    /// Never blocks on the VM.
+    pub fn close_session(&self, key: impl Into<SessionKey>) -> bool {
+        session::close(&self.inner.shared, &key.into())
+    }
+
+    /// Runs `f` once on every VM (after the session work already queued on
+    /// it) and returns one result per VM, in worker order. Blocks until all
+    /// have run. Useful to load or reload code everywhere.
+    ///
+    /// # Errors
+    /// Per VM, inside the `Vec`: as for [`exec`](Self::exec). Every entry is
+    /// [`IsleError::Reentrant`] when called from one of this pool's VM
+    /// threads.
+    pub fn broadcast<T, F>(&self, f: F) -> Vec<Result<T, IsleError>>
+    where
+        T: Send + 'static,
+        F: Fn(&Lua) -> mlua::Result<T> + Send + Sync + 'static,
+    {
+        let shared = &self.inner.shared;
+        if on_owner_thread(self.inner.owner.id) {
+            return (0..shared.workers())
+                .map(|_| Err(IsleError::Reentrant))
+                .collect();
+        }
+        let f = Arc::new(f);
+        let tasks: Vec<Task<T>> = (0..shared.workers())
+            .map(|w| {
+                let f = f.clone();
+                let (task, job) = self
+                    .inner
+                    .owner
+                    .request(crate::submit::exec(move |lua: &Lua| f(lua)));
+                if shared.closed.load(Ordering::Acquire) {
+                    job.abandon(IsleError::Shutdown);
+                } else {
+                    shared.pinned[w].push(Pinned::Broadcast(job));
+                    shared.sleep.wake(w);
+                }
+                task
+            })
+            .collect();
+        self.after_push();
+        tasks.into_iter().map(Task::wait).collect()
+    }
+
+    /// A snapshot of the pool's counters.
+    pub fn metrics(&self) -> PoolMetrics {
+        self.inner.shared.metrics()
+    }
+
+    /// The number of VMs.
+    pub fn workers(&self) -> usize {
+        self.inner.shared.workers()
+    }
+
+    fn shared(&self) -> &Shared {
+        &self.inner.shared
+    }
+
+    /// Counts a new request and refuses it if the pool is closed or full.
+    fn admit(&self, job: Job) -> Option<Job> {
+        let shared = self.shared();
+        shared.submitted.add(1);
+        if shared.closed.load(Ordering::Acquire) {
+            shared.discarded.fetch_add(1, Ordering::Relaxed);
+            job.abandon(IsleError::Shutdown);
+            None
+        } else if !shared.admit() {
+            job.abandon(IsleError::QueueFull);
+            None
+        } else {
+            Some(job)
+        }
+    }
+
+    /// After a push: if every worker has already exited (a shutdown raced
+    /// with this submit), resolve what is left in the queues ourselves.
+    fn after_push(&self) {
+        // ORDERING: pairs with the fence in `shutdown::finish`: either it
+        // drains after our push, or we see `stopped` and drain.
+        fence(Ordering::SeqCst);
+        if self.shared().stopped.load(Ordering::SeqCst) {
+            self.shared().drain();
+        }
+    }
+}
+
+impl Submit for IslePool {
+    fn owner(&self) -> &Owner {
+        &self.inner.owner
+    }
+
+    fn enqueue(&self, job: Job) {
+        if let Some(job) = self.admit(job) {
+            let shared = self.shared();
+            shared.injector.push(job);
+            shared.sleep.wake_any();
+            self.after_push();
+        }
+    }
+}
+
+impl fmt::Debug for IslePool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IslePool")
+            .field("workers", &self.workers())
+            .field("closed", &self.inner.shared.closed.load(Ordering::Relaxed))
+            .finish()
+    }
+}

@@ -1,0 +1,225 @@
+//! Sessions: keys bound to one VM, each with its own global environment.
+//!
+//! The table of open sessions is sharded by key hash; each shard's lock is
+//! held while a session request is bound and pushed onto its VM's queue, and
+//! while a session is closed. So for one key, "bind, push" and "unbind, push
+//! Close" happen in one order, and the VM sees a session's requests, then its
+//! `Close`, in that order; a request after the close binds afresh.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crossbeam_utils::CachePadded;
+use mlua::{Lua, Table};
+use parking_lot::Mutex;
+
+use super::key::SessionKey;
+use super::shared::{Pinned, Shared};
+use super::IslePool;
+use crate::request::Job;
+use crate::submit::{request_methods, Owner, Submit};
+use crate::{IsleError, Task};
+
+/// One binding of a key to a VM. A key closed and used again gets a new
+/// binding (new id, fresh environment).
+pub(crate) struct Binding {
+    /// Unique in the pool; names the environment on the worker.
+    pub(crate) id: u64,
+    pub(crate) key: SessionKey,
+    pub(crate) worker: usize,
+    /// Requests queued or running; changed under the shard lock (up) and by
+    /// the worker (down).
+    pub(crate) pending: AtomicUsize,
+    /// Last submission, in `Shared::now_ns` units.
+    pub(crate) last_used: AtomicU64,
+}
+
+type Shard = Mutex<HashMap<SessionKey, Arc<Binding>>>;
+
+/// The open sessions, sharded by key.
+pub(crate) struct Sessions {
+    shards: Box<[CachePadded<Shard>]>,
+    hasher: RandomState,
+    next_id: AtomicU64,
+}
+
+impl Sessions {
+    pub(crate) fn new(workers: usize) -> Sessions {
+        let shards = (workers * 8).next_power_of_two().max(16);
+        Sessions {
+            shards: (0..shards)
+                .map(|_| CachePadded::new(Mutex::new(HashMap::new())))
+                .collect(),
+            hasher: RandomState::new(),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    fn shard(&self, key: &SessionKey) -> &Shard {
+        let i = self.hasher.hash_one(key) as usize & (self.shards.len() - 1);
+        &self.shards[i]
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().len()).sum()
+    }
+
+    /// Removes `key`'s binding if it is `binding` and `still(binding)`
+    /// holds, under the shard lock. Returns whether it was removed.
+    pub(crate) fn remove_if(
+        &self,
+        binding: &Arc<Binding>,
+        still: impl FnOnce(&Binding) -> bool,
+    ) -> bool {
+        let mut shard = self.shard(&binding.key).lock();
+        match shard.get(&binding.key) {
+            Some(b) if Arc::ptr_eq(b, binding) && still(b) => {
+                shard.remove(&binding.key);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Submits `job` for `key`: binds the key on first use (to the least loaded
+/// VM) and queues the job on that VM.
+fn enqueue(shared: &Shared, key: &SessionKey, job: Job) {
+    let sessions = &shared.sessions;
+    let worker = {
+        let mut shard = sessions.shard(key).lock();
+        let binding = match shard.get(key) {
+            Some(b) => b.clone(),
+            None => {
+                let b = Arc::new(Binding {
+                    id: sessions.next_id.fetch_add(1, Ordering::Relaxed),
+                    key: key.clone(),
+                    worker: least_loaded(shared),
+                    pending: AtomicUsize::new(0),
+                    last_used: AtomicU64::new(0),
+                });
+                shared.counters[b.worker]
+                    .sessions
+                    .fetch_add(1, Ordering::Relaxed);
+                shard.insert(key.clone(), b.clone());
+                b
+            }
+        };
+        // ORDERING: Relaxed: both are read under this lock, or as hints.
+        binding.pending.fetch_add(1, Ordering::Relaxed);
+        binding.last_used.store(shared.now_ns(), Ordering::Relaxed);
+        let w = binding.worker;
+        shared.pinned[w].push(Pinned::Session(binding, job));
+        w
+    };
+    shared.sleep.wake(worker);
+}
+
+/// The VM with the least work: queued + running requests + bound sessions.
+fn least_loaded(shared: &Shared) -> usize {
+    (0..shared.workers())
+        .min_by_key(|&w| {
+            let c = &shared.counters[w];
+            shared.pinned[w].len()
+                + shared.stealers[w].len()
+                + usize::from(c.running.load(Ordering::Relaxed))
+                + c.sessions.load(Ordering::Relaxed)
+        })
+        .unwrap_or(0)
+}
+
+/// Closes `key`'s session if open: its VM drops the environment after the
+/// session's already-queued requests. Returns whether it was open.
+pub(crate) fn close(shared: &Shared, key: &SessionKey) -> bool {
+    let worker = {
+        let mut shard = shared.sessions.shard(key).lock();
+        let Some(binding) = shard.remove(key) else {
+            return false;
+        };
+        shared.pinned[binding.worker].push(Pinned::Close(binding.id));
+        binding.worker
+    };
+    shared.sleep.wake(worker);
+    true
+}
+
+/// A handle to one session of an [`IslePool`]: every request made through
+/// it runs on the VM the key is bound to, one at a time, in the order
+/// submitted, in the session's own global environment.
+///
+/// Cheap to clone; `Send + Sync`. Handles for the same key (from any number
+/// of `pool.session(key)` calls) share the session.
+///
+/// Globals written by session code land in the session's environment, so
+/// other sessions and unkeyed work do not see them; reads fall back to the
+/// shared globals that `init` set up. Functions defined by `init` keep
+/// seeing the shared globals, not the session's.
+#[derive(Clone)]
+pub struct Session {
+    pool: IslePool,
+    key: SessionKey,
+}
+
+impl Session {
+    pub(crate) fn new(pool: IslePool, key: SessionKey) -> Session {
+        Session { pool, key }
+    }
+
+    /// The session's key.
+    pub fn key(&self) -> &SessionKey {
+        &self.key
+    }
+
+    request_methods!();
+
+    /// Runs `f` on the session's VM with the session's environment table
+    /// (its globals). Blocks until it has run.
+    ///
+    /// # Errors
+    /// As for [`IslePool::exec`].
+    pub fn exec<T, F>(&self, f: F) -> Result<T, IsleError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Lua, &Table) -> mlua::Result<T> + Send + 'static,
+    {
+        self.run(crate::submit::exec_env(f))
+    }
+
+    /// Like [`exec`](Self::exec), but returns at once with a [`Task`].
+    pub fn spawn_exec<T, F>(&self, f: F) -> Task<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Lua, &Table) -> mlua::Result<T> + Send + 'static,
+    {
+        self.spawn(crate::submit::exec_env(f))
+    }
+
+    /// Closes the session (see [`IslePool::close_session`]). Returns whether
+    /// it was open.
+    pub fn close(&self) -> bool {
+        self.pool.close_session(&self.key)
+    }
+}
+
+impl Submit for Session {
+    fn owner(&self) -> &Owner {
+        self.pool.owner()
+    }
+
+    fn enqueue(&self, job: Job) {
+        let shared = self.pool.shared();
+        if let Some(job) = self.pool.admit(job) {
+            enqueue(shared, &self.key, job);
+            self.pool.after_push();
+        }
+    }
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session").field("key", &self.key).finish()
+    }
+}

@@ -1,0 +1,201 @@
+//! The state every worker and handle of one pool shares: the queues, the
+//! sleep/wake slots, the session table and the counters.
+
+use std::iter;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_deque::{Injector, Steal, Stealer, Worker as Deque};
+use crossbeam_utils::CachePadded;
+
+use super::metrics::{PoolMetrics, StripedCounter, WorkerCounters};
+use super::session::{Binding, Sessions};
+use super::sleep::Sleep;
+use crate::request::Job;
+use crate::IsleError;
+
+/// Work only one worker may run: never stolen.
+pub(crate) enum Pinned {
+    /// A session request, run in the session's environment.
+    Session(Arc<Binding>, Job),
+    /// One VM's share of a broadcast.
+    Broadcast(Job),
+    /// Drop the environment of this session (by binding id).
+    Close(u64),
+}
+
+/// What a worker found to do.
+pub(crate) enum Found {
+    Unkeyed(Job),
+    Pinned(Pinned),
+}
+
+pub(crate) struct Shared {
+    /// Unkeyed work from outside the pool.
+    pub(crate) injector: Injector<Job>,
+    /// Thieves' ends of the workers' deques.
+    pub(crate) stealers: Box<[Stealer<Job>]>,
+    /// Each worker's session/broadcast queue.
+    pub(crate) pinned: Box<[Injector<Pinned>]>,
+    pub(crate) sleep: Sleep,
+    /// Graceful shutdown begun: accept nothing new, drain, exit.
+    pub(crate) closed: AtomicBool,
+    /// Stop now: interrupt running requests, resolve queued ones `Shutdown`.
+    /// Shared with every VM's hook.
+    pub(crate) abort: Arc<AtomicBool>,
+    /// Set once every worker has exited; submitters then resolve what they
+    /// pushed themselves (see `IslePool::enqueue_unkeyed`).
+    pub(crate) stopped: AtomicBool,
+    pub(crate) sessions: Sessions,
+    pub(crate) counters: Box<[CachePadded<WorkerCounters>]>,
+    pub(crate) submitted: StripedCounter,
+    pub(crate) rejected: AtomicU64,
+    pub(crate) discarded: AtomicU64,
+    pub(crate) sessions_expired: AtomicU64,
+    /// `queue_capacity`, and the number of requests queued against it (kept
+    /// only when a capacity is set).
+    pub(crate) capacity: Option<usize>,
+    pub(crate) queued: CachePadded<AtomicUsize>,
+    /// `session_idle_timeout`.
+    pub(crate) idle_timeout: Option<Duration>,
+    /// Zero point of session `last_used` stamps.
+    pub(crate) epoch: Instant,
+}
+
+impl Shared {
+    pub(crate) fn workers(&self) -> usize {
+        self.pinned.len()
+    }
+
+    /// Nanoseconds since `epoch`.
+    pub(crate) fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// Counts a request against `queue_capacity`; false if it is full.
+    pub(crate) fn admit(&self) -> bool {
+        let Some(cap) = self.capacity else {
+            return true;
+        };
+        // ORDERING: Relaxed: a capacity check, not a synchronisation point.
+        if self.queued.fetch_add(1, Ordering::Relaxed) >= cap {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            self.rejected.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// A worker took a request off a queue.
+    pub(crate) fn took(&self) {
+        if self.capacity.is_some() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Finds work for worker `w`: its pinned queue and its own deque first
+    /// (alternating which comes first, so neither starves), then a batch
+    /// from the global queue, then other workers' deques.
+    pub(crate) fn find(&self, w: usize, local: &Deque<Job>, pinned_first: bool) -> Option<Found> {
+        let pinned = || steal_one(|| self.pinned[w].steal()).map(Found::Pinned);
+        let own = || local.pop().map(Found::Unkeyed);
+        let first = if pinned_first {
+            pinned().or_else(own)
+        } else {
+            own().or_else(pinned)
+        };
+        first.or_else(|| self.steal_unkeyed(w, local).map(Found::Unkeyed))
+    }
+
+    fn steal_unkeyed(&self, w: usize, local: &Deque<Job>) -> Option<Job> {
+        let n = self.stealers.len();
+        loop {
+            let mut retry = false;
+            match self.injector.steal_batch_and_pop(local) {
+                Steal::Success(job) => {
+                    if !local.is_empty() {
+                        // Share the rest of the batch with a sleeper.
+                        self.sleep.wake_any();
+                    }
+                    return Some(job);
+                }
+                Steal::Retry => retry = true,
+                Steal::Empty => {}
+            }
+            // Other workers' deques, starting after our own.
+            for i in (w + 1..n).chain(0..w) {
+                match self.stealers[i].steal() {
+                    Steal::Success(job) => return Some(job),
+                    Steal::Retry => retry = true,
+                    Steal::Empty => {}
+                }
+            }
+            if !retry {
+                return None;
+            }
+        }
+    }
+
+    /// True if worker `w` could find anything to do.
+    pub(crate) fn has_work(&self, w: usize, local: &Deque<Job>) -> bool {
+        !self.pinned[w].is_empty()
+            || !local.is_empty()
+            || !self.injector.is_empty()
+            || self.stealers.iter().any(|s| !s.is_empty())
+    }
+
+    /// Resolves everything still queued with `Shutdown` (after the workers
+    /// have exited).
+    pub(crate) fn drain(&self) {
+        let discard = |job: Job| {
+            self.took();
+            self.discarded.fetch_add(1, Ordering::Relaxed);
+            job.abandon(IsleError::Shutdown);
+        };
+        while let Some(job) = steal_one(|| self.injector.steal()) {
+            discard(job);
+        }
+        for s in self.stealers.iter() {
+            while let Some(job) = steal_one(|| s.steal()) {
+                discard(job);
+            }
+        }
+        for q in self.pinned.iter() {
+            while let Some(p) = steal_one(|| q.steal()) {
+                match p {
+                    Pinned::Session(_, job) => discard(job),
+                    Pinned::Broadcast(job) => job.abandon(IsleError::Shutdown),
+                    Pinned::Close(_) => {}
+                }
+            }
+        }
+    }
+
+    pub(crate) fn metrics(&self) -> PoolMetrics {
+        let workers = iter::zip(self.counters.iter(), self.stealers.iter())
+            .zip(self.pinned.iter())
+            .map(|((c, s), p)| c.snapshot(s.len() + p.len()))
+            .collect();
+        PoolMetrics {
+            workers,
+            unkeyed_queued: self.injector.len(),
+            sessions_open: self.sessions.len(),
+            sessions_expired: self.sessions_expired.load(Ordering::Relaxed),
+            submitted: self.submitted.sum(),
+            rejected: self.rejected.load(Ordering::Relaxed),
+            discarded: self.discarded.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Steals one item, retrying while the queue says `Retry`.
+fn steal_one<T>(mut steal: impl FnMut() -> Steal<T>) -> Option<T> {
+    loop {
+        match steal() {
+            Steal::Success(t) => return Some(t),
+            Steal::Empty => return None,
+            Steal::Retry => {}
+        }
+    }
+}
