@@ -6,20 +6,28 @@
 //! the hook looks at the running request's stop reason (and the VM's abort
 //! flag, raised when the last handle is dropped).
 //!
-//! Once a request must stop, the hook unwinds with an [`Interrupted`] payload
-//! (`resume_unwind`, so no panic message is printed). mlua carries it through
-//! Lua frames as a wrapped panic, and with `catch_rust_panics(false)` (set in
-//! `vm.rs`) `pcall` and `xpcall` re-raise it without running a message
-//! handler: Lua code cannot catch it. `coroutine.resume` can, but the hook is
-//! still armed for the resumer, so its next tick raises again. The worker's
-//! `catch_unwind` turns the payload back into the stop reason.
+//! Once a request must stop, the hook
+//! 1. re-arms itself on the running coroutine with a count of 1, so that if
+//!    anything on that coroutine swallows the interruption, the very next
+//!    instruction raises it again;
+//! 2. unwinds with an [`Interrupted`] payload (`resume_unwind`: no panic
+//!    message is printed). mlua carries it through Lua frames as a wrapped
+//!    panic, and with `catch_rust_panics(false)` (set in `vm.rs`) `pcall` and
+//!    `xpcall` re-raise it without running a message handler. The worker's
+//!    `catch_unwind` turns it back into the stop reason.
 //!
-//! Raising a plain Lua error instead would not do: an error raised inside a
-//! hook runs `xpcall`'s message handler with hooks disabled, so a handler
-//! that loops forever could never be stopped. Under `panic = "abort"` there is
-//! no unwinding, and the hook falls back to a Lua error plus re-arming itself
-//! with a count of 1 on the running coroutine (so `pcall` loops still stop);
-//! there, a looping `xpcall` message handler cannot be interrupted.
+//! `coroutine.resume` and `load` (whose reader function runs protected)
+//! would hand the interruption, or a Rust panic, back to Lua as an error
+//! value; both are wrapped at start-up so that such an error is raised again
+//! in the caller. And a request whose interruption fired resolves with the
+//! stop reason even if its code ended normally after swallowing it.
+//!
+//! Raising a plain Lua error instead of unwinding would not do: an error
+//! raised inside a hook runs `xpcall`'s message handler with hooks disabled,
+//! so a handler that loops forever could never be stopped. Under
+//! `panic = "abort"` there is no unwinding, and the hook raises a Lua error
+//! (with the same count-1 re-arming, so `pcall` loops still stop); there, a
+//! looping `xpcall` message handler cannot be interrupted.
 //!
 //! Price: with a count hook set, Lua 5.4 traps on every instruction, which
 //! slows pure-Lua loops 2–3x whatever the interval.
@@ -44,9 +52,8 @@ pub(crate) struct Interrupt {
     abort: Arc<AtomicBool>,
     /// Instructions between checks.
     interval: u32,
-    /// True while some coroutine runs the count-1 hook (`panic = "abort"`
-    /// builds only).
-    escalated: AtomicBool,
+    /// True once the running request's interruption has been raised.
+    fired: AtomicBool,
 }
 
 /// The unwind payload that stops a request (see the module docs).
@@ -64,48 +71,55 @@ impl Interrupt {
             current: Mutex::new(None),
             abort,
             interval: interval.max(1),
-            escalated: AtomicBool::new(false),
+            fired: AtomicBool::new(false),
         });
         set_hook(lua, &this, this.interval)?;
+        guard_swallowers(lua, &this)?;
         lua.set_app_data(this.clone());
         Ok(this)
     }
 
-    /// Puts the normal interval back after a request that was stopped.
+    /// After a request: puts the normal interval back if the interruption
+    /// fired (it re-armed the hook with a count of 1).
     pub(crate) fn reset(&self, lua: &Lua, this: &Arc<Self>) {
-        if self.escalated.swap(false, Ordering::Relaxed) {
+        if self.fired.swap(false, Ordering::Relaxed) {
             // Cannot fail for a count hook on the main thread; if it did, the
             // VM would only stay slower, never wrong.
             let _ = set_hook(lua, this, self.interval);
         }
     }
 
-    fn tick(this: &Arc<Self>, lua: &Lua) -> mlua::Result<VmState> {
-        let reason = {
-            let current = this.current.lock();
-            let Some(token) = current.as_ref() else {
-                return Ok(VmState::Continue);
-            };
-            match token.req.header().reason() {
-                Some(r) => r,
-                None if this.abort.load(Ordering::Relaxed) => {
-                    token.stop(Reason::Shutdown);
-                    Reason::Shutdown
-                }
-                None => return Ok(VmState::Continue),
+    /// The running request's stop reason, if it must stop.
+    fn stop_reason(&self) -> Option<Reason> {
+        let current = self.current.lock();
+        let token = current.as_ref()?;
+        match token.req.header().reason() {
+            Some(r) => Some(r),
+            None if self.abort.load(Ordering::Relaxed) => {
+                token.stop(Reason::Shutdown);
+                Some(Reason::Shutdown)
             }
-        };
+            None => None,
+        }
+    }
+
+    /// Raises the interruption (see the module docs).
+    fn interrupt(this: &Arc<Self>, lua: &Lua, reason: Reason) -> mlua::Result<VmState> {
+        this.fired.store(true, Ordering::Relaxed);
+        set_hook(lua, this, 1)?;
         #[cfg(panic = "unwind")]
         {
-            let _ = (lua, reason);
+            let _ = reason;
             std::panic::resume_unwind(Box::new(Interrupted))
         }
         #[cfg(not(panic = "unwind"))]
-        {
-            // Stop at every instruction of this coroutine from now on.
-            this.escalated.store(true, Ordering::Relaxed);
-            set_hook(lua, this, 1)?;
-            Err(mlua::Error::external(reason.error()))
+        Err(mlua::Error::external(reason.error()))
+    }
+
+    fn tick(this: &Arc<Self>, lua: &Lua) -> mlua::Result<VmState> {
+        match this.stop_reason() {
+            Some(reason) => Interrupt::interrupt(this, lua, reason),
+            None => Ok(VmState::Continue),
         }
     }
 }
@@ -118,13 +132,51 @@ fn set_hook(lua: &Lua, this: &Arc<Interrupt>, every: u32) -> mlua::Result<()> {
     )
 }
 
+/// Wraps `coroutine.resume` and `load` so an error value they return is
+/// checked: a wrapped panic (a Rust panic, or the interruption) is raised
+/// again when the value reaches Rust, and a stopped request is interrupted.
+fn guard_swallowers(lua: &Lua, this: &Arc<Interrupt>) -> mlua::Result<()> {
+    let this = this.clone();
+    // Converting the error value to a `Value` resumes a wrapped panic.
+    let check = lua.create_function(move |lua, _err: mlua::Value| {
+        if let Some(reason) = this.stop_reason() {
+            Interrupt::interrupt(&this, lua, reason)?;
+        }
+        Ok(())
+    })?;
+    lua.load(
+        r#"
+        local check, resume, load = ...
+        local function after_resume(ok, ...)
+            if not ok then check((...)) end
+            return ok, ...
+        end
+        coroutine.resume = function(co, ...) return after_resume(resume(co, ...)) end
+        local function after_load(f, ...)
+            if f == nil then check((...)) end
+            return f, ...
+        end
+        _G.load = function(...) return after_load(load(...)) end
+        "#,
+    )
+    .set_name("=mlua-isle")
+    .call::<()>((
+        check,
+        lua.globals()
+            .get::<mlua::Table>("coroutine")?
+            .get::<mlua::Function>("resume")?,
+        lua.globals().get::<mlua::Function>("load")?,
+    ))
+}
+
 impl RunScope for Interrupt {
     fn enter(&self, token: &CancelToken) {
         *self.current.lock() = Some(token.clone());
     }
 
-    fn leave(&self) {
+    fn leave(&self) -> bool {
         *self.current.lock() = None;
+        self.fired.load(Ordering::Relaxed)
     }
 }
 

@@ -228,7 +228,8 @@ pub(crate) struct Ctx<'a> {
 /// "current request" slot).
 pub(crate) trait RunScope {
     fn enter(&self, token: &CancelToken);
-    fn leave(&self);
+    /// Ends the request; true if its interruption was raised.
+    fn leave(&self) -> bool;
 }
 
 /// How a job ended, for the pool's metrics.
@@ -308,21 +309,25 @@ where
                 let token = CancelToken { req: req.clone() };
                 scope.enter(&token);
                 let out = catch_unwind(AssertUnwindSafe(|| work(ctx)));
-                scope.leave();
-                match out {
+                let interrupted = scope.leave();
+                let result = match out {
                     Ok(r) => r,
                     // The hook's interruption; replaced by the reason below.
                     Err(payload) if payload.is::<Interrupted>() => Err(IsleError::Cancelled),
                     Err(payload) => Err(IsleError::from_panic(&*payload)),
+                };
+                // After a stop request, an error is the interruption (or a
+                // callback giving up because of it), and a value produced
+                // after swallowing the interruption is not trustworthy:
+                // report why it was stopped. A panic is a bug and is never
+                // hidden.
+                match (result, req.header.reason()) {
+                    (Err(IsleError::Panic(m)), _) => Err(IsleError::Panic(m)),
+                    (Err(_), Some(reason)) => Err(reason.error()),
+                    (Ok(_), Some(reason)) if interrupted => Err(reason.error()),
+                    (r, _) => r,
                 }
             }
-        };
-        // An error after a stop request is the interruption (or a callback
-        // giving up because of it): report why it was stopped. A panic is a
-        // bug and is never hidden.
-        let result = match (result, req.header.reason()) {
-            (Err(e), Some(reason)) if !matches!(e, IsleError::Panic(_)) => Err(reason.error()),
-            (r, _) => r,
         };
         let outcome = match &result {
             Ok(_) => Outcome::Completed,

@@ -120,7 +120,7 @@ where
             Value::Nil => Err(IsleError::NotFound(name)),
             Value::Function(f) => f.call::<T>(args).map_err(lua_err),
             other => Err(IsleError::from_lua(&mlua::Error::runtime(format!(
-                "global `{name}` is a {}, not a function",
+                "global `{name}` is not a function (it is a value of type {})",
                 other.type_name()
             )))),
         }

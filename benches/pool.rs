@@ -1,0 +1,302 @@
+//! Pool throughput beside its baselines (workers = cores):
+//!
+//! - `ideal`: the jobs run serially by direct mlua on one thread, with the
+//!   same cancel hook our VMs carry, divided by the worker count;
+//! - `rayon_thread_local_lua`: a rayon pool, each thread owning a `Lua`
+//!   (no hook: what one would write without this crate);
+//! - `round_robin_isles`: N `Isle`s, job i sent to isle i mod N;
+//! - `isle_pool`: our work-stealing pool; and `isle_pool_sessions`, the same
+//!   jobs through 64 session keys.
+//!
+//! Workloads: uniform ~50 µs jobs; skewed (5% take 5 ms, clustered at the
+//! start); tiny requests submitted as tasks from 4 threads.
+//! Targets: uniform ≥ 95% of ideal, skewed ≥ 90%, tiny ≥ 1 M requests/s,
+//! sessions ≥ 90% of unkeyed.
+
+mod common;
+
+use std::cell::RefCell;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use mlua::{Function, HookTriggers, Lua, VmState};
+use mlua_isle::{Isle, IslePool, Task};
+
+/// `spin(n)`: n iterations of arithmetic; `add(a, b)`: the tiny job.
+const SCRIPT: &str = r#"
+function spin(n)
+    local x = 0
+    for i = 1, n do x = x + i % 7 end
+    return x
+end
+function add(a, b) return a + b end
+"#;
+
+fn lua_with(hook: bool) -> Lua {
+    let lua = Lua::new();
+    if hook {
+        // The hook our VMs carry (same interval, same trivial check cost).
+        lua.set_global_hook(HookTriggers::new().every_nth_instruction(1000), |_, _| {
+            Ok(VmState::Continue)
+        })
+        .unwrap();
+    }
+    lua.load(SCRIPT).exec().unwrap();
+    lua
+}
+
+/// The `spin` argument that takes about `target` with the hook on.
+fn calibrate(target: Duration) -> i64 {
+    let lua = lua_with(true);
+    let spin: Function = lua.globals().get("spin").unwrap();
+    let n = 100_000i64;
+    let per = common::per_op(5, 20, || {
+        spin.call::<i64>(n).unwrap();
+    });
+    ((target.as_secs_f64() / per.as_secs_f64()) * n as f64).max(1.0) as i64
+}
+
+fn workers() -> usize {
+    num_cpus()
+}
+
+fn num_cpus() -> usize {
+    thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// The jobs, as `spin` arguments.
+fn uniform(n: usize, short: i64) -> Vec<i64> {
+    vec![short; n]
+}
+
+fn skewed(n: usize, short: i64, long: i64) -> Vec<i64> {
+    let longs = n / 20;
+    (0..n)
+        .map(|i| if i < longs { long } else { short })
+        .collect()
+}
+
+fn serial(jobs: &[i64]) -> Duration {
+    let lua = lua_with(true);
+    let spin: Function = lua.globals().get("spin").unwrap();
+    let start = Instant::now();
+    for &j in jobs {
+        spin.call::<i64>(j).unwrap();
+    }
+    start.elapsed()
+}
+
+fn run_rayon(pool: &rayon::ThreadPool, jobs: &[i64]) -> Duration {
+    use rayon::prelude::*;
+    thread_local! {
+        static LUA: RefCell<Option<(Lua, Function)>> = const { RefCell::new(None) };
+    }
+    let start = Instant::now();
+    pool.install(|| {
+        jobs.par_iter().with_max_len(1).for_each(|&j| {
+            LUA.with(|l| {
+                let mut l = l.borrow_mut();
+                let (_, spin) = l.get_or_insert_with(|| {
+                    let lua = lua_with(false);
+                    let f: Function = lua.globals().get("spin").unwrap();
+                    (lua, f)
+                });
+                spin.call::<i64>(j).unwrap();
+            })
+        })
+    });
+    start.elapsed()
+}
+
+fn run_round_robin(isles: &[Isle], jobs: &[i64]) -> Duration {
+    let start = Instant::now();
+    let tasks: Vec<Task<i64>> = jobs
+        .iter()
+        .enumerate()
+        .map(|(i, &j)| isles[i % isles.len()].spawn_call("spin", j))
+        .collect();
+    for t in tasks {
+        t.wait().unwrap();
+    }
+    start.elapsed()
+}
+
+fn run_pool(pool: &IslePool, jobs: &[i64]) -> Duration {
+    let start = Instant::now();
+    let tasks: Vec<Task<i64>> = jobs.iter().map(|&j| pool.spawn_call("spin", j)).collect();
+    for t in tasks {
+        t.wait().unwrap();
+    }
+    start.elapsed()
+}
+
+fn run_sessions(pool: &IslePool, jobs: &[i64]) -> Duration {
+    let sessions: Vec<_> = (0..64u32).map(|k| pool.session(k)).collect();
+    let start = Instant::now();
+    let tasks: Vec<Task<i64>> = jobs
+        .iter()
+        .enumerate()
+        .map(|(i, &j)| sessions[i % sessions.len()].spawn_call("spin", j))
+        .collect();
+    for t in tasks {
+        t.wait().unwrap();
+    }
+    start.elapsed()
+}
+
+struct Setup {
+    pool: IslePool,
+    isles: Vec<Isle>,
+    rayon: rayon::ThreadPool,
+}
+
+fn setup() -> Setup {
+    let n = workers();
+    Setup {
+        pool: IslePool::builder()
+            .workers(n)
+            .init(|lua| lua.load(SCRIPT).exec())
+            .build()
+            .unwrap(),
+        isles: (0..n)
+            .map(|_| Isle::spawn(|lua| lua.load(SCRIPT).exec()).unwrap())
+            .collect(),
+        rayon: rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .unwrap(),
+    }
+}
+
+/// Benches one workload and prints its summary (makespan vs ideal).
+fn workload(c: &mut Criterion, s: &Setup, name: &str, jobs: &[i64]) {
+    let mut g = c.benchmark_group(format!("pool_{name}"));
+    g.sample_size(10);
+    g.bench_function("serial_direct_mlua_with_hook", |b| {
+        b.iter_custom(|iters| (0..iters).map(|_| serial(jobs)).sum())
+    });
+    g.bench_function("rayon_thread_local_lua", |b| {
+        b.iter_custom(|iters| (0..iters).map(|_| run_rayon(&s.rayon, jobs)).sum())
+    });
+    g.bench_function("round_robin_isles", |b| {
+        b.iter_custom(|iters| (0..iters).map(|_| run_round_robin(&s.isles, jobs)).sum())
+    });
+    g.bench_function("isle_pool", |b| {
+        b.iter_custom(|iters| (0..iters).map(|_| run_pool(&s.pool, jobs)).sum())
+    });
+    g.bench_function("isle_pool_sessions", |b| {
+        b.iter_custom(|iters| (0..iters).map(|_| run_sessions(&s.pool, jobs)).sum())
+    });
+    g.finish();
+    if !common::benching() {
+        return;
+    }
+    let median = |f: &dyn Fn() -> Duration| {
+        let mut v: Vec<Duration> = (0..5).map(|_| f()).collect();
+        common::quantile(&mut v, 0.5)
+    };
+    let ideal = median(&|| serial(jobs)) / workers() as u32;
+    let pool = median(&|| run_pool(&s.pool, jobs));
+    let sessions = median(&|| run_sessions(&s.pool, jobs));
+    let rr = median(&|| run_round_robin(&s.isles, jobs));
+    let rayon = median(&|| run_rayon(&s.rayon, jobs));
+    let eff = |d: Duration| 100.0 * ideal.as_secs_f64() / d.as_secs_f64();
+    println!(
+        "summary: pool {name:<8} makespan {pool:>9.2?} = {:5.1}% of ideal {ideal:.2?} | sessions {sessions:.2?} = {:5.1}% ({:5.1}% of unkeyed) | round-robin isles {rr:.2?} = {:5.1}% | rayon+thread-local Lua (no hook) {rayon:.2?}",
+        eff(pool),
+        eff(sessions),
+        100.0 * pool.as_secs_f64() / sessions.as_secs_f64(),
+        eff(rr),
+    );
+}
+
+fn uniform_and_skewed(c: &mut Criterion) {
+    let s = setup();
+    let short = calibrate(Duration::from_micros(50));
+    let long = short * 100;
+    workload(c, &s, "uniform", &uniform(2_000, short));
+    workload(c, &s, "skewed", &skewed(1_000, short, long));
+}
+
+/// Tiny requests as tasks from 4 submitting threads; returns requests/s.
+fn tiny_pool(pool: &IslePool, per_thread: usize) -> f64 {
+    let start = Instant::now();
+    thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                let tasks: Vec<Task<i64>> = (0..per_thread)
+                    .map(|_| pool.spawn_call("add", (1, 2)))
+                    .collect();
+                for t in tasks {
+                    t.wait().unwrap();
+                }
+            });
+        }
+    });
+    (4 * per_thread) as f64 / start.elapsed().as_secs_f64()
+}
+
+fn tiny_rayon(pool: &rayon::ThreadPool, n: usize) -> f64 {
+    use rayon::prelude::*;
+    thread_local! {
+        static LUA: RefCell<Option<(Lua, Function)>> = const { RefCell::new(None) };
+    }
+    let start = Instant::now();
+    pool.install(|| {
+        (0..n).into_par_iter().for_each(|_| {
+            LUA.with(|l| {
+                let mut l = l.borrow_mut();
+                let (_, add) = l.get_or_insert_with(|| {
+                    let lua = lua_with(false);
+                    let f: Function = lua.globals().get("add").unwrap();
+                    (lua, f)
+                });
+                add.call::<i64>((1, 2)).unwrap();
+            })
+        })
+    });
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+fn tiny(c: &mut Criterion) {
+    let s = setup();
+    let per_thread = 25_000;
+    let mut g = c.benchmark_group("pool_tiny");
+    g.sample_size(10);
+    g.bench_function("isle_pool_100k_tasks_from_4_threads", |b| {
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|_| {
+                    Duration::from_secs_f64(
+                        4.0 * per_thread as f64 / tiny_pool(&s.pool, per_thread),
+                    )
+                })
+                .sum()
+        })
+    });
+    g.finish();
+    if !common::benching() {
+        return;
+    }
+    let ours = (0..5)
+        .map(|_| tiny_pool(&s.pool, per_thread))
+        .fold(0.0, f64::max);
+    let rayon = (0..5)
+        .map(|_| tiny_rayon(&s.rayon, 4 * per_thread))
+        .fold(0.0, f64::max);
+    println!(
+        "summary: pool tiny requests (target >= 1M/s)   ours {:.2} M/s   baseline rayon+thread-local Lua: {:.2} M/s",
+        ours / 1e6,
+        rayon / 1e6
+    );
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+    targets = uniform_and_skewed, tiny
+}
+criterion_main!(benches);

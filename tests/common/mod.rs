@@ -1,0 +1,175 @@
+//! Helpers shared by the integration tests: Lua callbacks the test controls
+//! through channels (so a test knows "now" without sleeping), and thread
+//! checks through `/proc`.
+//!
+//! Each test binary uses only some of them.
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use mlua_isle::mlua::{self, Lua};
+
+/// How long a test waits for something that should happen promptly before
+/// it declares a hang. Generous: only a broken crate gets near it.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// The test's side of a blocking Rust callback: it learns when the callback
+/// has started, and decides when it may return.
+pub struct Gate {
+    started: Receiver<()>,
+    release: Sender<()>,
+}
+
+/// The VM's side of a [`Gate`]: `block()` reports "started", then blocks
+/// until the test releases it once.
+#[derive(Clone)]
+pub struct GateFn {
+    started: Sender<()>,
+    release: Receiver<()>,
+}
+
+pub fn gate() -> (Gate, GateFn) {
+    let (started_tx, started_rx) = crossbeam_channel::unbounded();
+    let (release_tx, release_rx) = crossbeam_channel::unbounded();
+    (
+        Gate {
+            started: started_rx,
+            release: release_tx,
+        },
+        GateFn {
+            started: started_tx,
+            release: release_rx,
+        },
+    )
+}
+
+impl Gate {
+    /// Blocks until the callback has started (panics after [`PATIENCE`]).
+    pub fn wait_started(&self) {
+        self.started
+            .recv_timeout(PATIENCE)
+            .expect("the blocking callback never started");
+    }
+
+    /// Lets one blocked call return.
+    pub fn release(&self) {
+        self.release.send(()).expect("the callback side is gone");
+    }
+}
+
+impl GateFn {
+    /// Reports "started", then blocks until released. Call it from an
+    /// `exec` closure, or register it as a Lua function with [`register`].
+    pub fn block(&self) {
+        let _ = self.started.send(());
+        let _ = self.release.recv();
+    }
+
+    /// Registers `block()` as the global Lua function `name`.
+    pub fn register(self, lua: &Lua, name: &str) -> mlua::Result<()> {
+        let f = lua.create_function(move |_, ()| {
+            self.block();
+            Ok(())
+        })?;
+        lua.globals().set(name, f)
+    }
+}
+
+/// Registers the Lua function `name()`, which sends one message on `tx`, so
+/// Lua code can say "I am running now".
+pub fn register_signal(lua: &Lua, name: &str, tx: Sender<()>) -> mlua::Result<()> {
+    let f = lua.create_function(move |_, ()| {
+        let _ = tx.send(());
+        Ok(())
+    })?;
+    lua.globals().set(name, f)
+}
+
+/// A flag the test raises and Lua reads through the global function
+/// `name()`: Lua code can wait for it in a pure-Lua loop (which the hook can
+/// interrupt), unlike a blocking Rust callback.
+#[derive(Clone, Default)]
+pub struct Flag(Arc<AtomicBool>);
+
+impl Flag {
+    pub fn raise(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    pub fn register(&self, lua: &Lua, name: &str) -> mlua::Result<()> {
+        let flag = self.0.clone();
+        let f = lua.create_function(move |_, ()| Ok(flag.load(Ordering::SeqCst)))?;
+        lua.globals().set(name, f)
+    }
+}
+
+/// Waits for a message on `rx`, failing the test after [`PATIENCE`].
+pub fn expect_msg<T>(rx: &Receiver<T>, what: &str) -> T {
+    rx.recv_timeout(PATIENCE)
+        .unwrap_or_else(|_| panic!("timed out waiting for: {what}"))
+}
+
+/// Runs `f` on a helper thread and returns its value, failing the test
+/// (instead of hanging it) if `f` has not returned after [`PATIENCE`].
+pub fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(PATIENCE)
+        .unwrap_or_else(|_| panic!("hung: {what}"))
+}
+
+/// Names of this process's threads, from `/proc/self/task/*/comm` (Linux
+/// keeps the first 15 bytes of a thread name).
+pub fn thread_names() -> Vec<String> {
+    let mut names = Vec::new();
+    let tasks = std::fs::read_dir("/proc/self/task").expect("/proc/self/task (Linux only)");
+    for task in tasks.flatten() {
+        // A thread can exit between read_dir and read: skip it.
+        if let Ok(comm) = std::fs::read_to_string(task.path().join("comm")) {
+            names.push(comm.trim_end_matches('\n').to_string());
+        }
+    }
+    names
+}
+
+/// True if a thread of this process is named exactly `name`.
+pub fn thread_alive(name: &str) -> bool {
+    assert!(name.len() <= 15, "Linux truncates thread names to 15 bytes");
+    thread_names().iter().any(|n| n == name)
+}
+
+/// True once a thread is named `name`, false if none is after
+/// [`PATIENCE`]. A new thread names itself after it starts, so a thread
+/// that was just spawned may not carry its name yet.
+pub fn thread_appears(name: &str) -> bool {
+    let until = Instant::now() + PATIENCE;
+    while !thread_alive(name) {
+        if Instant::now() > until {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    true
+}
+
+/// True once no thread is named `name`, false if one still is after
+/// [`PATIENCE`].
+///
+/// A joined thread can stay listed in `/proc` for a moment after `join`
+/// returns (the kernel reaps it just after waking the joiner), and no channel
+/// can report that, so this polls.
+pub fn thread_gone(name: &str) -> bool {
+    let until = Instant::now() + PATIENCE;
+    while thread_alive(name) {
+        if Instant::now() > until {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    true
+}
