@@ -6,28 +6,25 @@
 //! the hook looks at the running request's stop reason (and the VM's abort
 //! flag, raised when the last handle is dropped).
 //!
-//! Once a request must stop, the hook
-//! 1. re-arms itself on the running coroutine with a count of 1, so that if
-//!    anything on that coroutine swallows the interruption, the very next
-//!    instruction raises it again;
-//! 2. unwinds with an [`Interrupted`] payload (`resume_unwind`: no panic
-//!    message is printed). mlua carries it through Lua frames as a wrapped
-//!    panic, and with `catch_rust_panics(false)` (set in `vm.rs`) `pcall` and
-//!    `xpcall` re-raise it without running a message handler. The worker's
-//!    `catch_unwind` turns it back into the stop reason.
+//! Once a request must stop, the hook re-arms itself on the running
+//! coroutine with a count of 1 and raises a Lua error. Whatever catches that
+//! error (`pcall`, `load`'s protected reader, ...) is interrupted again by
+//! the very next instruction it runs on that coroutine, so the error climbs
+//! until it leaves the request. Three places need more, and are wrapped at
+//! start-up:
+//! - `xpcall`: an error raised inside a hook runs the message handler with
+//!   hooks disabled, so a handler that loops forever could never be stopped.
+//!   The wrapper skips the user's handler while the request is stopping.
+//! - `coroutine.resume` returns the error to the resumer, which runs on
+//!   another coroutine (still at the normal interval); and `load` returns
+//!   its reader's error. Their wrappers check at once and raise again. They
+//!   also turn a Rust panic that such a call caught back into a panic.
 //!
-//! `coroutine.resume` and `load` (whose reader function runs protected)
-//! would hand the interruption, or a Rust panic, back to Lua as an error
-//! value; both are wrapped at start-up so that such an error is raised again
-//! in the caller. And a request whose interruption fired resolves with the
-//! stop reason even if its code ended normally after swallowing it.
+//! Finally, a request whose interruption fired resolves with its stop reason
+//! even if its code ended normally after swallowing it.
 //!
-//! Raising a plain Lua error instead of unwinding would not do: an error
-//! raised inside a hook runs `xpcall`'s message handler with hooks disabled,
-//! so a handler that loops forever could never be stopped. Under
-//! `panic = "abort"` there is no unwinding, and the hook raises a Lua error
-//! (with the same count-1 re-arming, so `pcall` loops still stop); there, a
-//! looping `xpcall` message handler cannot be interrupted.
+//! Raising an error costs a `longjmp`; unwinding a Rust panic through mlua
+//! instead costs tens of microseconds, which is why it is not used.
 //!
 //! Price: with a count hook set, Lua 5.4 traps on every instruction, which
 //! slows pure-Lua loops 2–3x whatever the interval.
@@ -55,9 +52,6 @@ pub(crate) struct Interrupt {
     /// True once the running request's interruption has been raised.
     fired: AtomicBool,
 }
-
-/// The unwind payload that stops a request (see the module docs).
-pub(crate) struct Interrupted;
 
 impl Interrupt {
     /// Installs the hook on `lua` and registers the state for
@@ -107,12 +101,6 @@ impl Interrupt {
     fn interrupt(this: &Arc<Self>, lua: &Lua, reason: Reason) -> mlua::Result<VmState> {
         this.fired.store(true, Ordering::Relaxed);
         set_hook(lua, this, 1)?;
-        #[cfg(panic = "unwind")]
-        {
-            let _ = reason;
-            std::panic::resume_unwind(Box::new(Interrupted))
-        }
-        #[cfg(not(panic = "unwind"))]
         Err(mlua::Error::external(reason.error()))
     }
 
@@ -132,21 +120,29 @@ fn set_hook(lua: &Lua, this: &Arc<Interrupt>, every: u32) -> mlua::Result<()> {
     )
 }
 
-/// Wraps `coroutine.resume` and `load` so an error value they return is
-/// checked: a wrapped panic (a Rust panic, or the interruption) is raised
-/// again when the value reaches Rust, and a stopped request is interrupted.
+/// Wraps `xpcall`, `coroutine.resume` and `load` (see the module docs).
 fn guard_swallowers(lua: &Lua, this: &Arc<Interrupt>) -> mlua::Result<()> {
-    let this = this.clone();
-    // Converting the error value to a `Value` resumes a wrapped panic.
+    let state = this.clone();
+    // Converting the error value to a `Value` resumes a wrapped Rust panic.
     let check = lua.create_function(move |lua, _err: mlua::Value| {
-        if let Some(reason) = this.stop_reason() {
-            Interrupt::interrupt(&this, lua, reason)?;
+        if let Some(reason) = state.stop_reason() {
+            Interrupt::interrupt(&state, lua, reason)?;
         }
         Ok(())
     })?;
+    let state = this.clone();
+    let stopping = lua.create_function(move |_, ()| Ok(state.stop_reason().is_some()))?;
+    let globals = lua.globals();
+    let coroutine: mlua::Table = globals.get("coroutine")?;
     lua.load(
         r#"
-        local check, resume, load = ...
+        local check, stopping, xpcall, resume, load = ...
+        _G.xpcall = function(f, handler, ...)
+            return xpcall(f, function(e)
+                if stopping() then return e end
+                return handler(e)
+            end, ...)
+        end
         local function after_resume(ok, ...)
             if not ok then check((...)) end
             return ok, ...
@@ -162,10 +158,10 @@ fn guard_swallowers(lua: &Lua, this: &Arc<Interrupt>) -> mlua::Result<()> {
     .set_name("=mlua-isle")
     .call::<()>((
         check,
-        lua.globals()
-            .get::<mlua::Table>("coroutine")?
-            .get::<mlua::Function>("resume")?,
-        lua.globals().get::<mlua::Function>("load")?,
+        stopping,
+        globals.get::<mlua::Function>("xpcall")?,
+        coroutine.get::<mlua::Function>("resume")?,
+        globals.get::<mlua::Function>("load")?,
     ))
 }
 

@@ -23,7 +23,6 @@ use std::time::Instant;
 use mlua::{Lua, Table};
 use parking_lot::{Condvar, Mutex};
 
-use crate::hook::Interrupted;
 use crate::spin::spin_until;
 use crate::token::{CancelToken, Reason};
 use crate::IsleError;
@@ -312,8 +311,6 @@ where
                 let interrupted = scope.leave();
                 let result = match out {
                     Ok(r) => r,
-                    // The hook's interruption; replaced by the reason below.
-                    Err(payload) if payload.is::<Interrupted>() => Err(IsleError::Cancelled),
                     Err(payload) => Err(IsleError::from_panic(&*payload)),
                 };
                 // After a stop request, an error is the interruption (or a

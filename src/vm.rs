@@ -47,7 +47,7 @@ impl Vm {
         OWNER.with(|o| o.set(owner));
         // `catch_rust_panics(false)`: Lua's pcall/xpcall re-raise Rust panics,
         // so a panicking callback fails its request instead of being
-        // swallowed, and the hook's interruption cannot be caught (hook.rs).
+        // swallowed.
         let lua = Lua::new_with(StdLib::ALL_SAFE, LuaOptions::new().catch_rust_panics(false))
             .map_err(|e| IsleError::Init(IsleError::from_lua(&e).to_string()))?;
         let interrupt = Interrupt::install(&lua, config.hook_interval, abort)
