@@ -4,13 +4,12 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use mlua::Lua;
 use parking_lot::Mutex;
 
-use crate::config::VmConfig;
+use crate::config::{vm_options, VmConfig};
 use crate::request::Job;
 use crate::spin::spin_until;
 use crate::submit::{request_methods, Owner, Submit};
@@ -60,32 +59,7 @@ pub struct IsleBuilder {
 }
 
 impl IsleBuilder {
-    /// Names the VM thread (default `mlua-isle`); the deadline thread, when
-    /// started, is named `NAME-deadline`.
-    pub fn name(mut self, name: impl Into<String>) -> Self {
-        self.config.name = name.into();
-        self
-    }
-
-    /// Stack size of the VM thread in bytes (default: std's).
-    pub fn stack_size(mut self, bytes: usize) -> Self {
-        self.config.stack_size = Some(bytes);
-        self
-    }
-
-    /// Lua instructions between two cancel checks (default 1000). Lower
-    /// values react to a cancel sooner and cost a little more.
-    pub fn hook_interval(mut self, instructions: u32) -> Self {
-        self.config.hook_interval = instructions.max(1);
-        self
-    }
-
-    /// A time limit for every request, counted from submission. A task's own
-    /// [`Task::timeout`] can shorten it, never extend it.
-    pub fn default_timeout(mut self, limit: Duration) -> Self {
-        self.config.default_timeout = Some(limit);
-        self
-    }
+    vm_options!();
 
     /// Starts the VM thread and runs `init` on it before any request.
     ///
@@ -195,31 +169,7 @@ impl Isle {
         IsleBuilder::default()
     }
 
-    request_methods!();
-
-    /// Runs `f` with the VM on its thread and returns what it returns.
-    /// Blocks until it has run.
-    ///
-    /// # Errors
-    /// The closure's error as [`IsleError::Lua`]; [`IsleError::Panic`] if it
-    /// panics (the isle keeps serving); otherwise as for
-    /// [`eval`](Self::eval).
-    pub fn exec<T, F>(&self, f: F) -> Result<T, IsleError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Lua) -> mlua::Result<T> + Send + 'static,
-    {
-        self.run(crate::submit::exec(f))
-    }
-
-    /// Like [`exec`](Self::exec), but returns at once with a [`Task`].
-    pub fn spawn_exec<T, F>(&self, f: F) -> Task<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Lua) -> mlua::Result<T> + Send + 'static,
-    {
-        self.spawn(crate::submit::exec(f))
-    }
+    request_methods!(exec);
 
     /// Stops accepting requests, lets the queued ones finish, and joins the
     /// VM thread. Blocks until then. Calling it again (or from another

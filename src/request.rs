@@ -223,6 +223,17 @@ pub(crate) struct Ctx<'a> {
     pub(crate) env: Option<&'a Table>,
 }
 
+impl Ctx<'_> {
+    /// Runs `f` with the table globals resolve in: the session's
+    /// environment, or the VM's globals.
+    pub(crate) fn with_scope<R>(&self, f: impl FnOnce(&Table) -> R) -> R {
+        match self.env {
+            Some(env) => f(env),
+            None => f(&self.lua.globals()),
+        }
+    }
+}
+
 /// The VM-side hooks a job calls around its work (the hook module's
 /// "current request" slot).
 pub(crate) trait RunScope {

@@ -107,23 +107,16 @@ where
     A: IntoLuaMulti + Send + 'static,
     T: FromLuaMulti + Send + 'static,
 {
-    move |ctx| {
-        let globals;
-        let scope = match ctx.env {
-            Some(env) => env,
-            None => {
-                globals = ctx.lua.globals();
-                &globals
-            }
-        };
-        match scope.get::<Value>(name.as_str()).map_err(lua_err)? {
-            Value::Nil => Err(IsleError::NotFound(name)),
-            Value::Function(f) => f.call::<T>(args).map_err(lua_err),
-            other => Err(IsleError::from_lua(&mlua::Error::runtime(format!(
-                "global `{name}` is not a function (it is a value of type {})",
-                other.type_name()
-            )))),
-        }
+    move |ctx| match ctx
+        .with_scope(|scope| scope.get::<Value>(name.as_str()))
+        .map_err(lua_err)?
+    {
+        Value::Nil => Err(IsleError::NotFound(name)),
+        Value::Function(f) => f.call::<T>(args).map_err(lua_err),
+        other => Err(IsleError::from_lua(&mlua::Error::runtime(format!(
+            "global `{name}` is not a function (it is a value of type {})",
+            other.type_name()
+        )))),
     }
 }
 
@@ -143,23 +136,41 @@ where
     T: Send + 'static,
     F: FnOnce(&Lua, &Table) -> mlua::Result<T> + Send + 'static,
 {
-    move |ctx| {
-        let globals;
-        let env = match ctx.env {
-            Some(env) => env,
-            None => {
-                globals = ctx.lua.globals();
-                &globals
-            }
-        };
-        f(ctx.lua, env).map_err(lua_err)
-    }
+    move |ctx| ctx.with_scope(|env| f(ctx.lua, env)).map_err(lua_err)
 }
 
 /// The request methods every front-end shares (`eval`, `call` and their
-/// `spawn_*` forms). Each is a thin wrapper over `Submit`; `exec` differs per
-/// front-end and is written beside it.
+/// `spawn_*` forms; with `exec`, also `exec`/`spawn_exec` taking `&Lua`).
+/// Each is a thin wrapper over `Submit`. A session's `exec` also gets its
+/// environment, and is written beside it.
 macro_rules! request_methods {
+    (exec) => {
+        crate::submit::request_methods!();
+
+        /// Runs `f` with the VM on its thread and returns what it returns.
+        /// Blocks until it has run.
+        ///
+        /// # Errors
+        /// The closure's error as [`IsleError::Lua`]; [`IsleError::Panic`] if
+        /// it panics (the VM keeps serving); otherwise as for
+        /// [`eval`](Self::eval).
+        pub fn exec<T, F>(&self, f: F) -> Result<T, IsleError>
+        where
+            T: Send + 'static,
+            F: FnOnce(&mlua::Lua) -> mlua::Result<T> + Send + 'static,
+        {
+            crate::submit::Submit::run(self, crate::submit::exec(f))
+        }
+
+        /// Like [`exec`](Self::exec), but returns at once with a [`Task`].
+        pub fn spawn_exec<T, F>(&self, f: F) -> Task<T>
+        where
+            T: Send + 'static,
+            F: FnOnce(&mlua::Lua) -> mlua::Result<T> + Send + 'static,
+        {
+            crate::submit::Submit::spawn(self, crate::submit::exec(f))
+        }
+    };
     () => {
         /// Evaluates a Lua chunk and converts its result to `T`. Blocks until
         /// it has run.

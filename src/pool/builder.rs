@@ -17,7 +17,7 @@ use super::shared::Shared;
 use super::sleep::Sleep;
 use super::worker::Worker;
 use super::{IslePool, PoolInner};
-use crate::config::VmConfig;
+use crate::config::{vm_options, VmConfig};
 use crate::submit::Owner;
 use crate::timer::Timer;
 use crate::vm::{next_owner_id, Vm};
@@ -52,30 +52,7 @@ impl IslePoolBuilder {
         self
     }
 
-    /// Base name of the worker threads, which are named `NAME-0`, `NAME-1`,
-    /// ... (default `mlua-isle`).
-    pub fn name(mut self, name: impl Into<String>) -> Self {
-        self.config.name = name.into();
-        self
-    }
-
-    /// Stack size of each worker thread in bytes (default: std's).
-    pub fn stack_size(mut self, bytes: usize) -> Self {
-        self.config.stack_size = Some(bytes);
-        self
-    }
-
-    /// Lua instructions between two cancel checks (default 1000).
-    pub fn hook_interval(mut self, instructions: u32) -> Self {
-        self.config.hook_interval = instructions.max(1);
-        self
-    }
-
-    /// A time limit for every request, counted from submission.
-    pub fn default_timeout(mut self, limit: Duration) -> Self {
-        self.config.default_timeout = Some(limit);
-        self
-    }
+    vm_options!();
 
     /// At most `n` requests may wait in the pool's queues; a request beyond
     /// that resolves [`IsleError::QueueFull`] at once, and the caller never

@@ -101,31 +101,7 @@ impl IslePool {
             .build()
     }
 
-    request_methods!();
-
-    /// Runs `f` with a VM of the pool (any free one) and returns what it
-    /// returns. Blocks until it has run.
-    ///
-    /// # Errors
-    /// The closure's error as [`IsleError::Lua`]; [`IsleError::Panic`] if it
-    /// panics (the VM keeps serving); [`IsleError::QueueFull`] past
-    /// `queue_capacity`; otherwise as for [`eval`](Self::eval).
-    pub fn exec<T, F>(&self, f: F) -> Result<T, IsleError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Lua) -> mlua::Result<T> + Send + 'static,
-    {
-        self.run(crate::submit::exec(f))
-    }
-
-    /// Like [`exec`](Self::exec), but returns at once with a [`Task`].
-    pub fn spawn_exec<T, F>(&self, f: F) -> Task<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Lua) -> mlua::Result<T> + Send + 'static,
-    {
-        self.spawn(crate::submit::exec(f))
-    }
+    request_methods!(exec);
 
     /// A handle to the session `key` (`&str`, `String`, or any integer).
     /// The key is bound to a VM on its first request, and stays bound until
