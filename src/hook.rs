@@ -83,6 +83,15 @@ impl Interrupt {
         }
     }
 
+    /// Stops the running request, if any, with `Shutdown`. Called by an
+    /// owner that is aborting, after raising the abort flag: it reaches Rust
+    /// callbacks that poll their token, which the hook never interrupts.
+    pub(crate) fn abort_running(&self) {
+        if let Some(token) = self.current.lock().as_ref() {
+            token.stop(Reason::Shutdown);
+        }
+    }
+
     /// The running request's stop reason, if it must stop.
     fn stop_reason(&self) -> Option<Reason> {
         let current = self.current.lock();
@@ -168,6 +177,11 @@ fn guard_swallowers(lua: &Lua, this: &Arc<Interrupt>) -> mlua::Result<()> {
 impl RunScope for Interrupt {
     fn enter(&self, token: &CancelToken) {
         *self.current.lock() = Some(token.clone());
+        // ORDERING: `abort_running` raises the flag before taking the lock we
+        // just released, so either it saw this token or we see the flag.
+        if self.abort.load(Ordering::SeqCst) {
+            token.stop(Reason::Shutdown);
+        }
     }
 
     fn leave(&self) -> bool {

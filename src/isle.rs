@@ -4,12 +4,14 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use mlua::Lua;
 use parking_lot::Mutex;
 
 use crate::config::{vm_options, VmConfig};
+use crate::hook::Interrupt;
 use crate::request::Job;
 use crate::spin::spin_until;
 use crate::submit::{request_methods, Owner, Submit};
@@ -40,9 +42,14 @@ struct Inner {
     tx: Sender<Msg>,
     /// Set by shutdown: new requests resolve `Shutdown` without queueing.
     closed: AtomicBool,
-    /// Set when the last handle drops: the hook stops the running request and
-    /// the VM thread resolves queued ones without running them.
+    /// Set to abort (last handle dropped, or `shutdown_timeout` expired):
+    /// the hook stops the running request and the VM thread resolves queued
+    /// ones without running them.
     abort: Arc<AtomicBool>,
+    /// The VM's interrupt state, to stop a running Rust callback's token.
+    interrupt: Arc<Interrupt>,
+    /// Receives once when the VM thread ends.
+    exited: Receiver<()>,
     /// The VM thread; taken by whoever joins it.
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -78,17 +85,21 @@ impl IsleBuilder {
         let abort = Arc::new(AtomicBool::new(false));
         let (tx, rx) = crossbeam_channel::unbounded();
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+        let (exit_tx, exited) = crossbeam_channel::bounded(1);
         let thread = {
             let (config, abort) = (config.clone(), abort.clone());
             config
                 .thread("")
-                .spawn(move || match Vm::start(id, &config, abort.clone(), init) {
-                    Ok(vm) => {
-                        let _ = ready_tx.send(Ok(()));
-                        serve(&vm, &rx, &abort);
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
+                .spawn(move || {
+                    let _exit = ExitSignal(exit_tx);
+                    match Vm::start(id, &config, abort.clone(), init) {
+                        Ok(vm) => {
+                            let _ = ready_tx.send(Ok(vm.interrupt()));
+                            serve(&vm, &rx, &abort);
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
                     }
                 })
                 .map_err(|e| IsleError::Init(format!("cannot spawn the VM thread: {e}")))?
@@ -96,10 +107,13 @@ impl IsleBuilder {
         let started = ready_rx
             .recv()
             .unwrap_or_else(|_| Err(IsleError::Init("the VM thread died during init".into())));
-        if let Err(e) = started {
-            let _ = thread.join();
-            return Err(e);
-        }
+        let interrupt = match started {
+            Ok(interrupt) => interrupt,
+            Err(e) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+        };
         Ok(Isle {
             inner: Arc::new(Inner {
                 owner: Owner {
@@ -110,6 +124,8 @@ impl IsleBuilder {
                 tx,
                 closed: AtomicBool::new(false),
                 abort,
+                interrupt,
+                exited,
                 thread: Mutex::new(Some(thread)),
             }),
         })
@@ -180,18 +196,19 @@ impl Isle {
     /// cannot join itself); [`IsleError::Panic`] if the VM thread died from
     /// a panic outside any request.
     pub fn shutdown(&self) -> Result<(), IsleError> {
-        if on_owner_thread(self.inner.owner.id) {
-            return Err(IsleError::Reentrant);
-        }
-        let mut thread = self.inner.thread.lock();
-        let Some(handle) = thread.take() else {
-            return Ok(());
-        };
-        self.inner.closed.store(true, Ordering::Release);
-        let _ = self.inner.tx.send(Msg::Shutdown);
-        let joined = handle.join();
-        self.inner.owner.timer.shutdown();
-        joined.map_err(|p| IsleError::from_panic(&*p))
+        self.inner.stop(None)
+    }
+
+    /// Like [`shutdown`](Self::shutdown), but after `grace` it interrupts
+    /// the running request and resolves whatever is still queued with
+    /// [`IsleError::Shutdown`], then joins. Blocks for about `grace` at most
+    /// (plus the time for running Rust code to return; Lua code stops at
+    /// its next hook tick).
+    ///
+    /// # Errors
+    /// As for [`shutdown`](Self::shutdown).
+    pub fn shutdown_timeout(&self, grace: Duration) -> Result<(), IsleError> {
+        self.inner.stop(Some(Instant::now() + grace))
     }
 
     /// True once [`shutdown`](Self::shutdown) has begun.
@@ -216,10 +233,48 @@ impl Submit for Isle {
     }
 }
 
+impl Inner {
+    fn stop(&self, abort_at: Option<Instant>) -> Result<(), IsleError> {
+        if on_owner_thread(self.owner.id) {
+            return Err(IsleError::Reentrant);
+        }
+        let mut thread = self.thread.lock();
+        let Some(handle) = thread.take() else {
+            return Ok(());
+        };
+        self.closed.store(true, Ordering::SeqCst);
+        let _ = self.tx.send(Msg::Shutdown);
+        if let Some(at) = abort_at {
+            if self.exited.recv_deadline(at).is_err() {
+                self.abort();
+            }
+        }
+        let joined = handle.join();
+        self.owner.timer.shutdown();
+        joined.map_err(|p| IsleError::from_panic(&*p))
+    }
+
+    /// Stops the running request and makes the VM thread resolve queued ones
+    /// `Shutdown`.
+    fn abort(&self) {
+        self.abort.store(true, Ordering::SeqCst);
+        self.interrupt.abort_running();
+    }
+}
+
+/// Signals `Inner::exited` when the VM thread ends, however it ends.
+struct ExitSignal(crossbeam_channel::Sender<()>);
+
+impl Drop for ExitSignal {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.closed.store(true, Ordering::Release);
-        self.abort.store(true, Ordering::Release);
+        self.closed.store(true, Ordering::SeqCst);
+        self.abort();
         let _ = self.tx.send(Msg::Shutdown);
         if let Some(handle) = self.thread.get_mut().take() {
             // The last handle can be dropped on the VM thread itself (inside

@@ -60,14 +60,25 @@ impl Vm {
     }
 
     /// Runs one job (in a session's environment when `env` is given).
+    ///
+    /// The job catches panics of the work itself. A panic after the request
+    /// resolved (a result nobody waits for panicking when dropped, a waker
+    /// panicking) is caught here, so the VM thread keeps serving; the request
+    /// has its result already.
     pub(crate) fn run(&self, job: Job, env: Option<&Table>) -> Outcome {
         let ctx = Ctx {
             lua: &self.lua,
             env,
         };
-        let outcome = job.run(&ctx, &*self.interrupt);
+        let outcome = catch_unwind(AssertUnwindSafe(|| job.run(&ctx, &*self.interrupt)))
+            .unwrap_or(Outcome::Failed);
         self.interrupt.reset(&self.lua, &self.interrupt);
         outcome
+    }
+
+    /// The VM's interrupt state, for owners that abort.
+    pub(crate) fn interrupt(&self) -> Arc<Interrupt> {
+        self.interrupt.clone()
     }
 
     pub(crate) fn lua(&self) -> &Lua {

@@ -67,7 +67,9 @@ fn an_idle_pool_uses_no_cpu() {
         .session_idle_timeout(Duration::from_secs(60))
         .build()
         .unwrap();
-    let tasks: Vec<_> = (0..1000).map(|i| pool.spawn_eval::<i64>(format!("{i} + 1"))).collect();
+    let tasks: Vec<_> = (0..1000)
+        .map(|i| pool.spawn_eval::<i64>(format!("{i} + 1")))
+        .collect();
     for (i, t) in tasks.into_iter().enumerate() {
         assert_eq!(t.wait().unwrap(), i as i64 + 1);
     }

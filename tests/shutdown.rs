@@ -229,3 +229,82 @@ fn tasks_outlive_a_shut_down_isle() {
     let results = futures::executor::block_on(futures::future::join_all(tasks));
     assert_eq!(results, (0..10).map(Ok).collect::<Vec<_>>());
 }
+
+/// An isle named `name` with `wait_for_cancel()`: a Rust callback that
+/// reports "started", then returns once its request's token says stop.
+fn isle_with_polling_callback(name: &str) -> (Isle, crossbeam_channel::Receiver<()>) {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let isle = Isle::builder()
+        .name(name)
+        .spawn(move |lua| {
+            let wait = lua.create_function(move |lua, ()| {
+                let token = mlua_isle::current_token(lua).expect("called from a request");
+                let _ = tx.send(());
+                while !token.is_cancelled() {
+                    std::thread::yield_now();
+                }
+                Err::<(), _>(mlua_isle::mlua::Error::runtime("stopped"))
+            })?;
+            lua.globals().set("wait_for_cancel", wait)
+        })
+        .unwrap();
+    (isle, rx)
+}
+
+#[test]
+fn shutdown_timeout_finishes_quick_work_without_aborting() {
+    let isle = Isle::spawn(|_| Ok(())).unwrap();
+    let tasks: Vec<Task<i64>> = (0..50)
+        .map(|i| isle.spawn_eval(format!("{i} * 2")))
+        .collect();
+    assert_eq!(isle.shutdown_timeout(PATIENCE), Ok(()));
+    for (i, t) in tasks.into_iter().enumerate() {
+        assert_eq!(t.wait(), Ok(i as i64 * 2));
+    }
+}
+
+#[test]
+fn shutdown_timeout_stops_a_running_loop_and_resolves_queued_work() {
+    let (tx, started) = crossbeam_channel::unbounded();
+    let isle = Isle::builder()
+        .name("isl-shto")
+        .spawn(move |lua| register_signal(lua, "started", tx))
+        .unwrap();
+    let running = isle.spawn_eval::<()>("started() while true do end");
+    expect_msg(&started, "the loop started");
+    let queued: Vec<Task<()>> = (0..5).map(|_| isle.spawn_eval("")).collect();
+    let i2 = isle.clone();
+    let r = within("shutdown_timeout returns", move || {
+        i2.shutdown_timeout(Duration::from_millis(50))
+    });
+    assert_eq!(r, Ok(()));
+    assert_eq!(running.wait(), Err(IsleError::Shutdown));
+    for t in queued {
+        assert_eq!(t.wait(), Err(IsleError::Shutdown));
+    }
+    assert!(thread_gone("isl-shto"));
+}
+
+#[test]
+fn shutdown_timeout_stops_a_rust_callback_that_polls_its_token() {
+    let (isle, started) = isle_with_polling_callback("isl-shtok");
+    let task = isle.spawn_call::<()>("wait_for_cancel", ());
+    expect_msg(&started, "the callback started");
+    let i2 = isle.clone();
+    let r = within("shutdown_timeout returns", move || {
+        i2.shutdown_timeout(Duration::from_millis(50))
+    });
+    assert_eq!(r, Ok(()));
+    assert_eq!(task.wait(), Err(IsleError::Shutdown));
+    assert!(thread_gone("isl-shtok"));
+}
+
+#[test]
+fn dropping_the_last_handle_stops_a_rust_callback_that_polls_its_token() {
+    let (isle, started) = isle_with_polling_callback("isl-drtok");
+    let task = isle.spawn_call::<()>("wait_for_cancel", ());
+    expect_msg(&started, "the callback started");
+    within("dropping the last handle returns", move || drop(isle));
+    assert_eq!(task.wait(), Err(IsleError::Shutdown));
+    assert!(thread_gone("isl-drtok"));
+}

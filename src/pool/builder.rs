@@ -133,7 +133,7 @@ impl IslePoolBuilder {
                 let _exit = ExitSignal(exit_tx, index);
                 match Vm::start(id, &config2, abort, |lua| init(lua)) {
                     Ok(vm) => {
-                        let _ = ready_tx.send((index, Ok(())));
+                        let _ = ready_tx.send((index, Ok(vm.interrupt())));
                         worker.run(vm);
                     }
                     Err(e) => {
@@ -151,9 +151,10 @@ impl IslePoolBuilder {
             }
         }
         drop(ready_tx);
+        let mut interrupts = vec![None; n];
         for _ in 0..n {
             match ready_rx.recv() {
-                Ok((_, Ok(()))) => {}
+                Ok((index, Ok(interrupt))) => interrupts[index] = Some(interrupt),
                 Ok((index, Err(e))) => return Err(name_worker(index, e)),
                 Err(_) => return Err(IsleError::Init("a worker died during init".into())),
             }
@@ -167,6 +168,7 @@ impl IslePoolBuilder {
                     default_timeout: config.default_timeout,
                 },
                 shared,
+                interrupts: interrupts.into_iter().flatten().collect(),
                 threads: Mutex::new(threads),
                 exits,
             }),

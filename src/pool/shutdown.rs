@@ -59,8 +59,7 @@ impl PoolInner {
                 exited += 1;
             }
             if exited < threads.len() {
-                shared.abort.store(true, Ordering::SeqCst);
-                shared.sleep.wake_all();
+                self.abort();
             }
         }
         let mut result = Ok(());
@@ -71,6 +70,16 @@ impl PoolInner {
         }
         self.finish();
         result
+    }
+
+    /// Raises the abort flag, stops every running request (including Rust
+    /// callbacks polling their token) and wakes every worker.
+    fn abort(&self) {
+        self.shared.abort.store(true, Ordering::SeqCst);
+        for i in &self.interrupts {
+            i.abort_running();
+        }
+        self.shared.sleep.wake_all();
     }
 
     /// After the workers are gone: resolve leftovers, stop the deadline
@@ -86,10 +95,8 @@ impl PoolInner {
 
 impl Drop for PoolInner {
     fn drop(&mut self) {
-        let shared = &self.shared;
-        shared.closed.store(true, Ordering::SeqCst);
-        shared.abort.store(true, Ordering::SeqCst);
-        shared.sleep.wake_all();
+        self.shared.closed.store(true, Ordering::SeqCst);
+        self.abort();
         let me = std::thread::current().id();
         for t in self.threads.get_mut().drain(..) {
             // The last handle may be dropped on a worker thread (inside an

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_deque::Worker as Deque;
 use crossbeam_utils::sync::Parker;
-use mlua::Table;
+use mlua::{Function, Table};
 
 use super::session::Binding;
 use super::shared::{Found, Pinned, Shared};
@@ -37,11 +37,7 @@ impl Worker {
         let shared = &*self.shared;
         let w = self.index;
         let mut envs: HashMap<u64, Env> = HashMap::new();
-        // Session environments read through to the shared globals.
-        let env_meta = vm.lua().create_table().and_then(|m| {
-            m.set("__index", vm.lua().globals())?;
-            Ok(m)
-        });
+        let make_env = env_factory(&vm);
         let sweep_every = shared
             .idle_timeout
             .map(|d| (d / 4).clamp(Duration::from_millis(1), Duration::from_secs(1)));
@@ -60,7 +56,7 @@ impl Worker {
                         shared.took();
                         let env = match envs.get(&binding.id) {
                             Some(env) => Ok(env.table.clone()),
-                            None => new_env(&vm, &env_meta).inspect(|t| {
+                            None => new_env(&make_env).inspect(|t| {
                                 let binding = binding.clone();
                                 envs.insert(
                                     binding.id,
@@ -75,6 +71,8 @@ impl Worker {
                             Ok(table) => self.run_job(&vm, job, Some(&table)),
                             Err(e) => job.abandon(e),
                         }
+                        // The idle clock starts when the last request ends.
+                        binding.last_used.store(shared.now_ns(), Ordering::Relaxed);
                         binding.pending.fetch_sub(1, Ordering::Relaxed);
                     }
                     Found::Pinned(Pinned::Broadcast(job)) => {
@@ -157,13 +155,44 @@ impl Worker {
     }
 }
 
-/// A fresh session environment: an empty table reading through to globals.
-fn new_env(vm: &Vm, meta: &mlua::Result<Table>) -> Result<Table, IsleError> {
-    let make = || -> mlua::Result<Table> {
-        let meta = meta.as_ref().map_err(Clone::clone)?;
-        let t = vm.lua().create_table()?;
-        t.set_metatable(Some(meta.clone()))?;
-        Ok(t)
-    };
-    make().map_err(|e| IsleError::from_lua(&e))
+/// Builds, once per VM, the Lua function that makes session environments.
+///
+/// A session's environment is an empty table (what the session writes)
+/// whose metatable reads through a small per-session table to the shared
+/// globals. The per-session table makes `_G` name the environment itself
+/// (so `_G.x = v` stays in the session) and gives the session a `load`
+/// whose chunks run in the environment unless given another one. The
+/// metatable is hidden (`__metatable = false`), so `getmetatable(_G)` does
+/// not lead to the shared globals.
+fn env_factory(vm: &Vm) -> mlua::Result<Function> {
+    let globals = vm.lua().globals();
+    let load: Function = globals.get("load")?;
+    vm.lua()
+        .load(
+            r#"
+            local globals, load = ...
+            local shared = { __index = globals }
+            return function()
+                local env = {}
+                local own = setmetatable({ _G = env }, shared)
+                own.load = function(chunk, name, mode, ...)
+                    if select('#', ...) == 0 then
+                        return load(chunk, name, mode, env)
+                    end
+                    return load(chunk, name, mode, ...)
+                end
+                return setmetatable(env, { __index = own, __metatable = false })
+            end
+            "#,
+        )
+        .set_name("=mlua-isle session")
+        .call((globals, load))
+}
+
+/// A fresh session environment.
+fn new_env(make: &mlua::Result<Function>) -> Result<Table, IsleError> {
+    make.as_ref()
+        .map_err(Clone::clone)
+        .and_then(|f| f.call::<Table>(()))
+        .map_err(|e| IsleError::from_lua(&e))
 }
