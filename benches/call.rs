@@ -122,27 +122,44 @@ fn round_trip(c: &mut Criterion) {
         return;
     }
 
-    // One summary, measured back to back, so the ratios are in one place.
-    let floor = common::per_op(7, 20_000, || {
+    // One summary; each pair measured in alternating rounds, so the ratio
+    // is taken under the same machine load.
+    let hop = || {
         pp.hop(1);
-    });
-    let ours = common::per_op(7, 20_000, || {
-        isle.call::<i64>("add", (1, 2)).unwrap();
-    });
-    let naive = common::per_op(7, 2_000, || {
-        actor.call(1);
-    });
-    let same = common::per_op(7, 200_000, || {
-        add.call::<i64>((1, 2)).unwrap();
-    });
+    };
+    let (ours, floor, r) = common::interleaved(
+        15,
+        20_000,
+        || {
+            isle.call::<i64>("add", (1, 2)).unwrap();
+        },
+        hop,
+    );
     common::report(
         "isle_call (target <= 2x)",
         ours,
         "crossbeam_ping_pong",
         floor,
+        r,
     );
-    common::report("mpsc_actor", naive, "crossbeam_ping_pong", floor);
-    common::report("direct_mlua", same, "crossbeam_ping_pong", floor);
+    let (naive, floor, r) = common::interleaved(
+        5,
+        1_000,
+        || {
+            actor.call(1);
+        },
+        hop,
+    );
+    common::report("mpsc_actor", naive, "crossbeam_ping_pong", floor, r);
+    let (same, floor, r) = common::interleaved(
+        5,
+        20_000,
+        || {
+            add.call::<i64>((1, 2)).unwrap();
+        },
+        hop,
+    );
+    common::report("direct_mlua", same, "crossbeam_ping_pong", floor, r);
     isle.shutdown().unwrap();
 }
 

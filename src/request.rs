@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::task::Waker;
 use std::time::Instant;
 
+use crossbeam_utils::CachePadded;
 use mlua::{Lua, Table};
 use parking_lot::{Condvar, Mutex};
 
@@ -67,8 +68,9 @@ pub(crate) trait Cancel: Send + Sync {
 pub(crate) struct Request<T> {
     header: Header,
     /// Set (Release) once `slot.result` holds the result; lets waiters spin
-    /// without the lock.
-    ready: AtomicBool,
+    /// without the lock. On a cache line of its own: the VM writes the rest
+    /// of the request while the caller spins on this.
+    ready: CachePadded<AtomicBool>,
     slot: Mutex<Slot<T>>,
     cond: Condvar,
 }
@@ -88,7 +90,7 @@ impl<T> Request<T> {
                 owner,
                 submitted: Instant::now(),
             },
-            ready: AtomicBool::new(false),
+            ready: CachePadded::new(AtomicBool::new(false)),
             slot: Mutex::new(Slot {
                 result: None,
                 waker: None,

@@ -27,6 +27,33 @@ pub fn per_op(rounds: usize, iters: u64, mut op: impl FnMut()) -> Duration {
     samples[samples.len() / 2]
 }
 
+/// Measures `ours` and `baseline` in alternating rounds (so both see the
+/// same machine weather) and returns their medians per op and the median of
+/// the per-round ratios.
+pub fn interleaved(
+    rounds: usize,
+    iters: u64,
+    mut ours: impl FnMut(),
+    mut baseline: impl FnMut(),
+) -> (Duration, Duration, f64) {
+    let mut o = Vec::new();
+    let mut b = Vec::new();
+    let mut ratios = Vec::new();
+    for _ in 0..rounds {
+        let tb = per_op(1, iters, &mut baseline);
+        let to = per_op(1, iters, &mut ours);
+        ratios.push(to.as_secs_f64() / tb.as_secs_f64());
+        o.push(to);
+        b.push(tb);
+    }
+    ratios.sort_by(f64::total_cmp);
+    (
+        quantile(&mut o, 0.5),
+        quantile(&mut b, 0.5),
+        ratios[ratios.len() / 2],
+    )
+}
+
 /// The `q` quantile (0..=1) of `samples` (sorted in place).
 pub fn quantile(samples: &mut [Duration], q: f64) -> Duration {
     samples.sort();
@@ -34,12 +61,10 @@ pub fn quantile(samples: &mut [Duration], q: f64) -> Duration {
     samples[i]
 }
 
-/// Prints one summary line: `what`, our time, and the ratio to `baseline`.
-pub fn report(what: &str, ours: Duration, baseline_name: &str, baseline: Duration) {
+/// Prints one summary line: `what`, our time, the baseline's, and the
+/// ratio (median of per-round ratios when measured with `interleaved`).
+pub fn report(what: &str, ours: Duration, baseline_name: &str, baseline: Duration, ratio: f64) {
     println!(
-        "summary: {what:<40} {:>10.2?}   baseline {baseline_name}: {:>10.2?}   ratio {:.2}x",
-        ours,
-        baseline,
-        ours.as_secs_f64() / baseline.as_secs_f64()
+        "summary: {what:<40} {ours:>10.2?}   baseline {baseline_name}: {baseline:>10.2?}   ratio {ratio:.2}x"
     );
 }
