@@ -192,22 +192,36 @@ fn workload(c: &mut Criterion, s: &Setup, name: &str, jobs: &[i64]) {
     if !common::benching() {
         return;
     }
-    let median = |f: &dyn Fn() -> Duration| {
-        let mut v: Vec<Duration> = (0..5).map(|_| f()).collect();
-        common::quantile(&mut v, 0.5)
+    // Summary: all five measured in each round (so they share the machine's
+    // weather), ratios taken per round, medians reported.
+    let mut rows: Vec<[f64; 5]> = (0..5)
+        .map(|_| {
+            let ideal = serial(jobs).as_secs_f64() / workers() as f64;
+            let pool = run_pool(&s.pool, jobs).as_secs_f64();
+            let sessions = run_sessions(&s.pool, jobs).as_secs_f64();
+            let rr = run_round_robin(&s.isles, jobs).as_secs_f64();
+            let rayon = run_rayon(&s.rayon, jobs).as_secs_f64();
+            [ideal, pool, sessions, rr, rayon]
+        })
+        .collect();
+    let median = |rows: &mut Vec<[f64; 5]>, f: &dyn Fn(&[f64; 5]) -> f64| {
+        let mut v: Vec<f64> = rows.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
     };
-    let ideal = median(&|| serial(jobs)) / workers() as u32;
-    let pool = median(&|| run_pool(&s.pool, jobs));
-    let sessions = median(&|| run_sessions(&s.pool, jobs));
-    let rr = median(&|| run_round_robin(&s.isles, jobs));
-    let rayon = median(&|| run_rayon(&s.rayon, jobs));
-    let eff = |d: Duration| 100.0 * ideal.as_secs_f64() / d.as_secs_f64();
+    let ms = |x: f64| Duration::from_secs_f64(x);
+    let ideal = median(&mut rows, &|r| r[0]);
+    let pool = median(&mut rows, &|r| r[1]);
+    let eff = median(&mut rows, &|r| 100.0 * r[0] / r[1]);
+    let sess_eff = median(&mut rows, &|r| 100.0 * r[0] / r[2]);
+    let sess_vs = median(&mut rows, &|r| 100.0 * r[1] / r[2]);
+    let rr_eff = median(&mut rows, &|r| 100.0 * r[0] / r[3]);
+    let rayon = median(&mut rows, &|r| r[4]);
     println!(
-        "summary: pool {name:<8} makespan {pool:>9.2?} = {:5.1}% of ideal {ideal:.2?} | sessions {sessions:.2?} = {:5.1}% ({:5.1}% of unkeyed) | round-robin isles {rr:.2?} = {:5.1}% | rayon+thread-local Lua (no hook) {rayon:.2?}",
-        eff(pool),
-        eff(sessions),
-        100.0 * pool.as_secs_f64() / sessions.as_secs_f64(),
-        eff(rr),
+        "summary: pool {name:<8} makespan {:>9.2?} = {eff:5.1}% of ideal {:.2?} | sessions {sess_eff:5.1}% of ideal ({sess_vs:5.1}% of unkeyed) | round-robin isles {rr_eff:5.1}% | rayon+thread-local Lua (no hook) {:.2?}",
+        ms(pool),
+        ms(ideal),
+        ms(rayon),
     );
 }
 

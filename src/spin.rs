@@ -5,11 +5,11 @@
 //! a short while first: the VM thread waiting for the next request, and the
 //! caller waiting for its result.
 //!
-//! For the first `HOT_FOR` the flag is checked at every `spin_loop` hint (an
-//! exponential backoff would sleep through the moment the answer lands).
-//! After that the thread yields between checks, which lets a worker that
-//! shares its core run, until `SPIN_FOR` has passed without news; then it
-//! parks, so an idle isle or pool uses no CPU.
+//! The flag is checked at every `spin_loop` hint (an exponential backoff
+//! would sleep through the moment the answer lands). After `HOT_FOR` the
+//! thread also yields every 32 checks, which lets a worker that shares its
+//! core run, until `SPIN_FOR` has passed without news; then it parks, so an
+//! idle isle or pool uses no CPU.
 
 use std::time::{Duration, Instant};
 
@@ -23,25 +23,23 @@ const SPIN_FOR: Duration = Duration::from_micros(50);
 pub(crate) fn spin_until(mut ready: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     let mut n = 0u32;
-    // Hot: the clock costs ~20 ns, so read it every 32 checks.
     loop {
         if ready() {
             return true;
         }
         n = n.wrapping_add(1);
-        if n.is_multiple_of(32) && start.elapsed() >= HOT_FOR {
-            break;
+        // The clock costs ~20 ns: read it every 32 checks. Past `HOT_FOR`,
+        // yield there too.
+        if n.is_multiple_of(32) {
+            let spent = start.elapsed();
+            if spent >= SPIN_FOR {
+                return false;
+            }
+            if spent >= HOT_FOR {
+                std::thread::yield_now();
+                continue;
+            }
         }
         std::hint::spin_loop();
-    }
-    // Polite: yield between checks.
-    loop {
-        if ready() {
-            return true;
-        }
-        if start.elapsed() >= SPIN_FOR {
-            return false;
-        }
-        std::thread::yield_now();
     }
 }
