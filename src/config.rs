@@ -13,6 +13,12 @@ pub(crate) struct VmConfig {
     pub(crate) stack_size: Option<usize>,
     pub(crate) hook_interval: u32,
     pub(crate) default_timeout: Option<Duration>,
+    /// Bytes the VM may allocate in all.
+    pub(crate) memory_limit: Option<usize>,
+    /// Lua instructions one request may execute.
+    pub(crate) max_instructions: Option<u64>,
+    /// Whether `load` and friends accept precompiled (binary) chunks.
+    pub(crate) binary_chunks: bool,
 }
 
 impl Default for VmConfig {
@@ -22,6 +28,9 @@ impl Default for VmConfig {
             stack_size: None,
             hook_interval: DEFAULT_HOOK_INTERVAL,
             default_timeout: None,
+            memory_limit: None,
+            max_instructions: None,
+            binary_chunks: false,
         }
     }
 }
@@ -38,8 +47,8 @@ impl VmConfig {
 }
 
 /// The builder options every VM takes (`name`, `stack_size`,
-/// `hook_interval`, `default_timeout`), for a builder with a `config:
-/// VmConfig` field.
+/// `hook_interval`, `default_timeout`, `memory_limit`, `max_instructions`,
+/// `allow_binary_chunks`), for a builder with a `config: VmConfig` field.
 macro_rules! vm_options {
     () => {
         /// Names the threads: an isle's VM thread is `NAME`, a pool's
@@ -68,6 +77,39 @@ macro_rules! vm_options {
         /// it, never extend it.
         pub fn default_timeout(mut self, limit: std::time::Duration) -> Self {
             self.config.default_timeout = Some(limit);
+            self
+        }
+
+        /// Caps the memory each VM may allocate, in bytes (everything it
+        /// holds: globals, session state, the running request's data). A
+        /// request that needs more fails with
+        /// [`IsleError::MemoryLimit`](crate::IsleError::MemoryLimit) (unless
+        /// its Lua code catches the error); the VM then collects its garbage
+        /// and serves the next request. `init` runs under the limit too.
+        pub fn memory_limit(mut self, bytes: usize) -> Self {
+            self.config.memory_limit = Some(bytes);
+            self
+        }
+
+        /// Caps the Lua instructions one request may execute (coroutines
+        /// included), a deterministic alternative to a time limit. A request
+        /// past it fails with
+        /// [`IsleError::InstructionLimit`](crate::IsleError::InstructionLimit).
+        /// Counted at hook ticks, so the budget is checked every
+        /// `min(hook_interval, n)` instructions. Rust code called from Lua
+        /// does not count.
+        pub fn max_instructions(mut self, n: u64) -> Self {
+            self.config.max_instructions = Some(n.max(1));
+            self
+        }
+
+        /// Lets `load` (and `loadfile`, `dofile`) accept precompiled binary
+        /// chunks. Off by default, and best left off: Lua does not verify
+        /// bytecode, and a malformed or malicious binary chunk can crash the
+        /// VM's thread or the whole process. `eval` always takes source
+        /// text.
+        pub fn allow_binary_chunks(mut self, allow: bool) -> Self {
+            self.config.binary_chunks = allow;
             self
         }
     };

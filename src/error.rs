@@ -61,7 +61,9 @@ pub enum IsleError {
     #[error("blocking call made from the Lua VM's own thread would deadlock; use the `&Lua` in hand or spawn_* instead")]
     Reentrant,
 
-    /// The request pushed the VM past its memory limit. The VM stays usable.
+    /// The request needed more memory than the VM may use (its
+    /// `memory_limit`, or what the system would give). The VM collects its
+    /// garbage and stays usable.
     #[error("Lua memory limit exceeded: {0}")]
     MemoryLimit(String),
 
@@ -100,8 +102,6 @@ pub enum LuaErrorKind {
     /// The code raised an error while running (`error(...)`, a bad operation
     /// on a value, an error returned by a Rust callback, ...).
     Runtime,
-    /// The Lua allocator failed (out of memory).
-    Memory,
     /// The result (or an argument) could not be converted between Lua and
     /// Rust.
     Conversion,
@@ -143,7 +143,6 @@ impl fmt::Display for LuaError {
         let what = match self.kind {
             LuaErrorKind::Syntax => "Lua syntax error",
             LuaErrorKind::Runtime => "Lua runtime error",
-            LuaErrorKind::Memory => "Lua memory error",
             LuaErrorKind::Conversion => "Lua conversion error",
             LuaErrorKind::Other => "Lua error",
         };
@@ -180,7 +179,7 @@ impl IsleError {
         match err {
             mlua::Error::SyntaxError { message, .. } => lua(LuaErrorKind::Syntax, message),
             mlua::Error::RuntimeError(m) => lua(LuaErrorKind::Runtime, m),
-            mlua::Error::MemoryError(m) => lua(LuaErrorKind::Memory, m),
+            mlua::Error::MemoryError(m) => IsleError::MemoryLimit(m.clone()),
             mlua::Error::FromLuaConversionError { .. } | mlua::Error::BadArgument { .. } => {
                 lua(LuaErrorKind::Conversion, &err.to_string())
             }

@@ -29,12 +29,13 @@
 //! Price: with a count hook set, Lua 5.4 traps on every instruction, which
 //! slows pure-Lua loops 2–3x whatever the interval.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use mlua::{HookTriggers, Lua, VmState};
 use parking_lot::Mutex;
 
+use crate::config::VmConfig;
 use crate::request::RunScope;
 use crate::token::{CancelToken, Reason};
 
@@ -51,6 +52,10 @@ pub(crate) struct Interrupt {
     interval: u32,
     /// True once the running request's interruption has been raised.
     fired: AtomicBool,
+    /// `max_instructions`, and the count so far for the running request
+    /// (advanced by `interval` per tick).
+    budget: Option<u64>,
+    executed: AtomicU64,
 }
 
 impl Interrupt {
@@ -58,17 +63,25 @@ impl Interrupt {
     /// [`current_token`].
     pub(crate) fn install(
         lua: &Lua,
-        interval: u32,
+        config: &VmConfig,
         abort: Arc<AtomicBool>,
     ) -> mlua::Result<Arc<Self>> {
+        let budget = config.max_instructions;
+        // Check often enough to notice a small budget.
+        let interval = match budget {
+            Some(b) => u64::from(config.hook_interval).min(b) as u32,
+            None => config.hook_interval,
+        };
         let this = Arc::new(Interrupt {
             current: Mutex::new(None),
             abort,
             interval: interval.max(1),
             fired: AtomicBool::new(false),
+            budget,
+            executed: AtomicU64::new(0),
         });
         set_hook(lua, &this, this.interval)?;
-        guard_swallowers(lua, &this)?;
+        install_wrappers(lua, &this, config.binary_chunks)?;
         lua.set_app_data(this.clone());
         Ok(this)
     }
@@ -114,6 +127,17 @@ impl Interrupt {
     }
 
     fn tick(this: &Arc<Self>, lua: &Lua) -> mlua::Result<VmState> {
+        if let Some(budget) = this.budget {
+            // ORDERING: Relaxed: only the VM thread touches the count.
+            let n = this
+                .executed
+                .fetch_add(u64::from(this.interval), Ordering::Relaxed);
+            if n + u64::from(this.interval) >= budget {
+                if let Some(token) = this.current.lock().as_ref() {
+                    token.stop(Reason::InstructionLimit);
+                }
+            }
+        }
         match this.stop_reason() {
             Some(reason) => Interrupt::interrupt(this, lua, reason),
             None => Ok(VmState::Continue),
@@ -129,8 +153,10 @@ fn set_hook(lua: &Lua, this: &Arc<Interrupt>, every: u32) -> mlua::Result<()> {
     )
 }
 
-/// Wraps `xpcall`, `coroutine.resume` and `load` (see the module docs).
-fn guard_swallowers(lua: &Lua, this: &Arc<Interrupt>) -> mlua::Result<()> {
+/// Wraps `xpcall`, `coroutine.resume` and `load` (see the module docs), and
+/// makes `load`, `loadfile` and `dofile` take text only unless
+/// `binary_chunks`.
+fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> mlua::Result<()> {
     let state = this.clone();
     // Converting the error value to a `Value` resumes a wrapped Rust panic.
     let check = lua.create_function(move |lua, _err: mlua::Value| {
@@ -145,7 +171,7 @@ fn guard_swallowers(lua: &Lua, this: &Arc<Interrupt>) -> mlua::Result<()> {
     let coroutine: mlua::Table = globals.get("coroutine")?;
     lua.load(
         r#"
-        local check, stopping, xpcall, resume, load = ...
+        local check, stopping, xpcall, resume, load, loadfile, binary_ok = ...
         _G.xpcall = function(f, handler, ...)
             return xpcall(f, function(e)
                 if stopping() then return e end
@@ -161,7 +187,22 @@ fn guard_swallowers(lua: &Lua, this: &Arc<Interrupt>) -> mlua::Result<()> {
             if f == nil then check((...)) end
             return f, ...
         end
-        _G.load = function(...) return after_load(load(...)) end
+        _G.load = function(chunk, name, mode, ...)
+            if not binary_ok then mode = "t" end
+            return after_load(load(chunk, name, mode, ...))
+        end
+        if loadfile then
+            local function text_loadfile(file, mode, ...)
+                if not binary_ok then mode = "t" end
+                return after_load(loadfile(file, mode, ...))
+            end
+            _G.loadfile = text_loadfile
+            _G.dofile = function(file)
+                local f, err = text_loadfile(file)
+                if not f then error(err, 2) end
+                return f()
+            end
+        end
         "#,
     )
     .set_name("=mlua-isle")
@@ -171,11 +212,14 @@ fn guard_swallowers(lua: &Lua, this: &Arc<Interrupt>) -> mlua::Result<()> {
         globals.get::<mlua::Function>("xpcall")?,
         coroutine.get::<mlua::Function>("resume")?,
         globals.get::<mlua::Function>("load")?,
+        globals.get::<Option<mlua::Function>>("loadfile")?,
+        binary_chunks,
     ))
 }
 
 impl RunScope for Interrupt {
     fn enter(&self, token: &CancelToken) {
+        self.executed.store(0, Ordering::Relaxed);
         *self.current.lock() = Some(token.clone());
         // ORDERING: `abort_running` raises the flag before taking the lock we
         // just released, so either it saw this token or we see the flag.

@@ -251,6 +251,8 @@ pub(crate) enum Outcome {
     Completed,
     /// Ran and failed (Lua error, panic, ...).
     Failed,
+    /// Ran out of memory: failed, and the VM should collect its garbage.
+    OutOfMemory,
     /// Was stopped while running (cancel, time limit, shutdown).
     Cancelled,
     /// Had been resolved while queued; not run.
@@ -342,6 +344,7 @@ where
         let outcome = match &result {
             Ok(_) => Outcome::Completed,
             Err(e) if e.is_cancellation() || *e == IsleError::Shutdown => Outcome::Cancelled,
+            Err(IsleError::MemoryLimit(_)) => Outcome::OutOfMemory,
             Err(_) => Outcome::Failed,
         };
         req.header.phase.store(DONE, Ordering::Release);

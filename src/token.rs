@@ -13,6 +13,7 @@ pub(crate) enum Reason {
     Cancelled = 1,
     Timeout = 2,
     Shutdown = 3,
+    InstructionLimit = 4,
 }
 
 impl Reason {
@@ -21,6 +22,7 @@ impl Reason {
             1 => Some(Reason::Cancelled),
             2 => Some(Reason::Timeout),
             3 => Some(Reason::Shutdown),
+            4 => Some(Reason::InstructionLimit),
             _ => None,
         }
     }
@@ -30,6 +32,7 @@ impl Reason {
             Reason::Cancelled => crate::IsleError::Cancelled,
             Reason::Timeout => crate::IsleError::Timeout,
             Reason::Shutdown => crate::IsleError::Shutdown,
+            Reason::InstructionLimit => crate::IsleError::InstructionLimit,
         }
     }
 }

@@ -33,6 +33,7 @@ pub(crate) fn on_owner_thread(owner: u64) -> bool {
 pub(crate) struct Vm {
     lua: Lua,
     interrupt: Arc<Interrupt>,
+    memory_limit: Option<usize>,
 }
 
 impl Vm {
@@ -50,10 +51,18 @@ impl Vm {
         // swallowed.
         let lua = Lua::new_with(StdLib::ALL_SAFE, LuaOptions::new().catch_rust_panics(false))
             .map_err(|e| IsleError::Init(IsleError::from_lua(&e).to_string()))?;
-        let interrupt = Interrupt::install(&lua, config.hook_interval, abort)
+        let interrupt = Interrupt::install(&lua, config, abort)
             .map_err(|e| IsleError::Init(IsleError::from_lua(&e).to_string()))?;
+        if let Some(limit) = config.memory_limit {
+            lua.set_memory_limit(limit)
+                .map_err(|e| IsleError::Init(IsleError::from_lua(&e).to_string()))?;
+        }
         match catch_unwind(AssertUnwindSafe(|| init(&lua))) {
-            Ok(Ok(())) => Ok(Vm { lua, interrupt }),
+            Ok(Ok(())) => Ok(Vm {
+                lua,
+                interrupt,
+                memory_limit: config.memory_limit,
+            }),
             Ok(Err(e)) => Err(IsleError::Init(IsleError::from_lua(&e).to_string())),
             Err(payload) => Err(IsleError::from_panic(&*payload)),
         }
@@ -73,6 +82,14 @@ impl Vm {
         let outcome = catch_unwind(AssertUnwindSafe(|| job.run(&ctx, &*self.interrupt)))
             .unwrap_or(Outcome::Failed);
         self.interrupt.reset(&self.lua, &self.interrupt);
+        // After running out of memory, or when close to the limit, free the
+        // garbage now so the next request starts with room.
+        let near_limit = self
+            .memory_limit
+            .is_some_and(|limit| self.lua.used_memory() > limit / 10 * 9);
+        if outcome == Outcome::OutOfMemory || near_limit {
+            let _ = self.lua.gc_collect();
+        }
         outcome
     }
 

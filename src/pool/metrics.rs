@@ -73,7 +73,7 @@ impl WorkerCounters {
         // ORDERING: Relaxed: plain statistics, no data hangs on them.
         let counter = match outcome {
             Outcome::Completed => &self.completed,
-            Outcome::Failed => &self.failed,
+            Outcome::Failed | Outcome::OutOfMemory => &self.failed,
             Outcome::Cancelled | Outcome::Skipped => &self.cancelled,
         };
         counter.fetch_add(1, Ordering::Relaxed);

@@ -1,0 +1,173 @@
+//! Per-VM memory limits, per-request instruction budgets, and text-only
+//! chunks, on an isle and on a pool.
+
+use mlua_isle::{Isle, IsleError, IslePool};
+
+const MB: usize = 1 << 20;
+
+fn limited_isle() -> Isle {
+    Isle::builder()
+        .memory_limit(4 * MB)
+        .spawn(|_| Ok(()))
+        .unwrap()
+}
+
+#[test]
+fn a_request_past_the_memory_limit_fails_and_the_vm_recovers() {
+    let isle = limited_isle();
+    let r = isle.eval::<()>("local t = {} for i = 1, 1e8 do t[i] = i end");
+    assert!(matches!(r, Err(IsleError::MemoryLimit(_))), "{r:?}");
+    // The garbage is gone and the next requests run normally.
+    let used: usize = isle.exec(|lua| Ok(lua.used_memory())).unwrap();
+    assert!(used < 2 * MB, "still holding {used} bytes");
+    assert_eq!(
+        isle.eval::<i64>("local t = {} for i = 1, 1000 do t[i] = i end return #t"),
+        Ok(1000)
+    );
+}
+
+#[test]
+fn a_huge_string_rep_is_a_memory_limit_error() {
+    let isle = limited_isle();
+    let r = isle.eval::<usize>("return #string.rep('x', 1e9)");
+    assert!(matches!(r, Err(IsleError::MemoryLimit(_))), "{r:?}");
+    assert_eq!(isle.eval::<usize>("#string.rep('x', 1000)"), Ok(1000));
+}
+
+#[test]
+fn lua_code_may_catch_its_own_memory_error() {
+    let isle = limited_isle();
+    let r = isle.eval::<bool>("local ok = pcall(string.rep, 'x', 1e9) return ok");
+    assert_eq!(r, Ok(false));
+}
+
+#[test]
+fn init_runs_under_the_memory_limit() {
+    let r = Isle::builder()
+        .memory_limit(MB)
+        .spawn(|lua| lua.load("big = string.rep('x', 4 * 1024 * 1024)").exec());
+    assert!(matches!(r, Err(IsleError::Init(_))), "{r:?}");
+}
+
+#[test]
+fn a_pool_vm_past_its_memory_limit_recovers() {
+    let pool = IslePool::builder()
+        .workers(2)
+        .memory_limit(4 * MB)
+        .build()
+        .unwrap();
+    let s = pool.session("heavy");
+    s.eval::<()>("kept = 'state'").unwrap();
+    let r = s.eval::<()>("local t = {} for i = 1, 1e8 do t[i] = i end");
+    assert!(matches!(r, Err(IsleError::MemoryLimit(_))), "{r:?}");
+    // The session's own state survives its failed request.
+    assert_eq!(s.eval::<String>("kept"), Ok("state".to_string()));
+    assert_eq!(pool.eval::<i64>("1 + 1"), Ok(2));
+}
+
+#[test]
+fn a_request_past_its_instruction_budget_fails() {
+    let isle = Isle::builder()
+        .max_instructions(100_000)
+        .spawn(|_| Ok(()))
+        .unwrap();
+    assert_eq!(
+        isle.eval::<()>("while true do end"),
+        Err(IsleError::InstructionLimit)
+    );
+    // Inside coroutines and pcall loops too.
+    assert_eq!(
+        isle.eval::<()>("coroutine.wrap(function() while true do pcall(function() end) end end)()"),
+        Err(IsleError::InstructionLimit)
+    );
+    assert_eq!(
+        isle.eval::<i64>("local n = 0 for i = 1, 100 do n = n + i end return n"),
+        Ok(5050)
+    );
+}
+
+#[test]
+fn the_instruction_budget_is_per_request() {
+    let isle = Isle::builder()
+        .max_instructions(100_000)
+        .spawn(|_| Ok(()))
+        .unwrap();
+    // Each run uses about half the budget; together they would exceed it.
+    for _ in 0..10 {
+        assert_eq!(
+            isle.eval::<i64>("local n = 0 for i = 1, 10000 do n = n + 1 end return n"),
+            Ok(10_000)
+        );
+    }
+}
+
+#[test]
+fn a_budget_smaller_than_the_hook_interval_is_still_enforced() {
+    let isle = Isle::builder()
+        .hook_interval(10_000)
+        .max_instructions(50)
+        .spawn(|_| Ok(()))
+        .unwrap();
+    assert_eq!(
+        isle.eval::<()>("for i = 1, 1000 do end"),
+        Err(IsleError::InstructionLimit)
+    );
+    assert_eq!(isle.eval::<i64>("1 + 1"), Ok(2));
+}
+
+#[test]
+fn the_pool_enforces_the_budget_on_every_vm_and_session() {
+    let pool = IslePool::builder()
+        .workers(2)
+        .max_instructions(50_000)
+        .build()
+        .unwrap();
+    let r = pool.broadcast(|lua| lua.load("while true do end").exec());
+    assert_eq!(r, vec![Err(IsleError::InstructionLimit); 2]);
+    assert_eq!(
+        pool.session(1).eval::<()>("while true do end"),
+        Err(IsleError::InstructionLimit)
+    );
+    assert_eq!(pool.eval::<i64>("2 * 21"), Ok(42));
+}
+
+#[test]
+fn eval_refuses_binary_chunks() {
+    let isle = Isle::spawn(|_| Ok(())).unwrap();
+    let r = isle.eval::<()>("\x1bLua");
+    match r {
+        Err(IsleError::Lua(e)) => assert!(e.message().contains("binary"), "{e:?}"),
+        other => panic!("expected a Lua error, got {other:?}"),
+    }
+}
+
+#[test]
+fn lua_load_refuses_binary_chunks_by_default() {
+    let isle = Isle::spawn(|_| Ok(())).unwrap();
+    let err: String = isle
+        .eval(
+            "local f, err = load(string.dump(function() return 1 end), 'x', 'b')
+             assert(f == nil)
+             return err",
+        )
+        .unwrap();
+    assert!(err.contains("binary"), "{err}");
+    // Text still loads, with or without a mode.
+    assert_eq!(isle.eval::<i64>("return load('return 7')()"), Ok(7));
+    assert_eq!(
+        isle.eval::<i64>("return load('return 8', 'c', 'bt')()"),
+        Ok(8)
+    );
+}
+
+#[test]
+fn binary_chunks_load_when_allowed() {
+    let isle = Isle::builder()
+        .allow_binary_chunks(true)
+        .spawn(|_| Ok(()))
+        .unwrap();
+    assert_eq!(
+        isle.eval::<i64>("return load(string.dump(function() return 1 end))()"),
+        Ok(1)
+    );
+}
