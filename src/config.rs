@@ -19,6 +19,8 @@ pub(crate) struct VmConfig {
     pub(crate) max_instructions: Option<u64>,
     /// Whether `load` and friends accept precompiled (binary) chunks.
     pub(crate) binary_chunks: bool,
+    /// Apply `sandbox.rs` after `init`.
+    pub(crate) sandbox: bool,
 }
 
 impl Default for VmConfig {
@@ -31,6 +33,7 @@ impl Default for VmConfig {
             memory_limit: None,
             max_instructions: None,
             binary_chunks: false,
+            sandbox: false,
         }
     }
 }
@@ -48,7 +51,7 @@ impl VmConfig {
 
 /// The builder options every VM takes (`name`, `stack_size`,
 /// `hook_interval`, `default_timeout`, `memory_limit`, `max_instructions`,
-/// `allow_binary_chunks`), for a builder with a `config: VmConfig` field.
+/// `allow_binary_chunks`, `sandbox`), for a builder with a `config: VmConfig` field.
 macro_rules! vm_options {
     () => {
         /// Names the threads: an isle's VM thread is `NAME`, a pool's
@@ -110,6 +113,21 @@ macro_rules! vm_options {
         /// text.
         pub fn allow_binary_chunks(mut self, allow: bool) -> Self {
             self.config.binary_chunks = allow;
+            self
+        }
+
+        /// Restricts what Lua code may do, for scripts you did not write:
+        /// no `io`, `debug`, `os.exit`/`execute`/`remove`/`rename`/`getenv`/
+        /// `tmpname`, `loadfile`, `dofile`, no loading of modules, no
+        /// `collectgarbage` options that stop or tune the collector, no
+        /// `__gc` metamethods, and the library tables (`string`, `table`,
+        /// ...) read-only. Calling a removed function raises an error saying
+        /// it is not available in the sandbox. Applied after `init`, which
+        /// may still use everything. Combine it with `memory_limit` and a
+        /// time limit or `max_instructions`; see SECURITY.md for what it does
+        /// not cover.
+        pub fn sandbox(mut self, on: bool) -> Self {
+            self.config.sandbox = on;
             self
         }
     };

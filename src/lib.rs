@@ -39,6 +39,7 @@ mod hook;
 mod isle;
 mod pool;
 mod request;
+mod sandbox;
 mod spin;
 mod submit;
 mod task;

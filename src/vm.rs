@@ -57,7 +57,14 @@ impl Vm {
             lua.set_memory_limit(limit)
                 .map_err(|e| IsleError::Init(IsleError::from_lua(&e).to_string()))?;
         }
-        match catch_unwind(AssertUnwindSafe(|| init(&lua))) {
+        let init_then_sandbox = |lua: &Lua| {
+            init(lua)?;
+            if config.sandbox {
+                crate::sandbox::apply(lua)?;
+            }
+            Ok(())
+        };
+        match catch_unwind(AssertUnwindSafe(|| init_then_sandbox(&lua))) {
             Ok(Ok(())) => Ok(Vm {
                 lua,
                 interrupt,

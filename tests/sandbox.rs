@@ -1,0 +1,207 @@
+//! `sandbox(true)`: removed functions say so, library tables are read-only,
+//! the collector cannot be stopped, finalizers are refused; on an isle and
+//! on pool sessions.
+
+use std::time::Duration;
+
+use mlua_isle::{Isle, IsleError, IslePool};
+
+fn sandboxed() -> Isle {
+    Isle::builder()
+        .sandbox(true)
+        .default_timeout(Duration::from_secs(10))
+        .spawn(|_| Ok(()))
+        .unwrap()
+}
+
+/// The Lua error message of `code`, which must fail.
+fn lua_error(isle: &Isle, code: &str) -> String {
+    match isle.eval::<()>(code) {
+        Err(IsleError::Lua(e)) => e.message().to_string(),
+        other => panic!("{code}: expected a Lua error, got {other:?}"),
+    }
+}
+
+#[test]
+fn removed_functions_say_they_are_not_available() {
+    let isle = sandboxed();
+    for (code, name) in [
+        ("os.exit(1)", "os.exit"),
+        ("os.execute('true')", "os.execute"),
+        ("os.remove('x')", "os.remove"),
+        ("os.rename('a', 'b')", "os.rename"),
+        ("os.getenv('HOME')", "os.getenv"),
+        ("os.tmpname()", "os.tmpname"),
+        ("io.open('/etc/passwd')", "io.open"),
+        ("io.write('x')", "io.write"),
+        ("debug.getinfo(1)", "debug.getinfo"),
+        ("loadfile('/etc/passwd')", "loadfile"),
+        ("dofile('/etc/passwd')", "dofile"),
+        ("package.loadlib('x', 'y')", "package.loadlib"),
+    ] {
+        let msg = lua_error(&isle, code);
+        assert!(
+            msg.contains(&format!("{name} is not available in the sandbox")),
+            "{code}: {msg}"
+        );
+    }
+    // What stays: os.time, os.clock, string functions, ...
+    assert!(isle.eval::<i64>("os.time()").unwrap() > 0);
+    assert_eq!(
+        isle.eval::<String>("string.upper('abc')"),
+        Ok("ABC".to_string())
+    );
+    assert_eq!(
+        isle.eval::<String>("('abc'):upper()"),
+        Ok("ABC".to_string())
+    );
+}
+
+#[test]
+fn require_returns_only_modules_already_loaded() {
+    let isle = sandboxed();
+    assert_eq!(isle.eval::<bool>("require('string') == string"), Ok(true));
+    let msg = lua_error(&isle, "require('socket')");
+    assert!(msg.contains("not available in the sandbox"), "{msg}");
+    // The removed libraries cannot be had through require either.
+    let msg = lua_error(&isle, "require('io').open('/etc/passwd')");
+    assert!(msg.contains("io.open is not available"), "{msg}");
+}
+
+#[test]
+fn library_tables_are_read_only() {
+    let isle = sandboxed();
+    for code in [
+        "string.upper = function() return 'pwned' end",
+        "table.insert = nil",
+        "math.pi = 3",
+        "rawset(string, 'upper', print)",
+        "setmetatable(string, {})",
+        "getmetatable('').__index = {}",
+        "require('table').concat = nil",
+    ] {
+        let r = isle.eval::<()>(code);
+        assert!(matches!(r, Err(IsleError::Lua(_))), "{code}: {r:?}");
+    }
+    // Nothing changed, and reading and iterating still work.
+    assert_eq!(isle.eval::<String>("('x'):upper()"), Ok("X".to_string()));
+    assert_eq!(
+        isle.eval::<String>("string.upper('y')"),
+        Ok("Y".to_string())
+    );
+    assert_eq!(isle.eval::<bool>("math.pi > 3.14"), Ok(true));
+    assert_eq!(isle.eval::<bool>("getmetatable('') == false"), Ok(true));
+    assert!(
+        isle.eval::<i64>("local n = 0 for _ in pairs(string) do n = n + 1 end return n")
+            .unwrap()
+            > 10
+    );
+}
+
+#[test]
+fn the_collector_cannot_be_stopped_or_retuned() {
+    let isle = sandboxed();
+    for opt in [
+        "stop",
+        "restart",
+        "setpause",
+        "setstepmul",
+        "incremental",
+        "generational",
+    ] {
+        let msg = lua_error(&isle, &format!("collectgarbage('{opt}')"));
+        assert!(msg.contains("not available in the sandbox"), "{opt}: {msg}");
+    }
+    assert_eq!(isle.eval::<bool>("collectgarbage('isrunning')"), Ok(true));
+    assert!(isle.eval::<f64>("collectgarbage('count')").unwrap() > 0.0);
+    assert_eq!(isle.eval::<i64>("collectgarbage() return 1"), Ok(1));
+}
+
+#[test]
+fn finalizers_are_refused() {
+    let isle = sandboxed();
+    let msg = lua_error(
+        &isle,
+        "setmetatable({}, { __gc = function() while true do end end }) collectgarbage()",
+    );
+    assert!(msg.contains("__gc metamethods are not available"), "{msg}");
+    // Other metamethods are fine.
+    assert_eq!(
+        isle.eval::<i64>(
+            "local t = setmetatable({}, { __index = function() return 5 end }) return t.x"
+        ),
+        Ok(5)
+    );
+}
+
+#[test]
+fn init_runs_before_the_sandbox_and_may_extend_libraries() {
+    let isle = Isle::builder()
+        .sandbox(true)
+        .spawn(|lua| {
+            lua.load(
+                "function string.shout(s) return s:upper() .. '!' end
+                 local write = io.write -- captured before the sandbox
+                 function can_write() return type(write) == 'function' end",
+            )
+            .exec()
+        })
+        .unwrap();
+    assert_eq!(isle.eval::<String>("('hi'):shout()"), Ok("HI!".to_string()));
+    assert_eq!(isle.eval::<bool>("can_write()"), Ok(true));
+    assert!(matches!(
+        isle.eval::<()>("string.shout = nil"),
+        Err(IsleError::Lua(_))
+    ));
+}
+
+#[test]
+fn a_sandboxed_script_cannot_outlive_its_limits() {
+    let isle = Isle::builder()
+        .sandbox(true)
+        .max_instructions(1_000_000)
+        .spawn(|_| Ok(()))
+        .unwrap();
+    for code in [
+        "while true do end",
+        "while true do pcall(function() while true do end end) end",
+        "while true do xpcall(function() while true do end end, function() while true do end end) end",
+        "local co = coroutine.wrap(function() while true do end end) co()",
+        "while true do load(function() while true do end end) end",
+        "table.sort({3, 2, 1, 5, 4}, function(a, b) while true do end end)",
+        "string.gsub('aaa', 'a', function() while true do end end)",
+        "local t <close> = setmetatable({}, { __close = function() while true do end end }) error('x')",
+    ] {
+        assert_eq!(isle.eval::<()>(code), Err(IsleError::InstructionLimit), "{code}");
+        assert_eq!(isle.eval::<i64>("1 + 1"), Ok(2), "after {code}");
+    }
+}
+
+#[test]
+fn sessions_of_a_sandboxed_pool_cannot_touch_shared_state() {
+    let pool = IslePool::builder()
+        .workers(2)
+        .sandbox(true)
+        .init(|lua| lua.globals().set("SHARED", 1))
+        .build()
+        .unwrap();
+    let s = pool.session("tenant");
+    // Writes land in the session, even through _G and rawset.
+    s.eval::<()>("SHARED = 2; _G.SHARED = 3; rawset(_G, 'SHARED', 4)")
+        .unwrap();
+    assert_eq!(s.eval::<i64>("SHARED"), Ok(4));
+    assert_eq!(pool.session("other").eval::<i64>("SHARED"), Ok(1));
+    // No way back to the shared globals.
+    assert_eq!(s.eval::<bool>("getmetatable(_G) == false"), Ok(true));
+    assert_eq!(
+        s.eval::<bool>(
+            "package == nil or type(package.loaded) ~= 'table' or package.loaded._G == nil"
+        ),
+        Ok(true)
+    );
+    assert!(matches!(
+        s.eval::<()>("string.len = nil"),
+        Err(IsleError::Lua(_))
+    ));
+    assert_eq!(pool.eval::<i64>("SHARED"), Ok(1));
+}
