@@ -33,6 +33,8 @@ pub struct IslePoolBuilder {
     init: Option<Arc<Init>>,
     queue_capacity: Option<usize>,
     session_idle_timeout: Option<Duration>,
+    recycle_after: Option<u64>,
+    recycle_above: Option<usize>,
 }
 
 impl IslePoolBuilder {
@@ -66,6 +68,24 @@ impl IslePoolBuilder {
     /// had no request for `d`. Default: sessions stay open until closed.
     pub fn session_idle_timeout(mut self, d: Duration) -> Self {
         self.session_idle_timeout = Some(d);
+        self
+    }
+
+    /// Replaces a VM with a fresh one (`init` re-run) after it has run `n`
+    /// requests, to shed whatever state and garbage scripts leave behind.
+    /// Sessions bound to it lose their state: each one's next request fails
+    /// [`IsleError::SessionLost`], and the request after that starts a fresh
+    /// session. Default: never.
+    pub fn recycle_after(mut self, n: u64) -> Self {
+        self.recycle_after = Some(n.max(1));
+        self
+    }
+
+    /// Replaces a VM with a fresh one when a request leaves it using more
+    /// than `bytes` of memory; sessions as for
+    /// [`recycle_after`](Self::recycle_after). Default: never.
+    pub fn recycle_when_memory_above(mut self, bytes: usize) -> Self {
+        self.recycle_above = Some(bytes);
         self
     }
 
@@ -106,6 +126,9 @@ impl IslePoolBuilder {
             capacity: self.queue_capacity,
             queued: CachePadded::new(AtomicUsize::new(0)),
             idle_timeout: self.session_idle_timeout,
+            recycle_after: self.recycle_after,
+            recycle_above: self.recycle_above,
+            interrupts: (0..n).map(|_| Mutex::new(None)).collect(),
             epoch: Instant::now(),
         });
 
@@ -116,24 +139,25 @@ impl IslePoolBuilder {
             threads: Vec::with_capacity(n),
         };
         for (index, (local, parker)) in locals.into_iter().zip(parkers).enumerate() {
+            let start_vm = {
+                let (config, init, abort) = (config.clone(), init.clone(), shared.abort.clone());
+                move || Vm::start(id, &config, abort.clone(), |lua| init(lua))
+            };
+            let first = start_vm.clone();
             let worker = Worker {
                 index,
                 shared: shared.clone(),
                 local,
                 parker,
+                restart: Box::new(start_vm),
             };
-            let (config2, init, ready_tx, exit_tx) = (
-                config.clone(),
-                init.clone(),
-                ready_tx.clone(),
-                exit_tx.clone(),
-            );
-            let abort = shared.abort.clone();
+            let (ready_tx, exit_tx) = (ready_tx.clone(), exit_tx.clone());
             let spawned = config.thread(&format!("-{index}")).spawn(move || {
                 let _exit = ExitSignal(exit_tx, index);
-                match Vm::start(id, &config2, abort, |lua| init(lua)) {
+                match first() {
                     Ok(vm) => {
-                        let _ = ready_tx.send((index, Ok(vm.interrupt())));
+                        *worker.shared.interrupts[index].lock() = Some(vm.interrupt());
+                        let _ = ready_tx.send((index, Ok(())));
                         worker.run(vm);
                     }
                     Err(e) => {
@@ -151,10 +175,9 @@ impl IslePoolBuilder {
             }
         }
         drop(ready_tx);
-        let mut interrupts = vec![None; n];
         for _ in 0..n {
             match ready_rx.recv() {
-                Ok((index, Ok(interrupt))) => interrupts[index] = Some(interrupt),
+                Ok((_, Ok(()))) => {}
                 Ok((index, Err(e))) => return Err(name_worker(index, e)),
                 Err(_) => return Err(IsleError::Init("a worker died during init".into())),
             }
@@ -168,7 +191,6 @@ impl IslePoolBuilder {
                     default_timeout: config.default_timeout,
                 },
                 shared,
-                interrupts: interrupts.into_iter().flatten().collect(),
                 threads: Mutex::new(threads),
                 exits,
             }),
@@ -221,6 +243,8 @@ impl fmt::Debug for IslePoolBuilder {
             .field("init", &self.init.is_some())
             .field("queue_capacity", &self.queue_capacity)
             .field("session_idle_timeout", &self.session_idle_timeout)
+            .field("recycle_after", &self.recycle_after)
+            .field("recycle_when_memory_above", &self.recycle_above)
             .finish()
     }
 }

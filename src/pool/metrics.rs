@@ -54,6 +54,12 @@ pub struct WorkerMetrics {
     pub busy: Duration,
     /// Sessions bound to this VM.
     pub sessions: usize,
+    /// Times this worker replaced its VM (`recycle_after`,
+    /// `recycle_when_memory_above`).
+    pub recycled: u64,
+    /// Times a replacement VM failed to start (its `init` failed); the old
+    /// VM kept serving.
+    pub recycle_failures: u64,
 }
 
 /// The live counters of one worker; written by that worker (and session
@@ -66,6 +72,8 @@ pub(crate) struct WorkerCounters {
     pub(crate) cancelled: AtomicU64,
     pub(crate) busy_ns: AtomicU64,
     pub(crate) sessions: AtomicUsize,
+    pub(crate) recycled: AtomicU64,
+    pub(crate) recycle_failures: AtomicU64,
 }
 
 impl WorkerCounters {
@@ -90,6 +98,8 @@ impl WorkerCounters {
             cancelled: self.cancelled.load(Ordering::Relaxed),
             busy: Duration::from_nanos(self.busy_ns.load(Ordering::Relaxed)),
             sessions: self.sessions.load(Ordering::Relaxed),
+            recycled: self.recycled.load(Ordering::Relaxed),
+            recycle_failures: self.recycle_failures.load(Ordering::Relaxed),
         }
     }
 }

@@ -32,7 +32,6 @@ pub use key::SessionKey;
 pub use metrics::{PoolMetrics, WorkerMetrics};
 pub use session::Session;
 
-use crate::hook::Interrupt;
 use crate::request::Job;
 use crate::submit::{request_methods, Owner, Submit};
 use crate::vm::on_owner_thread;
@@ -75,9 +74,6 @@ pub struct IslePool {
 struct PoolInner {
     owner: Owner,
     shared: Arc<Shared>,
-    /// Each VM's interrupt state, to stop running Rust callbacks' tokens
-    /// when aborting.
-    interrupts: Vec<Arc<Interrupt>>,
     /// Worker threads, taken by whoever joins them.
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// Each worker sends its index here when it exits (for

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crossbeam_utils::CachePadded;
@@ -33,8 +33,11 @@ pub(crate) struct Binding {
     /// Requests queued or running; changed under the shard lock (up) and by
     /// the worker (down).
     pub(crate) pending: AtomicUsize,
-    /// Last submission, in `Shared::now_ns` units.
+    /// Last use (submission, or end of a request), in `Shared::now_ns`
+    /// units.
     pub(crate) last_used: AtomicU64,
+    /// Set when the VM holding this session's state was recycled.
+    pub(crate) lost: AtomicBool,
 }
 
 type Shard = Mutex<HashMap<SessionKey, Arc<Binding>>>;
@@ -65,6 +68,14 @@ impl Sessions {
 
     pub(crate) fn len(&self) -> usize {
         self.shards.iter().map(|s| s.lock().len()).sum()
+    }
+
+    /// True while `binding` is its key's current binding.
+    pub(crate) fn is_bound(&self, binding: &Arc<Binding>) -> bool {
+        self.shard(&binding.key)
+            .lock()
+            .get(&binding.key)
+            .is_some_and(|b| Arc::ptr_eq(b, binding))
     }
 
     /// Removes `key`'s binding if it is `binding` and `still(binding)`
@@ -100,6 +111,7 @@ fn enqueue(shared: &Shared, key: &SessionKey, job: Job) {
                     worker: least_loaded(shared),
                     pending: AtomicUsize::new(0),
                     last_used: AtomicU64::new(0),
+                    lost: AtomicBool::new(false),
                 });
                 shared.counters[b.worker]
                     .sessions

@@ -8,10 +8,12 @@ use std::time::{Duration, Instant};
 
 use crossbeam_deque::{Injector, Steal, Stealer, Worker as Deque};
 use crossbeam_utils::CachePadded;
+use parking_lot::Mutex;
 
 use super::metrics::{PoolMetrics, StripedCounter, WorkerCounters};
 use super::session::{Binding, Sessions};
 use super::sleep::Sleep;
+use crate::hook::Interrupt;
 use crate::request::Job;
 use crate::IsleError;
 
@@ -59,6 +61,13 @@ pub(crate) struct Shared {
     pub(crate) queued: CachePadded<AtomicUsize>,
     /// `session_idle_timeout`.
     pub(crate) idle_timeout: Option<Duration>,
+    /// `recycle_after` (requests) and `recycle_when_memory_above` (bytes).
+    pub(crate) recycle_after: Option<u64>,
+    pub(crate) recycle_above: Option<usize>,
+    /// Each worker's current VM interrupt state, so an abort can stop Rust
+    /// callbacks polling their token. Set by the worker, replaced when it
+    /// recycles its VM.
+    pub(crate) interrupts: Box<[Mutex<Option<Arc<Interrupt>>>]>,
     /// Zero point of session `last_used` stamps.
     pub(crate) epoch: Instant,
 }

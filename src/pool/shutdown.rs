@@ -76,8 +76,10 @@ impl PoolInner {
     /// callbacks polling their token) and wakes every worker.
     fn abort(&self) {
         self.shared.abort.store(true, Ordering::SeqCst);
-        for i in &self.interrupts {
-            i.abort_running();
+        for slot in self.shared.interrupts.iter() {
+            if let Some(i) = slot.lock().as_ref() {
+                i.abort_running();
+            }
         }
         self.shared.sleep.wake_all();
     }

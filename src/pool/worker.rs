@@ -23,11 +23,53 @@ struct Env {
     table: Table,
 }
 
+/// Starts a fresh VM for this worker (runs `init` again), for recycling.
+pub(crate) type Restart = Box<dyn Fn() -> Result<Vm, IsleError> + Send>;
+
+/// The VM and what lives in it: replaced as a whole when recycled.
+struct Host {
+    vm: Vm,
+    /// Session environments by binding id.
+    envs: HashMap<u64, Env>,
+    make_env: mlua::Result<Function>,
+    /// Requests run since this VM started.
+    served: u64,
+}
+
+impl Host {
+    fn new(vm: Vm) -> Host {
+        let make_env = env_factory(&vm);
+        Host {
+            vm,
+            envs: HashMap::new(),
+            make_env,
+            served: 0,
+        }
+    }
+
+    /// The environment of `binding`, created on its first request.
+    fn env(&mut self, binding: &Arc<Binding>) -> Result<Table, IsleError> {
+        if let Some(env) = self.envs.get(&binding.id) {
+            return Ok(env.table.clone());
+        }
+        let table = new_env(&self.make_env)?;
+        self.envs.insert(
+            binding.id,
+            Env {
+                binding: binding.clone(),
+                table: table.clone(),
+            },
+        );
+        Ok(table)
+    }
+}
+
 pub(crate) struct Worker {
     pub(crate) index: usize,
     pub(crate) shared: Arc<Shared>,
     pub(crate) local: Deque<Job>,
     pub(crate) parker: Parker,
+    pub(crate) restart: Restart,
 }
 
 impl Worker {
@@ -36,8 +78,9 @@ impl Worker {
     pub(crate) fn run(self, vm: Vm) {
         let shared = &*self.shared;
         let w = self.index;
-        let mut envs: HashMap<u64, Env> = HashMap::new();
-        let make_env = env_factory(&vm);
+        let mut host = Host::new(vm);
+        // Sessions whose VM was recycled: they answer `SessionLost` once.
+        let mut lost: Vec<Arc<Binding>> = Vec::new();
         let sweep_every = shared
             .idle_timeout
             .map(|d| (d / 4).clamp(Duration::from_millis(1), Duration::from_secs(1)));
@@ -50,26 +93,17 @@ impl Worker {
                 match found {
                     Found::Unkeyed(job) => {
                         shared.took();
-                        self.run_job(&vm, job, None);
+                        self.run_job(&mut host, job, None);
                     }
                     Found::Pinned(Pinned::Session(binding, job)) => {
                         shared.took();
-                        let env = match envs.get(&binding.id) {
-                            Some(env) => Ok(env.table.clone()),
-                            None => new_env(&make_env).inspect(|t| {
-                                let binding = binding.clone();
-                                envs.insert(
-                                    binding.id,
-                                    Env {
-                                        binding,
-                                        table: t.clone(),
-                                    },
-                                );
-                            }),
-                        };
-                        match env {
-                            Ok(table) => self.run_job(&vm, job, Some(&table)),
-                            Err(e) => job.abandon(e),
+                        if binding.lost.load(Ordering::Acquire) {
+                            self.tell_lost(&binding, job);
+                        } else {
+                            match host.env(&binding) {
+                                Ok(table) => self.run_job(&mut host, job, Some(&table)),
+                                Err(e) => job.abandon(e),
+                            }
                         }
                         // The idle clock starts when the last request ends.
                         binding.last_used.store(shared.now_ns(), Ordering::Relaxed);
@@ -79,14 +113,18 @@ impl Worker {
                         if shared.abort.load(Ordering::Acquire) {
                             job.abandon(IsleError::Shutdown);
                         } else {
-                            vm.run(job, None);
+                            host.vm.run(job, None);
                         }
                     }
                     Found::Pinned(Pinned::Close(id)) => {
-                        if envs.remove(&id).is_some() {
+                        if host.envs.remove(&id).is_some() {
                             shared.counters[w].sessions.fetch_sub(1, Ordering::Relaxed);
                         }
+                        lost.retain(|b| b.id != id);
                     }
+                }
+                if self.due_for_recycling(&host) {
+                    self.recycle(&mut host, &mut lost);
                 }
                 continue;
             }
@@ -101,18 +139,18 @@ impl Worker {
             }
             if let Some(every) = sweep_every {
                 if Instant::now() >= next_sweep {
-                    self.expire_idle(&mut envs);
+                    self.expire_idle(&mut host.envs, &mut lost);
                     next_sweep = Instant::now() + every;
                 }
             }
-            let timeout = sweep_every.filter(|_| !envs.is_empty());
+            let timeout = sweep_every.filter(|_| !host.envs.is_empty() || !lost.is_empty());
             shared.sleep.sleep(w, &self.parker, timeout, || {
                 stopping() || shared.has_work(w, &self.local)
             });
         }
     }
 
-    fn run_job(&self, vm: &Vm, job: Job, env: Option<&Table>) {
+    fn run_job(&self, host: &mut Host, job: Job, env: Option<&Table>) {
         let counters = &self.shared.counters[self.index];
         if self.shared.abort.load(Ordering::Acquire) {
             job.abandon(IsleError::Shutdown);
@@ -121,14 +159,58 @@ impl Worker {
         }
         counters.running.store(true, Ordering::Relaxed);
         let start = Instant::now();
-        let outcome = vm.run(job, env);
+        let outcome = host.vm.run(job, env);
         let busy = start.elapsed();
         counters.running.store(false, Ordering::Relaxed);
         counters.record(outcome, busy);
+        host.served += 1;
     }
 
-    /// Closes this VM's sessions that have been idle for `idle_timeout`.
-    fn expire_idle(&self, envs: &mut HashMap<u64, Env>) {
+    /// A request for a session whose state went with a recycled VM: it
+    /// fails `SessionLost`, and the key is unbound, so the request after it
+    /// starts a fresh session.
+    fn tell_lost(&self, binding: &Arc<Binding>, job: Job) {
+        // Unbind before answering: the caller's next request must bind
+        // afresh, not queue behind the lost binding.
+        self.shared.sessions.remove_if(binding, |_| true);
+        job.abandon(IsleError::SessionLost);
+        self.shared.counters[self.index].record(Outcome::Failed, Duration::ZERO);
+    }
+
+    fn due_for_recycling(&self, host: &Host) -> bool {
+        let shared = &*self.shared;
+        shared.recycle_after.is_some_and(|n| host.served >= n)
+            || shared
+                .recycle_above
+                .is_some_and(|bytes| host.vm.lua().used_memory() > bytes)
+    }
+
+    /// Replaces the VM with a fresh one (`init` re-run). The sessions it
+    /// held are marked lost: each learns it on its next request. If the new
+    /// VM cannot start, the old one keeps serving and the failure is counted.
+    fn recycle(&self, host: &mut Host, lost: &mut Vec<Arc<Binding>>) {
+        let counters = &self.shared.counters[self.index];
+        match (self.restart)() {
+            Ok(vm) => {
+                *self.shared.interrupts[self.index].lock() = Some(vm.interrupt());
+                let old = std::mem::replace(host, Host::new(vm));
+                for env in old.envs.into_values() {
+                    env.binding.lost.store(true, Ordering::Release);
+                    lost.push(env.binding);
+                    counters.sessions.fetch_sub(1, Ordering::Relaxed);
+                }
+                counters.recycled.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                counters.recycle_failures.fetch_add(1, Ordering::Relaxed);
+                host.served = 0;
+            }
+        }
+    }
+
+    /// Closes this VM's sessions (live or lost) that have been idle for
+    /// `idle_timeout`.
+    fn expire_idle(&self, envs: &mut HashMap<u64, Env>, lost: &mut Vec<Arc<Binding>>) {
         let shared = &*self.shared;
         let Some(idle) = shared.idle_timeout else {
             return;
@@ -139,10 +221,11 @@ impl Worker {
             b.pending.load(Ordering::Relaxed) == 0
                 && now.saturating_sub(b.last_used.load(Ordering::Relaxed)) >= idle_ns
         };
+        // Checked again under the shard lock: a request may be binding to
+        // the session right now.
+        let expire = |b: &Arc<Binding>| is_idle(b) && shared.sessions.remove_if(b, is_idle);
         envs.retain(|_, env| {
-            // Checked again under the shard lock: a request may be binding
-            // to this session right now.
-            if is_idle(&env.binding) && shared.sessions.remove_if(&env.binding, is_idle) {
+            if expire(&env.binding) {
                 shared.counters[self.index]
                     .sessions
                     .fetch_sub(1, Ordering::Relaxed);
@@ -150,6 +233,15 @@ impl Worker {
                 false
             } else {
                 true
+            }
+        });
+        lost.retain(|b| {
+            if expire(b) {
+                shared.sessions_expired.fetch_add(1, Ordering::Relaxed);
+                false
+            } else {
+                // Gone from the table already (told, or closed): forget it.
+                shared.sessions.is_bound(b)
             }
         });
     }
