@@ -98,9 +98,11 @@ macro_rules! vm_options {
         /// included), a deterministic alternative to a time limit. A request
         /// past it fails with
         /// [`IsleError::InstructionLimit`](crate::IsleError::InstructionLimit).
-        /// Counted at hook ticks, so the budget is checked every
-        /// `min(hook_interval, n)` instructions. Rust code called from Lua
-        /// does not count.
+        /// Counted at hook ticks, every `min(hook_interval, n)` instructions
+        /// of a coroutine: a request is never stopped before `n`, and may
+        /// run up to one such interval past it (a coroutine that ends before
+        /// its first tick is not counted). Rust code called from Lua does not
+        /// count.
         pub fn max_instructions(mut self, n: u64) -> Self {
             self.config.max_instructions = Some(n.max(1));
             self

@@ -39,6 +39,9 @@ use crate::config::VmConfig;
 use crate::request::RunScope;
 use crate::token::{CancelToken, Reason};
 
+/// `Interrupt::executed` before a request's first tick.
+const FIRST_TICK: u64 = u64::MAX;
+
 /// Per-VM hook state, shared by the hook closure and the VM thread.
 ///
 /// Uses `Arc`/`Mutex` rather than `Rc`/`RefCell` so the crate also builds
@@ -129,10 +132,19 @@ impl Interrupt {
     fn tick(this: &Arc<Self>, lua: &Lua) -> mlua::Result<VmState> {
         if let Some(budget) = this.budget {
             // ORDERING: Relaxed: only the VM thread touches the count.
-            let n = this
-                .executed
-                .fetch_add(u64::from(this.interval), Ordering::Relaxed);
-            if n + u64::from(this.interval) >= budget {
+            // Lua's countdown carries over between requests, so the first
+            // tick of a request may come after any number of instructions up
+            // to the interval: it is not counted. A request is therefore
+            // never stopped before its budget, and at most one interval
+            // after it.
+            let n = this.executed.load(Ordering::Relaxed);
+            let n = if n == FIRST_TICK {
+                0
+            } else {
+                n.saturating_add(u64::from(this.interval))
+            };
+            this.executed.store(n, Ordering::Relaxed);
+            if n >= budget {
                 if let Some(token) = this.current.lock().as_ref() {
                     token.stop(Reason::InstructionLimit);
                 }
@@ -219,7 +231,7 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
 
 impl RunScope for Interrupt {
     fn enter(&self, token: &CancelToken) {
-        self.executed.store(0, Ordering::Relaxed);
+        self.executed.store(FIRST_TICK, Ordering::Relaxed);
         *self.current.lock() = Some(token.clone());
         // ORDERING: `abort_running` raises the flag before taking the lock we
         // just released, so either it saw this token or we see the flag.

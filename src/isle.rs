@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use mlua::Lua;
 use parking_lot::Mutex;
 
@@ -238,17 +238,21 @@ impl Inner {
         if on_owner_thread(self.owner.id) {
             return Err(IsleError::Reentrant);
         }
+        self.closed.store(true, Ordering::SeqCst);
+        let _ = self.tx.send(Msg::Shutdown);
+        if let Some(at) = abort_at {
+            // Waited for without the join lock: another caller may hold it,
+            // joining a VM stuck in a long request that only an abort ends.
+            // The thread's exit signal disconnects once it has ended, so
+            // every waiter learns it.
+            if let Err(RecvTimeoutError::Timeout) = self.exited.recv_deadline(at) {
+                self.abort();
+            }
+        }
         let mut thread = self.thread.lock();
         let Some(handle) = thread.take() else {
             return Ok(());
         };
-        self.closed.store(true, Ordering::SeqCst);
-        let _ = self.tx.send(Msg::Shutdown);
-        if let Some(at) = abort_at {
-            if self.exited.recv_deadline(at).is_err() {
-                self.abort();
-            }
-        }
         let joined = handle.join();
         self.owner.timer.shutdown();
         joined.map_err(|p| IsleError::from_panic(&*p))

@@ -291,9 +291,16 @@ impl Job {
     }
 
     /// Resolves the request with `err` without running it (no-op if it
-    /// already started or finished).
+    /// already started or finished), and drops the work.
+    ///
+    /// Both wake the caller's waker and drop the user's closure, which may
+    /// panic: that is caught here, so a VM or pool thread calling this never
+    /// unwinds. The request is resolved before either can happen.
     pub(crate) fn abandon(self, err: IsleError) {
-        self.0.abandon(err);
+        let _ = catch_unwind(AssertUnwindSafe(move || {
+            self.0.abandon(err);
+            drop(self);
+        }));
     }
 }
 
@@ -316,6 +323,9 @@ where
         let Some(work) = self.work.take() else {
             unreachable!("a job's work is taken only here, once")
         };
+        // Values this request drops are user types whose `Drop` may panic:
+        // keep them until the request has resolved.
+        let mut garbage: (Option<T>, Option<Box<dyn std::any::Any + Send>>) = (None, None);
         let result = match req.header.reason() {
             // Stopped between the caller's stop() and our CAS: never run it.
             Some(reason) => Err(reason.error()),
@@ -326,7 +336,11 @@ where
                 let interrupted = scope.leave();
                 let result = match out {
                     Ok(r) => r,
-                    Err(payload) => Err(IsleError::from_panic(&*payload)),
+                    Err(payload) => {
+                        let e = IsleError::from_panic(&*payload);
+                        garbage.1 = Some(payload);
+                        Err(e)
+                    }
                 };
                 // After a stop request, an error is the interruption (or a
                 // callback giving up because of it), and a value produced
@@ -336,7 +350,10 @@ where
                 match (result, req.header.reason()) {
                     (Err(IsleError::Panic(m)), _) => Err(IsleError::Panic(m)),
                     (Err(_), Some(reason)) => Err(reason.error()),
-                    (Ok(_), Some(reason)) if interrupted => Err(reason.error()),
+                    (Ok(v), Some(reason)) if interrupted => {
+                        garbage.0 = Some(v);
+                        Err(reason.error())
+                    }
                     (r, _) => r,
                 }
             }
@@ -349,6 +366,7 @@ where
         };
         req.header.phase.store(DONE, Ordering::Release);
         req.resolve(result);
+        drop(garbage);
         outcome
     }
 

@@ -16,6 +16,7 @@
 
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::BinaryHeap;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -137,7 +138,11 @@ impl Timer {
         };
         self.shared.cond.notify_one();
         if let Some(t) = thread {
-            let _ = t.join();
+            // The last handle of the owner can be dropped on this very
+            // thread (by a waker); it then ends on its own.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
         }
     }
 }
@@ -158,7 +163,12 @@ impl Shared {
                 parking_lot::MutexGuard::unlocked(&mut st, || {
                     for req in due.drain(..) {
                         if let Some(req) = req.upgrade() {
-                            req.stop(Reason::Timeout);
+                            // Stopping wakes the caller's waker, and may drop
+                            // the request: user code. Keep this thread alive
+                            // whatever it does.
+                            let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                                req.stop(Reason::Timeout)
+                            }));
                         }
                     }
                 });

@@ -171,3 +171,19 @@ fn binary_chunks_load_when_allowed() {
         Ok(1)
     );
 }
+
+#[test]
+fn requests_under_the_budget_are_never_stopped() {
+    // Lua's instruction countdown carries over from one request to the
+    // next; that must not be charged to the next request.
+    let isle = Isle::builder()
+        .max_instructions(1000)
+        .spawn(|_| Ok(()))
+        .unwrap();
+    for _ in 0..200 {
+        assert_eq!(
+            isle.eval::<i64>("local n = 0 for i = 1, 60 do n = n + i end return n"),
+            Ok(1830)
+        );
+    }
+}

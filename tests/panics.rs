@@ -127,3 +127,40 @@ fn many_panics_in_a_row_leave_the_isle_serving() {
     assert_still_serving(&isle);
     isle.shutdown().unwrap();
 }
+
+#[test]
+fn a_discarded_result_that_panics_on_drop_still_resolves_the_request() {
+    struct Bomb;
+    impl Drop for Bomb {
+        fn drop(&mut self) {
+            panic!("Bomb dropped");
+        }
+    }
+    let (tx, started) = crossbeam_channel::unbounded::<()>();
+    let isle = Isle::builder()
+        .hook_interval(1)
+        .spawn(move |lua| {
+            let f = lua.create_function(move |_, ()| {
+                let _ = tx.send(());
+                Ok(())
+            })?;
+            lua.globals().set("started", f)
+        })
+        .unwrap();
+    // The closure swallows its interruption and returns a value; the request
+    // resolves with the stop reason and the value is dropped (and panics).
+    let task = isle.spawn_exec(|lua| {
+        let _ = lua.load("started() while true do end").exec();
+        Ok(Bomb)
+    });
+    started.recv().unwrap();
+    task.cancel();
+    let mut task = task;
+    let r = task.wait_timeout(std::time::Duration::from_secs(10));
+    assert!(
+        matches!(r, Some(Err(IsleError::Cancelled))),
+        "{:?}",
+        r.map(|r| r.map(|_| ()))
+    );
+    assert_eq!(isle.eval::<i64>("1 + 1"), Ok(2));
+}

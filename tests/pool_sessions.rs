@@ -530,3 +530,29 @@ fn chunks_loaded_by_session_code_write_session_globals() {
     );
     pool.shutdown().unwrap();
 }
+
+#[test]
+fn sessions_expire_while_the_pool_stays_busy() {
+    let pool = IslePool::builder()
+        .workers(1)
+        .session_idle_timeout(Duration::from_millis(20))
+        .build()
+        .unwrap();
+    for k in 0..20 {
+        pool.session(k).eval::<()>("x = 1").unwrap();
+    }
+    // Keep the only worker busy with a steady stream of requests while the
+    // sessions sit idle; they must expire anyway.
+    let deadline = Instant::now() + PATIENCE;
+    while pool.metrics().sessions_expired < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "sessions never expired under load"
+        );
+        let tasks: Vec<Task<()>> = (0..50).map(|_| pool.spawn_eval("")).collect();
+        for t in tasks {
+            t.wait().unwrap();
+        }
+    }
+    assert_eq!(pool.metrics().sessions_open, 0);
+}

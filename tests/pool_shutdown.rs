@@ -365,3 +365,38 @@ fn every_request_submitted_during_shutdown_resolves() {
         assert_threads_gone("pdRce", 2);
     }
 }
+
+#[test]
+fn shutdown_timeout_ends_a_graceful_shutdown_stuck_on_long_requests() {
+    let (pool, started) = pool(2, "pdStk");
+    let loops: Vec<Task<()>> = (0..2)
+        .map(|_| pool.spawn_eval("started(); while true do end"))
+        .collect();
+    expect_msg(&started, "first loop started");
+    expect_msg(&started, "second loop started");
+    let graceful = {
+        let pool = pool.clone();
+        std::thread::spawn(move || pool.shutdown())
+    };
+    // Wait until the graceful shutdown has closed the pool.
+    let deadline = Instant::now() + PATIENCE;
+    // (A request made after it began resolves `Shutdown` at once; before,
+    // it queues behind the loops and is cancelled when dropped.)
+    while pool.spawn_eval::<()>("").try_result() != Some(Err(IsleError::Shutdown)) {
+        assert!(Instant::now() < deadline, "shutdown never began");
+        std::thread::yield_now();
+    }
+    let p = pool.clone();
+    let r = within("shutdown_timeout returns", move || {
+        p.shutdown_timeout(Duration::from_millis(20))
+    });
+    assert_eq!(r, Ok(()));
+    assert_eq!(graceful.join().unwrap(), Ok(()));
+    for t in loops {
+        assert!(matches!(
+            t.wait(),
+            Err(IsleError::Shutdown | IsleError::Cancelled)
+        ));
+    }
+    assert_threads_gone("pdStk", 2);
+}

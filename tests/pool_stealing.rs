@@ -234,3 +234,30 @@ fn a_cancelled_long_request_frees_its_vm_for_stolen_work() {
     assert_eq!(b.wait(), Err(IsleError::Cancelled));
     pool.shutdown().unwrap();
 }
+
+#[test]
+fn a_wake_up_taken_by_session_work_is_passed_on_to_an_idle_worker() {
+    // Both workers asleep; the unkeyed request's wake-up lands on a worker
+    // that then picks the session's long request. The unkeyed one must not
+    // wait behind it while the other worker sleeps.
+    for round in 0..10 {
+        let (gate, block) = gate();
+        let pool = IslePool::builder()
+            .workers(2)
+            .init(move |lua| block.clone().register(lua, "block"))
+            .build()
+            .unwrap();
+        // Let both workers finish starting up and park.
+        assert_eq!(pool.broadcast(|_| Ok(())).len(), 2);
+        let quick = pool.spawn_eval::<i64>("return 1");
+        let long = pool
+            .session(format!("k{round}"))
+            .spawn_eval::<()>("block()");
+        let mut quick = quick;
+        let r = quick.wait_timeout(PATIENCE);
+        assert_eq!(r, Some(Ok(1)), "round {round}");
+        gate.wait_started();
+        gate.release();
+        assert_eq!(long.wait(), Ok(()));
+    }
+}

@@ -308,3 +308,33 @@ fn dropping_the_last_handle_stops_a_rust_callback_that_polls_its_token() {
     assert_eq!(task.wait(), Err(IsleError::Shutdown));
     assert!(thread_gone("isl-drtok"));
 }
+
+#[test]
+fn shutdown_timeout_ends_a_graceful_shutdown_stuck_on_a_long_request() {
+    let (tx, started) = crossbeam_channel::unbounded();
+    let isle = Isle::builder()
+        .name("isl-stuck")
+        .spawn(move |lua| register_signal(lua, "started", tx))
+        .unwrap();
+    let running = isle.spawn_eval::<()>("started() while true do end");
+    expect_msg(&started, "the loop started");
+    // A graceful shutdown waits for the loop, forever.
+    let graceful = {
+        let isle = isle.clone();
+        std::thread::spawn(move || isle.shutdown())
+    };
+    // Wait until it has closed the isle, then force it from here.
+    let deadline = Instant::now() + PATIENCE;
+    while !isle.is_shutdown() {
+        assert!(Instant::now() < deadline, "shutdown never began");
+        std::thread::yield_now();
+    }
+    let i2 = isle.clone();
+    let r = within("shutdown_timeout returns", move || {
+        i2.shutdown_timeout(Duration::from_millis(20))
+    });
+    assert_eq!(r, Ok(()));
+    assert_eq!(graceful.join().unwrap(), Ok(()));
+    assert_eq!(running.wait(), Err(IsleError::Shutdown));
+    assert!(thread_gone("isl-stuck"));
+}

@@ -221,3 +221,46 @@ fn many_timeouts_in_a_row_leave_the_vm_usable() {
         assert_eq!(isle.eval::<i64>(format!("{i}")), Ok(i), "after loop #{i}");
     }
 }
+
+#[test]
+fn a_panicking_waker_does_not_stop_later_time_limits() {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::task::{Context, Wake, Waker};
+
+    struct PanickingWaker;
+    impl Wake for PanickingWaker {
+        fn wake(self: Arc<Self>) {
+            panic!("this waker panics");
+        }
+    }
+
+    let (gate, block) = gate();
+    let isle = Isle::spawn(move |lua| block.register(lua, "block")).unwrap();
+    let blocker = isle.spawn_eval::<()>("block()");
+    gate.wait_started();
+    // Queued behind the blocker: the deadline thread resolves it, and wakes
+    // a waker that panics.
+    let mut queued = isle
+        .spawn_eval::<()>("return")
+        .timeout(Duration::from_millis(10));
+    let waker = Waker::from(Arc::new(PanickingWaker));
+    assert!(Pin::new(&mut queued)
+        .poll(&mut Context::from_waker(&waker))
+        .is_pending());
+    assert_eq!(
+        within("the queued request times out", move || queued.wait()),
+        Err(IsleError::Timeout)
+    );
+    gate.release();
+    assert_eq!(blocker.wait(), Ok(()));
+    // The deadline thread still works.
+    let looping = isle
+        .spawn_eval::<()>("while true do end")
+        .timeout(Duration::from_millis(20));
+    assert_eq!(
+        within("a later time limit fires", move || looping.wait()),
+        Err(IsleError::Timeout)
+    );
+}

@@ -29,8 +29,8 @@ pub struct PoolMetrics {
     pub submitted: u64,
     /// Requests refused with `QueueFull`.
     pub rejected: u64,
-    /// Queued requests resolved `Shutdown` by the pool itself, because it
-    /// stopped before any worker took them.
+    /// Requests the pool resolved `Shutdown` without a worker taking them:
+    /// submitted after shutdown began, or still queued when it ended.
     pub discarded: u64,
 }
 

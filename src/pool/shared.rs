@@ -47,7 +47,7 @@ pub(crate) struct Shared {
     /// Shared with every VM's hook.
     pub(crate) abort: Arc<AtomicBool>,
     /// Set once every worker has exited; submitters then resolve what they
-    /// pushed themselves (see `IslePool::enqueue_unkeyed`).
+    /// pushed themselves (see `IslePool::after_push`).
     pub(crate) stopped: AtomicBool,
     pub(crate) sessions: Sessions,
     pub(crate) counters: Box<[CachePadded<WorkerCounters>]>,
@@ -144,6 +144,11 @@ impl Shared {
                 return None;
             }
         }
+    }
+
+    /// True if unkeyed work waits anywhere (global queue or a deque).
+    pub(crate) fn has_unkeyed_work(&self) -> bool {
+        !self.injector.is_empty() || self.stealers.iter().any(|s| !s.is_empty())
     }
 
     /// True if worker `w` could find anything to do.

@@ -11,6 +11,8 @@
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::RecvTimeoutError;
+
 use super::{IslePool, PoolInner};
 use crate::vm::on_owner_thread;
 use crate::IsleError;
@@ -46,21 +48,28 @@ impl PoolInner {
         if on_owner_thread(self.owner.id) {
             return Err(IsleError::Reentrant);
         }
-        let mut threads = self.threads.lock();
-        if threads.is_empty() {
-            return Ok(());
-        }
         let shared = &self.shared;
         shared.closed.store(true, Ordering::SeqCst);
         shared.sleep.wake_all();
         if let Some(at) = abort_at {
-            let mut exited = 0;
-            while exited < threads.len() && self.exits.recv_deadline(at).is_ok() {
-                exited += 1;
+            // Waited for without the join lock: another caller may hold it,
+            // joining workers stuck in long requests that only an abort
+            // ends. Each worker's exit signal disconnects once it has ended,
+            // so every waiter learns when all have.
+            loop {
+                match self.exits.recv_deadline(at) {
+                    Ok(_) => continue,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.abort();
+                        break;
+                    }
+                }
             }
-            if exited < threads.len() {
-                self.abort();
-            }
+        }
+        let mut threads = self.threads.lock();
+        if threads.is_empty() {
+            return Ok(());
         }
         let mut result = Ok(());
         for t in threads.drain(..) {

@@ -90,6 +90,12 @@ impl Worker {
             // Busy: take work.
             pinned_first = !pinned_first;
             if let Some(found) = shared.find(w, &self.local, pinned_first) {
+                // About to be busy: if unkeyed work is still waiting, make
+                // sure a sleeping worker comes for it (the wake-up that
+                // brought us here may have been meant for it).
+                if shared.has_unkeyed_work() {
+                    shared.sleep.wake_any();
+                }
                 match found {
                     Found::Unkeyed(job) => {
                         shared.took();
@@ -102,7 +108,10 @@ impl Worker {
                         } else {
                             match host.env(&binding) {
                                 Ok(table) => self.run_job(&mut host, job, Some(&table)),
-                                Err(e) => job.abandon(e),
+                                Err(e) => {
+                                    job.abandon(e);
+                                    shared.counters[w].record(Outcome::Failed, Duration::ZERO);
+                                }
                             }
                         }
                         // The idle clock starts when the last request ends.
@@ -125,6 +134,13 @@ impl Worker {
                 }
                 if self.due_for_recycling(&host) {
                     self.recycle(&mut host, &mut lost);
+                }
+                // Sessions expire under load too, not only when idle.
+                if let Some(every) = sweep_every {
+                    if Instant::now() >= next_sweep {
+                        self.expire_idle(&mut host.envs, &mut lost);
+                        next_sweep = Instant::now() + every;
+                    }
                 }
                 continue;
             }
