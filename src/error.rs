@@ -30,9 +30,11 @@ pub enum IsleError {
     #[error("request timed out: its time limit passed before it finished")]
     Timeout,
 
-    /// The isle or pool has shut down (or is shutting down) and did not run
-    /// the request; submit to a live one.
-    #[error("the Lua VM has shut down; the request was not run")]
+    /// The isle or pool shut down before the request could finish: it was
+    /// submitted after shutdown began, was still queued when the owner
+    /// stopped, or was interrupted by an abortive shutdown. Submit to a live
+    /// one.
+    #[error("the Lua VM shut down before the request could finish")]
     Shutdown,
 
     /// Rust code running for the request (an `exec` closure, an init closure

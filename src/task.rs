@@ -51,7 +51,10 @@ impl<T: Send + 'static> Task<T> {
     ///
     /// # Errors
     /// The request's error; or [`IsleError::Reentrant`] (at once) if called
-    /// on the VM thread that would have to run the request.
+    /// on the VM thread that would have to run the request. In that case
+    /// the task is gone, which cancels the request: to keep it, use
+    /// [`wait_timeout`](Self::wait_timeout) (which leaves the task in place)
+    /// or [`detach`](Self::detach).
     pub fn wait(mut self) -> Result<T, IsleError> {
         match self.wait_until(None) {
             Some(r) => r,

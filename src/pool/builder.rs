@@ -93,8 +93,8 @@ impl IslePoolBuilder {
     /// finished `init`.
     ///
     /// # Errors
-    /// [`IsleError::Init`] (or [`IsleError::Panic`]) naming the first worker
-    /// whose `init` failed (or panicked), or whose thread could not be
+    /// [`IsleError::Init`] (or [`IsleError::Panic`]) naming a worker whose
+    /// `init` failed (or panicked; the first to report, if several did), or whose thread could not be
     /// spawned; `Init` also for `workers(0)`. Workers already started are
     /// stopped and joined before this returns.
     pub fn build(self) -> Result<IslePool, IsleError> {

@@ -165,10 +165,16 @@ pub(crate) fn close(shared: &Shared, key: &SessionKey) -> bool {
 /// Cheap to clone; `Send + Sync`. Handles for the same key (from any number
 /// of `pool.session(key)` calls) share the session.
 ///
-/// Globals written by session code land in the session's environment, so
-/// other sessions and unkeyed work do not see them; reads fall back to the
-/// shared globals that `init` set up. Functions defined by `init` keep
-/// seeing the shared globals, not the session's.
+/// Globals written by session code land in the session's environment
+/// (also through `_G`, `rawset(_G, ...)` and `load`), so other sessions and
+/// unkeyed work do not see them; reads fall back to the shared globals that
+/// `init` set up. Functions defined by `init` keep seeing the shared
+/// globals, not the session's.
+///
+/// This keeps cooperating tenants apart. Against hostile code it holds only
+/// with the pool's `sandbox(true)`: without it, session code can modify the
+/// shared library tables (`string`, ...) and reach the shared globals
+/// through `package.loaded`. See SECURITY.md.
 #[derive(Clone)]
 pub struct Session {
     pool: IslePool,
