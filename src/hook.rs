@@ -20,6 +20,9 @@
 //!   its reader's error. Their wrappers check at once and raise again. They
 //!   also turn a Rust panic that such a call caught back into a panic.
 //!
+//! (`pcall` is wrapped too, only to work around mlua's replacement
+//! overflowing the stack when the callee returns many values.)
+//!
 //! Finally, a request whose interruption fired resolves with its stop reason
 //! even if its code ended normally after swallowing it.
 //!
@@ -165,7 +168,8 @@ fn set_hook(lua: &Lua, this: &Arc<Interrupt>, every: u32) -> mlua::Result<()> {
     )
 }
 
-/// Wraps `xpcall`, `coroutine.resume` and `load` (see the module docs), and
+/// Wraps `pcall`, `xpcall`, `coroutine.resume` and `load` (see the module
+/// docs and the comments inside), and
 /// makes `load`, `loadfile` and `dofile` take text only unless
 /// `binary_chunks`.
 fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> mlua::Result<()> {
@@ -183,12 +187,30 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
     let coroutine: mlua::Table = globals.get("coroutine")?;
     lua.load(
         r#"
-        local check, stopping, xpcall, resume, load, loadfile, binary_ok = ...
+        local check, stopping, pcall, xpcall, resume, load, loadfile, binary_ok = ...
+        -- mlua's pcall and xpcall push their `true` after the callee's
+        -- results without making room for it, which overflows the stack
+        -- when there are many: return many results packed in a table.
+        local select, pack, unpack = select, table.pack, table.unpack
+        local PACKED = {}
+        local function pack_if_many(...)
+            if select('#', ...) > 16 then return PACKED, pack(...) end
+            return ...
+        end
+        local function call(f, ...) return pack_if_many(f(...)) end
+        local function unpacked(ok, ...)
+            if ok and (...) == PACKED then
+                local t = select(2, ...)
+                return true, unpack(t, 1, t.n)
+            end
+            return ok, ...
+        end
+        _G.pcall = function(f, ...) return unpacked(pcall(call, f, ...)) end
         _G.xpcall = function(f, handler, ...)
-            return xpcall(f, function(e)
+            return unpacked(xpcall(call, function(e)
                 if stopping() then return e end
                 return handler(e)
-            end, ...)
+            end, f, ...))
         end
         local function after_resume(ok, ...)
             if not ok then check((...)) end
@@ -221,6 +243,7 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
     .call::<()>((
         check,
         stopping,
+        globals.get::<mlua::Function>("pcall")?,
         globals.get::<mlua::Function>("xpcall")?,
         coroutine.get::<mlua::Function>("resume")?,
         globals.get::<mlua::Function>("load")?,
