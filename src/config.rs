@@ -89,6 +89,14 @@ macro_rules! vm_options {
         /// [`IsleError::MemoryLimit`](crate::IsleError::MemoryLimit) (unless
         /// its Lua code catches the error); the VM then collects its garbage
         /// and serves the next request. `init` runs under the limit too.
+        ///
+        /// Lua collects garbage on its own schedule, and some library
+        /// functions (`string.rep`, `table.concat`, `string.format`, ...)
+        /// build their result in buffers whose allocations do not trigger
+        /// Lua's emergency collection: with garbage pending, such a call
+        /// can fail near the limit where a collection would have made room.
+        /// The VM collects after every request that leaves it above 90% of
+        /// the limit; leave headroom above what one request needs.
         pub fn memory_limit(mut self, bytes: usize) -> Self {
             self.config.memory_limit = Some(bytes);
             self

@@ -140,6 +140,13 @@ impl LuaError {
     }
 }
 
+impl LuaError {
+    pub(crate) fn with_kind(mut self, kind: LuaErrorKind) -> LuaError {
+        self.kind = kind;
+        self
+    }
+}
+
 impl fmt::Display for LuaError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let what = match self.kind {

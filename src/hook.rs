@@ -10,18 +10,18 @@
 //! coroutine with a count of 1 and raises a Lua error. Whatever catches that
 //! error (`pcall`, `load`'s protected reader, ...) is interrupted again by
 //! the very next instruction it runs on that coroutine, so the error climbs
-//! until it leaves the request. Three places need more, and are wrapped at
-//! start-up:
-//! - `xpcall`: an error raised inside a hook runs the message handler with
-//!   hooks disabled, so a handler that loops forever could never be stopped.
-//!   The wrapper skips the user's handler while the request is stopping.
-//! - `coroutine.resume` returns the error to the resumer, which runs on
-//!   another coroutine (still at the normal interval); and `load` returns
-//!   its reader's error. Their wrappers check at once and raise again. They
-//!   also turn a Rust panic that such a call caught back into a panic.
-//!
-//! (`pcall` is wrapped too, only to work around mlua's replacement
-//! overflowing the stack when the callee returns many values.)
+//! until it leaves the request. Some catchers are wrapped at start-up, so
+//! that the error value they catch is checked at once: a pending
+//! interruption, or a Rust panic (which mlua hands to Lua as an error value),
+//! is raised again in the caller.
+//! - `pcall`, `xpcall`: Lua's own (yieldable) functions, wrapped. `xpcall`
+//!   also skips the user's message handler while the request is stopping:
+//!   an error raised inside a hook runs the handler with hooks disabled, so
+//!   a handler that loops forever could never be stopped. (mlua's own
+//!   panic-proof `pcall` is not used: it cannot yield, and it overflows the
+//!   Lua stack when the callee returns many values.)
+//! - `coroutine.resume`, whose caller runs on another coroutine, still at
+//!   the normal interval; and `load`, which returns its reader's error.
 //!
 //! Finally, a request whose interruption fired resolves with its stop reason
 //! even if its code ended normally after swallowing it.
@@ -188,29 +188,26 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
     lua.load(
         r#"
         local check, stopping, pcall, xpcall, resume, load, loadfile, binary_ok = ...
-        -- mlua's pcall and xpcall push their `true` after the callee's
-        -- results without making room for it, which overflows the stack
-        -- when there are many: return many results packed in a table.
-        local select, pack, unpack = select, table.pack, table.unpack
-        local PACKED = {}
-        local function pack_if_many(...)
-            if select('#', ...) > 16 then return PACKED, pack(...) end
-            return ...
-        end
-        local function call(f, ...) return pack_if_many(f(...)) end
-        local function unpacked(ok, ...)
-            if ok and (...) == PACKED then
-                local t = select(2, ...)
-                return true, unpack(t, 1, t.n)
-            end
+        -- Lua's own pcall and xpcall (yieldable), with the error value
+        -- checked: a Rust panic or a pending interruption is raised again.
+        local function after(ok, ...)
+            if not ok then check((...)) end
             return ok, ...
         end
-        _G.pcall = function(f, ...) return unpacked(pcall(call, f, ...)) end
+        _G.pcall = function(f, ...) return after(pcall(f, ...)) end
+        local function after_x(seen, ok, ...)
+            if not ok then check(seen.e) end
+            return ok, ...
+        end
         _G.xpcall = function(f, handler, ...)
-            return unpacked(xpcall(call, function(e)
+            local seen = {}
+            return after_x(seen, xpcall(f, function(e)
+                seen.e = e
+                -- Raised by the hook, this runs with hooks disabled: never
+                -- hand it to user code that could loop.
                 if stopping() then return e end
                 return handler(e)
-            end, f, ...))
+            end, ...))
         end
         local function after_resume(ok, ...)
             if not ok then check((...)) end

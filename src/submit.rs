@@ -85,15 +85,34 @@ where
     T: FromLuaMulti + Send + 'static,
 {
     move |ctx| {
-        let mut chunk = ctx
-            .lua
-            .load(code)
-            .set_name(EVAL_CHUNK)
-            .set_mode(mlua::chunk::ChunkMode::Text);
-        if let Some(env) = ctx.env {
-            chunk = chunk.set_environment(env.clone());
-        }
-        chunk.eval::<T>().map_err(lua_err)
+        let compile = |source: &str| {
+            let chunk = ctx
+                .lua
+                .load(source)
+                .set_name(EVAL_CHUNK)
+                .set_mode(mlua::chunk::ChunkMode::Text);
+            match ctx.env {
+                Some(env) => chunk.set_environment(env.clone()),
+                None => chunk,
+            }
+            .into_function()
+        };
+        // As Lua's REPL does: an expression if it parses as one, else a block.
+        let function = match compile(&format!("return {code}")) {
+            Ok(f) => f,
+            Err(_) => compile(&code).map_err(compile_error)?,
+        };
+        function.call::<T>(()).map_err(lua_err)
+    }
+}
+
+/// An error from compiling a chunk: whatever Lua says (a syntax error, or
+/// its parser running out of C stack on deeply nested source), it is of
+/// kind `Syntax`; running out of memory stays `MemoryLimit`.
+fn compile_error(e: mlua::Error) -> IsleError {
+    match IsleError::from_lua(&e) {
+        IsleError::Lua(l) => IsleError::Lua(l.with_kind(crate::LuaErrorKind::Syntax)),
+        other => other,
     }
 }
 

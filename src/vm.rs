@@ -46,10 +46,9 @@ impl Vm {
         init: impl FnOnce(&Lua) -> mlua::Result<()>,
     ) -> Result<Vm, IsleError> {
         OWNER.with(|o| o.set(owner));
-        // `catch_rust_panics(false)`: Lua's pcall/xpcall re-raise Rust panics,
-        // so a panicking callback fails its request instead of being
-        // swallowed.
-        let lua = Lua::new_with(StdLib::ALL_SAFE, LuaOptions::new().catch_rust_panics(false))
+        // Lua's pcall/xpcall stay (they can yield); hook.rs wraps them so a
+        // Rust panic they catch is raised again, never swallowed.
+        let lua = Lua::new_with(StdLib::ALL_SAFE, LuaOptions::new())
             .map_err(|e| IsleError::Init(IsleError::from_lua(&e).to_string()))?;
         let interrupt = Interrupt::install(&lua, config, abort)
             .map_err(|e| IsleError::Init(IsleError::from_lua(&e).to_string()))?;
