@@ -7,20 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{gate, within, PATIENCE};
+use common::{gate, within, worker_index, PATIENCE};
 use mlua_isle::{mlua, IsleError, IslePool};
-
-/// The index `k` of the current pool worker thread, named `NAME-k`.
-fn worker_index() -> usize {
-    let name = std::thread::current()
-        .name()
-        .unwrap_or_default()
-        .to_string();
-    name.rsplit('-')
-        .next()
-        .and_then(|k| k.parse().ok())
-        .unwrap_or_else(|| panic!("not a pool worker thread: {name:?}"))
-}
 
 fn pool(workers: usize) -> IslePool {
     IslePool::new(workers, |lua| lua.globals().set("VM_ID", worker_index())).unwrap()

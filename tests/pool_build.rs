@@ -8,20 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{thread_alive, thread_gone, within};
+use common::{thread_alive, thread_gone, within, worker_index};
 use mlua_isle::{mlua, IsleError, IslePool};
-
-/// The index `k` of the current pool worker thread, named `NAME-k`.
-fn worker_index() -> usize {
-    let name = std::thread::current()
-        .name()
-        .unwrap_or_default()
-        .to_string();
-    name.rsplit('-')
-        .next()
-        .and_then(|k| k.parse().ok())
-        .unwrap_or_else(|| panic!("not a pool worker thread: {name:?}"))
-}
 
 #[test]
 fn workers_default_to_the_number_of_cpus() {

@@ -8,20 +8,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{gate, PATIENCE};
+use common::{gate, worker_index, PATIENCE};
 use mlua_isle::{mlua, IsleError, IslePool, SessionKey, Task};
-
-/// The index `k` of the current pool worker thread, named `NAME-k`.
-fn worker_index() -> usize {
-    let name = std::thread::current()
-        .name()
-        .unwrap_or_default()
-        .to_string();
-    name.rsplit('-')
-        .next()
-        .and_then(|k| k.parse().ok())
-        .unwrap_or_else(|| panic!("not a pool worker thread: {name:?}"))
-}
 
 /// A pool whose VMs know their index (`VM_ID`) and share a few globals from
 /// `init`.

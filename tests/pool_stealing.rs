@@ -9,21 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{expect_msg, gate, register_signal, Flag, PATIENCE};
+use common::{expect_msg, gate, register_signal, worker_index, Flag, PATIENCE};
 use crossbeam_channel::Receiver;
 use mlua_isle::{IsleError, IslePool, Task};
-
-/// The index `k` of the current pool worker thread, named `NAME-k`.
-fn worker_index() -> usize {
-    let name = std::thread::current()
-        .name()
-        .unwrap_or_default()
-        .to_string();
-    name.rsplit('-')
-        .next()
-        .and_then(|k| k.parse().ok())
-        .unwrap_or_else(|| panic!("not a pool worker thread: {name:?}"))
-}
 
 /// A pool whose VMs know their index (`VM_ID`), report `started()` on the
 /// returned channel, and can wait in a pure-Lua loop for `released()`.

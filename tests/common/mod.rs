@@ -173,3 +173,15 @@ pub fn thread_gone(name: &str) -> bool {
     }
     true
 }
+
+/// The index `k` of the current pool worker thread, named `NAME-k`.
+pub fn worker_index() -> usize {
+    let name = std::thread::current()
+        .name()
+        .unwrap_or_default()
+        .to_string();
+    name.rsplit('-')
+        .next()
+        .and_then(|k| k.parse().ok())
+        .unwrap_or_else(|| panic!("not a pool worker thread: {name:?}"))
+}
