@@ -36,7 +36,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
-use common::PATIENCE;
+use common::{Rng, PATIENCE};
 use crossbeam_channel::{Receiver, Sender};
 use mlua_isle::mlua::{self, Lua};
 use mlua_isle::{current_token, CancelToken, IsleError, IslePool, LuaErrorKind, Task};
@@ -922,26 +922,6 @@ fn poll_until_ready(task: &mut Task<i64>, deadline: Instant) -> Option<Result<i6
 }
 
 // ===== helpers =====
-
-/// xorshift64*: a small deterministic RNG (no dependency needed).
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// Keeps the planned panics (thousands of them) out of the test output;
 /// any other panic is reported as usual.

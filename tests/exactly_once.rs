@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::Rng;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
@@ -13,26 +15,6 @@ use mlua_isle::{Isle, IsleError, Task};
 
 const THREADS: usize = 4;
 const OPS_PER_THREAD: usize = 2000;
-
-/// xorshift64*: a small deterministic RNG (no dependency needed).
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// What a task may resolve to, given what was done to it.
 enum Fate {

@@ -185,3 +185,23 @@ pub fn worker_index() -> usize {
         .and_then(|k| k.parse().ok())
         .unwrap_or_else(|| panic!("not a pool worker thread: {name:?}"))
 }
+
+/// xorshift64*: a small deterministic RNG (no dependency needed).
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
