@@ -2,9 +2,12 @@
 //! or when a request leaves it above `recycle_when_memory_above`; sessions
 //! it held are told with `SessionLost`, never silently reset.
 
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use common::gate;
 use mlua_isle::{IsleError, IslePool};
 
 /// A one-worker pool whose init counts its runs in `runs`.
@@ -58,13 +61,23 @@ fn a_session_on_a_recycled_vm_is_told_once_then_starts_fresh() {
 
 #[test]
 fn queued_requests_of_a_lost_session_all_fail() {
-    let runs = Arc::new(AtomicUsize::new(0));
-    let pool = counting_pool(&runs, |b| b.recycle_after(2));
+    let (gate, block) = gate();
+    let pool = IslePool::builder()
+        .workers(1)
+        .recycle_after(3)
+        .init(move |lua| block.clone().register(lua, "block"))
+        .build()
+        .unwrap();
     let s = pool.session(7u8);
-    s.eval::<()>("n = 1").unwrap(); // 1
-                                    // 2: recycled after this one; the three behind it were queued for the
-                                    // old state.
+    s.eval::<()>("n = 1").unwrap(); // request 1
+                                    // Request 2 holds the only VM while four session requests queue up.
+    let holder = pool.spawn_eval::<()>("block()");
+    gate.wait_started();
     let tasks: Vec<_> = (0..4).map(|_| s.spawn_eval::<Option<i64>>("n")).collect();
+    gate.release();
+    assert_eq!(holder.wait(), Ok(()));
+    // Request 3 sees the state; the VM is recycled after it, and the three
+    // queued behind it were meant for the old state.
     let results: Vec<_> = tasks.into_iter().map(|t| t.wait()).collect();
     assert_eq!(results[0], Ok(Some(1)));
     for r in &results[1..] {
