@@ -20,7 +20,7 @@ mod sleep;
 mod worker;
 
 use std::fmt;
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -188,12 +188,14 @@ impl IslePool {
         }
     }
 
-    /// After a push: if every worker has already exited (a shutdown raced
-    /// with this submit), resolve what is left in the queues ourselves.
+    /// After a push and its wake-up: if every worker has already exited (a
+    /// shutdown raced with this submit), resolve what is left in the queues
+    /// ourselves.
     fn after_push(&self) {
-        // ORDERING: pairs with the fence in `shutdown::finish`: either it
-        // drains after our push, or we see `stopped` and drain.
-        fence(Ordering::SeqCst);
+        // ORDERING: the wake-up that followed the push (`Sleep::wake_any` /
+        // `wake`) began with a SeqCst fence, which also orders the push
+        // before this load; it pairs with the fence in `shutdown::finish`:
+        // either it drains after our push, or we see `stopped` and drain.
         if self.shared().stopped.load(Ordering::SeqCst) {
             self.shared().drain();
         }

@@ -27,7 +27,10 @@
 //!
 //! A worker that takes a batch from the global queue into its own deque also
 //! wakes a sleeper when the deque is not empty afterwards, so the batch is
-//! shared even if it then runs a long request.
+//! shared even if it then runs a long request; and a worker about to run any
+//! job wakes a sleeper if unkeyed work still waits (the wake-up it consumed
+//! may have been meant for that work). Both are hand-offs on top of the
+//! protocol, not part of its guarantee.
 
 use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -101,6 +104,12 @@ impl Sleep {
                 return;
             }
         }
+    }
+
+    /// True if some worker is (about to be) asleep. A hint: a worker that
+    /// falls asleep after this returned false re-checks the queues first.
+    pub(crate) fn anyone_asleep(&self) -> bool {
+        self.count.load(Ordering::SeqCst) > 0
     }
 
     /// Submitter side, after pushing work only worker `w` may run.

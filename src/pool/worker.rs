@@ -93,7 +93,7 @@ impl Worker {
                 // About to be busy: if unkeyed work is still waiting, make
                 // sure a sleeping worker comes for it (the wake-up that
                 // brought us here may have been meant for it).
-                if shared.has_unkeyed_work() {
+                if shared.sleep.anyone_asleep() && shared.has_unkeyed_work() {
                     shared.sleep.wake_any();
                 }
                 match found {
