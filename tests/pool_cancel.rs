@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{expect_msg, gate, register_signal, within, Gate};
+use common::{expect_msg, gate, register_signal, register_wait_for_cancel, within, Gate};
 use crossbeam_channel::Receiver;
-use mlua_isle::{current_token, mlua, IsleError, IslePool, Session, Task};
+use mlua_isle::{current_token, IsleError, IslePool, Session, Task};
 
 /// A one-worker pool (so "the VM serves the next request" means the same
 /// VM) with `started()` and `wait_for_cancel()`, a Rust callback that polls
@@ -21,16 +21,7 @@ fn pool() -> (IslePool, Receiver<()>) {
     let pool = IslePool::new(1, move |lua| {
         assert!(current_token(lua).is_none(), "init is not a request");
         register_signal(lua, "started", tx.clone())?;
-        let tx = tx.clone();
-        let wait = lua.create_function(move |lua, ()| {
-            let token = current_token(lua).expect("called from a request");
-            let _ = tx.send(());
-            while !token.is_cancelled() {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err::<(), _>(mlua::Error::runtime("gave up: cancelled"))
-        })?;
-        lua.globals().set("wait_for_cancel", wait)
+        register_wait_for_cancel(lua, tx.clone())
     })
     .unwrap();
     (pool, rx)

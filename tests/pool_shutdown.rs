@@ -7,9 +7,12 @@ mod common;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use common::{expect_msg, gate, register_signal, thread_appears, thread_gone, within, PATIENCE};
+use common::{
+    expect_msg, gate, register_signal, register_wait_for_cancel, thread_appears, thread_gone,
+    within, PATIENCE,
+};
 use crossbeam_channel::Receiver;
-use mlua_isle::{current_token, mlua, IsleError, IslePool, Task};
+use mlua_isle::{IsleError, IslePool, Task};
 
 /// A pool named `name` with `started()` (reports on the returned channel)
 /// and `wait_for_cancel()`, a Rust callback that returns once its request's
@@ -21,16 +24,7 @@ fn pool(workers: usize, name: &str) -> (IslePool, Receiver<()>) {
         .name(name)
         .init(move |lua| {
             register_signal(lua, "started", tx.clone())?;
-            let tx = tx.clone();
-            let wait = lua.create_function(move |lua, ()| {
-                let token = current_token(lua).expect("called from a request");
-                let _ = tx.send(());
-                while !token.is_cancelled() {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err::<(), _>(mlua::Error::runtime("gave up: cancelled"))
-            })?;
-            lua.globals().set("wait_for_cancel", wait)
+            register_wait_for_cancel(lua, tx.clone())
         })
         .build()
         .unwrap();

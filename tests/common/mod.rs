@@ -205,3 +205,18 @@ impl Rng {
         self.next() % n
     }
 }
+
+/// Registers `wait_for_cancel()`: a Rust callback that sends one message on
+/// `started`, then polls its request's token and gives up (with an error)
+/// once it says stop, as the docs tell blocking callbacks to do.
+pub fn register_wait_for_cancel(lua: &Lua, started: Sender<()>) -> mlua::Result<()> {
+    let wait = lua.create_function(move |lua, ()| {
+        let token = mlua_isle::current_token(lua).expect("called from a request");
+        let _ = started.send(());
+        while !token.is_cancelled() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Err::<(), _>(mlua::Error::runtime("gave up: cancelled"))
+    })?;
+    lua.globals().set("wait_for_cancel", wait)
+}
