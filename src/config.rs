@@ -95,8 +95,13 @@ macro_rules! vm_options {
         /// build their result in buffers whose allocations do not trigger
         /// Lua's emergency collection: with garbage pending, such a call
         /// can fail near the limit where a collection would have made room.
-        /// The VM collects after every request that leaves it above 90% of
-        /// the limit; leave headroom above what one request needs.
+        /// So that garbage left by earlier requests does not stand in the
+        /// way, the VM runs a full collection after a request whenever the
+        /// memory in use has grown by more than a quarter of the room left
+        /// above the live data (measured at the previous collection): each
+        /// request starts with about three quarters of that room free.
+        /// Garbage a request makes itself still counts against it; leave
+        /// headroom above what one request needs.
         pub fn memory_limit(mut self, bytes: usize) -> Self {
             self.config.memory_limit = Some(bytes);
             self

@@ -384,8 +384,9 @@ fn string_rep_with_a_huge_count_is_a_memory_limit_error() {
 /// About 6 MB at its peak under an 8 MB limit (a 3 MB buffer, then the 3 MB
 /// string).
 const FITS_THE_LIMIT: &str = "#string.rep('x', 3 << 20)";
-/// Returns normally, leaving about 7 MB of garbage: under the 90% of the
-/// limit at which the VM collects after a request.
+/// Returns normally, leaving about 7 MB of garbage, which
+/// `string.rep`'s buffer cannot reclaim by itself: the VM must collect it
+/// between requests.
 const LEAVES_GARBAGE: &str =
     "local t = {} for i = 1, 6 do t[i] = string.rep('x', 1 << 20) .. i end return #t";
 
@@ -402,7 +403,6 @@ fn garbage_is_collected_after_a_request_that_hit_the_memory_limit() {
 }
 
 #[test]
-#[ignore = "known limitation (see memory_limit docs): a request that fits the memory limit can fail with MemoryLimit when an earlier request left garbage: the VM collects only after a MemoryLimit or above 90% of the limit (src/vm.rs:94-99), and string.rep, table.concat, string.format, ... build their result in a luaL_Buffer, whose allocations fail without the emergency collection Lua's core allocations get"]
 fn garbage_left_by_an_earlier_request_does_not_fail_a_request_that_fits() {
     for t in Target::both(Some(8 * MB)) {
         assert_eq!(t.eval::<i64>(LEAVES_GARBAGE), Ok(6));
