@@ -38,6 +38,7 @@ use std::sync::Arc;
 use mlua::{HookTriggers, Lua, VmState};
 use parking_lot::Mutex;
 
+use crate::alarm::{self, Binding, ThreadAlarm};
 use crate::config::VmConfig;
 use crate::request::RunScope;
 use crate::token::{CancelToken, Reason};
@@ -62,6 +63,9 @@ pub(crate) struct Interrupt {
     /// (advanced by `interval` per tick).
     budget: Option<u64>,
     executed: AtomicU64,
+    /// Set when the hook is armed on demand (see `alarm.rs`) instead of
+    /// ticking all the time: this thread's alarm and the VM's binding.
+    on_demand: Option<(ThreadAlarm, Binding)>,
 }
 
 impl Interrupt {
@@ -78,15 +82,32 @@ impl Interrupt {
             Some(b) => u64::from(config.hook_interval).min(b) as u32,
             None => config.hook_interval,
         };
+        let interval = interval.max(1);
+        // An instruction budget needs the hook to count all the time.
+        let alarm = alarm::this_thread().filter(|_| budget.is_none());
+        // The closure needs the final `Arc`, which needs `on_demand`, which
+        // needs mlua's hook installed: install a placeholder hook first.
+        lua.set_global_hook(
+            HookTriggers::new().every_nth_instruction(interval),
+            |_, _| Ok(VmState::Continue),
+        )?;
+        let on_demand = match alarm {
+            Some(alarm) => Some((alarm, alarm::bind(lua)?)),
+            None => None,
+        };
         let this = Arc::new(Interrupt {
             current: Mutex::new(None),
             abort,
-            interval: interval.max(1),
+            interval,
             fired: AtomicBool::new(false),
             budget,
             executed: AtomicU64::new(0),
+            on_demand,
         });
         set_hook(lua, &this, this.interval)?;
+        if this.on_demand.is_some() {
+            lua.remove_hook(); // armed on demand only
+        }
         install_wrappers(lua, &this, config.binary_chunks)?;
         lua.set_app_data(this.clone());
         Ok(this)
@@ -95,11 +116,23 @@ impl Interrupt {
     /// After a request: puts the normal interval back if the interruption
     /// fired (it re-armed the hook with a count of 1).
     pub(crate) fn reset(&self, lua: &Lua, this: &Arc<Self>) {
-        if self.fired.swap(false, Ordering::Relaxed) {
+        let fired = self.fired.swap(false, Ordering::Relaxed);
+        if fired {
             // Cannot fail for a count hook on the main thread; if it did, the
             // VM would only stay slower, never wrong.
             let _ = set_hook(lua, this, self.interval);
         }
+        if let Some((alarm, _)) = &self.on_demand {
+            // A signal for the request that just ended may still arrive: it
+            // arms the main state once, and the first tick removes it.
+            alarm.clear();
+            alarm::disarm_main();
+        }
+    }
+
+    /// The VM's binding, when hooks are armed on demand.
+    pub(crate) fn binding(&self) -> Option<Binding> {
+        self.on_demand.as_ref().map(|(_, b)| *b)
     }
 
     /// Stops the running request, if any, with `Shutdown`. Called by an
@@ -128,6 +161,10 @@ impl Interrupt {
     /// Raises the interruption (see the module docs).
     fn interrupt(this: &Arc<Self>, lua: &Lua, reason: Reason) -> mlua::Result<VmState> {
         this.fired.store(true, Ordering::Relaxed);
+        if let Some((alarm, _)) = &this.on_demand {
+            // Every Lua thread switched to from now on ticks at once.
+            alarm.set_armed();
+        }
         set_hook(lua, this, 1)?;
         Err(mlua::Error::external(reason.error()))
     }
@@ -153,10 +190,28 @@ impl Interrupt {
                 }
             }
         }
-        match this.stop_reason() {
-            Some(reason) => Interrupt::interrupt(this, lua, reason),
-            None => Ok(VmState::Continue),
+        if let Some(reason) = this.stop_reason() {
+            return Interrupt::interrupt(this, lua, reason);
         }
+        if let Some((alarm, _)) = &this.on_demand {
+            // Armed for nothing: a signal for a request that has ended, or
+            // a thread armed while the last one was stopping. Clear the alarm
+            // first, then look again: a stop raised before the clear is
+            // seen now, one raised after it arms again.
+            alarm.take();
+            if let Some(reason) = this.stop_reason() {
+                return Interrupt::interrupt(this, lua, reason);
+            }
+            // Threads resumed from Rust are not tracked: they keep the
+            // hook mlua gave them.
+            if alarm::runs_tracked(lua) {
+                lua.remove_hook();
+                if alarm.is_armed() {
+                    alarm::rearm_running();
+                }
+            }
+        }
+        Ok(VmState::Continue)
     }
 }
 
@@ -185,9 +240,12 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
     let stopping = lua.create_function(move |_, ()| Ok(state.stop_reason().is_some()))?;
     let globals = lua.globals();
     let coroutine: mlua::Table = globals.get("coroutine")?;
+    if this.on_demand.is_some() {
+        install_tracked_coroutines(lua, &coroutine, &check)?;
+    }
     lua.load(
         r#"
-        local check, stopping, pcall, xpcall, resume, load, loadfile, binary_ok = ...
+        local check, stopping, pcall, xpcall, resume, load, loadfile, binary_ok, tracked = ...
         -- Lua's own pcall and xpcall (yieldable), with the error value
         -- checked: a Rust panic or a pending interruption is raised again.
         local function after(ok, ...)
@@ -213,7 +271,9 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
             if not ok then check((...)) end
             return ok, ...
         end
-        coroutine.resume = function(co, ...) return after_resume(resume(co, ...)) end
+        if not tracked then
+            coroutine.resume = function(co, ...) return after_resume(resume(co, ...)) end
+        end
         local function after_load(f, ...)
             if f == nil then check((...)) end
             return f, ...
@@ -246,10 +306,62 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
         globals.get::<mlua::Function>("load")?,
         globals.get::<Option<mlua::Function>>("loadfile")?,
         binary_chunks,
+        this.on_demand.is_some(),
     ))
 }
 
+/// With hooks armed on demand, replaces `coroutine.resume`, `close` and
+/// `wrap` with `alarm.rs`'s tracked versions, which also hand a failed
+/// resume's error to `check`, as the wrapper above does.
+fn install_tracked_coroutines(
+    lua: &Lua,
+    coroutine: &mlua::Table,
+    check: &mlua::Function,
+) -> mlua::Result<()> {
+    let (resume, close) = alarm::tracked_resume_close(lua, check)?;
+    // How Lua's `coroutine.wrap` raises a coroutine's error: a coroutine
+    // that died by it is closed first (its `__close` handlers may replace
+    // the error), and a string gets the position of the wrapped function's
+    // caller (level 3: this function, the C function, its caller).
+    let wrap_error: mlua::Function = lua
+        .load(
+            r#"
+            local check, close, status, error = ...
+            return function(co, err)
+                if status(co) == "dead" then
+                    local closed, e = close(co)
+                    if not closed then err = e end
+                end
+                check(err)
+                error(err, 3)
+            end
+            "#,
+        )
+        .set_name("=mlua-isle")
+        .call((
+            check.clone(),
+            close.clone(),
+            coroutine.get::<mlua::Function>("status")?,
+            lua.globals().get::<mlua::Function>("error")?,
+        ))?;
+    let wrap = alarm::tracked_wrap_with(lua, &wrap_error)?;
+    coroutine.set("resume", resume)?;
+    coroutine.set("close", close)?;
+    coroutine.set("wrap", wrap)
+}
+
 impl RunScope for Interrupt {
+    fn prepare(&self) -> u32 {
+        match &self.on_demand {
+            Some((alarm, binding)) => {
+                alarm.clear();
+                alarm::begin(binding);
+                alarm.id()
+            }
+            None => 0,
+        }
+    }
+
     fn enter(&self, token: &CancelToken) {
         self.executed.store(FIRST_TICK, Ordering::Relaxed);
         *self.current.lock() = Some(token.clone());

@@ -30,8 +30,9 @@
 //! shutdown.
 
 #![deny(missing_docs, missing_debug_implementations, unreachable_pub)]
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
+mod alarm;
 mod backend;
 mod config;
 mod error;

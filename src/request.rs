@@ -15,7 +15,7 @@
 //! separately: the VM's hook polls it while the request runs.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::Waker;
 use std::time::Instant;
@@ -43,6 +43,9 @@ pub(crate) struct Header {
     pub(crate) owner: u64,
     /// When it was submitted: time limits count from here.
     pub(crate) submitted: Instant,
+    /// The alarm of the VM thread running it (see `alarm.rs`); 0 until it
+    /// runs, or when its VM's hook ticks on its own.
+    alarm: AtomicU32,
 }
 
 impl Header {
@@ -89,6 +92,7 @@ impl<T> Request<T> {
                 reason: AtomicU8::new(0),
                 owner,
                 submitted: Instant::now(),
+                alarm: AtomicU32::new(0),
             },
             ready: CachePadded::new(AtomicBool::new(false)),
             slot: Mutex::new(Slot {
@@ -215,6 +219,11 @@ impl<T: Send> Cancel for Request<T> {
         );
         let reason = self.header.reason().unwrap_or(reason);
         self.abandon(reason.error());
+        // Not resolved as queued: it runs (or has just finished). The CAS
+        // that marked it running published the alarm id.
+        if !self.header.is_done() {
+            crate::alarm::raise(self.header.alarm.load(Ordering::Relaxed));
+        }
     }
 }
 
@@ -239,6 +248,9 @@ impl Ctx<'_> {
 /// The VM-side hooks a job calls around its work (the hook module's
 /// "current request" slot).
 pub(crate) trait RunScope {
+    /// Before the request is marked running: returns the alarm id stoppers
+    /// must raise (0: none; the hook ticks on its own). See `alarm.rs`.
+    fn prepare(&self) -> u32;
     fn enter(&self, token: &CancelToken);
     /// Ends the request; true if its interruption was raised.
     fn leave(&self) -> bool;
@@ -311,6 +323,8 @@ where
 {
     fn run(mut self: Box<Self>, ctx: &Ctx<'_>, scope: &dyn RunScope) -> Outcome {
         let req = &self.req;
+        // Published by the CAS below (see `Cancel::stop`).
+        req.header.alarm.store(scope.prepare(), Ordering::Relaxed);
         // ORDERING: see `claim`.
         if req
             .header

@@ -38,6 +38,14 @@ pub(crate) struct Vm {
     live: Cell<usize>,
 }
 
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(binding) = self.interrupt.binding() {
+            crate::alarm::unbind(&binding);
+        }
+    }
+}
+
 impl Vm {
     /// Creates the VM, installs the hook and runs `init`. Must be called on
     /// the thread that will own the VM; marks that thread as `owner`'s.

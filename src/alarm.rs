@@ -1,0 +1,725 @@
+//! Arming the interrupt hook on demand, so that Lua code runs at full speed
+//! until a request must stop.
+//!
+//! With a count hook installed, Lua 5.x checks for it on every instruction,
+//! which makes pure-Lua code 2–3x slower whatever the interval. So on Unix,
+//! and unless the VM counts instructions (`max_instructions`), no hook is
+//! installed while a request runs. To stop one, the stopping thread raises
+//! the VM thread's [`Alarm`]: it sets the `armed` flag, then sends the VM
+//! thread a signal (`SIGURG`), whose handler installs the hook, with a count
+//! of 1, on the Lua thread (main state or coroutine) running at that moment.
+//! This is how Lua's own `lua.c` stops a script on Ctrl-C, and what
+//! `lua_sethook` is written for (its comment in `ldebug.c`: "This function can
+//! be called during a signal, under reasonable assumptions").
+//!
+//! The hook then ticks on the next instruction; `hook.rs` checks the
+//! request's stop reason and raises the interruption, or removes itself if
+//! there is nothing to stop (a late signal for a request that has finished).
+//!
+//! # Knowing which Lua thread runs
+//!
+//! A hook set on one `lua_State` does not reach another, and a coroutine
+//! already running has its own. So every switch between Lua threads goes
+//! through this module: `coroutine.resume` and `coroutine.close` are
+//! replaced by the C functions [`tracked_resume`] and [`tracked_close`] (and
+//! `coroutine.wrap`, in `hook.rs`, by Lua code on top of them), which record
+//! the state about to run in the thread-local [`Slot`] before calling Lua's
+//! own function, and the caller's state after it returns. After recording a
+//! switch, they check `armed` themselves and arm the new state if it is set:
+//! a signal that landed just before the switch armed the state being left.
+//!
+//! Coroutines resumed by Rust code through mlua's `Thread` API are not
+//! tracked; mlua gives the threads it creates the VM's hook (which keeps
+//! ticking on them), so those stay cancellable, at the old price.
+//!
+//! # The handshake with a stopping thread
+//!
+//! The VM thread, before it marks a request `RUNNING`, clears `armed` and
+//! stores its alarm id in the request header; the `RUNNING` CAS publishes
+//! both. A stopping thread records the stop reason, fails to resolve the
+//! request as queued (seeing `RUNNING`, hence the id), and calls [`raise`].
+//! So either the request never runs, or the stopper signals the VM thread,
+//! which by then runs it (or has finished it: a late signal only costs one
+//! hook tick).
+//!
+//! Everything `unsafe` in the crate is in this module.
+
+#![allow(unsafe_code)]
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{const_rwlock, RwLock};
+
+/// The per-VM-thread flag stoppers raise, and how to reach the thread.
+pub(crate) struct Alarm {
+    /// True while the running request must stop: hooks must tick on every
+    /// Lua thread that runs.
+    armed: AtomicBool,
+    #[cfg(unix)]
+    thread: parking_lot::Mutex<Option<libc::pthread_t>>,
+}
+
+/// Alarms of live VM threads; a request header stores `index + 1`.
+static ALARMS: RwLock<Vec<Option<Arc<Alarm>>>> = const_rwlock(Vec::new());
+
+/// Whether hooks can be armed on demand here: on Unix, for the PUC-Rio Lua
+/// backends (LuaJIT and Luau have other mechanisms).
+pub(crate) const SUPPORTED: bool = cfg!(all(
+    unix,
+    any(
+        feature = "lua51",
+        feature = "lua52",
+        feature = "lua53",
+        feature = "lua54",
+        feature = "lua55"
+    )
+));
+
+/// Stops the request running on the VM thread with alarm `id` (0: none).
+/// Called by a stopping thread after recording the stop reason.
+pub(crate) fn raise(id: u32) {
+    if id == 0 {
+        return;
+    }
+    let alarms = ALARMS.read();
+    let Some(Some(alarm)) = alarms.get(id as usize - 1) else {
+        return;
+    };
+    // ORDERING: SeqCst, after the reason was stored: whoever sees `armed`
+    // (the signal handler, the tracked switches, the hook) sees the reason.
+    alarm.armed.store(true, Ordering::SeqCst);
+    #[cfg(unix)]
+    {
+        // Holding the lock keeps the thread from exiting (its guard clears
+        // the id under this lock first), so the `pthread_t` is live.
+        let thread = alarm.thread.lock();
+        if let Some(t) = *thread {
+            // SAFETY: `t` names a live thread (see above), and the handler is
+            // installed before any thread id is registered. A failure can
+            // only be ESRCH (not possible, as argued) and is harmless.
+            unsafe {
+                libc::pthread_kill(t, unix::SIGNAL);
+            }
+        }
+    }
+}
+
+/// This thread's alarm, registered on first use and unregistered when the
+/// thread exits. Returns `None` where arming on demand is not supported.
+pub(crate) fn this_thread() -> Option<ThreadAlarm> {
+    if !SUPPORTED {
+        return None;
+    }
+    GUARD.with(|g| {
+        let mut g = g.borrow_mut();
+        let guard = g.get_or_insert_with(Registration::new);
+        Some(ThreadAlarm {
+            id: guard.id,
+            alarm: guard.alarm.clone(),
+        })
+    })
+}
+
+thread_local! {
+    static GUARD: std::cell::RefCell<Option<Registration>> = const { std::cell::RefCell::new(None) };
+}
+
+/// A VM thread's registration, owned by the thread; dropped when it exits.
+struct Registration {
+    id: u32,
+    alarm: Arc<Alarm>,
+}
+
+impl Registration {
+    fn new() -> Registration {
+        #[cfg(unix)]
+        unix::install_handler();
+        let alarm = Arc::new(Alarm {
+            armed: AtomicBool::new(false),
+            #[cfg(unix)]
+            // SAFETY: `pthread_self` has no preconditions.
+            thread: parking_lot::Mutex::new(Some(unsafe { libc::pthread_self() })),
+        });
+        let index = {
+            let mut alarms = ALARMS.write();
+            match alarms.iter().position(Option::is_none) {
+                Some(i) => {
+                    alarms[i] = Some(alarm.clone());
+                    i
+                }
+                None => {
+                    alarms.push(Some(alarm.clone()));
+                    alarms.len() - 1
+                }
+            }
+        };
+        SLOT.with(|s| {
+            s.armed
+                .store(Arc::as_ptr(&alarm) as *mut Alarm, Ordering::SeqCst)
+        });
+        Registration {
+            id: index as u32 + 1,
+            alarm,
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        // First the handler: from now on it ignores signals on this thread.
+        SLOT.with(|s| {
+            s.armed.store(std::ptr::null_mut(), Ordering::SeqCst);
+            s.running.store(std::ptr::null_mut(), Ordering::SeqCst);
+            s.main.store(std::ptr::null_mut(), Ordering::SeqCst);
+            s.hook.store(0, Ordering::SeqCst);
+        });
+        #[cfg(unix)]
+        {
+            *self.alarm.thread.lock() = None;
+        }
+        ALARMS.write()[self.id as usize - 1] = None;
+    }
+}
+
+/// A handle to the current VM thread's alarm, for the hook and the VM.
+#[derive(Clone)]
+pub(crate) struct ThreadAlarm {
+    id: u32,
+    alarm: Arc<Alarm>,
+}
+
+impl ThreadAlarm {
+    /// The id a request header stores.
+    pub(crate) fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// Before a request runs: nothing to stop yet.
+    pub(crate) fn clear(&self) {
+        self.alarm.armed.store(false, Ordering::SeqCst);
+    }
+
+    /// True while the running request must stop.
+    pub(crate) fn is_armed(&self) -> bool {
+        self.alarm.armed.load(Ordering::SeqCst)
+    }
+
+    /// Marks the running request as stopping (the hook found its reason):
+    /// every Lua thread switched to from now on is armed.
+    pub(crate) fn set_armed(&self) {
+        self.alarm.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// Clears `armed` and returns whether it was set.
+    pub(crate) fn take(&self) -> bool {
+        self.alarm.armed.swap(false, Ordering::SeqCst)
+    }
+}
+
+impl std::fmt::Debug for ThreadAlarm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ThreadAlarm").field("id", &self.id).finish()
+    }
+}
+
+#[cfg(unix)]
+pub(crate) use unix::{
+    begin, bind, disarm_main, rearm_running, runs_tracked, tracked_resume_close, tracked_wrap_with,
+    unbind,
+};
+
+/// A VM's main state and hook function, as addresses (see [`bind`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Binding {
+    main: usize,
+    hook: usize,
+}
+
+#[cfg(not(unix))]
+pub(crate) fn bind(_lua: &mlua::Lua) -> mlua::Result<Binding> {
+    unreachable!("alarms are not supported here")
+}
+
+#[cfg(not(unix))]
+pub(crate) fn tracked_resume_close(
+    _lua: &mlua::Lua,
+    _check: &mlua::Function,
+) -> mlua::Result<(mlua::Function, mlua::Function)> {
+    unreachable!("alarms are not supported here")
+}
+
+#[cfg(not(unix))]
+pub(crate) fn tracked_wrap_with(
+    _lua: &mlua::Lua,
+    _wrap_error: &mlua::Function,
+) -> mlua::Result<mlua::Function> {
+    unreachable!("alarms are not supported here")
+}
+
+#[cfg(not(unix))]
+pub(crate) fn begin(_vm: &Binding) {}
+
+#[cfg(not(unix))]
+pub(crate) fn unbind(_vm: &Binding) {}
+
+#[cfg(not(unix))]
+pub(crate) fn rearm_running() {}
+
+#[cfg(not(unix))]
+pub(crate) fn disarm_main() {}
+
+#[cfg(not(unix))]
+pub(crate) fn runs_tracked(_lua: &mlua::Lua) -> bool {
+    false
+}
+
+/// What the signal handler and the tracked switches need, per VM thread.
+struct Slot {
+    /// The thread's `Alarm` (its `armed` flag is the first field read);
+    /// null when the thread is not a registered VM thread.
+    armed: std::sync::atomic::AtomicPtr<Alarm>,
+    /// The Lua thread (`lua_State`) running now; null outside requests.
+    running: std::sync::atomic::AtomicPtr<mlua::ffi::lua_State>,
+    /// The VM's main `lua_State`.
+    main: std::sync::atomic::AtomicPtr<mlua::ffi::lua_State>,
+    /// The hook function to arm (mlua's global hook trampoline), as an
+    /// address; 0 until `bind`.
+    hook: std::sync::atomic::AtomicUsize,
+}
+
+thread_local! {
+    // Const-initialised and without a destructor: reading it from a signal
+    // handler is a plain thread-local access.
+    static SLOT: Slot = const {
+        Slot {
+            armed: std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()),
+            running: std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()),
+            main: std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()),
+            hook: std::sync::atomic::AtomicUsize::new(0),
+        }
+    };
+}
+
+#[cfg(unix)]
+mod unix {
+    use std::ffi::c_int;
+    use std::sync::atomic::{compiler_fence, AtomicUsize, Ordering};
+    use std::sync::Once;
+
+    use mlua::ffi::{self, lua_State};
+
+    use super::{Binding, SLOT};
+
+    /// The signal used to reach a VM thread. `SIGURG` is ignored by default,
+    /// so a stray one never kills the process, and is rarely used by
+    /// applications (Go uses it the same way, to preempt goroutines).
+    pub(super) const SIGNAL: c_int = libc::SIGURG;
+
+    /// The action that was installed for `SIGNAL` before ours, as the raw
+    /// `sigaction` fields we forward to: handler address and flags.
+    static PREVIOUS: AtomicUsize = AtomicUsize::new(libc::SIG_DFL);
+    static PREVIOUS_FLAGS: AtomicUsize = AtomicUsize::new(0);
+
+    /// Lua's own `coroutine.resume` and `coroutine.close`, as addresses.
+    static ORIGINAL_RESUME: AtomicUsize = AtomicUsize::new(0);
+    static ORIGINAL_CLOSE: AtomicUsize = AtomicUsize::new(0);
+
+    pub(super) fn install_handler() {
+        static ONCE: Once = Once::new();
+        ONCE.call_once(|| {
+            // SAFETY: a zeroed `sigaction` is a valid empty value; the
+            // handler has the `SA_SIGINFO` signature; `sigaction` is called
+            // with valid pointers. Installed once per process.
+            unsafe {
+                let mut action: libc::sigaction = std::mem::zeroed();
+                action.sa_sigaction = on_signal as *const () as usize;
+                action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_ONSTACK;
+                libc::sigemptyset(&mut action.sa_mask);
+                let mut old: libc::sigaction = std::mem::zeroed();
+                if libc::sigaction(SIGNAL, &action, &mut old) == 0 {
+                    PREVIOUS.store(old.sa_sigaction, Ordering::SeqCst);
+                    PREVIOUS_FLAGS.store(old.sa_flags as usize, Ordering::SeqCst);
+                }
+            }
+        });
+    }
+
+    /// The signal handler: arms the running Lua thread if this is a VM
+    /// thread whose request must stop; forwards the signal to the previous
+    /// handler if this is not a VM thread.
+    extern "C" fn on_signal(sig: c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
+        // SAFETY: reads this thread's own slot; the alarm it points to is
+        // kept alive by the thread's `Registration`, which clears the pointer
+        // before dropping it, on this same thread.
+        let ours = SLOT.with(|s| {
+            let alarm = s.armed.load(Ordering::SeqCst);
+            if alarm.is_null() {
+                return false;
+            }
+            if unsafe { &*alarm }.armed.load(Ordering::SeqCst) {
+                let running = s.running.load(Ordering::SeqCst);
+                // SAFETY: `running` is null or the state running on this
+                // thread (see `switch_to`), alive while recorded; `arm` is
+                // what `lua_sethook`'s documentation allows in a signal.
+                unsafe { arm(running, s.hook.load(Ordering::SeqCst)) };
+            }
+            true
+        });
+        if !ours {
+            forward(sig, info, context);
+        }
+    }
+
+    /// Calls the handler that was installed before ours, if it was a
+    /// function.
+    fn forward(sig: c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
+        let previous = PREVIOUS.load(Ordering::SeqCst);
+        if previous == libc::SIG_DFL || previous == libc::SIG_IGN {
+            return; // SIGURG's default action is to ignore it
+        }
+        let flags = PREVIOUS_FLAGS.load(Ordering::SeqCst) as c_int;
+        // SAFETY: `previous` is the address of the handler the process had
+        // installed, of the signature its flags say.
+        unsafe {
+            if flags & libc::SA_SIGINFO != 0 {
+                let f: extern "C" fn(c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                    std::mem::transmute(previous);
+                f(sig, info, context);
+            } else {
+                let f: extern "C" fn(c_int) = std::mem::transmute(previous);
+                f(sig);
+            }
+        }
+    }
+
+    /// Installs the hook on `state` with a count of 1 (it ticks on the next
+    /// instruction).
+    ///
+    /// # Safety
+    /// `state` must be null or a live `lua_State` of this thread's VM, and
+    /// `hook` 0 or the address of a `lua_Hook`.
+    unsafe fn arm(state: *mut lua_State, hook: usize) {
+        if state.is_null() || hook == 0 {
+            return;
+        }
+        // SAFETY: `hook` is a `lua_Hook` address (see `bind`), and function
+        // pointers and `usize` have the same size.
+        let hook: ffi::lua_Hook = unsafe { std::mem::transmute(hook) };
+        // SAFETY: the caller guarantees `state`; `lua_sethook` may run in a
+        // signal handler interrupting any code of this thread.
+        unsafe { ffi::lua_sethook(state, Some(hook), ffi::LUA_MASKCOUNT, 1) };
+    }
+
+    /// Records that `state` runs from now on, and arms it if the running
+    /// request must stop.
+    ///
+    /// # Safety
+    /// `state` must be a live `lua_State` of this thread's VM, staying alive
+    /// until the next switch.
+    unsafe fn switch_to(state: *mut lua_State) {
+        SLOT.with(|s| {
+            s.running.store(state, Ordering::SeqCst);
+            // The handler runs on this thread: keep the store above before
+            // the load below as far as the compiler is concerned too.
+            compiler_fence(Ordering::SeqCst);
+            let alarm = s.armed.load(Ordering::SeqCst);
+            // SAFETY: as in `on_signal`.
+            if !alarm.is_null() && unsafe { &*alarm }.armed.load(Ordering::SeqCst) {
+                // SAFETY: the caller guarantees `state`.
+                unsafe { arm(state, s.hook.load(Ordering::SeqCst)) };
+            }
+        });
+    }
+
+    /// Before a request of `vm` runs: records its main state as running
+    /// (and it as the VM of this thread: a pool may have replaced it).
+    pub(crate) fn begin(vm: &Binding) {
+        SLOT.with(|s| {
+            s.hook.store(vm.hook, Ordering::SeqCst);
+            s.main.store(vm.main as *mut lua_State, Ordering::SeqCst);
+        });
+        // SAFETY: the main state is alive as long as its VM, which outlives
+        // its requests; `unbind` forgets it before the VM is dropped.
+        unsafe { switch_to(vm.main as *mut lua_State) };
+    }
+
+    /// Lua's `coroutine.resume` at its address.
+    fn original_resume() -> ffi::lua_CFunction {
+        // SAFETY: set by `bind` (to a `lua_CFunction`) before any tracked
+        // function is reachable from Lua.
+        unsafe { std::mem::transmute(ORIGINAL_RESUME.load(Ordering::SeqCst)) }
+    }
+
+    /// Calls Lua's `coroutine.resume` on the frame Lua gave us (argument 1
+    /// is `co`, a coroutine other than `state`), recording the switch to
+    /// `co` and back. Returns the number of results on top of the stack:
+    /// `true, values...` or `false, error`.
+    ///
+    /// # Safety
+    /// `state` is the running Lua thread and `co` its argument 1.
+    unsafe fn resume_on(state: *mut lua_State, co: *mut lua_State) -> c_int {
+        // SAFETY: `co` is referenced from our stack (argument 1), so it is
+        // alive until we return. With a coroutine argument, Lua's resume
+        // does not raise (it returns its errors), so the second switch
+        // always runs.
+        unsafe {
+            switch_to(co);
+            let results = original_resume()(state);
+            switch_to(state);
+            results
+        }
+    }
+
+    /// When the `n` results on top start with `false`, hands the error
+    /// (on top) to the interruption check, upvalue `check` (it raises a
+    /// pending interruption, or a Rust panic, again).
+    ///
+    /// # Safety
+    /// Called from a C function of ours whose upvalue `check` is the check.
+    unsafe fn check_failure(state: *mut lua_State, n: c_int, check: c_int) {
+        // SAFETY: the `n` results are on the stack; `check` is a function;
+        // Lua's API keeps LUA_MINSTACK free slots for the two pushes.
+        unsafe {
+            if ffi::lua_toboolean(state, -n) == 0 {
+                ffi::lua_pushvalue(state, ffi::lua_upvalueindex(check));
+                ffi::lua_pushvalue(state, -2);
+                ffi::lua_call(state, 1, 0);
+            }
+        }
+    }
+
+    /// `coroutine.resume`, recording the switch to the coroutine and back;
+    /// upvalue 1: the interruption check.
+    unsafe extern "C-unwind" fn tracked_resume(state: *mut lua_State) -> c_int {
+        // SAFETY: `state` is the calling Lua thread, alive during this call.
+        let co = unsafe { ffi::lua_tothread(state, 1) };
+        if co.is_null() || co == state {
+            // Not a coroutine (Lua's function raises the usual argument
+            // error), or resuming itself (it returns an error): nothing
+            // switches.
+            // SAFETY: calling a C function on the frame Lua gave us.
+            return unsafe { original_resume()(state) };
+        }
+        // SAFETY: `co` is argument 1; upvalue 1 is the check.
+        unsafe {
+            let n = resume_on(state, co);
+            check_failure(state, n, 1);
+            n
+        }
+    }
+
+    /// `coroutine.close`: runs pending `__close` handlers on the coroutine,
+    /// so the switch is recorded when there can be some; upvalue 1: the
+    /// interruption check.
+    unsafe extern "C-unwind" fn tracked_close(state: *mut lua_State) -> c_int {
+        // SAFETY: set by `bind` before this function is reachable from Lua.
+        let original: ffi::lua_CFunction =
+            unsafe { std::mem::transmute(ORIGINAL_CLOSE.load(Ordering::SeqCst)) };
+        // SAFETY: as in `tracked_resume`.
+        let co = unsafe { ffi::lua_tothread(state, 1) };
+        // Only a suspended coroutine, or one that died by an error, has
+        // handlers to run; Lua's function raises for the others (running,
+        // normal), which must not be recorded as switched to.
+        // SAFETY: `co` is live (argument 1).
+        if co.is_null() || co == state || unsafe { ffi::lua_status(co) } == ffi::LUA_OK {
+            // SAFETY: calling a C function on the frame Lua gave us.
+            return unsafe { original(state) };
+        }
+        // SAFETY: as in `resume_on`: closing a suspended or dead coroutine
+        // returns its errors; upvalue 1 is the check.
+        unsafe {
+            switch_to(co);
+            let n = original(state);
+            switch_to(state);
+            check_failure(state, n, 1);
+            n
+        }
+    }
+
+    /// `coroutine.wrap`: creates the coroutine (as `coroutine.create` does)
+    /// and returns [`wrapped`] over it; upvalue 1: the Lua function raising
+    /// a wrapped coroutine's error (see `hook.rs`).
+    unsafe extern "C-unwind" fn tracked_wrap(state: *mut lua_State) -> c_int {
+        // SAFETY: `state` is the calling Lua thread. The argument check
+        // raises Lua's usual error; `lua_newthread` raises only on memory
+        // errors; nothing of ours needs unwinding.
+        unsafe {
+            ffi::luaL_checktype(state, 1, ffi::LUA_TFUNCTION);
+            let co = ffi::lua_newthread(state);
+            ffi::lua_pushvalue(state, 1);
+            ffi::lua_xmove(state, co, 1);
+            ffi::lua_pushvalue(state, ffi::lua_upvalueindex(1));
+            ffi::lua_pushcclosure(state, wrapped, 2);
+        }
+        1
+    }
+
+    /// The function `coroutine.wrap` returns; upvalues: the coroutine, and
+    /// the Lua function raising its errors.
+    unsafe extern "C-unwind" fn wrapped(state: *mut lua_State) -> c_int {
+        // SAFETY: upvalue 1 is the coroutine, which the closure keeps alive;
+        // inserting it as argument 1 makes the frame a `resume` call.
+        unsafe {
+            let co = ffi::lua_tothread(state, ffi::lua_upvalueindex(1));
+            ffi::lua_pushvalue(state, ffi::lua_upvalueindex(1));
+            ffi::lua_insert(state, 1);
+            if co == state {
+                // Lua's resume answers "cannot resume non-suspended
+                // coroutine" without switching.
+                let n = original_resume()(state);
+                return raise_wrapped(state, n);
+            }
+            let n = resume_on(state, co);
+            if ffi::lua_toboolean(state, -n) != 0 {
+                return n - 1; // the values after `true`
+            }
+            raise_wrapped(state, n)
+        }
+    }
+
+    /// Raises a wrapped coroutine's error (on top) through upvalue 2.
+    ///
+    /// # Safety
+    /// Called from [`wrapped`] with `n` results of a failed resume on top.
+    unsafe fn raise_wrapped(state: *mut lua_State, n: c_int) -> c_int {
+        // SAFETY: upvalue 2 is a Lua function taking (coroutine, error) that
+        // raises; `lua_error` after it only in case it returned.
+        unsafe {
+            if ffi::lua_toboolean(state, -n) != 0 {
+                return n - 1;
+            }
+            ffi::lua_pushvalue(state, ffi::lua_upvalueindex(2));
+            ffi::lua_pushvalue(state, ffi::lua_upvalueindex(1));
+            ffi::lua_pushvalue(state, -3);
+            ffi::lua_call(state, 2, 0);
+            ffi::lua_error(state)
+        }
+    }
+
+    /// Prepares `lua` (on its own thread) for arming on demand: records its
+    /// main state and hook function (mlua's global hook must be set
+    /// already) and removes the hook from the main state.
+    pub(crate) fn bind(lua: &mlua::Lua) -> mlua::Result<Binding> {
+        let main = lua.current_thread().to_pointer() as *mut lua_State;
+        let coroutine: mlua::Table = lua.globals().get("coroutine")?;
+        let resume: mlua::Function = coroutine.get("resume")?;
+        let close: mlua::Function = coroutine.get("close")?;
+        // SAFETY: `main` is the live main state of `lua`, used on its own
+        // thread; `exec_raw` leaves the stack as it found it.
+        let (hook, original_resume, original_close) = unsafe {
+            let hook = ffi::lua_gethook(main);
+            let original = |f: &mlua::Function| -> Option<ffi::lua_CFunction> {
+                let mut c = None;
+                let _ = lua.exec_raw::<()>(f, |state| {
+                    c = ffi::lua_tocfunction(state, -1);
+                });
+                c
+            };
+            (hook, original(&resume), original(&close))
+        };
+        let (Some(hook), Some(original_resume), Some(original_close)) =
+            (hook, original_resume, original_close)
+        else {
+            return Err(mlua::Error::runtime(
+                "mlua-isle: cannot arm hooks on demand (no hook, or coroutine functions are not Lua's)",
+            ));
+        };
+        ORIGINAL_RESUME.store(original_resume as usize, Ordering::SeqCst);
+        ORIGINAL_CLOSE.store(original_close as usize, Ordering::SeqCst);
+        lua.remove_hook();
+        Ok(Binding {
+            main: main as usize,
+            hook: hook as usize,
+        })
+    }
+
+    /// Our C function `f` closed over one upvalue.
+    fn closure(
+        lua: &mlua::Lua,
+        f: ffi::lua_CFunction,
+        upvalue: &mlua::Function,
+    ) -> mlua::Result<mlua::Function> {
+        // SAFETY: `f` is one of this module's functions, which uphold Lua's
+        // C function contract with one upvalue, a function; `exec_raw`
+        // pushes it, and the closure replaces it as the one result.
+        unsafe {
+            lua.exec_raw::<mlua::Function>(upvalue, |state| {
+                ffi::lua_pushcclosure(state, f, 1);
+            })
+        }
+    }
+
+    /// The tracked `coroutine.resume` and `coroutine.close` (see the module
+    /// docs), given the interruption check, called with the error value of
+    /// a failed resume or close.
+    pub(crate) fn tracked_resume_close(
+        lua: &mlua::Lua,
+        check: &mlua::Function,
+    ) -> mlua::Result<(mlua::Function, mlua::Function)> {
+        Ok((
+            closure(lua, tracked_resume, check)?,
+            closure(lua, tracked_close, check)?,
+        ))
+    }
+
+    /// The tracked `coroutine.wrap`, given the Lua function that raises a
+    /// wrapped coroutine's error (called with the coroutine and the error).
+    pub(crate) fn tracked_wrap_with(
+        lua: &mlua::Lua,
+        wrap_error: &mlua::Function,
+    ) -> mlua::Result<mlua::Function> {
+        closure(lua, tracked_wrap, wrap_error)
+    }
+
+    /// True if the Lua thread running now (the one a hook was called on) is
+    /// the one recorded: a thread this module tracks, not one resumed from
+    /// Rust through mlua.
+    pub(crate) fn runs_tracked(lua: &mlua::Lua) -> bool {
+        let current = lua.current_thread().to_pointer() as *mut lua_State;
+        SLOT.with(|s| s.running.load(Ordering::SeqCst) == current)
+    }
+
+    /// Arms the recorded running state again (from the hook, which has just
+    /// removed itself and found the alarm raised meanwhile).
+    pub(crate) fn rearm_running() {
+        SLOT.with(|s| {
+            // SAFETY: `running` is null or the live running state.
+            unsafe {
+                arm(
+                    s.running.load(Ordering::SeqCst),
+                    s.hook.load(Ordering::SeqCst),
+                )
+            }
+        });
+    }
+
+    /// Forgets `vm` if it is the VM recorded on this thread; called before
+    /// it is dropped, so that neither the handler nor a switch can reach its
+    /// states any more.
+    pub(crate) fn unbind(vm: &Binding) {
+        SLOT.with(|s| {
+            if s.main.load(Ordering::SeqCst) as usize == vm.main {
+                s.running.store(std::ptr::null_mut(), Ordering::SeqCst);
+                s.main.store(std::ptr::null_mut(), Ordering::SeqCst);
+            }
+        });
+    }
+
+    /// Removes the hook from the main state if it is set, between requests.
+    pub(crate) fn disarm_main() {
+        SLOT.with(|s| {
+            let main = s.main.load(Ordering::SeqCst);
+            if main.is_null() {
+                return;
+            }
+            // SAFETY: `main` is the live main state of this thread's VM
+            // (bound, and unbound before the VM is dropped).
+            unsafe {
+                if ffi::lua_gethookmask(main) != 0 {
+                    ffi::lua_sethook(main, None, 0, 0);
+                }
+            }
+        });
+    }
+}
