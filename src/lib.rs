@@ -33,6 +33,7 @@
 #![forbid(unsafe_code)]
 
 mod backend;
+mod chunk;
 mod config;
 mod error;
 mod hook;

@@ -1,0 +1,444 @@
+//! `eval` sources: compiling them, and the per-VM cache of compiled chunks
+//! that lets a source seen before skip the compiler.
+//!
+//! A compiled main chunk is a closure whose only upvalue is `_ENV`; calling
+//! it again does what a fresh load would do (fresh locals, fresh nested
+//! closures), provided `_ENV` still holds the table it was loaded with.
+//! Nothing can change that upvalue except code naming `_ENV` and the `debug`
+//! library (which mlua's safe mode never loads; mlua's own
+//! `Function::set_environment` detaches a function's `_ENV` rather than
+//! writing to the shared one), so sources that mention `_ENV` are compiled
+//! every time and never cached. Lua 5.1-style backends keep the environment
+//! in the function itself (`setfenv` may change it): there a hit puts it
+//! back before the call.
+//!
+//! The cache lives on the VM thread only (`RefCell`, no locks). Entries are
+//! keyed by the environment the chunk runs in (the globals, or a session's
+//! table, which the entry holds so its identity is never reused while the
+//! entry exists) and the source text. Least recently used entries go first
+//! when a bound is reached: a number of entries, and a total of source bytes
+//! (so huge sources do not pin memory).
+
+use std::cell::RefCell;
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+
+use mlua::{Function, Lua, Table};
+
+use crate::{IsleError, LuaErrorKind};
+
+/// Chunk name used for `eval` sources: errors read `eval:LINE: message`.
+const EVAL_CHUNK: &str = "=eval";
+
+/// Source bytes a cache holds at most (an eighth of the memory limit, if
+/// that is lower). The compiled code an entry pins takes Lua memory of the
+/// same order as its source.
+const MAX_BYTES: usize = 1 << 20;
+
+/// Compiles `code` as `eval` runs it: as an expression if it parses as one
+/// (as Lua's REPL does), else as a block.
+///
+/// # Errors
+/// Whatever Lua says about the source (a syntax error, or its parser running
+/// out of C stack on deeply nested source) is of kind `Syntax`; running out
+/// of memory stays `MemoryLimit`.
+fn compile(lua: &Lua, env: Option<&Table>, code: &str) -> Result<Function, IsleError> {
+    let compile = |source: &str| {
+        let chunk = lua
+            .load(source)
+            .set_name(EVAL_CHUNK)
+            .set_mode(mlua::chunk::ChunkMode::Text);
+        match env {
+            Some(env) => chunk.set_environment(env.clone()),
+            None => chunk,
+        }
+        .into_function()
+    };
+    match compile(&format!("return {code}")) {
+        Ok(f) => Ok(f),
+        Err(_) => compile(code).map_err(compile_error),
+    }
+}
+
+fn compile_error(e: mlua::Error) -> IsleError {
+    match IsleError::from_lua(&e) {
+        IsleError::Lua(l) => IsleError::Lua(l.with_kind(LuaErrorKind::Syntax)),
+        other => other,
+    }
+}
+
+/// One VM's compiled `eval` chunks, least recently used evicted first.
+pub(crate) struct ChunkCache {
+    lru: RefCell<Lru>,
+    hasher: RandomState,
+    /// Entries kept at most; 0 disables the cache.
+    max_entries: usize,
+    /// Total source bytes kept at most.
+    max_bytes: usize,
+    /// Longest source cached: a quarter of `max_bytes`, so that one source
+    /// never empties the whole cache.
+    max_source: usize,
+}
+
+impl ChunkCache {
+    /// A cache of at most `entries` chunks (0: none) for a VM limited to
+    /// `memory_limit` bytes.
+    pub(crate) fn new(entries: usize, memory_limit: Option<usize>) -> Self {
+        let max_bytes = memory_limit.map_or(MAX_BYTES, |limit| (limit / 8).min(MAX_BYTES));
+        ChunkCache {
+            lru: RefCell::new(Lru::default()),
+            hasher: RandomState::new(),
+            max_entries: entries,
+            max_bytes,
+            max_source: max_bytes / 4,
+        }
+    }
+
+    /// The compiled function of `code` running in `env` (the globals when
+    /// `None`): the cached one, or a fresh compile, cached if it succeeds.
+    ///
+    /// # Errors
+    /// As for `compile`. Errors are not cached.
+    pub(crate) fn load(
+        &self,
+        lua: &Lua,
+        env: Option<&Table>,
+        code: &str,
+    ) -> Result<Function, IsleError> {
+        if self.max_entries == 0 || code.len() > self.max_source || code.contains("_ENV") {
+            return compile(lua, env, code);
+        }
+        let env_id = env.map_or(0, |t| t.to_pointer() as usize);
+        // One hash per request, shared by the lookup and the insert.
+        let hash = self.hasher.hash_one((env_id, code));
+        let cached = self.lru.borrow_mut().get(hash, env_id, code);
+        if let Some(function) = cached {
+            reset_env(lua, env, &function);
+            return Ok(function);
+        }
+        let function = compile(lua, env, code)?;
+        let entry = Entry {
+            hash,
+            env_id,
+            _env: env.cloned(),
+            source: code.into(),
+            function: function.clone(),
+        };
+        self.lru
+            .borrow_mut()
+            .insert(entry, self.max_entries, self.max_bytes);
+        Ok(function)
+    }
+
+    /// Drops the chunks compiled for `env` (a session's table that is going
+    /// away: the entries would keep it alive).
+    pub(crate) fn forget_env(&self, env: &Table) {
+        let env_id = env.to_pointer() as usize;
+        self.lru.borrow_mut().remove_where(|e| e.env_id == env_id);
+    }
+
+    /// Drops every entry (the VM ran out of memory: give the room back).
+    pub(crate) fn clear(&self) {
+        *self.lru.borrow_mut() = Lru::default();
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lru.borrow().slots.len()
+    }
+}
+
+/// Puts back the environment a function was compiled with, where Lua code
+/// can change it (`setfenv`).
+#[cfg(any(feature = "lua51", feature = "luajit", feature = "luau"))]
+fn reset_env(lua: &Lua, env: Option<&Table>, function: &Function) {
+    let want = env.cloned().unwrap_or_else(|| lua.globals());
+    if function.environment().as_ref() != Some(&want) {
+        let _ = function.set_environment(want);
+    }
+}
+
+/// With `_ENV` (Lua 5.2+), sources that could change it are not cached.
+#[cfg(not(any(feature = "lua51", feature = "luajit", feature = "luau")))]
+fn reset_env(_: &Lua, _: Option<&Table>, _: &Function) {}
+
+/// One cached chunk.
+struct Entry {
+    /// Hash of `(env_id, source)`.
+    hash: u64,
+    /// Identity of the environment (its table's address; 0 for the
+    /// globals).
+    env_id: usize,
+    /// Holds the environment, so that its address is not reused by another
+    /// table while this entry exists. (The function holds it too, as
+    /// `_ENV`; this does not depend on that.)
+    _env: Option<Table>,
+    source: Box<str>,
+    function: Function,
+}
+
+/// No slot.
+const NIL: usize = usize::MAX;
+
+/// Entries in a slab, linked from the most to the least recently used, and
+/// indexed by their hash. Two sources with the same hash are never both
+/// kept: the newer replaces the older (with 64-bit hashes, that is for
+/// correctness only).
+struct Lru {
+    index: HashMap<u64, usize, BuildHasherDefault<Prehashed>>,
+    slots: Vec<Slot>,
+    /// Most recently used slot, or `NIL`.
+    newest: usize,
+    /// Least recently used slot, or `NIL`.
+    oldest: usize,
+    /// Total source bytes of the entries.
+    bytes: usize,
+}
+
+struct Slot {
+    entry: Entry,
+    /// Neighbours towards `newest` and `oldest` (`NIL` at the ends).
+    newer: usize,
+    older: usize,
+}
+
+impl Default for Lru {
+    fn default() -> Self {
+        Lru {
+            index: HashMap::default(),
+            slots: Vec::new(),
+            newest: NIL,
+            oldest: NIL,
+            bytes: 0,
+        }
+    }
+}
+
+impl Lru {
+    /// The function cached for exactly `(env_id, code)`, now the most
+    /// recently used.
+    fn get(&mut self, hash: u64, env_id: usize, code: &str) -> Option<Function> {
+        let i = *self.index.get(&hash)?;
+        let entry = &self.slots[i].entry;
+        if entry.env_id != env_id || *entry.source != *code {
+            return None;
+        }
+        let function = entry.function.clone();
+        self.unlink(i);
+        self.push_newest(i);
+        Some(function)
+    }
+
+    /// Adds `entry` as the most recently used, then evicts the least
+    /// recently used ones until both bounds hold.
+    fn insert(&mut self, entry: Entry, max_entries: usize, max_bytes: usize) {
+        if let Some(&i) = self.index.get(&entry.hash) {
+            self.remove(i);
+        }
+        let i = self.slots.len();
+        self.index.insert(entry.hash, i);
+        self.bytes += entry.source.len();
+        self.slots.push(Slot {
+            entry,
+            newer: NIL,
+            older: NIL,
+        });
+        self.push_newest(i);
+        while self.slots.len() > max_entries || self.bytes > max_bytes {
+            self.remove(self.oldest);
+        }
+    }
+
+    /// Removes every entry `doomed` says so of.
+    fn remove_where(&mut self, doomed: impl Fn(&Entry) -> bool) {
+        // From the back: `remove` moves the last slot into the hole, and
+        // every slot behind `i` has been looked at already.
+        for i in (0..self.slots.len()).rev() {
+            if doomed(&self.slots[i].entry) {
+                self.remove(i);
+            }
+        }
+    }
+
+    /// Removes slot `i`; the last slot moves into its place.
+    fn remove(&mut self, i: usize) {
+        self.unlink(i);
+        let slot = self.slots.swap_remove(i);
+        self.index.remove(&slot.entry.hash);
+        self.bytes -= slot.entry.source.len();
+        if i < self.slots.len() {
+            // The slot that was last is now at `i`: point its neighbours
+            // and its index entry there.
+            let (newer, older, hash) = {
+                let moved = &self.slots[i];
+                (moved.newer, moved.older, moved.entry.hash)
+            };
+            match newer {
+                NIL => self.newest = i,
+                n => self.slots[n].older = i,
+            }
+            match older {
+                NIL => self.oldest = i,
+                o => self.slots[o].newer = i,
+            }
+            self.index.insert(hash, i);
+        }
+    }
+
+    /// Takes slot `i` out of the recency list.
+    fn unlink(&mut self, i: usize) {
+        let Slot { newer, older, .. } = self.slots[i];
+        match newer {
+            NIL => self.newest = older,
+            n => self.slots[n].older = older,
+        }
+        match older {
+            NIL => self.oldest = newer,
+            o => self.slots[o].newer = newer,
+        }
+    }
+
+    /// Puts slot `i` (unlinked) at the most recently used end.
+    fn push_newest(&mut self, i: usize) {
+        self.slots[i].newer = NIL;
+        self.slots[i].older = self.newest;
+        match self.newest {
+            NIL => self.oldest = i,
+            n => self.slots[n].newer = i,
+        }
+        self.newest = i;
+    }
+}
+
+/// The index's keys are hashes already: use them as they are.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used; fold anything else in anyway.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn same(a: &Function, b: &Function) -> bool {
+        a.to_pointer() == b.to_pointer()
+    }
+
+    #[test]
+    fn a_second_load_reuses_the_compiled_function() {
+        let lua = Lua::new();
+        let cache = ChunkCache::new(4, None);
+        let a = cache.load(&lua, None, "local t = {} return #t").unwrap();
+        let b = cache.load(&lua, None, "local t = {} return #t").unwrap();
+        assert!(same(&a, &b));
+        let c = cache.load(&lua, None, "1 + 1").unwrap();
+        assert!(same(&c, &cache.load(&lua, None, "1 + 1").unwrap()));
+        assert_eq!(c.call::<i64>(()).unwrap(), 2);
+        assert_eq!(cache.len(), 2);
+    }
+
+    #[test]
+    fn each_environment_has_its_own_entry() {
+        let lua = Lua::new();
+        let cache = ChunkCache::new(4, None);
+        let env = lua.create_table().unwrap();
+        let plain = cache.load(&lua, None, "return x").unwrap();
+        let scoped = cache.load(&lua, Some(&env), "return x").unwrap();
+        assert!(!same(&plain, &scoped));
+        assert!(same(
+            &scoped,
+            &cache.load(&lua, Some(&env), "return x").unwrap()
+        ));
+        cache.forget_env(&env);
+        assert_eq!(cache.len(), 1);
+        assert!(same(&plain, &cache.load(&lua, None, "return x").unwrap()));
+    }
+
+    #[test]
+    fn the_least_recently_used_goes_first() {
+        let lua = Lua::new();
+        let cache = ChunkCache::new(2, None);
+        let a = cache.load(&lua, None, "'a'").unwrap();
+        let b = cache.load(&lua, None, "'b'").unwrap();
+        cache.load(&lua, None, "'a'").unwrap(); // a is now newer than b
+        cache.load(&lua, None, "'c'").unwrap(); // evicts b
+        assert_eq!(cache.len(), 2);
+        assert!(same(&a, &cache.load(&lua, None, "'a'").unwrap()));
+        assert!(!same(&b, &cache.load(&lua, None, "'b'").unwrap()));
+    }
+
+    #[test]
+    fn bounds_on_bytes_and_source_size_hold() {
+        let lua = Lua::new();
+        // 64 KiB limit: 8 KiB of source in all, 2 KiB per source.
+        let cache = ChunkCache::new(100, Some(64 << 10));
+        let long = format!("return '{}'", "x".repeat(3000));
+        let a = cache.load(&lua, None, &long).unwrap();
+        assert!(!same(&a, &cache.load(&lua, None, &long).unwrap()));
+        assert_eq!(cache.len(), 0);
+        for i in 0..10 {
+            let src = format!("return '{}'", i.to_string().repeat(1500));
+            cache.load(&lua, None, &src).unwrap();
+        }
+        assert_eq!(cache.len(), 5);
+        assert!(cache.lru.borrow().bytes <= 8 << 10);
+    }
+
+    #[test]
+    fn removal_keeps_the_list_consistent() {
+        let lua = Lua::new();
+        let cache = ChunkCache::new(8, None);
+        let envs: Vec<Table> = (0..3).map(|_| lua.create_table().unwrap()).collect();
+        for round in 0..3 {
+            for (k, env) in envs.iter().enumerate() {
+                for j in 0..2 {
+                    let src = format!("return {k} * 10 + {j}");
+                    let f = cache.load(&lua, Some(env), &src).unwrap();
+                    assert_eq!(f.call::<i64>(()).unwrap(), k as i64 * 10 + j);
+                }
+            }
+            cache.forget_env(&envs[round]);
+            let lru = cache.lru.borrow();
+            // Walk newest → oldest: every slot once, links agreeing.
+            let (mut seen, mut i, mut newer) = (0, lru.newest, NIL);
+            while i != NIL {
+                assert_eq!(lru.slots[i].newer, newer);
+                assert_eq!(lru.index[&lru.slots[i].entry.hash], i);
+                seen += 1;
+                newer = i;
+                i = lru.slots[i].older;
+            }
+            assert_eq!(lru.oldest, newer);
+            assert_eq!(seen, lru.slots.len());
+            assert_eq!(seen, lru.index.len());
+        }
+    }
+
+    #[test]
+    fn sources_naming_env_and_errors_are_not_cached() {
+        let lua = Lua::new();
+        let cache = ChunkCache::new(4, None);
+        cache.load(&lua, None, "local e = _ENV return 1").unwrap();
+        assert!(cache.load(&lua, None, "x = = 1").is_err());
+        assert_eq!(cache.len(), 0);
+        let off = ChunkCache::new(0, None);
+        off.load(&lua, None, "1").unwrap();
+        assert_eq!(off.len(), 0);
+    }
+}
