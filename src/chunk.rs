@@ -430,6 +430,21 @@ mod tests {
         }
     }
 
+    #[cfg(any(feature = "lua51", feature = "luajit", feature = "luau"))]
+    #[test]
+    fn a_chunk_that_changes_its_environment_gets_it_back() {
+        let lua = Lua::new();
+        let cache = ChunkCache::new(4, None);
+        let src = "if marker then return 'stale' end \
+                   setfenv(1, setmetatable({ marker = true }, { __index = _G })) \
+                   return 'fresh'";
+        for _ in 0..3 {
+            let f = cache.load(&lua, None, src).unwrap();
+            assert_eq!(f.call::<String>(()).unwrap(), "fresh");
+        }
+        assert_eq!(cache.len(), 1);
+    }
+
     #[test]
     fn sources_naming_env_and_errors_are_not_cached() {
         let lua = Lua::new();
