@@ -21,12 +21,15 @@
 
 use std::cell::RefCell;
 use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::hash::BuildHasher;
 
 use mlua::{Function, Lua, Table};
 
 use crate::{IsleError, LuaErrorKind};
+
+mod lru;
+
+use lru::{Entry, Lru};
 
 /// Chunk name used for `eval` sources: errors read `eval:LINE: message`.
 const EVAL_CHUNK: &str = "=eval";
@@ -145,7 +148,7 @@ impl ChunkCache {
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.lru.borrow().slots.len()
+        self.lru.borrow().len()
     }
 }
 
@@ -162,175 +165,6 @@ fn reset_env(lua: &Lua, env: Option<&Table>, function: &Function) {
 /// With `_ENV` (Lua 5.2+), sources that could change it are not cached.
 #[cfg(not(any(feature = "lua51", feature = "luajit", feature = "luau")))]
 fn reset_env(_: &Lua, _: Option<&Table>, _: &Function) {}
-
-/// One cached chunk.
-struct Entry {
-    /// Hash of `(env_id, source)`.
-    hash: u64,
-    /// Identity of the environment (its table's address; 0 for the
-    /// globals).
-    env_id: usize,
-    /// Holds the environment, so that its address is not reused by another
-    /// table while this entry exists. (The function holds it too, as
-    /// `_ENV`; this does not depend on that.)
-    _env: Option<Table>,
-    source: Box<str>,
-    function: Function,
-}
-
-/// No slot.
-const NIL: usize = usize::MAX;
-
-/// Entries in a slab, linked from the most to the least recently used, and
-/// indexed by their hash. Two sources with the same hash are never both
-/// kept: the newer replaces the older (with 64-bit hashes, that is for
-/// correctness only).
-struct Lru {
-    index: HashMap<u64, usize, BuildHasherDefault<Prehashed>>,
-    slots: Vec<Slot>,
-    /// Most recently used slot, or `NIL`.
-    newest: usize,
-    /// Least recently used slot, or `NIL`.
-    oldest: usize,
-    /// Total source bytes of the entries.
-    bytes: usize,
-}
-
-struct Slot {
-    entry: Entry,
-    /// Neighbours towards `newest` and `oldest` (`NIL` at the ends).
-    newer: usize,
-    older: usize,
-}
-
-impl Default for Lru {
-    fn default() -> Self {
-        Lru {
-            index: HashMap::default(),
-            slots: Vec::new(),
-            newest: NIL,
-            oldest: NIL,
-            bytes: 0,
-        }
-    }
-}
-
-impl Lru {
-    /// The function cached for exactly `(env_id, code)`, now the most
-    /// recently used.
-    fn get(&mut self, hash: u64, env_id: usize, code: &str) -> Option<Function> {
-        let i = *self.index.get(&hash)?;
-        let entry = &self.slots[i].entry;
-        if entry.env_id != env_id || *entry.source != *code {
-            return None;
-        }
-        let function = entry.function.clone();
-        self.unlink(i);
-        self.push_newest(i);
-        Some(function)
-    }
-
-    /// Adds `entry` as the most recently used, then evicts the least
-    /// recently used ones until both bounds hold.
-    fn insert(&mut self, entry: Entry, max_entries: usize, max_bytes: usize) {
-        if let Some(&i) = self.index.get(&entry.hash) {
-            self.remove(i);
-        }
-        let i = self.slots.len();
-        self.index.insert(entry.hash, i);
-        self.bytes += entry.source.len();
-        self.slots.push(Slot {
-            entry,
-            newer: NIL,
-            older: NIL,
-        });
-        self.push_newest(i);
-        while self.slots.len() > max_entries || self.bytes > max_bytes {
-            self.remove(self.oldest);
-        }
-    }
-
-    /// Removes every entry `doomed` says so of.
-    fn remove_where(&mut self, doomed: impl Fn(&Entry) -> bool) {
-        // From the back: `remove` moves the last slot into the hole, and
-        // every slot behind `i` has been looked at already.
-        for i in (0..self.slots.len()).rev() {
-            if doomed(&self.slots[i].entry) {
-                self.remove(i);
-            }
-        }
-    }
-
-    /// Removes slot `i`; the last slot moves into its place.
-    fn remove(&mut self, i: usize) {
-        self.unlink(i);
-        let slot = self.slots.swap_remove(i);
-        self.index.remove(&slot.entry.hash);
-        self.bytes -= slot.entry.source.len();
-        if i < self.slots.len() {
-            // The slot that was last is now at `i`: point its neighbours
-            // and its index entry there.
-            let (newer, older, hash) = {
-                let moved = &self.slots[i];
-                (moved.newer, moved.older, moved.entry.hash)
-            };
-            match newer {
-                NIL => self.newest = i,
-                n => self.slots[n].older = i,
-            }
-            match older {
-                NIL => self.oldest = i,
-                o => self.slots[o].newer = i,
-            }
-            self.index.insert(hash, i);
-        }
-    }
-
-    /// Takes slot `i` out of the recency list.
-    fn unlink(&mut self, i: usize) {
-        let Slot { newer, older, .. } = self.slots[i];
-        match newer {
-            NIL => self.newest = older,
-            n => self.slots[n].older = older,
-        }
-        match older {
-            NIL => self.oldest = newer,
-            o => self.slots[o].newer = newer,
-        }
-    }
-
-    /// Puts slot `i` (unlinked) at the most recently used end.
-    fn push_newest(&mut self, i: usize) {
-        self.slots[i].newer = NIL;
-        self.slots[i].older = self.newest;
-        match self.newest {
-            NIL => self.oldest = i,
-            n => self.slots[n].newer = i,
-        }
-        self.newest = i;
-    }
-}
-
-/// The index's keys are hashes already: use them as they are.
-#[derive(Default)]
-struct Prehashed(u64);
-
-impl Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `write_u64` is used; fold anything else in anyway.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -397,7 +231,7 @@ mod tests {
             cache.load(&lua, None, &src).unwrap();
         }
         assert_eq!(cache.len(), 5);
-        assert!(cache.lru.borrow().bytes <= 8 << 10);
+        assert!(cache.lru.borrow().bytes() <= 8 << 10);
     }
 
     #[test]
@@ -414,19 +248,7 @@ mod tests {
                 }
             }
             cache.forget_env(&envs[round]);
-            let lru = cache.lru.borrow();
-            // Walk newest → oldest: every slot once, links agreeing.
-            let (mut seen, mut i, mut newer) = (0, lru.newest, NIL);
-            while i != NIL {
-                assert_eq!(lru.slots[i].newer, newer);
-                assert_eq!(lru.index[&lru.slots[i].entry.hash], i);
-                seen += 1;
-                newer = i;
-                i = lru.slots[i].older;
-            }
-            assert_eq!(lru.oldest, newer);
-            assert_eq!(seen, lru.slots.len());
-            assert_eq!(seen, lru.index.len());
+            cache.lru.borrow().assert_consistent();
         }
     }
 
