@@ -5,6 +5,9 @@ use std::time::Duration;
 /// Default instructions between two cancel checks.
 pub(crate) const DEFAULT_HOOK_INTERVAL: u32 = 1000;
 
+/// Default number of compiled `eval` chunks each VM keeps.
+pub(crate) const DEFAULT_CHUNK_CACHE: usize = 64;
+
 /// Per-VM settings, filled in by the builders.
 #[derive(Debug, Clone)]
 pub(crate) struct VmConfig {
@@ -21,6 +24,8 @@ pub(crate) struct VmConfig {
     pub(crate) binary_chunks: bool,
     /// Apply `sandbox.rs` after `init`.
     pub(crate) sandbox: bool,
+    /// Compiled `eval` chunks kept per VM (0: none).
+    pub(crate) chunk_cache: usize,
 }
 
 impl Default for VmConfig {
@@ -34,6 +39,7 @@ impl Default for VmConfig {
             max_instructions: None,
             binary_chunks: false,
             sandbox: false,
+            chunk_cache: DEFAULT_CHUNK_CACHE,
         }
     }
 }
@@ -51,7 +57,7 @@ impl VmConfig {
 
 /// The builder options every VM takes (`name`, `stack_size`,
 /// `hook_interval`, `default_timeout`, `memory_limit`, `max_instructions`,
-/// `allow_binary_chunks`, `sandbox`), for a builder with a `config: VmConfig` field.
+/// `allow_binary_chunks`, `sandbox`, `chunk_cache`), for a builder with a `config: VmConfig` field.
 macro_rules! vm_options {
     () => {
         /// Names the threads: an isle's VM thread is `NAME`, a pool's
@@ -143,6 +149,28 @@ macro_rules! vm_options {
         /// not cover.
         pub fn sandbox(mut self, on: bool) -> Self {
             self.config.sandbox = on;
+            self
+        }
+
+        /// How many compiled `eval` chunks each VM keeps (default 64; 0
+        /// turns the cache off). An `eval` of a source that VM compiled
+        /// before, for the same environment (the globals, or the same
+        /// session), reuses the compiled function and skips the compiler;
+        /// each run still gets fresh locals, as with a fresh compile. Only
+        /// the exact same source text matches. The least recently used
+        /// chunk goes first; sources that mention `_ENV`, sources that fail
+        /// to compile, and sources longer than a quarter of the byte bound
+        /// are never kept.
+        ///
+        /// The cache holds compiled functions in the VM: their memory
+        /// counts against [`memory_limit`](Self::memory_limit) (and a
+        /// pool's `recycle_when_memory_above`). Besides the entry count,
+        /// the cache keeps at most 1 MiB of source per VM, or an eighth of
+        /// the memory limit if that is lower (compiled code takes memory of
+        /// the same order), and a VM that runs out of memory empties it.
+        /// Closing a session drops its cached chunks.
+        pub fn chunk_cache(mut self, entries: usize) -> Self {
+            self.config.chunk_cache = entries;
             self
         }
     };

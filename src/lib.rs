@@ -34,6 +34,7 @@
 
 mod alarm;
 mod backend;
+mod chunk;
 mod config;
 mod error;
 mod hook;

@@ -24,6 +24,7 @@ use crossbeam_utils::CachePadded;
 use mlua::{Lua, Table};
 use parking_lot::{Condvar, Mutex};
 
+use crate::chunk::ChunkCache;
 use crate::spin::spin_until;
 use crate::token::{CancelToken, Reason};
 use crate::IsleError;
@@ -232,6 +233,8 @@ pub(crate) struct Ctx<'a> {
     pub(crate) lua: &'a Lua,
     /// The session's environment, for session work; `None` for plain work.
     pub(crate) env: Option<&'a Table>,
+    /// The VM's compiled `eval` chunks.
+    pub(crate) chunks: &'a ChunkCache,
 }
 
 impl Ctx<'_> {

@@ -73,11 +73,9 @@ fn lua_err(e: mlua::Error) -> IsleError {
     IsleError::from_lua(&e)
 }
 
-/// Chunk name used for `eval` sources: errors read `eval:LINE: message`.
-const EVAL_CHUNK: &str = "=eval";
-
 /// Work for `eval`: the source runs as an expression if it parses as one,
-/// else as a block (`"1 + 1"` and `"return 1 + 1"` both give 2).
+/// else as a block (`"1 + 1"` and `"return 1 + 1"` both give 2). A source
+/// this VM compiled before for the same environment is not compiled again.
 pub(crate) fn eval<T>(
     code: String,
 ) -> impl FnOnce(&Ctx<'_>) -> Result<T, IsleError> + Send + 'static
@@ -85,34 +83,8 @@ where
     T: FromLuaMulti + Send + 'static,
 {
     move |ctx| {
-        let compile = |source: &str| {
-            let chunk = ctx
-                .lua
-                .load(source)
-                .set_name(EVAL_CHUNK)
-                .set_mode(mlua::chunk::ChunkMode::Text);
-            match ctx.env {
-                Some(env) => chunk.set_environment(env.clone()),
-                None => chunk,
-            }
-            .into_function()
-        };
-        // As Lua's REPL does: an expression if it parses as one, else a block.
-        let function = match compile(&format!("return {code}")) {
-            Ok(f) => f,
-            Err(_) => compile(&code).map_err(compile_error)?,
-        };
+        let function = ctx.chunks.load(ctx.lua, ctx.env, &code)?;
         function.call::<T>(()).map_err(lua_err)
-    }
-}
-
-/// An error from compiling a chunk: whatever Lua says (a syntax error, or
-/// its parser running out of C stack on deeply nested source), it is of
-/// kind `Syntax`; running out of memory stays `MemoryLimit`.
-fn compile_error(e: mlua::Error) -> IsleError {
-    match IsleError::from_lua(&e) {
-        IsleError::Lua(l) => IsleError::Lua(l.with_kind(crate::LuaErrorKind::Syntax)),
-        other => other,
     }
 }
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use mlua::{Lua, LuaOptions, StdLib, Table};
 
+use crate::chunk::ChunkCache;
 use crate::config::VmConfig;
 use crate::hook::Interrupt;
 use crate::request::{Ctx, Job, Outcome};
@@ -31,6 +32,9 @@ pub(crate) fn on_owner_thread(owner: u64) -> bool {
 
 /// A VM living on the current thread.
 pub(crate) struct Vm {
+    /// Compiled `eval` chunks (they hold Lua values: declared before `lua`,
+    /// so they are dropped first).
+    chunks: ChunkCache,
     lua: Lua,
     interrupt: Arc<Interrupt>,
     memory_limit: Option<usize>,
@@ -75,6 +79,7 @@ impl Vm {
         };
         match catch_unwind(AssertUnwindSafe(|| init_then_sandbox(&lua))) {
             Ok(Ok(())) => Ok(Vm {
+                chunks: ChunkCache::new(config.chunk_cache, config.memory_limit),
                 live: Cell::new(lua.used_memory()),
                 lua,
                 interrupt,
@@ -95,6 +100,7 @@ impl Vm {
         let ctx = Ctx {
             lua: &self.lua,
             env,
+            chunks: &self.chunks,
         };
         let outcome = catch_unwind(AssertUnwindSafe(|| job.run(&ctx, &*self.interrupt)))
             .unwrap_or(Outcome::Failed);
@@ -114,6 +120,10 @@ impl Vm {
     fn keep_room(&self, limit: usize, out_of_memory: bool) {
         let live = self.live.get();
         let room = limit.saturating_sub(live);
+        if out_of_memory {
+            // Cached chunks must not keep a VM short of memory.
+            self.chunks.clear();
+        }
         if out_of_memory || self.lua.used_memory() > live.saturating_add(room / 4) {
             let _ = self.lua.gc_collect();
             self.live.set(self.lua.used_memory());
@@ -123,6 +133,11 @@ impl Vm {
     /// The VM's interrupt state, for owners that abort.
     pub(crate) fn interrupt(&self) -> Arc<Interrupt> {
         self.interrupt.clone()
+    }
+
+    /// The VM's compiled `eval` chunks.
+    pub(crate) fn chunks(&self) -> &ChunkCache {
+        &self.chunks
     }
 
     pub(crate) fn lua(&self) -> &Lua {

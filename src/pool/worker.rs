@@ -126,7 +126,8 @@ impl Worker {
                         }
                     }
                     Found::Pinned(Pinned::Close(id)) => {
-                        if host.envs.remove(&id).is_some() {
+                        if let Some(env) = host.envs.remove(&id) {
+                            host.vm.chunks().forget_env(&env.table);
                             shared.counters[w].sessions.fetch_sub(1, Ordering::Relaxed);
                         }
                         lost.retain(|b| b.id != id);
@@ -138,7 +139,7 @@ impl Worker {
                 // Sessions expire under load too, not only when idle.
                 if let Some(every) = sweep_every {
                     if Instant::now() >= next_sweep {
-                        self.expire_idle(&mut host.envs, &mut lost);
+                        self.expire_idle(&mut host, &mut lost);
                         next_sweep = Instant::now() + every;
                     }
                 }
@@ -155,7 +156,7 @@ impl Worker {
             }
             if let Some(every) = sweep_every {
                 if Instant::now() >= next_sweep {
-                    self.expire_idle(&mut host.envs, &mut lost);
+                    self.expire_idle(&mut host, &mut lost);
                     next_sweep = Instant::now() + every;
                 }
             }
@@ -226,7 +227,7 @@ impl Worker {
 
     /// Closes this VM's sessions (live or lost) that have been idle for
     /// `idle_timeout`.
-    fn expire_idle(&self, envs: &mut HashMap<u64, Env>, lost: &mut Vec<Arc<Binding>>) {
+    fn expire_idle(&self, host: &mut Host, lost: &mut Vec<Arc<Binding>>) {
         let shared = &*self.shared;
         let Some(idle) = shared.idle_timeout else {
             return;
@@ -240,8 +241,10 @@ impl Worker {
         // Checked again under the shard lock: a request may be binding to
         // the session right now.
         let expire = |b: &Arc<Binding>| is_idle(b) && shared.sessions.remove_if(b, is_idle);
+        let Host { vm, envs, .. } = host;
         envs.retain(|_, env| {
             if expire(&env.binding) {
+                vm.chunks().forget_env(&env.table);
                 shared.counters[self.index]
                     .sessions
                     .fetch_sub(1, Ordering::Relaxed);

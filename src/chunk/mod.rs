@@ -1,0 +1,281 @@
+//! `eval` sources: compiling them, and the per-VM cache of compiled chunks
+//! that lets a source seen before skip the compiler.
+//!
+//! A compiled main chunk is a closure whose only upvalue is `_ENV`; calling
+//! it again does what a fresh load would do (fresh locals, fresh nested
+//! closures), provided `_ENV` still holds the table it was loaded with.
+//! Nothing can change that upvalue except code naming `_ENV` and the `debug`
+//! library (which mlua's safe mode never loads; mlua's own
+//! `Function::set_environment` detaches a function's `_ENV` rather than
+//! writing to the shared one), so sources that mention `_ENV` are compiled
+//! every time and never cached. Lua 5.1-style backends keep the environment
+//! in the function itself (`setfenv` may change it): there a hit puts it
+//! back before the call.
+//!
+//! The cache lives on the VM thread only (`RefCell`, no locks). Entries are
+//! keyed by the environment the chunk runs in (the globals, or a session's
+//! table, which the entry holds so its identity is never reused while the
+//! entry exists) and the source text. Least recently used entries go first
+//! when a bound is reached: a number of entries, and a total of source bytes
+//! (so huge sources do not pin memory).
+
+use std::cell::RefCell;
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+
+use mlua::{Function, Lua, Table};
+
+use crate::{IsleError, LuaErrorKind};
+
+mod lru;
+
+use lru::{Entry, Lru};
+
+/// Chunk name used for `eval` sources: errors read `eval:LINE: message`.
+const EVAL_CHUNK: &str = "=eval";
+
+/// Source bytes a cache holds at most (an eighth of the memory limit, if
+/// that is lower). The compiled code an entry pins takes Lua memory of the
+/// same order as its source.
+const MAX_BYTES: usize = 1 << 20;
+
+/// Compiles `code` as `eval` runs it: as an expression if it parses as one
+/// (as Lua's REPL does), else as a block.
+///
+/// # Errors
+/// Whatever Lua says about the source (a syntax error, or its parser running
+/// out of C stack on deeply nested source) is of kind `Syntax`; running out
+/// of memory stays `MemoryLimit`.
+fn compile(lua: &Lua, env: Option<&Table>, code: &str) -> Result<Function, IsleError> {
+    let compile = |source: &str| {
+        let chunk = lua
+            .load(source)
+            .set_name(EVAL_CHUNK)
+            .set_mode(mlua::chunk::ChunkMode::Text);
+        match env {
+            Some(env) => chunk.set_environment(env.clone()),
+            None => chunk,
+        }
+        .into_function()
+    };
+    match compile(&format!("return {code}")) {
+        Ok(f) => Ok(f),
+        Err(_) => compile(code).map_err(compile_error),
+    }
+}
+
+fn compile_error(e: mlua::Error) -> IsleError {
+    match IsleError::from_lua(&e) {
+        IsleError::Lua(l) => IsleError::Lua(l.with_kind(LuaErrorKind::Syntax)),
+        other => other,
+    }
+}
+
+/// One VM's compiled `eval` chunks, least recently used evicted first.
+pub(crate) struct ChunkCache {
+    lru: RefCell<Lru>,
+    hasher: RandomState,
+    /// Entries kept at most; 0 disables the cache.
+    max_entries: usize,
+    /// Total source bytes kept at most.
+    max_bytes: usize,
+    /// Longest source cached: a quarter of `max_bytes`, so that one source
+    /// never empties the whole cache.
+    max_source: usize,
+}
+
+impl ChunkCache {
+    /// A cache of at most `entries` chunks (0: none) for a VM limited to
+    /// `memory_limit` bytes.
+    pub(crate) fn new(entries: usize, memory_limit: Option<usize>) -> Self {
+        let max_bytes = memory_limit.map_or(MAX_BYTES, |limit| (limit / 8).min(MAX_BYTES));
+        ChunkCache {
+            lru: RefCell::new(Lru::default()),
+            hasher: RandomState::new(),
+            max_entries: entries,
+            max_bytes,
+            max_source: max_bytes / 4,
+        }
+    }
+
+    /// The compiled function of `code` running in `env` (the globals when
+    /// `None`): the cached one, or a fresh compile, cached if it succeeds.
+    ///
+    /// # Errors
+    /// As for `compile`. Errors are not cached.
+    pub(crate) fn load(
+        &self,
+        lua: &Lua,
+        env: Option<&Table>,
+        code: &str,
+    ) -> Result<Function, IsleError> {
+        if self.max_entries == 0 || code.len() > self.max_source || code.contains("_ENV") {
+            return compile(lua, env, code);
+        }
+        let env_id = env.map_or(0, |t| t.to_pointer() as usize);
+        // One hash per request, shared by the lookup and the insert.
+        let hash = self.hasher.hash_one((env_id, code));
+        let cached = self.lru.borrow_mut().get(hash, env_id, code);
+        if let Some(function) = cached {
+            reset_env(lua, env, &function);
+            return Ok(function);
+        }
+        let function = compile(lua, env, code)?;
+        let entry = Entry {
+            hash,
+            env_id,
+            _env: env.cloned(),
+            source: code.into(),
+            function: function.clone(),
+        };
+        self.lru
+            .borrow_mut()
+            .insert(entry, self.max_entries, self.max_bytes);
+        Ok(function)
+    }
+
+    /// Drops the chunks compiled for `env` (a session's table that is going
+    /// away: the entries would keep it alive).
+    pub(crate) fn forget_env(&self, env: &Table) {
+        let env_id = env.to_pointer() as usize;
+        self.lru.borrow_mut().remove_where(|e| e.env_id == env_id);
+    }
+
+    /// Drops every entry (the VM ran out of memory: give the room back).
+    pub(crate) fn clear(&self) {
+        *self.lru.borrow_mut() = Lru::default();
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lru.borrow().len()
+    }
+}
+
+/// Puts back the environment a function was compiled with, where Lua code
+/// can change it (`setfenv`).
+#[cfg(any(feature = "lua51", feature = "luajit", feature = "luau"))]
+fn reset_env(lua: &Lua, env: Option<&Table>, function: &Function) {
+    let want = env.cloned().unwrap_or_else(|| lua.globals());
+    if function.environment().as_ref() != Some(&want) {
+        let _ = function.set_environment(want);
+    }
+}
+
+/// With `_ENV` (Lua 5.2+), sources that could change it are not cached.
+#[cfg(not(any(feature = "lua51", feature = "luajit", feature = "luau")))]
+fn reset_env(_: &Lua, _: Option<&Table>, _: &Function) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn same(a: &Function, b: &Function) -> bool {
+        a.to_pointer() == b.to_pointer()
+    }
+
+    #[test]
+    fn a_second_load_reuses_the_compiled_function() {
+        let lua = Lua::new();
+        let cache = ChunkCache::new(4, None);
+        let a = cache.load(&lua, None, "local t = {} return #t").unwrap();
+        let b = cache.load(&lua, None, "local t = {} return #t").unwrap();
+        assert!(same(&a, &b));
+        let c = cache.load(&lua, None, "1 + 1").unwrap();
+        assert!(same(&c, &cache.load(&lua, None, "1 + 1").unwrap()));
+        assert_eq!(c.call::<i64>(()).unwrap(), 2);
+        assert_eq!(cache.len(), 2);
+    }
+
+    #[test]
+    fn each_environment_has_its_own_entry() {
+        let lua = Lua::new();
+        let cache = ChunkCache::new(4, None);
+        let env = lua.create_table().unwrap();
+        let plain = cache.load(&lua, None, "return x").unwrap();
+        let scoped = cache.load(&lua, Some(&env), "return x").unwrap();
+        assert!(!same(&plain, &scoped));
+        assert!(same(
+            &scoped,
+            &cache.load(&lua, Some(&env), "return x").unwrap()
+        ));
+        cache.forget_env(&env);
+        assert_eq!(cache.len(), 1);
+        assert!(same(&plain, &cache.load(&lua, None, "return x").unwrap()));
+    }
+
+    #[test]
+    fn the_least_recently_used_goes_first() {
+        let lua = Lua::new();
+        let cache = ChunkCache::new(2, None);
+        let a = cache.load(&lua, None, "'a'").unwrap();
+        let b = cache.load(&lua, None, "'b'").unwrap();
+        cache.load(&lua, None, "'a'").unwrap(); // a is now newer than b
+        cache.load(&lua, None, "'c'").unwrap(); // evicts b
+        assert_eq!(cache.len(), 2);
+        assert!(same(&a, &cache.load(&lua, None, "'a'").unwrap()));
+        assert!(!same(&b, &cache.load(&lua, None, "'b'").unwrap()));
+    }
+
+    #[test]
+    fn bounds_on_bytes_and_source_size_hold() {
+        let lua = Lua::new();
+        // 64 KiB limit: 8 KiB of source in all, 2 KiB per source.
+        let cache = ChunkCache::new(100, Some(64 << 10));
+        let long = format!("return '{}'", "x".repeat(3000));
+        let a = cache.load(&lua, None, &long).unwrap();
+        assert!(!same(&a, &cache.load(&lua, None, &long).unwrap()));
+        assert_eq!(cache.len(), 0);
+        for i in 0..10 {
+            let src = format!("return '{}'", i.to_string().repeat(1500));
+            cache.load(&lua, None, &src).unwrap();
+        }
+        assert_eq!(cache.len(), 5);
+        assert!(cache.lru.borrow().bytes() <= 8 << 10);
+    }
+
+    #[test]
+    fn removal_keeps_the_list_consistent() {
+        let lua = Lua::new();
+        let cache = ChunkCache::new(8, None);
+        let envs: Vec<Table> = (0..3).map(|_| lua.create_table().unwrap()).collect();
+        for round in 0..3 {
+            for (k, env) in envs.iter().enumerate() {
+                for j in 0..2 {
+                    let src = format!("return {k} * 10 + {j}");
+                    let f = cache.load(&lua, Some(env), &src).unwrap();
+                    assert_eq!(f.call::<i64>(()).unwrap(), k as i64 * 10 + j);
+                }
+            }
+            cache.forget_env(&envs[round]);
+            cache.lru.borrow().assert_consistent();
+        }
+    }
+
+    #[cfg(any(feature = "lua51", feature = "luajit", feature = "luau"))]
+    #[test]
+    fn a_chunk_that_changes_its_environment_gets_it_back() {
+        let lua = Lua::new();
+        let cache = ChunkCache::new(4, None);
+        let src = "if marker then return 'stale' end \
+                   setfenv(1, setmetatable({ marker = true }, { __index = _G })) \
+                   return 'fresh'";
+        for _ in 0..3 {
+            let f = cache.load(&lua, None, src).unwrap();
+            assert_eq!(f.call::<String>(()).unwrap(), "fresh");
+        }
+        assert_eq!(cache.len(), 1);
+    }
+
+    #[test]
+    fn sources_naming_env_and_errors_are_not_cached() {
+        let lua = Lua::new();
+        let cache = ChunkCache::new(4, None);
+        cache.load(&lua, None, "local e = _ENV return 1").unwrap();
+        assert!(cache.load(&lua, None, "x = = 1").is_err());
+        assert_eq!(cache.len(), 0);
+        let off = ChunkCache::new(0, None);
+        off.load(&lua, None, "1").unwrap();
+        assert_eq!(off.len(), 0);
+    }
+}
