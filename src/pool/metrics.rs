@@ -74,6 +74,9 @@ pub(crate) struct WorkerCounters {
     pub(crate) sessions: AtomicUsize,
     pub(crate) recycled: AtomicU64,
     pub(crate) recycle_failures: AtomicU64,
+    /// Session-close markers in this worker's pinned queue: not requests,
+    /// so not counted as queued.
+    pub(crate) closes_queued: AtomicUsize,
 }
 
 impl WorkerCounters {
@@ -89,9 +92,11 @@ impl WorkerCounters {
             .fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
     }
 
-    pub(crate) fn snapshot(&self, queued: usize) -> WorkerMetrics {
+    /// The metrics, given the length of the worker's queues (close markers
+    /// included).
+    pub(crate) fn snapshot(&self, in_queues: usize) -> WorkerMetrics {
         WorkerMetrics {
-            queued,
+            queued: in_queues.saturating_sub(self.closes_queued.load(Ordering::Relaxed)),
             running: usize::from(self.running.load(Ordering::Relaxed)),
             completed: self.completed.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),

@@ -151,6 +151,9 @@ pub(crate) fn close(shared: &Shared, key: &SessionKey) -> bool {
         let Some(binding) = shard.remove(key) else {
             return false;
         };
+        shared.counters[binding.worker]
+            .closes_queued
+            .fetch_add(1, Ordering::Relaxed);
         shared.pinned[binding.worker].push(Pinned::Close(binding.id));
         binding.worker
     };

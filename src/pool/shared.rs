@@ -175,12 +175,14 @@ impl Shared {
                 discard(job);
             }
         }
-        for q in self.pinned.iter() {
+        for (q, counters) in iter::zip(self.pinned.iter(), self.counters.iter()) {
             while let Some(p) = steal_one(|| q.steal()) {
                 match p {
                     Pinned::Session(_, job) => discard(job),
                     Pinned::Broadcast(job) => job.abandon(IsleError::Shutdown),
-                    Pinned::Close(_) => {}
+                    Pinned::Close(_) => {
+                        counters.closes_queued.fetch_sub(1, Ordering::Relaxed);
+                    }
                 }
             }
         }

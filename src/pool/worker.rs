@@ -126,6 +126,9 @@ impl Worker {
                         }
                     }
                     Found::Pinned(Pinned::Close(id)) => {
+                        shared.counters[w]
+                            .closes_queued
+                            .fetch_sub(1, Ordering::Relaxed);
                         if let Some(env) = host.envs.remove(&id) {
                             host.vm.chunks().forget_env(&env.table);
                             shared.counters[w].sessions.fetch_sub(1, Ordering::Relaxed);
