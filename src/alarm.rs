@@ -134,7 +134,10 @@ struct Registration {
 impl Registration {
     fn new() -> Registration {
         #[cfg(unix)]
-        unix::install_handler();
+        {
+            unix::install_handler();
+            unix::unblock();
+        }
         let alarm = Arc::new(Alarm {
             armed: AtomicBool::new(false),
             #[cfg(unix)]
@@ -324,6 +327,20 @@ mod unix {
     /// Lua's own `coroutine.resume` and `coroutine.close`, as addresses.
     static ORIGINAL_RESUME: AtomicUsize = AtomicUsize::new(0);
     static ORIGINAL_CLOSE: AtomicUsize = AtomicUsize::new(0);
+
+    /// Unblocks `SIGNAL` on this thread: a VM thread inherits the signal
+    /// mask of the thread that spawned it, which may block it.
+    pub(super) fn unblock() {
+        // SAFETY: a zeroed `sigset_t` is initialised by `sigemptyset`;
+        // `pthread_sigmask` gets valid pointers and only changes this
+        // thread's mask.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, SIGNAL);
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        }
+    }
 
     pub(super) fn install_handler() {
         static ONCE: Once = Once::new();

@@ -1,10 +1,19 @@
 //! The interrupt hook: how a running request learns it must stop.
 //!
-//! A count hook is installed on the VM once, before `init` runs, with
-//! `set_global_hook`; Lua copies a thread's hook into every coroutine it
-//! creates, so coroutines are covered too. Every `hook_interval` instructions
-//! the hook looks at the running request's stop reason (and the VM's abort
-//! flag, raised when the last handle is dropped).
+//! A count hook (mlua's global hook) is installed on the VM once, before
+//! `init` runs. It runs in one of two modes:
+//! - **Armed on demand** (Unix, PUC-Rio Lua, no `max_instructions`): the
+//!   hook is removed from the main state right away, so Lua code runs at
+//!   full speed; a stopping thread signals the VM thread, which arms the
+//!   hook on the running Lua thread with a count of 1 (see `alarm.rs`). A
+//!   tick with nothing to stop removes the hook again.
+//! - **Ticking all the time** (elsewhere, and when counting instructions):
+//!   Lua copies a thread's hook into every coroutine it creates, so
+//!   coroutines are covered too. Every `hook_interval` instructions the hook
+//!   looks at the running request's stop reason (and the VM's abort flag,
+//!   raised when the last handle is dropped). With a count hook set, Lua 5.4
+//!   traps on every instruction, which slows pure-Lua loops 2–3x whatever
+//!   the interval.
 //!
 //! Once a request must stop, the hook re-arms itself on the running
 //! coroutine with a count of 1 and raises a Lua error. Whatever catches that
@@ -20,17 +29,15 @@
 //!   a handler that loops forever could never be stopped. (mlua's own
 //!   panic-proof `pcall` is not used: it cannot yield, and it overflows the
 //!   Lua stack when the callee returns many values.)
-//! - `coroutine.resume`, whose caller runs on another coroutine, still at
-//!   the normal interval; and `load`, which returns its reader's error.
+//! - `coroutine.resume` (and, armed on demand, `coroutine.close` and
+//!   `coroutine.wrap`), whose caller runs on another coroutine; and `load`,
+//!   which returns its reader's error.
 //!
 //! Finally, a request whose interruption fired resolves with its stop reason
 //! even if its code ended normally after swallowing it.
 //!
 //! Raising an error costs a `longjmp`; unwinding a Rust panic through mlua
 //! instead costs tens of microseconds, which is why it is not used.
-//!
-//! Price: with a count hook set, Lua 5.4 traps on every instruction, which
-//! slows pure-Lua loops 2–3x whatever the interval.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

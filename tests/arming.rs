@@ -249,6 +249,36 @@ fn a_time_limit_stops_lua_code_on_every_kind_of_lua_thread() {
     }
 }
 
+/// A VM thread inherits its spawner's signal mask; it unblocks the signal
+/// that arms the hook for itself.
+#[cfg(unix)]
+#[test]
+fn a_vm_spawned_by_a_thread_that_blocks_sigurg_can_be_cancelled() {
+    std::thread::spawn(|| {
+        // SAFETY: initialises a signal set and changes this thread's mask.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGURG);
+            assert_eq!(
+                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()),
+                0
+            );
+        }
+        let (tx, started) = crossbeam_channel::unbounded();
+        let isle = Isle::spawn(init(tx)).unwrap();
+        let task = isle.spawn_eval::<()>("started() while true do end");
+        expect_started(&started, "the loop");
+        task.cancel();
+        assert_eq!(
+            within("the loop", move || task.wait()),
+            Err(IsleError::Cancelled)
+        );
+    })
+    .join()
+    .unwrap();
+}
+
 #[test]
 fn a_cancel_arriving_after_the_request_ended_leaves_the_next_one_alone() {
     let isle = Isle::spawn(|_| Ok(())).unwrap();
