@@ -88,6 +88,22 @@ where
     }
 }
 
+/// Looks the global function `name` up (in the session environment,
+/// falling back to globals).
+fn global_function(ctx: &Ctx<'_>, name: &str) -> Result<mlua::Function, IsleError> {
+    match ctx
+        .with_scope(|scope| scope.get::<Value>(name))
+        .map_err(lua_err)?
+    {
+        Value::Nil => Err(IsleError::NotFound(name.to_string())),
+        Value::Function(f) => Ok(f),
+        other => Err(IsleError::from_lua(&mlua::Error::runtime(format!(
+            "global `{name}` is not a function (it is a value of type {})",
+            other.type_name()
+        )))),
+    }
+}
+
 /// Work for `call`: looks `name` up (in the session environment, falling
 /// back to globals) and calls it.
 pub(crate) fn call<A, T>(
@@ -98,16 +114,37 @@ where
     A: IntoLuaMulti + Send + 'static,
     T: FromLuaMulti + Send + 'static,
 {
-    move |ctx| match ctx
-        .with_scope(|scope| scope.get::<Value>(name.as_str()))
-        .map_err(lua_err)?
-    {
-        Value::Nil => Err(IsleError::NotFound(name)),
-        Value::Function(f) => f.call::<T>(args).map_err(lua_err),
-        other => Err(IsleError::from_lua(&mlua::Error::runtime(format!(
-            "global `{name}` is not a function (it is a value of type {})",
-            other.type_name()
-        )))),
+    move |ctx| {
+        global_function(ctx, &name)?
+            .call::<T>(args)
+            .map_err(lua_err)
+    }
+}
+
+/// Work for one batch of `map`: looks `name` up once and calls it with
+/// each input, in order. A Lua error fails that input only; once the
+/// request must stop (cancel, time limit, shutdown), the batch ends and the
+/// whole request resolves with that reason.
+pub(crate) fn call_each<A, T>(
+    name: Arc<str>,
+    inputs: Vec<A>,
+) -> impl FnOnce(&Ctx<'_>) -> Result<Vec<Result<T, IsleError>>, IsleError> + Send + 'static
+where
+    A: IntoLuaMulti + Send + 'static,
+    T: FromLuaMulti + Send + 'static,
+{
+    move |ctx| {
+        let f = global_function(ctx, &name)?;
+        let token = crate::hook::current_token(ctx.lua);
+        let mut out = Vec::with_capacity(inputs.len());
+        for args in inputs {
+            let r = f.call::<T>(args).map_err(lua_err);
+            if r.is_err() && token.as_ref().is_some_and(|t| t.is_cancelled()) {
+                return Err(IsleError::Cancelled); // replaced by the stop reason
+            }
+            out.push(r);
+        }
+        Ok(out)
     }
 }
 

@@ -158,6 +158,72 @@ impl IslePool {
         tasks.into_iter().map(Task::wait).collect()
     }
 
+    /// Calls the global function `name` once per input, spread over the
+    /// VMs, and returns one result per input, in input order. Blocks until
+    /// all are done.
+    ///
+    /// For many small calls this is much faster than one request each: the
+    /// inputs travel in batches (a few per VM, so idle VMs can steal), and
+    /// each batch looks `name` up once. A batch is one request: the pool's
+    /// `default_timeout` applies to each batch, a Lua error fails only its
+    /// own input, and a batch that cannot run or is stopped (full queue,
+    /// shutdown, time limit, a Rust panic) gives its error to each of its
+    /// inputs.
+    ///
+    /// ```
+    /// use mlua_isle::IslePool;
+    ///
+    /// let pool = IslePool::new(2, |lua| lua.load("function sq(x) return x * x end").exec())?;
+    /// let squares = pool.map::<i64, i64>("sq", 1..=5);
+    /// assert_eq!(squares, vec![Ok(1), Ok(4), Ok(9), Ok(16), Ok(25)]);
+    /// # Ok::<(), mlua_isle::IsleError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// Per input, inside the `Vec`: as for [`call`](Self::call). Every
+    /// entry is [`IsleError::Reentrant`] when called from one of this
+    /// pool's VM threads.
+    pub fn map<A, T>(
+        &self,
+        name: &str,
+        inputs: impl IntoIterator<Item = A>,
+    ) -> Vec<Result<T, IsleError>>
+    where
+        A: mlua::IntoLuaMulti + Send + 'static,
+        T: mlua::FromLuaMulti + Send + 'static,
+    {
+        let inputs: Vec<A> = inputs.into_iter().collect();
+        if on_owner_thread(self.inner.owner.id) {
+            return inputs.iter().map(|_| Err(IsleError::Reentrant)).collect();
+        }
+        // A few batches per VM: enough for stealing to even out uneven
+        // inputs, few enough that each hop carries many calls.
+        let batches = (self.workers() * 4).clamp(1, inputs.len().max(1));
+        let size = inputs.len().div_ceil(batches).max(1);
+        let name: Arc<str> = Arc::from(name);
+        let mut tasks = Vec::with_capacity(batches);
+        let mut inputs = inputs.into_iter();
+        loop {
+            let batch: Vec<A> = inputs.by_ref().take(size).collect();
+            if batch.is_empty() {
+                break;
+            }
+            let len = batch.len();
+            tasks.push((
+                len,
+                self.spawn(crate::submit::call_each(name.clone(), batch)),
+            ));
+        }
+        let mut out = Vec::new();
+        for (len, task) in tasks {
+            match task.wait() {
+                Ok(results) => out.extend(results),
+                Err(e) => out.extend(std::iter::repeat_n(e, len).map(Err)),
+            }
+        }
+        out
+    }
+
     /// A snapshot of the pool's counters.
     pub fn metrics(&self) -> PoolMetrics {
         self.inner.shared.metrics()
