@@ -37,6 +37,7 @@ mod config;
 mod error;
 mod hook;
 mod isle;
+mod pattern;
 mod pool;
 mod request;
 mod sandbox;
