@@ -39,6 +39,7 @@ mod config;
 mod error;
 mod hook;
 mod isle;
+mod pattern;
 mod pool;
 mod request;
 mod sandbox;
