@@ -151,8 +151,10 @@ macro_rules! vm_options {
         /// `collectgarbage` options that stop or tune the collector, no
         /// `__gc` metamethods, and the library tables (`string`, `table`,
         /// ...) read-only. Calling a removed function raises an error saying
-        /// it is not available in the sandbox. Applied after `init`, which
-        /// may still use everything. Combine it with `memory_limit` and a
+        /// it is not available in the sandbox. Pattern matching
+        /// (`string.find`, `match`, `gmatch`, `gsub`) uses a matcher that
+        /// limits can stop, whose steps count against `max_instructions`.
+        /// Applied after `init`, which may still use everything. Combine it with `memory_limit` and a
         /// time limit or `max_instructions`; see SECURITY.md for what it does
         /// not cover.
         pub fn sandbox(mut self, on: bool) -> Self {

@@ -176,27 +176,51 @@ impl Interrupt {
         Err(mlua::Error::external(reason.error()))
     }
 
-    fn tick(this: &Arc<Self>, lua: &Lua) -> mlua::Result<VmState> {
-        if let Some(budget) = this.budget {
-            // ORDERING: Relaxed: only the VM thread touches the count.
-            // Lua's countdown carries over between requests, so the first
-            // tick of a request may come after any number of instructions up
-            // to the interval: it is not counted. A request is therefore
-            // never stopped before its budget, and at most one interval
-            // after it.
-            let n = this.executed.load(Ordering::Relaxed);
-            let n = if n == FIRST_TICK {
-                0
-            } else {
-                n.saturating_add(u64::from(this.interval))
-            };
-            this.executed.store(n, Ordering::Relaxed);
-            if n >= budget {
-                if let Some(token) = this.current.lock().as_ref() {
-                    token.stop(Reason::InstructionLimit);
-                }
+    /// Counts `n` more instructions of the running request against its
+    /// budget, stopping it once the budget is spent.
+    fn charge(&self, n: u64) {
+        let Some(budget) = self.budget else {
+            return;
+        };
+        // ORDERING: Relaxed: only the VM thread touches the count.
+        let executed = self.executed.load(Ordering::Relaxed);
+        let executed = if executed == FIRST_TICK {
+            0
+        } else {
+            executed.saturating_add(n)
+        };
+        self.executed.store(executed, Ordering::Relaxed);
+        if executed >= budget {
+            if let Some(token) = self.current.lock().as_ref() {
+                token.stop(Reason::InstructionLimit);
             }
         }
+    }
+
+    /// The sandbox's pattern matcher (`pattern.rs`) polls this every so
+    /// many steps: the steps count as instructions against the budget, and
+    /// a request that must stop is interrupted there, as by the hook.
+    pub(crate) fn pattern_poll(this: &Arc<Self>) -> crate::pattern::Poll {
+        let this = this.clone();
+        Arc::new(move |lua, steps| {
+            if this.executed.load(Ordering::Relaxed) == FIRST_TICK {
+                // The request's first count: start from zero.
+                this.executed.store(0, Ordering::Relaxed);
+            }
+            this.charge(u64::from(steps));
+            match this.stop_reason() {
+                Some(reason) => Interrupt::interrupt(&this, lua, reason).map(|_| ()),
+                None => Ok(()),
+            }
+        })
+    }
+
+    fn tick(this: &Arc<Self>, lua: &Lua) -> mlua::Result<VmState> {
+        // Lua's countdown carries over between requests, so the first tick
+        // of a request may come after any number of instructions up to the
+        // interval: it is not counted. A request is therefore never stopped
+        // before its budget, and at most one interval after it.
+        this.charge(u64::from(this.interval));
         if let Some(reason) = this.stop_reason() {
             return Interrupt::interrupt(this, lua, reason);
         }

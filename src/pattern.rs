@@ -72,7 +72,6 @@ const BYTES_PER_STEP: usize = 32;
 
 /// Replaces `find`, `match`, `gmatch` and `gsub` in `string` (a table) with
 /// the budgeted matcher.
-#[allow(dead_code)] // Until the sandbox installs the matcher.
 pub(crate) fn install(lua: &Lua, string: &Table, poll: Poll) -> mlua::Result<()> {
     install_ctx(
         lua,

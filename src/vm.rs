@@ -73,6 +73,11 @@ impl Vm {
         let init_then_sandbox = |lua: &Lua| {
             init(lua)?;
             if config.sandbox {
+                // Lua's C pattern matcher cannot be interrupted: the
+                // sandbox's is budgeted.
+                if let Some(string) = lua.globals().get::<Option<Table>>("string")? {
+                    crate::pattern::install(lua, &string, Interrupt::pattern_poll(&interrupt))?;
+                }
                 crate::sandbox::apply(lua)?;
             }
             Ok(())

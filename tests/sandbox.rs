@@ -2,6 +2,8 @@
 //! the collector cannot be stopped, finalizers are refused; on an isle and
 //! on pool sessions.
 
+mod common;
+
 use std::time::Duration;
 
 use mlua_isle::{Isle, IsleError, IslePool};
@@ -170,11 +172,75 @@ fn a_sandboxed_script_cannot_outlive_its_limits() {
         "while true do load(function() while true do end end) end",
         "table.sort({3, 2, 1, 5, 4}, function(a, b) while true do end end)",
         "string.gsub('aaa', 'a', function() while true do end end)",
+        // Backtracking for minutes in Lua's C matcher; the sandbox's counts.
+        "string.find(('a'):rep(30), ('a?'):rep(30) .. ('a'):rep(30))",
+        "for _ in ('a'):rep(40):gmatch(('a?'):rep(40) .. ('a'):rep(40)) do end",
         "local t <close> = setmetatable({}, { __close = function() while true do end end }) error('x')",
     ] {
         assert_eq!(isle.eval::<()>(code), Err(IsleError::InstructionLimit), "{code}");
         assert_eq!(isle.eval::<i64>("1 + 1"), Ok(2), "after {code}");
     }
+}
+
+/// Patterns that backtrack exponentially: minutes each in Lua's C matcher,
+/// which no hook can interrupt.
+const BACKTRACKING: &[&str] = &[
+    "string.find(('a'):rep(30), ('a?'):rep(30) .. ('a'):rep(30))",
+    "return ('a'):rep(40):match(('a?'):rep(40) .. ('a'):rep(40))",
+    "string.gsub(('a'):rep(40), ('a?'):rep(40) .. ('a'):rep(40), 'x')",
+    "for _ in ('a'):rep(40):gmatch(('a?'):rep(40) .. ('a'):rep(40)) do end",
+    "return ('x'):rep(5000):find(('.-y'):rep(8))",
+];
+
+#[test]
+fn sandboxed_pattern_matching_is_stopped_by_cancel_and_time_limit() {
+    let isle = Isle::builder().sandbox(true).spawn(|_| Ok(())).unwrap();
+    let (tx, started) = crossbeam_channel::unbounded();
+    let pool = IslePool::builder()
+        .workers(1)
+        .sandbox(true)
+        .init(move |lua| common::register_signal(lua, "started", tx.clone()))
+        .build()
+        .unwrap();
+    for code in BACKTRACKING {
+        let r = isle
+            .spawn_eval::<()>(*code)
+            .timeout(Duration::from_millis(50))
+            .wait();
+        assert_eq!(r, Err(IsleError::Timeout), "{code}");
+        let task = pool
+            .session("s")
+            .spawn_eval::<()>(format!("started() {code}"));
+        started.recv_timeout(common::PATIENCE).unwrap();
+        task.cancel();
+        assert_eq!(task.wait(), Err(IsleError::Cancelled), "{code}");
+        assert_eq!(isle.eval::<i64>("1 + 1"), Ok(2), "after {code}");
+        assert_eq!(pool.eval::<i64>("1 + 1"), Ok(2), "after {code}");
+    }
+}
+
+#[test]
+fn sandboxed_pattern_functions_still_work() {
+    let isle = sandboxed();
+    let code = r#"
+        local out = {}
+        out[#out + 1] = ("hello world"):find("o w")
+        out[#out + 1] = select(2, string.find("key=value", "(%w+)=(%w+)"))
+        out[#out + 1] = ("2024-11-24"):match("(%d+)-(%d+)")
+        local words = {}
+        for w in ("one two  three"):gmatch("%a+") do words[#words + 1] = w end
+        out[#out + 1] = table.concat(words, ",")
+        out[#out + 1] = (string.gsub("abc", "%w", "%0%0"))
+        out[#out + 1] = (string.gsub("$name is $age", "%$(%w+)", { name = "Ann", age = 7 }))
+        out[#out + 1] = (("x y z"):gsub("%a", string.upper))
+        local ok, err = pcall(string.find, "x", "[a")
+        out[#out + 1] = err
+        return table.concat(out, "|")
+    "#;
+    assert_eq!(
+        isle.eval::<String>(code),
+        Ok("5|9|2024|one,two,three|aabbcc|Ann is 7|X Y Z|malformed pattern (missing ']')".into())
+    );
 }
 
 #[test]
