@@ -1,15 +1,16 @@
 //! Pool throughput beside its baselines (workers = cores):
 //!
-//! - `ideal`: the jobs run serially by direct mlua on one thread, with the
-//!   same cancel hook our VMs carry, divided by the worker count;
+//! - `ideal`: the jobs run serially by plain mlua on one thread (no hook,
+//!   as our VMs run until a request must stop), divided by the worker count;
 //! - `rayon_thread_local_lua`: a rayon pool, each thread owning a `Lua`
-//!   (no hook: what one would write without this crate);
+//!   (what one would write without this crate);
 //! - `round_robin_isles`: N `Isle`s, job i sent to isle i mod N;
 //! - `isle_pool`: our work-stealing pool; and `isle_pool_sessions`, the same
 //!   jobs through 64 session keys.
 //!
 //! Workloads: uniform ~50 µs jobs; skewed (5% take 5 ms, clustered at the
-//! start); tiny requests submitted as tasks from 4 threads.
+//! start); tiny requests submitted as tasks from 4 threads, and the same
+//! calls through one `IslePool::map`.
 //! Targets: uniform ≥ 95% of ideal, skewed ≥ 90%, tiny ≥ 1 M requests/s,
 //! sessions ≥ 90% of unkeyed.
 
@@ -20,7 +21,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use mlua::{Function, HookTriggers, Lua, VmState};
+use mlua::{Function, Lua};
 use mlua_isle::{Isle, IslePool, Task};
 
 /// `spin(n)`: n iterations of arithmetic; `add(a, b)`: the tiny job.
@@ -33,22 +34,16 @@ end
 function add(a, b) return a + b end
 "#;
 
-fn lua_with(hook: bool) -> Lua {
+/// A plain `Lua` (no hook, as our VMs run until a request must stop).
+fn plain_lua() -> Lua {
     let lua = Lua::new();
-    if hook {
-        // The hook our VMs carry (same interval, same trivial check cost).
-        lua.set_global_hook(HookTriggers::new().every_nth_instruction(1000), |_, _| {
-            Ok(VmState::Continue)
-        })
-        .unwrap();
-    }
     lua.load(SCRIPT).exec().unwrap();
     lua
 }
 
-/// The `spin` argument that takes about `target` with the hook on.
+/// The `spin` argument that takes about `target`.
 fn calibrate(target: Duration) -> i64 {
-    let lua = lua_with(true);
+    let lua = plain_lua();
     let spin: Function = lua.globals().get("spin").unwrap();
     let n = 100_000i64;
     let per = common::per_op(5, 20, || {
@@ -78,7 +73,7 @@ fn skewed(n: usize, short: i64, long: i64) -> Vec<i64> {
 }
 
 fn serial(jobs: &[i64]) -> Duration {
-    let lua = lua_with(true);
+    let lua = plain_lua();
     let spin: Function = lua.globals().get("spin").unwrap();
     let start = Instant::now();
     for &j in jobs {
@@ -98,7 +93,7 @@ fn run_rayon(pool: &rayon::ThreadPool, jobs: &[i64]) -> Duration {
             LUA.with(|l| {
                 let mut l = l.borrow_mut();
                 let (_, spin) = l.get_or_insert_with(|| {
-                    let lua = lua_with(false);
+                    let lua = plain_lua();
                     let f: Function = lua.globals().get("spin").unwrap();
                     (lua, f)
                 });
@@ -173,7 +168,7 @@ fn setup() -> Setup {
 fn workload(c: &mut Criterion, s: &Setup, name: &str, jobs: &[i64]) {
     let mut g = c.benchmark_group(format!("pool_{name}"));
     g.sample_size(10);
-    g.bench_function("serial_direct_mlua_with_hook", |b| {
+    g.bench_function("serial_direct_mlua", |b| {
         b.iter_custom(|iters| (0..iters).map(|_| serial(jobs)).sum())
     });
     g.bench_function("rayon_thread_local_lua", |b| {
@@ -218,7 +213,7 @@ fn workload(c: &mut Criterion, s: &Setup, name: &str, jobs: &[i64]) {
     let rr_eff = median(&mut rows, &|r| 100.0 * r[0] / r[3]);
     let rayon = median(&mut rows, &|r| r[4]);
     println!(
-        "summary: pool {name:<8} makespan {:>9.2?} = {eff:5.1}% of ideal {:.2?} | sessions {sess_eff:5.1}% of ideal ({sess_vs:5.1}% of unkeyed) | round-robin isles {rr_eff:5.1}% | rayon+thread-local Lua (no hook) {:.2?}",
+        "summary: pool {name:<8} makespan {:>9.2?} = {eff:5.1}% of ideal {:.2?} | sessions {sess_eff:5.1}% of ideal ({sess_vs:5.1}% of unkeyed) | round-robin isles {rr_eff:5.1}% | rayon+thread-local Lua {:.2?}",
         ms(pool),
         ms(ideal),
         ms(rayon),
@@ -251,6 +246,14 @@ fn tiny_pool(pool: &IslePool, per_thread: usize) -> f64 {
     (4 * per_thread) as f64 / start.elapsed().as_secs_f64()
 }
 
+/// The same tiny calls through one `IslePool::map`; returns calls/s.
+fn tiny_map(pool: &IslePool, n: usize) -> f64 {
+    let start = Instant::now();
+    let out = pool.map::<(i64, i64), i64>("add", (0..n).map(|i| (i as i64, 1)));
+    assert_eq!(out.len(), n);
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
 fn tiny_rayon(pool: &rayon::ThreadPool, n: usize) -> f64 {
     use rayon::prelude::*;
     thread_local! {
@@ -262,7 +265,7 @@ fn tiny_rayon(pool: &rayon::ThreadPool, n: usize) -> f64 {
             LUA.with(|l| {
                 let mut l = l.borrow_mut();
                 let (_, add) = l.get_or_insert_with(|| {
-                    let lua = lua_with(false);
+                    let lua = plain_lua();
                     let f: Function = lua.globals().get("add").unwrap();
                     (lua, f)
                 });
@@ -289,12 +292,26 @@ fn tiny(c: &mut Criterion) {
                 .sum()
         })
     });
+    g.bench_function("isle_pool_map_100k", |b| {
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|_| {
+                    Duration::from_secs_f64(
+                        4.0 * per_thread as f64 / tiny_map(&s.pool, 4 * per_thread),
+                    )
+                })
+                .sum()
+        })
+    });
     g.finish();
     if !common::benching() {
         return;
     }
     let ours = (0..5)
         .map(|_| tiny_pool(&s.pool, per_thread))
+        .fold(0.0, f64::max);
+    let mapped = (0..5)
+        .map(|_| tiny_map(&s.pool, 4 * per_thread))
         .fold(0.0, f64::max);
     let rayon = (0..5)
         .map(|_| tiny_rayon(&s.rayon, 4 * per_thread))
@@ -303,6 +320,12 @@ fn tiny(c: &mut Criterion) {
         "summary: pool tiny requests (target >= 1M/s)   ours {:.2} M/s   baseline rayon+thread-local Lua: {:.2} M/s",
         ours / 1e6,
         rayon / 1e6
+    );
+    println!(
+        "summary: pool tiny calls through map()          ours {:.2} M/s   baseline rayon+thread-local Lua: {:.2} M/s   ratio {:.2}x",
+        mapped / 1e6,
+        rayon / 1e6,
+        rayon / mapped
     );
 }
 
