@@ -5,7 +5,9 @@
 //! are frozen). From then on:
 //! - `io`, `debug`, `package`, `loadfile`, `dofile`, and `os.exit`,
 //!   `os.execute`, `os.remove`, `os.rename`, `os.getenv`, `os.tmpname`,
-//!   `os.setlocale` raise "... is not available in the sandbox";
+//!   `os.setlocale` (and LuaJIT's `jit.on`, `jit.opt`, `jit.attach`: the
+//!   JIT must stay off for cancellation) raise "... is not available in the
+//!   sandbox";
 //! - `require` returns only modules already loaded (by `init`), never loads
 //!   one, so no C module and no file can be loaded;
 //! - `collectgarbage` accepts only `collect`, `count`, `step` and
@@ -13,7 +15,7 @@
 //! - `setmetatable` refuses metatables with `__gc`: finalizers run with hooks
 //!   disabled, so one that loops could never be interrupted;
 //! - the library tables (`string`, `table`, `math`, `utf8`, `coroutine`,
-//!   `os`, and every table module `init` loaded) are replaced by read-only
+//!   `os`, `bit32`, `bit`, `jit` where they exist, and every table module `init` loaded) are replaced by read-only
 //!   views; the string metatable and the views' metatables are hidden, and
 //!   `rawset` refuses the views.
 //!
@@ -116,8 +118,16 @@ G.setmetatable = function(t, mt)
     return setmetatable(t, mt)
 end
 
+-- LuaJIT: the JIT stays off (compiled traces never reach the hook).
+local jit = rawget(G, "jit")
+if type(jit) == "table" then
+    for _, k in ipairs({ "on", "opt", "attach" }) do
+        if jit[k] ~= nil then jit[k] = unavailable("jit." .. k) end
+    end
+end
+
 -- 5. Read-only library tables.
-for _, name in ipairs({ "string", "table", "math", "utf8", "coroutine", "os" }) do
+for _, name in ipairs({ "string", "table", "math", "utf8", "coroutine", "os", "bit32", "bit", "jit" }) do
     local t = rawget(G, name)
     if type(t) == "table" then
         local view = loaded[name] or freeze(name, t)
