@@ -17,7 +17,8 @@
 //! - the library tables (`string`, `table`, `math`, `utf8`, `coroutine`,
 //!   `os`, `bit32`, `bit`, `jit` where they exist, and every table module `init` loaded) are replaced by read-only
 //!   views; the string metatable and the views' metatables are hidden, and
-//!   `rawset` refuses the views.
+//!   `rawset` refuses the views (`pairs` and `ipairs` iterate them; `#`
+//!   gives 0 on Lua 5.1 and LuaJIT, which ignore `__len` on tables).
 //!
 //! Functions defined by `init` that look up a removed library by its global
 //! name at call time will fail under the sandbox; capture what they need in
@@ -51,6 +52,7 @@ local function unavailable_table(prefix)
     })
 end
 
+-- View -> table it shows.
 local frozen = setmetatable({}, { __mode = "k" })
 
 -- A read-only view of `t`.
@@ -65,7 +67,7 @@ local function freeze(name, t)
         __len = function() return #t end,
         __metatable = false,
     })
-    frozen[view] = true
+    frozen[view] = t
     return view
 end
 
@@ -133,6 +135,19 @@ for _, name in ipairs({ "string", "table", "math", "utf8", "coroutine", "os", "b
         local view = loaded[name] or freeze(name, t)
         loaded[name] = view
         rawset(G, name, view)
+    end
+end
+-- Lua 5.1, LuaJIT and Luau ignore `__pairs` (and 5.1's `ipairs` reads raw):
+-- iterating a view iterates its table.
+if G._VERSION == "Lua 5.1" or G._VERSION == "Luau" then
+    local pairs, ipairs = pairs, ipairs
+    G.pairs = function(t)
+        local shown = frozen[t]
+        if shown then return next, shown, nil end
+        return pairs(t)
+    end
+    G.ipairs = function(t)
+        return ipairs(frozen[t] or t)
     end
 end
 getmetatable("").__metatable = false
