@@ -20,8 +20,9 @@
 //!
 //! A hook set on one `lua_State` does not reach another, and a coroutine
 //! already running has its own. So every switch between Lua threads goes
-//! through this module: `coroutine.resume` and `coroutine.close` are
-//! replaced by the C functions [`tracked_resume`] and [`tracked_close`] (and
+//! through this module: `coroutine.resume` and `coroutine.close` (Lua 5.4
+//! on) are replaced by the C functions [`tracked_resume`] and
+//! [`tracked_close`] (and
 //! `coroutine.wrap`, in `hook.rs`, by Lua code on top of them), which record
 //! the state about to run in the thread-local [`Slot`] before calling Lua's
 //! own function, and the caller's state after it returns. After recording a
@@ -45,6 +46,8 @@
 //! Everything `unsafe` in the crate is in this module.
 
 #![allow(unsafe_code)]
+// Luau has no hooks to arm: only the stubs below and `SUPPORTED` are used.
+#![cfg_attr(feature = "luau", allow(dead_code))]
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -56,7 +59,7 @@ pub(crate) struct Alarm {
     /// True while the running request must stop: hooks must tick on every
     /// Lua thread that runs.
     armed: AtomicBool,
-    #[cfg(unix)]
+    #[cfg(all(unix, not(feature = "luau")))]
     thread: parking_lot::Mutex<Option<libc::pthread_t>>,
 }
 
@@ -64,11 +67,14 @@ pub(crate) struct Alarm {
 static ALARMS: RwLock<Vec<Option<Arc<Alarm>>>> = const_rwlock(Vec::new());
 
 /// Whether hooks can be armed on demand here: on Unix, for the PUC-Rio Lua
-/// backends (LuaJIT and Luau have other mechanisms).
+/// backends from 5.2 on. Not Lua 5.1: its `coroutine.resume` raises "too
+/// many arguments to resume" (`luaL_error`) instead of returning it, which
+/// would skip the switch back in [`tracked_resume`] and leave a suspended
+/// coroutine recorded as running. Not LuaJIT (its hook is per VM, and traces
+/// never call it) nor Luau (no hooks: an interrupt callback instead).
 pub(crate) const SUPPORTED: bool = cfg!(all(
     unix,
     any(
-        feature = "lua51",
         feature = "lua52",
         feature = "lua53",
         feature = "lua54",
@@ -89,7 +95,7 @@ pub(crate) fn raise(id: u32) {
     // ORDERING: SeqCst, after the reason was stored: whoever sees `armed`
     // (the signal handler, the tracked switches, the hook) sees the reason.
     alarm.armed.store(true, Ordering::SeqCst);
-    #[cfg(unix)]
+    #[cfg(all(unix, not(feature = "luau")))]
     {
         // Holding the lock keeps the thread from exiting (its guard clears
         // the id under this lock first), so the `pthread_t` is live.
@@ -133,14 +139,14 @@ struct Registration {
 
 impl Registration {
     fn new() -> Registration {
-        #[cfg(unix)]
+        #[cfg(all(unix, not(feature = "luau")))]
         {
             unix::install_handler();
             unix::unblock();
         }
         let alarm = Arc::new(Alarm {
             armed: AtomicBool::new(false),
-            #[cfg(unix)]
+            #[cfg(all(unix, not(feature = "luau")))]
             // SAFETY: `pthread_self` has no preconditions.
             thread: parking_lot::Mutex::new(Some(unsafe { libc::pthread_self() })),
         });
@@ -177,7 +183,7 @@ impl Drop for Registration {
             s.main.store(std::ptr::null_mut(), Ordering::SeqCst);
             s.hook.store(0, Ordering::SeqCst);
         });
-        #[cfg(unix)]
+        #[cfg(all(unix, not(feature = "luau")))]
         {
             *self.alarm.thread.lock() = None;
         }
@@ -226,7 +232,7 @@ impl std::fmt::Debug for ThreadAlarm {
     }
 }
 
-#[cfg(unix)]
+#[cfg(all(unix, not(feature = "luau")))]
 pub(crate) use unix::{
     begin, bind, disarm_main, rearm_running, runs_tracked, tracked_resume_close, tracked_wrap_with,
     unbind,
@@ -239,20 +245,20 @@ pub(crate) struct Binding {
     hook: usize,
 }
 
-#[cfg(not(unix))]
+#[cfg(not(all(unix, not(feature = "luau"))))]
 pub(crate) fn bind(_lua: &mlua::Lua) -> mlua::Result<Binding> {
     unreachable!("alarms are not supported here")
 }
 
-#[cfg(not(unix))]
+#[cfg(not(all(unix, not(feature = "luau"))))]
 pub(crate) fn tracked_resume_close(
     _lua: &mlua::Lua,
     _check: &mlua::Function,
-) -> mlua::Result<(mlua::Function, mlua::Function)> {
+) -> mlua::Result<(mlua::Function, Option<mlua::Function>)> {
     unreachable!("alarms are not supported here")
 }
 
-#[cfg(not(unix))]
+#[cfg(not(all(unix, not(feature = "luau"))))]
 pub(crate) fn tracked_wrap_with(
     _lua: &mlua::Lua,
     _wrap_error: &mlua::Function,
@@ -260,19 +266,19 @@ pub(crate) fn tracked_wrap_with(
     unreachable!("alarms are not supported here")
 }
 
-#[cfg(not(unix))]
+#[cfg(not(all(unix, not(feature = "luau"))))]
 pub(crate) fn begin(_vm: &Binding) {}
 
-#[cfg(not(unix))]
+#[cfg(not(all(unix, not(feature = "luau"))))]
 pub(crate) fn unbind(_vm: &Binding) {}
 
-#[cfg(not(unix))]
+#[cfg(not(all(unix, not(feature = "luau"))))]
 pub(crate) fn rearm_running() {}
 
-#[cfg(not(unix))]
+#[cfg(not(all(unix, not(feature = "luau"))))]
 pub(crate) fn disarm_main() {}
 
-#[cfg(not(unix))]
+#[cfg(not(all(unix, not(feature = "luau"))))]
 pub(crate) fn runs_tracked(_lua: &mlua::Lua) -> bool {
     false
 }
@@ -304,7 +310,7 @@ thread_local! {
     };
 }
 
-#[cfg(unix)]
+#[cfg(all(unix, not(feature = "luau")))]
 mod unix {
     use std::ffi::c_int;
     use std::sync::atomic::{compiler_fence, AtomicUsize, Ordering};
@@ -324,8 +330,10 @@ mod unix {
     static PREVIOUS: AtomicUsize = AtomicUsize::new(libc::SIG_DFL);
     static PREVIOUS_FLAGS: AtomicUsize = AtomicUsize::new(0);
 
-    /// Lua's own `coroutine.resume` and `coroutine.close`, as addresses.
+    /// Lua's own `coroutine.resume` and `coroutine.close` (5.4 on), as
+    /// addresses.
     static ORIGINAL_RESUME: AtomicUsize = AtomicUsize::new(0);
+    #[cfg(any(feature = "lua54", feature = "lua55"))]
     static ORIGINAL_CLOSE: AtomicUsize = AtomicUsize::new(0);
 
     /// Unblocks `SIGNAL` on this thread: a VM thread inherits the signal
@@ -526,9 +534,10 @@ mod unix {
         }
     }
 
-    /// `coroutine.close`: runs pending `__close` handlers on the coroutine,
-    /// so the switch is recorded when there can be some; upvalue 1: the
-    /// interruption check.
+    /// `coroutine.close` (Lua 5.4 on): runs pending `__close` handlers on
+    /// the coroutine, so the switch is recorded when there can be some;
+    /// upvalue 1: the interruption check.
+    #[cfg(any(feature = "lua54", feature = "lua55"))]
     unsafe extern "C-unwind" fn tracked_close(state: *mut lua_State) -> c_int {
         // SAFETY: set by `bind` before this function is reachable from Lua.
         let original: ffi::lua_CFunction =
@@ -621,29 +630,35 @@ mod unix {
         let main = lua.current_thread().to_pointer() as *mut lua_State;
         let coroutine: mlua::Table = lua.globals().get("coroutine")?;
         let resume: mlua::Function = coroutine.get("resume")?;
-        let close: mlua::Function = coroutine.get("close")?;
-        // SAFETY: `main` is the live main state of `lua`, used on its own
-        // thread; `exec_raw` leaves the stack as it found it.
-        let (hook, original_resume, original_close) = unsafe {
-            let hook = ffi::lua_gethook(main);
-            let original = |f: &mlua::Function| -> Option<ffi::lua_CFunction> {
-                let mut c = None;
-                let _ = lua.exec_raw::<()>(f, |state| {
+        let original = |f: &mlua::Function| -> Option<ffi::lua_CFunction> {
+            let mut c = None;
+            // SAFETY: reads the pushed function only; `exec_raw` leaves the
+            // stack as it found it.
+            let _ = unsafe {
+                lua.exec_raw::<()>(f, |state| {
                     c = ffi::lua_tocfunction(state, -1);
-                });
-                c
+                })
             };
-            (hook, original(&resume), original(&close))
+            c
         };
-        let (Some(hook), Some(original_resume), Some(original_close)) =
-            (hook, original_resume, original_close)
-        else {
-            return Err(mlua::Error::runtime(
+        // SAFETY: `main` is the live main state of `lua`, used on its own
+        // thread.
+        let hook = unsafe { ffi::lua_gethook(main) };
+        let unsupported = || {
+            mlua::Error::runtime(
                 "mlua-isle: cannot arm hooks on demand (no hook, or coroutine functions are not Lua's)",
-            ));
+            )
         };
+        let (Some(hook), Some(original_resume)) = (hook, original(&resume)) else {
+            return Err(unsupported());
+        };
+        #[cfg(any(feature = "lua54", feature = "lua55"))]
+        {
+            let close: mlua::Function = coroutine.get("close")?;
+            let original_close = original(&close).ok_or_else(unsupported)?;
+            ORIGINAL_CLOSE.store(original_close as usize, Ordering::SeqCst);
+        }
         ORIGINAL_RESUME.store(original_resume as usize, Ordering::SeqCst);
-        ORIGINAL_CLOSE.store(original_close as usize, Ordering::SeqCst);
         lua.remove_hook();
         Ok(Binding {
             main: main as usize,
@@ -668,16 +683,17 @@ mod unix {
     }
 
     /// The tracked `coroutine.resume` and `coroutine.close` (see the module
-    /// docs), given the interruption check, called with the error value of
-    /// a failed resume or close.
+    /// docs; `close` only where Lua has it, 5.4 on), given the interruption
+    /// check, called with the error value of a failed resume or close.
     pub(crate) fn tracked_resume_close(
         lua: &mlua::Lua,
         check: &mlua::Function,
-    ) -> mlua::Result<(mlua::Function, mlua::Function)> {
-        Ok((
-            closure(lua, tracked_resume, check)?,
-            closure(lua, tracked_close, check)?,
-        ))
+    ) -> mlua::Result<(mlua::Function, Option<mlua::Function>)> {
+        #[cfg(any(feature = "lua54", feature = "lua55"))]
+        let close = Some(closure(lua, tracked_close, check)?);
+        #[cfg(not(any(feature = "lua54", feature = "lua55")))]
+        let close = None;
+        Ok((closure(lua, tracked_resume, check)?, close))
     }
 
     /// The tracked `coroutine.wrap`, given the Lua function that raises a

@@ -42,7 +42,9 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use mlua::{HookTriggers, Lua, VmState};
+#[cfg(not(feature = "luau"))]
+use mlua::HookTriggers;
+use mlua::{Lua, VmState};
 use parking_lot::Mutex;
 
 use crate::alarm::{self, Binding, ThreadAlarm};
@@ -83,7 +85,23 @@ impl Interrupt {
         config: &VmConfig,
         abort: Arc<AtomicBool>,
     ) -> mlua::Result<Arc<Self>> {
+        // LuaJIT never calls hooks from compiled traces, so a hot loop would
+        // run on uncancelled: the JIT stays off in every VM (the price: the
+        // interpreter's speed). Before `init`, so nothing is compiled yet.
+        #[cfg(feature = "luajit")]
+        lua.load("jit.off() jit.flush()")
+            .set_name("=mlua-isle")
+            .exec()?;
         let budget = config.max_instructions;
+        #[cfg(feature = "luau")]
+        if budget.is_some() {
+            // Luau calls its interrupt at function calls and loop back-edges,
+            // never per instruction: a count would not be instructions.
+            return Err(mlua::Error::runtime(
+                "mlua-isle: max_instructions is not available with Luau \
+                 (its interrupt counts no instructions); use a time limit instead",
+            ));
+        }
         // Check often enough to notice a small budget.
         let interval = match budget {
             Some(b) => u64::from(config.hook_interval).min(b) as u32,
@@ -94,6 +112,7 @@ impl Interrupt {
         let alarm = alarm::this_thread().filter(|_| budget.is_none());
         // The closure needs the final `Arc`, which needs `on_demand`, which
         // needs mlua's hook installed: install a placeholder hook first.
+        #[cfg(not(feature = "luau"))]
         lua.set_global_hook(
             HookTriggers::new().every_nth_instruction(interval),
             |_, _| Ok(VmState::Continue),
@@ -112,6 +131,7 @@ impl Interrupt {
             on_demand,
         });
         set_hook(lua, &this, this.interval)?;
+        #[cfg(not(feature = "luau"))]
         if this.on_demand.is_some() {
             lua.remove_hook(); // armed on demand only
         }
@@ -124,11 +144,15 @@ impl Interrupt {
     /// fired (it re-armed the hook with a count of 1).
     pub(crate) fn reset(&self, lua: &Lua, this: &Arc<Self>) {
         let fired = self.fired.swap(false, Ordering::Relaxed);
+        // Luau's interrupt has no interval to put back.
+        #[cfg(not(feature = "luau"))]
         if fired {
             // Cannot fail for a count hook on the main thread; if it did, the
             // VM would only stay slower, never wrong.
             let _ = set_hook(lua, this, self.interval);
         }
+        #[cfg(feature = "luau")]
+        let _ = (fired, lua, this);
         if let Some((alarm, _)) = &self.on_demand {
             // A signal for the request that just ended may still arrive: it
             // arms the main state once, and the first tick removes it.
@@ -172,7 +196,11 @@ impl Interrupt {
             // Every Lua thread switched to from now on ticks at once.
             alarm.set_armed();
         }
+        #[cfg(not(feature = "luau"))]
         set_hook(lua, this, 1)?;
+        // Luau's interrupt runs at every call and back-edge already.
+        #[cfg(feature = "luau")]
+        let _ = lua;
         Err(mlua::Error::external(reason.error()))
     }
 
@@ -197,6 +225,7 @@ impl Interrupt {
         }
     }
 
+    #[cfg(any(feature = "lua54", feature = "lua55"))]
     /// The sandbox's pattern matcher (`pattern.rs`) polls this every so
     /// many steps: the steps count as instructions against the budget, and
     /// a request that must stop is interrupted there, as by the hook.
@@ -224,6 +253,7 @@ impl Interrupt {
         if let Some(reason) = this.stop_reason() {
             return Interrupt::interrupt(this, lua, reason);
         }
+        #[cfg(not(feature = "luau"))]
         if let Some((alarm, _)) = &this.on_demand {
             // Armed for nothing: a signal for a request that has ended, or
             // a thread armed while the last one was stopping. Clear the alarm
@@ -246,12 +276,23 @@ impl Interrupt {
     }
 }
 
+/// Ticks every `every` instructions, on every coroutine.
+#[cfg(not(feature = "luau"))]
 fn set_hook(lua: &Lua, this: &Arc<Interrupt>, every: u32) -> mlua::Result<()> {
     let this = this.clone();
     lua.set_global_hook(
         HookTriggers::new().every_nth_instruction(every),
         move |lua, _| Interrupt::tick(&this, lua),
     )
+}
+
+/// Luau has no hooks: its interrupt, called at every function call and loop
+/// back-edge (on every coroutine), ticks instead; there is no interval.
+#[cfg(feature = "luau")]
+fn set_hook(lua: &Lua, this: &Arc<Interrupt>, _every: u32) -> mlua::Result<()> {
+    let this = this.clone();
+    lua.set_interrupt(move |lua| Interrupt::tick(&this, lua));
+    Ok(())
 }
 
 /// Wraps `pcall`, `xpcall`, `coroutine.resume` and `load` (see the module
@@ -276,7 +317,8 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
     }
     lua.load(
         r#"
-        local check, stopping, pcall, xpcall, resume, load, loadfile, binary_ok, tracked = ...
+        local check, stopping, pcall, xpcall, resume, load, loadfile, binary_ok, tracked,
+              loadstring, reader_only = ...
         -- Lua's own pcall and xpcall (yieldable), with the error value
         -- checked: a Rust panic or a pending interruption is raised again.
         local function after(ok, ...)
@@ -309,9 +351,40 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
             if f == nil then check((...)) end
             return f, ...
         end
-        _G.load = function(chunk, name, mode, ...)
-            if not binary_ok then mode = "t" end
-            return after_load(load(chunk, name, mode, ...))
+        local function binary(s)
+            return not binary_ok and type(s) == "string" and s:byte(1) == 27
+        end
+        local refused = "attempt to load a binary chunk (mode is 't')"
+        -- Lua 5.1's `load` takes a reader function only, and no mode: its
+        -- first piece is checked instead.
+        local function text_reader(read)
+            local first = true
+            return function()
+                local piece = read()
+                if first and type(piece) == "string" and piece ~= "" then
+                    first = false
+                    if binary(piece) then error(refused, 0) end
+                end
+                return piece
+            end
+        end
+        if load then
+            _G.load = function(chunk, name, mode, ...)
+                if not binary_ok then
+                    mode = "t"
+                    if reader_only and type(chunk) == "function" then
+                        chunk = text_reader(chunk)
+                    end
+                end
+                return after_load(load(chunk, name, mode, ...))
+            end
+        end
+        -- `loadstring` (5.1, LuaJIT, Luau): no mode argument in 5.1.
+        if loadstring then
+            _G.loadstring = function(s, ...)
+                if binary(s) then return nil, refused end
+                return after_load(loadstring(s, ...))
+            end
         end
         if loadfile then
             local function text_loadfile(file, mode, ...)
@@ -334,10 +407,12 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
         globals.get::<mlua::Function>("pcall")?,
         globals.get::<mlua::Function>("xpcall")?,
         coroutine.get::<mlua::Function>("resume")?,
-        globals.get::<mlua::Function>("load")?,
+        globals.get::<Option<mlua::Function>>("load")?,
         globals.get::<Option<mlua::Function>>("loadfile")?,
         binary_chunks,
         this.on_demand.is_some(),
+        globals.get::<Option<mlua::Function>>("loadstring")?,
+        cfg!(feature = "lua51"),
     ))
 }
 
@@ -350,16 +425,16 @@ fn install_tracked_coroutines(
     check: &mlua::Function,
 ) -> mlua::Result<()> {
     let (resume, close) = alarm::tracked_resume_close(lua, check)?;
-    // How Lua's `coroutine.wrap` raises a coroutine's error: a coroutine
-    // that died by it is closed first (its `__close` handlers may replace
-    // the error), and a string gets the position of the wrapped function's
-    // caller (level 3: this function, the C function, its caller).
+    // How Lua's `coroutine.wrap` raises a coroutine's error: from 5.4 on, a
+    // coroutine that died by it is closed first (its `__close` handlers may
+    // replace the error), and a string gets the position of the wrapped
+    // function's caller (level 3: this function, the C function, its caller).
     let wrap_error: mlua::Function = lua
         .load(
             r#"
             local check, close, status, error = ...
             return function(co, err)
-                if status(co) == "dead" then
+                if close and status(co) == "dead" then
                     local closed, e = close(co)
                     if not closed then err = e end
                 end
@@ -377,7 +452,9 @@ fn install_tracked_coroutines(
         ))?;
     let wrap = alarm::tracked_wrap_with(lua, &wrap_error)?;
     coroutine.set("resume", resume)?;
-    coroutine.set("close", close)?;
+    if let Some(close) = close {
+        coroutine.set("close", close)?;
+    }
     coroutine.set("wrap", wrap)
 }
 

@@ -39,6 +39,7 @@ mod config;
 mod error;
 mod hook;
 mod isle;
+#[cfg(any(feature = "lua54", feature = "lua55"))]
 mod pattern;
 mod pool;
 mod request;

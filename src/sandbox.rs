@@ -5,7 +5,9 @@
 //! are frozen). From then on:
 //! - `io`, `debug`, `package`, `loadfile`, `dofile`, and `os.exit`,
 //!   `os.execute`, `os.remove`, `os.rename`, `os.getenv`, `os.tmpname`,
-//!   `os.setlocale` raise "... is not available in the sandbox";
+//!   `os.setlocale` (and LuaJIT's `jit.on`, `jit.opt`, `jit.attach`: the
+//!   JIT must stay off for cancellation) raise "... is not available in the
+//!   sandbox";
 //! - `require` returns only modules already loaded (by `init`), never loads
 //!   one, so no C module and no file can be loaded;
 //! - `collectgarbage` accepts only `collect`, `count`, `step` and
@@ -16,9 +18,10 @@
 //! - `setmetatable` refuses metatables with `__gc`: finalizers run with hooks
 //!   disabled, so one that loops could never be interrupted;
 //! - the library tables (`string`, `table`, `math`, `utf8`, `coroutine`,
-//!   `os`, and every table module `init` loaded) are replaced by read-only
+//!   `os`, `bit32`, `bit`, `jit` where they exist, and every table module `init` loaded) are replaced by read-only
 //!   views; the string metatable and the views' metatables are hidden, and
-//!   `rawset` refuses the views.
+//!   `rawset` refuses the views (`pairs` and `ipairs` iterate them; `#`
+//!   gives 0 on Lua 5.1 and LuaJIT, which ignore `__len` on tables).
 //!
 //! Functions defined by `init` that look up a removed library by its global
 //! name at call time will fail under the sandbox; capture what they need in
@@ -52,6 +55,7 @@ local function unavailable_table(prefix)
     })
 end
 
+-- View -> table it shows.
 local frozen = setmetatable({}, { __mode = "k" })
 
 -- A read-only view of `t`.
@@ -66,7 +70,7 @@ local function freeze(name, t)
         __len = function() return #t end,
         __metatable = false,
     })
-    frozen[view] = true
+    frozen[view] = t
     return view
 end
 
@@ -119,13 +123,34 @@ G.setmetatable = function(t, mt)
     return setmetatable(t, mt)
 end
 
+-- LuaJIT: the JIT stays off (compiled traces never reach the hook).
+local jit = rawget(G, "jit")
+if type(jit) == "table" then
+    for _, k in ipairs({ "on", "opt", "attach" }) do
+        if jit[k] ~= nil then jit[k] = unavailable("jit." .. k) end
+    end
+end
+
 -- 5. Read-only library tables.
-for _, name in ipairs({ "string", "table", "math", "utf8", "coroutine", "os" }) do
+for _, name in ipairs({ "string", "table", "math", "utf8", "coroutine", "os", "bit32", "bit", "jit" }) do
     local t = rawget(G, name)
     if type(t) == "table" then
         local view = loaded[name] or freeze(name, t)
         loaded[name] = view
         rawset(G, name, view)
+    end
+end
+-- Lua 5.1, LuaJIT and Luau ignore `__pairs` (and 5.1's `ipairs` reads raw):
+-- iterating a view iterates its table.
+if G._VERSION == "Lua 5.1" or G._VERSION == "Luau" then
+    local pairs, ipairs = pairs, ipairs
+    G.pairs = function(t)
+        local shown = frozen[t]
+        if shown then return next, shown, nil end
+        return pairs(t)
+    end
+    G.ipairs = function(t)
+        return ipairs(frozen[t] or t)
     end
 end
 getmetatable("").__metatable = false

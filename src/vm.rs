@@ -74,7 +74,8 @@ impl Vm {
             init(lua)?;
             if config.sandbox {
                 // Lua's C pattern matcher cannot be interrupted: the
-                // sandbox's is budgeted.
+                // sandbox's is budgeted (Lua 5.4's semantics, so only there).
+                #[cfg(any(feature = "lua54", feature = "lua55"))]
                 if let Some(string) = lua.globals().get::<Option<Table>>("string")? {
                     crate::pattern::install(lua, &string, Interrupt::pattern_poll(&interrupt))?;
                 }

@@ -42,13 +42,6 @@ const SAME_AS_LUA: &[&str] = &[
      local ok, e = pcall(g) return e",
     // wrap: not a function
     "local ok, e = pcall(coroutine.wrap, 42) return e",
-    // wrap: __close handlers run when the coroutine dies by an error, and may
-    // replace it
-    "local g = coroutine.wrap(function()
-         local x <close> = setmetatable({}, { __close = function(_, e) error('closing after ' .. tostring(e), 0) end })
-         error('first', 0)
-     end)
-     local ok, e = pcall(g) return e",
     // wrap: a generator of generators
     "local function gen(n) return coroutine.wrap(function() for i = 1, n do coroutine.yield(i) end end) end
      local outer = coroutine.wrap(function()
@@ -84,6 +77,18 @@ const SAME_AS_LUA: &[&str] = &[
      coroutine.resume(co)
      log[#log + 1] = coroutine.status(co)
      return table.concat(log, ' ')",
+];
+
+/// More of them, using Lua 5.4's `<close>` and `coroutine.close`.
+#[cfg(any(feature = "lua54", feature = "lua55"))]
+const SAME_AS_LUA_54: &[&str] = &[
+    // wrap: __close handlers run when the coroutine dies by an error, and may
+    // replace it
+    "local g = coroutine.wrap(function()
+         local x <close> = setmetatable({}, { __close = function(_, e) error('closing after ' .. tostring(e), 0) end })
+         error('first', 0)
+     end)
+     local ok, e = pcall(g) return e",
     // close: a suspended coroutine's __close handlers run; errors returned
     "local co = coroutine.create(function()
          local x <close> = setmetatable({}, { __close = function() error('in close', 0) end })
@@ -101,13 +106,15 @@ const SAME_AS_LUA: &[&str] = &[
      local _, ok, e = coroutine.resume(co) return tostring(ok) .. ' ' .. e",
     "local ok, e = pcall(coroutine.close, 42) return e",
 ];
+#[cfg(not(any(feature = "lua54", feature = "lua55")))]
+const SAME_AS_LUA_54: &[&str] = &[];
 
 #[test]
 fn tracked_coroutine_functions_behave_like_luas() {
     let plain = Lua::new();
     let isle = Isle::spawn(|_| Ok(())).unwrap();
     let pool = IslePool::new(1, |_| Ok(())).unwrap();
-    for code in SAME_AS_LUA {
+    for code in SAME_AS_LUA.iter().chain(SAME_AS_LUA_54) {
         let want: Result<String, String> = plain
             .load(*code)
             .set_name("=eval")
@@ -149,25 +156,6 @@ const ENDLESS: &[(&str, &str)] = &[
          end)()",
     ),
     (
-        // Created (and suspended) before the stop, resumed by a __close
-        // handler while the interruption unwinds: it was never armed.
-        "coroutine resumed while unwinding",
-        "local spin = coroutine.create(function() coroutine.yield() while true do end end)
-         coroutine.resume(spin)
-         local guard <close> = setmetatable({}, { __close = function() coroutine.resume(spin) end })
-         started() while true do end",
-    ),
-    (
-        "coroutine closed while unwinding",
-        "local co = coroutine.create(function()
-             local x <close> = setmetatable({}, { __close = function() while true do end end })
-             coroutine.yield()
-         end)
-         coroutine.resume(co)
-         local guard <close> = setmetatable({}, { __close = function() coroutine.close(co) end })
-         started() while true do end",
-    ),
-    (
         "wrap resumed from a pcall loop while stopping",
         "local spin = coroutine.wrap(function() coroutine.yield() while true do end end)
          spin()
@@ -186,6 +174,32 @@ const ENDLESS: &[(&str, &str)] = &[
         "rust_resume(function() started() while true do end end)",
     ),
 ];
+
+/// More of them, using Lua 5.4's `<close>` and `coroutine.close`.
+#[cfg(any(feature = "lua54", feature = "lua55"))]
+const ENDLESS_54: &[(&str, &str)] = &[
+    (
+        // Created (and suspended) before the stop, resumed by a __close
+        // handler while the interruption unwinds: it was never armed.
+        "coroutine resumed while unwinding",
+        "local spin = coroutine.create(function() coroutine.yield() while true do end end)
+         coroutine.resume(spin)
+         local guard <close> = setmetatable({}, { __close = function() coroutine.resume(spin) end })
+         started() while true do end",
+    ),
+    (
+        "coroutine closed while unwinding",
+        "local co = coroutine.create(function()
+             local x <close> = setmetatable({}, { __close = function() while true do end end })
+             coroutine.yield()
+         end)
+         coroutine.resume(co)
+         local guard <close> = setmetatable({}, { __close = function() coroutine.close(co) end })
+         started() while true do end",
+    ),
+];
+#[cfg(not(any(feature = "lua54", feature = "lua55")))]
+const ENDLESS_54: &[(&str, &str)] = &[];
 
 /// `started()` signals the test; `rust_resume(f)` runs `f` on a thread
 /// created and resumed by Rust through mlua.
@@ -213,7 +227,7 @@ fn a_cancel_stops_lua_code_on_every_kind_of_lua_thread() {
         .init(init(tx))
         .build()
         .unwrap();
-    for &(what, code) in ENDLESS {
+    for &(what, code) in ENDLESS.iter().chain(ENDLESS_54) {
         let session = pool.session(what);
         // One at a time, so each `started()` is the task's own.
         let spawns: [(&str, &dyn Fn() -> Task<()>); 3] = [
@@ -240,7 +254,7 @@ fn a_time_limit_stops_lua_code_on_every_kind_of_lua_thread() {
         .default_timeout(Duration::from_millis(30))
         .spawn(init(tx))
         .unwrap();
-    for &(what, code) in ENDLESS {
+    for &(what, code) in ENDLESS.iter().chain(ENDLESS_54) {
         let task = isle.spawn_eval::<()>(code);
         expect_started(&started, what);
         let r = within(what, move || task.wait());

@@ -130,6 +130,8 @@ fn load_reader_cannot_swallow_the_cancel() {
     );
 }
 
+// `<close>` and `coroutine.close` are Lua 5.4 on.
+#[cfg(any(feature = "lua54", feature = "lua55"))]
 #[test]
 fn coroutine_close_cannot_swallow_the_cancel() {
     // A suspended coroutine's pending `__close` handler loops when closed;

@@ -343,6 +343,10 @@ fn a_coroutine_can_yield_inside_pcall() {
 }
 
 #[test]
+#[cfg_attr(
+    feature = "luajit",
+    ignore = "LuaJIT: this nesting overflows the real C stack (SIGSEGV); see BACKENDS.md"
+)]
 fn deep_nesting_through_gsub_callbacks_is_a_c_stack_overflow_error() {
     const CODE: &str = "local function f(s) return (string.gsub(s, '.', f)) end f('x')";
     for t in Target::both(None) {

@@ -58,7 +58,14 @@ fn compile(lua: &Lua, env: Option<&Table>, code: &str) -> Result<Function, IsleE
         }
         .into_function()
     };
-    match compile(&format!("return {code}")) {
+    // LuaJIT tail-calls C functions too, so `return error('x')` would lose
+    // the caller's position ("eval:1:"): there the expression is an
+    // argument of an identity function instead, keeping all its values.
+    #[cfg(feature = "luajit")]
+    let expression = format!("return (function(...) return ... end)({code}\n)");
+    #[cfg(not(feature = "luajit"))]
+    let expression = format!("return {code}");
+    match compile(&expression) {
         Ok(f) => Ok(f),
         Err(_) => compile(code).map_err(compile_error),
     }

@@ -280,27 +280,45 @@ impl Worker {
 /// not lead to the shared globals.
 fn env_factory(vm: &Vm) -> mlua::Result<Function> {
     let globals = vm.lua().globals();
-    let load: Function = globals.get("load")?;
+    let load: Option<Function> = globals.get("load")?;
+    let loadstring: Option<Function> = globals.get("loadstring")?;
+    let setfenv: Option<Function> = globals.get("setfenv")?;
+    // Where functions carry their environment (`setfenv`: 5.1, LuaJIT,
+    // Luau), `load` has no environment argument everywhere (5.1), and
+    // `loadstring` none at all: the loaded function gets it set instead.
     vm.lua()
         .load(
             r#"
-            local globals, load = ...
+            local globals, load, loadstring, setfenv = ...
             local shared = { __index = globals }
+            local function in_env(env, f, ...)
+                if f then setfenv(f, env) end
+                return f, ...
+            end
             return function()
                 local env = {}
                 local own = setmetatable({ _G = env }, shared)
-                own.load = function(chunk, name, mode, ...)
-                    if select('#', ...) == 0 then
+                if load then
+                    own.load = function(chunk, name, mode, ...)
+                        if select('#', ...) ~= 0 then
+                            return load(chunk, name, mode, ...)
+                        elseif setfenv then
+                            return in_env(env, load(chunk, name, mode))
+                        end
                         return load(chunk, name, mode, env)
                     end
-                    return load(chunk, name, mode, ...)
+                end
+                if loadstring and setfenv then
+                    own.loadstring = function(...)
+                        return in_env(env, loadstring(...))
+                    end
                 end
                 return setmetatable(env, { __index = own, __metatable = false })
             end
             "#,
         )
         .set_name("=mlua-isle session")
-        .call((globals, load))
+        .call((globals, load, loadstring, setfenv))
 }
 
 /// A fresh session environment.
