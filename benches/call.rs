@@ -177,30 +177,114 @@ fn cancel_once(isle: &Isle, started: &crossbeam_channel::Receiver<()>) -> Durati
 }
 
 fn cancel_latency(c: &mut Criterion) {
-    let (tx, started) = crossbeam_channel::unbounded::<()>();
-    let isle = Isle::spawn(move |lua| {
-        let f = lua.create_function(move |_, ()| {
-            let _ = tx.send(());
-            Ok(())
-        })?;
-        lua.globals().set("started", f)
-    })
-    .unwrap();
+    let spawn = |permanent_hook: bool| {
+        let (tx, started) = crossbeam_channel::unbounded::<()>();
+        let isle = Isle::builder()
+            .permanent_hook(permanent_hook)
+            .spawn(move |lua| {
+                let f = lua.create_function(move |_, ()| {
+                    let _ = tx.send(());
+                    Ok(())
+                })?;
+                lua.globals().set("started", f)
+            })
+            .unwrap();
+        (isle, started)
+    };
+    let (isle, started) = spawn(false);
+    let (hooked, hooked_started) = spawn(true);
     let mut g = c.benchmark_group("cancel_latency");
     g.bench_function("cancel_to_wait_return", |b| {
         b.iter_custom(|iters| (0..iters).map(|_| cancel_once(&isle, &started)).sum())
+    });
+    g.bench_function("cancel_to_wait_return_permanent_hook", |b| {
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|_| cancel_once(&hooked, &hooked_started))
+                .sum()
+        })
     });
     g.finish();
     if !common::benching() {
         return;
     }
 
-    let mut samples: Vec<Duration> = (0..2_000).map(|_| cancel_once(&isle, &started)).collect();
-    let p50 = common::quantile(&mut samples, 0.50);
-    let p99 = common::quantile(&mut samples, 0.99);
-    let max = common::quantile(&mut samples, 1.0);
-    println!("summary: cancel -> wait returns (target p99 <= 50us)   p50 {p50:.2?}   p99 {p99:.2?}   max {max:.2?}");
+    let quantiles = |mut samples: Vec<Duration>| {
+        (
+            common::quantile(&mut samples, 0.50),
+            common::quantile(&mut samples, 0.99),
+            common::quantile(&mut samples, 1.0),
+        )
+    };
+    let (p50, p99, max) = quantiles((0..2_000).map(|_| cancel_once(&isle, &started)).collect());
+    println!("summary: cancel -> wait returns, hook armed on demand (target p99 <= 50us)   p50 {p50:.2?}   p99 {p99:.2?}   max {max:.2?}");
+    let (p50, p99, max) = quantiles(
+        (0..2_000)
+            .map(|_| cancel_once(&hooked, &hooked_started))
+            .collect(),
+    );
+    println!("summary: cancel -> wait returns, permanent_hook(true)                        p50 {p50:.2?}   p99 {p99:.2?}   max {max:.2?}");
+    #[cfg(unix)]
+    {
+        let (p50, p99, max) = quantiles(signal_floor(2_000));
+        println!("summary: baseline: a signal reaching a spinning thread (the floor of arming) p50 {p50:.2?}   p99 {p99:.2?}   max {max:.2?}");
+    }
     isle.shutdown().unwrap();
+    hooked.shutdown().unwrap();
+}
+
+/// How long a signal takes to reach a thread spinning on another CPU, from
+/// `pthread_kill` until the thread has seen it: what arming on demand
+/// waits for before the hook can fire.
+#[cfg(unix)]
+fn signal_floor(n: usize) -> Vec<Duration> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    static SEEN: AtomicBool = AtomicBool::new(false);
+    extern "C" fn on_signal(_: libc::c_int) {
+        SEEN.store(true, Ordering::SeqCst);
+    }
+    // SAFETY: installs a handler that only stores to an atomic, for a
+    // real-time signal nothing else in this process uses.
+    let signal = libc::SIGRTMIN() + 3;
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_signal as *const () as usize;
+        action.sa_flags = libc::SA_RESTART;
+        libc::sigaction(signal, &action, std::ptr::null_mut());
+    }
+    let acks = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let spinner = {
+        let (acks, stop) = (acks.clone(), stop.clone());
+        thread::spawn(move || {
+            // SAFETY: no preconditions.
+            tx.send(unsafe { libc::pthread_self() } as usize).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                if SEEN.swap(false, Ordering::SeqCst) {
+                    acks.fetch_add(1, Ordering::SeqCst);
+                }
+                std::hint::spin_loop();
+            }
+        })
+    };
+    let target = rx.recv().unwrap() as libc::pthread_t;
+    let samples = (0..n)
+        .map(|i| {
+            let t0 = Instant::now();
+            // SAFETY: `target` is the spinner, alive until `stop`.
+            unsafe { libc::pthread_kill(target, signal) };
+            while acks.load(Ordering::SeqCst) <= i {
+                std::hint::spin_loop();
+            }
+            t0.elapsed()
+        })
+        .collect();
+    stop.store(true, Ordering::Relaxed);
+    spinner.join().unwrap();
+    samples
 }
 
 criterion_group! {

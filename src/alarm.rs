@@ -444,9 +444,10 @@ mod unix {
     /// until the next switch.
     unsafe fn switch_to(state: *mut lua_State) {
         SLOT.with(|s| {
-            s.running.store(state, Ordering::SeqCst);
-            // The handler runs on this thread: keep the store above before
-            // the load below as far as the compiler is concerned too.
+            // ORDERING: Relaxed: only this thread (and its signal handler,
+            // which runs on it) reads `running`; the fence keeps the store
+            // before the load below as far as the compiler is concerned.
+            s.running.store(state, Ordering::Relaxed);
             compiler_fence(Ordering::SeqCst);
             let alarm = s.armed.load(Ordering::SeqCst);
             // SAFETY: as in `on_signal`.

@@ -108,8 +108,9 @@ impl Interrupt {
             None => config.hook_interval,
         };
         let interval = interval.max(1);
-        // An instruction budget needs the hook to count all the time.
-        let alarm = alarm::this_thread().filter(|_| budget.is_none());
+        // An instruction budget needs the hook to count all the time; the
+        // user may want it ticking anyway (`permanent_hook`).
+        let alarm = alarm::this_thread().filter(|_| budget.is_none() && !config.permanent_hook);
         // The closure needs the final `Arc`, which needs `on_demand`, which
         // needs mlua's hook installed: install a placeholder hook first.
         #[cfg(not(feature = "luau"))]

@@ -248,6 +248,35 @@ fn a_cancel_stops_lua_code_on_every_kind_of_lua_thread() {
 }
 
 #[test]
+fn with_a_permanent_hook_a_cancel_stops_the_same_code() {
+    let (tx, started) = crossbeam_channel::unbounded();
+    let isle = Isle::builder()
+        .permanent_hook(true)
+        .spawn(init(tx.clone()))
+        .unwrap();
+    let pool = IslePool::builder()
+        .workers(1)
+        .permanent_hook(true)
+        .init(init(tx))
+        .build()
+        .unwrap();
+    for &(what, code) in ENDLESS {
+        for (on, task) in [("isle", 0), ("pool", 1)] {
+            let task: Task<()> = if task == 0 {
+                isle.spawn_eval(code)
+            } else {
+                pool.spawn_eval(code)
+            };
+            expect_started(&started, what);
+            task.cancel();
+            let r = within(&format!("{what} ({on})"), move || task.wait());
+            assert_eq!(r, Err(IsleError::Cancelled), "{what} ({on})");
+        }
+    }
+    assert_eq!(isle.eval::<i64>("1 + 1"), Ok(2));
+}
+
+#[test]
 fn a_time_limit_stops_lua_code_on_every_kind_of_lua_thread() {
     let (tx, started) = crossbeam_channel::unbounded();
     let isle = Isle::builder()
