@@ -1,5 +1,6 @@
 //! The main demo: a pool of Lua VMs running scripts in parallel, plus
-//! per-tenant sessions, with throughput printed at the end.
+//! per-tenant sessions, tiny requests one by one and in one `map`, and a
+//! runaway script cancelled, with throughput printed along the way.
 //!
 //! Run: `cargo run --release --example pool`
 
@@ -102,6 +103,24 @@ fn main() -> Result<(), IsleError> {
         "{n} tiny requests from 4 threads in {elapsed:.2?}: {:.2} M requests/s",
         n as f64 / elapsed.as_secs_f64() / 1e6
     );
+
+    // 4. The same tiny calls in one batch call: no hop per call.
+    let start = Instant::now();
+    let ids: Vec<Result<i64, IsleError>> = pool.map("id", 0..n);
+    let elapsed = start.elapsed();
+    assert!(ids.iter().all(Result::is_ok));
+    println!(
+        "{n} tiny calls through one pool.map in {elapsed:.2?}: {:.2} M calls/s",
+        n as f64 / elapsed.as_secs_f64() / 1e6
+    );
+
+    // 5. Cancelling a runaway script: no hook runs until it is needed.
+    let runaway = pool.spawn_eval::<()>("while true do end");
+    thread::sleep(Duration::from_millis(20)); // let it run a little
+    let start = Instant::now();
+    runaway.cancel();
+    let r = runaway.wait();
+    println!("cancelled a running endless loop in {:.2?}: {r:?}", start.elapsed());
 
     let m = pool.metrics();
     for (i, w) in m.workers.iter().enumerate() {
