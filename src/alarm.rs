@@ -20,12 +20,11 @@
 //!
 //! A hook set on one `lua_State` does not reach another, and a coroutine
 //! already running has its own. So every switch between Lua threads goes
-//! through this module: `coroutine.resume` and `coroutine.close` (Lua 5.4
-//! on) are replaced by the C functions [`tracked_resume`] and
-//! [`tracked_close`] (and
-//! `coroutine.wrap`, in `hook.rs`, by Lua code on top of them), which record
-//! the state about to run in the thread-local [`Slot`] before calling Lua's
-//! own function, and the caller's state after it returns. After recording a
+//! through this module: `coroutine.resume`, `coroutine.wrap` and (Lua 5.4
+//! on) `coroutine.close` are replaced by C functions of ours
+//! (`tracked_resume`, `tracked_wrap`, `tracked_close`), which record the
+//! state about to run in the thread-local `Slot` before calling Lua's own
+//! resume or close, and the caller's state after it returns. After recording a
 //! switch, they check `armed` themselves and arm the new state if it is set:
 //! a signal that landed just before the switch armed the state being left.
 //!
@@ -42,6 +41,35 @@
 //! So either the request never runs, or the stopper signals the VM thread,
 //! which by then runs it (or has finished it: a late signal only costs one
 //! hook tick).
+//!
+//! # Why this is sound
+//!
+//! - **The handler touches only its own thread's Lua.** It runs on the VM
+//!   thread it interrupted and reads that thread's `Slot`; the only Lua call
+//!   it makes is `lua_sethook` on the state recorded as running, which Lua
+//!   documents as safe to call from a signal handler (it stores the hook,
+//!   its count and mask, and sets the `trap` flag of the frames on the call
+//!   chain, all of which the interrupted code tolerates changing under it).
+//!   It allocates nothing, takes no lock, and calls no Rust code that could
+//!   panic.
+//! - **Every state it may arm is alive.** The main state is recorded by
+//!   `begin` and forgotten by `unbind` before its VM is dropped (the VM is
+//!   dropped on its own thread, so no signal handler can run in between).
+//!   A coroutine is recorded only while Lua's resume (or close) runs it,
+//!   and it is the resumer's argument 1, so it cannot be collected; the
+//!   resumer's state is recorded again as soon as that call returns, which
+//!   it always does: given a coroutine, Lua's resume and close (5.2–5.5)
+//!   return their errors instead of raising them (Lua 5.1's resume raises
+//!   some, which is why 5.1 is not supported here).
+//! - **The signal reaches a live thread.** `raise` sends it while holding
+//!   the alarm's thread lock; a VM thread clears its id under that lock
+//!   before it exits, so the `pthread_t` is valid whenever it is used.
+//! - **The tracked functions are well-formed Lua C functions.** They use
+//!   only the stack slots Lua guarantees (`LUA_MINSTACK`), and their frames
+//!   own nothing: when Lua's error handling `longjmp`s over them (an
+//!   argument error, the interruption raised by the check), nothing is
+//!   left undone but the switch record, which is only ever skipped on the
+//!   paths argued above not to raise.
 //!
 //! Everything `unsafe` in the crate is in this module.
 
@@ -382,6 +410,7 @@ mod unix {
             if alarm.is_null() {
                 return false;
             }
+            // SAFETY: as above: the registration outlives the pointer.
             if unsafe { &*alarm }.armed.load(Ordering::SeqCst) {
                 let running = s.running.load(Ordering::SeqCst);
                 // SAFETY: `running` is null or the state running on this
