@@ -559,8 +559,8 @@ fn too_many_results_is_a_runtime_error() {
             LuaErrorKind::Runtime,
         );
         assert!(e.message().contains("string slice too long"), "{e:?}");
-        // Many, but within Lua's stack: they all arrive. (LuaJIT's stack
-        // C functions push at most 8000 values, Lua 5.4's up to a million.)
+        // Many, but within Lua's stack: they all arrive. (A LuaJIT C
+        // function pushes at most 8000 values; on Lua 5.4, up to a million.)
         #[cfg(not(feature = "luajit"))]
         const MANY: usize = 100_000;
         #[cfg(feature = "luajit")]
