@@ -12,7 +12,9 @@ mod common;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use mlua::{Function, HookTriggers, Lua, VmState};
+#[cfg(not(feature = "luau"))]
+use mlua::HookTriggers;
+use mlua::{Function, Lua, VmState};
 use mlua_isle::Isle;
 
 /// Workload shapes: (name, Lua source defining a global function `work`).
@@ -49,11 +51,17 @@ const SHAPES: &[(&str, &str)] = &[
 
 fn plain(src: &str, hooked: bool) -> (Lua, Function) {
     let lua = Lua::new();
+    #[cfg(not(feature = "luau"))]
     if hooked {
         lua.set_global_hook(HookTriggers::new().every_nth_instruction(1000), |_, _| {
             Ok(VmState::Continue)
         })
         .unwrap();
+    }
+    // Luau has no hooks: its interrupt is the equivalent.
+    #[cfg(feature = "luau")]
+    if hooked {
+        lua.set_interrupt(|_| Ok(VmState::Continue));
     }
     lua.load(src).exec().unwrap();
     let f: Function = lua.globals().get("work").unwrap();

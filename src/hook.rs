@@ -320,6 +320,7 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
         r#"
         local check, stopping, pcall, xpcall, resume, load, loadfile, binary_ok, tracked,
               loadstring, reader_only = ...
+        local type, error = type, error
         -- Lua's own pcall and xpcall (yieldable), with the error value
         -- checked: a Rust panic or a pending interruption is raised again.
         local function after(ok, ...)
@@ -346,7 +347,15 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
             return ok, ...
         end
         if not tracked then
-            coroutine.resume = function(co, ...) return after_resume(resume(co, ...)) end
+            coroutine.resume = function(...)
+                -- Lua's own argument error, without this wrapper's name
+                -- and position (Luau makes no tail calls).
+                if type((...)) ~= "thread" then
+                    local _, e = pcall(resume, ...)
+                    error(e, 0)
+                end
+                return after_resume(resume(...))
+            end
         end
         local function after_load(f, ...)
             if f == nil then check((...)) end

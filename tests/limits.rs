@@ -66,6 +66,7 @@ fn a_pool_vm_past_its_memory_limit_recovers() {
 }
 
 #[test]
+#[cfg(not(feature = "luau"))] // no instruction count: max_instructions is refused
 fn a_request_past_its_instruction_budget_fails() {
     let isle = Isle::builder()
         .max_instructions(100_000)
@@ -87,6 +88,7 @@ fn a_request_past_its_instruction_budget_fails() {
 }
 
 #[test]
+#[cfg(not(feature = "luau"))] // no instruction count: max_instructions is refused
 fn the_instruction_budget_is_per_request() {
     let isle = Isle::builder()
         .max_instructions(100_000)
@@ -102,6 +104,7 @@ fn the_instruction_budget_is_per_request() {
 }
 
 #[test]
+#[cfg(not(feature = "luau"))] // no instruction count: max_instructions is refused
 fn a_budget_smaller_than_the_hook_interval_is_still_enforced() {
     let isle = Isle::builder()
         .hook_interval(10_000)
@@ -116,6 +119,7 @@ fn a_budget_smaller_than_the_hook_interval_is_still_enforced() {
 }
 
 #[test]
+#[cfg(not(feature = "luau"))] // no instruction count: max_instructions is refused
 fn the_pool_enforces_the_budget_on_every_vm_and_session() {
     let pool = IslePool::builder()
         .workers(2)
@@ -132,6 +136,7 @@ fn the_pool_enforces_the_budget_on_every_vm_and_session() {
 }
 
 #[test]
+#[cfg(not(feature = "luau"))] // Luau: no `load`, `string.dump` or binary chunks
 fn eval_refuses_binary_chunks() {
     let isle = Isle::spawn(|_| Ok(())).unwrap();
     let r = isle.eval::<()>("\x1bLua");
@@ -142,6 +147,7 @@ fn eval_refuses_binary_chunks() {
 }
 
 #[test]
+#[cfg(not(feature = "luau"))] // Luau: no `load`, `string.dump` or binary chunks
 fn lua_load_refuses_binary_chunks_by_default() {
     let isle = Isle::spawn(|_| Ok(())).unwrap();
     let err: String = isle
@@ -165,6 +171,7 @@ fn lua_load_refuses_binary_chunks_by_default() {
 }
 
 #[test]
+#[cfg(not(feature = "luau"))] // Luau: no `load`, `string.dump` or binary chunks
 fn binary_chunks_load_when_allowed() {
     let isle = Isle::builder()
         .allow_binary_chunks(true)
@@ -177,6 +184,7 @@ fn binary_chunks_load_when_allowed() {
 }
 
 #[test]
+#[cfg(not(feature = "luau"))] // no instruction count: max_instructions is refused
 fn requests_under_the_budget_are_never_stopped() {
     // Lua's instruction countdown carries over from one request to the
     // next; that must not be charged to the next request.
@@ -190,4 +198,15 @@ fn requests_under_the_budget_are_never_stopped() {
             Ok(1830)
         );
     }
+}
+
+#[test]
+#[cfg(feature = "luau")]
+fn luau_refuses_an_instruction_budget_at_spawn() {
+    let r = Isle::builder().max_instructions(1000).spawn(|_| Ok(()));
+    assert!(
+        matches!(&r, Err(IsleError::Init(m)) if m.contains("max_instructions")),
+        "{:?}",
+        r.err()
+    );
 }

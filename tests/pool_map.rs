@@ -10,7 +10,7 @@ use mlua_isle::{IsleError, IslePool, LuaErrorKind};
 
 const FUNCTIONS: &str = r#"
     function sq(x) return x * x end
-    function divmod(a, b) return a // b, a % b end
+    function divmod(a, b) return math.floor(a / b), a % b end
     function odd_fails(x)
         if x % 2 == 1 then error("odd input " .. x) end
         return x
