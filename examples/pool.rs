@@ -120,7 +120,10 @@ fn main() -> Result<(), IsleError> {
     let start = Instant::now();
     runaway.cancel();
     let r = runaway.wait();
-    println!("cancelled a running endless loop in {:.2?}: {r:?}", start.elapsed());
+    println!(
+        "cancelled a running endless loop in {:.2?}: {r:?}",
+        start.elapsed()
+    );
 
     let m = pool.metrics();
     for (i, w) in m.workers.iter().enumerate() {
