@@ -67,6 +67,7 @@ local function freeze(name, t)
                 .. ": library tables are read-only in the sandbox", 2)
         end,
         __pairs = function() return next, t, nil end,
+        __iter = function() return next, t, nil end, -- Luau's `for k, v in view`
         __len = function() return #t end,
         __metatable = false,
     })
@@ -140,9 +141,20 @@ for _, name in ipairs({ "string", "table", "math", "utf8", "coroutine", "os", "b
         rawset(G, name, view)
     end
 end
--- Lua 5.1, LuaJIT and Luau ignore `__pairs` (and 5.1's `ipairs` reads raw):
--- iterating a view iterates its table.
-if G._VERSION == "Lua 5.1" or G._VERSION == "Luau" then
+-- Lua 5.1, LuaJIT and Luau ignore `__pairs`, and their `ipairs` reads raw:
+-- iterating a view iterates its table. Asked of the VM, not of `_VERSION`
+-- (Luau's is "Luau 0.740", LuaJIT's "Lua 5.1" whatever its compat options).
+local function iterates_views()
+    local through_pairs, through_ipairs = false, false
+    for _ in pairs(setmetatable({}, { __pairs = function() return next, { true }, nil end })) do
+        through_pairs = true
+    end
+    for _ in ipairs(setmetatable({}, { __index = { true } })) do
+        through_ipairs = true
+    end
+    return through_pairs and through_ipairs
+end
+if not iterates_views() then
     local pairs, ipairs = pairs, ipairs
     G.pairs = function(t)
         local shown = frozen[t]
