@@ -128,19 +128,29 @@ fn isolated(name: &str, body: impl FnOnce()) {
     );
 }
 
+/// How the parser words an unexpected token and an unfinished string.
+#[cfg(not(feature = "luau"))]
+const SYNTAX_WORDING: [&str; 2] = ["unexpected symbol", "unfinished string"];
+#[cfg(feature = "luau")]
+const SYNTAX_WORDING: [&str; 2] = [
+    "Expected identifier when parsing expression",
+    "Malformed string",
+];
+
 #[test]
 fn syntax_errors_are_syntax_errors_with_their_position() {
+    let [unexpected, unfinished] = SYNTAX_WORDING;
     for t in Target::both(None) {
         let e = lua_error(t.eval::<()>("x = = 1"), LuaErrorKind::Syntax);
         assert!(e.message().starts_with("eval:1:"), "{e:?}");
-        assert!(e.message().contains("unexpected symbol"), "{e:?}");
+        assert!(e.message().contains(unexpected), "{e:?}");
         let e = lua_error(
             t.eval::<()>("local a = 1\nlocal function f(\nreturn a end"),
             LuaErrorKind::Syntax,
         );
         assert!(e.message().starts_with("eval:3:"), "{e:?}");
         let e = lua_error(t.eval::<()>("return 'open"), LuaErrorKind::Syntax);
-        assert!(e.message().contains("unfinished string"), "{e:?}");
+        assert!(e.message().contains(unfinished), "{e:?}");
         t.assert_serving();
     }
 }
@@ -179,7 +189,7 @@ fn error_with_nil_is_a_runtime_error() {
 }
 
 #[test]
-#[cfg(not(feature = "luajit"))]
+#[cfg(not(any(feature = "luajit", feature = "luau")))]
 fn error_with_an_object_whose_tostring_fails_is_a_runtime_error() {
     for t in Target::both(None) {
         // The error raised by `__tostring` replaces the unprintable one.
@@ -239,15 +249,38 @@ fn error_with_an_object_whose_tostring_fails_is_a_runtime_error() {
     }
 }
 
+/// Luau, like LuaJIT, runs mlua's message handler as an error handler: an
+/// error inside `__tostring` is "error in error handling"; there a
+/// recursing `__tostring` overflows its stack and fails the same way.
+#[test]
+#[cfg(feature = "luau")]
+fn error_with_an_object_whose_tostring_fails_is_a_runtime_error() {
+    for t in Target::both(None) {
+        for code in [
+            "error(setmetatable({}, {__tostring = function() error('tostring exploded') end}))",
+            "error(setmetatable({}, {__tostring = function() return {} end}))",
+            "error(setmetatable({}, {__tostring = function(self) return tostring(self) end}))",
+        ] {
+            let e = lua_error(t.eval::<()>(code), LuaErrorKind::Runtime);
+            assert_eq!(e.message(), "error in error handling", "{e:?}");
+        }
+        t.assert_serving();
+    }
+}
+
 #[test]
 fn an_error_object_whose_tostring_never_returns_is_stopped_by_the_limits() {
     const CODE: &str = "error(setmetatable({}, {__tostring = function() while true do end end}))";
-    let isle = Isle::builder()
-        .max_instructions(1_000_000)
-        .spawn(|_| Ok(()))
-        .unwrap();
-    assert_eq!(isle.eval::<()>(CODE), Err(IsleError::InstructionLimit));
-    assert_eq!(isle.eval::<i64>("1 + 1"), Ok(2));
+    // Luau counts no instructions: only the time limit below applies.
+    #[cfg(not(feature = "luau"))]
+    {
+        let isle = Isle::builder()
+            .max_instructions(1_000_000)
+            .spawn(|_| Ok(()))
+            .unwrap();
+        assert_eq!(isle.eval::<()>(CODE), Err(IsleError::InstructionLimit));
+        assert_eq!(isle.eval::<i64>("1 + 1"), Ok(2));
+    }
     let t = Target::session(None);
     let Target::Session(s) = &t else {
         unreachable!()
@@ -273,8 +306,9 @@ fn runaway_recursion_is_a_stack_overflow_error() {
         t.assert_serving();
     }
     // Lua's stack (up to a million slots) needs tens of MB: under a smaller
-    // limit the memory runs out first. (LuaJIT's 65500 slots need 1 MB.)
-    #[cfg(not(feature = "luajit"))]
+    // limit the memory runs out first. (LuaJIT's 65500 slots need 1 MB;
+    // Luau stops at 20000 calls, long before 16 MB.)
+    #[cfg(not(any(feature = "luajit", feature = "luau")))]
     for t in Target::both(Some(16 * MB)) {
         assert_memory_limit(t.eval::<()>(CODE));
         t.assert_serving();
@@ -392,10 +426,12 @@ fn deep_nesting_through_gsub_callbacks_is_a_c_stack_overflow_error() {
     for t in Target::both(None) {
         let e = lua_error(t.eval::<()>(CODE), LuaErrorKind::Runtime);
         assert!(e.message().contains("C stack overflow"), "{e:?}");
-        assert!(
-            e.traceback().is_some_and(|tb| tb.contains("string.gsub")),
-            "{e:?}"
-        );
+        // Luau's traceback names it "function 'gsub'".
+        #[cfg(not(feature = "luau"))]
+        const GSUB: &str = "string.gsub";
+        #[cfg(feature = "luau")]
+        const GSUB: &str = "'gsub'";
+        assert!(e.traceback().is_some_and(|tb| tb.contains(GSUB)), "{e:?}");
         // Through coroutines, the same limit.
         let e = lua_error(
             t.eval::<()>("local function f() return coroutine.wrap(f)() end f()"),
@@ -415,7 +451,7 @@ fn string_rep_with_a_huge_count_is_a_memory_limit_error() {
         assert_eq!(t.eval::<usize>("#string.rep('x', 1e6)"), Ok(1_000_000));
     }
     // Past what a Lua string may hold, Lua refuses before allocating.
-    #[cfg(not(feature = "luajit"))]
+    #[cfg(not(any(feature = "luajit", feature = "luau")))]
     for t in Target::both(None) {
         let e = lua_error(
             t.eval::<usize>("#string.rep('x', 1e12)"),
@@ -432,19 +468,37 @@ fn string_rep_with_a_huge_count_is_a_memory_limit_error() {
         assert_memory_limit(t.eval::<usize>("#string.rep('xx', 2^31 - 1)"));
         t.assert_serving();
     }
+    // Luau too takes a 32-bit count (1e12 wraps to an empty string), and
+    // refuses a result past 1 GB before allocating.
+    #[cfg(feature = "luau")]
+    for t in Target::both(None) {
+        assert_eq!(t.eval::<usize>("#string.rep('x', 1e12)"), Ok(0));
+        let e = lua_error(
+            t.eval::<usize>("#string.rep('xx', 2^31 - 1)"),
+            LuaErrorKind::Runtime,
+        );
+        assert!(e.message().contains("resulting string too large"), "{e:?}");
+        t.assert_serving();
+    }
 }
 
 /// About 6 MB at its peak under an 8 MB limit (a 3 MB buffer, then the 3 MB
 /// string).
+#[cfg(not(feature = "luau"))]
 const FITS_THE_LIMIT: &str = "#string.rep('x', 3 << 20)";
+/// Luau has no `<<`.
+#[cfg(feature = "luau")]
+const FITS_THE_LIMIT: &str = "#string.rep('x', 3 * 1024 * 1024)";
 /// Returns normally, leaving about 7 MB of garbage, which
 /// `string.rep`'s buffer cannot reclaim by itself: the VM must collect it
 /// between requests.
-#[cfg(not(feature = "luajit"))]
+#[cfg(not(any(feature = "luajit", feature = "luau")))]
 const GARBAGE_PIECES: i64 = 6;
 #[cfg(feature = "luajit")]
 const GARBAGE_PIECES: i64 = 4;
-#[cfg(not(feature = "luajit"))]
+#[cfg(feature = "luau")]
+const GARBAGE_PIECES: i64 = 3;
+#[cfg(not(any(feature = "luajit", feature = "luau")))]
 const LEAVES_GARBAGE: &str =
     "local t = {} for i = 1, 6 do t[i] = string.rep('x', 1 << 20) .. i end return #t";
 /// LuaJIT builds strings in a buffer that doubles (a 2 MB one for `..` of a
@@ -453,6 +507,11 @@ const LEAVES_GARBAGE: &str =
 #[cfg(feature = "luajit")]
 const LEAVES_GARBAGE: &str =
     "local t = {} for i = 1, 4 do t[i] = string.rep('x', 1 << 20) .. i end return #t";
+/// Luau has no `<<`, and no emergency collection either: 4 MB of live
+/// strings and their garbage do not fit in 8 MB (about 5 MB after it).
+#[cfg(feature = "luau")]
+const LEAVES_GARBAGE: &str =
+    "local t = {} for i = 1, 3 do t[i] = string.rep('x', 1024 * 1024) .. i end return #t";
 
 #[test]
 fn garbage_is_collected_after_a_request_that_hit_the_memory_limit() {
@@ -528,20 +587,30 @@ fn very_long_source_code_runs_or_fails_clearly() {
         assert_eq!(t.eval::<usize>(statements.clone()), Ok(LINES));
         assert_eq!(t.eval::<usize>(literal.clone()), Ok(5 * MB));
         // Lua's limit of 200 locals per function, reported where it is hit.
-        let e = lua_error(t.eval::<()>(locals.clone()), LuaErrorKind::Syntax);
-        assert!(e.message().starts_with("eval:201:"), "{e:?}");
-        #[cfg(not(feature = "luajit"))]
-        assert!(e.message().contains("too many local variables"), "{e:?}");
-        #[cfg(feature = "luajit")]
-        assert!(
-            e.message().contains("has more than 200 local variables"),
-            "{e:?}"
-        );
+        #[cfg(not(feature = "luau"))]
+        {
+            let e = lua_error(t.eval::<()>(locals.clone()), LuaErrorKind::Syntax);
+            assert!(e.message().starts_with("eval:201:"), "{e:?}");
+            #[cfg(not(feature = "luajit"))]
+            assert!(e.message().contains("too many local variables"), "{e:?}");
+            #[cfg(feature = "luajit")]
+            assert!(
+                e.message().contains("has more than 200 local variables"),
+                "{e:?}"
+            );
+        }
+        // Luau has no such limit here: a constant local takes no register.
+        #[cfg(feature = "luau")]
+        assert_eq!(t.eval::<()>(locals.clone()), Ok(()));
         t.assert_serving();
     }
-    // Compiling needs memory too: under a small limit it runs out.
+    // Compiling needs memory too: under a small limit it runs out. (Luau
+    // folds `#'...'` to a number, and compiles outside the VM's memory:
+    // loading the string constant is what runs out there.)
+    #[cfg(feature = "luau")]
+    let literal = format!("return '{}'", "a".repeat(5 * MB));
     for t in Target::both(Some(4 * MB)) {
-        assert_memory_limit(t.eval::<usize>(literal.clone()));
+        assert_memory_limit(t.eval::<()>(literal.clone()));
         t.assert_serving();
     }
 }
@@ -577,10 +646,28 @@ fn too_many_results_is_a_runtime_error() {
 
 /// How the parser refuses source nested too deeply: Lua 5.4 runs out of its
 /// C-stack count, LuaJIT counts syntax levels (and gives a position).
-#[cfg(not(feature = "luajit"))]
-const TOO_DEEP: &str = "C stack overflow";
+#[cfg(not(any(feature = "luajit", feature = "luau")))]
+const TOO_DEEP: &[&str] = &["C stack overflow"];
 #[cfg(feature = "luajit")]
-const TOO_DEEP: &str = "chunk has too many syntax levels";
+const TOO_DEEP: &[&str] = &["chunk has too many syntax levels"];
+/// Luau: a table constructor runs out of its 255 registers, an expression
+/// out of the compiler's recursion depth.
+#[cfg(feature = "luau")]
+const TOO_DEEP: &[&str] = &["Out of registers", "Exceeded allowed recursion depth"];
+
+/// Whether `message` is one of `TOO_DEEP`.
+fn too_deep(message: &str) -> bool {
+    TOO_DEEP.iter().any(|m| message.contains(m))
+}
+
+/// Loads the source `SRC` with Lua's own loader: the type of what it
+/// returned, and its error.
+#[cfg(not(feature = "luau"))]
+const LOAD_SRC: &str = "local f, err = load(SRC) return type(f), err";
+/// Luau has no `load`, and mlua's `loadstring` raises its error.
+#[cfg(feature = "luau")]
+const LOAD_SRC: &str =
+    "local ok, err = pcall(loadstring, SRC) return ok and 'function' or 'nil', tostring(err)";
 
 /// Source nested deeper than the parser's C-stack limit (200 levels).
 fn deeply_nested() -> [String; 3] {
@@ -600,21 +687,20 @@ fn a_source_nested_too_deeply_is_refused_and_the_vm_serves_on() {
             let r = t.eval::<()>(code);
             match &r {
                 Err(IsleError::Lua(e)) => {
-                    assert!(e.message().contains(TOO_DEEP), "{e:?}")
+                    assert!(too_deep(e.message()), "{e:?}")
                 }
                 other => panic!("expected a Lua error, got {other:?}"),
             }
         }
         // The same through Lua's own `load`.
         let (f, err) = t
-            .eval::<(Option<String>, String)>(format!(
-                "local f, err = load('return {}1{}') return type(f), err",
-                "{".repeat(300),
-                "}".repeat(300)
+            .eval::<(Option<String>, String)>(LOAD_SRC.replace(
+                "SRC",
+                &format!("'return {}1{}'", "{".repeat(300), "}".repeat(300)),
             ))
             .unwrap();
         assert_eq!(f.as_deref(), Some("nil"));
-        assert!(err.contains(TOO_DEEP), "{err}");
+        assert!(too_deep(&err), "{err}");
         t.assert_serving();
     }
 }
@@ -625,7 +711,7 @@ fn a_source_nested_too_deeply_is_a_syntax_error() {
     for code in deeply_nested() {
         // Lua's parser gives this one no position.
         let e = lua_error(t.eval::<()>(code), LuaErrorKind::Syntax);
-        assert!(e.message().contains(TOO_DEEP), "{e:?}");
+        assert!(too_deep(e.message()), "{e:?}");
         t.assert_serving();
     }
 }
