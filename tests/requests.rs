@@ -125,7 +125,11 @@ fn runtime_error_keeps_its_eval_position_and_a_traceback() {
 
     let e = lua_err(isle.eval::<()>("local t = nil\nreturn t.field"));
     assert!(e.message().starts_with("eval:2: "), "{e:?}");
+    // Luau: "attempt to index nil with 'field'".
+    #[cfg(not(feature = "luau"))]
     assert!(e.message().contains("nil value"), "{e:?}");
+    #[cfg(feature = "luau")]
+    assert!(e.message().contains("attempt to index nil"), "{e:?}");
 }
 
 #[test]
