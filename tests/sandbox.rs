@@ -104,6 +104,13 @@ fn library_tables_are_read_only() {
             .unwrap()
             > 10
     );
+    // Luau's generalized `for` iterates a view too (`__iter`).
+    #[cfg(feature = "luau")]
+    assert!(
+        isle.eval::<i64>("local n = 0 for _ in string do n = n + 1 end return n")
+            .unwrap()
+            > 10
+    );
 }
 
 #[test]
