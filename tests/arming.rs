@@ -102,10 +102,34 @@ const SAME_AS_LUA_54: &[&str] = &[
      local ok, e = coroutine.close(co) return tostring(ok) .. ' ' .. tostring(e)",
     "return tostring(coroutine.close(coroutine.create(print)))",
     "local ok, e = pcall(coroutine.close, coroutine.running()) return e",
-    "local co co = coroutine.create(function() return pcall(coroutine.close, co) end)
-     local _, ok, e = coroutine.resume(co) return tostring(ok) .. ' ' .. e",
     "local ok, e = pcall(coroutine.close, 42) return e",
 ];
+
+/// A coroutine closing itself: an error on 5.4; on 5.5 it ends the
+/// coroutine (its `__close` handlers run, errors returned by `resume`).
+#[cfg(feature = "lua54")]
+const SAME_AS_LUA_SELF_CLOSE: &[&str] = &[
+    "local co co = coroutine.create(function() return pcall(coroutine.close, co) end)
+     local _, ok, e = coroutine.resume(co) return tostring(ok) .. ' ' .. e",
+];
+#[cfg(feature = "lua55")]
+const SAME_AS_LUA_SELF_CLOSE: &[&str] = &[
+    "local co co = coroutine.create(function()
+         local x <close> = setmetatable({}, { __close = function() _G.closed = true end })
+         coroutine.close() error('not reached')
+     end)
+     local r = table.pack(coroutine.resume(co))
+     return r.n .. ' ' .. tostring(r[1]) .. ' ' .. coroutine.status(co) .. ' ' .. tostring(closed)",
+    "local co co = coroutine.create(function()
+         local x <close> = setmetatable({}, { __close = function() error('in close', 0) end })
+         coroutine.close(co)
+     end)
+     local ok, e = coroutine.resume(co) return tostring(ok) .. ' ' .. tostring(e)",
+    "local g = coroutine.wrap(function() coroutine.close(coroutine.running()) end)
+     return select('#', g()) .. tostring(pcall(g))",
+];
+#[cfg(not(any(feature = "lua54", feature = "lua55")))]
+const SAME_AS_LUA_SELF_CLOSE: &[&str] = &[];
 #[cfg(not(any(feature = "lua54", feature = "lua55")))]
 const SAME_AS_LUA_54: &[&str] = &[];
 
@@ -114,7 +138,11 @@ fn tracked_coroutine_functions_behave_like_luas() {
     let plain = Lua::new();
     let isle = Isle::spawn(|_| Ok(())).unwrap();
     let pool = IslePool::new(1, |_| Ok(())).unwrap();
-    for code in SAME_AS_LUA.iter().chain(SAME_AS_LUA_54) {
+    for code in SAME_AS_LUA
+        .iter()
+        .chain(SAME_AS_LUA_54)
+        .chain(SAME_AS_LUA_SELF_CLOSE)
+    {
         let want: Result<String, String> = plain
             .load(*code)
             .set_name("=eval")
