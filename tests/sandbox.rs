@@ -180,17 +180,26 @@ fn a_sandboxed_script_cannot_outlive_its_limits() {
         "while true do load(function() while true do end end) end",
         "table.sort({3, 2, 1, 5, 4}, function(a, b) while true do end end)",
         "string.gsub('aaa', 'a', function() while true do end end)",
-        // Backtracking for minutes in Lua's C matcher; the sandbox's counts.
-        "string.find(('a'):rep(30), ('a?'):rep(30) .. ('a'):rep(30))",
-        "for _ in ('a'):rep(40):gmatch(('a?'):rep(40) .. ('a'):rep(40)) do end",
     ]
     .into_iter()
+    .chain(BACKTRACKING_LOOPS.iter().copied())
     .chain(CLOSE)
     {
         assert_eq!(isle.eval::<()>(code), Err(IsleError::InstructionLimit), "{code}");
         assert_eq!(isle.eval::<i64>("1 + 1"), Ok(2), "after {code}");
     }
 }
+
+/// Backtracking for minutes in Lua's C matcher; the sandbox's counts (Lua
+/// 5.4 and 5.5 only: elsewhere the sandbox keeps Lua's matcher, see
+/// BACKENDS.md).
+#[cfg(any(feature = "lua54", feature = "lua55"))]
+const BACKTRACKING_LOOPS: &[&str] = &[
+    "string.find(('a'):rep(30), ('a?'):rep(30) .. ('a'):rep(30))",
+    "for _ in ('a'):rep(40):gmatch(('a?'):rep(40) .. ('a'):rep(40)) do end",
+];
+#[cfg(not(any(feature = "lua54", feature = "lua55")))]
+const BACKTRACKING_LOOPS: &[&str] = &[];
 
 /// Patterns that backtrack exponentially: minutes each in Lua's C matcher,
 /// which no hook can interrupt.
@@ -203,6 +212,10 @@ const BACKTRACKING: &[&str] = &[
 ];
 
 #[test]
+#[cfg_attr(
+    not(any(feature = "lua54", feature = "lua55")),
+    ignore = "Lua's C matcher (kept before 5.4) cannot be stopped; see BACKENDS.md"
+)]
 fn sandboxed_pattern_matching_is_stopped_by_cancel_and_time_limit() {
     let isle = Isle::builder().sandbox(true).spawn(|_| Ok(())).unwrap();
     let (tx, started) = crossbeam_channel::unbounded();
