@@ -8,9 +8,15 @@ use common::{gate, within};
 use mlua_isle::mlua::{self, Lua};
 use mlua_isle::{IsleError, IslePool, LuaErrorKind};
 
+/// Floor division: `//` is Lua 5.3 on.
+#[cfg(not(any(feature = "lua51", feature = "lua52")))]
+const IDIV: &str = "function idiv(a, b) return a // b end";
+#[cfg(any(feature = "lua51", feature = "lua52"))]
+const IDIV: &str = "function idiv(a, b) return math.floor(a / b) end";
+
 const FUNCTIONS: &str = r#"
     function sq(x) return x * x end
-    function divmod(a, b) return a // b, a % b end
+    function divmod(a, b) return idiv(a, b), a % b end
     function odd_fails(x)
         if x % 2 == 1 then error("odd input " .. x) end
         return x
@@ -23,6 +29,7 @@ const FUNCTIONS: &str = r#"
 "#;
 
 fn init(lua: &Lua) -> mlua::Result<()> {
+    lua.load(IDIV).exec()?;
     lua.load(FUNCTIONS).exec()
 }
 
