@@ -240,7 +240,8 @@ fn runaway_recursion_is_a_stack_overflow_error() {
         t.assert_serving();
     }
     // Lua's stack (up to a million slots) needs tens of MB: under a smaller
-    // limit the memory runs out first.
+    // limit the memory runs out first. (Lua 5.1's stack stops far sooner.)
+    #[cfg(not(feature = "lua51"))]
     for t in Target::both(Some(16 * MB)) {
         assert_memory_limit(t.eval::<()>(CODE));
         t.assert_serving();
@@ -267,6 +268,10 @@ fn deep_nesting_through_pcall_reaches_the_c_stack_limit() {
 }
 
 #[test]
+#[cfg_attr(
+    feature = "lua51",
+    ignore = "Lua 5.1's pcall pushes its status past the stack's room: lapi.c's check aborts; see BACKENDS.md"
+)]
 fn deep_nesting_through_pcall_returning_every_level_is_an_error_not_a_crash() {
     isolated(
         "deep_nesting_through_pcall_returning_every_level_is_an_error_not_a_crash",
@@ -284,12 +289,22 @@ fn deep_nesting_through_pcall_returning_every_level_is_an_error_not_a_crash() {
 }
 
 #[test]
+#[cfg_attr(
+    feature = "lua51",
+    ignore = "Lua 5.1's pcall pushes its status past the stack's room: lapi.c's check aborts; see BACKENDS.md"
+)]
 fn pcall_of_a_function_returning_many_values_works() {
     isolated("pcall_of_a_function_returning_many_values_works", || {
         for t in Target::both(None) {
+            #[cfg(not(feature = "lua51"))]
             let code = "local t = {} for i = 1, 30 do t[i] = i end
                         return select('#', pcall(table.unpack, t)),
                                select('#', xpcall(table.unpack, print, t))";
+            // Lua 5.1: `unpack`, and xpcall passes no arguments.
+            #[cfg(feature = "lua51")]
+            let code = "local t = {} for i = 1, 30 do t[i] = i end
+                        return select('#', pcall(unpack, t)),
+                               select('#', xpcall(function() return unpack(t) end, print))";
             assert_eq!(t.eval::<(i64, i64)>(code), Ok((31, 31)));
             t.assert_serving();
         }
@@ -306,6 +321,8 @@ fn errors_blamed_on_pcall_carry_no_position() {
                  return select(2, pcall(check, nil))",
                 "bad x",
             ),
+            // (Lua 5.1's xpcall passes no arguments.)
+            #[cfg(not(feature = "lua51"))]
             (
                 "return select(2, xpcall(error, function(e) return e end, 'msg'))",
                 "msg",
@@ -317,6 +334,7 @@ fn errors_blamed_on_pcall_carry_no_position() {
 }
 
 #[test]
+#[cfg_attr(feature = "lua51", ignore = "Lua 5.1 cannot yield across pcall")]
 fn a_coroutine_can_yield_inside_pcall() {
     for t in Target::both(None) {
         for protect in [
@@ -349,10 +367,10 @@ fn a_coroutine_can_yield_inside_pcall() {
 )]
 fn deep_nesting_through_gsub_callbacks_is_a_c_stack_overflow_error() {
     // Lua 5.5's traceback names it "field 'gsub'".
-    // (Lua 5.1 and 5.2: "function 'gsub'".)
+    // (Lua 5.2: "function 'gsub'".)
     const GSUB_IN_TRACEBACK: &str = if cfg!(feature = "lua55") {
         "field 'gsub'"
-    } else if cfg!(any(feature = "lua51", feature = "lua52")) {
+    } else if cfg!(feature = "lua52") {
         "function 'gsub'"
     } else {
         "string.gsub"
@@ -441,20 +459,20 @@ fn garbage_left_by_an_earlier_request_does_not_fail_a_request_that_fits() {
 #[test]
 fn a_non_utf8_result_fails_as_string_and_works_as_bstring() {
     for t in Target::both(None) {
-        let e = lua_error(t.eval::<String>("'ok\\xff\\xfe'"), LuaErrorKind::Conversion);
+        let e = lua_error(t.eval::<String>("'ok\\255\\254'"), LuaErrorKind::Conversion);
         assert!(e.message().contains("utf-8"), "{e:?}");
         assert_eq!(
-            t.eval::<BString>("'ok\\xff\\xfe'"),
+            t.eval::<BString>("'ok\\255\\254'"),
             Ok(BString::from(&b"ok\xff\xfe"[..]))
         );
         // Inside a table too.
         let e = lua_error(
-            t.eval::<Vec<String>>("{'fine', '\\xc0'}"),
+            t.eval::<Vec<String>>("{'fine', '\\192'}"),
             LuaErrorKind::Conversion,
         );
         assert!(e.message().contains("utf-8"), "{e:?}");
         assert_eq!(
-            t.eval::<Vec<BString>>("{'fine', '\\xc0'}"),
+            t.eval::<Vec<BString>>("{'fine', '\\192'}"),
             Ok(vec![BString::from("fine"), BString::from(&b"\xc0"[..])])
         );
         t.assert_serving();
@@ -500,7 +518,13 @@ fn very_long_source_code_runs_or_fails_clearly() {
             "eval:201:"
         };
         assert!(e.message().starts_with(line), "{e:?}");
-        assert!(e.message().contains("too many local variables"), "{e:?}");
+        // (Lua 5.1: "main function has more than 200 local variables".)
+        let words = if cfg!(feature = "lua51") {
+            "more than 200 local variables"
+        } else {
+            "too many local variables"
+        };
+        assert!(e.message().contains(words), "{e:?}");
         t.assert_serving();
     }
     // Compiling needs memory too: under a small limit it runs out.
@@ -514,7 +538,7 @@ fn very_long_source_code_runs_or_fails_clearly() {
 fn too_many_results_is_a_runtime_error() {
     for t in Target::both(None) {
         let e = lua_error(
-            t.eval::<mlua::Variadic<Option<i64>>>("return table.unpack({}, 1, 1e6)"),
+            t.eval::<mlua::Variadic<Option<i64>>>("return (table.unpack or unpack)({}, 1, 1e6)"),
             LuaErrorKind::Runtime,
         );
         assert!(e.message().contains("too many results"), "{e:?}");
@@ -523,26 +547,31 @@ fn too_many_results_is_a_runtime_error() {
             LuaErrorKind::Runtime,
         );
         assert!(e.message().contains("string slice too long"), "{e:?}");
-        // Many, but within Lua's stack: they all arrive.
+        // Many, but within Lua's stack: they all arrive. (Lua 5.1's C
+        // stack holds 8000.)
+        #[cfg(not(feature = "lua51"))]
         let v = t
             .eval::<mlua::Variadic<i64>>(
-                "local t = {} for i = 1, 1e5 do t[i] = i end return table.unpack(t)",
+                "local t = {} for i = 1, 1e5 do t[i] = i end return (table.unpack or unpack)(t)",
             )
             .unwrap();
+        #[cfg(not(feature = "lua51"))]
         assert_eq!((v.len(), v[99_999]), (100_000, 100_000));
         t.assert_serving();
     }
 }
 
-/// Source nested deeper than the parser's C-stack limit (200 levels).
 /// How Lua's parser words its nesting limit (Lua 5.2 and 5.3: "too many C
-/// levels (limit is 200)").
+/// levels (limit is 200)"; 5.1: "chunk has too many syntax levels").
 const PARSER_NESTING_LIMIT: &str = if cfg!(any(feature = "lua52", feature = "lua53")) {
     "too many C levels"
+} else if cfg!(feature = "lua51") {
+    "too many syntax levels"
 } else {
     "C stack overflow"
 };
 
+/// Source nested deeper than the parser's C-stack limit (200 levels).
 fn deeply_nested() -> [String; 3] {
     [
         format!("return {}{}", "{".repeat(300), "}".repeat(300)),
@@ -568,7 +597,13 @@ fn a_source_nested_too_deeply_is_refused_and_the_vm_serves_on() {
         // The same through Lua's own `load`.
         let (f, err) = t
             .eval::<(Option<String>, String)>(format!(
-                "local f, err = load('return {}1{}') return type(f), err",
+                "local f, err = {}('return {}1{}') return type(f), err",
+                // (`load` of a string is `loadstring` in Lua 5.1.)
+                if cfg!(feature = "lua51") {
+                    "loadstring"
+                } else {
+                    "load"
+                },
                 "{".repeat(300),
                 "}".repeat(300)
             ))
