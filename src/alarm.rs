@@ -618,6 +618,15 @@ mod unix {
         // inserting it as argument 1 makes the frame a `resume` call.
         unsafe {
             let co = ffi::lua_tothread(state, ffi::lua_upvalueindex(1));
+            // Lua 5.2/5.3's wrap calls a coroutine with an empty stack dead
+            // before resuming it: answered here, as the inserted argument
+            // would hide the empty stack (a coroutine calling itself).
+            #[cfg(any(feature = "lua52", feature = "lua53"))]
+            if co == state && ffi::lua_gettop(state) == 0 {
+                ffi::lua_pushboolean(state, 0);
+                ffi::lua_pushstring(state, c"cannot resume dead coroutine".as_ptr());
+                return raise_wrapped(state, 2);
+            }
             ffi::lua_pushvalue(state, ffi::lua_upvalueindex(1));
             ffi::lua_insert(state, 1);
             if co == state {

@@ -8,6 +8,18 @@ pub(crate) const DEFAULT_HOOK_INTERVAL: u32 = 1000;
 /// Default number of compiled `eval` chunks each VM keeps.
 pub(crate) const DEFAULT_CHUNK_CACHE: usize = 64;
 
+/// Default VM thread stack where std's 2 MiB is too small: Lua 5.1-5.3
+/// allow 200 nested C calls, whose frames (`string.gsub` keeps an 8 KiB
+/// buffer on the C stack in 5.3) overflow 2 MiB before Lua reports "C stack
+/// overflow", killing the process; 8 MiB is what `lua.c` gets as a main
+/// thread.
+const DEFAULT_STACK_SIZE: Option<usize> =
+    if cfg!(any(feature = "lua51", feature = "lua52", feature = "lua53")) {
+        Some(8 << 20)
+    } else {
+        None
+    };
+
 /// Per-VM settings, filled in by the builders.
 #[derive(Debug, Clone)]
 pub(crate) struct VmConfig {
@@ -51,7 +63,7 @@ impl VmConfig {
     /// A thread builder named `name` (plus `suffix`) with the stack size set.
     pub(crate) fn thread(&self, suffix: &str) -> std::thread::Builder {
         let b = std::thread::Builder::new().name(format!("{}{suffix}", self.name));
-        match self.stack_size {
+        match self.stack_size.or(DEFAULT_STACK_SIZE) {
             Some(size) => b.stack_size(size),
             None => b,
         }
@@ -72,7 +84,8 @@ macro_rules! vm_options {
             self
         }
 
-        /// Stack size of each VM thread in bytes (default: std's).
+        /// Stack size of each VM thread in bytes (default: std's; 8 MiB on
+        /// Lua 5.1-5.3, whose C call limit needs more than 2 MiB).
         pub fn stack_size(mut self, bytes: usize) -> Self {
             self.config.stack_size = Some(bytes);
             self

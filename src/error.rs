@@ -187,6 +187,14 @@ impl IsleError {
         };
         match err {
             mlua::Error::SyntaxError { message, .. } => lua(LuaErrorKind::Syntax, message),
+            // Lua 5.3's buffers raise this runtime error when the allocator
+            // refuses (mlua's refuses only past the memory limit).
+            #[cfg(feature = "lua53")]
+            mlua::Error::RuntimeError(m)
+                if m.contains("not enough memory for buffer allocation") =>
+            {
+                IsleError::MemoryLimit(split_traceback(m).0)
+            }
             mlua::Error::RuntimeError(m) => lua(LuaErrorKind::Runtime, m),
             mlua::Error::MemoryError(m) => IsleError::MemoryLimit(m.clone()),
             mlua::Error::FromLuaConversionError { .. } | mlua::Error::BadArgument { .. } => {
