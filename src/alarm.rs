@@ -490,9 +490,12 @@ mod unix {
     /// Before a request of `vm` runs: records its main state as running
     /// (and it as the VM of this thread: a pool may have replaced it).
     pub(crate) fn begin(vm: &Binding) {
+        // ORDERING: Relaxed: only this thread (and its signal handler, which
+        // runs on it) reads these; `switch_to`'s compiler fence orders them
+        // before the state is recorded as running.
         SLOT.with(|s| {
-            s.hook.store(vm.hook, Ordering::SeqCst);
-            s.main.store(vm.main as *mut lua_State, Ordering::SeqCst);
+            s.hook.store(vm.hook, Ordering::Relaxed);
+            s.main.store(vm.main as *mut lua_State, Ordering::Relaxed);
         });
         // SAFETY: the main state is alive as long as its VM, which outlives
         // its requests; `unbind` forgets it before the VM is dropped.
