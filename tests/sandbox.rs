@@ -148,6 +148,18 @@ fn finalizers_are_refused() {
         ),
         Ok(5)
     );
+    // Lua 5.1's and LuaJIT's `newproxy(true)` makes a userdata with a
+    // metatable of its own, which could be given a `__gc` directly.
+    const PROXY: &str = "local p = newproxy(true)
+        getmetatable(p).__gc = function() while true do end end
+        p = nil collectgarbage()";
+    if cfg!(any(feature = "lua51", feature = "luajit")) {
+        let msg = lua_error(&isle, PROXY);
+        assert!(msg.contains("newproxy is not available"), "{msg}");
+    } else {
+        assert_eq!(isle.eval::<bool>("newproxy == nil"), Ok(true));
+    }
+    assert_eq!(isle.eval::<i64>("1 + 1"), Ok(2));
 }
 
 /// A function the sandbox removes (Luau has no `io`).
