@@ -71,7 +71,9 @@
 //!   left undone but the switch record, which is only ever skipped on the
 //!   paths argued above not to raise.
 //!
-//! Everything `unsafe` in the crate is in this module.
+//! Everything `unsafe` in the crate is in this module, but for the Lua C
+//! functions of `native.rs` (Lua 5.1 and LuaJIT only), which argue their own
+//! soundness.
 
 #![allow(unsafe_code)]
 // Luau has no hooks to arm: only the stubs below and `SUPPORTED` are used.

@@ -12,10 +12,13 @@ pub(crate) const DEFAULT_CHUNK_CACHE: usize = 64;
 /// allow 200 nested C calls, whose frames (`string.gsub` keeps an 8 KiB
 /// buffer on the C stack in 5.3) overflow 2 MiB before Lua reports "C stack
 /// overflow", killing the process; 8 MiB is what `lua.c` gets as a main
-/// thread.
+/// thread. LuaJIT counts no C calls: its nesting is bounded by the stack
+/// left (`cstack.rs`), so the size must be known: std's 2 MiB, explicitly.
 const DEFAULT_STACK_SIZE: Option<usize> =
     if cfg!(any(feature = "lua51", feature = "lua52", feature = "lua53")) {
         Some(8 << 20)
+    } else if cfg!(feature = "luajit") {
+        Some(2 << 20)
     } else {
         None
     };
@@ -60,10 +63,15 @@ impl Default for VmConfig {
 }
 
 impl VmConfig {
+    /// The stack size VM threads are spawned with (`None`: std's default).
+    pub(crate) fn vm_stack_size(&self) -> Option<usize> {
+        self.stack_size.or(DEFAULT_STACK_SIZE)
+    }
+
     /// A thread builder named `name` (plus `suffix`) with the stack size set.
     pub(crate) fn thread(&self, suffix: &str) -> std::thread::Builder {
         let b = std::thread::Builder::new().name(format!("{}{suffix}", self.name));
-        match self.stack_size.or(DEFAULT_STACK_SIZE) {
+        match self.vm_stack_size() {
             Some(size) => b.stack_size(size),
             None => b,
         }

@@ -312,6 +312,12 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
     let state = this.clone();
     let stopping = lua.create_function(move |_, ()| Ok(state.stop_reason().is_some()))?;
     let globals = lua.globals();
+    // Lua 5.1's own overrun the stack when the callee's results fill it.
+    #[cfg(feature = "lua51")]
+    let (pcall, xpcall) = crate::native::protected_calls(lua)?;
+    #[cfg(not(feature = "lua51"))]
+    let (pcall, xpcall): (mlua::Function, mlua::Function) =
+        (globals.get("pcall")?, globals.get("xpcall")?);
     let coroutine: mlua::Table = globals.get("coroutine")?;
     if this.on_demand.is_some() {
         install_tracked_coroutines(lua, &coroutine, &check)?;
@@ -414,8 +420,8 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
     .call::<()>((
         check,
         stopping,
-        globals.get::<mlua::Function>("pcall")?,
-        globals.get::<mlua::Function>("xpcall")?,
+        pcall,
+        xpcall,
         coroutine.get::<mlua::Function>("resume")?,
         globals.get::<Option<mlua::Function>>("load")?,
         globals.get::<Option<mlua::Function>>("loadfile")?,

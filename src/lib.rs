@@ -36,9 +36,13 @@ mod alarm;
 mod backend;
 mod chunk;
 mod config;
+#[cfg(feature = "luajit")]
+mod cstack;
 mod error;
 mod hook;
 mod isle;
+#[cfg(any(feature = "lua51", feature = "luajit"))]
+mod native;
 #[cfg(any(feature = "lua54", feature = "lua55"))]
 mod pattern;
 mod pool;

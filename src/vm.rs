@@ -66,6 +66,9 @@ impl Vm {
             .map_err(|e| IsleError::Init(IsleError::from_lua(&e).to_string()))?;
         let interrupt = Interrupt::install(&lua, config, abort)
             .map_err(|e| IsleError::Init(IsleError::from_lua(&e).to_string()))?;
+        #[cfg(feature = "luajit")]
+        crate::cstack::install(&lua, config.vm_stack_size().unwrap_or(2 << 20))
+            .map_err(|e| IsleError::Init(IsleError::from_lua(&e).to_string()))?;
         #[cfg(feature = "lua55")]
         cap_string_rep(&lua).map_err(|e| IsleError::Init(IsleError::from_lua(&e).to_string()))?;
         if let Some(limit) = config.memory_limit {
@@ -105,6 +108,8 @@ impl Vm {
     /// panicking) is caught here, so the VM thread keeps serving; the request
     /// has its result already.
     pub(crate) fn run(&self, job: Job, env: Option<&Table>) -> Outcome {
+        #[cfg(feature = "luajit")]
+        crate::native::reset_nesting();
         let ctx = Ctx {
             lua: &self.lua,
             env,

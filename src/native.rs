@@ -1,0 +1,216 @@
+//! Lua C functions of ours, for two backends whose own functions can take
+//! the process down:
+//!
+//! - **Lua 5.1's `pcall` and `xpcall`** push their status after results that
+//!   may fill the frame's stack (`pcall(unpack, t)`): past the room Lua's API
+//!   promises, which a build with API checks (the vendored debug build)
+//!   aborts on. Ours are the same functions with the stack check that Lua
+//!   5.2 added.
+//! - **LuaJIT counts no nested C calls.** A C function that calls back into
+//!   Lua (`string.gsub` with a function, `table.sort` with a comparator,
+//!   `coroutine.resume`, ...) can be nested until the thread's real stack
+//!   overflows, which kills the process. [`stack_guard`] raises "C stack
+//!   overflow" instead once little stack is left; `cstack.rs` calls it
+//!   before every such function.
+//!
+//! # Why this is sound
+//!
+//! These are ordinary Lua C functions. They use only the stack slots Lua's
+//! API guarantees a C function (`LUA_MINSTACK`), or that `lua_checkstack`
+//! granted, and their frames own nothing that needs dropping: when Lua
+//! raises an error through them (an argument error, "C stack overflow",
+//! LuaJIT's unwinder), nothing is skipped. They are declared `C-unwind`,
+//! since LuaJIT raises errors by unwinding.
+
+#![allow(unsafe_code)]
+
+#[cfg(feature = "lua51")]
+pub(crate) use lua51::protected_calls;
+#[cfg(feature = "luajit")]
+pub(crate) use luajit::{reset_nesting, set_stack, stack_guards};
+
+#[cfg(feature = "lua51")]
+mod lua51 {
+    use std::ffi::c_int;
+
+    use mlua::ffi::{self, lua_State};
+
+    /// Makes room for the status of a protected call whose results are on
+    /// top. If there is none, leaves Lua 5.2's answer instead, `false,
+    /// "stack overflow"`, as the only values, and returns false.
+    ///
+    /// # Safety
+    /// Called from a C function of ours.
+    unsafe fn room_for_status(state: *mut lua_State) -> bool {
+        // SAFETY: `lua_checkstack` grants the slot or says there is none;
+        // the answer's two values are within LUA_MINSTACK.
+        unsafe {
+            if ffi::lua_checkstack(state, 1) != 0 {
+                return true;
+            }
+            ffi::lua_settop(state, 0);
+            ffi::lua_pushboolean(state, 0);
+            ffi::lua_pushstring(state, c"stack overflow".as_ptr());
+            false
+        }
+    }
+
+    /// `pcall(f, ...)`.
+    unsafe extern "C-unwind" fn pcall(state: *mut lua_State) -> c_int {
+        // SAFETY: `state` is the calling thread; `luaL_checkany` raises
+        // Lua's usual argument error; the call replaces `f` and its
+        // arguments by the results, and the status goes below them.
+        unsafe {
+            ffi::luaL_checkany(state, 1);
+            let status = ffi::lua_pcall(state, ffi::lua_gettop(state) - 1, ffi::LUA_MULTRET, 0);
+            if room_for_status(state) {
+                ffi::lua_pushboolean(state, c_int::from(status == 0));
+                ffi::lua_insert(state, 1);
+            }
+            ffi::lua_gettop(state)
+        }
+    }
+
+    /// `xpcall(f, handler)` (5.1's: no arguments for `f`).
+    unsafe extern "C-unwind" fn xpcall(state: *mut lua_State) -> c_int {
+        // SAFETY: as in `pcall`; the handler, at index 1 below `f`, stays
+        // below the results and is replaced by the status.
+        unsafe {
+            ffi::luaL_checkany(state, 2);
+            ffi::lua_settop(state, 2);
+            ffi::lua_insert(state, 1);
+            let status = ffi::lua_pcall(state, 0, ffi::LUA_MULTRET, 1);
+            if room_for_status(state) {
+                ffi::lua_pushboolean(state, c_int::from(status == 0));
+                ffi::lua_replace(state, 1);
+            }
+            ffi::lua_gettop(state)
+        }
+    }
+
+    /// Lua 5.1's `pcall` and `xpcall`, with the stack check they lack.
+    pub(crate) fn protected_calls(
+        lua: &mlua::Lua,
+    ) -> mlua::Result<(mlua::Function, mlua::Function)> {
+        // SAFETY: both uphold Lua's C function contract (module docs).
+        unsafe {
+            Ok((
+                lua.create_c_function(pcall)?,
+                lua.create_c_function(xpcall)?,
+            ))
+        }
+    }
+}
+
+#[cfg(feature = "luajit")]
+mod luajit {
+    use std::cell::Cell;
+    use std::ffi::c_int;
+
+    use mlua::ffi::{self, lua_State};
+
+    /// Coroutines one request may have resumed and not yet returned from.
+    /// Lua 5.4 stops at about 200 (its C call limit); LuaJIT would go on
+    /// until the stack is gone, tens of thousands deep, where an error
+    /// climbing out through `coroutine.wrap` gets a position prefixed at
+    /// every level: seconds of string copying.
+    pub(crate) const MAX_NESTED_COROUTINES: u32 = 1000;
+
+    thread_local! {
+        /// Below this stack address, nested C calls are refused (0: no
+        /// limit, not a VM thread).
+        static FLOOR: Cell<usize> = const { Cell::new(0) };
+        /// Coroutines resumed and not returned from, this request.
+        static NESTED: Cell<u32> = const { Cell::new(0) };
+    }
+
+    /// An address in the caller's stack frame. Stacks grow down on every
+    /// platform LuaJIT supports.
+    #[inline(always)]
+    fn stack_pointer() -> usize {
+        let probe = 0u8;
+        std::ptr::addr_of!(probe) as usize
+    }
+
+    /// Called near the top of a VM thread whose stack is `size` bytes:
+    /// nested C calls stop an eighth of it before its end, which leaves room
+    /// for raising the error (LuaJIT's unwinder, mlua's traceback) and for
+    /// the Rust callbacks and library functions the last level calls.
+    pub(crate) fn set_stack(size: usize) {
+        let floor = stack_pointer().saturating_sub(size - size / 8);
+        FLOOR.with(|f| f.set(floor));
+    }
+
+    /// Before each request: no coroutine of it runs yet.
+    pub(crate) fn reset_nesting() {
+        NESTED.with(|n| n.set(0));
+    }
+
+    /// Raises "C stack overflow", with the position of the code that
+    /// called the guarded function (level 1 is its wrapper).
+    ///
+    /// # Safety
+    /// Called from a C function of ours.
+    unsafe fn overflow(state: *mut lua_State) -> ! {
+        // SAFETY: three pushes at most, within LUA_MINSTACK; raising is what
+        // Lua C functions do (module docs).
+        unsafe {
+            ffi::luaL_where(state, 2);
+            ffi::lua_pushstring(state, c"C stack overflow".as_ptr());
+            ffi::lua_concat(state, 2);
+            ffi::lua_error(state)
+        }
+    }
+
+    /// `guard()`: raises "C stack overflow" when the stack left is below the
+    /// floor.
+    unsafe extern "C-unwind" fn guard(state: *mut lua_State) -> c_int {
+        if stack_pointer() < FLOOR.with(Cell::get) {
+            // SAFETY: `state` is the calling thread.
+            unsafe { overflow(state) };
+        }
+        0
+    }
+
+    /// `enter()`, before a coroutine is resumed: as `guard`, and counts it,
+    /// refusing more than [`MAX_NESTED_COROUTINES`].
+    unsafe extern "C-unwind" fn enter(state: *mut lua_State) -> c_int {
+        let nested = NESTED.with(Cell::get);
+        if nested >= MAX_NESTED_COROUTINES || stack_pointer() < FLOOR.with(Cell::get) {
+            // SAFETY: `state` is the calling thread.
+            unsafe { overflow(state) };
+        }
+        NESTED.with(|n| n.set(nested + 1));
+        0
+    }
+
+    /// `leave(pcall(resume, ...))`, after: counts the coroutine out, then
+    /// returns what `resume` returned, or raises what it raised.
+    unsafe extern "C-unwind" fn leave(state: *mut lua_State) -> c_int {
+        NESTED.with(|n| n.set(n.get().saturating_sub(1)));
+        // SAFETY: `state` is the calling thread; its arguments are pcall's
+        // results: `true, ...` or `false, error`.
+        unsafe {
+            if ffi::lua_toboolean(state, 1) == 0 {
+                ffi::lua_settop(state, 2);
+                ffi::lua_error(state);
+            }
+            ffi::lua_gettop(state) - 1
+        }
+    }
+
+    /// Lua functions of the three C functions above: `guard`, `enter` and
+    /// `leave`.
+    pub(crate) fn stack_guards(
+        lua: &mlua::Lua,
+    ) -> mlua::Result<(mlua::Function, mlua::Function, mlua::Function)> {
+        // SAFETY: all three uphold Lua's C function contract (module docs).
+        unsafe {
+            Ok((
+                lua.create_c_function(guard)?,
+                lua.create_c_function(enter)?,
+                lua.create_c_function(leave)?,
+            ))
+        }
+    }
+}
