@@ -2,6 +2,10 @@
 //!
 //! - `ideal`: the jobs run serially by plain mlua on one thread (no hook,
 //!   as our VMs run until a request must stop), divided by the worker count;
+//! - `parallel_plain_mlua`: one thread per worker, each with a plain `Lua`,
+//!   running a fixed share of the jobs with no coordination at all: what
+//!   the machine itself gives (two busy threads on a shared 2-core VM get
+//!   well under twice the work of one);
 //! - `rayon_thread_local_lua`: a rayon pool, each thread owning a `Lua`
 //!   (what one would write without this crate);
 //! - `round_robin_isles`: N `Isle`s, job i sent to isle i mod N;
@@ -80,6 +84,40 @@ fn serial(jobs: &[i64]) -> Duration {
         spin.call::<i64>(j).unwrap();
     }
     start.elapsed()
+}
+
+/// The jobs split in advance over `workers()` threads (job i to thread
+/// i mod n), each with a plain `Lua` made before the clock starts.
+fn parallel(jobs: &[i64]) -> Duration {
+    let n = workers();
+    let ready = std::sync::Barrier::new(n + 1);
+    let go = std::sync::Barrier::new(n + 1);
+    thread::scope(|scope| {
+        let handles: Vec<_> = (0..n)
+            .map(|k| {
+                let (ready, go) = (&ready, &go);
+                scope.spawn(move || {
+                    let lua = plain_lua();
+                    let spin: Function = lua.globals().get("spin").unwrap();
+                    ready.wait();
+                    go.wait();
+                    for &j in jobs.iter().skip(k).step_by(n) {
+                        spin.call::<i64>(j).unwrap();
+                    }
+                    Instant::now()
+                })
+            })
+            .collect();
+        ready.wait();
+        let start = Instant::now();
+        go.wait();
+        let end = handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .max()
+            .unwrap_or(start);
+        end - start
+    })
 }
 
 fn run_rayon(pool: &rayon::ThreadPool, jobs: &[i64]) -> Duration {
@@ -171,6 +209,9 @@ fn workload(c: &mut Criterion, s: &Setup, name: &str, jobs: &[i64]) {
     g.bench_function("serial_direct_mlua", |b| {
         b.iter_custom(|iters| (0..iters).map(|_| serial(jobs)).sum())
     });
+    g.bench_function("parallel_plain_mlua", |b| {
+        b.iter_custom(|iters| (0..iters).map(|_| parallel(jobs)).sum())
+    });
     g.bench_function("rayon_thread_local_lua", |b| {
         b.iter_custom(|iters| (0..iters).map(|_| run_rayon(&s.rayon, jobs)).sum())
     });
@@ -187,19 +228,20 @@ fn workload(c: &mut Criterion, s: &Setup, name: &str, jobs: &[i64]) {
     if !common::benching() {
         return;
     }
-    // Summary: all five measured in each round (so they share the machine's
+    // Summary: all six measured in each round (so they share the machine's
     // weather), ratios taken per round, medians reported.
-    let mut rows: Vec<[f64; 5]> = (0..5)
+    let mut rows: Vec<[f64; 6]> = (0..7)
         .map(|_| {
             let ideal = serial(jobs).as_secs_f64() / workers() as f64;
             let pool = run_pool(&s.pool, jobs).as_secs_f64();
             let sessions = run_sessions(&s.pool, jobs).as_secs_f64();
             let rr = run_round_robin(&s.isles, jobs).as_secs_f64();
             let rayon = run_rayon(&s.rayon, jobs).as_secs_f64();
-            [ideal, pool, sessions, rr, rayon]
+            let machine = parallel(jobs).as_secs_f64();
+            [ideal, pool, sessions, rr, rayon, machine]
         })
         .collect();
-    let median = |rows: &mut Vec<[f64; 5]>, f: &dyn Fn(&[f64; 5]) -> f64| {
+    let median = |rows: &mut Vec<[f64; 6]>, f: &dyn Fn(&[f64; 6]) -> f64| {
         let mut v: Vec<f64> = rows.iter().map(f).collect();
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
@@ -211,12 +253,17 @@ fn workload(c: &mut Criterion, s: &Setup, name: &str, jobs: &[i64]) {
     let sess_eff = median(&mut rows, &|r| 100.0 * r[0] / r[2]);
     let sess_vs = median(&mut rows, &|r| 100.0 * r[1] / r[2]);
     let rr_eff = median(&mut rows, &|r| 100.0 * r[0] / r[3]);
-    let rayon = median(&mut rows, &|r| r[4]);
+    let rayon_eff = median(&mut rows, &|r| 100.0 * r[0] / r[4]);
+    let machine_eff = median(&mut rows, &|r| 100.0 * r[0] / r[5]);
+    let of_machine = median(&mut rows, &|r| 100.0 * r[5] / r[1]);
+    let sess_of_machine = median(&mut rows, &|r| 100.0 * r[5] / r[2]);
     println!(
-        "summary: pool {name:<8} makespan {:>9.2?} = {eff:5.1}% of ideal {:.2?} | sessions {sess_eff:5.1}% of ideal ({sess_vs:5.1}% of unkeyed) | round-robin isles {rr_eff:5.1}% | rayon+thread-local Lua {:.2?}",
+        "summary: pool {name:<8} makespan {:>9.2?} = {eff:5.1}% of ideal {:.2?} | baselines, % of ideal: parallel plain mlua {machine_eff:5.1}%, rayon+thread-local Lua {rayon_eff:5.1}%, round-robin isles {rr_eff:5.1}%",
         ms(pool),
         ms(ideal),
-        ms(rayon),
+    );
+    println!(
+        "summary: pool {name:<8} ours as % of parallel plain mlua: unkeyed {of_machine:5.1}%, sessions {sess_of_machine:5.1}% | sessions {sess_eff:5.1}% of ideal, {sess_vs:5.1}% of unkeyed"
     );
 }
 

@@ -152,7 +152,13 @@ impl<T> Request<T> {
     /// Spins briefly first: a parked thread wakes slowly, and most requests
     /// finish within microseconds.
     pub(crate) fn wait(&self, deadline: Option<Instant>) -> bool {
-        if spin_until(|| self.is_ready()) {
+        // Spinning pays only if the answer may come within the spin. A
+        // request still queued a spin's time after its submission waits
+        // behind other work, and a spinning waiter would take a core from
+        // the VMs doing it.
+        let behind_others = self.header.phase.load(Ordering::Relaxed) == QUEUED
+            && self.header.submitted.elapsed() >= crate::spin::SPIN_FOR;
+        if !behind_others && spin_until(|| self.is_ready()) {
             return true;
         }
         let mut slot = self.slot.lock();

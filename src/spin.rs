@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 /// Tight spinning, checking at every hint.
 const HOT_FOR: Duration = Duration::from_micros(5);
 /// Total time before giving up and parking.
-const SPIN_FOR: Duration = Duration::from_micros(50);
+pub(crate) const SPIN_FOR: Duration = Duration::from_micros(50);
 
 /// Waits actively until `ready()` is true or `SPIN_FOR` has passed; returns
 /// the last `ready()`.
