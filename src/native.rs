@@ -109,18 +109,15 @@ mod luajit {
 
     use mlua::ffi::{self, lua_State};
 
-    /// Coroutines one request may have resumed and not yet returned from.
-    /// Lua 5.4 stops at about 200 (its C call limit); LuaJIT would go on
-    /// until the stack is gone, tens of thousands deep, where an error
-    /// climbing out through `coroutine.wrap` gets a position prefixed at
-    /// every level: seconds of string copying.
-    pub(crate) const MAX_NESTED_COROUTINES: u32 = 1000;
+    /// Coroutines and loads one request may nest (see `cstack.rs`).
+    const MAX_NESTED: u32 = 1000;
 
     thread_local! {
         /// Below this stack address, nested C calls are refused (0: no
         /// limit, not a VM thread).
         static FLOOR: Cell<usize> = const { Cell::new(0) };
-        /// Coroutines resumed and not returned from, this request.
+        /// Coroutines resumed and loads started, not yet returned from,
+        /// this request.
         static NESTED: Cell<u32> = const { Cell::new(0) };
     }
 
@@ -146,18 +143,15 @@ mod luajit {
         NESTED.with(|n| n.set(0));
     }
 
-    /// Raises "C stack overflow", with the position of the code that
-    /// called the guarded function (level 1 is its wrapper).
+    /// Raises "C stack overflow" (with no position, as Lua's own).
     ///
     /// # Safety
     /// Called from a C function of ours.
     unsafe fn overflow(state: *mut lua_State) -> ! {
-        // SAFETY: three pushes at most, within LUA_MINSTACK; raising is what
-        // Lua C functions do (module docs).
+        // SAFETY: one push, within LUA_MINSTACK; raising is what Lua C
+        // functions do (module docs).
         unsafe {
-            ffi::luaL_where(state, 2);
             ffi::lua_pushstring(state, c"C stack overflow".as_ptr());
-            ffi::lua_concat(state, 2);
             ffi::lua_error(state)
         }
     }
@@ -172,11 +166,11 @@ mod luajit {
         0
     }
 
-    /// `enter()`, before a coroutine is resumed: as `guard`, and counts it,
-    /// refusing more than [`MAX_NESTED_COROUTINES`].
+    /// `enter()`, before a coroutine is resumed or a load starts: as
+    /// `guard`, and counts it, refusing more than [`MAX_NESTED`].
     unsafe extern "C-unwind" fn enter(state: *mut lua_State) -> c_int {
         let nested = NESTED.with(Cell::get);
-        if nested >= MAX_NESTED_COROUTINES || stack_pointer() < FLOOR.with(Cell::get) {
+        if nested >= MAX_NESTED || stack_pointer() < FLOOR.with(Cell::get) {
             // SAFETY: `state` is the calling thread.
             unsafe { overflow(state) };
         }
@@ -184,19 +178,12 @@ mod luajit {
         0
     }
 
-    /// `leave(pcall(resume, ...))`, after: counts the coroutine out, then
-    /// returns what `resume` returned, or raises what it raised.
+    /// `leave(...)`, after: counts the coroutine (or load) out and returns
+    /// its arguments.
     unsafe extern "C-unwind" fn leave(state: *mut lua_State) -> c_int {
         NESTED.with(|n| n.set(n.get().saturating_sub(1)));
-        // SAFETY: `state` is the calling thread; its arguments are pcall's
-        // results: `true, ...` or `false, error`.
-        unsafe {
-            if ffi::lua_toboolean(state, 1) == 0 {
-                ffi::lua_settop(state, 2);
-                ffi::lua_error(state);
-            }
-            ffi::lua_gettop(state) - 1
-        }
+        // SAFETY: `state` is the calling thread.
+        unsafe { ffi::lua_gettop(state) }
     }
 
     /// Lua functions of the three C functions above: `guard`, `enter` and

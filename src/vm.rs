@@ -64,10 +64,10 @@ impl Vm {
         // Rust panic they catch is raised again, never swallowed.
         let lua = Lua::new_with(StdLib::ALL_SAFE, LuaOptions::new())
             .map_err(|e| IsleError::Init(IsleError::from_lua(&e).to_string()))?;
-        let interrupt = Interrupt::install(&lua, config, abort)
-            .map_err(|e| IsleError::Init(IsleError::from_lua(&e).to_string()))?;
         #[cfg(feature = "luajit")]
         crate::cstack::install(&lua, config.vm_stack_size().unwrap_or(2 << 20))
+            .map_err(|e| IsleError::Init(IsleError::from_lua(&e).to_string()))?;
+        let interrupt = Interrupt::install(&lua, config, abort)
             .map_err(|e| IsleError::Init(IsleError::from_lua(&e).to_string()))?;
         #[cfg(feature = "lua55")]
         cap_string_rep(&lua).map_err(|e| IsleError::Init(IsleError::from_lua(&e).to_string()))?;
