@@ -60,20 +60,19 @@ impl Vm {
         init: impl FnOnce(&Lua) -> mlua::Result<()>,
     ) -> Result<Vm, IsleError> {
         OWNER.with(|o| o.set(owner));
+        let init_error = |e: mlua::Error| IsleError::Init(IsleError::from_lua(&e).to_string());
         // Lua's pcall/xpcall stay (they can yield); hook.rs wraps them so a
         // Rust panic they catch is raised again, never swallowed.
-        let lua = Lua::new_with(StdLib::ALL_SAFE, LuaOptions::new())
-            .map_err(|e| IsleError::Init(IsleError::from_lua(&e).to_string()))?;
+        let lua = Lua::new_with(StdLib::ALL_SAFE, LuaOptions::new()).map_err(init_error)?;
+        // (LuaJIT's VM threads always get an explicit stack size.)
         #[cfg(feature = "luajit")]
         crate::cstack::install(&lua, config.vm_stack_size().unwrap_or(2 << 20))
-            .map_err(|e| IsleError::Init(IsleError::from_lua(&e).to_string()))?;
-        let interrupt = Interrupt::install(&lua, config, abort)
-            .map_err(|e| IsleError::Init(IsleError::from_lua(&e).to_string()))?;
+            .map_err(init_error)?;
+        let interrupt = Interrupt::install(&lua, config, abort).map_err(init_error)?;
         #[cfg(feature = "lua55")]
-        cap_string_rep(&lua).map_err(|e| IsleError::Init(IsleError::from_lua(&e).to_string()))?;
+        cap_string_rep(&lua).map_err(init_error)?;
         if let Some(limit) = config.memory_limit {
-            lua.set_memory_limit(limit)
-                .map_err(|e| IsleError::Init(IsleError::from_lua(&e).to_string()))?;
+            lua.set_memory_limit(limit).map_err(init_error)?;
         }
         let init_then_sandbox = |lua: &Lua| {
             init(lua)?;
@@ -96,7 +95,7 @@ impl Vm {
                 interrupt,
                 memory_limit: config.memory_limit,
             }),
-            Ok(Err(e)) => Err(IsleError::Init(IsleError::from_lua(&e).to_string())),
+            Ok(Err(e)) => Err(init_error(e)),
             Err(payload) => Err(IsleError::from_panic(&*payload)),
         }
     }
