@@ -56,17 +56,20 @@ guarded(string, "gsub")
 guarded(string, "format")
 guarded(table, "sort")
 guarded(_G, "print")
--- `load` is counted too (its reader runs from C); `leave` runs however it
--- ends.
+-- `load` with a reader function is counted too (the reader runs from C);
+-- `leave` runs however it ends. Source strings run nothing.
 local load = load
 local function rethrow(ok, ...)
     if not ok then error((...), 0) end
     return ...
 end
 if load then
-    _G.load = function(...)
+    _G.load = function(chunk, ...)
+        if type(chunk) ~= "function" then
+            return load(chunk, ...)
+        end
         enter()
-        return rethrow(leave(pcall(load, ...)))
+        return rethrow(leave(pcall(load, chunk, ...)))
     end
 end
 if not coroutine then return end

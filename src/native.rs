@@ -9,18 +9,21 @@
 //! - **LuaJIT counts no nested C calls.** A C function that calls back into
 //!   Lua (`string.gsub` with a function, `table.sort` with a comparator,
 //!   `coroutine.resume`, ...) can be nested until the thread's real stack
-//!   overflows, which kills the process. [`stack_guard`] raises "C stack
-//!   overflow" instead once little stack is left; `cstack.rs` calls it
-//!   before every such function.
+//!   overflows, which kills the process. `guard` raises "C stack overflow"
+//!   instead once little stack is left, and `enter`/`leave` count nested
+//!   coroutines and loads; `cstack.rs` calls them around every such
+//!   function.
 //!
 //! # Why this is sound
 //!
 //! These are ordinary Lua C functions. They use only the stack slots Lua's
 //! API guarantees a C function (`LUA_MINSTACK`), or that `lua_checkstack`
 //! granted, and their frames own nothing that needs dropping: when Lua
-//! raises an error through them (an argument error, "C stack overflow",
-//! LuaJIT's unwinder), nothing is skipped. They are declared `C-unwind`,
-//! since LuaJIT raises errors by unwinding.
+//! raises an error through them (an argument error, "C stack overflow"),
+//! nothing is skipped, whether Lua `longjmp`s over them (PUC Lua) or
+//! unwinds through them (LuaJIT, hence `C-unwind`). The stack pointer is
+//! read as the address of a local, in safe code; the guard only compares
+//! it.
 
 #![allow(unsafe_code)]
 

@@ -17,8 +17,8 @@
 //!   stop (Lua's C matcher backtracks for minutes out of any hook's reach);
 //! - `setmetatable` refuses metatables with `__gc`: finalizers run with hooks
 //!   disabled, so one that loops could never be interrupted; for the same
-//!   reason `newproxy` (Lua 5.1, LuaJIT) is unavailable, whose userdata
-//!   have a metatable Lua code can write;
+//!   reason `newproxy` (Lua 5.1, LuaJIT, Luau) is unavailable, whose
+//!   userdata have a metatable Lua code can write;
 //! - the library tables (`string`, `table`, `math`, `utf8`, `coroutine`,
 //!   `os`, `bit32`, `bit`, `jit` where they exist, and every table module `init` loaded) are replaced by read-only
 //!   views; the string metatable and the views' metatables are hidden, and
@@ -89,7 +89,7 @@ G.debug = unavailable_table("debug")
 G.loadfile = unavailable("loadfile")
 G.dofile = unavailable("dofile")
 -- Lua 5.1, LuaJIT: `newproxy(true)` makes a userdata whose metatable Lua
--- code may give a `__gc` (see 4.).
+-- code may give a `__gc` (see 4.). (Luau's goes too: one rule.)
 if rawget(G, "newproxy") ~= nil then G.newproxy = unavailable("newproxy") end
 
 -- 2. `require`: only what is already loaded, as read-only views.
