@@ -18,10 +18,14 @@ const DEFAULT_STACK_SIZE: Option<usize> =
     if cfg!(any(feature = "lua51", feature = "lua52", feature = "lua53")) {
         Some(8 << 20)
     } else if cfg!(feature = "luajit") {
-        Some(2 << 20)
+        Some(STD_STACK_SIZE)
     } else {
         None
     };
+
+/// The stack std gives a thread spawned without a size (unless
+/// `RUST_MIN_STACK` says otherwise).
+pub(crate) const STD_STACK_SIZE: usize = 2 << 20;
 
 /// Per-VM settings, filled in by the builders.
 #[derive(Debug, Clone)]
@@ -93,7 +97,9 @@ macro_rules! vm_options {
         }
 
         /// Stack size of each VM thread in bytes (default: std's; 8 MiB on
-        /// Lua 5.1-5.3, whose C call limit needs more than 2 MiB).
+        /// Lua 5.1-5.3, whose C call limit needs more than 2 MiB; 2 MiB on
+        /// LuaJIT, whatever `RUST_MIN_STACK` says, since nested C calls
+        /// there are bounded by the stack left).
         pub fn stack_size(mut self, bytes: usize) -> Self {
             self.config.stack_size = Some(bytes);
             self

@@ -8,41 +8,46 @@
 //!
 //! So the library functions of LuaJIT that call back into Lua from C are
 //! replaced, before `init`, by Lua functions that first call
-//! `native.rs`'s guard (it raises "C stack overflow" once less than an
-//! eighth of the VM thread's stack is left), then tail-call the original,
-//! which keeps its error messages and positions: `string.gsub`,
-//! `string.format` (`__tostring`), `table.sort` and `print` (`tostring`).
-//! Coroutines and `load` (a reader function) are counted as well, and at
-//! most 1000 may be nested: their C frames are small, so the stack alone
-//! would let tens of thousands nest, each holding a Lua stack of its own,
-//! and an error climbing out through as many `coroutine.wrap` levels gets
-//! a position prefixed at each: seconds of string copying. (`dofile` runs
-//! its chunk from Lua, see `hook.rs`.) Not covered: `string.buffer`
-//! methods (a module `init` would have to load) and Rust callbacks that
-//! call Lua; those must bound their own recursion.
+//! `native.rs`'s guard (it raises "C stack overflow" once the stack left is
+//! below a floor: an eighth of the VM thread's stack, 128 KiB at least),
+//! then tail-call the original, which keeps its error messages and
+//! positions: `string.gsub`, `string.format` (`__tostring`), `table.sort`,
+//! `print` (`tostring`), `os.time` (`__index` of its table),
+//! `coroutine.resume` and the functions `coroutine.wrap` returns. `load`
+//! calls a reader function from Lua instead (below). Coroutines are also
+//! counted, at most 1000 nested: their C
+//! frames are small, so the stack alone would let tens of thousands nest,
+//! each holding a Lua stack of its own, and an error climbing out through
+//! as many `coroutine.wrap` levels gets a position prefixed at each:
+//! seconds of string copying. (`dofile` runs its chunk from Lua, see
+//! `hook.rs`.) Not covered: `string.buffer` methods (a module `init` would
+//! have to load), `require` and `module` (unavailable in the sandbox), and
+//! Rust callbacks that call Lua; those must bound their own recursion.
 //!
-//! The price: a Lua call and a C call more per call of these functions,
-//! and two C calls per coroutine switch.
+//! The price: a Lua call and a C call more per call of these functions, and
+//! per coroutine switch a Lua call, two C calls and a table store.
 
 use mlua::{Lua, Table};
 
+/// Coroutines that may be nested, one resumed by the other.
+const MAX_NESTED: u32 = 1000;
+
 /// Guards the functions listed in the module docs. `stack_size` is the VM
 /// thread's; this must run on that thread, before `hook.rs` wraps
-/// `coroutine.resume` and `load` (so that it wraps these).
+/// `coroutine.resume`, `load` and `pcall` (so that it wraps these, and
+/// these use Lua's own `pcall`).
 pub(crate) fn install(lua: &Lua, stack_size: usize) -> mlua::Result<()> {
     crate::native::set_stack(stack_size);
-    let (guard, enter, leave) = crate::native::stack_guards(lua)?;
     lua.load(GUARDED).set_name("=mlua-isle").call::<()>((
-        guard,
-        enter,
-        leave,
+        crate::native::stack_guard(lua)?,
         lua.globals().get::<Option<Table>>("coroutine")?,
+        MAX_NESTED,
     ))
 }
 
 const GUARDED: &str = r#"
-local guard, enter, leave, coroutine = ...
-local type, error, pcall = type, error, pcall
+local guard, coroutine, max_nested = ...
+local type, error, setmetatable = type, error, setmetatable
 local function guarded(t, name)
     local f = t and t[name]
     if type(f) == "function" then
@@ -56,32 +61,58 @@ guarded(string, "gsub")
 guarded(string, "format")
 guarded(table, "sort")
 guarded(_G, "print")
--- `load` with a reader function is counted too (the reader runs from C);
--- `leave` runs however it ends. Source strings run nothing.
-local load = load
-local function rethrow(ok, ...)
-    if not ok then error((...), 0) end
-    return ...
+guarded(os, "time") -- reads its table's fields through `__index`
+-- `load` with a reader function: the reader is called from Lua here, and
+-- the source it gives loaded as a string, so a reader that loads again
+-- nests Lua calls, not C ones (bounded by the Lua stack, and cheap).
+local load, concat, tostring, pcall = load, table.concat, tostring, pcall
+local function read_all(reader)
+    local pieces, n = {}, 0
+    while true do
+        local ok, piece = pcall(reader)
+        if not ok then return nil, piece end
+        if piece == nil or piece == "" then return concat(pieces) end
+        local t = type(piece)
+        if t == "number" then
+            piece = tostring(piece)
+        elseif t ~= "string" then
+            return nil, "reader function must return a string"
+        end
+        n = n + 1
+        pieces[n] = piece
+    end
 end
 if load then
-    _G.load = function(chunk, ...)
+    _G.load = function(...)
+        local chunk, name, mode, env = ...
         if type(chunk) ~= "function" then
-            return load(chunk, ...)
+            return load(...)
         end
-        enter()
-        return rethrow(leave(pcall(load, chunk, ...)))
+        local source, err = read_all(chunk)
+        if not source then return nil, err end
+        return load(source, name or "=(load)", mode, env)
     end
 end
 if not coroutine then return end
--- Given a coroutine, `resume` returns its errors: `leave` always runs (but
--- for a memory error, which ends the request anyway).
+-- Coroutines are also counted: each one's nesting depth is its resumer's
+-- plus one, recorded when it is resumed (only if it can be: resuming a
+-- running or normal one fails, and must not change its depth). Nothing to
+-- undo when a resume ends, however it ends.
 local resume, create, wrap = coroutine.resume, coroutine.create, coroutine.wrap
-coroutine.resume = function(co, ...)
-    if type(co) ~= "thread" then
-        return resume(co, ...) -- Lua's own argument error
+local status, running = coroutine.status, coroutine.running
+local depth = setmetatable({}, { __mode = "k" })
+local function nest(co)
+    guard()
+    if status(co) == "suspended" then
+        local d = (depth[running()] or 0) + 1
+        if d > max_nested then error("C stack overflow", 0) end
+        depth[co] = d
     end
-    enter()
-    return leave(resume(co, ...))
+end
+coroutine.resume = function(...)
+    local co = ...
+    if type(co) == "thread" then nest(co) end
+    return resume(...)
 end
 -- LuaJIT's `wrap` over the counted resume: a string error gets the
 -- position of the wrapped function's caller (level 2: this function was
@@ -92,14 +123,15 @@ local function wrapped(ok, ...)
     if type(e) == "string" then error(e, 2) end
     error(e, 0)
 end
-coroutine.wrap = function(f)
+coroutine.wrap = function(...)
+    local f = ...
     if type(f) ~= "function" then
-        return wrap(f) -- Lua's own argument error
+        return wrap(...) -- Lua's own argument error
     end
     local co = create(f)
     return function(...)
-        enter()
-        return wrapped(leave(resume(co, ...)))
+        nest(co)
+        return wrapped(resume(co, ...))
     end
 end
 "#;

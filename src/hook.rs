@@ -23,7 +23,8 @@
 //! that the error value they catch is checked at once: a pending
 //! interruption, or a Rust panic (which mlua hands to Lua as an error value),
 //! is raised again in the caller.
-//! - `pcall`, `xpcall`: Lua's own (yieldable) functions, wrapped. `xpcall`
+//! - `pcall`, `xpcall`: Lua's own (yieldable) functions, wrapped (on Lua
+//!   5.1, ours of `native.rs`, which check the stack). `xpcall`
 //!   also skips the user's message handler while the request is stopping:
 //!   an error raised inside a hook runs the handler with hooks disabled, so
 //!   a handler that loops forever could never be stopped. (mlua's own
@@ -327,7 +328,7 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
         local check, stopping, pcall, xpcall, resume, load, loadfile, binary_ok, tracked,
               loadstring, reader_only = ...
         local type, error = type, error
-        -- Lua's own pcall and xpcall (yieldable), with the error value
+        -- Lua's own pcall and xpcall (yieldable; 5.1: ours), with the error value
         -- checked: a Rust panic or a pending interruption is raised again.
         local function after(ok, ...)
             if not ok then check((...)) end

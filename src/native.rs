@@ -10,9 +10,8 @@
 //!   Lua (`string.gsub` with a function, `table.sort` with a comparator,
 //!   `coroutine.resume`, ...) can be nested until the thread's real stack
 //!   overflows, which kills the process. `guard` raises "C stack overflow"
-//!   instead once little stack is left, and `enter`/`leave` count nested
-//!   coroutines and loads; `cstack.rs` calls them around every such
-//!   function.
+//!   instead once little stack is left; `cstack.rs` calls it before every
+//!   such function.
 //!
 //! # Why this is sound
 //!
@@ -30,7 +29,7 @@
 #[cfg(feature = "lua51")]
 pub(crate) use lua51::protected_calls;
 #[cfg(feature = "luajit")]
-pub(crate) use luajit::{reset_nesting, set_stack, stack_guards};
+pub(crate) use luajit::{set_stack, stack_guard};
 
 #[cfg(feature = "lua51")]
 mod lua51 {
@@ -45,8 +44,9 @@ mod lua51 {
     /// # Safety
     /// Called from a C function of ours.
     unsafe fn room_for_status(state: *mut lua_State) -> bool {
-        // SAFETY: `lua_checkstack` grants the slot or says there is none;
-        // the answer's two values are within LUA_MINSTACK.
+        // SAFETY: `lua_checkstack` grants the slot or says there is none
+        // (or raises a memory error, which skips nothing of ours); the
+        // answer's two values are within LUA_MINSTACK.
         unsafe {
             if ffi::lua_checkstack(state, 1) != 0 {
                 return true;
@@ -112,16 +112,10 @@ mod luajit {
 
     use mlua::ffi::{self, lua_State};
 
-    /// Coroutines and loads one request may nest (see `cstack.rs`).
-    const MAX_NESTED: u32 = 1000;
-
     thread_local! {
         /// Below this stack address, nested C calls are refused (0: no
         /// limit, not a VM thread).
         static FLOOR: Cell<usize> = const { Cell::new(0) };
-        /// Coroutines resumed and loads started, not yet returned from,
-        /// this request.
-        static NESTED: Cell<u32> = const { Cell::new(0) };
     }
 
     /// An address in the caller's stack frame. Stacks grow down on every
@@ -133,74 +127,34 @@ mod luajit {
     }
 
     /// Called near the top of a VM thread whose stack is `size` bytes:
-    /// nested C calls stop an eighth of it before its end, which leaves room
-    /// for raising the error (LuaJIT's unwinder, mlua's traceback) and for
-    /// the Rust callbacks and library functions the last level calls.
+    /// nested C calls stop an eighth of it (128 KiB at least, half at most)
+    /// before its end, which leaves room for raising the error (LuaJIT's
+    /// unwinder, mlua's traceback) and for the Rust callbacks, library
+    /// functions and nested coroutines the last level runs.
     pub(crate) fn set_stack(size: usize) {
-        let floor = stack_pointer().saturating_sub(size - size / 8);
+        let margin = (size / 8).max(128 << 10).min(size / 2);
+        let floor = stack_pointer().saturating_sub(size - margin);
         FLOOR.with(|f| f.set(floor));
     }
 
-    /// Before each request: no coroutine of it runs yet.
-    pub(crate) fn reset_nesting() {
-        NESTED.with(|n| n.set(0));
-    }
-
-    /// Raises "C stack overflow" (with no position, as Lua's own).
-    ///
-    /// # Safety
-    /// Called from a C function of ours.
-    unsafe fn overflow(state: *mut lua_State) -> ! {
-        // SAFETY: one push, within LUA_MINSTACK; raising is what Lua C
-        // functions do (module docs).
-        unsafe {
-            ffi::lua_pushstring(state, c"C stack overflow".as_ptr());
-            ffi::lua_error(state)
-        }
-    }
-
-    /// `guard()`: raises "C stack overflow" when the stack left is below the
-    /// floor.
+    /// `guard()`: raises "C stack overflow" (with no position, as Lua's
+    /// own) when the stack left is below the floor.
     unsafe extern "C-unwind" fn guard(state: *mut lua_State) -> c_int {
         if stack_pointer() < FLOOR.with(Cell::get) {
-            // SAFETY: `state` is the calling thread.
-            unsafe { overflow(state) };
+            // SAFETY: `state` is the calling thread; one push, within
+            // LUA_MINSTACK; raising is what Lua C functions do (module
+            // docs).
+            unsafe {
+                ffi::lua_pushstring(state, c"C stack overflow".as_ptr());
+                ffi::lua_error(state);
+            }
         }
         0
     }
 
-    /// `enter()`, before a coroutine is resumed or a load starts: as
-    /// `guard`, and counts it, refusing more than [`MAX_NESTED`].
-    unsafe extern "C-unwind" fn enter(state: *mut lua_State) -> c_int {
-        let nested = NESTED.with(Cell::get);
-        if nested >= MAX_NESTED || stack_pointer() < FLOOR.with(Cell::get) {
-            // SAFETY: `state` is the calling thread.
-            unsafe { overflow(state) };
-        }
-        NESTED.with(|n| n.set(nested + 1));
-        0
-    }
-
-    /// `leave(...)`, after: counts the coroutine (or load) out and returns
-    /// its arguments.
-    unsafe extern "C-unwind" fn leave(state: *mut lua_State) -> c_int {
-        NESTED.with(|n| n.set(n.get().saturating_sub(1)));
-        // SAFETY: `state` is the calling thread.
-        unsafe { ffi::lua_gettop(state) }
-    }
-
-    /// Lua functions of the three C functions above: `guard`, `enter` and
-    /// `leave`.
-    pub(crate) fn stack_guards(
-        lua: &mlua::Lua,
-    ) -> mlua::Result<(mlua::Function, mlua::Function, mlua::Function)> {
-        // SAFETY: all three uphold Lua's C function contract (module docs).
-        unsafe {
-            Ok((
-                lua.create_c_function(guard)?,
-                lua.create_c_function(enter)?,
-                lua.create_c_function(leave)?,
-            ))
-        }
+    /// The guard, as a Lua function taking and returning nothing.
+    pub(crate) fn stack_guard(lua: &mlua::Lua) -> mlua::Result<mlua::Function> {
+        // SAFETY: `guard` upholds Lua's C function contract (module docs).
+        unsafe { lua.create_c_function(guard) }
     }
 }

@@ -61,13 +61,18 @@ impl Vm {
     ) -> Result<Vm, IsleError> {
         OWNER.with(|o| o.set(owner));
         let init_error = |e: mlua::Error| IsleError::Init(IsleError::from_lua(&e).to_string());
-        // Lua's pcall/xpcall stay (they can yield); hook.rs wraps them so a
-        // Rust panic they catch is raised again, never swallowed.
+        // Lua's pcall/xpcall stay (they can yield; on 5.1, ours replace
+        // them): hook.rs wraps them so a Rust panic they catch is raised
+        // again, never swallowed.
         let lua = Lua::new_with(StdLib::ALL_SAFE, LuaOptions::new()).map_err(init_error)?;
-        // (LuaJIT's VM threads always get an explicit stack size.)
         #[cfg(feature = "luajit")]
-        crate::cstack::install(&lua, config.vm_stack_size().unwrap_or(2 << 20))
-            .map_err(init_error)?;
+        crate::cstack::install(
+            &lua,
+            config
+                .vm_stack_size()
+                .unwrap_or(crate::config::STD_STACK_SIZE),
+        )
+        .map_err(init_error)?;
         let interrupt = Interrupt::install(&lua, config, abort).map_err(init_error)?;
         #[cfg(feature = "lua55")]
         cap_string_rep(&lua).map_err(init_error)?;
@@ -107,8 +112,6 @@ impl Vm {
     /// panicking) is caught here, so the VM thread keeps serving; the request
     /// has its result already.
     pub(crate) fn run(&self, job: Job, env: Option<&Table>) -> Outcome {
-        #[cfg(feature = "luajit")]
-        crate::native::reset_nesting();
         let ctx = Ctx {
             lua: &self.lua,
             env,
