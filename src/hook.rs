@@ -349,10 +349,6 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
                 return handler(e)
             end, ...))
         end
-        local function after_resume(ok, ...)
-            if not ok then check((...)) end
-            return ok, ...
-        end
         if not tracked then
             coroutine.resume = function(...)
                 -- Lua's own argument error, without this wrapper's name
@@ -361,7 +357,7 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
                     local _, e = pcall(resume, ...)
                     error(e, 0)
                 end
-                return after_resume(resume(...))
+                return after(resume(...)) -- as for pcall
             end
         end
         local function after_load(f, ...)
