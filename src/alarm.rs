@@ -76,7 +76,8 @@
 //! soundness.
 
 #![allow(unsafe_code)]
-// Luau has no hooks to arm: only the stubs below and `SUPPORTED` are used.
+// Luau has no hooks to arm: only the alarm's flag, the stubs below and
+// `SUPPORTED` are used.
 #![cfg_attr(feature = "luau", allow(dead_code))]
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -142,9 +143,11 @@ pub(crate) fn raise(id: u32) {
 }
 
 /// This thread's alarm, registered on first use and unregistered when the
-/// thread exits. Returns `None` where arming on demand is not supported.
+/// thread exits. Returns `None` where arming on demand is not supported,
+/// except on Luau: its interrupt, called at every function call and loop
+/// back-edge, reads only the alarm's flag until a stopper raises it.
 pub(crate) fn this_thread() -> Option<ThreadAlarm> {
-    if !SUPPORTED {
+    if !SUPPORTED && !cfg!(feature = "luau") {
         return None;
     }
     GUARD.with(|g| {
@@ -275,9 +278,11 @@ pub(crate) struct Binding {
     hook: usize,
 }
 
+/// Luau: nothing to bind (no hook to arm, no coroutine to track: its
+/// interrupt reads the flag on every Lua thread).
 #[cfg(not(all(unix, not(feature = "luau"))))]
 pub(crate) fn bind(_lua: &mlua::Lua) -> mlua::Result<Binding> {
-    unreachable!("alarms are not supported here")
+    Ok(Binding { main: 0, hook: 0 })
 }
 
 #[cfg(not(all(unix, not(feature = "luau"))))]

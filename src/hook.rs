@@ -1,12 +1,15 @@
 //! The interrupt hook: how a running request learns it must stop.
 //!
 //! A count hook (mlua's global hook) is installed on the VM once, before
-//! `init` runs. It runs in one of two modes:
+//! `init` runs. It runs in one of three modes:
 //! - **Armed on demand** (Unix, PUC-Rio Lua, no `max_instructions`): the
 //!   hook is removed from the main state right away, so Lua code runs at
 //!   full speed; a stopping thread signals the VM thread, which arms the
 //!   hook on the running Lua thread with a count of 1 (see `alarm.rs`). A
 //!   tick with nothing to stop removes the hook again.
+//! - **Luau** has no hooks: its interrupt callback runs at every function
+//!   call and loop back-edge, and reads only the thread's alarm flag
+//!   (raised by stoppers, `alarm.rs`) until a request must stop.
 //! - **Ticking all the time** (elsewhere, and when counting instructions):
 //!   Lua copies a thread's hook into every coroutine it creates, so
 //!   coroutines are covered too. Every `hook_interval` instructions the hook
@@ -247,6 +250,15 @@ impl Interrupt {
     }
 
     fn tick(this: &Arc<Self>, lua: &Lua) -> mlua::Result<VmState> {
+        // Luau's interrupt runs at every call and loop back-edge: while
+        // nothing must stop, it reads two flags and returns. (A stopper
+        // raises the alarm after recording the reason; see `alarm.rs`.)
+        #[cfg(feature = "luau")]
+        if let Some((alarm, _)) = &this.on_demand {
+            if !alarm.is_armed() && !this.abort.load(Ordering::Relaxed) {
+                return Ok(VmState::Continue);
+            }
+        }
         // Lua's countdown carries over between requests, so the first tick
         // of a request may come after any number of instructions up to the
         // interval: it is not counted. A request is therefore never stopped
@@ -255,7 +267,6 @@ impl Interrupt {
         if let Some(reason) = this.stop_reason() {
             return Interrupt::interrupt(this, lua, reason);
         }
-        #[cfg(not(feature = "luau"))]
         if let Some((alarm, _)) = &this.on_demand {
             // Armed for nothing: a signal for a request that has ended, or
             // a thread armed while the last one was stopping. Clear the alarm
@@ -267,6 +278,7 @@ impl Interrupt {
             }
             // Threads resumed from Rust are not tracked: they keep the
             // hook mlua gave them.
+            #[cfg(not(feature = "luau"))]
             if alarm::runs_tracked(lua) {
                 lua.remove_hook();
                 if alarm.is_armed() {
@@ -320,7 +332,10 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
     let (pcall, xpcall): (mlua::Function, mlua::Function) =
         (globals.get("pcall")?, globals.get("xpcall")?);
     let coroutine: mlua::Table = globals.get("coroutine")?;
-    if this.on_demand.is_some() {
+    // Switches need tracking where the hook is armed by a signal (Luau's
+    // interrupt reads the flag on every Lua thread).
+    let tracked = alarm::SUPPORTED && this.on_demand.is_some();
+    if tracked {
         install_tracked_coroutines(lua, &coroutine, &check)?;
     }
     lua.load(
@@ -423,7 +438,7 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
         globals.get::<Option<mlua::Function>>("load")?,
         globals.get::<Option<mlua::Function>>("loadfile")?,
         binary_chunks,
-        this.on_demand.is_some(),
+        tracked,
         globals.get::<Option<mlua::Function>>("loadstring")?,
         cfg!(feature = "lua51"),
     ))
