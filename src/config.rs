@@ -164,7 +164,10 @@ macro_rules! vm_options {
         /// slow. With the hook always on, a cancel is seen within
         /// `hook_interval` instructions without any signal, but pure-Lua
         /// code runs 2–3x slower. Choose it when cancel latency matters
-        /// more than throughput.
+        /// more than throughput. (On Luau, whose interrupt runs at every
+        /// call and loop back-edge anyway, it makes the interrupt check the
+        /// request's stop reason each time instead of a flag: slower, with
+        /// no latency to gain.)
         pub fn permanent_hook(mut self, on: bool) -> Self {
             self.config.permanent_hook = on;
             self
