@@ -42,10 +42,13 @@ impl Reason {
 ///
 /// - A request cancelled while queued never runs, and its task resolves
 ///   [`IsleError::Cancelled`](crate::IsleError::Cancelled) at once.
-/// - A running request is interrupted at the VM's next hook tick (every
-///   `hook_interval` Lua instructions), including inside coroutines and
-///   `pcall` loops; once cancelled, Lua code cannot catch the interruption
-///   and carry on.
+/// - A running request is interrupted within microseconds, including inside
+///   coroutines and `pcall` loops; once cancelled, Lua code cannot catch the
+///   interruption and carry on. Where the hook is armed on demand, it stops
+///   at the first instruction after the VM thread takes the cancel's signal;
+///   on Luau, at the next call or loop back-edge; where the hook ticks all
+///   the time, within `hook_interval` instructions. So a few instructions
+///   may still run after `cancel` returns.
 /// - Cancelling a request that already finished changes nothing.
 ///
 /// Rust functions called from Lua are not interrupted by the hook. One that

@@ -7,7 +7,7 @@ mod common;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use common::{expect_msg, gate, register_signal, within, Flag};
+use common::{expect_msg, gate, register_signal, releasable_isle, within, UNTIL_RELEASED};
 use crossbeam_channel::Receiver;
 use mlua_isle::mlua;
 use mlua_isle::{current_token, Isle, IsleError, Task};
@@ -348,33 +348,9 @@ fn cancelling_twice_is_harmless() {
     assert_eq!(done.wait(), Ok(3));
 }
 
-/// Lua: with an interval of 1 the cancel lands before `finished = true` can
-/// run once `released()` has said true.
-#[cfg(not(feature = "luau"))]
-const UNTIL_RELEASED: &str = "started(); while not released() do end; finished = true";
-/// Luau's interrupt has no interval: it runs at Lua calls and loop
-/// back-edges, and the loop above ends without one once `released()` (a
-/// Rust function) says true. The cancel lands at the next back-edge: the
-/// one of a loop that runs once.
-#[cfg(feature = "luau")]
-const UNTIL_RELEASED: &str = "started(); while not released() do end
-    local again = true while again do again = false end
-    finished = true";
-
 #[test]
-fn cancel_is_seen_within_the_hook_interval() {
-    let flag = Flag::default();
-    let (started_tx, started) = crossbeam_channel::unbounded();
-    let isle = {
-        let flag = flag.clone();
-        Isle::builder()
-            .hook_interval(1)
-            .spawn(move |lua| {
-                flag.register(lua, "released")?;
-                register_signal(lua, "started", started_tx)
-            })
-            .unwrap()
-    };
+fn cancel_stops_a_running_script_before_its_side_effects() {
+    let (isle, flag, started) = releasable_isle();
     let task = isle.spawn_eval::<()>(UNTIL_RELEASED);
     expect_msg(&started, "the request started");
     task.cancel();

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{expect_msg, gate, register_signal, within, Flag, Gate};
+use common::{expect_msg, gate, register_signal, releasable_isle, within, Gate, UNTIL_RELEASED};
 use mlua_isle::{CancelToken, Isle, IsleError, Task};
 
 /// An isle with `block()` (a Rust callback held by the returned gate).
@@ -101,22 +101,10 @@ fn detached_task_runs_to_the_end() {
 
 #[test]
 fn detached_running_task_is_not_cancelled() {
-    let flag = Flag::default();
-    let (started_tx, started) = crossbeam_channel::unbounded();
-    // Interval 1: a cancel (which detach must not send) would be seen before
-    // `finished = true` could run.
-    let isle = {
-        let flag = flag.clone();
-        Isle::builder()
-            .hook_interval(1)
-            .spawn(move |lua| {
-                flag.register(lua, "released")?;
-                register_signal(lua, "started", started_tx)
-            })
-            .unwrap()
-    };
-    isle.spawn_eval::<()>("started(); while not released() do end; finished = true")
-        .detach();
+    // A cancel (which detach must not send) would stop it before
+    // `finished = true` (see `UNTIL_RELEASED`).
+    let (isle, flag, started) = releasable_isle();
+    isle.spawn_eval::<()>(UNTIL_RELEASED).detach();
     expect_msg(&started, "the detached request started");
     flag.raise();
     assert_eq!(isle.eval::<bool>("finished == true"), Ok(true));
@@ -150,22 +138,10 @@ fn dropping_a_running_task_cancels_it() {
 
 #[test]
 fn dropping_a_running_task_prevents_its_side_effects() {
-    let flag = Flag::default();
-    let (started_tx, started) = crossbeam_channel::unbounded();
-    // A cancel is seen at the next hook tick; with an interval of 1 that is
-    // the next instruction, so nothing runs after `released()` says true.
-    let isle = {
-        let flag = flag.clone();
-        Isle::builder()
-            .hook_interval(1)
-            .spawn(move |lua| {
-                flag.register(lua, "released")?;
-                register_signal(lua, "started", started_tx)
-            })
-            .unwrap()
-    };
-    // Only reaches `finished = true` if it is still running once released.
-    let task = isle.spawn_eval::<()>("started(); while not released() do end; finished = true");
+    // The drop's cancel stops it before `finished = true` (see
+    // `UNTIL_RELEASED`).
+    let (isle, flag, started) = releasable_isle();
+    let task = isle.spawn_eval::<()>(UNTIL_RELEASED);
     expect_msg(&started, "the request started");
     drop(task);
     flag.raise();

@@ -106,6 +106,33 @@ impl Flag {
     }
 }
 
+/// A script for stop tests: reports `started()`, spins until `released()`
+/// says true, then runs a loop before its side effect, `finished = true`.
+///
+/// A stop requested before the release lands in that loop on every backend,
+/// though not always at the very next instruction: armed on demand, the hook
+/// is set by a signal that reaches the VM thread microseconds after the stop;
+/// Luau's interrupt runs only at calls and loop back-edges (and the spin
+/// loop above ends without one); a ticking hook runs every `hook_interval`
+/// instructions. Ten million iterations take tens of milliseconds, so
+/// `finished` is set only if the stop was missed.
+pub const UNTIL_RELEASED: &str =
+    "started(); while not released() do end; for _ = 1, 1e7 do end; finished = true";
+
+/// An isle for [`UNTIL_RELEASED`]: its `started()` sends on the returned
+/// channel, and its `released()` reads the returned flag.
+pub fn releasable_isle() -> (mlua_isle::Isle, Flag, Receiver<()>) {
+    let flag = Flag::default();
+    let (started_tx, started) = crossbeam_channel::unbounded();
+    let lua_flag = flag.clone();
+    let isle = mlua_isle::Isle::spawn(move |lua| {
+        lua_flag.register(lua, "released")?;
+        register_signal(lua, "started", started_tx)
+    })
+    .expect("the isle starts");
+    (isle, flag, started)
+}
+
 /// Waits for a message on `rx`, failing the test after [`PATIENCE`].
 pub fn expect_msg<T>(rx: &Receiver<T>, what: &str) -> T {
     rx.recv_timeout(PATIENCE)
