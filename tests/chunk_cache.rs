@@ -102,7 +102,7 @@ fn sessions_evaluating_the_same_source_keep_their_own_globals() {
 fn an_expired_session_starts_fresh_with_the_same_source() {
     let pool = IslePool::builder()
         .workers(1)
-        .session_idle_timeout(Duration::from_millis(20))
+        .session_idle_timeout(Duration::from_millis(300))
         .build()
         .unwrap();
     let src = "n = (n or 0) + 1 return n";
@@ -205,11 +205,10 @@ fn a_cached_chunk_is_still_cancelled_and_timed_out() {
         assert_eq!(task.wait(), Err(IsleError::Cancelled));
     }
     for _ in 0..3 {
-        let task = isle
-            .spawn_eval::<()>(spin)
-            .timeout(Duration::from_millis(20));
-        assert_eq!(task.wait(), Err(IsleError::Timeout));
+        let task = isle.spawn_eval::<()>(spin);
         expect_msg(&started, "the loop started");
+        let task = task.timeout(Duration::from_millis(20));
+        assert_eq!(task.wait(), Err(IsleError::Timeout));
     }
     assert_eq!(isle.eval::<i64>(FRESH_LOCALS).unwrap(), 1);
     isle.shutdown().unwrap();

@@ -253,7 +253,7 @@ fn time_spent_queued_counts_against_the_limit() {
 fn the_default_timeout_applies_to_pool_and_session_requests() {
     let pool = IslePool::builder()
         .workers(2)
-        .default_timeout(Duration::from_millis(50))
+        .default_timeout(Duration::from_millis(300))
         .build()
         .unwrap();
     let p = pool.clone();

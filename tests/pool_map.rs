@@ -83,7 +83,7 @@ fn a_missing_function_fails_every_input() {
 fn a_batch_past_the_time_limit_fails_its_inputs_and_the_others_finish() {
     let pool = IslePool::builder()
         .workers(2)
-        .default_timeout(Duration::from_millis(100))
+        .default_timeout(Duration::from_secs(1))
         .init(init)
         .build()
         .unwrap();

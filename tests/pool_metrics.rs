@@ -109,17 +109,21 @@ fn counters_add_up_after_a_known_workload() {
 
 #[test]
 fn timeouts_and_panics_are_counted() {
-    let pool = IslePool::new(1, |_| Ok(())).unwrap();
-    let timed_out = pool
-        .spawn_eval::<()>("while true do end")
-        .timeout(Duration::from_millis(20));
+    let (tx, started) = crossbeam_channel::unbounded();
+    let pool = IslePool::new(1, move |lua| register_signal(lua, "started", tx.clone())).unwrap();
+    let timed_out = pool.spawn_eval::<()>("started() while true do end");
+    expect_msg(&started, "the loop started");
+    // Time passing is the point: the worker is busy meanwhile.
+    std::thread::sleep(Duration::from_millis(5));
+    // A limit that has already passed stops the request at once.
+    let timed_out = timed_out.timeout(Duration::ZERO);
     assert_eq!(timed_out.wait(), Err(IsleError::Timeout));
     let panicked = pool.spawn_exec::<(), _>(|_| panic!("counted"));
     assert!(matches!(panicked.wait(), Err(IsleError::Panic(_))));
     let m = settled(&pool, 2);
     assert_eq!(m.workers[0].cancelled, 1, "{m:#?}");
     assert_eq!(m.workers[0].failed, 1, "{m:#?}");
-    assert!(m.workers[0].busy >= Duration::from_millis(1), "{m:#?}");
+    assert!(m.workers[0].busy >= Duration::from_millis(5), "{m:#?}");
     pool.shutdown().unwrap();
 }
 

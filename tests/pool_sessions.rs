@@ -400,7 +400,7 @@ fn a_session_lua_error_keeps_its_state() {
 fn an_idle_session_expires_and_its_state_is_gone() {
     let pool = IslePool::builder()
         .workers(2)
-        .session_idle_timeout(Duration::from_millis(100))
+        .session_idle_timeout(Duration::from_millis(300))
         .build()
         .unwrap();
     let s = pool.session("idle");
@@ -420,7 +420,7 @@ fn an_idle_session_expires_and_its_state_is_gone() {
 
 #[test]
 fn a_busy_session_does_not_expire() {
-    let idle_timeout = Duration::from_millis(300);
+    let idle_timeout = Duration::from_secs(1);
     let pool = IslePool::builder()
         .workers(2)
         .session_idle_timeout(idle_timeout)
@@ -470,7 +470,7 @@ fn a_session_exec_error_is_a_lua_error() {
 
 #[test]
 fn a_session_is_not_expired_right_after_a_long_request() {
-    let idle_timeout = Duration::from_millis(300);
+    let idle_timeout = Duration::from_secs(1);
     let pool = IslePool::builder()
         .workers(1)
         .session_idle_timeout(idle_timeout)

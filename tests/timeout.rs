@@ -30,10 +30,10 @@ fn timeout_stops_an_infinite_loop_with_timeout_not_cancelled() {
 fn timeout_stops_a_running_loop_inside_pcall() {
     let (started_tx, started) = crossbeam_channel::unbounded();
     let isle = Isle::spawn(move |lua| register_signal(lua, "started", started_tx)).unwrap();
-    let task = isle
-        .spawn_eval::<()>("started(); pcall(function() while true do end end); escaped = true")
-        .timeout(Duration::from_millis(30));
+    let task =
+        isle.spawn_eval::<()>("started(); pcall(function() while true do end end); escaped = true");
     expect_msg(&started, "the request started");
+    let task = task.timeout(Duration::from_millis(30));
     assert_eq!(
         within("a timed-out pcall loop resolves", move || task.wait()),
         Err(IsleError::Timeout)
@@ -67,7 +67,7 @@ fn timed_out_token_reports_cancelled() {
 #[test]
 fn default_timeout_applies_to_every_request() {
     let isle = Isle::builder()
-        .default_timeout(Duration::from_millis(100))
+        .default_timeout(Duration::from_millis(500))
         .spawn(|lua| lua.load("function spin() while true do end end").exec())
         .unwrap();
     assert_eq!(isle.eval::<i64>("1 + 1"), Ok(2));
@@ -147,7 +147,7 @@ fn time_spent_queued_counts() {
 fn default_timeout_counts_time_spent_queued() {
     let (gate, block) = gate();
     let isle = Isle::builder()
-        .default_timeout(Duration::from_millis(50))
+        .default_timeout(Duration::from_millis(300))
         .spawn(|_| Ok(()))
         .unwrap();
     // The blocker is Rust code: its own limit passes, but only its caller's
