@@ -70,14 +70,18 @@
 //!   argument error, the interruption raised by the check), nothing is
 //!   left undone but the switch record, which is only ever skipped on the
 //!   paths argued above not to raise.
+//! - **Luau's filtered interrupt** (`filter_interrupt`) reads this thread's
+//!   alarm through the same slot as the signal handler, and calls the
+//!   interrupt mlua installed exactly as Luau would have; the field it
+//!   replaces is written once, on the VM's thread, before Lua code runs.
 //!
 //! Everything `unsafe` in the crate is in this module, but for the Lua C
 //! functions of `native.rs` (Lua 5.1 and LuaJIT only), which argue their own
 //! soundness.
 
 #![allow(unsafe_code)]
-// Luau has no hooks to arm: only the alarm's flag, the stubs below and
-// `SUPPORTED` are used.
+// Luau has no hooks to arm: only the alarm's flag, the interrupt filter,
+// the stubs below and `SUPPORTED` are used.
 #![cfg_attr(feature = "luau", allow(dead_code))]
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -328,7 +332,8 @@ struct Slot {
     /// The VM's main `lua_State`.
     main: std::sync::atomic::AtomicPtr<mlua::ffi::lua_State>,
     /// The hook function to arm (mlua's global hook trampoline), as an
-    /// address; 0 until `bind`.
+    /// address; 0 until `bind`. On Luau, mlua's interrupt trampoline, which
+    /// ours calls when the alarm is raised (see `filter_interrupt`).
     hook: std::sync::atomic::AtomicUsize,
 }
 
@@ -343,6 +348,88 @@ thread_local! {
             hook: std::sync::atomic::AtomicUsize::new(0),
         }
     };
+}
+
+#[cfg(feature = "luau")]
+pub(crate) use luau::filter_interrupt;
+
+/// Luau: mlua's interrupt runs a Rust closure through its error-catching
+/// trampoline at every function call, return and loop back-edge, which alone
+/// doubles the cost of Lua function calls. [`filter_interrupt`] puts a C
+/// function of ours in front of it that returns at once unless this thread's
+/// alarm is raised; only then does mlua's interrupt (and the tick of
+/// `hook.rs`) run.
+///
+/// Nothing is lost by skipping the others: the tick has something to do
+/// only when a request must stop, and every stop raises the alarm (`raise`,
+/// after recording the reason; an abort stops the running request's token,
+/// which raises it too). A tick that finds nothing to stop clears the alarm.
+#[cfg(feature = "luau")]
+mod luau {
+    use std::ffi::c_int;
+    use std::sync::atomic::Ordering;
+
+    use mlua::ffi::{self, lua_State};
+
+    use super::SLOT;
+
+    /// A Luau interrupt function.
+    type Interrupt = unsafe extern "C-unwind" fn(*mut lua_State, c_int);
+
+    /// The interrupt in front of mlua's.
+    ///
+    /// # Safety
+    /// Called by Luau only, with a live state of the VM this thread runs.
+    unsafe extern "C-unwind" fn filtered(state: *mut lua_State, gc: c_int) {
+        if gc >= 0 {
+            return; // a GC step: mlua's own interrupt ignores those too
+        }
+        let next = SLOT.with(|s| {
+            let alarm = s.armed.load(Ordering::Relaxed);
+            // SAFETY: the thread's registration keeps the alarm alive while
+            // the pointer is set (it clears it first, on this thread).
+            // ORDERING: Acquire, paired with the SeqCst store in `raise`:
+            // the tick that follows sees the stop reason recorded before.
+            if !alarm.is_null() && !unsafe { &*alarm }.armed.load(Ordering::Acquire) {
+                return 0;
+            }
+            s.hook.load(Ordering::Relaxed)
+        });
+        if next != 0 {
+            // SAFETY: `next` is the address of mlua's interrupt, recorded by
+            // `filter_interrupt` on this thread (function pointers and
+            // `usize` have the same size); it is called as Luau would call
+            // it, and may raise a Lua error through this frame, which owns
+            // nothing.
+            unsafe {
+                let next: Interrupt = std::mem::transmute(next);
+                next(state, gc);
+            }
+        }
+    }
+
+    /// Puts [`filtered`] in front of the interrupt mlua's `set_interrupt`
+    /// installed on `lua`, on `lua`'s own thread (registered for an alarm),
+    /// before any Lua code runs.
+    pub(crate) fn filter_interrupt(lua: &mlua::Lua) -> mlua::Result<()> {
+        let main = lua.current_thread().to_pointer() as *mut lua_State;
+        // SAFETY: `main` is a live state of `lua`, used on its own thread
+        // while no Lua code runs; `lua_callbacks` gives the VM's callback
+        // table, whose `interrupt` field Luau reads only when it calls it.
+        unsafe {
+            let callbacks = ffi::lua_callbacks(main);
+            let Some(current) = (*callbacks).interrupt else {
+                return Err(mlua::Error::runtime(
+                    "mlua-isle: no interrupt to filter (set_interrupt must come first)",
+                ));
+            };
+            if current as usize != filtered as Interrupt as usize {
+                SLOT.with(|s| s.hook.store(current as usize, Ordering::Relaxed));
+            }
+            (*callbacks).interrupt = Some(filtered);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(all(unix, not(feature = "luau")))]

@@ -166,8 +166,8 @@ macro_rules! vm_options {
         /// code runs 2–3x slower. Choose it when cancel latency matters
         /// more than throughput. (On Luau, whose interrupt runs at every
         /// call and loop back-edge anyway, it makes the interrupt check the
-        /// request's stop reason each time instead of a flag: slower, with
-        /// no latency to gain.)
+        /// request's stop reason each time instead of one flag: slower (2x
+        /// on function calls), with no latency to gain.)
         pub fn permanent_hook(mut self, on: bool) -> Self {
             self.config.permanent_hook = on;
             self

@@ -7,9 +7,10 @@
 //!   full speed; a stopping thread signals the VM thread, which arms the
 //!   hook on the running Lua thread with a count of 1 (see `alarm.rs`). A
 //!   tick with nothing to stop removes the hook again.
-//! - **Luau** has no hooks: its interrupt callback runs at every function
-//!   call and loop back-edge, and reads only the thread's alarm flag
-//!   (raised by stoppers, `alarm.rs`) until a request must stop.
+//! - **Luau** has no hooks: its interrupt runs at every function call,
+//!   return and loop back-edge. A C function of ours in front of mlua's
+//!   reads the thread's alarm flag (raised by stoppers) and returns; the
+//!   tick runs only once the flag is up (`alarm.rs`).
 //! - **Ticking all the time** (elsewhere, and when counting instructions):
 //!   Lua copies a thread's hook into every coroutine it creates, so
 //!   coroutines are covered too. Every `hook_interval` instructions the hook
@@ -136,6 +137,11 @@ impl Interrupt {
             on_demand,
         });
         set_hook(lua, &this, this.interval)?;
+        // Luau: the tick only runs once the alarm is raised.
+        #[cfg(feature = "luau")]
+        if this.on_demand.is_some() {
+            alarm::filter_interrupt(lua)?;
+        }
         #[cfg(not(feature = "luau"))]
         if this.on_demand.is_some() {
             lua.remove_hook(); // armed on demand only
@@ -250,15 +256,6 @@ impl Interrupt {
     }
 
     fn tick(this: &Arc<Self>, lua: &Lua) -> mlua::Result<VmState> {
-        // Luau's interrupt runs at every call and loop back-edge: while
-        // nothing must stop, it reads two flags and returns. (A stopper
-        // raises the alarm after recording the reason; see `alarm.rs`.)
-        #[cfg(feature = "luau")]
-        if let Some((alarm, _)) = &this.on_demand {
-            if !alarm.is_armed() && !this.abort.load(Ordering::Relaxed) {
-                return Ok(VmState::Continue);
-            }
-        }
         // Lua's countdown carries over between requests, so the first tick
         // of a request may come after any number of instructions up to the
         // interval: it is not counted. A request is therefore never stopped
