@@ -72,6 +72,11 @@ impl IsleBuilder {
     ///
     /// Blocks until `init` has returned. `init` cannot be cancelled.
     ///
+    /// The VM's hook belongs to the isle: `init` and `exec` closures must not
+    /// replace or remove it (`Lua::set_hook`, `set_global_hook`,
+    /// `remove_hook`; on Luau, `set_interrupt` and `remove_interrupt`), or
+    /// running requests can no longer be stopped.
+    ///
     /// # Errors
     /// [`IsleError::Init`] if `init` returns an error, [`IsleError::Panic`]
     /// if it panics, [`IsleError::Init`] if the thread cannot be spawned. In

@@ -45,7 +45,9 @@ impl IslePoolBuilder {
     }
 
     /// Runs on every VM before it serves requests (and is where shared
-    /// globals and functions come from). Default: nothing.
+    /// globals and functions come from). Default: nothing. As with
+    /// [`IsleBuilder::spawn`](crate::IsleBuilder::spawn), it must leave the
+    /// VM's hook (on Luau, its interrupt) in place.
     pub fn init<F>(mut self, init: F) -> Self
     where
         F: Fn(&Lua) -> mlua::Result<()> + Send + Sync + 'static,
