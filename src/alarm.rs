@@ -70,17 +70,18 @@
 //!   argument error, the interruption raised by the check), nothing is
 //!   left undone but the switch record, which is only ever skipped on the
 //!   paths argued above not to raise.
-//! - **Luau's filtered interrupt** (`filter_interrupt`) reads this thread's
-//!   alarm through the same slot as the signal handler, and calls the
-//!   interrupt mlua installed exactly as Luau would have; the field it
-//!   replaces is written once, on the VM's thread, before Lua code runs.
+//! - **Luau's interrupt is written from other threads** (`mod luau`), as
+//!   Luau's `lua.h` allows for that one field, and always atomically on
+//!   our side. A stopper writes it only under the alarm's `vm_lock`, while
+//!   the address it writes to is set; the VM thread clears that address
+//!   under the same lock before the VM is dropped.
 //!
 //! Everything `unsafe` in the crate is in this module, but for the Lua C
 //! functions of `native.rs` (Lua 5.1 and LuaJIT only), which argue their own
 //! soundness.
 
 #![allow(unsafe_code)]
-// Luau has no hooks to arm: only the alarm's flag, the interrupt filter,
+// Luau has no hooks to arm: only the alarm, its interrupt (`mod luau`),
 // the stubs below and `SUPPORTED` are used.
 #![cfg_attr(feature = "luau", allow(dead_code))]
 
@@ -96,6 +97,13 @@ pub(crate) struct Alarm {
     armed: AtomicBool,
     #[cfg(all(unix, not(feature = "luau")))]
     thread: parking_lot::Mutex<Option<libc::pthread_t>>,
+    /// Luau: the address of the callback table of the VM this thread runs
+    /// (0: none yet, or dropped), which `raise` writes the interrupt into.
+    /// Written by the VM thread under `vm_lock`, read by stoppers under it.
+    #[cfg(feature = "luau")]
+    callbacks: std::sync::atomic::AtomicUsize,
+    #[cfg(feature = "luau")]
+    vm_lock: parking_lot::Mutex<()>,
 }
 
 /// Alarms of live VM threads; a request header stores `index + 1`.
@@ -144,6 +152,8 @@ pub(crate) fn raise(id: u32) {
             }
         }
     }
+    #[cfg(feature = "luau")]
+    luau::arm(alarm);
 }
 
 /// This thread's alarm, registered on first use and unregistered when the
@@ -186,6 +196,10 @@ impl Registration {
             #[cfg(all(unix, not(feature = "luau")))]
             // SAFETY: `pthread_self` has no preconditions.
             thread: parking_lot::Mutex::new(Some(unsafe { libc::pthread_self() })),
+            #[cfg(feature = "luau")]
+            callbacks: std::sync::atomic::AtomicUsize::new(0),
+            #[cfg(feature = "luau")]
+            vm_lock: parking_lot::Mutex::new(()),
         });
         let index = {
             let mut alarms = ALARMS.write();
@@ -282,13 +296,30 @@ pub(crate) struct Binding {
     hook: usize,
 }
 
-/// Luau: nothing to bind (no hook to arm, no coroutine to track: its
-/// interrupt reads the flag on every Lua thread).
-#[cfg(not(all(unix, not(feature = "luau"))))]
+#[cfg(feature = "luau")]
+pub(crate) use luau::{begin, bind, bind_interrupt, disarm_main, rearm_running, unbind};
+
+/// Off Unix (and not Luau) hooks are never armed on demand: these are
+/// never called.
+#[cfg(all(not(unix), not(feature = "luau")))]
 pub(crate) fn bind(_lua: &mlua::Lua) -> mlua::Result<Binding> {
-    Ok(Binding { main: 0, hook: 0 })
+    unreachable!("alarms are not supported here")
 }
 
+#[cfg(all(not(unix), not(feature = "luau")))]
+pub(crate) fn begin(_vm: &Binding) {}
+
+#[cfg(all(not(unix), not(feature = "luau")))]
+pub(crate) fn unbind(_vm: &Binding) {}
+
+#[cfg(all(not(unix), not(feature = "luau")))]
+pub(crate) fn rearm_running() {}
+
+#[cfg(all(not(unix), not(feature = "luau")))]
+pub(crate) fn disarm_main() {}
+
+/// No coroutine switches to track: Luau's interrupt is per VM, and off Unix
+/// nothing is armed on demand.
 #[cfg(not(all(unix, not(feature = "luau"))))]
 pub(crate) fn tracked_resume_close(
     _lua: &mlua::Lua,
@@ -304,18 +335,6 @@ pub(crate) fn tracked_wrap_with(
 ) -> mlua::Result<mlua::Function> {
     unreachable!("alarms are not supported here")
 }
-
-#[cfg(not(all(unix, not(feature = "luau"))))]
-pub(crate) fn begin(_vm: &Binding) {}
-
-#[cfg(not(all(unix, not(feature = "luau"))))]
-pub(crate) fn unbind(_vm: &Binding) {}
-
-#[cfg(not(all(unix, not(feature = "luau"))))]
-pub(crate) fn rearm_running() {}
-
-#[cfg(not(all(unix, not(feature = "luau"))))]
-pub(crate) fn disarm_main() {}
 
 #[cfg(not(all(unix, not(feature = "luau"))))]
 pub(crate) fn runs_tracked(_lua: &mlua::Lua) -> bool {
@@ -350,85 +369,141 @@ thread_local! {
     };
 }
 
-#[cfg(feature = "luau")]
-pub(crate) use luau::filter_interrupt;
-
-/// Luau: mlua's interrupt runs a Rust closure through its error-catching
-/// trampoline at every function call, return and loop back-edge, which alone
-/// doubles the cost of Lua function calls. [`filter_interrupt`] puts a C
-/// function of ours in front of it that returns at once unless this thread's
-/// alarm is raised; only then does mlua's interrupt (and the tick of
-/// `hook.rs`) run.
-///
-/// Nothing is lost by skipping the others: the tick has something to do
-/// only when a request must stop, and every stop raises the alarm (`raise`,
-/// after recording the reason; an abort stops the running request's token,
-/// which raises it too). A tick that finds nothing to stop clears the alarm.
+/// Luau: its interrupt runs at every function call, return and loop
+/// back-edge while one is set, and mlua's runs a Rust closure through an
+/// error-catching trampoline, which alone doubles the cost of Lua function
+/// calls. So, as on Lua 5.2–5.5, none is set while a request runs:
+/// [`bind_interrupt`] takes away the interrupt mlua's `set_interrupt`
+/// installed, and a stopper puts it back (`raise`, after raising `armed`).
+/// Luau documents this for its callback table: "interrupt is safe to set
+/// from an arbitrary thread" (`lua.h`), and it reads the field afresh at
+/// each of those points, on every coroutine. The tick then works as the
+/// hook does, and takes the interrupt away again when it finds nothing to
+/// stop.
 #[cfg(feature = "luau")]
 mod luau {
-    use std::ffi::c_int;
-    use std::sync::atomic::Ordering;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use mlua::ffi::{self, lua_State};
 
-    use super::SLOT;
+    use super::{Alarm, Binding, SLOT};
 
-    /// A Luau interrupt function.
-    type Interrupt = unsafe extern "C-unwind" fn(*mut lua_State, c_int);
+    /// mlua's interrupt (one function serves every VM), as an address; 0
+    /// until the first `bind_interrupt`.
+    static MLUA_INTERRUPT: AtomicUsize = AtomicUsize::new(0);
 
-    /// The interrupt in front of mlua's.
+    /// The `interrupt` field of the callback table at `callbacks`, as an
+    /// atomic word.
     ///
     /// # Safety
-    /// Called by Luau only, with a live state of the VM this thread runs.
-    unsafe extern "C-unwind" fn filtered(state: *mut lua_State, gc: c_int) {
-        if gc >= 0 {
-            return; // a GC step: mlua's own interrupt ignores those too
+    /// `callbacks` must be the address of a live `lua_Callbacks`.
+    unsafe fn field<'a>(callbacks: usize) -> &'a AtomicUsize {
+        let callbacks = callbacks as *mut ffi::lua_Callbacks;
+        // SAFETY: the field is a nullable function pointer: one aligned word,
+        // which Luau allows to be set from any thread (see the module docs);
+        // every write of ours to it is atomic.
+        unsafe { AtomicUsize::from_ptr(std::ptr::addr_of_mut!((*callbacks).interrupt).cast()) }
+    }
+
+    /// The address of `lua`'s callback table.
+    fn callbacks_of(main: *mut lua_State) -> usize {
+        // SAFETY: `main` is a live state, used on its own thread;
+        // `lua_callbacks` returns the address of its VM's table.
+        unsafe { ffi::lua_callbacks(main) as usize }
+    }
+
+    /// Records `lua` (on its own thread) for arming on demand.
+    pub(crate) fn bind(lua: &mlua::Lua) -> mlua::Result<Binding> {
+        let main = lua.current_thread().to_pointer() as *mut lua_State;
+        Ok(Binding {
+            main: callbacks_of(main),
+            hook: 0,
+        })
+    }
+
+    /// Takes away the interrupt mlua's `set_interrupt` installed on `vm`'s
+    /// VM (it must have run), before any Lua code runs there; a stopper
+    /// puts it back.
+    pub(crate) fn bind_interrupt(vm: &Binding) -> mlua::Result<()> {
+        // SAFETY: `vm.main` is the table of a live VM of this thread, on
+        // which no request runs yet (so no stopper writes it).
+        let field = unsafe { field(vm.main) };
+        let current = field.load(Ordering::SeqCst);
+        if current == 0 {
+            return Err(mlua::Error::runtime(
+                "mlua-isle: no interrupt to take over (set_interrupt must come first)",
+            ));
         }
-        let next = SLOT.with(|s| {
-            let alarm = s.armed.load(Ordering::Relaxed);
-            // SAFETY: the thread's registration keeps the alarm alive while
-            // the pointer is set (it clears it first, on this thread).
-            // ORDERING: Acquire, paired with the SeqCst store in `raise`:
-            // the tick that follows sees the stop reason recorded before.
-            if !alarm.is_null() && !unsafe { &*alarm }.armed.load(Ordering::Acquire) {
-                return 0;
-            }
-            s.hook.load(Ordering::Relaxed)
-        });
-        if next != 0 {
-            // SAFETY: `next` is the address of mlua's interrupt, recorded by
-            // `filter_interrupt` on this thread (function pointers and
-            // `usize` have the same size); it is called as Luau would call
-            // it, and may raise a Lua error through this frame, which owns
-            // nothing.
-            unsafe {
-                let next: Interrupt = std::mem::transmute(next);
-                next(state, gc);
-            }
+        MLUA_INTERRUPT.store(current, Ordering::SeqCst);
+        field.store(0, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Puts mlua's interrupt back on the VM `alarm`'s thread runs, if any.
+    /// Called by `raise`, after it raised `armed`.
+    pub(super) fn arm(alarm: &Alarm) {
+        // The lock keeps the VM from being dropped meanwhile: `unbind`
+        // clears the address under it first.
+        let _vm = alarm.vm_lock.lock();
+        let callbacks = alarm.callbacks.load(Ordering::SeqCst);
+        if callbacks != 0 {
+            // SAFETY: a non-zero address is the table of a live VM (above).
+            unsafe { field(callbacks) }
+                .store(MLUA_INTERRUPT.load(Ordering::SeqCst), Ordering::SeqCst);
         }
     }
 
-    /// Puts [`filtered`] in front of the interrupt mlua's `set_interrupt`
-    /// installed on `lua`, on `lua`'s own thread (registered for an alarm),
-    /// before any Lua code runs.
-    pub(crate) fn filter_interrupt(lua: &mlua::Lua) -> mlua::Result<()> {
-        let main = lua.current_thread().to_pointer() as *mut lua_State;
-        // SAFETY: `main` is a live state of `lua`, used on its own thread
-        // while no Lua code runs; `lua_callbacks` gives the VM's callback
-        // table, whose `interrupt` field Luau reads only when it calls it.
-        unsafe {
-            let callbacks = ffi::lua_callbacks(main);
-            let Some(current) = (*callbacks).interrupt else {
-                return Err(mlua::Error::runtime(
-                    "mlua-isle: no interrupt to filter (set_interrupt must come first)",
-                ));
-            };
-            if current as usize != filtered as Interrupt as usize {
-                SLOT.with(|s| s.hook.store(current as usize, Ordering::Relaxed));
+    /// This thread's alarm, if it is a VM thread.
+    fn this_alarm<R>(f: impl FnOnce(&Alarm) -> R) -> Option<R> {
+        SLOT.with(|s| {
+            let alarm = s.armed.load(Ordering::Relaxed);
+            // SAFETY: the thread's registration keeps the alarm alive while
+            // the pointer is set (it clears it first, on this thread).
+            (!alarm.is_null()).then(|| f(unsafe { &*alarm }))
+        })
+    }
+
+    /// Before a request of `vm` runs: makes it the VM stoppers arm (a pool
+    /// may have replaced the one before).
+    pub(crate) fn begin(vm: &Binding) {
+        this_alarm(|alarm| {
+            // ORDERING: only this thread writes `callbacks`.
+            if alarm.callbacks.load(Ordering::Relaxed) != vm.main {
+                let _vm = alarm.vm_lock.lock();
+                alarm.callbacks.store(vm.main, Ordering::SeqCst);
             }
-            (*callbacks).interrupt = Some(filtered);
-        }
-        Ok(())
+        });
+    }
+
+    /// Forgets `vm` before it is dropped: no stopper writes its table
+    /// after this returns.
+    pub(crate) fn unbind(vm: &Binding) {
+        this_alarm(|alarm| {
+            let _vm = alarm.vm_lock.lock();
+            if alarm.callbacks.load(Ordering::SeqCst) == vm.main {
+                alarm.callbacks.store(0, Ordering::SeqCst);
+            }
+        });
+    }
+
+    /// Takes the interrupt away from this thread's VM (between requests,
+    /// or after a tick that found nothing to stop). The caller then looks
+    /// at `armed` again and calls [`rearm_running`] if it is set: a stopper
+    /// that raised it before this store put the interrupt back too early.
+    pub(crate) fn disarm_main() {
+        this_alarm(|alarm| {
+            // ORDERING: only this thread writes `callbacks`.
+            let callbacks = alarm.callbacks.load(Ordering::Relaxed);
+            if callbacks != 0 {
+                // SAFETY: the table of this thread's VM, alive while bound.
+                unsafe { field(callbacks) }.store(0, Ordering::SeqCst);
+            }
+        });
+    }
+
+    /// Puts the interrupt back on this thread's VM.
+    pub(crate) fn rearm_running() {
+        this_alarm(arm);
     }
 }
 

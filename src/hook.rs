@@ -7,10 +7,10 @@
 //!   full speed; a stopping thread signals the VM thread, which arms the
 //!   hook on the running Lua thread with a count of 1 (see `alarm.rs`). A
 //!   tick with nothing to stop removes the hook again.
-//! - **Luau** has no hooks: its interrupt runs at every function call,
-//!   return and loop back-edge. A C function of ours in front of mlua's
-//!   reads the thread's alarm flag (raised by stoppers) and returns; the
-//!   tick runs only once the flag is up (`alarm.rs`).
+//! - **Luau** has no hooks: its interrupt, while one is set, runs at every
+//!   function call, return and loop back-edge, on every coroutine. It is
+//!   armed on demand too: a stopper sets it (Luau allows that from any
+//!   thread), and a tick with nothing to stop takes it away (`alarm.rs`).
 //! - **Ticking all the time** (elsewhere, and when counting instructions):
 //!   Lua copies a thread's hook into every coroutine it creates, so
 //!   coroutines are covered too. Every `hook_interval` instructions the hook
@@ -137,10 +137,10 @@ impl Interrupt {
             on_demand,
         });
         set_hook(lua, &this, this.interval)?;
-        // Luau: the tick only runs once the alarm is raised.
+        // Luau: no interrupt until a stopper puts it back.
         #[cfg(feature = "luau")]
-        if this.on_demand.is_some() {
-            alarm::filter_interrupt(lua)?;
+        if let Some((_, binding)) = &this.on_demand {
+            alarm::bind_interrupt(binding)?;
         }
         #[cfg(not(feature = "luau"))]
         if this.on_demand.is_some() {
@@ -278,6 +278,15 @@ impl Interrupt {
             #[cfg(not(feature = "luau"))]
             if alarm::runs_tracked(lua) {
                 lua.remove_hook();
+                if alarm.is_armed() {
+                    alarm::rearm_running();
+                }
+            }
+            // Luau's interrupt is per VM: take it away, unless a stopper
+            // raised the alarm meanwhile.
+            #[cfg(feature = "luau")]
+            {
+                alarm::disarm_main();
                 if alarm.is_armed() {
                     alarm::rearm_running();
                 }

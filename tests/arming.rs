@@ -451,3 +451,50 @@ fn cancels_at_random_instants_always_resolve_and_leave_the_vms_serving() {
     isle.shutdown().unwrap();
     pool.shutdown().unwrap();
 }
+
+/// Whether Luau's interrupt is set on `lua`'s VM.
+#[cfg(feature = "luau")]
+fn interrupt_is_set(lua: &Lua) -> bool {
+    let mut set = false;
+    // SAFETY: reads one field of the VM's callback table, on its own thread.
+    unsafe {
+        lua.exec_raw::<()>((), |state| {
+            set = (*mlua::ffi::lua_callbacks(state)).interrupt.is_some();
+        })
+    }
+    .unwrap();
+    set
+}
+
+/// Luau has no hook to arm, but its interrupt is armed on demand the same
+/// way: set by whoever stops a request, taken away once nothing must stop.
+#[cfg(feature = "luau")]
+#[test]
+fn luau_runs_requests_with_no_interrupt_until_one_must_stop() {
+    let (tx, started) = crossbeam_channel::unbounded();
+    let isle = Isle::spawn(init(tx)).unwrap();
+    assert_eq!(isle.exec(|lua| Ok(interrupt_is_set(lua))), Ok(false));
+    // Stopping a request sets it at once (the request here is Rust code,
+    // so nothing runs the interrupt before the check).
+    let (seen_tx, seen) = crossbeam_channel::bounded(1);
+    let stopped = isle.exec(move |lua| {
+        mlua_isle::current_token(lua).unwrap().cancel();
+        seen_tx.send(interrupt_is_set(lua)).unwrap();
+        Ok(())
+    });
+    assert!(matches!(stopped, Ok(()) | Err(IsleError::Cancelled)));
+    assert_eq!(seen.recv_timeout(PATIENCE), Ok(true));
+    assert_eq!(isle.exec(|lua| Ok(interrupt_is_set(lua))), Ok(false));
+    // And after Lua code it stopped.
+    let task = isle.spawn_eval::<()>("started() while true do end");
+    expect_started(&started, "the loop");
+    task.cancel();
+    assert_eq!(task.wait(), Err(IsleError::Cancelled));
+    assert_eq!(isle.exec(|lua| Ok(interrupt_is_set(lua))), Ok(false));
+    // With a permanent hook, it stays.
+    let permanent = Isle::builder()
+        .permanent_hook(true)
+        .spawn(|_| Ok(()))
+        .unwrap();
+    assert_eq!(permanent.exec(|lua| Ok(interrupt_is_set(lua))), Ok(true));
+}
