@@ -351,8 +351,7 @@ struct Slot {
     /// The VM's main `lua_State`.
     main: std::sync::atomic::AtomicPtr<mlua::ffi::lua_State>,
     /// The hook function to arm (mlua's global hook trampoline), as an
-    /// address; 0 until `bind`. On Luau, mlua's interrupt trampoline, which
-    /// ours calls when the alarm is raised (see `filter_interrupt`).
+    /// address; 0 until `bind`. Unused on Luau.
     hook: std::sync::atomic::AtomicUsize,
 }
 

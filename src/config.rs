@@ -164,10 +164,10 @@ macro_rules! vm_options {
         /// slow. With the hook always on, a cancel is seen within
         /// `hook_interval` instructions without any signal, but pure-Lua
         /// code runs 2–3x slower. Choose it when cancel latency matters
-        /// more than throughput. (On Luau, whose interrupt runs at every
-        /// call and loop back-edge anyway, it makes the interrupt check the
-        /// request's stop reason each time instead of one flag: slower (2x
-        /// on function calls), with no latency to gain.)
+        /// more than throughput. (On Luau, where a stopper arms the
+        /// interrupt with no signal, it keeps the interrupt set, checking
+        /// the stop reason at every call, return and loop back-edge: about
+        /// 4x slower on function calls, with little latency to gain.)
         pub fn permanent_hook(mut self, on: bool) -> Self {
             self.config.permanent_hook = on;
             self

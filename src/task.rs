@@ -106,8 +106,8 @@ impl<T: Send + 'static> Task<T> {
     }
 
     /// Cancels the request: a queued request never runs, a running one is
-    /// interrupted within microseconds (see [`CancelToken`] for exactly
-    /// when). The task then resolves
+    /// interrupted as soon as its Lua code next reaches a check (see
+    /// [`CancelToken`] for when that is). The task then resolves
     /// [`IsleError::Cancelled`], unless the request finished first, in which
     /// case its result is kept. Never blocks.
     pub fn cancel(&self) {

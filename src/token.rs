@@ -42,13 +42,16 @@ impl Reason {
 ///
 /// - A request cancelled while queued never runs, and its task resolves
 ///   [`IsleError::Cancelled`](crate::IsleError::Cancelled) at once.
-/// - A running request is interrupted within microseconds, including inside
-///   coroutines and `pcall` loops; once cancelled, Lua code cannot catch the
-///   interruption and carry on. Where the hook is armed on demand, it stops
-///   at the first instruction after the VM thread takes the cancel's signal;
-///   on Luau, at the next call or loop back-edge; where the hook ticks all
-///   the time, within `hook_interval` instructions. So a few instructions
-///   may still run after `cancel` returns.
+/// - A running request is interrupted as soon as its Lua code next reaches a
+///   check (microseconds, for ordinary Lua code), including inside
+///   coroutines and `pcall` loops; once cancelled, Lua code cannot catch
+///   the interruption and carry on. Where the hook is armed on demand, the
+///   check is the first instruction after the VM thread takes the cancel's
+///   signal; on Luau, the next call, return or loop back-edge; where the
+///   hook ticks all the time, the next tick (every `hook_interval`
+///   instructions). So a few instructions may still run after `cancel`
+///   returns, and a long C function (a Lua pattern match outside the
+///   sandbox, say) runs to its end first.
 /// - Cancelling a request that already finished changes nothing.
 ///
 /// Rust functions called from Lua are not interrupted by the hook. One that

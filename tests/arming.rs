@@ -321,11 +321,13 @@ fn a_time_limit_stops_lua_code_on_every_kind_of_lua_thread() {
     let (tx, started) = crossbeam_channel::unbounded();
     let isle = Isle::spawn(init(tx)).unwrap();
     for &(what, code) in ENDLESS.iter().chain(ENDLESS_54) {
+        let submitted = Instant::now();
         let task = isle.spawn_eval::<()>(code);
         expect_started(&started, what);
-        // Set once it runs: a limit counted from submission could expire
-        // before a slow-waking VM thread reaches `started()`.
-        let task = task.timeout(Duration::from_millis(30));
+        // Set once it runs, 30 ms ahead (a limit counts from submission): a
+        // limit set at submission could expire before a slow-waking VM
+        // thread reaches `started()`, or before the code after it.
+        let task = task.timeout(submitted.elapsed() + Duration::from_millis(30));
         let r = within(what, move || task.wait());
         assert_eq!(r, Err(IsleError::Timeout), "{what}");
         assert_eq!(isle.eval::<i64>("1 + 1"), Ok(2), "{what}");

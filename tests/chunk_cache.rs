@@ -205,9 +205,10 @@ fn a_cached_chunk_is_still_cancelled_and_timed_out() {
         assert_eq!(task.wait(), Err(IsleError::Cancelled));
     }
     for _ in 0..3 {
+        let submitted = Instant::now();
         let task = isle.spawn_eval::<()>(spin);
         expect_msg(&started, "the loop started");
-        let task = task.timeout(Duration::from_millis(20));
+        let task = task.timeout(submitted.elapsed() + Duration::from_millis(20));
         assert_eq!(task.wait(), Err(IsleError::Timeout));
     }
     assert_eq!(isle.eval::<i64>(FRESH_LOCALS).unwrap(), 1);

@@ -226,7 +226,7 @@ fn limited_sandbox() -> (Isle, IsleError) {
     );
     #[cfg(feature = "luau")]
     let (builder, limit) = (
-        builder.default_timeout(Duration::from_millis(200)),
+        builder.default_timeout(Duration::from_millis(500)),
         IsleError::Timeout,
     );
     (builder.spawn(|_| Ok(())).unwrap(), limit)

@@ -30,10 +30,12 @@ fn timeout_stops_an_infinite_loop_with_timeout_not_cancelled() {
 fn timeout_stops_a_running_loop_inside_pcall() {
     let (started_tx, started) = crossbeam_channel::unbounded();
     let isle = Isle::spawn(move |lua| register_signal(lua, "started", started_tx)).unwrap();
+    let submitted = Instant::now();
     let task =
         isle.spawn_eval::<()>("started(); pcall(function() while true do end end); escaped = true");
     expect_msg(&started, "the request started");
-    let task = task.timeout(Duration::from_millis(30));
+    // 30 ms from now: the loop inside `pcall` is running by then.
+    let task = task.timeout(submitted.elapsed() + Duration::from_millis(30));
     assert_eq!(
         within("a timed-out pcall loop resolves", move || task.wait()),
         Err(IsleError::Timeout)

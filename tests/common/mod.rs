@@ -109,11 +109,12 @@ impl Flag {
 /// A script for stop tests: reports `started()`, spins until `released()`
 /// says true, then runs a loop before its side effect, `finished = true`.
 ///
-/// A stop requested before the release lands in that loop on every backend,
-/// though not always at the very next instruction: armed on demand, the hook
-/// is set by a signal that reaches the VM thread microseconds after the stop;
-/// Luau's interrupt runs only at calls and loop back-edges (and the spin
-/// loop above ends without one); a ticking hook runs every `hook_interval`
+/// A stop requested before the release lands by the end of that loop at the
+/// latest, on every backend, though not always at the very next
+/// instruction: armed on demand, the hook is set by a signal that reaches
+/// the VM thread microseconds after the stop; Luau's interrupt runs only at
+/// calls, returns and loop back-edges (and the spin loop ends without one
+/// once `released()` says true); a ticking hook runs every `hook_interval`
 /// instructions. Ten million iterations take tens of milliseconds, so
 /// `finished` is set only if the stop was missed.
 pub const UNTIL_RELEASED: &str =
