@@ -137,7 +137,9 @@ pub(crate) fn raise(id: u32) {
     };
     // ORDERING: SeqCst, after the reason was stored: whoever sees `armed`
     // (the signal handler, the tracked switches, the hook) sees the reason.
-    alarm.armed.store(true, Ordering::SeqCst);
+    // A swap, not a store: a read-modify-write continues the release
+    // sequence of a raise for the same request that came first.
+    alarm.armed.swap(true, Ordering::SeqCst);
     #[cfg(all(unix, not(feature = "luau")))]
     {
         // Holding the lock keeps the thread from exiting (its guard clears
@@ -157,9 +159,8 @@ pub(crate) fn raise(id: u32) {
 }
 
 /// This thread's alarm, registered on first use and unregistered when the
-/// thread exits. Returns `None` where arming on demand is not supported,
-/// except on Luau: its interrupt, called at every function call and loop
-/// back-edge, reads only the alarm's flag until a stopper raises it.
+/// thread exits. Returns `None` where arming on demand is not supported
+/// (Luau's interrupt is armed on demand everywhere: see `mod luau`).
 pub(crate) fn this_thread() -> Option<ThreadAlarm> {
     if !SUPPORTED && !cfg!(feature = "luau") {
         return None;
@@ -289,7 +290,9 @@ pub(crate) use unix::{
     unbind,
 };
 
-/// A VM's main state and hook function, as addresses (see [`bind`]).
+/// A VM's main state and hook function, as addresses (see [`bind`]). On
+/// Luau, `main` is the address of the VM's callback table instead, and
+/// `hook` is unused.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Binding {
     main: usize,
@@ -387,6 +390,13 @@ mod luau {
 
     use super::{Alarm, Binding, SLOT};
 
+    // The interrupt field is one word, as `field` assumes.
+    const _: () = {
+        type Field = Option<unsafe extern "C-unwind" fn(*mut lua_State, std::ffi::c_int)>;
+        assert!(std::mem::size_of::<Field>() == std::mem::size_of::<AtomicUsize>());
+        assert!(std::mem::align_of::<Field>() == std::mem::align_of::<AtomicUsize>());
+    };
+
     /// mlua's interrupt (one function serves every VM), as an address; 0
     /// until the first `bind_interrupt`.
     static MLUA_INTERRUPT: AtomicUsize = AtomicUsize::new(0);
@@ -398,9 +408,15 @@ mod luau {
     /// `callbacks` must be the address of a live `lua_Callbacks`.
     unsafe fn field<'a>(callbacks: usize) -> &'a AtomicUsize {
         let callbacks = callbacks as *mut ffi::lua_Callbacks;
-        // SAFETY: the field is a nullable function pointer: one aligned word,
-        // which Luau allows to be set from any thread (see the module docs);
-        // every write of ours to it is atomic.
+        // SAFETY: the field is a nullable function pointer: one aligned word
+        // (asserted below). Our writes to it are atomic and Luau reads it
+        // with plain loads: a race that Luau's `lua.h` declares safe for
+        // this one field ("interrupt is safe to set from an arbitrary
+        // thread"), and that we rely on as documented, like `lua_sethook`
+        // in a signal handler on 5.2–5.5. mlua's own plain writes to it
+        // (`set_interrupt`, and clearing it when the VM is dropped) happen on
+        // the VM's thread before the VM is bound and after `unbind`, when no
+        // stopper writes it.
         unsafe { AtomicUsize::from_ptr(std::ptr::addr_of_mut!((*callbacks).interrupt).cast()) }
     }
 

@@ -154,9 +154,10 @@ macro_rules! vm_options {
         /// [`hook_interval`](Self::hook_interval) instructions) instead of
         /// arming it only when a request must stop.
         ///
-        /// By default, where it is supported (Unix, PUC-Rio Lua 5.2–5.5; see
-        /// the README), no hook runs until a cancel or a time limit needs
-        /// one; the stopping thread then signals the VM thread. That makes
+        /// By default, where it is supported (Unix with PUC-Rio Lua 5.2–5.5,
+        /// and Luau everywhere; see the README), no hook runs until a cancel
+        /// or a time limit needs one; the stopping thread then signals the
+        /// VM thread (on Luau, sets its interrupt). That makes
         /// Lua code run at full speed, and a cancel take as long as the
         /// operating system takes to deliver a signal to a running thread:
         /// a few microseconds on bare metal, tens of microseconds (and

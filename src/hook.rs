@@ -209,9 +209,15 @@ impl Interrupt {
         }
         #[cfg(not(feature = "luau"))]
         set_hook(lua, this, 1)?;
-        // Luau's interrupt runs at every call and back-edge already.
+        // Luau: the interrupt must stay set until the request ends. The
+        // stopper sets it, but this may run first (from a `pcall` check).
         #[cfg(feature = "luau")]
-        let _ = lua;
+        {
+            let _ = lua;
+            if this.on_demand.is_some() {
+                alarm::rearm_running();
+            }
+        }
         Err(mlua::Error::external(reason.error()))
     }
 
@@ -306,8 +312,10 @@ fn set_hook(lua: &Lua, this: &Arc<Interrupt>, every: u32) -> mlua::Result<()> {
     )
 }
 
-/// Luau has no hooks: its interrupt, called at every function call and loop
-/// back-edge (on every coroutine), ticks instead; there is no interval.
+/// Luau has no hooks: its interrupt, called at every function call, return
+/// and loop back-edge (on every coroutine) while it is set, ticks instead;
+/// there is no interval. Armed on demand, it is taken away at once
+/// (`alarm::bind_interrupt`).
 #[cfg(feature = "luau")]
 fn set_hook(lua: &Lua, this: &Arc<Interrupt>, _every: u32) -> mlua::Result<()> {
     let this = this.clone();

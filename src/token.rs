@@ -50,8 +50,9 @@ impl Reason {
 ///   signal; on Luau, the next call, return or loop back-edge; where the
 ///   hook ticks all the time, the next tick (every `hook_interval`
 ///   instructions). So a few instructions may still run after `cancel`
-///   returns, and a long C function (a Lua pattern match outside the
-///   sandbox, say) runs to its end first.
+///   returns, and a long C function runs to its end first (on PUC Lua and
+///   LuaJIT, a pattern match outside the sandbox, say; Luau's matcher
+///   checks at every step).
 /// - Cancelling a request that already finished changes nothing.
 ///
 /// Rust functions called from Lua are not interrupted by the hook. One that

@@ -491,7 +491,10 @@ fn luau_runs_requests_with_no_interrupt_until_one_must_stop() {
     let task = isle.spawn_eval::<()>("started() while true do end");
     expect_started(&started, "the loop");
     task.cancel();
-    assert_eq!(task.wait(), Err(IsleError::Cancelled));
+    assert_eq!(
+        within("the cancelled loop", move || task.wait()),
+        Err(IsleError::Cancelled)
+    );
     assert_eq!(isle.exec(|lua| Ok(interrupt_is_set(lua))), Ok(false));
     // With a permanent hook, it stays.
     let permanent = Isle::builder()
