@@ -286,8 +286,8 @@ impl std::fmt::Debug for ThreadAlarm {
 
 #[cfg(all(unix, not(feature = "luau")))]
 pub(crate) use unix::{
-    begin, bind, disarm_main, rearm_running, runs_tracked, tracked_resume_close, tracked_wrap_with,
-    unbind,
+    begin, bind, disarm_main, disarm_running, rearm_running, tracked_resume_close,
+    tracked_wrap_with, unbind,
 };
 
 /// A VM's main state and hook function, as addresses (see [`bind`]). On
@@ -300,7 +300,9 @@ pub(crate) struct Binding {
 }
 
 #[cfg(feature = "luau")]
-pub(crate) use luau::{begin, bind, bind_interrupt, disarm_main, rearm_running, unbind};
+pub(crate) use luau::{
+    begin, bind, bind_interrupt, disarm_main, disarm_running, rearm_running, unbind,
+};
 
 /// Off Unix (and not Luau) hooks are never armed on demand: these are
 /// never called.
@@ -339,8 +341,8 @@ pub(crate) fn tracked_wrap_with(
     unreachable!("alarms are not supported here")
 }
 
-#[cfg(not(all(unix, not(feature = "luau"))))]
-pub(crate) fn runs_tracked(_lua: &mlua::Lua) -> bool {
+#[cfg(all(not(unix), not(feature = "luau")))]
+pub(crate) fn disarm_running(_lua: &mlua::Lua) -> bool {
     false
 }
 
@@ -511,9 +513,21 @@ mod luau {
             let callbacks = alarm.callbacks.load(Ordering::Relaxed);
             if callbacks != 0 {
                 // SAFETY: the table of this thread's VM, alive while bound.
-                unsafe { field(callbacks) }.store(0, Ordering::SeqCst);
+                let field = unsafe { field(callbacks) };
+                // Most requests never armed it: a load then, not a locked
+                // store. (A stopper's write after the load stands.)
+                if field.load(Ordering::SeqCst) != 0 {
+                    field.store(0, Ordering::SeqCst);
+                }
             }
         });
+    }
+
+    /// From the tick, with nothing to stop: takes the interrupt away (it is
+    /// per VM, so whatever Lua thread runs). Always does.
+    pub(crate) fn disarm_running(_lua: &mlua::Lua) -> bool {
+        disarm_main();
+        true
     }
 
     /// Puts the interrupt back on this thread's VM.
@@ -931,12 +945,17 @@ mod unix {
         closure(lua, tracked_wrap, wrap_error)
     }
 
-    /// True if the Lua thread running now (the one a hook was called on) is
-    /// the one recorded: a thread this module tracks, not one resumed from
-    /// Rust through mlua.
-    pub(crate) fn runs_tracked(lua: &mlua::Lua) -> bool {
+    /// From the hook, with nothing to stop: removes the hook from the Lua
+    /// thread running now, if it is the one recorded (a thread this module
+    /// tracks: one resumed from Rust through mlua keeps the hook mlua gave
+    /// it). Returns whether it did.
+    pub(crate) fn disarm_running(lua: &mlua::Lua) -> bool {
         let current = lua.current_thread().to_pointer() as *mut lua_State;
-        SLOT.with(|s| s.running.load(Ordering::SeqCst) == current)
+        let tracked = SLOT.with(|s| s.running.load(Ordering::SeqCst) == current);
+        if tracked {
+            lua.remove_hook();
+        }
+        tracked
     }
 
     /// Arms the recorded running state again (from the hook, which has just

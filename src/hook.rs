@@ -279,23 +279,10 @@ impl Interrupt {
             if let Some(reason) = this.stop_reason() {
                 return Interrupt::interrupt(this, lua, reason);
             }
-            // Threads resumed from Rust are not tracked: they keep the
-            // hook mlua gave them.
-            #[cfg(not(feature = "luau"))]
-            if alarm::runs_tracked(lua) {
-                lua.remove_hook();
-                if alarm.is_armed() {
-                    alarm::rearm_running();
-                }
-            }
-            // Luau's interrupt is per VM: take it away, unless a stopper
-            // raised the alarm meanwhile.
-            #[cfg(feature = "luau")]
-            {
-                alarm::disarm_main();
-                if alarm.is_armed() {
-                    alarm::rearm_running();
-                }
+            // Take the hook away, unless a stopper raised the alarm
+            // meanwhile.
+            if alarm::disarm_running(lua) && alarm.is_armed() {
+                alarm::rearm_running();
             }
         }
         Ok(VmState::Continue)
