@@ -5,6 +5,10 @@ use std::time::Duration;
 /// Default instructions between two cancel checks.
 pub(crate) const DEFAULT_HOOK_INTERVAL: u32 = 1000;
 
+/// Default time a VM gets to let go of a stopped request before it counts
+/// as wedged.
+pub(crate) const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(1);
+
 /// Default number of compiled `eval` chunks each VM keeps.
 pub(crate) const DEFAULT_CHUNK_CACHE: usize = 64;
 
@@ -47,6 +51,8 @@ pub(crate) struct VmConfig {
     pub(crate) sandbox: bool,
     /// Compiled `eval` chunks kept per VM (0: none).
     pub(crate) chunk_cache: usize,
+    /// How long a VM may take to let go of a stopped request.
+    pub(crate) stop_grace: Duration,
 }
 
 impl Default for VmConfig {
@@ -62,6 +68,7 @@ impl Default for VmConfig {
             binary_chunks: false,
             sandbox: false,
             chunk_cache: DEFAULT_CHUNK_CACHE,
+            stop_grace: DEFAULT_STOP_GRACE,
         }
     }
 }
@@ -120,9 +127,31 @@ macro_rules! vm_options {
 
         /// A time limit for every request, counted from submission. A
         /// task's own [`Task::timeout`](crate::Task::timeout) can shorten
-        /// it, never extend it.
+        /// it, never extend it. A limit too large to represent as an
+        /// `Instant` (such as `Duration::MAX`) means no limit.
         pub fn default_timeout(mut self, limit: std::time::Duration) -> Self {
             self.config.default_timeout = Some(limit);
+            self
+        }
+
+        /// How long a VM may take to let go of a request that was stopped
+        /// (cancelled, timed out, shut down) while it ran; default 1 s.
+        ///
+        /// A stop answers the caller at once, whatever the VM is doing;
+        /// the VM is interrupted and throws its late result away. Lua code
+        /// lets go within microseconds, but a Rust callback that does not
+        /// poll its token, or a long C function, holds the VM until it
+        /// returns. A VM still inside the request after this grace period
+        /// is *wedged*: it is replaced by a fresh one (`init` re-run) that
+        /// takes over its queue, and its stuck thread is detached (it frees
+        /// its VM if it ever returns). Sessions bound to a replaced pool VM
+        /// answer their next request with
+        /// [`IsleError::SessionLost`](crate::IsleError::SessionLost).
+        /// `shutdown_timeout(d)` and dropping the last handle also wait at
+        /// most this long past their own limit for a VM to stop.
+        /// `Duration::MAX` means VMs are never replaced.
+        pub fn stop_grace(mut self, grace: std::time::Duration) -> Self {
+            self.config.stop_grace = grace;
             self
         }
 

@@ -77,6 +77,14 @@ pub enum IsleError {
     /// gone. Re-create the state and carry on.
     #[error("the session's Lua VM was recycled; its state is gone")]
     SessionLost,
+
+    /// A VM did not let go of a stopped request within its grace period
+    /// (see `stop_grace`): it is stuck in Rust or C code. Returned by
+    /// `shutdown_timeout` (the stuck thread was detached, not joined); the
+    /// message names the thread. Make long Rust callbacks poll
+    /// [`current_token`](crate::current_token).
+    #[error("a Lua VM did not stop in time: {0}")]
+    Wedged(String),
 }
 
 impl IsleError {

@@ -186,6 +186,16 @@ impl Interrupt {
         }
     }
 
+    /// True while this VM runs `req` (for the owner's wedge check: a
+    /// stopped request's caller has its answer, but its VM may still be in
+    /// it).
+    pub(crate) fn runs(&self, req: &Arc<dyn crate::request::Cancel>) -> bool {
+        self.current
+            .lock()
+            .as_ref()
+            .is_some_and(|t| std::ptr::addr_eq(Arc::as_ptr(&t.req), Arc::as_ptr(req)))
+    }
+
     /// The running request's stop reason, if it must stop.
     fn stop_reason(&self) -> Option<Reason> {
         let current = self.current.lock();

@@ -1,8 +1,8 @@
 //! `Isle`: one Lua VM on its own thread.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 
 use crate::config::{vm_options, VmConfig};
 use crate::hook::Interrupt;
-use crate::request::Job;
+use crate::request::{Cancel, Job};
 use crate::spin::spin_until;
 use crate::submit::{request_methods, Owner, Submit};
 use crate::timer::Timer;
@@ -28,30 +28,58 @@ use crate::{IsleError, Task};
 ///
 /// Shutdown: [`shutdown`](Self::shutdown) finishes the queued work and joins
 /// the thread. Dropping the last handle without it stops the running request
-/// and resolves the queued ones with [`IsleError::Shutdown`], then joins.
+/// and resolves the queued ones with [`IsleError::Shutdown`], then joins
+/// (waiting at most [`stop_grace`](IsleBuilder::stop_grace) for a VM stuck
+/// in Rust or C code, which is then detached).
+///
+/// A VM that does not let go of a stopped request within the grace period
+/// is replaced by a fresh one, which takes over the queue; see
+/// [`IsleBuilder::stop_grace`].
 #[derive(Clone)]
 pub struct Isle {
     inner: Arc<Inner>,
 }
 
+/// A re-runnable init closure.
+type Init = dyn Fn(&Lua) -> mlua::Result<()> + Send + Sync;
+
 /// State shared by every handle of one isle.
 struct Inner {
     /// Owner id, deadline thread and default time limit of its requests.
     owner: Owner,
-    /// The VM thread's queue.
+    /// The VM thread's queue, and its receiving end for a replacement VM.
     tx: Sender<Msg>,
+    rx: Receiver<Msg>,
     /// Set by shutdown: new requests resolve `Shutdown` without queueing.
     closed: AtomicBool,
     /// Set to abort (last handle dropped, or `shutdown_timeout` expired):
     /// the hook stops the running request and the VM thread resolves queued
     /// ones without running them.
     abort: Arc<AtomicBool>,
-    /// The VM's interrupt state, to stop a running Rust callback's token.
+    /// The VM thread serving the queue now.
+    vm: Mutex<VmThread>,
+    /// Bumped when a wedged VM is replaced: a VM thread whose generation is
+    /// no longer current exits as soon as it gets back, taking no more work.
+    generation: Arc<AtomicU64>,
+    /// For replacement VMs.
+    config: VmConfig,
+    init: Option<Arc<Init>>,
+    /// VMs replaced because they were wedged.
+    wedged: AtomicU64,
+    /// Disconnected when a VM is found wedged during shutdown, which then
+    /// stops waiting for it.
+    wedge: (Mutex<Option<Sender<()>>>, Receiver<()>),
+}
+
+/// One VM thread of the isle.
+struct VmThread {
+    /// The VM's interrupt state, to stop a running Rust callback's token and
+    /// to tell whether it still runs a stopped request.
     interrupt: Arc<Interrupt>,
-    /// Receives once when the VM thread ends.
+    /// Receives once when the thread ends.
     exited: Receiver<()>,
-    /// The VM thread; taken by whoever joins it.
-    thread: Mutex<Option<JoinHandle<()>>>,
+    /// Taken by whoever joins (or detaches) it.
+    thread: Option<JoinHandle<()>>,
 }
 
 enum Msg {
@@ -60,17 +88,44 @@ enum Msg {
 }
 
 /// Configures and starts an [`Isle`]. Created by [`Isle::builder`].
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct IsleBuilder {
     config: VmConfig,
+    init: Option<Arc<Init>>,
 }
 
 impl IsleBuilder {
     vm_options!();
 
-    /// Starts the VM thread and runs `init` on it before any request.
+    /// Sets an init closure that can run again: on the first VM and on
+    /// every VM that replaces a wedged one (see
+    /// [`stop_grace`](Self::stop_grace)). Start the isle with
+    /// [`build`](Self::build). Default: nothing.
+    pub fn init<F>(mut self, init: F) -> Self
+    where
+        F: Fn(&Lua) -> mlua::Result<()> + Send + Sync + 'static,
+    {
+        self.init = Some(Arc::new(init));
+        self
+    }
+
+    /// Starts the isle with the init closure set by [`init`](Self::init)
+    /// (if any); see [`spawn`](Self::spawn).
     ///
-    /// Blocks until `init` has returned. `init` cannot be cancelled.
+    /// # Errors
+    /// As for [`spawn`](Self::spawn).
+    pub fn build(self) -> Result<Isle, IsleError> {
+        self.spawn(|_| Ok(()))
+    }
+
+    /// Starts the VM thread and runs `init` on it before any request (after
+    /// the closure set by [`init`](Self::init), if any).
+    ///
+    /// Blocks until `init` has returned. `init` cannot be cancelled. It runs
+    /// once: a VM that replaces a wedged one (see
+    /// [`stop_grace`](Self::stop_grace)) runs only the re-runnable closure
+    /// of [`init`](Self::init), so an isle whose state matters after such a
+    /// replacement should be built with `init(..).build()`.
     ///
     /// The VM's hook belongs to the isle: `init` and `exec` closures must not
     /// replace or remove it (`Lua::set_hook`, `set_global_hook`,
@@ -88,58 +143,103 @@ impl IsleBuilder {
         let config = self.config;
         let id = next_owner_id();
         let abort = Arc::new(AtomicBool::new(false));
+        let generation = Arc::new(AtomicU64::new(0));
         let (tx, rx) = crossbeam_channel::unbounded();
-        let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
-        let (exit_tx, exited) = crossbeam_channel::bounded(1);
-        let thread = {
-            let (config, abort) = (config.clone(), abort.clone());
-            config
-                .thread("")
-                .spawn(move || {
-                    let _exit = ExitSignal(exit_tx);
-                    match Vm::start(id, &config, abort.clone(), init) {
-                        Ok(vm) => {
-                            let _ = ready_tx.send(Ok(vm.interrupt()));
-                            serve(&vm, &rx, &abort);
-                        }
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                        }
-                    }
-                })
-                .map_err(|e| IsleError::Init(format!("cannot spawn the VM thread: {e}")))?
-        };
-        let started = ready_rx
-            .recv()
-            .unwrap_or_else(|_| Err(IsleError::Init("the VM thread died during init".into())));
-        let interrupt = match started {
-            Ok(interrupt) => interrupt,
-            Err(e) => {
-                let _ = thread.join();
-                return Err(e);
+        let first = {
+            let again = self.init.clone();
+            move |lua: &Lua| {
+                if let Some(again) = again {
+                    again(lua)?;
+                }
+                init(lua)
             }
         };
-        Ok(Isle {
-            inner: Arc::new(Inner {
-                owner: Owner {
-                    id,
-                    timer: Timer::new(config.name.clone()),
-                    default_timeout: config.default_timeout,
-                },
-                tx,
-                closed: AtomicBool::new(false),
-                abort,
-                interrupt,
-                exited,
-                thread: Mutex::new(Some(thread)),
-            }),
-        })
+        let vm = start(id, &config, &abort, &rx, &generation, first)?;
+        let inner = Arc::new(Inner {
+            owner: Owner {
+                id,
+                timer: Timer::new(config.name.clone(), id, config.stop_grace),
+                default_timeout: config.default_timeout,
+            },
+            tx,
+            rx,
+            closed: AtomicBool::new(false),
+            abort,
+            vm: Mutex::new(vm),
+            generation,
+            config,
+            init: self.init,
+            wedged: AtomicU64::new(0),
+            wedge: {
+                let (tx, rx) = crossbeam_channel::bounded(0);
+                (Mutex::new(Some(tx)), rx)
+            },
+        });
+        let weak: Weak<Inner> = Arc::downgrade(&inner);
+        inner.owner.timer.on_overdue(Arc::new(move |req| {
+            if let Some(inner) = weak.upgrade() {
+                inner.replace_if_running(req);
+            }
+        }));
+        Ok(Isle { inner })
     }
 }
 
-/// The VM thread's loop: run jobs in order until told to stop.
-fn serve(vm: &Vm, rx: &Receiver<Msg>, abort: &AtomicBool) {
-    loop {
+/// Starts a VM thread serving `rx` as generation `generation`'s current
+/// value; blocks until `init` has run on it.
+fn start(
+    id: u64,
+    config: &VmConfig,
+    abort: &Arc<AtomicBool>,
+    rx: &Receiver<Msg>,
+    generation: &Arc<AtomicU64>,
+    init: impl FnOnce(&Lua) -> mlua::Result<()> + Send + 'static,
+) -> Result<VmThread, IsleError> {
+    let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+    let (exit_tx, exited) = crossbeam_channel::bounded(1);
+    let mine = generation.load(Ordering::Acquire);
+    let thread = {
+        let (config, abort, rx, generation) =
+            (config.clone(), abort.clone(), rx.clone(), generation.clone());
+        config
+            .thread("")
+            .spawn(move || {
+                let _exit = ExitSignal(exit_tx);
+                match Vm::start(id, &config, abort.clone(), init) {
+                    Ok(vm) => {
+                        let _ = ready_tx.send(Ok(vm.interrupt()));
+                        serve(&vm, &rx, &abort, &generation, mine);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            })
+            .map_err(|e| IsleError::Init(format!("cannot spawn the VM thread: {e}")))?
+    };
+    let started = ready_rx
+        .recv()
+        .unwrap_or_else(|_| Err(IsleError::Init("the VM thread died during init".into())));
+    match started {
+        Ok(interrupt) => Ok(VmThread {
+            interrupt,
+            exited,
+            thread: Some(thread),
+        }),
+        Err(e) => {
+            let _ = thread.join();
+            Err(e)
+        }
+    }
+}
+
+/// The VM thread's loop: run jobs in order until told to stop, or until a
+/// replacement has taken over (`generation` moved past `mine`).
+fn serve(vm: &Vm, rx: &Receiver<Msg>, abort: &AtomicBool, generation: &AtomicU64, mine: u64) {
+    // ORDERING: Acquire pairs with the Release bump in `replace_if_running`;
+    // only a flag, read after each request.
+    let current = || generation.load(Ordering::Acquire) == mine;
+    while current() {
         // Busy: take the next request at once. Idle: spin briefly (a caller
         // in a loop sends its next request within microseconds), then park.
         let msg = match rx.try_recv() {
@@ -204,16 +304,25 @@ impl Isle {
         self.inner.stop(None)
     }
 
-    /// Like [`shutdown`](Self::shutdown), but after `grace` it interrupts
+    /// Like [`shutdown`](Self::shutdown), but after `limit` it interrupts
     /// the running request and resolves whatever is still queued with
-    /// [`IsleError::Shutdown`], then joins. Blocks for about `grace` at most
-    /// (plus the time for running Rust code to return; Lua code stops at
-    /// its next hook tick).
+    /// [`IsleError::Shutdown`], then joins. Blocks for `limit` plus the
+    /// VM's [`stop_grace`](IsleBuilder::stop_grace) at most: a VM still
+    /// inside Rust or C code by then is detached, not joined. A limit too
+    /// large to represent (such as `Duration::MAX`) waits as `shutdown`
+    /// does.
     ///
     /// # Errors
-    /// As for [`shutdown`](Self::shutdown).
-    pub fn shutdown_timeout(&self, grace: Duration) -> Result<(), IsleError> {
-        self.inner.stop(Some(Instant::now() + grace))
+    /// As for [`shutdown`](Self::shutdown); [`IsleError::Wedged`] naming
+    /// the VM thread that did not stop in time (it was detached).
+    pub fn shutdown_timeout(&self, limit: Duration) -> Result<(), IsleError> {
+        self.inner.stop(Instant::now().checked_add(limit))
+    }
+
+    /// How many times this isle replaced a wedged VM (see
+    /// [`IsleBuilder::stop_grace`]).
+    pub fn wedged(&self) -> u64 {
+        self.inner.wedged.load(Ordering::Relaxed)
     }
 
     /// True once [`shutdown`](Self::shutdown) has begun.
@@ -245,33 +354,100 @@ impl Inner {
         }
         self.closed.store(true, Ordering::SeqCst);
         let _ = self.tx.send(Msg::Shutdown);
-        if let Some(at) = abort_at {
-            // Waited for without the join lock: another caller may hold it,
-            // joining a VM stuck in a long request that only an abort ends.
-            // The thread's exit signal disconnects once it has ended, so
-            // every waiter learns it.
-            if let Err(RecvTimeoutError::Timeout) = self.exited.recv_deadline(at) {
-                self.abort();
-            }
+        // Wait, without the lock (another caller may be waiting too), until
+        // the VM thread ends, `abort_at` passes, or the VM is found wedged.
+        // Each is a disconnect or a timer, so every waiter sees it.
+        let exited = self.vm.lock().exited.clone();
+        let deadline = abort_at.map_or_else(crossbeam_channel::never, crossbeam_channel::at);
+        crossbeam_channel::select! {
+            recv(exited) -> _ => {}
+            recv(self.wedge.1) -> _ => {}
+            recv(deadline) -> _ => {}
         }
-        let mut thread = self.thread.lock();
-        let Some(handle) = thread.take() else {
-            return Ok(());
-        };
-        let joined = handle.join();
+        let mut vm = self.vm.lock();
+        self.abort(&vm); // a no-op for a thread that has ended
+        let result = self.join_within_grace(&mut vm);
+        drop(vm);
         self.owner.timer.shutdown();
-        joined.map_err(|p| IsleError::from_panic(&*p))
+        result
     }
 
     /// Stops the running request and makes the VM thread resolve queued ones
     /// `Shutdown`.
-    fn abort(&self) {
+    fn abort(&self, vm: &VmThread) {
         self.abort.store(true, Ordering::SeqCst);
-        self.interrupt.abort_running();
+        vm.interrupt.abort_running();
+    }
+
+    /// Joins the VM thread if it ends within the grace period, else detaches
+    /// it and says so.
+    fn join_within_grace(&self, vm: &mut VmThread) -> Result<(), IsleError> {
+        let Some(handle) = vm.thread.take() else {
+            return Ok(());
+        };
+        // The last handle can be dropped on the VM thread itself (inside an
+        // `exec` closure that owned it); it exits on its own afterwards.
+        if handle.thread().id() == std::thread::current().id() {
+            return Ok(());
+        }
+        let grace = self.owner.timer.grace();
+        let ended = match Instant::now().checked_add(grace) {
+            Some(at) => !matches!(vm.exited.recv_deadline(at), Err(RecvTimeoutError::Timeout)),
+            None => true, // no grace limit: wait as long as it takes
+        };
+        if ended {
+            handle.join().map_err(|p| IsleError::from_panic(&*p))
+        } else {
+            Err(IsleError::Wedged(format!(
+                "VM thread `{}` did not stop within {grace:?} after being interrupted \
+                 (it is inside Rust or C code that does not return); it was detached \
+                 and frees its VM if it ever gets back",
+                handle.thread().name().unwrap_or("?")
+            )))
+        }
+    }
+
+    /// The timer's wedge check: if the VM still runs `req` (stopped one
+    /// grace period ago), a fresh VM takes over the queue and the stuck
+    /// thread is detached.
+    fn replace_if_running(&self, req: &Arc<dyn Cancel>) {
+        let mut vm = self.vm.lock();
+        if !vm.interrupt.runs(req) {
+            return; // let go in time
+        }
+        if self.closed.load(Ordering::Acquire) {
+            // Shutting down: no replacement; a graceful shutdown waiting
+            // for this VM stops waiting (disconnect wakes every waiter).
+            self.wedge.0.lock().take();
+            return;
+        }
+        // The stuck thread exits when it gets back; the new one serves from
+        // now on. If the new VM cannot start, the old one stays in charge.
+        // ORDERING: Release pairs with `serve`'s Acquire check.
+        let next = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        let init = self.init.clone();
+        let started = start(
+            self.owner.id,
+            &self.config,
+            &self.abort,
+            &self.rx,
+            &self.generation,
+            move |lua| init.map_or(Ok(()), |init| init(lua)),
+        );
+        match started {
+            Ok(fresh) => {
+                debug_assert_eq!(self.generation.load(Ordering::Relaxed), next);
+                drop(std::mem::replace(&mut *vm, fresh)); // detaches the stuck thread
+                self.wedged.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.generation.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
     }
 }
 
-/// Signals `Inner::exited` when the VM thread ends, however it ends.
+/// Signals `VmThread::exited` when the VM thread ends, however it ends.
 struct ExitSignal(crossbeam_channel::Sender<()>);
 
 impl Drop for ExitSignal {
@@ -283,16 +459,11 @@ impl Drop for ExitSignal {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.closed.store(true, Ordering::SeqCst);
-        self.abort();
         let _ = self.tx.send(Msg::Shutdown);
-        if let Some(handle) = self.thread.get_mut().take() {
-            // The last handle can be dropped on the VM thread itself (inside
-            // an `exec` closure that owned it); that thread then exits on its
-            // own once the closure returns.
-            if handle.thread().id() != std::thread::current().id() {
-                let _ = handle.join();
-            }
-        }
+        let mut vm = self.vm.lock();
+        self.abort(&vm);
+        let _ = self.join_within_grace(&mut vm);
+        drop(vm);
         self.owner.timer.shutdown();
     }
 }
@@ -303,6 +474,16 @@ impl fmt::Debug for Isle {
             .field("id", &self.inner.owner.id)
             .field("queued", &self.inner.tx.len())
             .field("shutdown", &self.is_shutdown())
+            .field("wedged", &self.wedged())
+            .finish()
+    }
+}
+
+impl fmt::Debug for IsleBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IsleBuilder")
+            .field("config", &self.config)
+            .field("init", &self.init.is_some())
             .finish()
     }
 }

@@ -7,12 +7,20 @@
 //!
 //! ```text
 //!   QUEUED ──(VM: start)──► RUNNING ──(VM: finish)──► DONE
+//!      │                       └──(stop)──► DONE   (the VM discards its late result)
 //!      └──(cancel / timeout / shutdown / job dropped unrun)──► DONE
 //! ```
 //!
 //! Whoever moves `phase` to `DONE` writes the result, so a request resolves
 //! exactly once. A stop `reason` (cancel, timeout, shutdown) is recorded
 //! separately: the VM's hook polls it while the request runs.
+//!
+//! A stop answers the caller at once, whatever the VM is doing: a running
+//! request is resolved by the stopper, not when its VM gets back from a Rust
+//! callback, a long C function or the collector. The VM is interrupted as
+//! before and throws its own result away when it returns; if it does not
+//! return within the owner's grace period, the owner treats it as wedged
+//! (`timer.rs`, `Watch`).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
@@ -28,6 +36,33 @@ use crate::chunk::ChunkCache;
 use crate::spin::spin_until;
 use crate::token::{CancelToken, Reason};
 use crate::IsleError;
+
+thread_local! {
+    /// The header of the request whose work runs on this thread (0: none).
+    static RUNNING_HERE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks `header`'s work as running on this thread until dropped.
+struct RunningHere(usize);
+
+impl RunningHere {
+    fn enter(header: &Header) -> RunningHere {
+        RunningHere(RUNNING_HERE.replace(header as *const Header as usize))
+    }
+}
+
+impl Drop for RunningHere {
+    fn drop(&mut self) {
+        RUNNING_HERE.set(self.0);
+    }
+}
+
+/// How long a stopper lets a running request's VM finish on its own before
+/// answering the caller itself. Lua code stops within microseconds of the
+/// interrupt (and a request about to finish, finishes): its own result, the
+/// stop reason or its value, then stands. Past this, the VM is in Rust or C
+/// code the interrupt cannot reach, and the caller is answered without it.
+const LET_GO: std::time::Duration = std::time::Duration::from_micros(20);
 
 const QUEUED: u8 = 0;
 const RUNNING: u8 = 1;
@@ -64,8 +99,10 @@ impl Header {
 /// The operations a `CancelToken` needs, without knowing `T`.
 pub(crate) trait Cancel: Send + Sync {
     fn header(&self) -> &Header;
-    /// Records `reason` and, if the request is still queued, resolves it now.
-    fn stop(&self, reason: Reason);
+    /// Records `reason` and resolves the request with it now, unless it has
+    /// finished. Returns true if it was running: its VM is being
+    /// interrupted and must let go of it within the owner's grace period.
+    fn stop(&self, reason: Reason) -> bool;
 }
 
 /// A request producing `T`.
@@ -212,9 +249,9 @@ impl<T: Send> Cancel for Request<T> {
         &self.header
     }
 
-    fn stop(&self, reason: Reason) {
+    fn stop(&self, reason: Reason) -> bool {
         if self.header.is_done() {
-            return; // finished first: nothing to change
+            return false; // finished first: nothing to change
         }
         // ORDERING: AcqRel/Release pairs with `Header::reason`'s Acquire load
         // in the VM's hook.
@@ -225,12 +262,26 @@ impl<T: Send> Cancel for Request<T> {
             Ordering::Acquire,
         );
         let reason = self.header.reason().unwrap_or(reason);
-        self.abandon(reason.error());
-        // Not resolved as queued: it runs (or has just finished). The CAS
-        // that marked it running published the alarm id.
-        if !self.header.is_done() {
-            crate::alarm::raise(self.header.alarm.load(Ordering::Relaxed));
+        if self.claim(QUEUED) {
+            self.resolve(Err(reason.error()));
+            return false;
         }
+        // Not queued: it runs (or has just finished). Interrupt it first, so
+        // the VM starts unwinding while we answer the caller; the CAS that
+        // marked it running published the alarm id.
+        crate::alarm::raise(self.header.alarm.load(Ordering::Relaxed));
+        // Stopped by its own work (a callback cancelling its request, the
+        // budget running out): the VM is not stuck, it is right here, and
+        // resolves the request itself when the work returns.
+        let here = RUNNING_HERE.get() == &self.header as *const Header as usize;
+        if here || crate::spin::spin_for(LET_GO, || self.header.is_done()) {
+            return false;
+        }
+        if self.claim(RUNNING) {
+            self.resolve(Err(reason.error()));
+            return true;
+        }
+        false
     }
 }
 
@@ -355,7 +406,9 @@ where
             None => {
                 let token = CancelToken { req: req.clone() };
                 scope.enter(&token);
+                let here = RunningHere::enter(&req.header);
                 let out = catch_unwind(AssertUnwindSafe(|| work(ctx)));
+                drop(here);
                 let interrupted = scope.leave();
                 let result = match out {
                     Ok(r) => r,
@@ -387,10 +440,19 @@ where
             Err(IsleError::MemoryLimit(_)) => Outcome::OutOfMemory,
             Err(_) => Outcome::Failed,
         };
-        req.header.phase.store(DONE, Ordering::Release);
-        req.resolve(result);
-        drop(garbage);
-        outcome
+        // A stopper that got here first has answered the caller: this
+        // result is late, and is dropped (after the claim, like garbage).
+        if req.claim(RUNNING) {
+            req.resolve(result);
+            drop(garbage);
+            outcome
+        } else {
+            drop((result, garbage));
+            match outcome {
+                Outcome::OutOfMemory => Outcome::OutOfMemory,
+                _ => Outcome::Cancelled,
+            }
+        }
     }
 
     fn abandon(&self, err: IsleError) {

@@ -20,7 +20,12 @@ pub(crate) const SPIN_FOR: Duration = Duration::from_micros(50);
 
 /// Waits actively until `ready()` is true or `SPIN_FOR` has passed; returns
 /// the last `ready()`.
-pub(crate) fn spin_until(mut ready: impl FnMut() -> bool) -> bool {
+pub(crate) fn spin_until(ready: impl FnMut() -> bool) -> bool {
+    spin_for(SPIN_FOR, ready)
+}
+
+/// Like `spin_until`, for at most `limit`.
+pub(crate) fn spin_for(limit: Duration, mut ready: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     let mut n = 0u32;
     loop {
@@ -32,7 +37,7 @@ pub(crate) fn spin_until(mut ready: impl FnMut() -> bool) -> bool {
         // yield there too.
         if n.is_multiple_of(32) {
             let spent = start.elapsed();
-            if spent >= SPIN_FOR {
+            if spent >= limit {
                 return false;
             }
             if spent >= HOT_FOR {

@@ -69,7 +69,8 @@ impl<T: Send + 'static> Task<T> {
     /// # Errors
     /// As for [`wait`](Self::wait), inside the `Some`.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<Result<T, IsleError>> {
-        self.wait_until(Some(Instant::now() + timeout))
+        // Too long to represent: wait without a deadline.
+        self.wait_until(Instant::now().checked_add(timeout))
     }
 
     /// Blocks until `deadline` at most; see [`wait_timeout`](Self::wait_timeout).
@@ -121,11 +122,15 @@ impl<T: Send + 'static> Task<T> {
 
     /// Gives the request a time limit, counted from its submission (time
     /// spent queued counts). When it passes, the request stops as if
-    /// cancelled and resolves [`IsleError::Timeout`]. A limit that has
-    /// already passed stops it at once.
+    /// cancelled and resolves [`IsleError::Timeout`] at once, even if its
+    /// VM is inside a Rust callback or a long C function (see
+    /// [`stop_grace`](crate::IsleBuilder::stop_grace)). A limit that has
+    /// already passed stops it at once; one too large to represent (such as
+    /// `Duration::MAX`) is no limit.
     pub fn timeout(self, limit: Duration) -> Task<T> {
-        let at = self.req.header().submitted + limit;
-        self.timer.schedule(at, &self.token);
+        if let Some(at) = self.req.header().submitted.checked_add(limit) {
+            self.timer.schedule(at, &self.token);
+        }
         self
     }
 

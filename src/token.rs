@@ -67,7 +67,7 @@ pub struct CancelToken {
 impl CancelToken {
     /// Cancels the request. Idempotent; never blocks.
     pub fn cancel(&self) {
-        self.req.stop(Reason::Cancelled);
+        self.stop(Reason::Cancelled);
     }
 
     /// True once the request was asked to stop: cancelled, timed out, or
@@ -76,8 +76,13 @@ impl CancelToken {
         self.req.header().reason().is_some()
     }
 
+    /// The one way a request is stopped (cancel, time limit, shutdown,
+    /// budget): resolves it now and, if it was running, has the owner watch
+    /// that its VM lets go in time.
     pub(crate) fn stop(&self, reason: Reason) {
-        self.req.stop(reason);
+        if self.req.stop(reason) {
+            crate::timer::watch(&self.req);
+        }
     }
 
     pub(crate) fn downgrade(&self) -> std::sync::Weak<dyn Cancel> {

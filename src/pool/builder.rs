@@ -1,5 +1,6 @@
 //! `IslePoolBuilder`, and starting the workers.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -7,17 +8,19 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_deque::{Injector, Worker as Deque};
+use crossbeam_utils::sync::Parker;
 use crossbeam_utils::CachePadded;
 use mlua::Lua;
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use super::metrics::{StripedCounter, WorkerCounters};
-use super::session::Sessions;
+use super::session::{Binding, Sessions};
 use super::shared::Shared;
 use super::sleep::Sleep;
-use super::worker::Worker;
+use super::worker::{StartVm, Worker};
 use super::{IslePool, PoolInner};
 use crate::config::{vm_options, VmConfig};
+use crate::request::Job;
 use crate::submit::Owner;
 use crate::timer::Timer;
 use crate::vm::{next_owner_id, Vm};
@@ -130,44 +133,35 @@ impl IslePoolBuilder {
             idle_timeout: self.session_idle_timeout,
             recycle_after: self.recycle_after,
             recycle_above: self.recycle_above,
+            generations: (0..n).map(|_| AtomicU64::new(0)).collect(),
             interrupts: (0..n).map(|_| Mutex::new(None)).collect(),
             epoch: Instant::now(),
         });
 
+        let start_vm: StartVm = {
+            let (config, abort) = (config.clone(), shared.abort.clone());
+            Arc::new(move || Vm::start(id, &config, abort.clone(), |lua| init(lua)))
+        };
+        let spawner = Spawner {
+            shared: shared.clone(),
+            config: config.clone(),
+            start_vm,
+            exits: Arc::new(Exits::default()),
+        };
         let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
-        let (exit_tx, exits) = crossbeam_channel::unbounded();
         let mut guard = Startup {
             shared: shared.clone(),
             threads: Vec::with_capacity(n),
         };
         for (index, (local, parker)) in locals.into_iter().zip(parkers).enumerate() {
-            let start_vm = {
-                let (config, init, abort) = (config.clone(), init.clone(), shared.abort.clone());
-                move || Vm::start(id, &config, abort.clone(), |lua| init(lua))
-            };
-            let first = start_vm.clone();
-            let worker = Worker {
+            let slot = Slot {
                 index,
-                shared: shared.clone(),
+                generation: 0,
                 local,
                 parker,
-                restart: Box::new(start_vm),
+                batch: true,
             };
-            let (ready_tx, exit_tx) = (ready_tx.clone(), exit_tx.clone());
-            let spawned = config.thread(&format!("-{index}")).spawn(move || {
-                let _exit = ExitSignal(exit_tx, index);
-                match first() {
-                    Ok(vm) => {
-                        *worker.shared.interrupts[index].lock() = Some(vm.interrupt());
-                        let _ = ready_tx.send((index, Ok(())));
-                        worker.run(vm);
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send((index, Err(e)));
-                    }
-                }
-            });
-            match spawned {
+            match spawner.spawn(slot, ready_tx.clone(), None) {
                 Ok(t) => guard.threads.push(t),
                 Err(e) => {
                     return Err(IsleError::Init(format!(
@@ -185,18 +179,159 @@ impl IslePoolBuilder {
             }
         }
         let threads = std::mem::take(&mut guard.threads);
-        Ok(IslePool {
-            inner: Arc::new(PoolInner {
-                owner: Owner {
-                    id,
-                    timer: Timer::new(config.name.clone()),
-                    default_timeout: config.default_timeout,
-                },
-                shared,
-                threads: Mutex::new(threads),
-                exits,
-            }),
+        let inner = Arc::new(PoolInner {
+            owner: Owner {
+                id,
+                timer: Timer::new(config.name.clone(), id, config.stop_grace),
+                default_timeout: config.default_timeout,
+            },
+            shared,
+            threads: Mutex::new(threads),
+            spawner,
+        });
+        let weak = Arc::downgrade(&inner);
+        inner.owner.timer.on_overdue(Arc::new(move |req| {
+            if let Some(inner) = weak.upgrade() {
+                inner.replace_if_running(req);
+            }
+        }));
+        Ok(IslePool { inner })
+    }
+}
+
+/// What a worker thread gets for its slot.
+pub(super) struct Slot {
+    pub(super) index: usize,
+    pub(super) generation: u64,
+    pub(super) local: Deque<Job>,
+    pub(super) parker: Parker,
+    /// False for a replacement (see `Shared::find`).
+    pub(super) batch: bool,
+}
+
+/// One worker thread of a pool, as its owner keeps it.
+pub(super) struct WorkerThread {
+    pub(super) index: usize,
+    pub(super) generation: u64,
+    pub(super) handle: JoinHandle<()>,
+}
+
+/// Starts worker threads: the first ones, and replacements of wedged ones.
+pub(super) struct Spawner {
+    shared: Arc<Shared>,
+    config: VmConfig,
+    start_vm: StartVm,
+    pub(super) exits: Arc<Exits>,
+}
+
+/// Reported by a new worker thread once its VM has started (or failed to).
+type Ready = crossbeam_channel::Sender<(usize, Result<(), IsleError>)>;
+
+impl Spawner {
+    /// Starts a worker thread for `slot`: it starts its VM (running
+    /// `init`), reports on `ready`, then, if given `go`, waits for it (a
+    /// dropped `go` means "never mind": the thread exits) and takes from it
+    /// the sessions lost with the VM it replaces, and serves.
+    pub(super) fn spawn(
+        &self,
+        slot: Slot,
+        ready: Ready,
+        go: Option<crossbeam_channel::Receiver<Vec<Arc<Binding>>>>,
+    ) -> std::io::Result<WorkerThread> {
+        let Slot {
+            index,
+            generation,
+            local,
+            parker,
+            batch,
+        } = slot;
+        let worker = Worker {
+            index,
+            shared: self.shared.clone(),
+            local,
+            parker,
+            restart: self.start_vm.clone(),
+            generation,
+            batch,
+        };
+        let exits = self.exits.clone();
+        let handle = self
+            .config
+            .thread(&format!("-{index}"))
+            .spawn(move || {
+                let _exit = ExitSignal(exits, index, generation);
+                match (worker.restart)() {
+                    Ok(vm) => {
+                        let _ = ready.send((index, Ok(())));
+                        let lost = match go.map(|go| go.recv()) {
+                            None => Vec::new(),
+                            Some(Ok(lost)) => lost,
+                            Some(Err(_)) => return,
+                        };
+                        *worker.shared.interrupts[index].lock() = Some(vm.interrupt());
+                        worker.run(vm, lost);
+                    }
+                    Err(e) => {
+                        let _ = ready.send((index, Err(e)));
+                    }
+                }
+            })?;
+        Ok(WorkerThread {
+            index,
+            generation,
+            handle,
         })
+    }
+}
+
+/// Which worker threads have ended, by (slot, generation): waited on by
+/// shutdown, which must not count on a stuck, detached thread ever ending.
+#[derive(Default)]
+pub(super) struct Exits {
+    state: Mutex<ExitState>,
+    cond: Condvar,
+}
+
+#[derive(Default)]
+struct ExitState {
+    ended: HashSet<(usize, u64)>,
+    /// Threads found wedged while the pool was shutting down.
+    wedged: HashSet<(usize, u64)>,
+}
+
+impl Exits {
+    /// Blocks until every thread of `threads` (slot, generation) has ended
+    /// or been found wedged (true), or `deadline` passes (false).
+    pub(super) fn wait(&self, threads: &[(usize, u64)], deadline: Option<Instant>) -> bool {
+        let mut st = self.state.lock();
+        loop {
+            if threads
+                .iter()
+                .all(|t| st.ended.contains(t) || st.wedged.contains(t))
+            {
+                return true;
+            }
+            match deadline {
+                Some(d) => {
+                    if self.cond.wait_until(&mut st, d).timed_out() {
+                        return false;
+                    }
+                }
+                None => self.cond.wait(&mut st),
+            }
+        }
+    }
+
+    /// True once this thread has ended.
+    pub(super) fn ended(&self, t: &WorkerThread) -> bool {
+        self.state.lock().ended.contains(&(t.index, t.generation))
+    }
+
+    /// Thread (slot, generation) will not stop on its own: shutdown stops
+    /// waiting for it.
+    pub(super) fn wedged(&self, thread: (usize, u64)) {
+        self.state.lock().wedged.insert(thread);
+        self.cond.notify_all();
     }
 }
 
@@ -211,7 +346,7 @@ fn name_worker(index: usize, e: IsleError) -> IsleError {
 /// Stops and joins the workers started so far if `build` returns early.
 struct Startup {
     shared: Arc<Shared>,
-    threads: Vec<JoinHandle<()>>,
+    threads: Vec<WorkerThread>,
 }
 
 impl Drop for Startup {
@@ -223,17 +358,18 @@ impl Drop for Startup {
         self.shared.closed.store(true, Ordering::Release);
         self.shared.sleep.wake_all();
         for t in self.threads.drain(..) {
-            let _ = t.join();
+            let _ = t.handle.join();
         }
     }
 }
 
-/// Tells `shutdown_timeout` that a worker has exited, however it exits.
-struct ExitSignal(crossbeam_channel::Sender<usize>, usize);
+/// Tells shutdown that a worker thread has ended, however it ends.
+struct ExitSignal(Arc<Exits>, usize, u64);
 
 impl Drop for ExitSignal {
     fn drop(&mut self) {
-        let _ = self.0.send(self.1);
+        self.0.state.lock().ended.insert((self.1, self.2));
+        self.0.cond.notify_all();
     }
 }
 

@@ -60,6 +60,9 @@ pub struct WorkerMetrics {
     /// Times a replacement VM failed to start (its `init` failed); the old
     /// VM kept serving.
     pub recycle_failures: u64,
+    /// Times this worker's VM was wedged (it did not let go of a stopped
+    /// request within `stop_grace`) and a fresh VM took over.
+    pub wedged: u64,
 }
 
 /// The live counters of one worker; written by that worker (and session
@@ -74,6 +77,7 @@ pub(crate) struct WorkerCounters {
     pub(crate) sessions: AtomicUsize,
     pub(crate) recycled: AtomicU64,
     pub(crate) recycle_failures: AtomicU64,
+    pub(crate) wedged: AtomicU64,
     /// Session-close markers in this worker's pinned queue: not requests,
     /// so not counted as queued.
     pub(crate) closes_queued: AtomicUsize,
@@ -105,6 +109,7 @@ impl WorkerCounters {
             sessions: self.sessions.load(Ordering::Relaxed),
             recycled: self.recycled.load(Ordering::Relaxed),
             recycle_failures: self.recycle_failures.load(Ordering::Relaxed),
+            wedged: self.wedged.load(Ordering::Relaxed),
         }
     }
 }

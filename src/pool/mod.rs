@@ -8,6 +8,7 @@
 //! - `worker.rs`: the worker loop;
 //! - `session.rs`: sessions and their binding to VMs;
 //! - `shutdown.rs`: graceful, bounded and abortive shutdown;
+//! - `wedge.rs`: replacing a worker stuck in a stopped request;
 //! - `metrics.rs`: counters.
 
 mod builder;
@@ -17,12 +18,12 @@ mod session;
 mod shared;
 mod shutdown;
 mod sleep;
+mod wedge;
 mod worker;
 
 use std::fmt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use mlua::Lua;
 use parking_lot::Mutex;
@@ -36,6 +37,7 @@ use crate::request::Job;
 use crate::submit::{request_methods, Owner, Submit};
 use crate::vm::on_owner_thread;
 use crate::{IsleError, Task};
+use builder::{Spawner, WorkerThread};
 use shared::{Pinned, Shared};
 
 /// A pool of Lua VMs, each on its own thread, sharing one dispatcher.
@@ -74,11 +76,11 @@ pub struct IslePool {
 struct PoolInner {
     owner: Owner,
     shared: Arc<Shared>,
-    /// Worker threads, taken by whoever joins them.
-    threads: Mutex<Vec<JoinHandle<()>>>,
-    /// Each worker sends its index here when it exits (for
-    /// `shutdown_timeout`).
-    exits: crossbeam_channel::Receiver<usize>,
+    /// The current worker thread of each slot, taken by whoever joins them
+    /// (a wedged one is replaced, and detached).
+    threads: Mutex<Vec<WorkerThread>>,
+    /// Starts replacement workers; records which threads have ended.
+    spawner: Spawner,
 }
 
 impl IslePool {

@@ -78,6 +78,19 @@ impl Sessions {
             .is_some_and(|b| Arc::ptr_eq(b, binding))
     }
 
+    /// Marks every session bound to worker `w` lost (its VM was replaced
+    /// while wedged) and returns them.
+    pub(crate) fn mark_lost(&self, w: usize) -> Vec<Arc<Binding>> {
+        let mut lost = Vec::new();
+        for shard in self.shards.iter() {
+            for b in shard.lock().values().filter(|b| b.worker == w) {
+                b.lost.store(true, Ordering::Release);
+                lost.push(b.clone());
+            }
+        }
+        lost
+    }
+
     /// Removes `key`'s binding if it is `binding` and `still(binding)`
     /// holds, under the shard lock. Returns whether it was removed.
     pub(crate) fn remove_if(

@@ -64,6 +64,9 @@ pub(crate) struct Shared {
     /// `recycle_after` (requests) and `recycle_when_memory_above` (bytes).
     pub(crate) recycle_after: Option<u64>,
     pub(crate) recycle_above: Option<usize>,
+    /// Each slot's current worker thread: bumped when a wedged worker is
+    /// replaced, so the stuck thread exits as soon as it gets back.
+    pub(crate) generations: Box<[AtomicU64]>,
     /// Each worker's current VM interrupt state, so an abort can stop Rust
     /// callbacks polling their token. Set by the worker, replaced when it
     /// recycles its VM.
@@ -106,7 +109,18 @@ impl Shared {
     /// Finds work for worker `w`: its pinned queue and its own deque first
     /// (alternating which comes first, so neither starves), then a batch
     /// from the global queue, then other workers' deques.
-    pub(crate) fn find(&self, w: usize, local: &Deque<Job>, pinned_first: bool) -> Option<Found> {
+    ///
+    /// A worker whose deque thieves cannot reach (one that replaced a wedged
+    /// worker: `stealers[w]` still names the stuck one's deque) takes one
+    /// job at a time from the global queue (`batch` false), so no job waits
+    /// where only it can run it.
+    pub(crate) fn find(
+        &self,
+        w: usize,
+        local: &Deque<Job>,
+        pinned_first: bool,
+        batch: bool,
+    ) -> Option<Found> {
         let pinned = || steal_one(|| self.pinned[w].steal()).map(Found::Pinned);
         let own = || local.pop().map(Found::Unkeyed);
         let first = if pinned_first {
@@ -114,14 +128,19 @@ impl Shared {
         } else {
             own().or_else(pinned)
         };
-        first.or_else(|| self.steal_unkeyed(w, local).map(Found::Unkeyed))
+        first.or_else(|| self.steal_unkeyed(w, local, batch).map(Found::Unkeyed))
     }
 
-    fn steal_unkeyed(&self, w: usize, local: &Deque<Job>) -> Option<Job> {
+    fn steal_unkeyed(&self, w: usize, local: &Deque<Job>, batch: bool) -> Option<Job> {
         let n = self.stealers.len();
         loop {
             let mut retry = false;
-            match self.injector.steal_batch_and_pop(local) {
+            let from_injector = if batch {
+                self.injector.steal_batch_and_pop(local)
+            } else {
+                self.injector.steal()
+            };
+            match from_injector {
                 Steal::Success(job) => {
                     if !local.is_empty() {
                         // Share the rest of the batch with a sleeper.
@@ -132,8 +151,10 @@ impl Shared {
                 Steal::Retry => retry = true,
                 Steal::Empty => {}
             }
-            // Other workers' deques, starting after our own.
-            for i in (w + 1..n).chain(0..w) {
+            // Other workers' deques, starting after our own, and last the
+            // one `stealers[w]` names (ours, popped already; or that of the
+            // stuck worker this one replaced).
+            for i in (w + 1..n).chain(0..=w) {
                 match self.stealers[i].steal() {
                     Steal::Success(job) => return Some(job),
                     Steal::Retry => retry = true,

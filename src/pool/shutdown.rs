@@ -11,8 +11,6 @@
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::RecvTimeoutError;
-
 use super::{IslePool, PoolInner};
 use crate::vm::on_owner_thread;
 use crate::IsleError;
@@ -22,24 +20,31 @@ impl IslePool {
     /// every worker thread. Blocks until then. Calling it again (or from
     /// another handle) waits for the same shutdown and returns `Ok`.
     ///
+    /// A worker found wedged meanwhile (stuck in a stopped request past
+    /// [`stop_grace`](crate::IslePoolBuilder::stop_grace)) is not waited
+    /// for: it is detached and named in the error.
+    ///
     /// # Errors
     /// [`IsleError::Reentrant`] from one of the pool's own VM threads;
     /// [`IsleError::Panic`] if a worker thread died from a panic outside any
-    /// request.
+    /// request; [`IsleError::Wedged`] naming the worker threads that were
+    /// detached instead of joined.
     pub fn shutdown(&self) -> Result<(), IsleError> {
         self.inner.stop(None)
     }
 
-    /// Like [`shutdown`](Self::shutdown), but after `grace` it interrupts
+    /// Like [`shutdown`](Self::shutdown), but after `limit` it interrupts
     /// whatever still runs and resolves whatever is still queued with
-    /// [`IsleError::Shutdown`], then joins. Blocks for about `grace` at most
-    /// (plus the time for running Rust code to return; Lua code stops at
-    /// its next hook tick).
+    /// [`IsleError::Shutdown`], then joins. Blocks for `limit` plus
+    /// [`stop_grace`](crate::IslePoolBuilder::stop_grace) at most: a worker
+    /// still inside Rust or C code by then is detached, not joined. A limit
+    /// too large to represent (such as `Duration::MAX`) waits as `shutdown`
+    /// does.
     ///
     /// # Errors
     /// As for [`shutdown`](Self::shutdown).
-    pub fn shutdown_timeout(&self, grace: Duration) -> Result<(), IsleError> {
-        self.inner.stop(Some(Instant::now() + grace))
+    pub fn shutdown_timeout(&self, limit: Duration) -> Result<(), IsleError> {
+        self.inner.stop(Instant::now().checked_add(limit))
     }
 }
 
@@ -51,34 +56,24 @@ impl PoolInner {
         let shared = &self.shared;
         shared.closed.store(true, Ordering::SeqCst);
         shared.sleep.wake_all();
-        if let Some(at) = abort_at {
-            // Waited for without the join lock: another caller may hold it,
-            // joining workers stuck in long requests that only an abort
-            // ends. Each worker's exit signal disconnects once it has ended,
-            // so every waiter learns when all have.
-            loop {
-                match self.exits.recv_deadline(at) {
-                    Ok(_) => continue,
-                    Err(RecvTimeoutError::Disconnected) => break,
-                    Err(RecvTimeoutError::Timeout) => {
-                        self.abort();
-                        break;
-                    }
-                }
-            }
+        // Waited for without the thread lock: another caller may be
+        // waiting too, and a replacement in progress must finish first.
+        let ids = self.thread_ids();
+        let exits = &self.spawner.exits;
+        if !exits.wait(&ids, abort_at) {
+            self.abort();
+            exits.wait(&ids, Instant::now().checked_add(self.owner.timer.grace()));
         }
-        let mut threads = self.threads.lock();
-        if threads.is_empty() {
-            return Ok(());
-        }
-        let mut result = Ok(());
-        for t in threads.drain(..) {
-            if let Err(p) = t.join() {
-                result = Err(IsleError::from_panic(&*p));
-            }
-        }
-        self.finish();
-        result
+        self.join_or_detach()
+    }
+
+    /// (slot, generation) of the current worker threads.
+    fn thread_ids(&self) -> Vec<(usize, u64)> {
+        self.threads
+            .lock()
+            .iter()
+            .map(|t| (t.index, t.generation))
+            .collect()
     }
 
     /// Raises the abort flag, stops every running request (including Rust
@@ -91,6 +86,43 @@ impl PoolInner {
             }
         }
         self.shared.sleep.wake_all();
+    }
+
+    /// Joins the worker threads that have ended and detaches the others
+    /// (stuck in Rust or C code past every limit), then finishes. The first
+    /// caller does it; later ones find nothing left and return `Ok`.
+    fn join_or_detach(&self) -> Result<(), IsleError> {
+        let mut threads = self.threads.lock();
+        if threads.is_empty() {
+            return Ok(());
+        }
+        let me = std::thread::current().id();
+        let mut result = Ok(());
+        let mut detached = Vec::new();
+        for t in threads.drain(..) {
+            if t.handle.thread().id() == me {
+                // The last handle was dropped on a worker thread (inside an
+                // `exec` closure); that thread exits by itself afterwards.
+            } else if self.spawner.exits.ended(&t) {
+                if let Err(p) = t.handle.join() {
+                    result = Err(IsleError::from_panic(&*p));
+                }
+            } else {
+                detached.push(t.handle.thread().name().unwrap_or("?").to_string());
+            }
+        }
+        drop(threads);
+        self.finish();
+        if !detached.is_empty() {
+            result = Err(IsleError::Wedged(format!(
+                "worker thread(s) {} did not stop within {:?} after being interrupted \
+                 (inside Rust or C code that does not return); detached: each frees \
+                 its VM if it ever gets back",
+                detached.join(", "),
+                self.owner.timer.grace()
+            )));
+        }
+        result
     }
 
     /// After the workers are gone: resolve leftovers, stop the deadline
@@ -108,14 +140,10 @@ impl Drop for PoolInner {
     fn drop(&mut self) {
         self.shared.closed.store(true, Ordering::SeqCst);
         self.abort();
-        let me = std::thread::current().id();
-        for t in self.threads.get_mut().drain(..) {
-            // The last handle may be dropped on a worker thread (inside an
-            // `exec` closure); that thread exits by itself afterwards.
-            if t.thread().id() != me {
-                let _ = t.join();
-            }
-        }
-        self.finish();
+        let ids = self.thread_ids();
+        self.spawner
+            .exits
+            .wait(&ids, Instant::now().checked_add(self.owner.timer.grace()));
+        let _ = self.join_or_detach();
     }
 }

@@ -37,10 +37,13 @@ use std::time::Duration;
 
 use crossbeam_utils::sync::{Parker, Unparker};
 use crossbeam_utils::CachePadded;
+use parking_lot::Mutex;
 
 pub(crate) struct Sleep {
     sleeping: Box<[CachePadded<AtomicBool>]>,
-    unparkers: Box<[Unparker]>,
+    /// Replaced when a wedged worker's slot gets a new thread; locked only
+    /// to unpark, which costs a system call anyway.
+    unparkers: Box<[Mutex<Unparker>]>,
     count: CachePadded<AtomicUsize>,
 }
 
@@ -52,7 +55,10 @@ impl Sleep {
             sleeping: (0..workers)
                 .map(|_| CachePadded::new(AtomicBool::new(false)))
                 .collect(),
-            unparkers: parkers.iter().map(|p| p.unparker().clone()).collect(),
+            unparkers: parkers
+                .iter()
+                .map(|p| Mutex::new(p.unparker().clone()))
+                .collect(),
             count: CachePadded::new(AtomicUsize::new(0)),
         };
         (sleep, parkers)
@@ -100,7 +106,7 @@ impl Sleep {
         }
         for w in 0..self.sleeping.len() {
             if self.lower(w) {
-                self.unparkers[w].unpark();
+                self.unparkers[w].lock().unpark();
                 return;
             }
         }
@@ -117,8 +123,14 @@ impl Sleep {
         // ORDERING: pairs with the worker's fence; see the module docs.
         fence(Ordering::SeqCst);
         if self.lower(w) {
-            self.unparkers[w].unpark();
+            self.unparkers[w].lock().unpark();
         }
+    }
+
+    /// Gives slot `w` to a new thread, woken through `unparker`.
+    pub(crate) fn replace(&self, w: usize, unparker: Unparker) {
+        *self.unparkers[w].lock() = unparker;
+        self.wake(w);
     }
 
     /// Wakes every worker (shutdown).
@@ -126,7 +138,7 @@ impl Sleep {
         fence(Ordering::SeqCst);
         for w in 0..self.sleeping.len() {
             self.lower(w);
-            self.unparkers[w].unpark();
+            self.unparkers[w].lock().unpark();
         }
     }
 }

@@ -23,8 +23,9 @@ struct Env {
     table: Table,
 }
 
-/// Starts a fresh VM for this worker (runs `init` again), for recycling.
-pub(crate) type Restart = Box<dyn Fn() -> Result<Vm, IsleError> + Send>;
+/// Starts a fresh VM (runs `init`) on the calling thread: a worker's first,
+/// a recycled one, or one replacing a wedged worker.
+pub(crate) type StartVm = Arc<dyn Fn() -> Result<Vm, IsleError> + Send + Sync>;
 
 /// The VM and what lives in it: replaced as a whole when recycled.
 struct Host {
@@ -69,18 +70,24 @@ pub(crate) struct Worker {
     pub(crate) shared: Arc<Shared>,
     pub(crate) local: Deque<Job>,
     pub(crate) parker: Parker,
-    pub(crate) restart: Restart,
+    pub(crate) restart: StartVm,
+    /// This thread's generation in its slot (`Shared::generations`).
+    pub(crate) generation: u64,
+    /// Whether thieves can reach `local` (see `Shared::find`).
+    pub(crate) batch: bool,
 }
 
 impl Worker {
     /// The worker loop; returns when the pool shuts down and nothing is
     /// left for this worker.
-    pub(crate) fn run(self, vm: Vm) {
+    ///
+    /// `lost`: sessions whose state went with the VM this one replaces.
+    pub(crate) fn run(self, vm: Vm, mut lost: Vec<Arc<Binding>>) {
         let shared = &*self.shared;
         let w = self.index;
         let mut host = Host::new(vm);
-        // Sessions whose VM was recycled: they answer `SessionLost` once.
-        let mut lost: Vec<Arc<Binding>> = Vec::new();
+        // Sessions whose VM was recycled (or replaced while wedged): they
+        // answer `SessionLost` once.
         let sweep_every = shared
             .idle_timeout
             .map(|d| (d / 4).clamp(Duration::from_millis(1), Duration::from_secs(1)));
@@ -89,7 +96,7 @@ impl Worker {
         loop {
             // Busy: take work.
             pinned_first = !pinned_first;
-            if let Some(found) = shared.find(w, &self.local, pinned_first) {
+            if let Some(found) = shared.find(w, &self.local, pinned_first, self.batch) {
                 // About to be busy: if unkeyed work is still waiting, make
                 // sure a sleeping worker comes for it (the wake-up that
                 // brought us here may have been meant for it).
@@ -136,6 +143,12 @@ impl Worker {
                         lost.retain(|b| b.id != id);
                     }
                 }
+                if !self.is_current() {
+                    // Found wedged and replaced while in that request: the
+                    // slot is another thread's now.
+                    self.retire();
+                    return;
+                }
                 if self.due_for_recycling(&host) {
                     self.recycle(&mut host, &mut lost);
                 }
@@ -170,6 +183,31 @@ impl Worker {
         }
     }
 
+    /// False once a replacement has taken this worker's slot.
+    fn is_current(&self) -> bool {
+        // ORDERING: Acquire pairs with the Release bump in `wedge.rs`.
+        self.shared.generations[self.index].load(Ordering::Acquire) == self.generation
+    }
+
+    /// Leaves the slot to its replacement: what waits in this thread's deque
+    /// goes back to the global queue. The VM is dropped with the worker.
+    fn retire(&self) {
+        let shared = &*self.shared;
+        let mut moved = false;
+        while let Some(job) = self.local.pop() {
+            shared.injector.push(job);
+            moved = true;
+        }
+        if moved {
+            shared.sleep.wake_any();
+            // ORDERING: as in `IslePool::after_push`: the pool may have
+            // stopped (and drained) while this thread was stuck.
+            if shared.stopped.load(Ordering::SeqCst) {
+                shared.drain();
+            }
+        }
+    }
+
     fn run_job(&self, host: &mut Host, job: Job, env: Option<&Table>) {
         let counters = &self.shared.counters[self.index];
         if self.shared.abort.load(Ordering::Acquire) {
@@ -181,7 +219,11 @@ impl Worker {
         let start = Instant::now();
         let outcome = host.vm.run(job, env);
         let busy = start.elapsed();
-        counters.running.store(false, Ordering::Relaxed);
+        // Back from a request during which this worker was replaced: the
+        // flag is its replacement's now.
+        if self.is_current() {
+            counters.running.store(false, Ordering::Relaxed);
+        }
         counters.record(outcome, busy);
         host.served += 1;
     }
