@@ -1,7 +1,7 @@
 //! `Isle`: one Lua VM on its own thread.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -52,6 +52,9 @@ struct Inner {
     rx: Receiver<Msg>,
     /// Set by shutdown: new requests resolve `Shutdown` without queueing.
     closed: AtomicBool,
+    /// Set once shutdown has joined (or detached) the VM thread: the queue
+    /// has no server any more, and whoever finds a job in it resolves it.
+    stopped: AtomicBool,
     /// Set to abort (last handle dropped, or `shutdown_timeout` expired):
     /// the hook stops the running request and the VM thread resolves queued
     /// ones without running them.
@@ -154,7 +157,7 @@ impl IsleBuilder {
                 init(lua)
             }
         };
-        let vm = start(id, &config, &abort, &rx, &generation, first)?;
+        let vm = start(id, &config, &abort, &rx, &generation, 0, None, first)?;
         let inner = Arc::new(Inner {
             owner: Owner {
                 id,
@@ -164,6 +167,7 @@ impl IsleBuilder {
             tx,
             rx,
             closed: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
             abort,
             vm: Mutex::new(vm),
             generation,
@@ -185,22 +189,29 @@ impl IsleBuilder {
     }
 }
 
-/// Starts a VM thread serving `rx` as generation `generation`'s current
-/// value; blocks until `init` has run on it.
+/// Starts a VM thread that serves `rx` while `generation` is `mine`; blocks
+/// until `init` has run on it. Given `go`, the thread waits for it before
+/// serving (a dropped `go`: it exits).
+#[allow(clippy::too_many_arguments)]
 fn start(
     id: u64,
     config: &VmConfig,
     abort: &Arc<AtomicBool>,
     rx: &Receiver<Msg>,
     generation: &Arc<AtomicU64>,
+    mine: u64,
+    go: Option<Receiver<()>>,
     init: impl FnOnce(&Lua) -> mlua::Result<()> + Send + 'static,
 ) -> Result<VmThread, IsleError> {
     let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
     let (exit_tx, exited) = crossbeam_channel::bounded(1);
-    let mine = generation.load(Ordering::Acquire);
     let thread = {
-        let (config, abort, rx, generation) =
-            (config.clone(), abort.clone(), rx.clone(), generation.clone());
+        let (config, abort, rx, generation) = (
+            config.clone(),
+            abort.clone(),
+            rx.clone(),
+            generation.clone(),
+        );
         config
             .thread("")
             .spawn(move || {
@@ -208,6 +219,9 @@ fn start(
                 match Vm::start(id, &config, abort.clone(), init) {
                     Ok(vm) => {
                         let _ = ready_tx.send(Ok(vm.interrupt()));
+                        if go.is_some_and(|go| go.recv().is_err()) {
+                            return;
+                        }
                         serve(&vm, &rx, &abort, &generation, mine);
                     }
                     Err(e) => {
@@ -343,6 +357,14 @@ impl Submit for Isle {
             if let Msg::Job(job) = e.into_inner() {
                 job.abandon(IsleError::Shutdown);
             }
+        } else {
+            // ORDERING: the fence orders our send before the load; it pairs
+            // with the one in `finish`: either its drain sees our job, or we
+            // see `stopped` and drain it ourselves.
+            fence(Ordering::SeqCst);
+            if self.inner.stopped.load(Ordering::SeqCst) {
+                self.inner.drain();
+            }
         }
     }
 }
@@ -368,8 +390,27 @@ impl Inner {
         self.abort(&vm); // a no-op for a thread that has ended
         let result = self.join_within_grace(&mut vm);
         drop(vm);
-        self.owner.timer.shutdown();
+        self.finish();
         result
+    }
+
+    /// After the VM thread is gone (or detached): resolve what is left in
+    /// the queue, stop the deadline thread.
+    fn finish(&self) {
+        // ORDERING: pairs with the fence in `enqueue`.
+        self.stopped.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        self.drain();
+        self.owner.timer.shutdown();
+    }
+
+    /// Resolves every queued job `Shutdown`.
+    fn drain(&self) {
+        while let Ok(msg) = self.rx.try_recv() {
+            if let Msg::Job(job) = msg {
+                job.abandon(IsleError::Shutdown);
+            }
+        }
     }
 
     /// Stops the running request and makes the VM thread resolve queued ones
@@ -423,26 +464,26 @@ impl Inner {
         }
         // The stuck thread exits when it gets back; the new one serves from
         // now on. If the new VM cannot start, the old one stays in charge.
-        // ORDERING: Release pairs with `serve`'s Acquire check.
-        let next = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         let init = self.init.clone();
+        let (go_tx, go_rx) = crossbeam_channel::bounded(1);
+        let next = self.generation.load(Ordering::Relaxed) + 1;
         let started = start(
             self.owner.id,
             &self.config,
             &self.abort,
             &self.rx,
             &self.generation,
+            next,
+            Some(go_rx),
             move |lua| init.map_or(Ok(()), |init| init(lua)),
         );
-        match started {
-            Ok(fresh) => {
-                debug_assert_eq!(self.generation.load(Ordering::Relaxed), next);
-                drop(std::mem::replace(&mut *vm, fresh)); // detaches the stuck thread
-                self.wedged.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(_) => {
-                self.generation.fetch_sub(1, Ordering::AcqRel);
-            }
+        // If the fresh VM cannot start, the stuck one stays in charge.
+        if let Ok(fresh) = started {
+            self.wedged.fetch_add(1, Ordering::Relaxed);
+            // ORDERING: Release pairs with `serve`'s Acquire check.
+            self.generation.store(next, Ordering::Release);
+            let _ = go_tx.send(());
+            drop(std::mem::replace(&mut *vm, fresh)); // detaches the stuck thread
         }
     }
 }
@@ -464,7 +505,7 @@ impl Drop for Inner {
         self.abort(&vm);
         let _ = self.join_within_grace(&mut vm);
         drop(vm);
-        self.owner.timer.shutdown();
+        self.finish();
     }
 }
 

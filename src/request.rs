@@ -23,7 +23,7 @@
 //! (`timer.rs`, `Watch`).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Waker;
 use std::time::Instant;
@@ -82,7 +82,16 @@ pub(crate) struct Header {
     /// The alarm of the VM thread running it (see `alarm.rs`); 0 until it
     /// runs, or when its VM's hook ticks on its own.
     alarm: AtomicU32,
+    /// Set when the request counts against a pool's `queue_capacity`: the
+    /// count of live queued requests, released once, by whoever takes the
+    /// request out of `QUEUED` (its VM starting it, or a stop resolving it),
+    /// so a request that resolved while queued holds no room.
+    admission: Mutex<Option<Admission>>,
+    admitted: AtomicBool,
 }
+
+/// A pool's count of live queued requests (see `queue_capacity`).
+pub(crate) type Admission = Arc<CachePadded<AtomicUsize>>;
 
 impl Header {
     pub(crate) fn reason(&self) -> Option<Reason> {
@@ -93,6 +102,30 @@ impl Header {
 
     pub(crate) fn is_done(&self) -> bool {
         self.phase.load(Ordering::Acquire) == DONE
+    }
+
+    /// Counts this request in `count` (already incremented for it) until it
+    /// leaves `QUEUED`. Called before the job is queued.
+    pub(crate) fn admit(&self, count: &Admission) {
+        *self.admission.lock() = Some(count.clone());
+        // ORDERING: Release: the VM that starts the job (after taking it
+        // from a queue, which publishes this) sees the flag; a stopper
+        // racing with us takes the lock anyway.
+        self.admitted.store(true, Ordering::Release);
+        // Resolved before it was counted (a limit that had passed): nobody
+        // else will release it.
+        if self.phase.load(Ordering::Acquire) != QUEUED {
+            self.release_admission();
+        }
+    }
+
+    /// Gives back the room this request held in its pool's queue, once.
+    fn release_admission(&self) {
+        if self.admitted.load(Ordering::Acquire) {
+            if let Some(count) = self.admission.lock().take() {
+                count.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -131,6 +164,8 @@ impl<T> Request<T> {
                 owner,
                 submitted: Instant::now(),
                 alarm: AtomicU32::new(0),
+                admission: Mutex::new(None),
+                admitted: AtomicBool::new(false),
             },
             ready: CachePadded::new(AtomicBool::new(false)),
             slot: Mutex::new(Slot {
@@ -177,6 +212,7 @@ impl<T> Request<T> {
     /// Resolves a request that never started. No-op if it already did.
     fn abandon(&self, err: IsleError) {
         if self.claim(QUEUED) {
+            self.header.release_admission();
             self.resolve(Err(err));
         }
     }
@@ -263,6 +299,7 @@ impl<T: Send> Cancel for Request<T> {
         );
         let reason = self.header.reason().unwrap_or(reason);
         if self.claim(QUEUED) {
+            self.header.release_admission();
             self.resolve(Err(reason.error()));
             return false;
         }
@@ -337,6 +374,7 @@ pub(crate) struct Job(Box<dyn Runnable>);
 trait Runnable: Send {
     fn run(self: Box<Self>, ctx: &Ctx<'_>, scope: &dyn RunScope) -> Outcome;
     fn abandon(&self, err: IsleError);
+    fn header(&self) -> &Header;
 }
 
 struct Pending<T, F> {
@@ -360,6 +398,12 @@ impl Job {
     /// was resolved while queued (then the work is dropped unrun).
     pub(crate) fn run(self, ctx: &Ctx<'_>, scope: &dyn RunScope) -> Outcome {
         self.0.run(ctx, scope)
+    }
+
+    /// Counts the request against a pool's `queue_capacity` while it is
+    /// queued (see `Header::admit`).
+    pub(crate) fn admit(&self, count: &Admission) {
+        self.0.header().admit(count);
     }
 
     /// Resolves the request with `err` without running it (no-op if it
@@ -394,6 +438,7 @@ where
         {
             return Outcome::Skipped; // resolved while queued
         }
+        req.header.release_admission();
         let Some(work) = self.work.take() else {
             unreachable!("a job's work is taken only here, once")
         };
@@ -457,6 +502,10 @@ where
 
     fn abandon(&self, err: IsleError) {
         self.req.abandon(err);
+    }
+
+    fn header(&self) -> &Header {
+        &self.req.header
     }
 }
 

@@ -137,3 +137,58 @@ fn many_submitters_never_overfill_the_queue() {
     }
     pool.shutdown().unwrap();
 }
+
+#[test]
+fn requests_resolved_while_queued_give_their_room_back() {
+    // Two workers; one is stuck in a session's callback. Requests queued
+    // behind it time out while still queued: they must not hold capacity,
+    // or unkeyed work (which the idle worker could do) gets `QueueFull`.
+    let (g, gf) = gate();
+    let pool = IslePool::builder()
+        .workers(2)
+        .queue_capacity(50)
+        .build()
+        .unwrap();
+    let stuck = pool.session("stuck");
+    let blocker = stuck.spawn_exec(move |_, _| {
+        gf.block();
+        Ok(())
+    });
+    g.wait_started();
+    let behind: Vec<Task<i64>> = (0..49)
+        .map(|_| {
+            stuck
+                .spawn_eval("return 1")
+                .timeout(std::time::Duration::from_millis(5))
+        })
+        .collect();
+    for t in behind {
+        assert_eq!(
+            within("a queued request times out", move || t.wait()),
+            Err(IsleError::Timeout)
+        );
+    }
+    // Cancelled ones too.
+    for _ in 0..49 {
+        let t = stuck.spawn_eval::<i64>("return 1");
+        t.cancel();
+        assert_eq!(t.wait(), Err(IsleError::Cancelled));
+    }
+    // Far more than the capacity, one at a time: each gets room. (New
+    // sessions bind to the least loaded VM, the idle one: its load stays
+    // below the stuck one's while they are few.)
+    for i in 0..200i64 {
+        assert_eq!(pool.eval::<i64>(format!("return {i}")), Ok(i));
+    }
+    for i in 0..20i64 {
+        let s = pool.session(i);
+        assert_eq!(
+            within("a new session", move || s.eval::<i64>("return 2")),
+            Ok(2)
+        );
+    }
+    assert_eq!(pool.metrics().rejected, 0);
+    g.release();
+    blocker.wait().unwrap();
+    pool.shutdown().unwrap();
+}

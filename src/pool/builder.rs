@@ -129,7 +129,7 @@ impl IslePoolBuilder {
             discarded: AtomicU64::new(0),
             sessions_expired: AtomicU64::new(0),
             capacity: self.queue_capacity,
-            queued: CachePadded::new(AtomicUsize::new(0)),
+            queued: Arc::new(CachePadded::new(AtomicUsize::new(0))),
             idle_timeout: self.session_idle_timeout,
             recycle_after: self.recycle_after,
             recycle_above: self.recycle_above,
@@ -255,27 +255,24 @@ impl Spawner {
             batch,
         };
         let exits = self.exits.clone();
-        let handle = self
-            .config
-            .thread(&format!("-{index}"))
-            .spawn(move || {
-                let _exit = ExitSignal(exits, index, generation);
-                match (worker.restart)() {
-                    Ok(vm) => {
-                        let _ = ready.send((index, Ok(())));
-                        let lost = match go.map(|go| go.recv()) {
-                            None => Vec::new(),
-                            Some(Ok(lost)) => lost,
-                            Some(Err(_)) => return,
-                        };
-                        *worker.shared.interrupts[index].lock() = Some(vm.interrupt());
-                        worker.run(vm, lost);
-                    }
-                    Err(e) => {
-                        let _ = ready.send((index, Err(e)));
-                    }
+        let handle = self.config.thread(&format!("-{index}")).spawn(move || {
+            let _exit = ExitSignal(exits, index, generation);
+            match (worker.restart)() {
+                Ok(vm) => {
+                    let _ = ready.send((index, Ok(())));
+                    let lost = match go.map(|go| go.recv()) {
+                        None => Vec::new(),
+                        Some(Ok(lost)) => lost,
+                        Some(Err(_)) => return,
+                    };
+                    *worker.shared.interrupts[index].lock() = Some(vm.interrupt());
+                    worker.run(vm, lost);
                 }
-            })?;
+                Err(e) => {
+                    let _ = ready.send((index, Err(e)));
+                }
+            }
+        })?;
         Ok(WorkerThread {
             index,
             generation,

@@ -248,7 +248,7 @@ impl IslePool {
             shared.discarded.fetch_add(1, Ordering::Relaxed);
             job.abandon(IsleError::Shutdown);
             None
-        } else if !shared.admit() {
+        } else if !shared.admit(&job) {
             job.abandon(IsleError::QueueFull);
             None
         } else {

@@ -2,7 +2,7 @@
 //! sleep/wake slots, the session table and the counters.
 
 use std::iter;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,7 @@ use super::metrics::{PoolMetrics, StripedCounter, WorkerCounters};
 use super::session::{Binding, Sessions};
 use super::sleep::Sleep;
 use crate::hook::Interrupt;
-use crate::request::Job;
+use crate::request::{Admission, Job};
 use crate::IsleError;
 
 /// Work only one worker may run: never stolen.
@@ -58,7 +58,7 @@ pub(crate) struct Shared {
     /// `queue_capacity`, and the number of requests queued against it (kept
     /// only when a capacity is set).
     pub(crate) capacity: Option<usize>,
-    pub(crate) queued: CachePadded<AtomicUsize>,
+    pub(crate) queued: Admission,
     /// `session_idle_timeout`.
     pub(crate) idle_timeout: Option<Duration>,
     /// `recycle_after` (requests) and `recycle_when_memory_above` (bytes).
@@ -86,7 +86,10 @@ impl Shared {
     }
 
     /// Counts a request against `queue_capacity`; false if it is full.
-    pub(crate) fn admit(&self) -> bool {
+    /// Only live queued requests count: the request gives its room back
+    /// when it starts or resolves (see `Header::admit`), not when a worker
+    /// happens to take it off a queue.
+    pub(crate) fn admit(&self, job: &Job) -> bool {
         let Some(cap) = self.capacity else {
             return true;
         };
@@ -96,14 +99,8 @@ impl Shared {
             self.rejected.fetch_add(1, Ordering::Relaxed);
             return false;
         }
+        job.admit(&self.queued);
         true
-    }
-
-    /// A worker took a request off a queue.
-    pub(crate) fn took(&self) {
-        if self.capacity.is_some() {
-            self.queued.fetch_sub(1, Ordering::Relaxed);
-        }
     }
 
     /// Finds work for worker `w`: its pinned queue and its own deque first
@@ -184,7 +181,6 @@ impl Shared {
     /// have exited).
     pub(crate) fn drain(&self) {
         let discard = |job: Job| {
-            self.took();
             self.discarded.fetch_add(1, Ordering::Relaxed);
             job.abandon(IsleError::Shutdown);
         };

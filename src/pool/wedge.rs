@@ -38,9 +38,7 @@ impl PoolInner {
         if shared.closed.load(Ordering::Acquire) {
             // No replacement while shutting down: shutdown stops waiting
             // for this VM instead.
-            self.spawner
-                .exits
-                .wedged((w, threads[pos].generation));
+            self.spawner.exits.wedged((w, threads[pos].generation));
             return;
         }
         let generation = threads[pos].generation + 1;

@@ -105,11 +105,9 @@ impl Worker {
                 }
                 match found {
                     Found::Unkeyed(job) => {
-                        shared.took();
                         self.run_job(&mut host, job, None);
                     }
                     Found::Pinned(Pinned::Session(binding, job)) => {
-                        shared.took();
                         if binding.lost.load(Ordering::Acquire) {
                             self.tell_lost(&binding, job);
                         } else {

@@ -248,3 +248,57 @@ pub fn register_wait_for_cancel(lua: &Lua, started: Sender<()>) -> mlua::Result<
     })?;
     lua.globals().set("wait_for_cancel", wait)
 }
+
+/// Runs `body` in a child process that runs only the test `name` of this
+/// binary: for tests whose VM may spin forever in C code (a detached thread
+/// would take a core from every later test) or that may kill the process.
+/// The child is killed, and the test fails, if it has not finished after
+/// three times [`PATIENCE`].
+pub fn in_child(name: &str, body: impl FnOnce()) {
+    const CHILD: &str = "MLUA_ISLE_TEST_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        body();
+        return;
+    }
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--include-ignored", "--test-threads=1"])
+        .env(CHILD, "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read the pipes on threads, so a chatty child cannot block on them.
+    let read = |mut pipe: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = pipe.read_to_string(&mut s);
+            s
+        })
+    };
+    let stdout = read(Box::new(child.stdout.take().unwrap()));
+    let stderr = read(Box::new(child.stderr.take().unwrap()));
+    let until = Instant::now() + PATIENCE * 3;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let (out, err) = (stdout.join().unwrap(), stderr.join().unwrap());
+    let Some(status) = status else {
+        panic!("hung: the child process running `{name}` was killed\n{out}\n{err}");
+    };
+    assert!(
+        status.success(),
+        "the child process running `{name}` failed ({status}):\n{out}\n{err}"
+    );
+    assert!(
+        out.contains("1 passed"),
+        "the child process did not run `{name}`:\n{out}\n{err}"
+    );
+}

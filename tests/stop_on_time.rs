@@ -1,0 +1,404 @@
+//! A stop reaches the caller on time, whatever the VM is doing: inside a Rust
+//! callback, a long C function or the compiler. A VM that does not let go
+//! within its grace period is wedged, and replaced; shutdown and drop do not
+//! wait for it.
+//!
+//! No timing is asserted: a blocked callback is held by a gate that is
+//! released only after the caller got its answer, so a late answer hangs,
+//! and every wait runs under a watchdog (`within`), so a hang fails the
+//! test. Tests whose VM spins in C code forever run in a child process.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{gate, in_child, within, Gate, GateFn};
+use mlua_isle::{Isle, IsleError, IslePool, Task};
+
+/// A grace period short enough for tests to see a VM replaced.
+const GRACE: Duration = Duration::from_millis(100);
+/// A grace period no test run reaches: the VM must never be replaced.
+const NO_REPLACEMENT: Duration = Duration::from_secs(3600);
+
+/// An isle whose re-runnable init registers `block()` (held by the gate).
+fn blocking_isle(grace: Duration) -> (Isle, Gate) {
+    let (gate, block) = gate();
+    let isle = Isle::builder()
+        .stop_grace(grace)
+        .init(move |lua| block.clone().register(lua, "block"))
+        .build()
+        .unwrap();
+    (isle, gate)
+}
+
+fn blocking_pool(workers: usize, grace: Duration) -> (IslePool, Gate) {
+    let (gate, block) = gate();
+    let pool = IslePool::builder()
+        .workers(workers)
+        .stop_grace(grace)
+        .init(move |lua| block.clone().register(lua, "block"))
+        .build()
+        .unwrap();
+    (pool, gate)
+}
+
+fn wait_within<T: Send + 'static>(what: &str, task: Task<T>) -> Result<T, IsleError> {
+    within(what, move || task.wait())
+}
+
+#[test]
+fn cancel_answers_the_caller_while_a_rust_callback_blocks() {
+    let (isle, gate) = blocking_isle(NO_REPLACEMENT);
+    let task = isle.spawn_call::<()>("block", ());
+    gate.wait_started();
+    task.cancel();
+    // Without the fix this waits for the release, which comes only after.
+    assert_eq!(
+        wait_within("a cancelled callback's caller", task),
+        Err(IsleError::Cancelled)
+    );
+    gate.release();
+    // The VM got back, dropped the late result, and serves on.
+    assert_eq!(isle.eval::<i64>("1 + 1"), Ok(2));
+    assert_eq!(isle.wedged(), 0);
+    isle.shutdown().unwrap();
+}
+
+#[test]
+fn a_time_limit_answers_the_caller_while_a_rust_callback_blocks() {
+    let (isle, gate) = blocking_isle(NO_REPLACEMENT);
+    let task = isle
+        .spawn_call::<()>("block", ())
+        .timeout(Duration::from_millis(20));
+    gate.wait_started();
+    assert_eq!(
+        wait_within("a timed-out callback's caller", task),
+        Err(IsleError::Timeout)
+    );
+    gate.release();
+    assert_eq!(isle.eval::<i64>("1 + 1"), Ok(2));
+    isle.shutdown().unwrap();
+}
+
+#[test]
+fn a_default_timeout_answers_while_an_exec_closure_blocks() {
+    let (gate, block) = gate();
+    let pool = IslePool::builder()
+        .workers(1)
+        .default_timeout(Duration::from_millis(20))
+        .stop_grace(NO_REPLACEMENT)
+        .build()
+        .unwrap();
+    let task = pool.spawn_exec(move |_| {
+        block.block();
+        Ok(())
+    });
+    gate.wait_started();
+    assert_eq!(
+        wait_within("a blocked closure's caller", task),
+        Err(IsleError::Timeout)
+    );
+    gate.release();
+    assert_eq!(pool.eval::<i64>("2 + 2"), Ok(4));
+    pool.shutdown().unwrap();
+}
+
+/// Counts its drops: the late value of a stopped request is dropped, once,
+/// on the VM thread, and nobody receives it.
+struct Counted(Arc<AtomicUsize>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn the_late_result_of_a_stopped_request_is_dropped_once() {
+    let (gate, block) = gate();
+    let isle = Isle::builder()
+        .stop_grace(NO_REPLACEMENT)
+        .spawn(|_| Ok(()))
+        .unwrap();
+    let drops = Arc::new(AtomicUsize::new(0));
+    let task = {
+        let drops = drops.clone();
+        isle.spawn_exec(move |_| {
+            block.block();
+            Ok(Counted(drops))
+        })
+    };
+    gate.wait_started();
+    task.cancel();
+    assert!(matches!(
+        wait_within("a cancelled closure's caller", task),
+        Err(IsleError::Cancelled)
+    ));
+    gate.release();
+    // Requests run in order: once this one ran, the late value is gone.
+    assert_eq!(isle.eval::<i64>("1"), Ok(1));
+    assert_eq!(drops.load(Ordering::SeqCst), 1);
+    isle.shutdown().unwrap();
+}
+
+#[test]
+fn a_callback_that_cancels_its_own_request_keeps_its_result() {
+    // Stopped from its own VM thread, the request is not stuck: the VM
+    // resolves it when the work returns, and a value nothing interrupted
+    // is kept.
+    let isle = Isle::spawn(|_| Ok(())).unwrap();
+    let r = isle.exec(|lua| {
+        mlua_isle::current_token(lua).unwrap().cancel();
+        Ok(7)
+    });
+    assert_eq!(r, Ok(7));
+    isle.shutdown().unwrap();
+}
+
+#[test]
+fn a_pool_replaces_a_wedged_worker_and_its_sessions_are_lost_once() {
+    let (pool, gate) = blocking_pool(2, GRACE);
+    let tenant = pool.session("tenant");
+    tenant.eval::<()>("x = 1").unwrap();
+    let stuck = tenant.spawn_call::<()>("block", ());
+    gate.wait_started();
+    // Queued behind the stuck request, on the same VM.
+    let behind = tenant.spawn_eval::<i64>("x");
+    stuck.cancel();
+    assert_eq!(
+        wait_within("the stuck request's caller", stuck),
+        Err(IsleError::Cancelled)
+    );
+    // One grace period later the worker is replaced; the session's state
+    // was in the stuck VM.
+    assert_eq!(
+        wait_within("a request queued behind the wedged VM", behind),
+        Err(IsleError::SessionLost)
+    );
+    // Once: the next request starts a fresh session.
+    assert_eq!(tenant.eval::<Option<i64>>("x"), Ok(None));
+    // The fresh VM ran init.
+    assert_eq!(tenant.eval::<bool>("block ~= nil"), Ok(true));
+    let m = pool.metrics();
+    assert_eq!(m.workers.iter().map(|w| w.wedged).sum::<u64>(), 1, "{m:?}");
+    // Unkeyed work flows on both VMs.
+    let tasks: Vec<_> = (0..20)
+        .map(|i| pool.spawn_eval::<i64>(format!("{i} * 2")))
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        assert_eq!(wait_within("unkeyed work", t), Ok(i as i64 * 2));
+    }
+    // The stuck thread gets back, drops its VM and exits.
+    gate.release();
+    pool.shutdown().unwrap();
+}
+
+#[test]
+fn an_isle_replaces_a_wedged_vm_and_runs_init_again() {
+    let (isle, gate) = blocking_isle(GRACE);
+    isle.eval::<()>("kept = 1").unwrap();
+    let stuck = isle.spawn_call::<()>("block", ());
+    gate.wait_started();
+    let queued = isle.spawn_eval::<i64>("41 + 1");
+    stuck.cancel();
+    assert_eq!(
+        wait_within("the stuck request's caller", stuck),
+        Err(IsleError::Cancelled)
+    );
+    // A fresh VM takes over the queue after the grace period.
+    assert_eq!(wait_within("the request queued behind", queued), Ok(42));
+    assert_eq!(isle.wedged(), 1);
+    assert_eq!(isle.eval::<bool>("block ~= nil and kept == nil"), Ok(true));
+    gate.release();
+    isle.shutdown().unwrap();
+}
+
+#[test]
+fn shutdown_timeout_detaches_an_isle_vm_stuck_in_rust() {
+    let (isle, gate) = blocking_isle(GRACE);
+    let stuck = isle.spawn_call::<()>("block", ());
+    gate.wait_started();
+    let queued = isle.spawn_eval::<i64>("1");
+    let handle = isle.clone();
+    let r = within("shutdown_timeout", move || {
+        handle.shutdown_timeout(Duration::from_millis(20))
+    });
+    match r {
+        Err(IsleError::Wedged(m)) => assert!(m.contains("mlua-isle"), "{m}"),
+        other => panic!("expected Wedged, got {other:?}"),
+    }
+    assert_eq!(
+        wait_within("the stuck request", stuck),
+        Err(IsleError::Shutdown)
+    );
+    assert_eq!(
+        wait_within("the queued request", queued),
+        Err(IsleError::Shutdown)
+    );
+    assert_eq!(isle.eval::<i64>("1"), Err(IsleError::Shutdown));
+    gate.release();
+}
+
+#[test]
+fn shutdown_timeout_detaches_a_pool_worker_stuck_in_rust() {
+    let (pool, gate) = blocking_pool(2, GRACE);
+    let stuck = pool.spawn_call::<()>("block", ());
+    gate.wait_started();
+    let handle = pool.clone();
+    let r = within("shutdown_timeout", move || {
+        handle.shutdown_timeout(Duration::from_millis(20))
+    });
+    assert!(matches!(r, Err(IsleError::Wedged(_))), "{r:?}");
+    assert_eq!(
+        wait_within("the stuck request", stuck),
+        Err(IsleError::Shutdown)
+    );
+    gate.release();
+}
+
+#[test]
+fn graceful_shutdown_stops_waiting_for_a_wedged_vm() {
+    let (pool, gate) = blocking_pool(1, GRACE);
+    let stuck = pool.spawn_call::<()>("block", ());
+    gate.wait_started();
+    stuck.cancel();
+    assert_eq!(
+        wait_within("the stuck request", stuck),
+        Err(IsleError::Cancelled)
+    );
+    let handle = pool.clone();
+    let r = within("shutdown", move || handle.shutdown());
+    // Replaced before the shutdown began (Ok), or found wedged during it.
+    assert!(matches!(r, Ok(()) | Err(IsleError::Wedged(_))), "{r:?}");
+    gate.release();
+
+    let (isle, gate) = blocking_isle(GRACE);
+    let stuck = isle.spawn_call::<()>("block", ());
+    gate.wait_started();
+    stuck.cancel();
+    let handle = isle.clone();
+    let r = within("shutdown", move || handle.shutdown());
+    assert!(matches!(r, Ok(()) | Err(IsleError::Wedged(_))), "{r:?}");
+    gate.release();
+}
+
+#[test]
+fn dropping_the_last_handle_does_not_wait_for_a_stuck_vm() {
+    let (isle, gate) = blocking_isle(GRACE);
+    let stuck = isle.spawn_call::<()>("block", ());
+    gate.wait_started();
+    within("dropping the isle", move || drop(isle));
+    assert!(matches!(
+        wait_within("the stuck request", stuck),
+        Err(IsleError::Shutdown | IsleError::Cancelled)
+    ));
+    gate.release();
+
+    let (pool, gate) = blocking_pool(2, GRACE);
+    let stuck = pool.spawn_call::<()>("block", ());
+    gate.wait_started();
+    within("dropping the pool", move || drop(pool));
+    assert!(matches!(
+        wait_within("the stuck request", stuck),
+        Err(IsleError::Shutdown | IsleError::Cancelled)
+    ));
+    gate.release();
+}
+
+#[test]
+fn huge_durations_mean_no_limit() {
+    let (gate, block): (Gate, GateFn) = gate();
+    let isle = Isle::builder()
+        .default_timeout(Duration::MAX)
+        .stop_grace(Duration::MAX)
+        .spawn(move |lua| block.register(lua, "block"))
+        .unwrap();
+    assert_eq!(isle.eval::<i64>("1 + 1"), Ok(2));
+    let mut task = isle.spawn_eval::<i64>("2").timeout(Duration::MAX);
+    assert_eq!(task.wait_timeout(Duration::MAX), Some(Ok(2)));
+    let stuck = isle.spawn_call::<()>("block", ());
+    gate.wait_started();
+    stuck.cancel();
+    assert_eq!(wait_within("cancel", stuck), Err(IsleError::Cancelled));
+    gate.release();
+    assert_eq!(isle.shutdown_timeout(Duration::MAX), Ok(()));
+
+    let pool = IslePool::builder()
+        .workers(1)
+        .default_timeout(Duration::MAX)
+        .build()
+        .unwrap();
+    assert_eq!(pool.eval::<i64>("3"), Ok(3));
+    assert_eq!(pool.shutdown_timeout(Duration::MAX), Ok(()));
+}
+
+/// Long C functions: the caller is answered at once, the VM is replaced
+/// after the grace period, and work goes on. (The stuck thread spins until
+/// the child process exits.)
+#[test]
+fn long_c_functions_answer_on_time_and_their_vm_is_replaced() {
+    in_child(
+        "long_c_functions_answer_on_time_and_their_vm_is_replaced",
+        || {
+            for script in [
+                "table.move({}, 1, 1e15, 2)",
+                "table.remove(setmetatable({}, {__len = function() return math.maxinteger end}), 1)",
+            ] {
+                let isle = Isle::builder().stop_grace(GRACE).spawn(|_| Ok(())).unwrap();
+                let task = isle
+                    .spawn_eval::<()>(script)
+                    .timeout(Duration::from_millis(30));
+                assert_eq!(wait_within(script, task), Err(IsleError::Timeout));
+                let next = isle.spawn_eval::<i64>("1 + 1");
+                assert_eq!(wait_within("the next request", next), Ok(2), "{script}");
+                assert_eq!(isle.wedged(), 1, "{script}");
+                // Shutdown does not wait for the detached thread.
+                within("shutdown", move || isle.shutdown()).unwrap();
+            }
+
+            let pool = IslePool::builder()
+                .workers(2)
+                .stop_grace(GRACE)
+                .build()
+                .unwrap();
+            let task = pool.spawn_eval::<()>("table.move({}, 1, 1e15, 2)");
+            let token = task.cancel_token().clone();
+            let running = pool.spawn_eval::<i64>("1");
+            assert_eq!(wait_within("the other VM", running), Ok(1));
+            token.cancel();
+            assert!(matches!(
+                wait_within("table.move", task),
+                Err(IsleError::Cancelled)
+            ));
+            let tasks: Vec<_> = (0..10)
+                .map(|i| pool.spawn_eval::<i64>(format!("{i}")))
+                .collect();
+            for (i, t) in tasks.into_iter().enumerate() {
+                assert_eq!(wait_within("unkeyed work", t), Ok(i as i64));
+            }
+            // Replaced already, or detached now: either way, on time.
+            let _ = within("pool shutdown", move || {
+                pool.shutdown_timeout(Duration::from_secs(1))
+            });
+        },
+    );
+}
+
+#[cfg(not(feature = "luau"))]
+#[test]
+fn a_long_compile_answers_on_time() {
+    in_child("a_long_compile_answers_on_time", || {
+        let isle = Isle::builder().stop_grace(GRACE).spawn(|_| Ok(())).unwrap();
+        // A chain long enough to keep the compiler busy for a while.
+        let chain = format!("return x{}", " or x".repeat(2_000_000));
+        let task = isle
+            .spawn_eval::<()>(chain)
+            .timeout(Duration::from_millis(10));
+        assert_eq!(wait_within("compile", task), Err(IsleError::Timeout));
+        let next = isle.spawn_eval::<i64>("1 + 1");
+        assert_eq!(wait_within("the next request", next), Ok(2));
+        within("shutdown", move || isle.shutdown()).unwrap();
+    });
+}
