@@ -8,6 +8,9 @@ pub(crate) const DEFAULT_HOOK_INTERVAL: u32 = 1000;
 /// Default number of compiled `eval` chunks each VM keeps.
 pub(crate) const DEFAULT_CHUNK_CACHE: usize = 64;
 
+/// Default longest source the sandbox's `load` compiles.
+pub(crate) const DEFAULT_MAX_SOURCE: usize = 64 << 10;
+
 /// Default VM thread stack where std's 2 MiB is too small: Lua 5.1-5.3
 /// allow 200 nested C calls, whose frames (`string.gsub` keeps an 8 KiB
 /// buffer on the C stack in 5.3) overflow 2 MiB before Lua reports "C stack
@@ -47,6 +50,8 @@ pub(crate) struct VmConfig {
     pub(crate) sandbox: bool,
     /// Compiled `eval` chunks kept per VM (0: none).
     pub(crate) chunk_cache: usize,
+    /// Longest source the sandbox's `load` compiles, in bytes.
+    pub(crate) max_source: usize,
 }
 
 impl Default for VmConfig {
@@ -62,6 +67,7 @@ impl Default for VmConfig {
             binary_chunks: false,
             sandbox: false,
             chunk_cache: DEFAULT_CHUNK_CACHE,
+            max_source: DEFAULT_MAX_SOURCE,
         }
     }
 }
@@ -214,6 +220,19 @@ macro_rules! vm_options {
         /// not cover.
         pub fn sandbox(mut self, on: bool) -> Self {
             self.config.sandbox = on;
+            self
+        }
+
+        /// In the sandbox, the longest source `load` (and `loadstring`)
+        /// compiles, in bytes (default 64 KiB). Compiling is C work that no
+        /// cancel or time limit can interrupt, and Lua's compiler takes time
+        /// that grows faster than the source (a 250 KB chain of `or`s or
+        /// `elseif`s takes seconds), so a longer source makes `load` return
+        /// `nil` and a message saying so. A reader function counts the bytes
+        /// it returns. No effect outside the sandbox, nor on `eval` (whose
+        /// source the host hands over).
+        pub fn max_load_size(mut self, bytes: usize) -> Self {
+            self.config.max_source = bytes;
             self
         }
 

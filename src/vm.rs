@@ -88,7 +88,7 @@ impl Vm {
                 if let Some(string) = lua.globals().get::<Option<Table>>("string")? {
                     crate::pattern::install(lua, &string, Interrupt::pattern_poll(&interrupt))?;
                 }
-                crate::sandbox::apply(lua)?;
+                crate::sandbox::apply(lua, config.max_source)?;
             }
             Ok(())
         };
