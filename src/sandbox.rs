@@ -29,14 +29,34 @@
 //! name at call time will fail under the sandbox; capture what they need in
 //! locals instead. SECURITY.md says what this does not protect.
 
-use mlua::Lua;
+use mlua::{Function, Lua, Table};
+
+/// Where `apply` keeps the table sessions read globals through.
+const SESSION_GLOBALS: &str = "mlua-isle session globals";
+/// Where `apply` keeps Lua's own `setfenv`.
+const SETFENV: &str = "mlua-isle setfenv";
 
 /// Applies the sandbox to `lua` (see the module docs). `load` refuses
 /// sources longer than `max_source` bytes.
 pub(crate) fn apply(lua: &Lua, max_source: usize) -> mlua::Result<()> {
-    lua.load(SANDBOX)
+    let (base, setfenv): (Table, Option<Function>) = lua
+        .load(SANDBOX)
         .set_name("=mlua-isle sandbox")
-        .call(max_source)
+        .call(max_source)?;
+    lua.set_named_registry_value(SESSION_GLOBALS, base)?;
+    lua.set_named_registry_value(SETFENV, setfenv)
+}
+
+/// Lua's own `setfenv` (5.1, LuaJIT, Luau), which the sandbox replaces.
+pub(crate) fn setfenv(lua: &Lua) -> mlua::Result<Option<Function>> {
+    lua.named_registry_value(SETFENV)
+}
+
+/// In a sandboxed VM, the globals as `init` and the sandbox left them (a
+/// copy: what unkeyed work later sets or rebinds is not in it), which
+/// session environments read through; `None` without the sandbox.
+pub(crate) fn session_globals(lua: &Lua) -> mlua::Result<Option<Table>> {
+    lua.named_registry_value(SESSION_GLOBALS)
 }
 
 const SANDBOX: &str = include_str!("sandbox/sandbox.lua");

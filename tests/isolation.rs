@@ -46,15 +46,19 @@ const PRISTINE: &str = r#"
 "#;
 
 fn assert_pristine(pool: &IslePool, after: &str) {
-    assert_eq!(
-        pool.session("victim").eval::<bool>(PRISTINE),
-        Ok(true),
-        "a session after {after}"
-    );
+    assert_session_pristine(pool, after);
     assert_eq!(
         pool.eval::<bool>(PRISTINE),
         Ok(true),
         "unkeyed after {after}"
+    );
+}
+
+fn assert_session_pristine(pool: &IslePool, after: &str) {
+    assert_eq!(
+        pool.session("victim").eval::<bool>(PRISTINE),
+        Ok(true),
+        "a session after {after}"
     );
 }
 
@@ -107,12 +111,23 @@ const ATTACKS: &[&str] = &[
     "local g = obj.get obj.get = nil",
     "config_list[4] = 1",
     "_G.config.greeting = 'x'",
-    "local env = getfenv and getfenv(0) if env then env.config = { greeting = 'x' } end",
-    "local env = getfenv and getfenv(api.greet) if env then env.config = { greeting = 'x' } end",
     "if setfenv then setfenv(api.greet, { }) end",
     "if setfenv then setfenv(0, { }) end",
     "local t = table.unpack and { table.unpack(config.list) } or { unpack(config.list) } t[1] = 'q'",
     "config.list[1] = 'q'",
+];
+
+/// Rebinding what init shared: a session's rebindings stay in the session;
+/// unkeyed work shares the VM's globals (documented), but its rebindings
+/// must not reach sessions.
+const REBINDINGS: &[&str] = &[
+    "config = { greeting = 'x' }",
+    "_G.api = { greet = function() return 'spy' end }",
+    "rawset(_G, 'obj', { })",
+    "string = { upper = function() return 'x' end }",
+    "next = function() end pairs = next",
+    "local env = getfenv and getfenv(api.greet) if env then env.config = { greeting = 'x' } end",
+    "local env = getfenv and getfenv(0) if env then env.config = { greeting = 'x' } end",
 ];
 
 #[test]
@@ -127,6 +142,20 @@ fn no_path_hands_out_a_writable_shared_table() {
             let _ = pool.eval::<()>(&format!("pcall(function() {code} end)"));
             assert_pristine(&pool, code);
         }
+        for code in REBINDINGS {
+            attempt(&pool, "attacker", code);
+            assert_pristine(&pool, code);
+        }
+        for code in REBINDINGS {
+            pool.eval::<()>(*code).unwrap();
+            assert_session_pristine(&pool, code);
+        }
+        // A global unkeyed work adds is not seen by sessions.
+        pool.eval::<()>("planted = 'x'").unwrap();
+        assert_eq!(
+            pool.session("victim").eval::<Option<String>>("planted"),
+            Ok(None)
+        );
     });
 }
 

@@ -508,7 +508,9 @@ if getfenv and setfenv then
     end
     G.getfenv = function(f)
         local env = getfenv(level(f))
-        if rawequal(env, G) then return getfenv(2) end
+        if rawequal(env, G) then
+            env = getfenv(2) -- the caller's (not a tail call: level 2 must be it)
+        end
         return env
     end
     G.setfenv = function(f, env)
@@ -523,3 +525,12 @@ if getfenv and setfenv then
 end
 
 getmetatable("").__metatable = false
+
+-- What sessions read through: the globals as `init` and the sandbox left
+-- them. Unkeyed work shares the VM's globals, and may rebind them; sessions
+-- must not see that (nor anything unkeyed work adds).
+local base = {}
+for k, x in next, G do base[k] = x end
+base._G = nil
+-- Lua's own `setfenv` for the session environments' `load` (theirs).
+return base, setfenv
