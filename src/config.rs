@@ -52,6 +52,8 @@ pub(crate) struct VmConfig {
     pub(crate) chunk_cache: usize,
     /// Longest source the sandbox's `load` compiles, in bytes.
     pub(crate) max_source: usize,
+    /// Where Lua's `print` writes.
+    pub(crate) print: crate::print::Print,
 }
 
 impl Default for VmConfig {
@@ -68,6 +70,7 @@ impl Default for VmConfig {
             sandbox: false,
             chunk_cache: DEFAULT_CHUNK_CACHE,
             max_source: DEFAULT_MAX_SOURCE,
+            print: crate::print::Print::Default,
         }
     }
 }
@@ -233,6 +236,31 @@ macro_rules! vm_options {
         /// source the host hands over).
         pub fn max_load_size(mut self, bytes: usize) -> Self {
             self.config.max_source = bytes;
+            self
+        }
+
+        /// Sends what Lua's `print` writes to `sink`, one call per `print`,
+        /// with the line (without its newline; bytes that are not UTF-8
+        /// replaced by U+FFFD) instead of the process's stdout. `print`
+        /// formats as Lua's does (`tostring` of each argument, tab
+        /// separated; `__tostring` and `__name` honoured, and their errors
+        /// raised). Applies to `init` too. `sink` runs on the VM thread,
+        /// inside the request: it must return promptly (hand the line to a
+        /// channel, not to a pipe that may block). By default `print`
+        /// writes to stdout, except in the [`sandbox`](Self::sandbox),
+        /// where it writes nowhere (a script could otherwise block the VM
+        /// on a full stdout pipe); see also
+        /// [`discard_print`](Self::discard_print).
+        pub fn print_to(mut self, sink: impl Fn(&str) + Send + Sync + 'static) -> Self {
+            self.config.print = crate::print::Print::To(std::sync::Arc::new(sink));
+            self
+        }
+
+        /// Makes Lua's `print` write nowhere (it still formats its
+        /// arguments, so their `__tostring` errors are raised). The default
+        /// in the [`sandbox`](Self::sandbox).
+        pub fn discard_print(mut self) -> Self {
+            self.config.print = crate::print::Print::Discard;
             self
         }
 

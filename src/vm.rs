@@ -65,6 +65,7 @@ impl Vm {
         // them): hook.rs wraps them so a Rust panic they catch is raised
         // again, never swallowed.
         let lua = Lua::new_with(StdLib::ALL_SAFE, LuaOptions::new()).map_err(init_error)?;
+        crate::print::install(&lua, &config.print, config.sandbox).map_err(init_error)?;
         #[cfg(feature = "luajit")]
         crate::cstack::install(
             &lua,

@@ -314,3 +314,80 @@ fn load_refuses_giant_sources() {
         assert_eq!(pool.eval::<i64>("return load('return 1 + 1')()"), Ok(2));
     });
 }
+
+#[test]
+fn print_goes_to_the_hosts_sink_formatted_as_lua_does() {
+    common::within("print", || {
+        let (tx, rx) = crossbeam_channel::unbounded::<String>();
+        let pool = IslePool::builder()
+            .workers(1)
+            .sandbox(true)
+            .print_to(move |line| {
+                let _ = tx.send(line.to_string());
+            })
+            .build()
+            .unwrap();
+        pool.session("p")
+            .eval::<()>(
+                "print(1, nil, 'x', true, 2.5, setmetatable({}, { __tostring = function() return 'T' end })) print()",
+            )
+            .unwrap();
+        assert_eq!(common::expect_msg(&rx, "a line"), "1\tnil\tx\ttrue\t2.5\tT");
+        assert_eq!(common::expect_msg(&rx, "an empty line"), "");
+        // `__tostring` errors are raised as Lua raises them.
+        let r = pool
+            .eval::<()>("print(setmetatable({}, { __tostring = function() error('boom') end }))");
+        assert!(
+            matches!(&r, Err(IsleError::Lua(e)) if e.message().contains("boom")),
+            "{r:?}"
+        );
+    });
+}
+
+/// Run by `sandboxed_print_does_not_write_stdout` in a child process whose
+/// stdout is a pipe nobody reads.
+#[test]
+fn child_prints_a_lot_in_the_sandbox() {
+    if std::env::var_os("MLUA_ISLE_PRINT_CHILD").is_none() {
+        return;
+    }
+    let isle = mlua_isle::Isle::builder()
+        .sandbox(true)
+        .spawn(|_| Ok(()))
+        .unwrap();
+    let r = isle
+        .spawn_eval::<()>("for i = 1, 1e5 do print(('x'):rep(100)) end")
+        .timeout(Duration::from_secs(5))
+        .wait();
+    assert_eq!(r, Ok(()));
+    eprintln!("CHILD DONE");
+}
+
+#[test]
+fn sandboxed_print_does_not_write_stdout() {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_prints_a_lot_in_the_sandbox",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("MLUA_ISLE_PRINT_CHILD", "1")
+        .stdout(Stdio::piped()) // never read
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut { stderr }, &mut s);
+        let _ = tx.send(s);
+    });
+    let out = rx.recv_timeout(common::PATIENCE);
+    let _ = child.kill();
+    let _ = child.wait();
+    let out = out.expect("the child hung: print blocked on stdout");
+    assert!(out.contains("CHILD DONE"), "{out}");
+}
