@@ -213,8 +213,12 @@ macro_rules! vm_options {
         /// no `io`, `debug`, `os.exit`/`execute`/`remove`/`rename`/`getenv`/
         /// `tmpname`, `loadfile`, `dofile`, no loading of modules, no
         /// `collectgarbage` options that stop or tune the collector, no
-        /// `__gc` metamethods, and the library tables (`string`, `table`,
-        /// ...) read-only. Calling a removed function raises an error saying
+        /// `__gc` metamethods, the library tables (`string`, `table`, ...)
+        /// and the tables `init` put in the globals read-only (request code
+        /// gets deep read-only views of them; sessions read the globals as
+        /// `init` left them), `print` writing nowhere unless
+        /// [`print_to`](Self::print_to) says where, and `load` limited to
+        /// [`max_load_size`](Self::max_load_size). Calling a removed function raises an error saying
         /// it is not available in the sandbox. Pattern matching
         /// (`string.find`, `match`, `gmatch`, `gsub`) uses a matcher that
         /// limits can stop, whose steps count against `max_instructions`.

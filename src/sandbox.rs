@@ -19,11 +19,41 @@
 //!   disabled, so one that loops could never be interrupted; for the same
 //!   reason `newproxy` (Lua 5.1, LuaJIT, Luau) is unavailable, whose
 //!   userdata have a metatable Lua code can write;
-//! - the library tables (`string`, `table`, `math`, `utf8`, `coroutine`,
-//!   `os`, `bit32`, `bit`, `jit` where they exist, and every table module `init` loaded) are replaced by read-only
-//!   views; the string metatable and the views' metatables are hidden, and
-//!   `rawset` refuses the views (`pairs` and `ipairs` iterate them; `#`
-//!   gives 0 on Lua 5.1 and LuaJIT, which ignore `__len` on tables).
+//! - request code never holds a writable shared table: the library tables
+//!   (`string`, `table`, `math`, `utf8`, `coroutine`, `os`, `bit32`, `bit`,
+//!   `jit`, `buffer`, `vector` where they exist), every table `init` put in
+//!   the globals (`config`, `api`, ...) and every module `init` loaded are
+//!   replaced by read-only views. A view is an empty table whose hidden
+//!   metatable reads through to its table and refuses every write; what it
+//!   hands out (fields, keys, `pairs`/`next`/`ipairs` iteration, `rawget`)
+//!   is a view again when it is a table, made on first use and kept, so
+//!   `config.nested == config.nested`. Views forward their table's
+//!   operators (`__call`, `__tostring`, `__eq`, arithmetic, ...) with the
+//!   view as operand, so a method of a shared object gets the view as
+//!   `self` and cannot change the object either. `#view` is the table's
+//!   length (0 on Lua 5.1 and LuaJIT, which ignore `__len` on tables;
+//!   `table.*` use the real length there). `rawset`, `setmetatable` and
+//!   every `table.*` function that writes refuse views with an error
+//!   saying so; the string metatable is hidden;
+//! - sessions read globals through a copy of the globals taken right after
+//!   the sandbox: unkeyed work shares the VM's globals and may rebind them
+//!   (`config = ...`), but sessions never see that, nor globals unkeyed work
+//!   adds; where functions carry environments (5.1, LuaJIT, Luau),
+//!   `getfenv` never hands session code the shared globals, and `setfenv`
+//!   cannot replace the environment of a shared function or of the thread;
+//! - C loops a hook cannot stop are bounded: `table.insert`, `remove`,
+//!   `sort`, `concat`, `unpack` and `move` loop in Lua (where the hook
+//!   reaches them) on tables with a metatable (whose `__len` can say
+//!   anything), `table.move` over more than 65536 elements too;
+//!   `string.rep('', n)` returns at once; `load` refuses sources longer than
+//!   `max_load_size` (compiling cannot be interrupted).
+//!
+//! Functions defined by `init` keep whatever they captured: a function that
+//! holds a shared table in an upvalue (`local config = config`) reads and
+//! writes the real table, and what it returns is not wrapped; that is the
+//! host's API, so keep mutable state out of it or make it per-session.
+//! Functions that name a shared table as a global at call time get its view
+//! (and fail if they write it).
 //!
 //! Functions defined by `init` that look up a removed library by its global
 //! name at call time will fail under the sandbox; capture what they need in
