@@ -423,7 +423,9 @@ end
 for _, name in ipairs(LIBRARIES) do
     local t = rawget(G, name)
     if type(t) == "table" and locked[t] == nil then
-        rawset(G, name, library_view(name, t))
+        local v = library_view(name, t)
+        rawset(G, name, v)
+        if loaded[name] == nil then loaded[name] = v end -- Luau has no `package`
     end
 end
 -- Every other table `init` put in the globals: a view, for unkeyed work
