@@ -12,6 +12,9 @@ pub(crate) const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(1);
 /// Default number of compiled `eval` chunks each VM keeps.
 pub(crate) const DEFAULT_CHUNK_CACHE: usize = 64;
 
+/// Default longest source the sandbox's `load` compiles.
+pub(crate) const DEFAULT_MAX_SOURCE: usize = 64 << 10;
+
 /// Default VM thread stack where std's 2 MiB is too small: Lua 5.1-5.3
 /// allow 200 nested C calls, whose frames (`string.gsub` keeps an 8 KiB
 /// buffer on the C stack in 5.3) overflow 2 MiB before Lua reports "C stack
@@ -53,6 +56,10 @@ pub(crate) struct VmConfig {
     pub(crate) chunk_cache: usize,
     /// How long a VM may take to let go of a stopped request.
     pub(crate) stop_grace: Duration,
+    /// Longest source the sandbox's `load` compiles, in bytes.
+    pub(crate) max_source: usize,
+    /// Where Lua's `print` writes.
+    pub(crate) print: crate::print::Print,
 }
 
 impl Default for VmConfig {
@@ -69,6 +76,8 @@ impl Default for VmConfig {
             sandbox: false,
             chunk_cache: DEFAULT_CHUNK_CACHE,
             stop_grace: DEFAULT_STOP_GRACE,
+            max_source: DEFAULT_MAX_SOURCE,
+            print: crate::print::Print::Default,
         }
     }
 }
@@ -233,8 +242,12 @@ macro_rules! vm_options {
         /// no `io`, `debug`, `os.exit`/`execute`/`remove`/`rename`/`getenv`/
         /// `tmpname`, `loadfile`, `dofile`, no loading of modules, no
         /// `collectgarbage` options that stop or tune the collector, no
-        /// `__gc` metamethods, and the library tables (`string`, `table`,
-        /// ...) read-only. Calling a removed function raises an error saying
+        /// `__gc` metamethods, the library tables (`string`, `table`, ...)
+        /// and the tables `init` put in the globals read-only (request code
+        /// gets deep read-only views of them; sessions read the globals as
+        /// `init` left them), `print` writing nowhere unless
+        /// [`print_to`](Self::print_to) says where, and `load` limited to
+        /// [`max_load_size`](Self::max_load_size). Calling a removed function raises an error saying
         /// it is not available in the sandbox. Pattern matching
         /// (`string.find`, `match`, `gmatch`, `gsub`) uses a matcher that
         /// limits can stop, whose steps count against `max_instructions`.
@@ -243,6 +256,44 @@ macro_rules! vm_options {
         /// not cover.
         pub fn sandbox(mut self, on: bool) -> Self {
             self.config.sandbox = on;
+            self
+        }
+
+        /// In the sandbox, the longest source `load` (and `loadstring`)
+        /// compiles, in bytes (default 64 KiB). Compiling is C work that no
+        /// cancel or time limit can interrupt, and Lua's compiler takes time
+        /// that grows faster than the source (a 250 KB chain of `or`s or
+        /// `elseif`s takes seconds), so a longer source makes `load` return
+        /// `nil` and a message saying so. A reader function counts the bytes
+        /// it returns. No effect outside the sandbox, nor on `eval` (whose
+        /// source the host hands over).
+        pub fn max_load_size(mut self, bytes: usize) -> Self {
+            self.config.max_source = bytes;
+            self
+        }
+
+        /// Sends what Lua's `print` writes to `sink`, one call per `print`,
+        /// with the line (without its newline; bytes that are not UTF-8
+        /// replaced by U+FFFD) instead of the process's stdout. `print`
+        /// formats as Lua's does (`tostring` of each argument, tab
+        /// separated; `__tostring` and `__name` honoured, and their errors
+        /// raised). Applies to `init` too. `sink` runs on the VM thread,
+        /// inside the request: it must return promptly (hand the line to a
+        /// channel, not to a pipe that may block). By default `print`
+        /// writes to stdout, except in the [`sandbox`](Self::sandbox),
+        /// where it writes nowhere (a script could otherwise block the VM
+        /// on a full stdout pipe); see also
+        /// [`discard_print`](Self::discard_print).
+        pub fn print_to(mut self, sink: impl Fn(&str) + Send + Sync + 'static) -> Self {
+            self.config.print = crate::print::Print::To(std::sync::Arc::new(sink));
+            self
+        }
+
+        /// Makes Lua's `print` write nowhere (it still formats its
+        /// arguments, so their `__tostring` errors are raised). The default
+        /// in the [`sandbox`](Self::sandbox).
+        pub fn discard_print(mut self) -> Self {
+            self.config.print = crate::print::Print::Discard;
             self
         }
 

@@ -46,6 +46,7 @@ mod native;
 #[cfg(any(feature = "lua54", feature = "lua55"))]
 mod pattern;
 mod pool;
+mod print;
 mod request;
 mod sandbox;
 mod spin;

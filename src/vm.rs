@@ -65,6 +65,7 @@ impl Vm {
         // them): hook.rs wraps them so a Rust panic they catch is raised
         // again, never swallowed.
         let lua = Lua::new_with(StdLib::ALL_SAFE, LuaOptions::new()).map_err(init_error)?;
+        crate::print::install(&lua, &config.print, config.sandbox).map_err(init_error)?;
         #[cfg(feature = "luajit")]
         crate::cstack::install(
             &lua,
@@ -88,7 +89,7 @@ impl Vm {
                 if let Some(string) = lua.globals().get::<Option<Table>>("string")? {
                     crate::pattern::install(lua, &string, Interrupt::pattern_poll(&interrupt))?;
                 }
-                crate::sandbox::apply(lua)?;
+                crate::sandbox::apply(lua, config.max_source)?;
             }
             Ok(())
         };

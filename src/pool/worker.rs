@@ -320,9 +320,16 @@ impl Worker {
 /// not lead to the shared globals.
 fn env_factory(vm: &Vm) -> mlua::Result<Function> {
     let globals = vm.lua().globals();
+    // Reads fall back to the shared globals; in the sandbox, to the globals
+    // as init left them, so that unkeyed work cannot rebind what sessions
+    // see.
+    let shared = crate::sandbox::session_globals(vm.lua())?.unwrap_or_else(|| globals.clone());
     let load: Option<Function> = globals.get("load")?;
     let loadstring: Option<Function> = globals.get("loadstring")?;
-    let setfenv: Option<Function> = globals.get("setfenv")?;
+    let setfenv: Option<Function> = match crate::sandbox::setfenv(vm.lua())? {
+        Some(own) => Some(own),
+        None => globals.get("setfenv")?,
+    };
     // Where functions carry their environment (`setfenv`: 5.1, LuaJIT,
     // Luau), `load` has no environment argument everywhere (5.1), and
     // `loadstring` none at all: the loaded function gets it set instead.
@@ -358,7 +365,7 @@ fn env_factory(vm: &Vm) -> mlua::Result<Function> {
             "#,
         )
         .set_name("=mlua-isle session")
-        .call((globals, load, loadstring, setfenv))
+        .call((shared, load, loadstring, setfenv))
 }
 
 /// A fresh session environment.

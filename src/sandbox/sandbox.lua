@@ -1,0 +1,538 @@
+-- The sandbox (see sandbox.rs). Runs once per VM, after `init`.
+local max_source = ...
+local G = _G
+local error, type, tostring, ipairs, pairs, next, select = error, type, tostring, ipairs, pairs, next, select
+local rawget, rawset, rawequal, setmetatable, getmetatable = rawget, rawset, rawequal, setmetatable, getmetatable
+local rawlen = rawget(G, "rawlen")
+local maxinteger = math.maxinteger or 2 ^ 53
+local tointeger = math.tointeger or function(x)
+    if type(x) == "number" and x == x - x % 1 then return x end
+end
+
+local function unavailable(name)
+    return function()
+        error(name .. " is not available in the sandbox", 2)
+    end
+end
+
+-- ===== Read-only views =====
+-- Request code never holds a table it may not write: it holds a view, an
+-- empty table whose metatable reads through to the table it shows and
+-- refuses every write. Whatever a view hands out (fields, keys, iteration)
+-- is again a view when it is a table, so no path leads to a real table.
+
+-- Tables request code may not write: views, and the unavailable tables.
+local locked = setmetatable({}, { __mode = "k" })
+-- View -> the table it shows.
+local shown = setmetatable({}, { __mode = "k" })
+-- Table -> its view (one per table, so `t.a == t.a`). On Lua 5.1 and
+-- LuaJIT, which have no ephemerons, a view lives as long as its table.
+local views = setmetatable({}, { __mode = "k" })
+-- View -> its iterator; view -> its name and why it is read-only.
+local iters = setmetatable({}, { __mode = "k" })
+local names = setmetatable({}, { __mode = "k" })
+local whys = setmetatable({}, { __mode = "k" })
+
+local LIBRARY = "library tables are read-only in the sandbox"
+local SHARED = "tables shared by init are read-only in the sandbox"
+
+-- Operators a view forwards to its table's metatable (with the view as the
+-- operand): the view behaves as its table does, but stays a view.
+local FORWARDED = {
+    "__call", "__tostring", "__name", "__concat", "__eq", "__lt", "__le", "__unm",
+    "__add", "__sub", "__mul", "__div", "__mod", "__pow", "__idiv",
+    "__band", "__bor", "__bxor", "__shl", "__shr", "__bnot",
+}
+
+local function field(name, k)
+    if type(k) == "string" then return name .. "." .. k end
+    if type(k) == "number" then return name .. "[" .. tostring(k) .. "]" end
+    return name .. "[?]"
+end
+
+local view
+
+-- What request code gets for `x`, found at `name`.`k`.
+local function out(x, name, k, why)
+    if type(x) == "table" and locked[x] == nil then
+        return view(x, field(name, k), why)
+    end
+    return x
+end
+
+-- The key `k` request code gave, as the shown table knows it.
+local function key(k)
+    local t = shown[k]
+    if t ~= nil then return t end
+    return k
+end
+
+-- The view of `t` (created on first use), named `name` in messages.
+-- `fast`: `t` holds no table and has no metatable (a library), so reads go
+-- straight to it, at table speed.
+view = function(t, name, why, fast)
+    local v = views[t]
+    if v then return v end
+    v = {}
+    local function iter(_, k)
+        local nk, nx = next(t, key(k))
+        return out(nk, name, nil, why), out(nx, name, nk, why)
+    end
+    local mt = {
+        __index = fast and t or function(_, k)
+            local x = t[key(k)]
+            if type(x) == "table" and locked[x] == nil then
+                return view(x, field(name, k), why)
+            end
+            return x
+        end,
+        __newindex = function(_, k)
+            error("cannot set " .. field(name, k) .. ": " .. why, 2)
+        end,
+        __pairs = function(self) return iter, self, nil end,
+        __iter = function(self) return iter, self, nil end, -- Luau's `for k, v in view`
+        __len = function() return #t end,
+        __metatable = false,
+    }
+    local tmt = getmetatable(t)
+    if type(tmt) == "table" then
+        for _, e in ipairs(FORWARDED) do
+            local h = rawget(tmt, e)
+            if h ~= nil then mt[e] = h end
+        end
+    end
+    setmetatable(v, mt)
+    views[t], shown[v], locked[v], iters[v], names[v], whys[v] = v, t, true, iter, name, why
+    return v
+end
+
+local function holds_tables(t)
+    for _, x in next, t do
+        if type(x) == "table" then return true end
+    end
+    return false
+end
+
+local function library_view(name, t)
+    return view(t, name, LIBRARY, getmetatable(t) == nil and not holds_tables(t))
+end
+
+-- The length of `t` as its owner sees it (5.1 and LuaJIT ignore a table's
+-- `__len`: `#view` is 0 there, but not for the functions below).
+local function len(t)
+    local real = shown[t]
+    if real ~= nil then return #real end
+    return #t
+end
+
+-- ===== 1. Dangerous functions =====
+local os = rawget(G, "os")
+if type(os) == "table" then
+    for _, k in ipairs({ "exit", "execute", "remove", "rename", "getenv", "tmpname", "setlocale" }) do
+        if os[k] ~= nil then os[k] = unavailable("os." .. k) end
+    end
+end
+
+-- A table every field of which is a function saying `prefix.field` is
+-- unavailable.
+local function unavailable_table(prefix)
+    local t = setmetatable({}, {
+        __index = function(_, k) return unavailable(prefix .. "." .. tostring(k)) end,
+        __newindex = function() error(prefix .. " is not available in the sandbox", 2) end,
+        __metatable = false,
+    })
+    locked[t], names[t], whys[t] = true, prefix, "not available in the sandbox"
+    return t
+end
+G.io = unavailable_table("io")
+G.debug = unavailable_table("debug")
+G.loadfile = unavailable("loadfile")
+G.dofile = unavailable("dofile")
+-- Lua 5.1, LuaJIT: `newproxy(true)` makes a userdata whose metatable Lua
+-- code may give a `__gc` (see 4.). (Luau's goes too: one rule.)
+if rawget(G, "newproxy") ~= nil then G.newproxy = unavailable("newproxy") end
+
+-- ===== 2. The collector stays on and tuned as the host set it =====
+local collectgarbage = collectgarbage
+local allowed = { collect = true, count = true, step = true, isrunning = true }
+G.collectgarbage = function(opt, ...)
+    if opt == nil or allowed[opt] then return collectgarbage(opt, ...) end
+    error("collectgarbage('" .. tostring(opt) .. "') is not available in the sandbox", 2)
+end
+
+-- ===== 3. No finalizers =====
+G.setmetatable = function(t, mt)
+    if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
+        error("__gc metamethods are not available in the sandbox", 2)
+    end
+    return setmetatable(t, mt)
+end
+
+-- LuaJIT: the JIT stays off (compiled traces never reach the hook).
+local jit = rawget(G, "jit")
+if type(jit) == "table" then
+    for _, k in ipairs({ "on", "opt", "attach" }) do
+        if jit[k] ~= nil then jit[k] = unavailable("jit." .. k) end
+    end
+end
+
+-- ===== 4. Bounded C functions, and `table.*` on views =====
+-- C loops no hook can stop: where a range is large, or a table has a
+-- metatable (whose `__len` can say anything), these loop in Lua instead.
+local BIG = 65536
+local string = rawget(G, "string")
+if type(string) == "table" then
+    local rep = string.rep
+    -- `string.rep('', 1e15)` copies nothing 1e15 times.
+    string.rep = function(s, n, sep)
+        if (s == "" or s == nil) and (sep == nil or sep == "") and type(n) == "number" then
+            return rep("", 0)
+        end
+        return rep(s, n, sep)
+    end
+end
+
+local tbl = rawget(G, "table")
+if type(tbl) == "table" then
+    local concat, unpack, sort, move = tbl.concat, tbl.unpack or rawget(G, "unpack"), tbl.sort, tbl.move
+    local insert, remove = tbl.insert, tbl.remove
+
+    -- True if `t` must be handled in Lua: a view, or a table whose
+    -- metatable may make each step cost anything.
+    local function slow(t)
+        return type(t) == "table" and (locked[t] ~= nil or getmetatable(t) ~= nil)
+    end
+    local function refuse(fname, t)
+        error("table." .. fname .. " cannot change " .. (names[t] or "this table") .. ": "
+            .. (whys[t] or SHARED), 3)
+    end
+    local function integer(x, arg, fname, default)
+        if x == nil and default ~= nil then return default end
+        local i = tointeger(x)
+        if i == nil then
+            error("bad argument #" .. arg .. " to '" .. fname .. "' (number has no integer representation)", 3)
+        end
+        return i
+    end
+
+    tbl.insert = function(t, ...)
+        if locked[t] then refuse("insert", t) end
+        if not slow(t) then return insert(t, ...) end
+        local nargs = select("#", ...)
+        local e = len(t) + 1
+        if nargs == 1 then
+            t[e] = ...
+            return
+        elseif nargs ~= 2 then
+            error("wrong number of arguments to 'insert'", 2)
+        end
+        local pos, x = ...
+        pos = integer(pos, 2, "insert")
+        if pos < 1 or pos > e then
+            error("bad argument #2 to 'insert' (position out of bounds)", 2)
+        end
+        for i = e, pos + 1, -1 do t[i] = t[i - 1] end
+        t[pos] = x
+    end
+
+    tbl.remove = function(t, ...)
+        if locked[t] then refuse("remove", t) end
+        if not slow(t) then return remove(t, ...) end
+        local size = len(t)
+        local pos = integer((...), 2, "remove", size)
+        if pos ~= size and (pos < 1 or pos > size + 1) then
+            error("bad argument #2 to 'remove' (position out of bounds)", 2)
+        end
+        local x = t[pos]
+        while pos < size do
+            t[pos] = t[pos + 1]
+            pos = pos + 1
+        end
+        t[pos] = nil
+        return x
+    end
+
+    tbl.sort = function(t, cmp)
+        if locked[t] then refuse("sort", t) end
+        if not slow(t) then return sort(t, cmp) end
+        local n = len(t)
+        if n >= 0x7fffffff then error("bad argument #1 to 'sort' (array too big)", 2) end
+        local a = {}
+        for i = 1, n do a[i] = t[i] end
+        sort(a, cmp)
+        for i = 1, n do t[i] = a[i] end
+    end
+
+    tbl.concat = function(t, sep, i, j)
+        if not slow(t) then return concat(t, sep, i, j) end
+        sep = sep or ""
+        i = integer(i, 3, "concat", 1)
+        j = integer(j, 4, "concat", len(t))
+        local parts, n = {}, 0
+        for k = i, j do
+            local x = t[k]
+            local tx = type(x)
+            if tx ~= "string" and tx ~= "number" then
+                error("invalid value (at index " .. tostring(k) .. ") in table for 'concat'", 2)
+            end
+            n = n + 1
+            parts[n] = x
+        end
+        return concat(parts, sep)
+    end
+
+    local function unpack_lua(t, i, j)
+        if not slow(t) then return unpack(t, i, j) end
+        i = integer(i, 2, "unpack", 1)
+        j = integer(j, 3, "unpack", len(t))
+        if i > j then return end
+        if j - i >= 1000000 or j - i < 0 then error("too many results to unpack", 2) end
+        local a, n = {}, 0
+        for k = i, j do
+            n = n + 1
+            a[n] = t[k]
+        end
+        return unpack(a, 1, n)
+    end
+    if tbl.unpack then tbl.unpack = unpack_lua end
+    if rawget(G, "unpack") then G.unpack = unpack_lua end
+
+    if move then
+        tbl.move = function(a1, f, e, t, a2)
+            local dest = a2 == nil and a1 or a2
+            if locked[dest] then refuse("move", dest) end
+            f, e, t = integer(f, 2, "move"), integer(e, 3, "move"), integer(t, 4, "move")
+            if not (slow(a1) or slow(dest) or e - f > BIG) then return move(a1, f, e, t, a2) end
+            if e >= f then
+                if not (f > 0 or e < maxinteger + f) then
+                    error("bad argument #3 to 'move' (too many elements to move)", 2)
+                end
+                local n = e - f
+                if t > maxinteger - n then
+                    error("bad argument #4 to 'move' (destination wrap around)", 2)
+                end
+                if t > e or t <= f or not rawequal(a1, dest) then
+                    for k = 0, n do dest[t + k] = a1[f + k] end
+                else
+                    for k = n, 0, -1 do dest[t + k] = a1[f + k] end
+                end
+            end
+            return dest
+        end
+    end
+
+    -- Luau's
+    if tbl.find then
+        local find = tbl.find
+        tbl.find = function(t, x, init)
+            if not slow(t) then return find(t, x, init) end
+            for k = integer(init, 3, "find", 1), len(t) do
+                if t[k] == x then return k end
+            end
+            return nil
+        end
+    end
+    if tbl.getn then
+        local getn = tbl.getn
+        tbl.getn = function(t)
+            if locked[t] then return len(t) end
+            return getn(t)
+        end
+    end
+
+    -- Every other function of the library refuses the locked tables (they
+    -- write raw, or read raw and would see an empty view).
+    local done = { insert = true, remove = true, sort = true, concat = true, unpack = true,
+        move = true, find = true, getn = true, pack = true, create = true, isfrozen = true }
+    for fname, f in pairs(tbl) do
+        if not done[fname] and type(f) == "function" then
+            tbl[fname] = function(t, ...)
+                if locked[t] then refuse(fname, t) end
+                return f(t, ...)
+            end
+        end
+    end
+end
+
+-- ===== 5. `load`: sources of a bounded size =====
+-- Compiling is C work no hook can stop, and its cost grows with the source.
+local function too_large(n)
+    return "chunk too large for the sandbox (" .. tostring(n) .. " bytes; the limit is "
+        .. tostring(max_source) .. ")"
+end
+local function bounded_reader(read)
+    local total = 0
+    return function()
+        local piece = read()
+        if type(piece) == "string" then
+            total = total + #piece
+            if total > max_source then error(too_large(total), 0) end
+        end
+        return piece
+    end
+end
+local load, loadstring = rawget(G, "load"), rawget(G, "loadstring")
+if load then
+    G.load = function(chunk, ...)
+        if type(chunk) == "string" then
+            if #chunk > max_source then return nil, too_large(#chunk) end
+        elseif type(chunk) == "function" then
+            chunk = bounded_reader(chunk)
+        end
+        return load(chunk, ...)
+    end
+end
+if loadstring then
+    G.loadstring = function(s, ...)
+        if type(s) == "string" and #s > max_source then return nil, too_large(#s) end
+        return loadstring(s, ...)
+    end
+end
+
+-- ===== 6. `require`: only what is already loaded, as views =====
+local LIBRARIES = { "string", "table", "math", "utf8", "coroutine", "os", "bit32", "bit", "jit", "buffer", "vector" }
+local is_library = {}
+for _, name in ipairs(LIBRARIES) do is_library[name] = true end
+local loaded = {}
+local package = rawget(G, "package")
+if type(package) == "table" and type(package.loaded) == "table" then
+    for name, m in pairs(package.loaded) do
+        if type(name) == "string" and name ~= "_G" then
+            if type(m) ~= "table" then
+                loaded[name] = m
+            elseif is_library[name] then
+                loaded[name] = library_view(name, m)
+            else
+                loaded[name] = view(m, name, SHARED)
+            end
+        end
+    end
+end
+G.package = unavailable_table("package")
+loaded.io, loaded.debug, loaded.package = G.io, G.debug, G.package
+G.require = function(name)
+    local m = loaded[name]
+    if m == nil then
+        error("require('" .. tostring(name) .. "') is not available in the sandbox: "
+            .. "only modules loaded by init can be required", 2)
+    end
+    return m
+end
+
+-- ===== 7. Read-only library tables and shared tables =====
+for _, name in ipairs(LIBRARIES) do
+    local t = rawget(G, name)
+    if type(t) == "table" and locked[t] == nil then
+        local v = library_view(name, t)
+        rawset(G, name, v)
+        if loaded[name] == nil then loaded[name] = v end -- Luau has no `package`
+    end
+end
+-- Every other table `init` put in the globals: a view, for unkeyed work
+-- and (reading through the globals) every session.
+do
+    local shared = {}
+    for name, x in next, G do
+        if type(x) == "table" and locked[x] == nil and not rawequal(x, G) then
+            shared[name] = x
+        end
+    end
+    for name, x in next, shared do
+        rawset(G, name, view(x, type(name) == "string" and name or "(global)", SHARED))
+    end
+end
+
+-- Lua 5.1, LuaJIT and Luau ignore `__pairs`, and their `ipairs` reads raw.
+-- Asked of the VM, not of `_VERSION` (Luau's is "Luau 0.740", LuaJIT's
+-- "Lua 5.1" whatever its compat options).
+local function iterates_views()
+    local through_pairs, through_ipairs = false, false
+    for _ in pairs(setmetatable({}, { __pairs = function() return next, { true }, nil end })) do
+        through_pairs = true
+    end
+    for _ in ipairs(setmetatable({}, { __index = { true } })) do
+        through_ipairs = true
+    end
+    return through_pairs and through_ipairs
+end
+if not iterates_views() then
+    G.pairs = function(t, ...)
+        local iter = iters[t]
+        if iter then return iter, t, nil end
+        return pairs(t, ...)
+    end
+    local function ipairs_view(v, i)
+        i = i + 1
+        local x = v[i]
+        if x ~= nil then return i, x end
+    end
+    G.ipairs = function(t, ...)
+        if iters[t] then return ipairs_view, t, 0 end
+        return ipairs(t, ...)
+    end
+end
+-- `next(view)` iterates what the view shows.
+G.next = function(t, k)
+    local iter = iters[t]
+    if iter then return iter(t, k) end
+    return next(t, k)
+end
+G.rawget = function(t, k)
+    local real = shown[t]
+    if real ~= nil then return out(rawget(real, key(k)), names[t], k, whys[t]) end
+    return rawget(t, k)
+end
+if rawlen then
+    G.rawlen = function(t)
+        local real = shown[t]
+        if real ~= nil then return rawlen(real) end
+        return rawlen(t)
+    end
+end
+G.rawset = function(t, k, v)
+    if locked[t] then
+        error("cannot set " .. field(names[t] or "?", k) .. ": " .. (whys[t] or SHARED), 2)
+    end
+    return rawset(t, k, v)
+end
+
+-- Lua 5.1, LuaJIT, Luau: functions carry their environment. The shared
+-- globals are not handed to session code (`getfenv(0)`, or the environment
+-- of a function `init` defined), and no environment but a request's own
+-- functions' can be replaced (`setfenv(0, t)` would change what every later
+-- chunk of the VM sees; `setfenv(api.f, t)` what every tenant's `api.f` does).
+local getfenv, setfenv = rawget(G, "getfenv"), rawget(G, "setfenv")
+if getfenv and setfenv then
+    local function level(f)
+        if f == nil then return 2 end
+        if type(f) == "number" and f > 0 then return f + 1 end
+        return f
+    end
+    G.getfenv = function(f)
+        local env = getfenv(level(f))
+        if rawequal(env, G) then
+            env = getfenv(2) -- the caller's (not a tail call: level 2 must be it)
+        end
+        return env
+    end
+    G.setfenv = function(f, env)
+        local target = level(f)
+        if target == 0 or rawequal(getfenv(target), G) or locked[getfenv(target)] then
+            error("setfenv: cannot change a shared environment in the sandbox", 2)
+        end
+        if type(f) == "function" then return setfenv(f, env) end
+        setfenv(target, env)
+        return getfenv(target)
+    end
+end
+
+getmetatable("").__metatable = false
+
+-- What sessions read through: the globals as `init` and the sandbox left
+-- them. Unkeyed work shares the VM's globals, and may rebind them; sessions
+-- must not see that (nor anything unkeyed work adds).
+local base = {}
+for k, x in next, G do base[k] = x end
+base._G = nil
+-- Lua's own `setfenv` for the session environments' `load` (theirs).
+return base, setfenv
