@@ -47,6 +47,8 @@ mod native;
 mod pattern;
 mod pool;
 mod request;
+mod room;
+
 mod sandbox;
 mod spin;
 mod submit;
