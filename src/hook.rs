@@ -55,7 +55,9 @@ use parking_lot::Mutex;
 use crate::alarm::{self, Binding, ThreadAlarm};
 use crate::config::VmConfig;
 use crate::request::RunScope;
+use crate::room::MEMORY_ERROR;
 use crate::token::{CancelToken, Reason};
+use crate::IsleError;
 
 /// `Interrupt::executed` before a request's first tick.
 const FIRST_TICK: u64 = u64::MAX;
@@ -73,6 +75,9 @@ pub(crate) struct Interrupt {
     interval: u32,
     /// True once the running request's interruption has been raised.
     fired: AtomicBool,
+    /// True once a wrapper of ours caught Lua's memory error during the
+    /// running request (see [`request_error`]).
+    out_of_memory: AtomicBool,
     /// `max_instructions`, and the count so far for the running request
     /// (advanced by `interval` per tick).
     budget: Option<u64>,
@@ -132,6 +137,7 @@ impl Interrupt {
             abort,
             interval,
             fired: AtomicBool::new(false),
+            out_of_memory: AtomicBool::new(false),
             budget,
             executed: AtomicU64::new(0),
             on_demand,
@@ -317,7 +323,13 @@ fn set_hook(lua: &Lua, this: &Arc<Interrupt>, _every: u32) -> mlua::Result<()> {
 fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> mlua::Result<()> {
     let state = this.clone();
     // Converting the error value to a `Value` resumes a wrapped Rust panic.
-    let check = lua.create_function(move |lua, _err: mlua::Value| {
+    // Called with the error values a catcher saw (xpcall: the one its
+    // handler got, and its result).
+    let check = lua.create_function(move |lua, errs: mlua::Variadic<mlua::Value>| {
+        if errs.iter().any(is_memory_error) {
+            // ORDERING: Relaxed: only the VM thread touches it.
+            state.out_of_memory.store(true, Ordering::Relaxed);
+        }
         if let Some(reason) = state.stop_reason() {
             Interrupt::interrupt(&state, lua, reason)?;
         }
@@ -352,7 +364,7 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
         end
         _G.pcall = function(f, ...) return after(pcall(f, ...)) end
         local function after_x(seen, ok, ...)
-            if not ok then check(seen.e) end
+            if not ok then check(seen.e, (...)) end
             return ok, ...
         end
         _G.xpcall = function(f, handler, ...)
@@ -461,13 +473,16 @@ fn install_tracked_coroutines(
     let wrap_error: mlua::Function = lua
         .load(
             r#"
-            local check, close, status, error = ...
+            local check, close, status, error, memory_error = ...
             return function(co, err)
                 if close and status(co) == "dead" then
                     local closed, e = close(co)
                     if not closed then err = e end
                 end
                 check(err)
+                -- Lua's memory error is raised as is (5.4's wrap), which
+                -- keeps it a memory error.
+                if err == memory_error then error(err, 0) end
                 error(err, 3)
             end
             "#,
@@ -478,6 +493,7 @@ fn install_tracked_coroutines(
             close.clone(),
             coroutine.get::<mlua::Function>("status")?,
             lua.globals().get::<mlua::Function>("error")?,
+            MEMORY_ERROR,
         ))?;
     let wrap = alarm::tracked_wrap_with(lua, &wrap_error)?;
     coroutine.set("resume", resume)?;
@@ -501,6 +517,7 @@ impl RunScope for Interrupt {
 
     fn enter(&self, token: &CancelToken) {
         self.executed.store(FIRST_TICK, Ordering::Relaxed);
+        self.out_of_memory.store(false, Ordering::Relaxed);
         *self.current.lock() = Some(token.clone());
         // ORDERING: `abort_running` raises the flag before taking the lock we
         // just released, so either it saw this token or we see the flag.
@@ -513,6 +530,42 @@ impl RunScope for Interrupt {
         *self.current.lock() = None;
         self.fired.load(Ordering::Relaxed)
     }
+}
+
+/// Whether `v` is Lua's memory error as a catcher sees it: Lua's message
+/// (Lua 5.3's buffers: their own), or an mlua error (a Rust callback's)
+/// that is one.
+fn is_memory_error(v: &mlua::Value) -> bool {
+    match v {
+        mlua::Value::String(s) => {
+            let s = s.as_bytes();
+            *s == *MEMORY_ERROR.as_bytes()
+                || (cfg!(feature = "lua53") && *s == *b"not enough memory for buffer allocation")
+        }
+        mlua::Value::Error(e) => matches!(IsleError::from_lua(e), IsleError::MemoryLimit(_)),
+        _ => false,
+    }
+}
+
+/// Converts the error a request's work ended with. A request that ran out
+/// of memory fails with [`IsleError::MemoryLimit`] however the memory error
+/// travelled: raised straight out (mlua's memory error), re-raised by Lua
+/// code or by a library function with a position in front (`error(e)`
+/// after a `pcall`, `coroutine.wrap` on older Lua versions; see
+/// `IsleError::from_lua`), or caught by one of our wrapped catchers
+/// (`pcall`, `xpcall`, `coroutine.resume`/`wrap`/`close`, `load`'s reader)
+/// before the request failed with another error.
+pub(crate) fn request_error(lua: &Lua, err: &mlua::Error) -> IsleError {
+    match IsleError::from_lua(err) {
+        IsleError::Lua(e) if ran_out_of_memory(lua) => IsleError::MemoryLimit(e.message().into()),
+        other => other,
+    }
+}
+
+/// True if a wrapper caught Lua's memory error during the running request.
+fn ran_out_of_memory(lua: &Lua) -> bool {
+    lua.app_data_ref::<Arc<Interrupt>>()
+        .is_some_and(|state| state.out_of_memory.load(Ordering::Relaxed))
 }
 
 /// The token of the request running on this VM, for Rust functions called
