@@ -161,6 +161,8 @@ impl Interrupt {
     /// fired (it re-armed the hook with a count of 1).
     pub(crate) fn reset(&self, lua: &Lua, this: &Arc<Self>) {
         let fired = self.fired.swap(false, Ordering::Relaxed);
+        #[cfg(any(feature = "lua54", feature = "lua55"))]
+        alarm::end_raising();
         // Luau's interrupt has no interval to put back.
         #[cfg(not(feature = "luau"))]
         if fired {
@@ -206,14 +208,39 @@ impl Interrupt {
         }
     }
 
-    /// Raises the interruption (see the module docs).
+    /// Raises the interruption (see the module docs), from a Rust function
+    /// called by Lua.
     fn interrupt(this: &Arc<Self>, lua: &Lua, reason: Reason) -> mlua::Result<VmState> {
+        Interrupt::stop_running(this, lua)?;
+        Err(mlua::Error::external(reason.error()))
+    }
+
+    /// Raises the interruption from the hook. On Lua 5.4 and 5.5 the hook
+    /// must not raise through mlua, which would run the running function's
+    /// `__close` handlers inside the hook, where nothing can stop them: the
+    /// next instruction raises instead, from a C hook (`alarm::raise`).
+    fn interrupt_from_hook(this: &Arc<Self>, lua: &Lua, reason: Reason) -> mlua::Result<VmState> {
+        #[cfg(any(feature = "lua54", feature = "lua55"))]
+        {
+            let _ = reason;
+            Interrupt::stop_running(this, lua)?;
+            Ok(VmState::Continue)
+        }
+        #[cfg(not(any(feature = "lua54", feature = "lua55")))]
+        Interrupt::interrupt(this, lua, reason)
+    }
+
+    /// Makes every Lua thread tick (or, on 5.4 and 5.5, raise) from its next
+    /// instruction on, until the request ends.
+    fn stop_running(this: &Arc<Self>, lua: &Lua) -> mlua::Result<()> {
         this.fired.store(true, Ordering::Relaxed);
         if let Some((alarm, _)) = &this.on_demand {
             // Every Lua thread switched to from now on ticks at once.
             alarm.set_armed();
         }
-        #[cfg(not(feature = "luau"))]
+        #[cfg(any(feature = "lua54", feature = "lua55"))]
+        alarm::raise_from_next_instruction(lua, this.interval);
+        #[cfg(all(not(feature = "luau"), not(any(feature = "lua54", feature = "lua55"))))]
         set_hook(lua, this, 1)?;
         // Luau: the interrupt must stay set until the request ends. The
         // stopper sets it, but this may run first (from a `pcall` check).
@@ -224,7 +251,7 @@ impl Interrupt {
                 alarm::rearm_running();
             }
         }
-        Err(mlua::Error::external(reason.error()))
+        Ok(())
     }
 
     /// Counts `n` more instructions of the running request against its
@@ -274,7 +301,7 @@ impl Interrupt {
         // before its budget, and at most one interval after it.
         this.charge(u64::from(this.interval));
         if let Some(reason) = this.stop_reason() {
-            return Interrupt::interrupt(this, lua, reason);
+            return Interrupt::interrupt_from_hook(this, lua, reason);
         }
         if let Some((alarm, _)) = &this.on_demand {
             // Armed for nothing: a signal for a request that has ended, or
@@ -283,7 +310,7 @@ impl Interrupt {
             // seen now, one raised after it arms again.
             alarm.take();
             if let Some(reason) = this.stop_reason() {
-                return Interrupt::interrupt(this, lua, reason);
+                return Interrupt::interrupt_from_hook(this, lua, reason);
             }
             // Take the hook away, unless a stopper raised the alarm
             // meanwhile.
@@ -349,8 +376,10 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
     // interrupt reads the flag on every Lua thread).
     let tracked = alarm::SUPPORTED && this.on_demand.is_some();
     if tracked {
-        install_tracked_coroutines(lua, &coroutine, &check)?;
+        install_tracked_coroutines(lua, &coroutine, &check, &stopping)?;
     }
+    #[cfg(any(feature = "lua54", feature = "lua55"))]
+    guard_close(lua, &coroutine, &check, &stopping, tracked)?;
     lua.load(
         r#"
         local check, stopping, pcall, xpcall, resume, load, loadfile, binary_ok, tracked,
@@ -464,6 +493,7 @@ fn install_tracked_coroutines(
     lua: &Lua,
     coroutine: &mlua::Table,
     check: &mlua::Function,
+    stopping: &mlua::Function,
 ) -> mlua::Result<()> {
     let (resume, close) = alarm::tracked_resume_close(lua, check)?;
     // How Lua's `coroutine.wrap` raises a coroutine's error: from 5.4 on, a
@@ -473,9 +503,11 @@ fn install_tracked_coroutines(
     let wrap_error: mlua::Function = lua
         .load(
             r#"
-            local check, close, status, error, memory_error = ...
+            local check, close, status, error, memory_error, stopping = ...
             return function(co, err)
-                if close and status(co) == "dead" then
+                -- A coroutine killed by the interruption is not closed
+                -- (see `guard_close`).
+                if close and status(co) == "dead" and not stopping() then
                     local closed, e = close(co)
                     if not closed then err = e end
                 end
@@ -494,6 +526,7 @@ fn install_tracked_coroutines(
             coroutine.get::<mlua::Function>("status")?,
             lua.globals().get::<mlua::Function>("error")?,
             MEMORY_ERROR,
+            stopping.clone(),
         ))?;
     let wrap = alarm::tracked_wrap_with(lua, &wrap_error)?;
     coroutine.set("resume", resume)?;
@@ -501,6 +534,93 @@ fn install_tracked_coroutines(
         coroutine.set("close", close)?;
     }
     coroutine.set("wrap", wrap)
+}
+
+/// Lua 5.4 and 5.5: a coroutine killed by an error raised in a hook (the
+/// interruption) keeps hooks disabled (Lua leaves its `allowhook` at 0), so
+/// closing it would run its `__close` handlers where nothing can stop them.
+/// While a request is stopping, `coroutine.close` raises the interruption
+/// instead of closing (as the tracked `coroutine.wrap` skips closing): the
+/// coroutine stays dead with its variables unclosed, as after an error
+/// nobody closes.
+///
+/// Where switches are not tracked, Lua's own `coroutine.wrap` would close
+/// such a coroutine: it is replaced by one that does what 5.4's does (close
+/// a coroutine that died by an error, put the caller's position in front
+/// of a string error, raise a memory error as is), but skips the closing
+/// while the request stops, and hands the error to `check`.
+#[cfg(any(feature = "lua54", feature = "lua55"))]
+fn guard_close(
+    lua: &Lua,
+    coroutine: &mlua::Table,
+    check: &mlua::Function,
+    stopping: &mlua::Function,
+    tracked: bool,
+) -> mlua::Result<()> {
+    let (close, wrap): (Option<mlua::Function>, Option<mlua::Function>) = lua
+        .load(
+            r##"
+            local close, check, stopping, tracked, create, resume, status, memory_error,
+                  type, error, select, pcall = ...
+            if tracked then return nil end -- the tracked close checks
+            -- Lua's errors as Lua words and places them (a tail call to a
+            -- C function still leaves our frame as its caller).
+            local function closed(ok, ...)
+                if ok then return ... end
+                local e = ...
+                if e == memory_error then error(e, 0) end
+                error(e, 2) -- tail-called: level 2 is our caller's caller
+            end
+            local function guarded_close(...)
+                if stopping() then check() end
+                local co = ...
+                if type(co) ~= "thread" then
+                    local got = select("#", ...) == 0 and "no value" or type(co)
+                    error("bad argument #1 to 'close' (thread expected, got " .. got .. ")", 2)
+                end
+                return closed(pcall(close, co))
+            end
+            local function after(co, ok, ...)
+                if ok then return ... end
+                local err = ...
+                if status(co) == "dead" and not stopping() then
+                    local closed, e = close(co)
+                    if not closed then err = e end
+                end
+                check(err)
+                if err == memory_error then error(err, 0) end
+                error(err, 2) -- tail-called: level 2 is the wrapped function's caller
+            end
+            local function wrap(f)
+                if type(f) ~= "function" then
+                    error("bad argument #1 to 'wrap' (function expected)", 2)
+                end
+                local co = create(f)
+                return function(...) return after(co, resume(co, ...)) end
+            end
+            return guarded_close, wrap
+            "##,
+        )
+        .set_name("=mlua-isle")
+        .call((
+            coroutine.get::<mlua::Function>("close")?,
+            check.clone(),
+            stopping.clone(),
+            tracked,
+            coroutine.get::<mlua::Function>("create")?,
+            coroutine.get::<mlua::Function>("resume")?,
+            coroutine.get::<mlua::Function>("status")?,
+            MEMORY_ERROR,
+            lua.globals().get::<mlua::Function>("type")?,
+            lua.globals().get::<mlua::Function>("error")?,
+            lua.globals().get::<mlua::Function>("select")?,
+            lua.globals().get::<mlua::Function>("pcall")?,
+        ))?;
+    if let (Some(close), Some(wrap)) = (close, wrap) {
+        coroutine.set("close", close)?;
+        coroutine.set("wrap", wrap)?;
+    }
+    Ok(())
 }
 
 impl RunScope for Interrupt {
