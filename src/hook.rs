@@ -384,7 +384,7 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
         r#"
         local check, stopping, pcall, xpcall, resume, load, loadfile, binary_ok, tracked,
               loadstring, reader_only = ...
-        local type, error = type, error
+        local type, error, find = type, error, string.find
         -- Lua's own pcall and xpcall (yieldable; 5.1: ours), with the error value
         -- checked: a Rust panic or a pending interruption is raised again.
         local function after(ok, ...)
@@ -441,8 +441,16 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
         if load then
             _G.load = function(chunk, name, mode, ...)
                 if not binary_ok then
-                    mode = "t"
-                    if reader_only and type(chunk) == "function" then
+                    if reader_only then
+                        -- 5.1: no mode; the reader's first piece is checked.
+                        if type(chunk) == "function" then chunk = text_reader(chunk) end
+                    elseif mode == nil or (type(mode) == "string" and find(mode, "t", 1, true)) then
+                        mode = "t" -- the caller's mode, narrowed to text
+                    elseif binary(chunk) then
+                        return nil, refused
+                    elseif type(chunk) == "function" then
+                        -- The caller's mode refuses text (Lua says so); the
+                        -- reader's first piece must not be binary either.
                         chunk = text_reader(chunk)
                     end
                 end
