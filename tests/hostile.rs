@@ -1007,6 +1007,9 @@ fn a_sandboxed_gsub_result_counts_against_the_memory_limit() {
                 "local t = {a = string.rep('b', 2^20)} \
                  return #string.gsub(string.rep('a', 64), '.', t)",
             ));
+            // Captures made by the sandbox's own matcher (Luau's own, which
+            // is not ours, answers this one within the limit).
+            #[cfg(any(feature = "lua54", feature = "lua55"))]
             assert_memory_limit(target.eval::<usize>(
                 "local s = string.rep('a', 9 * 2^20) \
                  return #string.match(s, '((((.+))))')",

@@ -236,6 +236,7 @@ const GROW: &str = "local t = {} for i = 1, 1e8 do t[i] = i end";
 
 /// Scripts whose memory error travels through catchers and re-raisers
 /// before failing the request.
+#[cfg_attr(feature = "luau", allow(unused_mut))] // no `load`, no `<close>`
 fn out_of_memory_scripts() -> Vec<String> {
     let mut scripts = vec![
         format!("coroutine.wrap(function() {GROW} end)()"),

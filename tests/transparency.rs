@@ -3,13 +3,12 @@
 
 mod common;
 
-use mlua_isle::{Isle, IsleError};
-
 /// `load`'s mode is narrowed to text, never replaced: a caller's `'b'`
 /// still refuses text, as Lua does.
 #[test]
 #[cfg(not(any(feature = "lua51", feature = "luau")))] // 5.1: no mode; Luau: no load
 fn load_narrows_the_callers_mode_to_text() {
+    use mlua_isle::{Isle, IsleError};
     common::within("load modes", || {
         let isle = Isle::spawn(|_| Ok(())).unwrap();
         // Text is refused where the caller's mode refuses it.
