@@ -346,6 +346,101 @@ pub(crate) fn disarm_running(_lua: &mlua::Lua) -> bool {
     false
 }
 
+/// Lua 5.4 and 5.5: raising the interruption from a C hook of ours.
+///
+/// mlua raises a hook's error after `lua_settop(L, 0)` (or 1) on the hook's
+/// frame, which in a count hook is the running Lua function's frame: Lua
+/// closes that function's to-be-closed variables right there, inside the
+/// hook, where hooks are disabled (`allowhook` is 0). A `__close` handler
+/// that loops would then never be stopped: cancel, time limits, budgets and
+/// shutdown all hang. So the hook never raises through mlua: it installs
+/// [`raise_hook`] on the running Lua thread instead, and returns. On the next
+/// instruction `raise_hook` raises with `lua_error` straight away, as
+/// `lua.c` stops a script; Lua's protected call that catches it restores
+/// `allowhook` before it closes the variables, so their handlers run with
+/// `raise_hook` still set, and are interrupted in turn.
+///
+/// `raise_hook` raises while the VM thread is stopping a request
+/// ([`raise_from_next_instruction`] until [`end_raising`]); a thread that
+/// still has it afterwards (a coroutine that survived the stop, resumed
+/// later) gets mlua's hook back, ticking at the count it had.
+#[cfg(any(feature = "lua54", feature = "lua55"))]
+mod raise {
+    use std::cell::Cell;
+    use std::ffi::c_int;
+
+    use mlua::ffi::{self, lua_Debug, lua_State};
+
+    thread_local! {
+        /// True while this VM thread's request must stop.
+        static STOPPING: Cell<bool> = const { Cell::new(false) };
+        /// mlua's hook function (as an address) and the count to give a
+        /// thread whose `raise_hook` finds nothing to stop.
+        static RESTORE: Cell<(usize, c_int)> = const { Cell::new((0, 0)) };
+    }
+
+    /// The message of the error `raise_hook` raises (the request resolves
+    /// with its stop reason, whatever the error says).
+    const MESSAGE: &std::ffi::CStr = c"mlua-isle: the request must stop";
+
+    /// From mlua's hook (or a Rust function called from Lua), on the VM
+    /// thread: the Lua thread running now raises on its next instruction,
+    /// and on every one after, until [`end_raising`]. `count` is the count
+    /// mlua's hook ticks at on this VM.
+    pub(crate) fn raise_from_next_instruction(lua: &mlua::Lua, count: u32) {
+        let state = lua.current_thread().to_pointer() as *mut lua_State;
+        STOPPING.set(true);
+        // SAFETY: `state` is the Lua thread running on this OS thread (we
+        // are called from its hook or from a function it called), alive
+        // while it runs; `lua_gethook` and `lua_sethook` only read and
+        // store its hook fields.
+        unsafe {
+            if let Some(hook) = ffi::lua_gethook(state) {
+                if hook as usize != raise_hook as *const () as usize {
+                    let count = c_int::try_from(count).unwrap_or(c_int::MAX);
+                    RESTORE.set((hook as usize, count));
+                }
+            }
+            ffi::lua_sethook(state, Some(raise_hook), ffi::LUA_MASKCOUNT, 1);
+        }
+    }
+
+    /// After a request: `raise_hook` raises no more on this thread.
+    pub(crate) fn end_raising() {
+        STOPPING.set(false);
+    }
+
+    /// Raises the interruption, or gives the thread mlua's hook back when
+    /// nothing is stopping (see the module docs).
+    unsafe extern "C-unwind" fn raise_hook(state: *mut lua_State, _ar: *mut lua_Debug) {
+        if STOPPING.get() {
+            // SAFETY: a hook may push a value (Lua keeps LUA_MINSTACK free
+            // slots for it) and raise an error, which unwinds only Lua's
+            // own C frames (`luaD_hook`, the interpreter) to the nearest
+            // protected call: no Rust frame is skipped.
+            unsafe {
+                ffi::lua_pushstring(state, MESSAGE.as_ptr());
+                ffi::lua_error(state);
+            }
+        }
+        let (hook, count) = RESTORE.get();
+        // SAFETY: `hook` is 0 or the address of mlua's `lua_Hook` (stored
+        // above from `lua_gethook`; function pointers and `usize` have the
+        // same size); `state` is the running thread.
+        unsafe {
+            if hook == 0 {
+                ffi::lua_sethook(state, None, 0, 0);
+            } else {
+                let hook: ffi::lua_Hook = std::mem::transmute(hook);
+                ffi::lua_sethook(state, Some(hook), ffi::LUA_MASKCOUNT, count.max(1));
+            }
+        }
+    }
+}
+
+#[cfg(any(feature = "lua54", feature = "lua55"))]
+pub(crate) use raise::{end_raising, raise_from_next_instruction};
+
 /// What the signal handler and the tracked switches need, per VM thread.
 struct Slot {
     /// The thread's `Alarm` (its `armed` flag is the first field read);
@@ -782,6 +877,22 @@ mod unix {
         if co.is_null() || co == state || unsafe { ffi::lua_status(co) } == ffi::LUA_OK {
             // SAFETY: calling a C function on the frame Lua gave us.
             return unsafe { original(state) };
+        }
+        // A coroutine killed by the interruption keeps hooks disabled:
+        // while the request stops, its handlers must not run (see
+        // `hook::guard_close`). The check raises the interruption.
+        let stopping = SLOT.with(|s| {
+            let alarm = s.armed.load(Ordering::SeqCst);
+            // SAFETY: as in `on_signal`.
+            !alarm.is_null() && unsafe { &*alarm }.armed.load(Ordering::SeqCst)
+        });
+        if stopping {
+            // SAFETY: upvalue 1 is the check, a function taking the error
+            // value (none here); Lua keeps LUA_MINSTACK slots for the push.
+            unsafe {
+                ffi::lua_pushvalue(state, ffi::lua_upvalueindex(1));
+                ffi::lua_call(state, 0, 0);
+            }
         }
         // SAFETY: as in `resume_on`: closing a suspended or dead coroutine
         // returns its errors; upvalue 1 is the check.

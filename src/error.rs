@@ -169,6 +169,25 @@ impl fmt::Display for LuaError {
 
 impl std::error::Error for LuaError {}
 
+/// Whether `message` is Lua's memory error, after any number of positions
+/// (`chunk:line: `) put in front of it.
+fn is_memory_message(message: &str) -> bool {
+    let mut m = message;
+    while let Some(rest) = strip_position(m) {
+        m = rest;
+    }
+    m == crate::room::MEMORY_ERROR
+}
+
+/// `m` without the position (`chunk:line: `) it starts with, if it does.
+fn strip_position(m: &str) -> Option<&str> {
+    m.match_indices(": ").find_map(|(at, _)| {
+        let (chunk, line) = m[..at].rsplit_once(':')?;
+        let is_line = !line.is_empty() && line.bytes().all(|b| b.is_ascii_digit());
+        (is_line && !chunk.is_empty() && !chunk.contains('\n')).then(|| &m[at + 2..])
+    })
+}
+
 /// Splits `"msg\nstack traceback:\n..."` into its two halves.
 fn split_traceback(text: &str) -> (String, Option<String>) {
     match text.find("\nstack traceback:") {
@@ -201,6 +220,11 @@ impl IsleError {
             mlua::Error::RuntimeError(m)
                 if m.contains("not enough memory for buffer allocation") =>
             {
+                IsleError::MemoryLimit(split_traceback(m).0)
+            }
+            // Lua's memory error, re-raised by a function that put a
+            // position in front (`error(e)`, `coroutine.wrap` before 5.4).
+            mlua::Error::RuntimeError(m) if is_memory_message(&split_traceback(m).0) => {
                 IsleError::MemoryLimit(split_traceback(m).0)
             }
             mlua::Error::RuntimeError(m) => lua(LuaErrorKind::Runtime, m),
@@ -264,6 +288,18 @@ mod tests {
         assert_eq!(m, "eval:1: boom");
         assert_eq!(t.as_deref(), Some("stack traceback:\n\t[C]: in ?"));
         assert_eq!(split_traceback("plain").1, None);
+    }
+
+    #[test]
+    fn memory_errors_are_recognised_behind_positions() {
+        assert!(is_memory_message("not enough memory"));
+        assert!(is_memory_message("eval:1: not enough memory"));
+        assert!(is_memory_message(
+            "[string \"a:b\"]:3: eval:12: not enough memory"
+        ));
+        assert!(!is_memory_message("eval:1: app: not enough memory"));
+        assert!(!is_memory_message("eval: not enough memory"));
+        assert!(!is_memory_message("not enough memory!"));
     }
 
     #[test]

@@ -55,7 +55,9 @@ use parking_lot::Mutex;
 use crate::alarm::{self, Binding, ThreadAlarm};
 use crate::config::VmConfig;
 use crate::request::RunScope;
+use crate::room::MEMORY_ERROR;
 use crate::token::{CancelToken, Reason};
+use crate::IsleError;
 
 /// `Interrupt::executed` before a request's first tick.
 const FIRST_TICK: u64 = u64::MAX;
@@ -73,6 +75,9 @@ pub(crate) struct Interrupt {
     interval: u32,
     /// True once the running request's interruption has been raised.
     fired: AtomicBool,
+    /// True once a wrapper of ours caught Lua's memory error during the
+    /// running request (see [`request_error`]).
+    out_of_memory: AtomicBool,
     /// `max_instructions`, and the count so far for the running request
     /// (advanced by `interval` per tick).
     budget: Option<u64>,
@@ -132,6 +137,7 @@ impl Interrupt {
             abort,
             interval,
             fired: AtomicBool::new(false),
+            out_of_memory: AtomicBool::new(false),
             budget,
             executed: AtomicU64::new(0),
             on_demand,
@@ -155,6 +161,8 @@ impl Interrupt {
     /// fired (it re-armed the hook with a count of 1).
     pub(crate) fn reset(&self, lua: &Lua, this: &Arc<Self>) {
         let fired = self.fired.swap(false, Ordering::Relaxed);
+        #[cfg(any(feature = "lua54", feature = "lua55"))]
+        alarm::end_raising();
         // Luau's interrupt has no interval to put back.
         #[cfg(not(feature = "luau"))]
         if fired {
@@ -210,14 +218,39 @@ impl Interrupt {
         }
     }
 
-    /// Raises the interruption (see the module docs).
+    /// Raises the interruption (see the module docs), from a Rust function
+    /// called by Lua.
     fn interrupt(this: &Arc<Self>, lua: &Lua, reason: Reason) -> mlua::Result<VmState> {
+        Interrupt::stop_running(this, lua)?;
+        Err(mlua::Error::external(reason.error()))
+    }
+
+    /// Raises the interruption from the hook. On Lua 5.4 and 5.5 the hook
+    /// must not raise through mlua, which would run the running function's
+    /// `__close` handlers inside the hook, where nothing can stop them: the
+    /// next instruction raises instead, from a C hook (`alarm::raise`).
+    fn interrupt_from_hook(this: &Arc<Self>, lua: &Lua, reason: Reason) -> mlua::Result<VmState> {
+        #[cfg(any(feature = "lua54", feature = "lua55"))]
+        {
+            let _ = reason;
+            Interrupt::stop_running(this, lua)?;
+            Ok(VmState::Continue)
+        }
+        #[cfg(not(any(feature = "lua54", feature = "lua55")))]
+        Interrupt::interrupt(this, lua, reason)
+    }
+
+    /// Makes every Lua thread tick (or, on 5.4 and 5.5, raise) from its next
+    /// instruction on, until the request ends.
+    fn stop_running(this: &Arc<Self>, lua: &Lua) -> mlua::Result<()> {
         this.fired.store(true, Ordering::Relaxed);
         if let Some((alarm, _)) = &this.on_demand {
             // Every Lua thread switched to from now on ticks at once.
             alarm.set_armed();
         }
-        #[cfg(not(feature = "luau"))]
+        #[cfg(any(feature = "lua54", feature = "lua55"))]
+        alarm::raise_from_next_instruction(lua, this.interval);
+        #[cfg(all(not(feature = "luau"), not(any(feature = "lua54", feature = "lua55"))))]
         set_hook(lua, this, 1)?;
         // Luau: the interrupt must stay set until the request ends. The
         // stopper sets it, but this may run first (from a `pcall` check).
@@ -228,7 +261,7 @@ impl Interrupt {
                 alarm::rearm_running();
             }
         }
-        Err(mlua::Error::external(reason.error()))
+        Ok(())
     }
 
     /// Counts `n` more instructions of the running request against its
@@ -278,7 +311,7 @@ impl Interrupt {
         // before its budget, and at most one interval after it.
         this.charge(u64::from(this.interval));
         if let Some(reason) = this.stop_reason() {
-            return Interrupt::interrupt(this, lua, reason);
+            return Interrupt::interrupt_from_hook(this, lua, reason);
         }
         if let Some((alarm, _)) = &this.on_demand {
             // Armed for nothing: a signal for a request that has ended, or
@@ -287,7 +320,7 @@ impl Interrupt {
             // seen now, one raised after it arms again.
             alarm.take();
             if let Some(reason) = this.stop_reason() {
-                return Interrupt::interrupt(this, lua, reason);
+                return Interrupt::interrupt_from_hook(this, lua, reason);
             }
             // Take the hook away, unless a stopper raised the alarm
             // meanwhile.
@@ -327,7 +360,13 @@ fn set_hook(lua: &Lua, this: &Arc<Interrupt>, _every: u32) -> mlua::Result<()> {
 fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> mlua::Result<()> {
     let state = this.clone();
     // Converting the error value to a `Value` resumes a wrapped Rust panic.
-    let check = lua.create_function(move |lua, _err: mlua::Value| {
+    // Called with the error values a catcher saw (xpcall: the one its
+    // handler got, and its result).
+    let check = lua.create_function(move |lua, errs: mlua::Variadic<mlua::Value>| {
+        if errs.iter().any(is_memory_error) {
+            // ORDERING: Relaxed: only the VM thread touches it.
+            state.out_of_memory.store(true, Ordering::Relaxed);
+        }
         if let Some(reason) = state.stop_reason() {
             Interrupt::interrupt(&state, lua, reason)?;
         }
@@ -347,13 +386,15 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
     // interrupt reads the flag on every Lua thread).
     let tracked = alarm::SUPPORTED && this.on_demand.is_some();
     if tracked {
-        install_tracked_coroutines(lua, &coroutine, &check)?;
+        install_tracked_coroutines(lua, &coroutine, &check, &stopping)?;
     }
+    #[cfg(any(feature = "lua54", feature = "lua55"))]
+    guard_close(lua, &coroutine, &check, &stopping, tracked)?;
     lua.load(
         r#"
         local check, stopping, pcall, xpcall, resume, load, loadfile, binary_ok, tracked,
               loadstring, reader_only = ...
-        local type, error = type, error
+        local type, error, find = type, error, string.find
         -- Lua's own pcall and xpcall (yieldable; 5.1: ours), with the error value
         -- checked: a Rust panic or a pending interruption is raised again.
         local function after(ok, ...)
@@ -362,7 +403,7 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
         end
         _G.pcall = function(f, ...) return after(pcall(f, ...)) end
         local function after_x(seen, ok, ...)
-            if not ok then check(seen.e) end
+            if not ok then check(seen.e, (...)) end
             return ok, ...
         end
         _G.xpcall = function(f, handler, ...)
@@ -410,8 +451,16 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
         if load then
             _G.load = function(chunk, name, mode, ...)
                 if not binary_ok then
-                    mode = "t"
-                    if reader_only and type(chunk) == "function" then
+                    if reader_only then
+                        -- 5.1: no mode; the reader's first piece is checked.
+                        if type(chunk) == "function" then chunk = text_reader(chunk) end
+                    elseif mode == nil or (type(mode) == "string" and find(mode, "t", 1, true)) then
+                        mode = "t" -- the caller's mode, narrowed to text
+                    elseif binary(chunk) then
+                        return nil, refused
+                    elseif type(chunk) == "function" then
+                        -- The caller's mode refuses text (Lua says so); the
+                        -- reader's first piece must not be binary either.
                         chunk = text_reader(chunk)
                     end
                 end
@@ -462,6 +511,7 @@ fn install_tracked_coroutines(
     lua: &Lua,
     coroutine: &mlua::Table,
     check: &mlua::Function,
+    stopping: &mlua::Function,
 ) -> mlua::Result<()> {
     let (resume, close) = alarm::tracked_resume_close(lua, check)?;
     // How Lua's `coroutine.wrap` raises a coroutine's error: from 5.4 on, a
@@ -471,13 +521,18 @@ fn install_tracked_coroutines(
     let wrap_error: mlua::Function = lua
         .load(
             r#"
-            local check, close, status, error = ...
+            local check, close, status, error, memory_error, stopping = ...
             return function(co, err)
-                if close and status(co) == "dead" then
+                -- A coroutine killed by the interruption is not closed
+                -- (see `guard_close`).
+                if close and status(co) == "dead" and not stopping() then
                     local closed, e = close(co)
                     if not closed then err = e end
                 end
                 check(err)
+                -- Lua's memory error is raised as is (5.4's wrap), which
+                -- keeps it a memory error.
+                if err == memory_error then error(err, 0) end
                 error(err, 3)
             end
             "#,
@@ -488,6 +543,8 @@ fn install_tracked_coroutines(
             close.clone(),
             coroutine.get::<mlua::Function>("status")?,
             lua.globals().get::<mlua::Function>("error")?,
+            MEMORY_ERROR,
+            stopping.clone(),
         ))?;
     let wrap = alarm::tracked_wrap_with(lua, &wrap_error)?;
     coroutine.set("resume", resume)?;
@@ -495,6 +552,93 @@ fn install_tracked_coroutines(
         coroutine.set("close", close)?;
     }
     coroutine.set("wrap", wrap)
+}
+
+/// Lua 5.4 and 5.5: a coroutine killed by an error raised in a hook (the
+/// interruption) keeps hooks disabled (Lua leaves its `allowhook` at 0), so
+/// closing it would run its `__close` handlers where nothing can stop them.
+/// While a request is stopping, `coroutine.close` raises the interruption
+/// instead of closing (as the tracked `coroutine.wrap` skips closing): the
+/// coroutine stays dead with its variables unclosed, as after an error
+/// nobody closes.
+///
+/// Where switches are not tracked, Lua's own `coroutine.wrap` would close
+/// such a coroutine: it is replaced by one that does what 5.4's does (close
+/// a coroutine that died by an error, put the caller's position in front
+/// of a string error, raise a memory error as is), but skips the closing
+/// while the request stops, and hands the error to `check`.
+#[cfg(any(feature = "lua54", feature = "lua55"))]
+fn guard_close(
+    lua: &Lua,
+    coroutine: &mlua::Table,
+    check: &mlua::Function,
+    stopping: &mlua::Function,
+    tracked: bool,
+) -> mlua::Result<()> {
+    let (close, wrap): (Option<mlua::Function>, Option<mlua::Function>) = lua
+        .load(
+            r##"
+            local close, check, stopping, tracked, create, resume, status, memory_error,
+                  type, error, select, pcall = ...
+            if tracked then return nil end -- the tracked close checks
+            -- Lua's errors as Lua words and places them (a tail call to a
+            -- C function still leaves our frame as its caller).
+            local function closed(ok, ...)
+                if ok then return ... end
+                local e = ...
+                if e == memory_error then error(e, 0) end
+                error(e, 2) -- tail-called: level 2 is our caller's caller
+            end
+            local function guarded_close(...)
+                if stopping() then check() end
+                local co = ...
+                if type(co) ~= "thread" then
+                    local got = select("#", ...) == 0 and "no value" or type(co)
+                    error("bad argument #1 to 'close' (thread expected, got " .. got .. ")", 2)
+                end
+                return closed(pcall(close, co))
+            end
+            local function after(co, ok, ...)
+                if ok then return ... end
+                local err = ...
+                if status(co) == "dead" and not stopping() then
+                    local closed, e = close(co)
+                    if not closed then err = e end
+                end
+                check(err)
+                if err == memory_error then error(err, 0) end
+                error(err, 2) -- tail-called: level 2 is the wrapped function's caller
+            end
+            local function wrap(f)
+                if type(f) ~= "function" then
+                    error("bad argument #1 to 'wrap' (function expected)", 2)
+                end
+                local co = create(f)
+                return function(...) return after(co, resume(co, ...)) end
+            end
+            return guarded_close, wrap
+            "##,
+        )
+        .set_name("=mlua-isle")
+        .call((
+            coroutine.get::<mlua::Function>("close")?,
+            check.clone(),
+            stopping.clone(),
+            tracked,
+            coroutine.get::<mlua::Function>("create")?,
+            coroutine.get::<mlua::Function>("resume")?,
+            coroutine.get::<mlua::Function>("status")?,
+            MEMORY_ERROR,
+            lua.globals().get::<mlua::Function>("type")?,
+            lua.globals().get::<mlua::Function>("error")?,
+            lua.globals().get::<mlua::Function>("select")?,
+            lua.globals().get::<mlua::Function>("pcall")?,
+        ))?;
+    if let (Some(close), Some(wrap)) = (close, wrap) {
+        coroutine.set("close", close)?;
+        coroutine.set("wrap", wrap)?;
+    }
+    Ok(())
 }
 
 impl RunScope for Interrupt {
@@ -511,6 +655,7 @@ impl RunScope for Interrupt {
 
     fn enter(&self, token: &CancelToken) {
         self.executed.store(FIRST_TICK, Ordering::Relaxed);
+        self.out_of_memory.store(false, Ordering::Relaxed);
         *self.current.lock() = Some(token.clone());
         // ORDERING: `abort_running` raises the flag before taking the lock we
         // just released, so either it saw this token or we see the flag.
@@ -523,6 +668,42 @@ impl RunScope for Interrupt {
         *self.current.lock() = None;
         self.fired.load(Ordering::Relaxed)
     }
+}
+
+/// Whether `v` is Lua's memory error as a catcher sees it: Lua's message
+/// (Lua 5.3's buffers: their own), or an mlua error (a Rust callback's)
+/// that is one.
+fn is_memory_error(v: &mlua::Value) -> bool {
+    match v {
+        mlua::Value::String(s) => {
+            let s = s.as_bytes();
+            *s == *MEMORY_ERROR.as_bytes()
+                || (cfg!(feature = "lua53") && *s == *b"not enough memory for buffer allocation")
+        }
+        mlua::Value::Error(e) => matches!(IsleError::from_lua(e), IsleError::MemoryLimit(_)),
+        _ => false,
+    }
+}
+
+/// Converts the error a request's work ended with. A request that ran out
+/// of memory fails with [`IsleError::MemoryLimit`] however the memory error
+/// travelled: raised straight out (mlua's memory error), re-raised by Lua
+/// code or by a library function with a position in front (`error(e)`
+/// after a `pcall`, `coroutine.wrap` on older Lua versions; see
+/// `IsleError::from_lua`), or caught by one of our wrapped catchers
+/// (`pcall`, `xpcall`, `coroutine.resume`/`wrap`/`close`, `load`'s reader)
+/// before the request failed with another error.
+pub(crate) fn request_error(lua: &Lua, err: &mlua::Error) -> IsleError {
+    match IsleError::from_lua(err) {
+        IsleError::Lua(e) if ran_out_of_memory(lua) => IsleError::MemoryLimit(e.message().into()),
+        other => other,
+    }
+}
+
+/// True if a wrapper caught Lua's memory error during the running request.
+fn ran_out_of_memory(lua: &Lua) -> bool {
+    lua.app_data_ref::<Arc<Interrupt>>()
+        .is_some_and(|state| state.out_of_memory.load(Ordering::Relaxed))
 }
 
 /// The token of the request running on this VM, for Rust functions called

@@ -48,6 +48,8 @@ mod pattern;
 mod pool;
 mod print;
 mod request;
+mod room;
+
 mod sandbox;
 mod spin;
 mod submit;

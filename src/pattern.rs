@@ -52,6 +52,8 @@ use std::sync::Arc;
 
 use mlua::{Function, IntoLuaMulti, Lua, LuaString, MultiValue, Table, Value};
 
+use crate::room::{self, MEMORY_ERROR};
+
 /// Called every [`POLL_EVERY`] matcher steps with the steps since the last
 /// call.
 pub(crate) type Poll = Arc<dyn Fn(&Lua, u32) -> mlua::Result<()> + Send + Sync>;
@@ -109,18 +111,20 @@ const GLUE: &str = r#"
 local ERR, GO, CALL, INDEX, find_rs, match_rs, gmatch_rs, gsub_rs, error = ...
 -- Always tail-called, so that level 2 is the caller of the string
 -- function, whose position a C library error also carries.
+-- A level comes with the message only for the memory error (0: raised
+-- as is, which Lua turns into a memory error).
 local function check(...)
     if ... == ERR then
-        local _, msg = ...
-        error(msg, 2)
+        local _, msg, level = ...
+        error(msg, level or 2)
     end
     return ...
 end
 local function find(...) return check(find_rs(...)) end
 local function match(...) return check(match_rs(...)) end
 local function gmatch(...)
-    local it, msg = gmatch_rs(...)
-    if it == ERR then error(msg, 2) end
+    local it, msg, level = gmatch_rs(...)
+    if it == ERR then error(msg, level or 2) end
     return function() return check(it()) end
 end
 -- gsub with a function or a table: step returns CALL or INDEX and what to
@@ -135,7 +139,7 @@ end
 local function gsub(...)
     local a, b, c = gsub_rs(...)
     if a == GO then return go(b, c, b()) end
-    if a == ERR then error(b, 2) end
+    if a == ERR then error(b, c or 2) end
     return a, b
 end
 return find, match, gmatch, gsub
@@ -191,6 +195,9 @@ enum FailKind {
     Lua(String),
     /// An error from the poll callback or from mlua, returned as is.
     Stop(mlua::Error),
+    /// Lua's memory error: what we build does not fit under the VM's
+    /// memory limit (`room.rs`).
+    Memory,
 }
 
 impl Fail {
@@ -204,6 +211,12 @@ impl Fail {
     #[inline(never)]
     fn stop(e: mlua::Error) -> Fail {
         Fail(Box::new(FailKind::Stop(e)))
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn memory() -> Fail {
+        Fail(Box::new(FailKind::Memory))
     }
 
     #[cold]
@@ -233,6 +246,11 @@ fn deliver(lua: &Lua, tags: &Tags, r: Res<MultiValue>) -> mlua::Result<MultiValu
         Ok(v) => Ok(v),
         Err(Fail(fail)) => match *fail {
             FailKind::Lua(msg) => (tags.err.clone(), msg).into_lua_multi(lua),
+            // Raised as Lua raises it (`luaL_Buffer`, `lua_pushlstring`):
+            // the bare message, which `error` turns into a memory error.
+            FailKind::Memory | FailKind::Stop(mlua::Error::MemoryError(_)) => {
+                (tags.err.clone(), MEMORY_ERROR, 0).into_lua_multi(lua)
+            }
             FailKind::Stop(e) => Err(e),
         },
     }
@@ -301,6 +319,59 @@ impl<'a> Budget<'a> {
 impl Drop for Budget<'_> {
     fn drop(&mut self) {
         self.ctx.pending.store(self.steps, Ordering::Relaxed);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The result buffer
+
+/// `gsub`'s result as it is built: Rust memory, so every growth is checked
+/// against the VM's memory limit (as Lua's `luaL_Buffer`, allocated by the
+/// VM, is), and every byte copied counts as matcher work, so that a huge
+/// replacement is stoppable.
+#[derive(Default)]
+struct Out {
+    bytes: Vec<u8>,
+}
+
+impl Out {
+    #[inline]
+    fn push(&mut self, budget: &mut Budget<'_>, bytes: &[u8]) -> Res<()> {
+        budget.charge_bytes(bytes.len())?;
+        if self.bytes.capacity() - self.bytes.len() < bytes.len() {
+            self.grow(budget.lua, bytes.len())?;
+        }
+        self.bytes.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    /// Makes room for `more` bytes: doubles, or takes just what is needed
+    /// when doubling would not fit under the memory limit.
+    #[cold]
+    #[inline(never)]
+    fn grow(&mut self, lua: &Lua, more: usize) -> Res<()> {
+        let (len, cap) = (self.bytes.len(), self.bytes.capacity());
+        let need = len.checked_add(more).ok_or_else(Fail::memory)?;
+        let doubled = cap.saturating_mul(2).max(need).max(64);
+        // The buffer held is the new one (a reallocation may briefly hold
+        // both, as Lua's allocator does).
+        let new_cap = [doubled, need]
+            .into_iter()
+            .find(|&c| room::fits(lua, c))
+            .ok_or_else(Fail::memory)?;
+        self.bytes
+            .try_reserve_exact(new_cap - len)
+            .map_err(|_| Fail::memory())
+    }
+
+    /// The result as a Lua string. Like `luaL_pushresult`, this needs the
+    /// buffer and the string at once.
+    fn into_string(self, lua: &Lua) -> Res<LuaString> {
+        let held = self.bytes.capacity();
+        if !room::fits(lua, held.saturating_add(self.bytes.len())) {
+            return Err(Fail::memory());
+        }
+        Ok(lua.create_string(&self.bytes)?)
     }
 }
 
@@ -1054,7 +1125,7 @@ fn gsub(lua: &Lua, ctx: &Arc<Ctx>, tags: &Arc<Tags>, args: &MultiValue) -> Res<M
         n: 0,
         max_s,
         changed: false,
-        buf: Vec::new(),
+        buf: Out::default(),
         pending: None,
         repl,
     };
@@ -1086,7 +1157,7 @@ struct Gsub {
     n: i64,
     max_s: i64,
     changed: bool,
-    buf: Vec<u8>,
+    buf: Out,
     /// The match whose replacement the Lua side is computing.
     pending: Option<(usize, usize)>,
     repl: Repl,
@@ -1097,26 +1168,26 @@ impl Gsub {
     /// on the first call), then goes on.
     fn step(&mut self, lua: &Lua, ctx: &Ctx, tags: &Tags, value: Value) -> Res<MultiValue> {
         if let Some((s, e)) = self.pending.take() {
-            self.add_value(lua, s, e, value)?;
+            self.add_value(&mut Budget::new(lua, ctx), s, e, value)?;
             self.pos = e;
             self.lastmatch = Some(e);
             if self.anchor {
-                return self.result(lua);
+                return self.result(lua, ctx);
             }
         }
         self.run(lua, ctx, tags)
     }
 
     /// The end of `add_value`, once the value is known.
-    fn add_value(&mut self, lua: &Lua, s: usize, e: usize, value: Value) -> Res<()> {
+    fn add_value(&mut self, budget: &mut Budget<'_>, s: usize, e: usize, value: Value) -> Res<()> {
         match value {
             // nil or false: keep the original text.
             Value::Nil | Value::Boolean(false) => {
-                self.buf.extend_from_slice(&self.src.as_bytes()[s..e]);
+                self.buf.push(budget, &self.src.as_bytes()[s..e])?;
             }
             v @ (Value::String(_) | Value::Integer(_) | Value::Number(_)) => {
-                if let Some(r) = lua.coerce_string(v)? {
-                    self.buf.extend_from_slice(&r.as_bytes());
+                if let Some(r) = budget.lua.coerce_string(v)? {
+                    self.buf.push(budget, &r.as_bytes())?;
                 }
                 self.changed = true;
             }
@@ -1143,7 +1214,7 @@ impl Gsub {
                     let s = self.pos;
                     match &self.repl {
                         Repl::String(r) => {
-                            add_s(&m, &mut self.buf, &r.as_bytes(), s, e)?;
+                            add_s(&mut m, &mut self.buf, &r.as_bytes(), s, e)?;
                             self.changed = true;
                             self.pos = e;
                             self.lastmatch = Some(e);
@@ -1164,7 +1235,7 @@ impl Gsub {
                 }
                 _ if self.pos < src.len() => {
                     // No match here: keep one character.
-                    self.buf.push(src[self.pos]);
+                    self.buf.push(&mut m.budget, &src[self.pos..=self.pos])?;
                     self.pos += 1;
                 }
                 _ => break, // end of the subject
@@ -1175,13 +1246,14 @@ impl Gsub {
         }
         drop(m);
         drop(src);
-        self.result(lua)
+        self.result(lua, ctx)
     }
 
-    fn result(&mut self, lua: &Lua) -> Res<MultiValue> {
+    fn result(&mut self, lua: &Lua, ctx: &Ctx) -> Res<MultiValue> {
         let s = if self.changed {
-            self.buf.extend_from_slice(&self.src.as_bytes()[self.pos..]);
-            lua.create_string(&self.buf)?
+            let rest = &self.src.as_bytes()[self.pos..];
+            self.buf.push(&mut Budget::new(lua, ctx), rest)?;
+            std::mem::take(&mut self.buf).into_string(lua)?
         } else {
             self.src.clone() // the original string
         };
@@ -1193,26 +1265,29 @@ impl Gsub {
 }
 
 /// `add_s`: appends the replacement string `r` for the match `s..e`.
-fn add_s(m: &Matcher<'_>, buf: &mut Vec<u8>, r: &[u8], s: usize, e: usize) -> Res<()> {
+fn add_s(m: &mut Matcher<'_>, buf: &mut Out, r: &[u8], s: usize, e: usize) -> Res<()> {
     let mut rest = r;
     while let Some(at) = rest.iter().position(|&c| c == b'%') {
-        buf.extend_from_slice(&rest[..at]);
+        buf.push(&mut m.budget, &rest[..at])?;
         let c = rest.get(at + 1).copied().unwrap_or(0);
         match c {
-            b'%' => buf.push(b'%'),
-            b'0' => buf.extend_from_slice(&m.src[s..e]),
+            b'%' => buf.push(&mut m.budget, b"%")?,
+            b'0' => buf.push(&mut m.budget, &m.src[s..e])?,
             b'1'..=b'9' => match m.get_capture(usize::from(c - b'1'), s, e)? {
-                Cap::Str(a, b) => buf.extend_from_slice(&m.src[a..b]),
+                Cap::Str(a, b) => buf.push(&mut m.budget, &m.src[a..b])?,
                 Cap::Pos(n) => {
-                    let _ = write!(buf, "{n}");
+                    let mut digits = [0u8; 24];
+                    let mut w = &mut digits[..];
+                    let _ = write!(w, "{n}");
+                    let len = 24 - w.len();
+                    buf.push(&mut m.budget, &digits[..len])?;
                 }
             },
             _ => return lua_err("invalid use of '%' in replacement string"),
         }
         rest = &rest[at + 2..];
     }
-    buf.extend_from_slice(rest);
-    Ok(())
+    buf.push(&mut m.budget, rest)
 }
 
 #[cfg(test)]

@@ -69,8 +69,10 @@ pub(crate) trait Submit {
     }
 }
 
-fn lua_err(e: mlua::Error) -> IsleError {
-    IsleError::from_lua(&e)
+/// Converts the error a request's work ended with (see
+/// `hook::request_error`).
+fn lua_err(lua: &Lua) -> impl Fn(mlua::Error) -> IsleError + '_ {
+    move |e| crate::hook::request_error(lua, &e)
 }
 
 /// Work for `eval`: the source runs as an expression if it parses as one,
@@ -84,7 +86,7 @@ where
 {
     move |ctx| {
         let function = ctx.chunks.load(ctx.lua, ctx.env, &code)?;
-        function.call::<T>(()).map_err(lua_err)
+        function.call::<T>(()).map_err(lua_err(ctx.lua))
     }
 }
 
@@ -93,7 +95,7 @@ where
 fn global_function(ctx: &Ctx<'_>, name: &str) -> Result<mlua::Function, IsleError> {
     match ctx
         .with_scope(|scope| scope.get::<Value>(name))
-        .map_err(lua_err)?
+        .map_err(lua_err(ctx.lua))?
     {
         Value::Nil => Err(IsleError::NotFound(name.to_string())),
         Value::Function(f) => Ok(f),
@@ -117,7 +119,7 @@ where
     move |ctx| {
         global_function(ctx, &name)?
             .call::<T>(args)
-            .map_err(lua_err)
+            .map_err(lua_err(ctx.lua))
     }
 }
 
@@ -138,7 +140,7 @@ where
         let token = crate::hook::current_token(ctx.lua);
         let mut out = Vec::with_capacity(inputs.len());
         for args in inputs {
-            let r = f.call::<T>(args).map_err(lua_err);
+            let r = f.call::<T>(args).map_err(lua_err(ctx.lua));
             if r.is_err() && token.as_ref().is_some_and(|t| t.is_cancelled()) {
                 return Err(IsleError::Cancelled); // replaced by the stop reason
             }
@@ -154,7 +156,7 @@ where
     T: Send + 'static,
     F: FnOnce(&Lua) -> mlua::Result<T> + Send + 'static,
 {
-    move |ctx| f(ctx.lua).map_err(lua_err)
+    move |ctx| f(ctx.lua).map_err(lua_err(ctx.lua))
 }
 
 /// Work for a session's `exec`: a closure given the VM and the session's
@@ -164,7 +166,10 @@ where
     T: Send + 'static,
     F: FnOnce(&Lua, &Table) -> mlua::Result<T> + Send + 'static,
 {
-    move |ctx| ctx.with_scope(|env| f(ctx.lua, env)).map_err(lua_err)
+    move |ctx| {
+        ctx.with_scope(|env| f(ctx.lua, env))
+            .map_err(lua_err(ctx.lua))
+    }
 }
 
 /// The request methods every front-end shares (`eval`, `call` and their

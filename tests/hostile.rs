@@ -110,11 +110,24 @@ fn isolated(name: &str, body: impl FnOnce()) {
         body();
         return;
     }
-    let out = Command::new(std::env::current_exe().unwrap())
+    let child = Command::new(std::env::current_exe().unwrap())
         .args([name, "--exact", "--include-ignored", "--test-threads=1"])
         .env(CHILD, "1")
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    // A watchdog: a child that hangs is killed, and the test fails.
+    let pid = child.id();
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let Ok(out) = rx.recv_timeout(3 * PATIENCE) else {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        panic!("the child process running `{name}` hung");
+    };
+    let out = out.unwrap();
     assert!(
         out.status.success(),
         "the child process running `{name}` failed ({}):\n{}\n{}",
@@ -938,4 +951,97 @@ fn a_source_nested_too_deeply_is_a_syntax_error() {
         assert!(too_deep(e.message()), "{e:?}");
         t.assert_serving();
     }
+}
+
+/// Peak resident memory of this process (`VmHWM`), in bytes.
+fn peak_rss() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc (Linux only)");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .expect("VmHWM in /proc/self/status");
+    let kb: usize = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .expect("VmHWM in kB");
+    kb * 1024
+}
+
+/// What `pcall` of a function that ran out of memory returns as its error
+/// (Lua 5.3's buffers word it their own way).
+#[cfg(not(feature = "lua53"))]
+const MEMORY_ERROR: &str = "not enough memory";
+#[cfg(feature = "lua53")]
+const MEMORY_ERROR: &str = "not enough memory for buffer allocation";
+
+/// A replacement that multiplies a 1 MiB match 8192 times: 8 GiB of
+/// result, built by `gsub` (the sandbox's own, on Lua 5.4 and 5.5; Lua's
+/// elsewhere), must meet the memory limit long before.
+const HUGE_GSUB: &str = "string.gsub(string.rep('a', 2^20), '.+', string.rep('%0', 8192))";
+
+#[test]
+fn a_sandboxed_gsub_result_counts_against_the_memory_limit() {
+    isolated(
+        "a_sandboxed_gsub_result_counts_against_the_memory_limit",
+        || {
+            let isle = Isle::builder()
+                .sandbox(true)
+                .memory_limit(32 * MB)
+                .spawn(|lua| lua.globals().set("kept", "state"))
+                .unwrap();
+            let target = Target::Isle(isle);
+            assert_memory_limit(target.eval::<usize>(format!("#{HUGE_GSUB}")));
+            target.assert_serving();
+            // Caught, it is Lua's memory error, as from Lua's own gsub.
+            assert_eq!(
+                target.eval::<(bool, String)>(format!("pcall(function() return {HUGE_GSUB} end)")),
+                Ok((false, MEMORY_ERROR.to_string()))
+            );
+            // Replacements from a function or a table, and captures.
+            assert_memory_limit(target.eval::<usize>(
+                "local big = string.rep('b', 2^20) \
+                 return #string.gsub(string.rep('a', 64), '.', function() return big end)",
+            ));
+            assert_memory_limit(target.eval::<usize>(
+                "local t = {a = string.rep('b', 2^20)} \
+                 return #string.gsub(string.rep('a', 64), '.', t)",
+            ));
+            // Captures made by the sandbox's own matcher (Luau's own, which
+            // is not ours, answers this one within the limit).
+            #[cfg(any(feature = "lua54", feature = "lua55"))]
+            assert_memory_limit(target.eval::<usize>(
+                "local s = string.rep('a', 9 * 2^20) \
+                 return #string.match(s, '((((.+))))')",
+            ));
+            target.assert_serving();
+            let peak = peak_rss();
+            assert!(peak < 4 * 32 * MB, "peak RSS {} MiB", peak / MB);
+        },
+    );
+}
+
+#[test]
+#[cfg(any(feature = "lua54", feature = "lua55"))] // the sandbox's own matcher
+#[cfg(not(feature = "luau"))] // no instruction count
+fn building_a_gsub_result_is_stoppable() {
+    isolated("building_a_gsub_result_is_stoppable", || {
+        // No memory limit: the budget, counting the bytes copied, stops it.
+        let isle = Isle::builder()
+            .sandbox(true)
+            .max_instructions(1_000_000)
+            .spawn(|lua| lua.globals().set("kept", "state"))
+            .unwrap();
+        let target = Target::Isle(isle);
+        // Matching takes a thousand steps; the 16 GiB result would take
+        // seconds to build.
+        assert_eq!(
+            target
+                .eval::<usize>("#string.gsub(string.rep('a', 1024), '.+', string.rep('%0', 2^24))"),
+            Err(IsleError::InstructionLimit)
+        );
+        target.assert_serving();
+        let peak = peak_rss();
+        assert!(peak < 256 * MB, "peak RSS {} MiB", peak / MB);
+    });
 }

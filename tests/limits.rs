@@ -1,6 +1,9 @@
 //! Per-VM memory limits, per-request instruction budgets, and text-only
 //! chunks, on an isle and on a pool.
 
+mod common;
+
+use common::PATIENCE;
 use mlua_isle::{Isle, IsleError, IslePool};
 
 const MB: usize = 1 << 20;
@@ -226,4 +229,82 @@ fn luau_refuses_an_instruction_budget_at_spawn() {
         "{:?}",
         r.err()
     );
+}
+
+/// Runs out of memory (with a limit of a few MiB).
+const GROW: &str = "local t = {} for i = 1, 1e8 do t[i] = i end";
+
+/// Scripts whose memory error travels through catchers and re-raisers
+/// before failing the request.
+#[cfg_attr(feature = "luau", allow(unused_mut))] // no `load`, no `<close>`
+fn out_of_memory_scripts() -> Vec<String> {
+    let mut scripts = vec![
+        format!("coroutine.wrap(function() {GROW} end)()"),
+        format!("coroutine.wrap(function() return #string.rep('x', 1e9) end)()"),
+        format!("local ok, e = coroutine.resume(coroutine.create(function() {GROW} end)) error(e)"),
+        format!("assert(coroutine.resume(coroutine.create(function() {GROW} end)))"),
+        format!("local ok, e = pcall(function() {GROW} end) error(e)"),
+        format!("local ok, e = pcall(function() {GROW} end) error(e, 0)"),
+        format!("local ok, e = pcall(function() {GROW} end) error('gave up: ' .. tostring(e))"),
+        format!(
+            "local ok, e = xpcall(function() {GROW} end, function(m) return 'handled: ' .. tostring(m) end) \
+             error(e)"
+        ),
+        format!(
+            "pcall(coroutine.wrap(function() {GROW} end)) error('failed after running out')"
+        ),
+    ];
+    // Luau has no `load`.
+    #[cfg(not(feature = "luau"))]
+    scripts.push(format!(
+        "local f, e = load(function() {GROW} end) assert(f == nil) error(e)"
+    ));
+    #[cfg(any(feature = "lua54", feature = "lua55"))]
+    scripts.extend([
+        format!("do local x <close> = setmetatable({{}}, {{__close = function() {GROW} end}}) end"),
+        format!(
+            "local co = coroutine.create(function() \
+                 local x <close> = setmetatable({{}}, {{__close = function() {GROW} end}}) \
+                 coroutine.yield() end) \
+             coroutine.resume(co) local ok, e = coroutine.close(co) error(e)"
+        ),
+        format!(
+            "coroutine.wrap(function() \
+                 local x <close> = setmetatable({{}}, {{__close = function(_, e) error(e, 0) end}}) \
+                 {GROW} end)()"
+        ),
+    ]);
+    scripts
+}
+
+#[test]
+fn running_out_of_memory_is_a_memory_limit_error_however_the_error_travels() {
+    for permanent_hook in [false, true] {
+        let isle = Isle::builder()
+            .memory_limit(4 * MB)
+            .permanent_hook(permanent_hook)
+            .spawn(|_| Ok(()))
+            .unwrap();
+        for script in out_of_memory_scripts() {
+            let r = isle
+                .spawn_eval::<()>(script.clone())
+                .wait_timeout(PATIENCE)
+                .expect("the request hung");
+            assert!(
+                matches!(r, Err(IsleError::MemoryLimit(_))),
+                "permanent_hook({permanent_hook}): {script}\n{r:?}"
+            );
+            assert_eq!(isle.eval::<i64>("1 + 1"), Ok(2));
+        }
+        // A caught memory error that the script recovers from is no failure.
+        assert_eq!(
+            isle.eval::<bool>(format!("return (pcall(function() {GROW} end))")),
+            Ok(false)
+        );
+        // A later request is judged on its own.
+        assert!(matches!(
+            isle.eval::<()>("error('unrelated')"),
+            Err(IsleError::Lua(_))
+        ));
+    }
 }
