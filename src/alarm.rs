@@ -29,8 +29,10 @@
 //! a signal that landed just before the switch armed the state being left.
 //!
 //! Coroutines resumed by Rust code through mlua's `Thread` API are not
-//! tracked; mlua gives the threads it creates the VM's hook (which keeps
-//! ticking on them), so those stay cancellable, at the old price.
+//! tracked: mlua's thread event callback (`ON_RESUME`, set by `hook.rs`)
+//! gives each the VM's hook before it runs, ticking every `hook_interval`
+//! instructions ([`hook_resumed_from_rust`]), so those stay cancellable, at
+//! the old price.
 //!
 //! # The handshake with a stopping thread
 //!
@@ -286,8 +288,8 @@ impl std::fmt::Debug for ThreadAlarm {
 
 #[cfg(all(unix, not(feature = "luau")))]
 pub(crate) use unix::{
-    begin, bind, disarm_main, disarm_running, rearm_running, tracked_resume_close,
-    tracked_wrap_with, unbind,
+    begin, bind, disarm_main, disarm_running, hook_resumed_from_rust, rearm_running,
+    tracked_resume_close, tracked_wrap_with, unbind,
 };
 
 /// A VM's main state and hook function, as addresses (see [`bind`]). On
@@ -1067,6 +1069,31 @@ mod unix {
             lua.remove_hook();
         }
         tracked
+    }
+
+    /// A Lua thread about to be resumed from Rust (mlua's `Thread::resume`,
+    /// in a callback of the host's): the tracked switches never see it, so
+    /// a signal would arm its resumer, not it. It gets the VM's hook instead,
+    /// ticking every `count` instructions, as threads mlua creates do.
+    pub(crate) fn hook_resumed_from_rust(thread: &mlua::Thread, count: u32) {
+        let state = thread.to_pointer() as *mut lua_State;
+        let count = c_int::try_from(count).unwrap_or(c_int::MAX);
+        SLOT.with(|s| {
+            let hook = s.hook.load(Ordering::SeqCst);
+            if hook == 0 || state.is_null() {
+                return;
+            }
+            // SAFETY: `hook` is a `lua_Hook` address (see `bind`); `state`
+            // is a live thread of this thread's VM (the caller holds it),
+            // about to be resumed; `lua_gethook` and `lua_sethook` read and
+            // store its hook fields.
+            unsafe {
+                if ffi::lua_gethook(state).is_none() {
+                    let hook: ffi::lua_Hook = std::mem::transmute(hook);
+                    ffi::lua_sethook(state, Some(hook), ffi::LUA_MASKCOUNT, count);
+                }
+            }
+        });
     }
 
     /// Arms the recorded running state again (from the hook, which has just

@@ -151,6 +151,18 @@ impl Interrupt {
         #[cfg(not(feature = "luau"))]
         if this.on_demand.is_some() {
             lua.remove_hook(); // armed on demand only
+                               // A coroutine a Rust callback resumes (mlua's `Thread::resume`)
+                               // passes no tracked switch: it ticks instead.
+            #[cfg(unix)]
+            lua.set_thread_event_callback(
+                mlua::thread::ThreadTriggers::ON_RESUME,
+                move |_, event| {
+                    if let mlua::thread::ThreadEvent::Resume(thread) = event {
+                        alarm::hook_resumed_from_rust(&thread, interval);
+                    }
+                    Ok(())
+                },
+            );
         }
         install_wrappers(lua, &this, config.binary_chunks)?;
         lua.set_app_data(this.clone());

@@ -132,8 +132,9 @@ impl IsleBuilder {
     ///
     /// The VM's hook belongs to the isle: `init` and `exec` closures must not
     /// replace or remove it (`Lua::set_hook`, `set_global_hook`,
-    /// `remove_hook`; on Luau, `set_interrupt` and `remove_interrupt`), or
-    /// running requests can no longer be stopped.
+    /// `remove_hook`, `set_thread_event_callback`; on Luau, `set_interrupt`
+    /// and `remove_interrupt`), or running requests can no longer be
+    /// stopped.
     ///
     /// # Errors
     /// [`IsleError::Init`] if `init` returns an error, [`IsleError::Panic`]

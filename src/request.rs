@@ -368,6 +368,17 @@ pub(crate) enum Outcome {
     Skipped,
 }
 
+impl Outcome {
+    fn of<T>(result: &Result<T, IsleError>) -> Outcome {
+        match result {
+            Ok(_) => Outcome::Completed,
+            Err(e) if e.is_cancellation() || *e == IsleError::Shutdown => Outcome::Cancelled,
+            Err(IsleError::MemoryLimit(_)) => Outcome::OutOfMemory,
+            Err(_) => Outcome::Failed,
+        }
+    }
+}
+
 /// A request on its way to a VM: the work plus the request it resolves.
 pub(crate) struct Job(Box<dyn Runnable>);
 
@@ -479,23 +490,19 @@ where
                 }
             }
         };
-        let outcome = match &result {
-            Ok(_) => Outcome::Completed,
-            Err(e) if e.is_cancellation() || *e == IsleError::Shutdown => Outcome::Cancelled,
-            Err(IsleError::MemoryLimit(_)) => Outcome::OutOfMemory,
-            Err(_) => Outcome::Failed,
-        };
-        // A stopper that got here first has answered the caller: this
-        // result is late, and is dropped (after the claim, like garbage).
+        // A stopper that got here first has answered the caller with its
+        // reason: this result is late, and is dropped (after the claim, like
+        // garbage); the outcome is what the caller was told.
         if req.claim(RUNNING) {
+            let outcome = Outcome::of(&result);
             req.resolve(result);
             drop(garbage);
             outcome
         } else {
             drop((result, garbage));
-            match outcome {
-                Outcome::OutOfMemory => Outcome::OutOfMemory,
-                _ => Outcome::Cancelled,
+            match req.header.reason() {
+                Some(reason) => Outcome::of::<()>(&Err(reason.error())),
+                None => unreachable!("only a stop resolves a running request"),
             }
         }
     }

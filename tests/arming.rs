@@ -213,6 +213,15 @@ const ENDLESS: &[(&str, &str)] = &[
         "thread resumed from Rust",
         "rust_resume(function() started() while true do end end)",
     ),
+    (
+        "coroutine created in Lua, resumed from Rust",
+        "rust_resume_co(coroutine.create(function() started() while true do end end))",
+    ),
+    (
+        "coroutine created in Lua before the stop, resumed from Rust after a yield",
+        "local co = coroutine.create(function() coroutine.yield() started() while true do end end)
+         rust_resume_co(co) rust_resume_co(co)",
+    ),
 ];
 
 /// More of them, using Lua 5.4's `<close>` and `coroutine.close`.
@@ -248,7 +257,9 @@ fn init(started: crossbeam_channel::Sender<()>) -> impl Fn(&Lua) -> mlua::Result
         register_signal(lua, "started", started.clone())?;
         let resume =
             lua.create_function(|lua, f: mlua::Function| lua.create_thread(f)?.resume::<()>(()))?;
-        lua.globals().set("rust_resume", resume)
+        lua.globals().set("rust_resume", resume)?;
+        let resume_co = lua.create_function(|_, co: mlua::Thread| co.resume::<()>(()))?;
+        lua.globals().set("rust_resume_co", resume_co)
     }
 }
 
