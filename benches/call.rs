@@ -224,6 +224,22 @@ fn cancel_latency(c: &mut Criterion) {
             .collect(),
     );
     println!("summary: cancel -> wait returns, permanent_hook(true)                        p50 {p50:.2?}   p99 {p99:.2?}   max {max:.2?}");
+    // The VM in code no hook reaches: the caller is answered by the stopper
+    // (after `LET_GO`), the VM discards its late result.
+    let stuck = stuck_isle();
+    let (p50, p99, max) = quantiles(
+        (0..2_000)
+            .map(|_| cancel_stuck(&stuck, Stuck::RustCallback))
+            .collect(),
+    );
+    println!("summary: cancel -> wait returns, VM inside a Rust callback (target p99 <= 50us) p50 {p50:.2?}   p99 {p99:.2?}   max {max:.2?}");
+    let (p50, p99, max) = quantiles(
+        (0..200)
+            .map(|_| cancel_stuck(&stuck, Stuck::CCall))
+            .collect(),
+    );
+    println!("summary: cancel -> wait returns, VM inside a long C call (gsub)  (target p99 <= 50us) p50 {p50:.2?}   p99 {p99:.2?}   max {max:.2?}");
+    stuck.isle.shutdown().unwrap();
     #[cfg(unix)]
     {
         let (p50, p99, max) = quantiles(signal_floor(2_000));
@@ -231,6 +247,96 @@ fn cancel_latency(c: &mut Criterion) {
     }
     isle.shutdown().unwrap();
     hooked.shutdown().unwrap();
+}
+
+/// Where `stuck_isle`'s VM sits when a cancel comes.
+#[derive(Clone, Copy)]
+enum Stuck {
+    /// `spin_in_rust()`: a Rust callback spinning until released.
+    RustCallback,
+    /// `string.gsub` over 100,000 characters, calling the Rust function
+    /// `hit` for each: C and Rust code only, for tens of milliseconds.
+    CCall,
+}
+
+struct StuckIsle {
+    isle: Isle,
+    started: crossbeam_channel::Receiver<()>,
+    /// Lets `spin_in_rust` return.
+    release: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Makes the next `hit` say "started".
+    announce: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+fn stuck_isle() -> StuckIsle {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let (tx, started) = crossbeam_channel::unbounded::<()>();
+    let release = Arc::new(AtomicBool::new(false));
+    let announce = Arc::new(AtomicBool::new(false));
+    let (flag, first) = (release.clone(), announce.clone());
+    let isle = Isle::spawn(move |lua| {
+        let g = lua.globals();
+        let tx2 = tx.clone();
+        g.set(
+            "started",
+            lua.create_function(move |_, ()| {
+                let _ = tx.send(());
+                Ok(())
+            })?,
+        )?;
+        g.set(
+            "spin_in_rust",
+            lua.create_function(move |_, ()| {
+                while !flag.swap(false, Ordering::SeqCst) {
+                    std::hint::spin_loop();
+                }
+                Ok(())
+            })?,
+        )?;
+        g.set(
+            "hit",
+            lua.create_function(move |_, ()| {
+                if first.swap(false, Ordering::SeqCst) {
+                    let _ = tx2.send(());
+                }
+                Ok(())
+            })?,
+        )?;
+        g.set("long", "x".repeat(100_000))
+    })
+    .unwrap();
+    StuckIsle {
+        isle,
+        started,
+        release,
+        announce,
+    }
+}
+
+/// Measures cancel → `wait` while the VM is `where`, then lets the VM get
+/// back (releases the callback; the C call ends) before the next one.
+fn cancel_stuck(s: &StuckIsle, where_: Stuck) -> Duration {
+    use std::sync::atomic::Ordering;
+    let task = match where_ {
+        Stuck::RustCallback => s.isle.spawn_eval::<()>("started() spin_in_rust()"),
+        Stuck::CCall => {
+            s.announce.store(true, Ordering::SeqCst);
+            s.isle.spawn_eval::<()>("string.gsub(long, '.', hit)")
+        }
+    };
+    s.started.recv().unwrap();
+    let t0 = Instant::now();
+    task.cancel();
+    let r = task.wait();
+    let dt = t0.elapsed();
+    assert_eq!(r, Err(IsleError::Cancelled));
+    if let Stuck::RustCallback = where_ {
+        s.release.store(true, Ordering::SeqCst);
+    }
+    // Runs once the VM has got back and dropped the late result.
+    assert_eq!(s.isle.eval::<i64>("1"), Ok(1));
+    dt
 }
 
 /// How long a signal takes to reach a thread spinning on another CPU, from

@@ -16,7 +16,11 @@ fn load_narrows_the_callers_mode_to_text() {
             .eval("local f, e = load('return 1', 'x', 'b') return f == nil, e")
             .unwrap();
         assert!(refused.0, "{refused:?}");
-        assert!(refused.1.contains("text chunk"), "{refused:?}");
+        // LuaJIT words it its own way.
+        assert!(
+            refused.1.contains("text chunk") || refused.1.contains("wrong mode"),
+            "{refused:?}"
+        );
         // And accepted where it allows it.
         for mode in ["'t'", "'bt'", "nil"] {
             assert_eq!(
@@ -32,7 +36,10 @@ fn load_narrows_the_callers_mode_to_text() {
             ));
             let (refused, message) = r.unwrap();
             assert!(refused, "mode {mode}");
-            assert!(message.contains("binary"), "mode {mode}: {message}");
+            assert!(
+                message.contains("binary") || message.contains("wrong mode"),
+                "mode {mode}: {message}"
+            );
         }
         // A reader's binary first piece too, under a mode without text.
         let r: (bool, String) = isle

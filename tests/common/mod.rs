@@ -147,8 +147,13 @@ pub fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'sta
     std::thread::spawn(move || {
         let _ = tx.send(f());
     });
-    rx.recv_timeout(PATIENCE)
-        .unwrap_or_else(|_| panic!("hung: {what}"))
+    match rx.recv_timeout(PATIENCE) {
+        Ok(v) => v,
+        Err(crossbeam_channel::RecvTimeoutError::Timeout) => panic!("hung: {what}"),
+        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+            panic!("failed (see the panic above): {what}")
+        }
+    }
 }
 
 /// Names of this process's threads, from `/proc/self/task/*/comm` (Linux
