@@ -254,7 +254,7 @@ fn cancel_latency(c: &mut Criterion) {
 enum Stuck {
     /// `spin_in_rust()`: a Rust callback spinning until released.
     RustCallback,
-    /// `string.gsub` over 100,000 characters, calling the Rust function
+    /// `string.gsub` over 2,000,000 characters, calling the Rust function
     /// `hit` for each: C and Rust code only, for tens of milliseconds.
     CCall,
 }
@@ -303,7 +303,7 @@ fn stuck_isle() -> StuckIsle {
                 Ok(())
             })?,
         )?;
-        g.set("long", "x".repeat(100_000))
+        g.set("long", "x".repeat(2_000_000))
     })
     .unwrap();
     StuckIsle {

@@ -311,7 +311,7 @@ impl<T: Send> Cancel for Request<T> {
         // budget running out): the VM is not stuck, it is right here, and
         // resolves the request itself when the work returns.
         let here = RUNNING_HERE.get() == &self.header as *const Header as usize;
-        if here || crate::spin::spin_for(LET_GO, || self.header.is_done()) {
+        if here || crate::spin::spin_hot(LET_GO, || self.header.is_done()) {
             return false;
         }
         if self.claim(RUNNING) {

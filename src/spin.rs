@@ -24,8 +24,26 @@ pub(crate) fn spin_until(ready: impl FnMut() -> bool) -> bool {
     spin_for(SPIN_FOR, ready)
 }
 
+/// Spins, never yielding, until `ready()` is true or `limit` has passed;
+/// returns the last `ready()`. For short waits whose caller must not lose
+/// its core: on a busy machine a yield can cost a whole scheduler tick.
+pub(crate) fn spin_hot(limit: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    let mut n = 0u32;
+    loop {
+        if ready() {
+            return true;
+        }
+        n = n.wrapping_add(1);
+        if n.is_multiple_of(32) && start.elapsed() >= limit {
+            return ready();
+        }
+        std::hint::spin_loop();
+    }
+}
+
 /// Like `spin_until`, for at most `limit`.
-pub(crate) fn spin_for(limit: Duration, mut ready: impl FnMut() -> bool) -> bool {
+fn spin_for(limit: Duration, mut ready: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     let mut n = 0u32;
     loop {
