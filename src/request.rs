@@ -15,12 +15,14 @@
 //! exactly once. A stop `reason` (cancel, timeout, shutdown) is recorded
 //! separately: the VM's hook polls it while the request runs.
 //!
-//! A stop answers the caller at once, whatever the VM is doing: a running
-//! request is resolved by the stopper, not when its VM gets back from a Rust
-//! callback, a long C function or the collector. The VM is interrupted as
-//! before and throws its own result away when it returns; if it does not
-//! return within the owner's grace period, the owner treats it as wedged
-//! (`timer.rs`, `Watch`).
+//! A stop answers the caller on time, whatever the VM is doing: the stopper
+//! interrupts the VM, gives it `LET_GO` (20 µs) to finish on its own, and
+//! otherwise resolves the request itself, rather than waiting for the VM to
+//! get back from a Rust callback, a long C function or the collector. The
+//! VM throws its late result away when it returns; if it does not return
+//! within the owner's grace period, the owner treats it as wedged
+//! (`timer.rs`, `Watch`). A stop made by the request's own work (on its VM
+//! thread) leaves the resolving to the VM, which is right there.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
