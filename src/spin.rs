@@ -21,29 +21,19 @@ pub(crate) const SPIN_FOR: Duration = Duration::from_micros(50);
 /// Waits actively until `ready()` is true or `SPIN_FOR` has passed; returns
 /// the last `ready()`.
 pub(crate) fn spin_until(ready: impl FnMut() -> bool) -> bool {
-    spin_for(SPIN_FOR, ready)
+    spin(SPIN_FOR, HOT_FOR, ready)
 }
 
 /// Spins, never yielding, until `ready()` is true or `limit` has passed;
 /// returns the last `ready()`. For short waits whose caller must not lose
 /// its core: on a busy machine a yield can cost a whole scheduler tick.
-pub(crate) fn spin_hot(limit: Duration, mut ready: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    let mut n = 0u32;
-    loop {
-        if ready() {
-            return true;
-        }
-        n = n.wrapping_add(1);
-        if n.is_multiple_of(32) && start.elapsed() >= limit {
-            return ready();
-        }
-        std::hint::spin_loop();
-    }
+pub(crate) fn spin_hot(limit: Duration, ready: impl FnMut() -> bool) -> bool {
+    spin(limit, limit, ready)
 }
 
-/// Like `spin_until`, for at most `limit`.
-fn spin_for(limit: Duration, mut ready: impl FnMut() -> bool) -> bool {
+/// Checks `ready()` at every spin hint for at most `limit`, yielding every
+/// 32 checks once `hot_for` has passed.
+fn spin(limit: Duration, hot_for: Duration, mut ready: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     let mut n = 0u32;
     loop {
@@ -51,14 +41,14 @@ fn spin_for(limit: Duration, mut ready: impl FnMut() -> bool) -> bool {
             return true;
         }
         n = n.wrapping_add(1);
-        // The clock costs ~20 ns: read it every 32 checks. Past `HOT_FOR`,
+        // The clock costs ~20 ns: read it every 32 checks. Past `hot_for`,
         // yield there too.
         if n.is_multiple_of(32) {
             let spent = start.elapsed();
             if spent >= limit {
-                return false;
+                return ready();
             }
-            if spent >= HOT_FOR {
+            if spent >= hot_for {
                 std::thread::yield_now();
                 continue;
             }

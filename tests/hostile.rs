@@ -9,9 +9,7 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::PATIENCE;
+use common::{in_child, PATIENCE};
 use mlua_isle::mlua::{self, BString, FromLuaMulti};
 use mlua_isle::{Isle, IsleError, IslePool, LuaError, LuaErrorKind, Session};
 
@@ -99,46 +97,6 @@ fn assert_memory_limit<T: std::fmt::Debug>(r: Result<T, IsleError>) {
         Err(IsleError::MemoryLimit(m)) => assert!(m.contains("memory"), "{m}"),
         other => panic!("expected MemoryLimit, got {other:?}"),
     }
-}
-
-/// Runs `body` in a child process running only the test `name` of this
-/// binary, so that a script aborting the process fails this test with the
-/// child's stderr instead of killing every test of the run.
-fn isolated(name: &str, body: impl FnOnce()) {
-    const CHILD: &str = "MLUA_ISLE_HOSTILE_CHILD";
-    if std::env::var_os(CHILD).is_some() {
-        body();
-        return;
-    }
-    let child = Command::new(std::env::current_exe().unwrap())
-        .args([name, "--exact", "--include-ignored", "--test-threads=1"])
-        .env(CHILD, "1")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // A watchdog: a child that hangs is killed, and the test fails.
-    let pid = child.id();
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let Ok(out) = rx.recv_timeout(3 * PATIENCE) else {
-        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-        panic!("the child process running `{name}` hung");
-    };
-    let out = out.unwrap();
-    assert!(
-        out.status.success(),
-        "the child process running `{name}` failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("1 passed"),
-        "the child process did not run `{name}`"
-    );
 }
 
 /// How the parser words an unexpected token and an unfinished string.
@@ -343,7 +301,7 @@ fn deep_nesting_through_pcall_reaches_the_c_stack_limit() {
 
 #[test]
 fn deep_nesting_through_pcall_returning_every_level_is_an_error_not_a_crash() {
-    isolated(
+    in_child(
         "deep_nesting_through_pcall_returning_every_level_is_an_error_not_a_crash",
         || {
             for t in Target::both(None) {
@@ -360,7 +318,7 @@ fn deep_nesting_through_pcall_returning_every_level_is_an_error_not_a_crash() {
 
 #[test]
 fn pcall_of_a_function_returning_many_values_works() {
-    isolated("pcall_of_a_function_returning_many_values_works", || {
+    in_child("pcall_of_a_function_returning_many_values_works", || {
         for t in Target::both(None) {
             #[cfg(not(feature = "lua51"))]
             let code = "local t = {} for i = 1, 30 do t[i] = i end
@@ -440,7 +398,7 @@ fn deep_nesting_through_gsub_callbacks_is_a_c_stack_overflow_error() {
     };
     const CODE: &str = "local function f(s) return (string.gsub(s, '.', f)) end f('x')";
     // (LuaJIT would overflow the real stack without `cstack.rs`.)
-    isolated(
+    in_child(
         "deep_nesting_through_gsub_callbacks_is_a_c_stack_overflow_error",
         || {
             for t in Target::both(None) {
@@ -469,7 +427,7 @@ fn deep_nesting_through_any_library_callback_is_an_error_not_a_crash() {
     // in between (a sort comparing with `table.sort`, a `__tostring` that is
     // `print`). LuaJIT counts no C calls: without the guard of `cstack.rs`
     // every one of these kills the process (SIGSEGV).
-    isolated(
+    in_child(
         "deep_nesting_through_any_library_callback_is_an_error_not_a_crash",
         || {
             // Lua 5.1's and Luau's `string.format` call no `__tostring`.
@@ -588,7 +546,7 @@ fn nested_coroutines_stop_with_an_error_not_a_crash() {
          end
          return f({NEST})"
     );
-    isolated("nested_coroutines_stop_with_an_error_not_a_crash", || {
+    in_child("nested_coroutines_stop_with_an_error_not_a_crash", || {
         for t in Target::both(None) {
             let (depth, e) = t.eval::<(i64, String)>(DEEPEST).unwrap();
             assert!(e.contains("C stack overflow"), "{e}");
@@ -617,7 +575,7 @@ fn pcall_of_results_that_fill_the_stack_still_returns_its_status() {
         local function xcall() return xpcall(g, print) end
         return select('#', call()), tostring((select(2, call()))),
                select('#', xcall()), tostring((select(2, xcall())))";
-    isolated(
+    in_child(
         "pcall_of_results_that_fill_the_stack_still_returns_its_status",
         || {
             for t in Target::both(None) {
@@ -982,7 +940,7 @@ const HUGE_GSUB: &str = "string.gsub(string.rep('a', 2^20), '.+', string.rep('%0
 
 #[test]
 fn a_sandboxed_gsub_result_counts_against_the_memory_limit() {
-    isolated(
+    in_child(
         "a_sandboxed_gsub_result_counts_against_the_memory_limit",
         || {
             let isle = Isle::builder()
@@ -1025,7 +983,7 @@ fn a_sandboxed_gsub_result_counts_against_the_memory_limit() {
 #[cfg(any(feature = "lua54", feature = "lua55"))] // the sandbox's own matcher
 #[cfg(not(feature = "luau"))] // no instruction count
 fn building_a_gsub_result_is_stoppable() {
-    isolated("building_a_gsub_result_is_stoppable", || {
+    in_child("building_a_gsub_result_is_stoppable", || {
         // No memory limit: the budget, counting the bytes copied, stops it.
         let isle = Isle::builder()
             .sandbox(true)

@@ -255,55 +255,47 @@ pub fn register_wait_for_cancel(lua: &Lua, started: Sender<()>) -> mlua::Result<
 }
 
 /// Runs `body` in a child process that runs only the test `name` of this
-/// binary: for tests whose VM may spin forever in C code (a detached thread
-/// would take a core from every later test) or that may kill the process.
-/// The child is killed, and the test fails, if it has not finished after
-/// three times [`PATIENCE`].
+/// binary: for tests that may kill the process (the child's stderr then
+/// fails this test instead of the whole run dying), or whose VM may spin
+/// forever in C code (a detached thread would take a core from every later
+/// test). A child that has not finished after three times [`PATIENCE`] is
+/// killed, and the test fails.
 pub fn in_child(name: &str, body: impl FnOnce()) {
     const CHILD: &str = "MLUA_ISLE_TEST_CHILD";
     if std::env::var_os(CHILD).is_some() {
         body();
         return;
     }
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
         .args([name, "--exact", "--include-ignored", "--test-threads=1"])
         .env(CHILD, "1")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Read the pipes on threads, so a chatty child cannot block on them.
-    let read = |mut pipe: Box<dyn std::io::Read + Send>| {
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = pipe.read_to_string(&mut s);
-            s
-        })
+    let pid = child.id();
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let Ok(out) = rx.recv_timeout(3 * PATIENCE) else {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status();
+        panic!("hung: the child process running `{name}` was killed");
     };
-    let stdout = read(Box::new(child.stdout.take().unwrap()));
-    let stderr = read(Box::new(child.stderr.take().unwrap()));
-    let until = Instant::now() + PATIENCE * 3;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if Instant::now() > until {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    let (out, err) = (stdout.join().unwrap(), stderr.join().unwrap());
-    let Some(status) = status else {
-        panic!("hung: the child process running `{name}` was killed\n{out}\n{err}");
-    };
-    assert!(
-        status.success(),
-        "the child process running `{name}` failed ({status}):\n{out}\n{err}"
+    let out = out.unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
     );
     assert!(
-        out.contains("1 passed"),
-        "the child process did not run `{name}`:\n{out}\n{err}"
+        out.status.success(),
+        "the child process running `{name}` failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(
+        stdout.contains("1 passed"),
+        "the child process did not run `{name}`:\n{stdout}\n{stderr}"
     );
 }
