@@ -58,9 +58,11 @@ pub enum IsleError {
     NotFound(String),
 
     /// A blocking call was made from the VM's own thread (for example from an
-    /// `exec` closure); waiting there would deadlock. Use the `&Lua` you were
-    /// given, or a `spawn_*` method and let the task run later.
-    #[error("blocking call made from the Lua VM's own thread would deadlock; use the `&Lua` in hand or spawn_* instead")]
+    /// `exec` closure), or from an isle's VM thread on an isle that is itself
+    /// blocked, directly or through other isles, on this one; waiting there
+    /// would deadlock. Use the `&Lua` you were given, or a `spawn_*` method
+    /// and let the task run later.
+    #[error("blocking call would deadlock (made from the Lua VM's own thread, or from an isle the awaited isle is blocked on); use the `&Lua` in hand or spawn_* instead")]
     Reentrant,
 
     /// The request needed more memory than the VM may use (its

@@ -219,6 +219,7 @@ fn start(
                 let _exit = ExitSignal(exit_tx);
                 match Vm::start(id, &config, abort.clone(), init) {
                     Ok(vm) => {
+                        crate::vm::serves_alone();
                         let _ = ready_tx.send(Ok(vm.interrupt()));
                         if go.is_some_and(|go| go.recv().is_err()) {
                             return;

@@ -90,9 +90,19 @@ impl<T: Send + 'static> Task<T> {
     }
 
     fn wait_until(&mut self, deadline: Option<Instant>) -> Option<Result<T, IsleError>> {
-        if !self.req.is_ready() && on_owner_thread(self.req.header().owner) {
+        let owner = self.req.header().owner;
+        if !self.req.is_ready() && on_owner_thread(owner) {
             return Some(Err(IsleError::Reentrant));
         }
+        // A wait that can end only with the result: from an isle's VM, it
+        // must not close a cycle of isles waiting on each other.
+        let _waiting = match deadline {
+            None if !self.req.is_ready() => match crate::vm::blocking_on(owner) {
+                Ok(w) => w,
+                Err(e) => return Some(Err(e)),
+            },
+            _ => None,
+        };
         if self.req.wait(deadline) {
             self.req.try_take()
         } else {

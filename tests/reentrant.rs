@@ -119,3 +119,62 @@ fn a_task_spawned_on_the_vm_thread_can_be_waited_on_elsewhere() {
     assert_eq!(c.wait(), Ok(7));
     assert_eq!(x.wait(), Ok(9));
 }
+
+#[test]
+fn isles_blocking_on_each_other_get_reentrant_instead_of_a_deadlock() {
+    // A's closure waits on B, whose closure waits on A: neither VM could
+    // ever go on. The second wait is refused.
+    let a = Isle::spawn(|_| Ok(())).unwrap();
+    let b = Isle::spawn(|_| Ok(())).unwrap();
+    let (a2, b2) = (a.clone(), b.clone());
+    let task = a.spawn_exec(move |_| {
+        let inner = b2.exec(move |_| Ok(a2.eval::<i64>("1")));
+        Ok(inner)
+    });
+    let r = within("two isles waiting on each other", move || task.wait());
+    assert_eq!(r, Ok(Ok(Err(IsleError::Reentrant))));
+    // Both serve on.
+    assert_eq!(a.eval::<i64>("2"), Ok(2));
+    assert_eq!(b.eval::<i64>("3"), Ok(3));
+}
+
+#[test]
+fn a_cycle_through_three_isles_is_refused_too() {
+    let isles: Vec<Isle> = (0..3).map(|_| Isle::spawn(|_| Ok(())).unwrap()).collect();
+    let (x, y, z) = (isles[0].clone(), isles[1].clone(), isles[2].clone());
+    let task = isles[0].spawn_exec(move |_| {
+        // x waits on y, y on z, z on x.
+        Ok(y.exec(move |_| Ok(z.exec(move |_| Ok(x.eval::<i64>("1"))))))
+    });
+    let r = within("three isles waiting in a ring", move || task.wait());
+    assert_eq!(r, Ok(Ok(Ok(Err(IsleError::Reentrant)))));
+    for isle in &isles {
+        assert_eq!(isle.eval::<i64>("4"), Ok(4));
+    }
+}
+
+#[test]
+fn an_isle_waiting_on_another_that_is_free_is_not_refused() {
+    // Not a cycle: B waits on C, which waits on nobody.
+    let (a, b, c) = (
+        Isle::spawn(|_| Ok(())).unwrap(),
+        Isle::spawn(|_| Ok(())).unwrap(),
+        Isle::spawn(|_| Ok(())).unwrap(),
+    );
+    let (b2, c2) = (b.clone(), c.clone());
+    let task = a.spawn_exec(move |_| Ok(b2.exec(move |_| Ok(c2.eval::<i64>("5")))));
+    let r = within("a chain of waits", move || task.wait());
+    assert_eq!(r, Ok(Ok(Ok(5))));
+}
+
+#[test]
+fn a_pool_vm_waiting_on_an_isle_that_waits_on_the_pool_is_not_refused() {
+    // The pool has another VM free to serve the isle's request: no
+    // deadlock, so no refusal.
+    let pool = mlua_isle::IslePool::new(2, |_| Ok(())).unwrap();
+    let isle = Isle::spawn(|_| Ok(())).unwrap();
+    let (p2, i2) = (pool.clone(), isle.clone());
+    let task = pool.spawn_exec(move |_| Ok(i2.exec(move |_| Ok(p2.eval::<i64>("6")))));
+    let r = within("pool -> isle -> pool", move || task.wait());
+    assert_eq!(r, Ok(Ok(Ok(6))));
+}
