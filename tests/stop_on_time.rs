@@ -352,6 +352,7 @@ fn long_c_functions_answer_on_time_and_their_vm_is_replaced() {
             for script in [
                 "table.move({}, 1, 1e15, 2)",
                 "table.remove(setmetatable({}, {__len = function() return math.maxinteger end}), 1)",
+                "table.insert(setmetatable({}, {__len = function() return math.maxinteger - 1 end}), 1, 'x')",
             ] {
                 let isle = Isle::builder().stop_grace(GRACE).spawn(|_| Ok(())).unwrap();
                 let task = isle
@@ -398,12 +399,71 @@ fn long_c_functions_answer_on_time_and_their_vm_is_replaced() {
 fn a_long_compile_answers_on_time() {
     in_child("a_long_compile_answers_on_time", || {
         let isle = Isle::builder().stop_grace(GRACE).spawn(|_| Ok(())).unwrap();
-        // A chain long enough to keep the compiler busy for a while.
-        let chain = format!("return x{}", " or x".repeat(2_000_000));
-        let task = isle
-            .spawn_eval::<()>(chain)
-            .timeout(Duration::from_millis(10));
-        assert_eq!(wait_within("compile", task), Err(IsleError::Timeout));
+        // Chains long enough to keep the compiler busy for a while: given
+        // to `eval`, and built by the script and given to `load`.
+        let or_chain = format!("return x{}", " or x".repeat(2_000_000));
+        let elseif_chain = format!("if x then {} end", "elseif x then ".repeat(200_000));
+        let built = "return load('return x' .. string.rep(' or x', 2000000))";
+        for source in [or_chain, elseif_chain, built.to_string()] {
+            let task = isle
+                .spawn_eval::<()>(source)
+                .timeout(Duration::from_millis(10));
+            assert_eq!(wait_within("compile", task), Err(IsleError::Timeout));
+            let next = isle.spawn_eval::<i64>("1 + 1");
+            assert_eq!(wait_within("the next request", next), Ok(2));
+        }
+        within("shutdown", move || isle.shutdown()).unwrap();
+    });
+}
+
+/// The collector's atomic phase on a long, shuffled chain of weak-keyed
+/// entries (ephemerons) takes seconds, with no Lua instruction a hook could
+/// stop: the caller is answered at once, and the VM replaced.
+#[cfg(any(
+    feature = "lua52",
+    feature = "lua53",
+    feature = "lua54",
+    feature = "lua55"
+))]
+#[test]
+fn a_long_collection_answers_on_time() {
+    in_child("a_long_collection_answers_on_time", || {
+        let isle = Isle::builder()
+            .stop_grace(GRACE)
+            .sandbox(true)
+            .spawn(|_| Ok(()))
+            .unwrap();
+        let script = "
+            local n = 40000
+            local keys, order = {}, {}
+            for i = 1, n do keys[i] = {} order[i] = i end
+            math.randomseed(1)
+            for i = n, 2, -1 do
+                local j = math.random(i)
+                order[i], order[j] = order[j], order[i]
+            end
+            local weak = setmetatable({}, { __mode = 'k' })
+            for i = 1, n - 1 do weak[keys[order[i]]] = keys[order[i + 1]] end
+            root, chain = keys[order[1]], weak
+            keys, order = nil, nil
+            started()
+            collectgarbage()";
+        let (tx, started) = crossbeam_channel::unbounded();
+        isle.exec(move |lua| {
+            let f = lua.create_function(move |_, ()| {
+                let _ = tx.send(());
+                Ok(())
+            })?;
+            lua.globals().set("started", f)
+        })
+        .unwrap();
+        let task = isle.spawn_eval::<()>(script);
+        common::expect_msg(&started, "the chain is built");
+        task.cancel();
+        assert_eq!(
+            wait_within("the collection", task),
+            Err(IsleError::Cancelled)
+        );
         let next = isle.spawn_eval::<i64>("1 + 1");
         assert_eq!(wait_within("the next request", next), Ok(2));
         within("shutdown", move || isle.shutdown()).unwrap();
