@@ -350,7 +350,8 @@ pub(crate) fn disarm_running(_lua: &mlua::Lua) -> bool {
 
 /// Lua 5.4 and 5.5: raising the interruption from a C hook of ours.
 ///
-/// mlua raises a hook's error after `lua_settop(L, 0)` (or 1) on the hook's
+/// mlua's hook trampoline (no longer used here: see [`tick_hook`]) raises a
+/// hook's error after `lua_settop(L, 0)` (or 1) on the hook's
 /// frame, which in a count hook is the running Lua function's frame: Lua
 /// closes that function's to-be-closed variables right there, inside the
 /// hook, where hooks are disabled (`allowhook` is 0). A `__close` handler
@@ -365,7 +366,7 @@ pub(crate) fn disarm_running(_lua: &mlua::Lua) -> bool {
 /// `raise_hook` raises while the VM thread is stopping a request
 /// ([`raise_from_next_instruction`] until [`end_raising`]); a thread that
 /// still has it afterwards (a coroutine that survived the stop, resumed
-/// later) gets mlua's hook back, ticking at the count it had.
+/// later) gets the VM's hook ([`tick_hook`]) back, ticking at the count it had.
 #[cfg(any(feature = "lua54", feature = "lua55"))]
 mod raise {
     use std::cell::Cell;
@@ -376,7 +377,7 @@ mod raise {
     thread_local! {
         /// True while this VM thread's request must stop.
         static STOPPING: Cell<bool> = const { Cell::new(false) };
-        /// mlua's hook function (as an address) and the count to give a
+        /// The VM's hook function (as an address) and the count to give a
         /// thread whose `raise_hook` finds nothing to stop.
         static RESTORE: Cell<(usize, c_int)> = const { Cell::new((0, 0)) };
     }
@@ -385,10 +386,10 @@ mod raise {
     /// with its stop reason, whatever the error says).
     const MESSAGE: &std::ffi::CStr = c"mlua-isle: the request must stop";
 
-    /// From mlua's hook (or a Rust function called from Lua), on the VM
+    /// From the VM's tick (or a Rust function called from Lua), on the VM
     /// thread: the Lua thread running now raises on its next instruction,
     /// and on every one after, until [`end_raising`]. `count` is the count
-    /// mlua's hook ticks at on this VM.
+    /// the hook ticks at on this VM.
     pub(crate) fn raise_from_next_instruction(lua: &mlua::Lua, count: u32) {
         let state = lua.current_thread().to_pointer() as *mut lua_State;
         STOPPING.set(true);
@@ -412,7 +413,64 @@ mod raise {
         STOPPING.set(false);
     }
 
-    /// Raises the interruption, or gives the thread mlua's hook back when
+    /// The registry key (its address) of the VM's tick function.
+    static TICK_KEY: u8 = 0;
+
+    fn tick_key() -> *const std::ffi::c_void {
+        std::ptr::addr_of!(TICK_KEY).cast()
+    }
+
+    /// Makes `tick` the function [`tick_hook`] calls on `lua`'s VM.
+    pub(crate) fn set_tick(lua: &mlua::Lua, tick: &mlua::Function) -> mlua::Result<()> {
+        // SAFETY: `exec_raw` pushes `tick` and runs the closure protected;
+        // `lua_rawsetp` pops it into the registry, leaving the stack as it
+        // was.
+        unsafe {
+            lua.exec_raw::<()>(tick, |state| {
+                ffi::lua_rawsetp(state, ffi::LUA_REGISTRYINDEX, tick_key());
+            })
+        }
+    }
+
+    /// Sets [`tick_hook`] on the Lua thread running now (the main state,
+    /// outside requests), ticking every `every` instructions.
+    pub(crate) fn tick_every(lua: &mlua::Lua, every: u32) {
+        let state = lua.current_thread().to_pointer() as *mut lua_State;
+        let every = c_int::try_from(every).unwrap_or(c_int::MAX).max(1);
+        // SAFETY: `state` is a live thread of `lua`, used on its own OS
+        // thread; `lua_sethook` only stores its hook fields.
+        unsafe { ffi::lua_sethook(state, Some(tick_hook), ffi::LUA_MASKCOUNT, every) };
+    }
+
+    /// The VM's count hook on Lua 5.4 and 5.5: calls the VM's tick function
+    /// (a Rust function, through mlua), if one is set yet.
+    ///
+    /// Not mlua's hook trampoline: it runs the callback on the hook's frame,
+    /// which in a count hook is the running Lua function's, and when mlua's
+    /// pool of preallocated error values is empty (after a Rust callback
+    /// raised an error) it makes one and moves it to the bottom of that
+    /// frame with `lua_insert(L, 1)`. That moves the function's
+    /// to-be-closed variables: Lua 5.5 checks and aborts ("moving a
+    /// to-be-closed slot"), 5.4 does not check and closes the wrong value
+    /// later. Called through `lua_call`, the tick gets a C frame of its own,
+    /// whose bottom holds nothing but what mlua put there.
+    unsafe extern "C-unwind" fn tick_hook(state: *mut lua_State, _ar: *mut lua_Debug) {
+        // SAFETY: a hook may push values (Lua keeps LUA_MINSTACK free slots
+        // for it) and call functions; the registry lookup by a light
+        // userdata key allocates nothing. The tick raises only Lua errors
+        // (mlua catches Rust panics in its callback), which unwind Lua's C
+        // frames to the nearest protected call, as an error of mlua's hook
+        // would.
+        unsafe {
+            if ffi::lua_rawgetp(state, ffi::LUA_REGISTRYINDEX, tick_key()) == ffi::LUA_TFUNCTION {
+                ffi::lua_call(state, 0, 0);
+            } else {
+                ffi::lua_pop(state, 1);
+            }
+        }
+    }
+
+    /// Raises the interruption, or gives the thread the VM's hook back when
     /// nothing is stopping (see the module docs).
     unsafe extern "C-unwind" fn raise_hook(state: *mut lua_State, _ar: *mut lua_Debug) {
         if STOPPING.get() {
@@ -426,7 +484,7 @@ mod raise {
             }
         }
         let (hook, count) = RESTORE.get();
-        // SAFETY: `hook` is 0 or the address of mlua's `lua_Hook` (stored
+        // SAFETY: `hook` is 0 or the address of the VM's `lua_Hook` (stored
         // above from `lua_gethook`; function pointers and `usize` have the
         // same size); `state` is the running thread.
         unsafe {
@@ -441,7 +499,7 @@ mod raise {
 }
 
 #[cfg(any(feature = "lua54", feature = "lua55"))]
-pub(crate) use raise::{end_raising, raise_from_next_instruction};
+pub(crate) use raise::{end_raising, raise_from_next_instruction, set_tick, tick_every};
 
 /// What the signal handler and the tracked switches need, per VM thread.
 struct Slot {

@@ -47,7 +47,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-#[cfg(not(feature = "luau"))]
+#[cfg(not(any(feature = "luau", feature = "lua54", feature = "lua55")))]
 use mlua::HookTriggers;
 use mlua::{Lua, VmState};
 use parking_lot::Mutex;
@@ -122,8 +122,11 @@ impl Interrupt {
         // user may want it ticking anyway (`permanent_hook`).
         let alarm = alarm::this_thread().filter(|_| budget.is_none() && !config.permanent_hook);
         // The closure needs the final `Arc`, which needs `on_demand`, which
-        // needs mlua's hook installed: install a placeholder hook first.
-        #[cfg(not(feature = "luau"))]
+        // needs the hook installed: install a placeholder hook first (on
+        // 5.4 and 5.5, ours, which does nothing until it has a tick).
+        #[cfg(any(feature = "lua54", feature = "lua55"))]
+        alarm::tick_every(lua, interval);
+        #[cfg(not(any(feature = "luau", feature = "lua54", feature = "lua55")))]
         lua.set_global_hook(
             HookTriggers::new().every_nth_instruction(interval),
             |_, _| Ok(VmState::Continue),
@@ -180,7 +183,13 @@ impl Interrupt {
         if fired {
             // Cannot fail for a count hook on the main thread; if it did, the
             // VM would only stay slower, never wrong.
+            #[cfg(not(any(feature = "lua54", feature = "lua55")))]
             let _ = set_hook(lua, this, self.interval);
+            #[cfg(any(feature = "lua54", feature = "lua55"))]
+            {
+                let _ = this;
+                alarm::tick_every(lua, self.interval);
+            }
         }
         #[cfg(feature = "luau")]
         let _ = (fired, lua, this);
@@ -345,13 +354,26 @@ impl Interrupt {
 }
 
 /// Ticks every `every` instructions, on every coroutine.
-#[cfg(not(feature = "luau"))]
+#[cfg(not(any(feature = "luau", feature = "lua54", feature = "lua55")))]
 fn set_hook(lua: &Lua, this: &Arc<Interrupt>, every: u32) -> mlua::Result<()> {
     let this = this.clone();
     lua.set_global_hook(
         HookTriggers::new().every_nth_instruction(every),
         move |lua, _| Interrupt::tick(&this, lua),
     )
+}
+
+/// Ticks every `every` instructions, on every coroutine. Lua 5.4 and 5.5:
+/// through a C hook of ours calling the tick as a Rust function
+/// (`alarm::tick_every`), not mlua's hook, which would move the running
+/// function's to-be-closed variables.
+#[cfg(any(feature = "lua54", feature = "lua55"))]
+fn set_hook(lua: &Lua, this: &Arc<Interrupt>, every: u32) -> mlua::Result<()> {
+    let this = this.clone();
+    let tick = lua.create_function(move |lua, ()| Interrupt::tick(&this, lua).map(|_| ()))?;
+    alarm::set_tick(lua, &tick)?;
+    alarm::tick_every(lua, every);
+    Ok(())
 }
 
 /// Luau has no hooks: its interrupt, called at every function call, return

@@ -139,3 +139,42 @@ fn dropping_an_isle_wedged_in_a_close_handler_returns() {
         }
     });
 }
+
+/// A tick in a function whose first slot is a to-be-closed variable: the
+/// hook must not move the function's slots, and the variable's own value is
+/// closed. mlua's hook trampoline moved them when its pool of preallocated
+/// error values was empty (after Rust callbacks' errors used them up): it
+/// put a new one at the bottom of the running function's frame
+/// (`lua_insert(L, 1)`), and Lua 5.5's API checks aborted the process.
+/// That pool state is hard to reach on purpose; the time-limit test above
+/// reached it (its stops raise through Rust callbacks) and aborted.
+#[test]
+fn the_first_tick_leaves_to_be_closed_variables_in_place() {
+    common::within("first ticks", || {
+        for (mode, builder) in builders() {
+            let (tx, started) = crossbeam_channel::unbounded();
+            let isle = builder
+                .spawn(move |lua| {
+                    // A Rust handler: Lua ones are interrupted at once.
+                    let record = lua.create_function(|lua, v: mlua_isle::mlua::Value| {
+                        lua.globals().set("closed", v)
+                    })?;
+                    lua.globals().set("record", record)?;
+                    common::register_signal(lua, "started", tx)
+                })
+                .unwrap();
+            let task = isle.spawn_eval::<()>(
+                "local x <close> = setmetatable({mark = true}, {__close = record}) \
+                 started() while true do end",
+            );
+            common::expect_msg(&started, mode);
+            task.cancel();
+            assert_eq!(wait(mode, task), Err(IsleError::Cancelled), "{mode}");
+            assert_eq!(
+                isle.eval::<bool>("return type(closed) == 'table' and closed.mark"),
+                Ok(true),
+                "{mode}: the variable's own value was closed"
+            );
+        }
+    });
+}
