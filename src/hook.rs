@@ -393,20 +393,30 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
     #[cfg(not(feature = "lua51"))]
     let (pcall, xpcall): (mlua::Function, mlua::Function) =
         (globals.get("pcall")?, globals.get("xpcall")?);
-    let coroutine: mlua::Table = globals.get("coroutine")?;
+    // The host may not open `coroutine` or `string` (`std_libs`).
+    let coroutine: Option<mlua::Table> = globals.get("coroutine")?;
     // Switches need tracking where the hook is armed by a signal (Luau's
     // interrupt reads the flag on every Lua thread).
     let tracked = alarm::SUPPORTED && this.on_demand.is_some();
-    if tracked {
-        install_tracked_coroutines(lua, &coroutine, &check, &stopping)?;
+    if let Some(coroutine) = &coroutine {
+        if tracked {
+            install_tracked_coroutines(lua, coroutine, &check, &stopping)?;
+        }
+        #[cfg(any(feature = "lua54", feature = "lua55"))]
+        guard_close(lua, coroutine, &check, &stopping, tracked)?;
     }
-    #[cfg(any(feature = "lua54", feature = "lua55"))]
-    guard_close(lua, &coroutine, &check, &stopping, tracked)?;
+    // `load`'s checks, in Rust: `string` may be missing.
+    let is_binary = lua.create_function(|_, s: mlua::Value| {
+        Ok(matches!(s, mlua::Value::String(s) if s.as_bytes().first() == Some(&27)))
+    })?;
+    let allows_text = lua.create_function(|_, mode: mlua::Value| {
+        Ok(matches!(mode, mlua::Value::String(m) if m.as_bytes().contains(&b't')))
+    })?;
     lua.load(
         r#"
         local check, stopping, pcall, xpcall, resume, load, loadfile, binary_ok, tracked,
-              loadstring, reader_only = ...
-        local type, error, find = type, error, string.find
+              loadstring, reader_only, is_binary, allows_text = ...
+        local type, error = type, error
         -- Lua's own pcall and xpcall (yieldable; 5.1: ours), with the error value
         -- checked: a Rust panic or a pending interruption is raised again.
         local function after(ok, ...)
@@ -428,7 +438,7 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
                 return handler(e)
             end, ...))
         end
-        if not tracked then
+        if not tracked and resume then
             coroutine.resume = function(...)
                 -- Lua's own argument error, without this wrapper's name
                 -- and position (Luau makes no tail calls).
@@ -444,7 +454,7 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
             return f, ...
         end
         local function binary(s)
-            return not binary_ok and type(s) == "string" and s:byte(1) == 27
+            return not binary_ok and is_binary(s)
         end
         local refused = "attempt to load a binary chunk (mode is 't')"
         -- Lua 5.1's `load` takes a reader function only, and no mode: its
@@ -466,7 +476,7 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
                     if reader_only then
                         -- 5.1: no mode; the reader's first piece is checked.
                         if type(chunk) == "function" then chunk = text_reader(chunk) end
-                    elseif mode == nil or (type(mode) == "string" and find(mode, "t", 1, true)) then
+                    elseif mode == nil or allows_text(mode) then
                         mode = "t" -- the caller's mode, narrowed to text
                     elseif binary(chunk) then
                         return nil, refused
@@ -506,13 +516,18 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
         stopping,
         pcall,
         xpcall,
-        coroutine.get::<mlua::Function>("resume")?,
+        match &coroutine {
+            Some(c) => c.get::<Option<mlua::Function>>("resume")?,
+            None => None,
+        },
         globals.get::<Option<mlua::Function>>("load")?,
         globals.get::<Option<mlua::Function>>("loadfile")?,
         binary_chunks,
         tracked,
         globals.get::<Option<mlua::Function>>("loadstring")?,
         cfg!(feature = "lua51"),
+        is_binary,
+        allows_text,
     ))
 }
 

@@ -338,7 +338,12 @@ fn huge_durations_mean_no_limit() {
 /// after the grace period, and work goes on. (The stuck thread spins until
 /// the child process exits.) PUC-Rio Lua 5.2 on: Luau's `table.move`
 /// refuses such a range, and 5.1 has none.
-#[cfg(any(feature = "lua52", feature = "lua53", feature = "lua54", feature = "lua55"))]
+#[cfg(any(
+    feature = "lua52",
+    feature = "lua53",
+    feature = "lua54",
+    feature = "lua55"
+))]
 #[test]
 fn long_c_functions_answer_on_time_and_their_vm_is_replaced() {
     in_child(

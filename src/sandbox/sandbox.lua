@@ -4,6 +4,7 @@ local G = _G
 local error, type, tostring, ipairs, pairs, next, select = error, type, tostring, ipairs, pairs, next, select
 local rawget, rawset, rawequal, setmetatable, getmetatable = rawget, rawset, rawequal, setmetatable, getmetatable
 local rawlen = rawget(G, "rawlen")
+local math = rawget(G, "math") or {} -- the host may not open it (`std_libs`)
 local maxinteger = math.maxinteger or 2 ^ 53
 local tointeger = math.tointeger or function(x)
     if type(x) == "number" and x == x - x % 1 then return x end
@@ -526,7 +527,8 @@ if getfenv and setfenv then
     end
 end
 
-getmetatable("").__metatable = false
+local string_mt = getmetatable("") -- none without the string library
+if type(string_mt) == "table" then string_mt.__metatable = false end
 
 -- What sessions read through: the globals as `init` and the sandbox left
 -- them. Unkeyed work shares the VM's globals, and may rebind them; sessions
