@@ -413,22 +413,30 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
         Ok(matches!(mode, mlua::Value::String(m) if m.as_bytes().contains(&b't')))
     })?;
     lua.load(
-        r#"
+        r##"
         local check, stopping, pcall, xpcall, resume, load, loadfile, binary_ok, tracked,
-              loadstring, reader_only, is_binary, allows_text = ...
-        local type, error = type, error
+              loadstring, reader_only, is_binary, allows_text, check_handler = ...
+        local type, error, select = type, error, select
         -- Lua's own pcall and xpcall (yieldable; 5.1: ours), with the error value
         -- checked: a Rust panic or a pending interruption is raised again.
         local function after(ok, ...)
             if not ok then check((...)) end
             return ok, ...
         end
-        _G.pcall = function(f, ...) return after(pcall(f, ...)) end
+        -- Lua's argument errors are raised here, placed at our caller, as
+        -- Lua's functions place them.
+        _G.pcall = function(...)
+            local f = ...
+            if f == nil and select("#", ...) == 0 then
+                error("bad argument #1 to 'pcall' (value expected)", 2)
+            end
+            return after(pcall(...))
+        end
         local function after_x(seen, ok, ...)
             if not ok then check(seen.e, (...)) end
             return ok, ...
         end
-        _G.xpcall = function(f, handler, ...)
+        local function protected(f, handler, ...)
             local seen = {}
             return after_x(seen, xpcall(f, function(e)
                 seen.e = e
@@ -437,6 +445,14 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
                 if stopping() then return e end
                 return handler(e)
             end, ...))
+        end
+        _G.xpcall = function(...)
+            local _, handler = ...
+            if check_handler and type(handler) ~= "function" then
+                local got = select("#", ...) < 2 and "no value" or type(handler)
+                error("bad argument #2 to 'xpcall' (function expected, got " .. got .. ")", 2)
+            end
+            return protected(...)
         end
         if not tracked and resume then
             coroutine.resume = function(...)
@@ -471,7 +487,7 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
             end
         end
         if load then
-            _G.load = function(chunk, name, mode, ...)
+            local function text_load(chunk, name, mode, ...)
                 if not binary_ok then
                     if reader_only then
                         -- 5.1: no mode; the reader's first piece is checked.
@@ -487,6 +503,14 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
                     end
                 end
                 return after_load(load(chunk, name, mode, ...))
+            end
+            _G.load = function(...)
+                local t = type((...))
+                if t ~= "function" and (reader_only or (t ~= "string" and t ~= "number")) then
+                    local got = select("#", ...) == 0 and "no value" or t
+                    error("bad argument #1 to 'load' (function expected, got " .. got .. ")", 2)
+                end
+                return text_load(...)
             end
         end
         -- `loadstring` (5.1, LuaJIT, Luau): no mode argument in 5.1.
@@ -508,7 +532,7 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
                 return f()
             end
         end
-        "#,
+        "##,
     )
     .set_name("=mlua-isle")
     .call::<()>((
@@ -528,6 +552,8 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
         cfg!(feature = "lua51"),
         is_binary,
         allows_text,
+        // Lua 5.1's xpcall is ours (`native.rs`); Luau words its own.
+        cfg!(not(any(feature = "lua51", feature = "luau"))),
     ))
 }
 
