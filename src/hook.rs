@@ -99,9 +99,22 @@ impl Interrupt {
         // run on uncancelled: the JIT stays off in every VM (the price: the
         // interpreter's speed). Before `init`, so nothing is compiled yet.
         #[cfg(feature = "luajit")]
-        lua.load("jit.off() jit.flush()")
-            .set_name("=mlua-isle")
-            .exec()?;
+        {
+            // Without the `jit` library (`std_libs`) the JIT still runs:
+            // open it to turn it off, then take it away again.
+            let opened = lua.globals().get::<Option<mlua::Table>>("jit")?.is_none();
+            if opened {
+                lua.load_std_libs(mlua::StdLib::JIT)?;
+            }
+            lua.load("jit.off() jit.flush()")
+                .set_name("=mlua-isle")
+                .exec()?;
+            if opened {
+                lua.load("jit = nil if package then package.loaded.jit = nil end")
+                    .set_name("=mlua-isle")
+                    .exec()?;
+            }
+        }
         let budget = config.max_instructions;
         #[cfg(feature = "luau")]
         if budget.is_some() {
@@ -552,8 +565,13 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
         cfg!(feature = "lua51"),
         is_binary,
         allows_text,
-        // Lua 5.1's xpcall is ours (`native.rs`); Luau words its own.
-        cfg!(not(any(feature = "lua51", feature = "luau"))),
+        // Lua 5.1's xpcall is ours (`native.rs`); Luau and LuaJIT word
+        // their own checks.
+        cfg!(not(any(
+            feature = "lua51",
+            feature = "luau",
+            feature = "luajit"
+        ))),
     ))
 }
 
