@@ -1039,8 +1039,9 @@ mod unix {
     /// already) and removes the hook from the main state.
     pub(crate) fn bind(lua: &mlua::Lua) -> mlua::Result<Binding> {
         let main = lua.current_thread().to_pointer() as *mut lua_State;
-        let coroutine: mlua::Table = lua.globals().get("coroutine")?;
-        let resume: mlua::Function = coroutine.get("resume")?;
+        // Without the coroutine library (`std_libs`) Lua code switches no
+        // threads: nothing to track, no originals to record.
+        let coroutine: Option<mlua::Table> = lua.globals().get("coroutine")?;
         let original = |f: &mlua::Function| -> Option<ffi::lua_CFunction> {
             let mut c = None;
             // SAFETY: reads the pushed function only; `exec_raw` leaves the
@@ -1060,16 +1061,21 @@ mod unix {
                 "mlua-isle: cannot arm hooks on demand (no hook, or coroutine functions are not Lua's)",
             )
         };
-        let (Some(hook), Some(original_resume)) = (hook, original(&resume)) else {
-            return Err(unsupported());
-        };
-        #[cfg(any(feature = "lua54", feature = "lua55"))]
-        {
-            let close: mlua::Function = coroutine.get("close")?;
-            let original_close = original(&close).ok_or_else(unsupported)?;
-            ORIGINAL_CLOSE.store(original_close as usize, Ordering::SeqCst);
+        let hook = hook.ok_or_else(unsupported)?;
+        if let Some(coroutine) = coroutine {
+            let resume: mlua::Function = coroutine.get("resume")?;
+            let original_resume = original(&resume).ok_or_else(unsupported)?;
+            #[cfg(any(feature = "lua54", feature = "lua55"))]
+            {
+                let close: mlua::Function = coroutine.get("close")?;
+                let original_close = original(&close).ok_or_else(unsupported)?;
+                // ORDERING: SeqCst, as before: written once with the same value
+                // by every VM, read by the tracked functions of this VM.
+                ORIGINAL_CLOSE.store(original_close as usize, Ordering::SeqCst);
+            }
+            // ORDERING: as for ORIGINAL_CLOSE.
+            ORIGINAL_RESUME.store(original_resume as usize, Ordering::SeqCst);
         }
-        ORIGINAL_RESUME.store(original_resume as usize, Ordering::SeqCst);
         lua.remove_hook();
         Ok(Binding {
             main: main as usize,
@@ -1196,4 +1202,16 @@ mod unix {
             }
         });
     }
+}
+
+/// A VM opening `libs` in mlua's unsafe mode (`debug`, `ffi`, C modules),
+/// for the host's `unsafe_std_libs`. Here only because this is the crate's
+/// one module allowed `unsafe`; it has nothing to do with alarms.
+pub(crate) fn new_lua_with_unsafe_libs(libs: mlua::StdLib, options: mlua::LuaOptions) -> mlua::Lua {
+    // SAFETY: `Lua::unsafe_new_with` is unsafe because the libraries it may
+    // open (`debug`, `ffi`) and the C modules it lets `require` load can
+    // break mlua's invariants from Lua code. The host asked for exactly
+    // that with `unsafe_std_libs`, whose documentation says so; nothing in
+    // this crate relies on those libraries being absent.
+    unsafe { mlua::Lua::unsafe_new_with(libs, options) }
 }

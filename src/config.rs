@@ -60,6 +60,10 @@ pub(crate) struct VmConfig {
     pub(crate) max_source: usize,
     /// Where Lua's `print` writes.
     pub(crate) print: crate::print::Print,
+    /// The standard libraries each VM opens.
+    pub(crate) std_libs: mlua::StdLib,
+    /// Open them with mlua's unsafe constructor (`unsafe_std_libs`).
+    pub(crate) unsafe_libs: bool,
 }
 
 impl Default for VmConfig {
@@ -78,6 +82,8 @@ impl Default for VmConfig {
             stop_grace: DEFAULT_STOP_GRACE,
             max_source: DEFAULT_MAX_SOURCE,
             print: crate::print::Print::Default,
+            std_libs: mlua::StdLib::ALL_SAFE,
+            unsafe_libs: false,
         }
     }
 }
@@ -100,7 +106,8 @@ impl VmConfig {
 
 /// The builder options every VM takes (`name`, `stack_size`,
 /// `hook_interval`, `default_timeout`, `memory_limit`, `max_instructions`,
-/// `permanent_hook`, `allow_binary_chunks`, `sandbox`, `chunk_cache`), for
+/// `permanent_hook`, `allow_binary_chunks`, `sandbox`, `chunk_cache`,
+/// `std_libs`, `unsafe_std_libs`, ...), for
 /// a builder with a `config: VmConfig` field.
 macro_rules! vm_options {
     () => {
@@ -316,6 +323,56 @@ macro_rules! vm_options {
         /// Closing a session drops its cached chunks.
         pub fn chunk_cache(mut self, entries: usize) -> Self {
             self.config.chunk_cache = entries;
+            self
+        }
+
+        /// Chooses the standard libraries each VM opens (default
+        /// [`StdLib::ALL_SAFE`](mlua::StdLib::ALL_SAFE): every library but
+        /// `debug` and LuaJIT's `ffi`), in mlua's safe mode, where Lua
+        /// code cannot load C modules. A smaller set gives Lua code less
+        /// to reach (e.g. `StdLib::MATH | StdLib::STRING`); the base
+        /// library (`print`, `pcall`, `load`, ...) is always opened. Only
+        /// safe libraries may be named here: a set with `StdLib::DEBUG` or
+        /// `StdLib::FFI` makes the VM fail to start
+        /// ([`IsleError::Init`](crate::IsleError::Init)); see
+        /// [`unsafe_std_libs`](Self::unsafe_std_libs). Replaces an earlier
+        /// `unsafe_std_libs`.
+        ///
+        /// With the [`sandbox`](Self::sandbox) on, the sandbox still removes
+        /// what it removes from whatever was opened.
+        pub fn std_libs(mut self, libs: mlua::StdLib) -> Self {
+            self.config.std_libs = libs;
+            self.config.unsafe_libs = false;
+            self
+        }
+
+        /// **Unsafe:** opens any standard libraries, including `debug`
+        /// (`StdLib::DEBUG`) and LuaJIT's `ffi` (`StdLib::FFI`), and lets
+        /// `require` load C modules (mlua's unsafe mode,
+        /// `Lua::unsafe_new_with`). For trusted code only, such as
+        /// debuggers, profilers, or Lua's own test suite. Replaces an
+        /// earlier `std_libs`.
+        ///
+        /// What becomes possible to Lua code, and why it is unsafe:
+        /// - `debug` reaches everything mlua keeps for itself (the registry
+        ///   with `debug.getregistry`, any metatable with
+        ///   `debug.setmetatable`, upvalues of any function): a script can
+        ///   break mlua's invariants and crash the process or corrupt
+        ///   memory;
+        /// - `debug.sethook` can replace the interrupt hook while it ticks
+        ///   (with [`max_instructions`](Self::max_instructions) or
+        ///   [`permanent_hook`](Self::permanent_hook)): such a script may
+        ///   no longer be stopped by a cancel, a time limit or the budget
+        ///   until the hook is armed again;
+        /// - `ffi` and C modules run arbitrary native code.
+        ///
+        /// With the [`sandbox`](Self::sandbox) on, `debug`, `io`, `package`,
+        /// `loadfile`, ... are removed after `init` as usual, so only
+        /// `init` can use them (`ffi`, if opened, is not removed: do not
+        /// open it for untrusted code).
+        pub fn unsafe_std_libs(mut self, libs: mlua::StdLib) -> Self {
+            self.config.std_libs = libs;
+            self.config.unsafe_libs = true;
             self
         }
     };

@@ -68,7 +68,13 @@ guarded(os, "time") -- reads its table's fields through `__index`
 -- `load` with a reader function: the reader is called from Lua here, and
 -- the source it gives loaded as a string, so a reader that loads again
 -- nests Lua calls, not C ones (bounded by the Lua stack, and cheap).
-local load, concat, tostring, pcall = load, table.concat, tostring, pcall
+local load, tostring, pcall = load, tostring, pcall
+-- The host may not open `table` (`std_libs`).
+local concat = (rawget(_G, "table") or {}).concat or function(pieces)
+    local s = ""
+    for i = 1, #pieces do s = s .. pieces[i] end
+    return s
+end
 local function read_all(reader)
     local pieces, n = {}, 0
     while true do

@@ -99,9 +99,22 @@ impl Interrupt {
         // run on uncancelled: the JIT stays off in every VM (the price: the
         // interpreter's speed). Before `init`, so nothing is compiled yet.
         #[cfg(feature = "luajit")]
-        lua.load("jit.off() jit.flush()")
-            .set_name("=mlua-isle")
-            .exec()?;
+        {
+            // Without the `jit` library (`std_libs`) the JIT still runs:
+            // open it to turn it off, then take it away again.
+            let opened = lua.globals().get::<Option<mlua::Table>>("jit")?.is_none();
+            if opened {
+                lua.load_std_libs(mlua::StdLib::JIT)?;
+            }
+            lua.load("jit.off() jit.flush()")
+                .set_name("=mlua-isle")
+                .exec()?;
+            if opened {
+                lua.load("jit = nil if package then package.loaded.jit = nil end")
+                    .set_name("=mlua-isle")
+                    .exec()?;
+            }
+        }
         let budget = config.max_instructions;
         #[cfg(feature = "luau")]
         if budget.is_some() {
@@ -415,32 +428,50 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
     #[cfg(not(feature = "lua51"))]
     let (pcall, xpcall): (mlua::Function, mlua::Function) =
         (globals.get("pcall")?, globals.get("xpcall")?);
-    let coroutine: mlua::Table = globals.get("coroutine")?;
+    // The host may not open `coroutine` or `string` (`std_libs`).
+    let coroutine: Option<mlua::Table> = globals.get("coroutine")?;
     // Switches need tracking where the hook is armed by a signal (Luau's
     // interrupt reads the flag on every Lua thread).
     let tracked = alarm::SUPPORTED && this.on_demand.is_some();
-    if tracked {
-        install_tracked_coroutines(lua, &coroutine, &check, &stopping)?;
+    if let Some(coroutine) = &coroutine {
+        if tracked {
+            install_tracked_coroutines(lua, coroutine, &check, &stopping)?;
+        }
+        #[cfg(any(feature = "lua54", feature = "lua55"))]
+        guard_close(lua, coroutine, &check, &stopping, tracked)?;
     }
-    #[cfg(any(feature = "lua54", feature = "lua55"))]
-    guard_close(lua, &coroutine, &check, &stopping, tracked)?;
+    // `load`'s checks, in Rust: `string` may be missing.
+    let is_binary = lua.create_function(|_, s: mlua::Value| {
+        Ok(matches!(s, mlua::Value::String(s) if s.as_bytes().first() == Some(&27)))
+    })?;
+    let allows_text = lua.create_function(|_, mode: mlua::Value| {
+        Ok(matches!(mode, mlua::Value::String(m) if m.as_bytes().contains(&b't')))
+    })?;
     lua.load(
-        r#"
+        r##"
         local check, stopping, pcall, xpcall, resume, load, loadfile, binary_ok, tracked,
-              loadstring, reader_only = ...
-        local type, error, find = type, error, string.find
+              loadstring, reader_only, is_binary, allows_text, check_handler = ...
+        local type, error, select = type, error, select
         -- Lua's own pcall and xpcall (yieldable; 5.1: ours), with the error value
         -- checked: a Rust panic or a pending interruption is raised again.
         local function after(ok, ...)
             if not ok then check((...)) end
             return ok, ...
         end
-        _G.pcall = function(f, ...) return after(pcall(f, ...)) end
+        -- Lua's argument errors are raised here, placed at our caller, as
+        -- Lua's functions place them.
+        _G.pcall = function(...)
+            local f = ...
+            if f == nil and select("#", ...) == 0 then
+                error("bad argument #1 to 'pcall' (value expected)", 2)
+            end
+            return after(pcall(...))
+        end
         local function after_x(seen, ok, ...)
             if not ok then check(seen.e, (...)) end
             return ok, ...
         end
-        _G.xpcall = function(f, handler, ...)
+        local function protected(f, handler, ...)
             local seen = {}
             return after_x(seen, xpcall(f, function(e)
                 seen.e = e
@@ -450,7 +481,15 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
                 return handler(e)
             end, ...))
         end
-        if not tracked then
+        _G.xpcall = function(...)
+            local _, handler = ...
+            if check_handler and type(handler) ~= "function" then
+                local got = select("#", ...) < 2 and "no value" or type(handler)
+                error("bad argument #2 to 'xpcall' (function expected, got " .. got .. ")", 2)
+            end
+            return protected(...)
+        end
+        if not tracked and resume then
             coroutine.resume = function(...)
                 -- Lua's own argument error, without this wrapper's name
                 -- and position (Luau makes no tail calls).
@@ -466,7 +505,7 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
             return f, ...
         end
         local function binary(s)
-            return not binary_ok and type(s) == "string" and s:byte(1) == 27
+            return not binary_ok and is_binary(s)
         end
         local refused = "attempt to load a binary chunk (mode is 't')"
         -- Lua 5.1's `load` takes a reader function only, and no mode: its
@@ -483,12 +522,12 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
             end
         end
         if load then
-            _G.load = function(chunk, name, mode, ...)
+            local function text_load(chunk, name, mode, ...)
                 if not binary_ok then
                     if reader_only then
                         -- 5.1: no mode; the reader's first piece is checked.
                         if type(chunk) == "function" then chunk = text_reader(chunk) end
-                    elseif mode == nil or (type(mode) == "string" and find(mode, "t", 1, true)) then
+                    elseif mode == nil or allows_text(mode) then
                         mode = "t" -- the caller's mode, narrowed to text
                     elseif binary(chunk) then
                         return nil, refused
@@ -499,6 +538,14 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
                     end
                 end
                 return after_load(load(chunk, name, mode, ...))
+            end
+            _G.load = function(...)
+                local t = type((...))
+                if t ~= "function" and (reader_only or (t ~= "string" and t ~= "number")) then
+                    local got = select("#", ...) == 0 and "no value" or t
+                    error("bad argument #1 to 'load' (function expected, got " .. got .. ")", 2)
+                end
+                return text_load(...)
             end
         end
         -- `loadstring` (5.1, LuaJIT, Luau): no mode argument in 5.1.
@@ -520,7 +567,7 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
                 return f()
             end
         end
-        "#,
+        "##,
     )
     .set_name("=mlua-isle")
     .call::<()>((
@@ -528,13 +575,25 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
         stopping,
         pcall,
         xpcall,
-        coroutine.get::<mlua::Function>("resume")?,
+        match &coroutine {
+            Some(c) => c.get::<Option<mlua::Function>>("resume")?,
+            None => None,
+        },
         globals.get::<Option<mlua::Function>>("load")?,
         globals.get::<Option<mlua::Function>>("loadfile")?,
         binary_chunks,
         tracked,
         globals.get::<Option<mlua::Function>>("loadstring")?,
         cfg!(feature = "lua51"),
+        is_binary,
+        allows_text,
+        // Lua 5.1's xpcall is ours (`native.rs`); Luau and LuaJIT word
+        // their own checks.
+        cfg!(not(any(
+            feature = "lua51",
+            feature = "luau",
+            feature = "luajit"
+        ))),
     ))
 }
 

@@ -39,10 +39,21 @@ pub(crate) fn install(lua: &Lua, print: &Print, sandbox: bool) -> mlua::Result<(
         Print::Default | Print::Discard => None,
         Print::To(sink) => Some(sink.clone()),
     };
-    let emit = lua.create_function(move |_, line: mlua::LuaString| {
-        if let Some(sink) = &sink {
-            sink(&line.to_string_lossy());
+    // Joins the parts here rather than with `table.concat`: the host may
+    // not open the table library (`std_libs`).
+    let emit = lua.create_function(move |_, (parts, n): (mlua::Table, i64)| {
+        let Some(sink) = &sink else { return Ok(()) };
+        let mut line = Vec::new();
+        for i in 1..=n {
+            if i > 1 {
+                line.push(b'\t');
+            }
+            match parts.raw_get::<mlua::Value>(i)? {
+                mlua::Value::String(s) => line.extend_from_slice(&s.as_bytes()),
+                other => line.extend_from_slice(other.to_string()?.as_bytes()),
+            }
         }
+        sink(&String::from_utf8_lossy(&line));
         Ok(())
     })?;
     lua.load(PRINT).set_name("=mlua-isle").call(emit)
@@ -53,11 +64,11 @@ pub(crate) fn install(lua: &Lua, print: &Print, sandbox: bool) -> mlua::Result<(
 /// between), with the line handed to `emit`.
 const PRINT: &str = r##"
 local emit = ...
-local tostring, select, concat = tostring, select, table.concat
+local tostring, select = tostring, select
 print = function(...)
     local n = select("#", ...)
     local parts = { ... }
     for i = 1, n do parts[i] = tostring(parts[i]) end
-    emit(concat(parts, "\t", 1, n))
+    emit(parts, n)
 end
 "##;

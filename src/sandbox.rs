@@ -48,6 +48,18 @@
 //!   `string.rep('', n)` returns at once; `load` refuses sources longer than
 //!   `max_load_size` (compiling cannot be interrupted).
 //!
+//! Errors read as Lua's own: a replacement that calls Lua's C function
+//! does it through `pcall` and a small Lua function named as the library
+//! names it, then puts the caller's position in front of an error the C
+//! function raised (`eval:1: bad argument #1 to 'rep' (string expected, got
+//! no value)`); errors raised further in (a comparator, a metamethod) pass
+//! unchanged, and missing arguments stay "no value". The differences left
+//! (`tests/sandbox_errors.rs` compares with plain Lua): a function called
+//! under another name (`local r = string.rep; r()`) is named as the library
+//! names it; a replacement tail-called (`return string.rep()`) places the
+//! error at the caller's caller, as a Lua function would; the sandbox's
+//! refusals are its own messages, at the caller's position.
+//!
 //! Functions defined by `init` keep whatever they captured: a function that
 //! holds a shared table in an upvalue (`local config = config`) reads and
 //! writes the real table, and what it returns is not wrapped; that is the

@@ -5,7 +5,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use mlua::{Lua, LuaOptions, StdLib, Table};
+use mlua::{Lua, LuaOptions, Table};
 
 use crate::chunk::ChunkCache;
 use crate::config::VmConfig;
@@ -113,7 +113,13 @@ impl Vm {
         // Lua's pcall/xpcall stay (they can yield; on 5.1, ours replace
         // them): hook.rs wraps them so a Rust panic they catch is raised
         // again, never swallowed.
-        let lua = Lua::new_with(StdLib::ALL_SAFE, LuaOptions::new()).map_err(init_error)?;
+        let lua = if config.unsafe_libs {
+            // The host chose this with `unsafe_std_libs`, whose docs say
+            // what it gives Lua code.
+            crate::alarm::new_lua_with_unsafe_libs(config.std_libs, LuaOptions::new())
+        } else {
+            Lua::new_with(config.std_libs, LuaOptions::new()).map_err(init_error)?
+        };
         crate::print::install(&lua, &config.print, config.sandbox).map_err(init_error)?;
         #[cfg(feature = "luajit")]
         crate::cstack::install(

@@ -52,3 +52,91 @@ fn load_narrows_the_callers_mode_to_text() {
         assert!(r.0, "{r:?}");
     });
 }
+
+/// `std_libs` opens only the libraries asked for, and the crate's own
+/// install steps (wrappers, sandbox, pattern matcher, print) cope with a
+/// set without `string`, `table` or `coroutine`: such a VM evaluates,
+/// catches errors, prints, and is still stopped by a time limit.
+#[test]
+fn a_vm_with_the_math_library_only_works_and_stops() {
+    use mlua_isle::mlua::StdLib;
+    use mlua_isle::{Isle, IsleError};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+    common::within("math only", || {
+        for sandbox in [false, true] {
+            let printed = Arc::new(Mutex::new(Vec::new()));
+            let sink = printed.clone();
+            let isle = Isle::builder()
+                .std_libs(StdLib::MATH)
+                .sandbox(sandbox)
+                .print_to(move |line| sink.lock().unwrap().push(line.to_string()))
+                .spawn(|_| Ok(()))
+                .unwrap();
+            let absent: String = isle
+                .eval("return type(string) .. type(table) .. type(coroutine) .. type(io)")
+                .unwrap();
+            let absent_io = if sandbox { "table" } else { "nil" }; // the sandbox's stub
+                                                                   // Lua 5.1 and LuaJIT open `coroutine` with the base library.
+            let co = if cfg!(any(feature = "lua51", feature = "luajit")) {
+                "table"
+            } else {
+                "nil"
+            };
+            assert_eq!(
+                absent,
+                format!("nilnil{co}{absent_io}"),
+                "sandbox {sandbox}"
+            );
+            assert_eq!(isle.eval::<i64>("return math.max(3, 7)"), Ok(7));
+            let caught: (bool, bool) = isle
+                .eval("local ok, e = pcall(error, {}) return ok, type(e) == 'table'")
+                .unwrap();
+            assert_eq!(caught, (false, true));
+            assert_eq!(isle.eval::<i64>("return load('return 2')()"), Ok(2));
+            isle.eval::<()>("print(1, 'a', nil)").unwrap();
+            assert_eq!(*printed.lock().unwrap(), ["1\ta\tnil"]);
+            let stopped = isle
+                .spawn_eval::<()>("while true do end")
+                .timeout(Duration::from_millis(20))
+                .wait();
+            assert_eq!(stopped, Err(IsleError::Timeout), "sandbox {sandbox}");
+            assert_eq!(isle.eval::<i64>("return 1"), Ok(1));
+        }
+    });
+}
+
+/// `unsafe_std_libs` opens `debug` (for trusted code); `std_libs` refuses
+/// it; the sandbox still removes it after `init`.
+#[test]
+fn unsafe_std_libs_opens_debug_and_std_libs_refuses_it() {
+    use mlua_isle::mlua::StdLib;
+    use mlua_isle::{Isle, IsleError};
+    common::within("debug", || {
+        let isle = Isle::builder()
+            .unsafe_std_libs(StdLib::ALL_SAFE | StdLib::DEBUG)
+            .spawn(|_| Ok(()))
+            .unwrap();
+        let tb: String = isle
+            .eval("local function f() return debug.traceback('here') end return f()")
+            .unwrap();
+        assert!(tb.starts_with("here\nstack traceback:"), "{tb}");
+        assert_eq!(
+            isle.eval::<i64>("return debug.getinfo(1, 'l').currentline"),
+            Ok(1)
+        );
+        let refused = Isle::builder().std_libs(StdLib::DEBUG).spawn(|_| Ok(()));
+        assert!(matches!(refused, Err(IsleError::Init(_))), "{refused:?}");
+        // The sandbox removes it from request code; init could use it.
+        let isle = Isle::builder()
+            .unsafe_std_libs(StdLib::ALL_SAFE | StdLib::DEBUG)
+            .sandbox(true)
+            .spawn(|lua| lua.load("assert(debug.getinfo(1))").exec())
+            .unwrap();
+        let r = isle.eval::<()>("debug.getinfo(1)");
+        assert!(
+            matches!(&r, Err(IsleError::Lua(e)) if e.message().contains("not available in the sandbox")),
+            "{r:?}"
+        );
+    });
+}

@@ -1,12 +1,49 @@
 -- The sandbox (see sandbox.rs). Runs once per VM, after `init`.
 local max_source = ...
 local G = _G
+local tonumber = tonumber
 local error, type, tostring, ipairs, pairs, next, select = error, type, tostring, ipairs, pairs, next, select
 local rawget, rawset, rawequal, setmetatable, getmetatable = rawget, rawset, rawequal, setmetatable, getmetatable
 local rawlen = rawget(G, "rawlen")
+local math = rawget(G, "math") or {} -- the host may not open it (`std_libs`)
 local maxinteger = math.maxinteger or 2 ^ 53
 local tointeger = math.tointeger or function(x)
     if type(x) == "number" and x == x - x % 1 then return x end
+end
+
+local pcall, load_text = pcall, load
+local string_lib = rawget(G, "string")
+local sub, byte = string_lib and string_lib.sub, string_lib and string_lib.byte
+
+-- ===== Errors as Lua's C functions raise them =====
+-- A replacement calls Lua's C function through `pcall` and an inner Lua
+-- function named as the library names it: an error the C function raises
+-- then carries the inner function's position ("mlua-isle sandbox:N: "),
+-- which `placed` replaces by our caller's, and names the function as
+-- Lua's would. Errors raised further in (a comparator, a metamethod) keep
+-- their own position and pass unchanged.
+local OURS = "mlua-isle sandbox:"
+local function placed(ok, ...)
+    if ok then return ... end
+    local e = ...
+    if type(e) == "string" and sub and sub(e, 1, #OURS) == OURS then
+        local i = #OURS + 1
+        while true do
+            local b = byte(e, i)
+            if b and b >= 48 and b <= 57 then i = i + 1 else break end
+        end
+        -- Tail-called by the replacement: level 2 is its caller.
+        if sub(e, i, i + 1) == ": " then error(sub(e, i + 2), 2) end
+    end
+    error(e, 0)
+end
+-- `f` called as Lua code calls the library function `name`.
+-- (Not a tail call: a Lua function called so would leave no frame of
+-- ours, and the error it places at its caller would lose its position.)
+local function pass(...) return ... end
+local function named(name, f)
+    return load_text("local " .. name .. ", pass = ... return function(...) return pass("
+        .. name .. "(...)) end", "=mlua-isle sandbox", "t")(f, pass)
 end
 
 local function unavailable(name)
@@ -153,19 +190,27 @@ G.dofile = unavailable("dofile")
 if rawget(G, "newproxy") ~= nil then G.newproxy = unavailable("newproxy") end
 
 -- ===== 2. The collector stays on and tuned as the host set it =====
-local collectgarbage = collectgarbage
-local allowed = { collect = true, count = true, step = true, isrunning = true }
-G.collectgarbage = function(opt, ...)
-    if opt == nil or allowed[opt] then return collectgarbage(opt, ...) end
-    error("collectgarbage('" .. tostring(opt) .. "') is not available in the sandbox", 2)
+-- Options that stop or retune it (of every backend); any other goes to
+-- Lua's, which refuses what it does not know with its own message.
+local collectgarbage = named("collectgarbage", collectgarbage)
+local refused_gc = { stop = true, restart = true, setpause = true, setstepmul = true,
+    incremental = true, generational = true, param = true }
+G.collectgarbage = function(...)
+    local opt = ...
+    if type(opt) == "string" and refused_gc[opt] then
+        error("collectgarbage('" .. opt .. "') is not available in the sandbox", 2)
+    end
+    return placed(pcall(collectgarbage, ...))
 end
 
 -- ===== 3. No finalizers =====
-G.setmetatable = function(t, mt)
+local setmetatable_c = named("setmetatable", setmetatable)
+G.setmetatable = function(...)
+    local _, mt = ...
     if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
         error("__gc metamethods are not available in the sandbox", 2)
     end
-    return setmetatable(t, mt)
+    return placed(pcall(setmetatable_c, ...))
 end
 
 -- LuaJIT: the JIT stays off (compiled traces never reach the hook).
@@ -183,12 +228,14 @@ local BIG = 65536
 local string = rawget(G, "string")
 if type(string) == "table" then
     local rep = string.rep
+    local rep_c = named("rep", rep)
     -- `string.rep('', 1e15)` copies nothing 1e15 times.
-    string.rep = function(s, n, sep)
-        if (s == "" or s == nil) and (sep == nil or sep == "") and type(n) == "number" then
+    string.rep = function(...)
+        local s, n, sep = ...
+        if s == "" and (sep == nil or sep == "") and type(n) == "number" then
             return rep("", 0)
         end
-        return rep(s, n, sep)
+        return placed(pcall(rep_c, ...))
     end
 end
 
@@ -196,6 +243,10 @@ local tbl = rawget(G, "table")
 if type(tbl) == "table" then
     local concat, unpack, sort, move = tbl.concat, tbl.unpack or rawget(G, "unpack"), tbl.sort, tbl.move
     local insert, remove = tbl.insert, tbl.remove
+    local concat_c, sort_c = named("concat", concat), named("sort", sort)
+    local insert_c, remove_c = named("insert", insert), named("remove", remove)
+    local unpack_c = unpack and named("unpack", unpack)
+    local move_c = move and named("move", move)
 
     -- True if `t` must be handled in Lua: a view, or a table whose
     -- metatable may make each step cost anything.
@@ -206,6 +257,10 @@ if type(tbl) == "table" then
         error("table." .. fname .. " cannot change " .. (names[t] or "this table") .. ": "
             .. (whys[t] or SHARED), 3)
     end
+    local function int_like(x)
+        local n = tonumber(x)
+        return n ~= nil and tointeger(n) ~= nil
+    end
     local function integer(x, arg, fname, default)
         if x == nil and default ~= nil then return default end
         local i = tointeger(x)
@@ -215,18 +270,19 @@ if type(tbl) == "table" then
         return i
     end
 
-    tbl.insert = function(t, ...)
+    tbl.insert = function(...)
+        local t = ...
         if locked[t] then refuse("insert", t) end
-        if not slow(t) then return insert(t, ...) end
-        local nargs = select("#", ...)
+        if not slow(t) then return placed(pcall(insert_c, ...)) end
+        local nargs = select("#", ...) - 1 -- after `t`
         local e = len(t) + 1
         if nargs == 1 then
-            t[e] = ...
+            t[e] = (select(2, ...))
             return
         elseif nargs ~= 2 then
             error("wrong number of arguments to 'insert'", 2)
         end
-        local pos, x = ...
+        local _, pos, x = ...
         pos = integer(pos, 2, "insert")
         if pos < 1 or pos > e then
             error("bad argument #2 to 'insert' (position out of bounds)", 2)
@@ -235,11 +291,12 @@ if type(tbl) == "table" then
         t[pos] = x
     end
 
-    tbl.remove = function(t, ...)
+    tbl.remove = function(...)
+        local t = ...
         if locked[t] then refuse("remove", t) end
-        if not slow(t) then return remove(t, ...) end
+        if not slow(t) then return placed(pcall(remove_c, ...)) end
         local size = len(t)
-        local pos = integer((...), 2, "remove", size)
+        local pos = integer((select(2, ...)), 2, "remove", size)
         if pos ~= size and (pos < 1 or pos > size + 1) then
             error("bad argument #2 to 'remove' (position out of bounds)", 2)
         end
@@ -252,9 +309,10 @@ if type(tbl) == "table" then
         return x
     end
 
-    tbl.sort = function(t, cmp)
+    tbl.sort = function(...)
+        local t, cmp = ...
         if locked[t] then refuse("sort", t) end
-        if not slow(t) then return sort(t, cmp) end
+        if not slow(t) then return placed(pcall(sort_c, ...)) end
         local n = len(t)
         if n >= 0x7fffffff then error("bad argument #1 to 'sort' (array too big)", 2) end
         local a = {}
@@ -263,8 +321,9 @@ if type(tbl) == "table" then
         for i = 1, n do t[i] = a[i] end
     end
 
-    tbl.concat = function(t, sep, i, j)
-        if not slow(t) then return concat(t, sep, i, j) end
+    tbl.concat = function(...)
+        local t, sep, i, j = ...
+        if not slow(t) then return placed(pcall(concat_c, ...)) end
         sep = sep or ""
         i = integer(i, 3, "concat", 1)
         j = integer(j, 4, "concat", len(t))
@@ -273,7 +332,8 @@ if type(tbl) == "table" then
             local x = t[k]
             local tx = type(x)
             if tx ~= "string" and tx ~= "number" then
-                error("invalid value (at index " .. tostring(k) .. ") in table for 'concat'", 2)
+                error("invalid value (" .. tx .. ") at index " .. tostring(k)
+                    .. " in table for 'concat'", 2)
             end
             n = n + 1
             parts[n] = x
@@ -281,8 +341,9 @@ if type(tbl) == "table" then
         return concat(parts, sep)
     end
 
-    local function unpack_lua(t, i, j)
-        if not slow(t) then return unpack(t, i, j) end
+    local function unpack_lua(...)
+        local t, i, j = ...
+        if not slow(t) then return placed(pcall(unpack_c, ...)) end
         i = integer(i, 2, "unpack", 1)
         j = integer(j, 3, "unpack", len(t))
         if i > j then return end
@@ -298,11 +359,17 @@ if type(tbl) == "table" then
     if rawget(G, "unpack") then G.unpack = unpack_lua end
 
     if move then
-        tbl.move = function(a1, f, e, t, a2)
+        tbl.move = function(...)
+            local a1, f, e, t, a2 = ...
             local dest = a2 == nil and a1 or a2
             if locked[dest] then refuse("move", dest) end
+            -- Lua checks the three integers before it moves anything: one
+            -- it refuses gets its own message.
+            if not (int_like(f) and int_like(e) and int_like(t)) then
+                return placed(pcall(move_c, ...))
+            end
             f, e, t = integer(f, 2, "move"), integer(e, 3, "move"), integer(t, 4, "move")
-            if not (slow(a1) or slow(dest) or e - f > BIG) then return move(a1, f, e, t, a2) end
+            if not (slow(a1) or slow(dest) or e - f > BIG) then return placed(pcall(move_c, ...)) end
             if e >= f then
                 if not (f > 0 or e < maxinteger + f) then
                     error("bad argument #3 to 'move' (too many elements to move)", 2)
@@ -346,9 +413,11 @@ if type(tbl) == "table" then
         move = true, find = true, getn = true, pack = true, create = true, isfrozen = true }
     for fname, f in pairs(tbl) do
         if not done[fname] and type(f) == "function" then
-            tbl[fname] = function(t, ...)
+            local f_c = named(fname, f)
+            tbl[fname] = function(...)
+                local t = ...
                 if locked[t] then refuse(fname, t) end
-                return f(t, ...)
+                return placed(pcall(f_c, ...))
             end
         end
     end
@@ -373,19 +442,23 @@ local function bounded_reader(read)
 end
 local load, loadstring = rawget(G, "load"), rawget(G, "loadstring")
 if load then
-    G.load = function(chunk, ...)
+    local load_c = named("load", load)
+    G.load = function(...)
+        local chunk = ...
         if type(chunk) == "string" then
             if #chunk > max_source then return nil, too_large(#chunk) end
         elseif type(chunk) == "function" then
-            chunk = bounded_reader(chunk)
+            return placed(pcall(load_c, bounded_reader(chunk), select(2, ...)))
         end
-        return load(chunk, ...)
+        return placed(pcall(load_c, ...))
     end
 end
 if loadstring then
-    G.loadstring = function(s, ...)
+    local loadstring_c = named("loadstring", loadstring)
+    G.loadstring = function(...)
+        local s = ...
         if type(s) == "string" and #s > max_source then return nil, too_large(#s) end
-        return loadstring(s, ...)
+        return placed(pcall(loadstring_c, ...))
     end
 end
 
@@ -410,7 +483,12 @@ if type(package) == "table" and type(package.loaded) == "table" then
 end
 G.package = unavailable_table("package")
 loaded.io, loaded.debug, loaded.package = G.io, G.debug, G.package
-G.require = function(name)
+G.require = function(...)
+    local name = ...
+    if type(name) ~= "string" and type(name) ~= "number" then
+        local got = select("#", ...) == 0 and "no value" or type(name)
+        error("bad argument #1 to 'require' (string expected, got " .. got .. ")", 2)
+    end
     local m = loaded[name]
     if m == nil then
         error("require('" .. tostring(name) .. "') is not available in the sandbox: "
@@ -456,44 +534,55 @@ local function iterates_views()
     return through_pairs and through_ipairs
 end
 if not iterates_views() then
-    G.pairs = function(t, ...)
+    local pairs_c, ipairs_c = named("pairs", pairs), named("ipairs", ipairs)
+    G.pairs = function(...)
+        local t = ...
         local iter = iters[t]
         if iter then return iter, t, nil end
-        return pairs(t, ...)
+        return placed(pcall(pairs_c, ...))
     end
     local function ipairs_view(v, i)
         i = i + 1
         local x = v[i]
         if x ~= nil then return i, x end
     end
-    G.ipairs = function(t, ...)
-        if iters[t] then return ipairs_view, t, 0 end
-        return ipairs(t, ...)
+    G.ipairs = function(...)
+        if iters[(...)] then return ipairs_view, (...), 0 end
+        return placed(pcall(ipairs_c, ...))
     end
 end
 -- `next(view)` iterates what the view shows.
-G.next = function(t, k)
+local next_c = named("next", next)
+G.next = function(...)
+    local t, k = ...
     local iter = iters[t]
     if iter then return iter(t, k) end
-    return next(t, k)
+    return placed(pcall(next_c, ...))
 end
-G.rawget = function(t, k)
+local rawget_c = named("rawget", rawget)
+G.rawget = function(...)
+    local t, k = ...
     local real = shown[t]
-    if real ~= nil then return out(rawget(real, key(k)), names[t], k, whys[t]) end
-    return rawget(t, k)
+    if real ~= nil and select("#", ...) >= 2 then
+        return out(rawget(real, key(k)), names[t], k, whys[t])
+    end
+    return placed(pcall(rawget_c, ...))
 end
 if rawlen then
-    G.rawlen = function(t)
-        local real = shown[t]
+    local rawlen_c = named("rawlen", rawlen)
+    G.rawlen = function(...)
+        local real = shown[(...)]
         if real ~= nil then return rawlen(real) end
-        return rawlen(t)
+        return placed(pcall(rawlen_c, ...))
     end
 end
-G.rawset = function(t, k, v)
+local rawset_c = named("rawset", rawset)
+G.rawset = function(...)
+    local t, k = ...
     if locked[t] then
         error("cannot set " .. field(names[t] or "?", k) .. ": " .. (whys[t] or SHARED), 2)
     end
-    return rawset(t, k, v)
+    return placed(pcall(rawset_c, ...))
 end
 
 -- Lua 5.1, LuaJIT, Luau: functions carry their environment. The shared
@@ -526,7 +615,8 @@ if getfenv and setfenv then
     end
 end
 
-getmetatable("").__metatable = false
+local string_mt = getmetatable("") -- none without the string library
+if type(string_mt) == "table" then string_mt.__metatable = false end
 
 -- What sessions read through: the globals as `init` and the sandbox left
 -- them. Unkeyed work shares the VM's globals, and may rebind them; sessions
