@@ -1,7 +1,12 @@
 //! The interrupt hook: how a running request learns it must stop.
 //!
-//! A count hook (mlua's global hook) is installed on the VM once, before
-//! `init` runs. It runs in one of three modes:
+//! A count hook is installed on the VM once, before `init` runs: mlua's
+//! global hook, or on Lua 5.4 and 5.5 a C hook of ours (`alarm.rs`,
+//! `tick_hook`) that calls the same tick from a C frame of its own (mlua's
+//! trampoline moves values on the running function's frame, across its
+//! to-be-closed variables). Coroutines resumed from Rust through mlua's
+//! `Thread::resume` get it when resumed (mlua's `ON_RESUME` thread event).
+//! It runs in one of three modes:
 //! - **Armed on demand** (Unix, PUC-Rio Lua, no `max_instructions`): the
 //!   hook is removed from the main state right away, so Lua code runs at
 //!   full speed; a stopping thread signals the VM thread, which arms the
