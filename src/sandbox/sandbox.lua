@@ -11,7 +11,14 @@ local tointeger = math.tointeger or function(x)
     if type(x) == "number" and x == x - x % 1 then return x end
 end
 
-local pcall, load_text = pcall, load
+local pcall = pcall
+-- Compiles our own source text (Luau has `loadstring` only, whose third
+-- argument is an environment, not a mode).
+local load, loadstring = rawget(G, "load"), rawget(G, "loadstring")
+local function load_text(source, name)
+    if load then return load(source, name, "t") end
+    return loadstring(source, name)
+end
 local string_lib = rawget(G, "string")
 local sub, byte = string_lib and string_lib.sub, string_lib and string_lib.byte
 
@@ -23,6 +30,15 @@ local sub, byte = string_lib and string_lib.sub, string_lib and string_lib.byte
 -- Lua's would. Errors raised further in (a comparator, a metamethod) keep
 -- their own position and pass unchanged.
 local OURS = "mlua-isle sandbox:"
+-- The level of a replacement's caller, seen from a function the
+-- replacement tail-calls: 2 where calls in tail position are tail calls.
+local CALLER = 2
+do
+    local function probe() error("x", 2) end
+    local function via() return probe() end
+    local _, e = pcall(via)
+    if e ~= "x" then CALLER = 3 end -- `via` kept its frame: no tail calls
+end
 local function placed(ok, ...)
     if ok then return ... end
     local e = ...
@@ -32,8 +48,9 @@ local function placed(ok, ...)
             local b = byte(e, i)
             if b and b >= 48 and b <= 57 then i = i + 1 else break end
         end
-        -- Tail-called by the replacement: level 2 is its caller.
-        if sub(e, i, i + 1) == ": " then error(sub(e, i + 2), 2) end
+        -- Tail-called by the replacement: level 2 is its caller (Luau
+        -- makes no tail calls: there the replacement's frame is level 2).
+        if sub(e, i, i + 1) == ": " then error(sub(e, i + 2), CALLER) end
     end
     error(e, 0)
 end
@@ -43,7 +60,7 @@ end
 local function pass(...) return ... end
 local function named(name, f)
     return load_text("local " .. name .. ", pass = ... return function(...) return pass("
-        .. name .. "(...)) end", "=mlua-isle sandbox", "t")(f, pass)
+        .. name .. "(...)) end", "=mlua-isle sandbox")(f, pass)
 end
 
 local function unavailable(name)
@@ -440,7 +457,6 @@ local function bounded_reader(read)
         return piece
     end
 end
-local load, loadstring = rawget(G, "load"), rawget(G, "loadstring")
 if load then
     local load_c = named("load", load)
     G.load = function(...)
