@@ -12,7 +12,7 @@ use mlua_isle::Isle;
 /// Runs a snippet as chunk `eval` and describes how it ended.
 const HARNESS: &str = r#"
 local src = ...
-local f, e = (load or loadstring)(src, "=eval") -- Luau: loadstring only
+local f, e = (loadstring or load)(src, "=eval") -- 5.1: load takes a reader; Luau: no load
 if not f then return "compile: " .. tostring(e) end
 local ok, e = pcall(f)
 return tostring(ok) .. " " .. tostring(e)

@@ -12,12 +12,11 @@ local tointeger = math.tointeger or function(x)
 end
 
 local pcall = pcall
--- Compiles our own source text (Luau has `loadstring` only, whose third
--- argument is an environment, not a mode).
+-- Compiles our own source text: `loadstring` where there is one (5.1's
+-- `load` takes a reader only; Luau has no `load`), else `load`.
 local load, loadstring = rawget(G, "load"), rawget(G, "loadstring")
 local function load_text(source, name)
-    if load then return load(source, name, "t") end
-    return loadstring(source, name)
+    return (loadstring or load)(source, name)
 end
 local string_lib = rawget(G, "string")
 local sub, byte = string_lib and string_lib.sub, string_lib and string_lib.byte
@@ -31,13 +30,18 @@ local sub, byte = string_lib and string_lib.sub, string_lib and string_lib.byte
 -- their own position and pass unchanged.
 local OURS = "mlua-isle sandbox:"
 -- The level of a replacement's caller, seen from a function the
--- replacement tail-calls: 2 where calls in tail position are tail calls.
+-- replacement tail-calls: 2 where that leaves no frame (5.2 on), 3 where
+-- it leaves a frame (Luau makes no tail calls) or a "(tail call)" level
+-- (5.1, LuaJIT). Asked of the VM: the level that places the error on
+-- line 4, the caller's.
 local CALLER = 2
-do
-    local function probe() error("x", 2) end
-    local function via() return probe() end
-    local _, e = pcall(via)
-    if e ~= "x" then CALLER = 3 end -- `via` kept its frame: no tail calls
+for _, level in ipairs({ 2, 3 }) do
+    local _, e = load_text("local level = ...\n"
+        .. "local function placed() error('x', level) end\n"
+        .. "local function replacement() return placed() end\n"
+        .. "local function caller() replacement() end\n"
+        .. "return pcall(caller)", "=probe")(level)
+    if e == "probe:4: x" then CALLER = level break end
 end
 local function placed(ok, ...)
     if ok then return ... end
