@@ -214,6 +214,6 @@ return table.concat(out, "\n---\n")
         assert_eq!(ours, expected);
         // Something was compared: every section is there.
         assert_eq!(expected.matches("\n---\n").count(), 11, "{expected}");
-        assert!(expected.contains("in function 'pcall'"), "{expected}");
+        assert!(expected.contains("'pcall'"), "{expected}");
     });
 }
