@@ -41,6 +41,18 @@ const SHAPES: &[(&str, &str)] = &[
         "function work() local t = {} for i = 1, 20000 do t[i] = (i * 7919) % 20011 end table.sort(t) return t[1] end",
     ),
     (
+        // The isle's `pcall`/`xpcall` are its own (C on Lua 5.2–5.5):
+        // these compare them with Lua's.
+        "pcall_calls",
+        "local function f(x) return x + 1 end
+         function work() local s = 0 for i = 1, 50000 do local _, v = pcall(f, s) s = v end return s end",
+    ),
+    (
+        "xpcall_errors",
+        "local function h(e) return e end
+         function work() local n = 0 for i = 1, 20000 do if not xpcall(error, h, i) then n = n + 1 end end return n end",
+    ),
+    (
         "coroutines",
         "function work()
              local gen = coroutine.wrap(function() for i = 1, 20000 do coroutine.yield(i) end end)

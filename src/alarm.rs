@@ -80,7 +80,17 @@
 //!
 //! Everything `unsafe` in the crate is in this module, but for the Lua C
 //! functions of `native.rs` (Lua 5.1 and LuaJIT only), which argue their own
-//! soundness.
+//! soundness. What lives here:
+//!
+//! - the alarm, its signal handler and the tracked coroutine switches
+//!   (`mod unix`), described above;
+//! - Luau's interrupt, armed on demand (`mod luau`);
+//! - Lua 5.4/5.5's C hooks: the tick, and raising the interruption from
+//!   the next instruction (`mod raise`);
+//! - Lua 5.2–5.5's catchers as C functions, invisible to Lua code:
+//!   `pcall`, `xpcall`, `load`, `loadfile`, `dofile` and the untracked
+//!   `coroutine.resume` (`mod protected`, which argues its own soundness);
+//! - `new_lua_with_unsafe_libs`, for the host's `unsafe_std_libs`.
 
 #![allow(unsafe_code)]
 // Luau has no hooks to arm: only the alarm, its interrupt (`mod luau`),
@@ -500,6 +510,626 @@ mod raise {
 
 #[cfg(any(feature = "lua54", feature = "lua55"))]
 pub(crate) use raise::{end_raising, raise_from_next_instruction, set_tick, tick_every};
+
+/// Lua 5.2–5.5: the catchers `hook.rs` wraps, as C functions, so that
+/// they stay invisible to Lua code: a C function reports no line events to
+/// a debug hook, and in `debug.traceback()` or `debug.getinfo(level)` it
+/// stands where Lua's own function would, under the same name (found in
+/// the globals, where it is installed).
+///
+/// - `pcall` and `xpcall` are Lua's own (`luaB_pcall`, `luaB_xpcall`,
+///   `finishpcall` of `lbaselib.c`), built on `lua_pcallk` with a
+///   continuation, so they stay yieldable and return what Lua's return. On
+///   an error, the error value goes to the interruption check (upvalue
+///   [`CHECK`]: it raises a pending interruption, resumes a wrapped Rust
+///   panic, flags a memory error) before `false, error` is returned.
+/// - `xpcall` runs the user's message handler through [`handler`], a C
+///   closure made per call, which records the error value it saw (the
+///   check gets it too: a handler may turn a Rust panic into a string) and
+///   skips the user's handler while the request is stopping (an error
+///   raised inside a hook runs the handler with hooks off, where a handler
+///   that loops could never be stopped).
+/// - `load` (and 5.2's `loadstring`), `loadfile`: Lua's own C function is
+///   called on our own frame (so its argument errors name and place
+///   themselves as Lua's), after the caller's mode is narrowed to text
+///   (unless binary chunks are allowed); a mode refusing text keeps
+///   refusing it, and then a binary string or a reader's binary first piece
+///   is refused by us. A failed load's message goes to the check.
+/// - `dofile`: Lua's, loading text only, yieldable (`lua_callk`).
+/// - `coroutine.resume` where switches are not tracked: Lua's, called on
+///   our frame, with a failed resume's error value given to the check.
+///
+/// # Why this is sound
+///
+/// - **Stack slots.** A C function gets `LUA_MINSTACK` (20) free slots
+///   above its arguments, in a call and in a continuation. These functions
+///   push at most four values above what they found (or, after a failed
+///   protected call, above the error value, which sits below where the
+///   arguments ended), and before handing their frame to one of Lua's own
+///   functions they grow the stack again by `LUA_MINSTACK`
+///   (`luaL_checkstack`, which raises Lua's "stack overflow" if it cannot).
+/// - **Upvalues.** Every closure is made here ([`closure`],
+///   `lua_pushcclosure` in [`xpcall`]) with the upvalues the function
+///   reads, at the indices named by the constants below; the originals are
+///   checked to be C functions without upvalues (Lua's base library
+///   registers them so) before they are ever called on our frames.
+/// - **Errors.** Lua raises errors through these frames with `longjmp`
+///   (an argument error, the check's interruption, the callee's error
+///   rethrown by `lua_error`). Their Rust frames own nothing with a
+///   destructor, only integers, pointers and borrowed C strings, so
+///   nothing is skipped. They are `extern "C-unwind"` as Lua C functions
+///   are declared by mlua: should a Rust panic ever unwind through (mlua
+///   catches them in its callbacks, so none does), it would unwind rather
+///   than abort.
+#[cfg(any(
+    feature = "lua52",
+    feature = "lua53",
+    feature = "lua54",
+    feature = "lua55"
+))]
+mod protected {
+    use std::ffi::c_int;
+
+    use mlua::ffi::{self, lua_State};
+
+    /// Upvalue 1 of every function here: the interruption check, a
+    /// function taking the error values a catcher saw.
+    const CHECK: c_int = 1;
+    /// Upvalue 2: `xpcall`'s `stopping` (a function returning whether the
+    /// request stops); for the others, Lua's own function.
+    const STOPPING: c_int = 2;
+    const ORIGINAL: c_int = 2;
+    /// Upvalue 3 of `load`, `loadfile`, `dofile`: whether binary chunks
+    /// are allowed.
+    const BINARY_OK: c_int = 3;
+
+    /// Upvalues of [`handler`]: the user's handler, `stopping`, and the
+    /// last error value the handler saw.
+    const USER_HANDLER: c_int = 1;
+    const HANDLER_STOPPING: c_int = 2;
+    const SEEN: c_int = 3;
+
+    /// `xpcall`'s continuation context (`pcall`'s is 0): where the
+    /// results start, as in Lua's `luaB_xpcall`.
+    const XPCALL: c_int = 2;
+
+    /// The message of a binary chunk refused (Lua's own, for mode `'t'`).
+    const REFUSED: &std::ffi::CStr = c"attempt to load a binary chunk (mode is 't')";
+
+    /// Calls the check with `n` values from the top of the stack (left
+    /// there).
+    ///
+    /// # Safety
+    /// Called from one of this module's closures, whose upvalue [`CHECK`]
+    /// is the check, with at least `n` values on the stack and `n + 1`
+    /// slots free.
+    unsafe fn check(state: *mut lua_State, n: c_int) {
+        // SAFETY: as the caller guarantees; the check returns nothing or
+        // raises (through our frame, which owns nothing).
+        unsafe {
+            ffi::lua_pushvalue(state, ffi::lua_upvalueindex(CHECK));
+            for _ in 0..n {
+                ffi::lua_pushvalue(state, -(n + 1));
+            }
+            ffi::lua_call(state, n, 0);
+        }
+    }
+
+    /// After a protected call: on an error (on top), hands it to the check
+    /// (`xpcall`: with the one its handler saw, first) and returns `false,
+    /// error`; otherwise returns the results above `extra` values. Lua's
+    /// `finishpcall` (5.3–5.5), checked.
+    ///
+    /// # Safety
+    /// A continuation of [`pcall`] or [`xpcall`] (their frame).
+    #[cfg(not(feature = "lua52"))]
+    unsafe extern "C-unwind" fn finish(
+        state: *mut lua_State,
+        status: c_int,
+        extra: ffi::lua_KContext,
+    ) -> c_int {
+        // SAFETY: the frame is `pcall`'s or `xpcall`'s: after an error, the
+        // stack holds `true` (xpcall: `f`, the handler, `true`) and the
+        // error value, far below LUA_MINSTACK; at index 2 of `xpcall`'s is
+        // our `handler` closure, whose upvalue SEEN exists.
+        unsafe {
+            if status != ffi::LUA_OK && status != ffi::LUA_YIELD {
+                if extra == XPCALL as ffi::lua_KContext {
+                    ffi::lua_getupvalue(state, 2, SEEN);
+                    ffi::lua_pushvalue(state, -2);
+                    check(state, 2);
+                    ffi::lua_pop(state, 2);
+                } else {
+                    check(state, 1);
+                }
+                ffi::lua_pushboolean(state, 0);
+                ffi::lua_pushvalue(state, -2);
+                return 2;
+            }
+            ffi::lua_gettop(state) - extra as c_int
+        }
+    }
+
+    /// `pcall(f, ...)`; upvalue 1: the check. Lua's `luaB_pcall` (5.3–5.5).
+    #[cfg(not(feature = "lua52"))]
+    unsafe extern "C-unwind" fn pcall(state: *mut lua_State) -> c_int {
+        // SAFETY: `luaL_checkany` raises Lua's argument error; one push
+        // (`true`), within LUA_MINSTACK; the protected call replaces `f`
+        // and its arguments by the results or the error value.
+        unsafe {
+            ffi::luaL_checkany(state, 1);
+            ffi::lua_pushboolean(state, 1);
+            ffi::lua_insert(state, 1);
+            let n = ffi::lua_gettop(state) - 2;
+            let status = ffi::lua_pcallk(state, n, ffi::LUA_MULTRET, 0, 0, Some(finish));
+            finish(state, status, 0)
+        }
+    }
+
+    /// `xpcall(f, handler, ...)`; upvalues: the check, `stopping`. Lua's
+    /// `luaB_xpcall` (5.3–5.5), with the user's handler behind ours.
+    #[cfg(not(feature = "lua52"))]
+    unsafe extern "C-unwind" fn xpcall(state: *mut lua_State) -> c_int {
+        // SAFETY: `luaL_checktype` raises Lua's argument error. Three
+        // pushes make our handler (replacing the user's at index 2), two
+        // more `true` and `f`: within LUA_MINSTACK. After the rotation the
+        // stack is `f, handler, true, f, args...`, as in Lua's.
+        unsafe {
+            let n = ffi::lua_gettop(state);
+            ffi::luaL_checktype(state, 2, ffi::LUA_TFUNCTION);
+            push_handler(state);
+            ffi::lua_pushboolean(state, 1);
+            ffi::lua_pushvalue(state, 1);
+            ffi::lua_rotate(state, 3, 2);
+            let status = ffi::lua_pcallk(
+                state,
+                n - 2,
+                ffi::LUA_MULTRET,
+                2,
+                XPCALL as ffi::lua_KContext,
+                Some(finish),
+            );
+            finish(state, status, XPCALL as ffi::lua_KContext)
+        }
+    }
+
+    /// Lua 5.2's `finishpcall`, checked: the status replaces slot 1 (`nil`
+    /// for `pcall`, the handler for `xpcall`).
+    ///
+    /// # Safety
+    /// On the frame of [`pcall`] or [`xpcall`], after their protected call.
+    #[cfg(feature = "lua52")]
+    unsafe fn finish(state: *mut lua_State, ok: bool, ctx: c_int) -> c_int {
+        // SAFETY: as in 5.3's `finish`; 5.2's `xpcall` has our handler at
+        // index 1. `lua_checkstack` grants the status's slot or says there
+        // is none, as in Lua's own.
+        unsafe {
+            if !ok {
+                if ctx == XPCALL {
+                    ffi::lua_getupvalue(state, 1, SEEN);
+                    ffi::lua_pushvalue(state, -2);
+                    check(state, 2);
+                    ffi::lua_pop(state, 2);
+                } else {
+                    check(state, 1);
+                }
+            }
+            if ffi::lua_checkstack(state, 1) == 0 {
+                ffi::lua_settop(state, 0);
+                ffi::lua_pushboolean(state, 0);
+                ffi::lua_pushstring(state, c"stack overflow".as_ptr());
+                return 2;
+            }
+            ffi::lua_pushboolean(state, c_int::from(ok));
+            ffi::lua_replace(state, 1);
+            ffi::lua_gettop(state)
+        }
+    }
+
+    /// Lua 5.2's continuation of both: the status says yielded (fine) or
+    /// an error recovered from.
+    #[cfg(feature = "lua52")]
+    unsafe extern "C-unwind" fn resumed(state: *mut lua_State) -> c_int {
+        let mut ctx = 0;
+        // SAFETY: our continuation's frame.
+        unsafe {
+            let status = ffi::lua_getctx(state, &mut ctx);
+            finish(state, status == ffi::LUA_YIELD, ctx)
+        }
+    }
+
+    /// Lua 5.2's `pcall`.
+    #[cfg(feature = "lua52")]
+    unsafe extern "C-unwind" fn pcall(state: *mut lua_State) -> c_int {
+        // SAFETY: as in 5.3's; Lua 5.2's layout: a slot for the status,
+        // then `f` and its arguments.
+        unsafe {
+            ffi::luaL_checkany(state, 1);
+            ffi::lua_pushnil(state);
+            ffi::lua_insert(state, 1);
+            let n = ffi::lua_gettop(state) - 2;
+            let status = ffi::lua_pcallk(state, n, ffi::LUA_MULTRET, 0, 0, Some(resumed));
+            finish(state, status == ffi::LUA_OK, 0)
+        }
+    }
+
+    /// Lua 5.2's `xpcall`: any handler value (5.2 checks only that there
+    /// is one).
+    #[cfg(feature = "lua52")]
+    unsafe extern "C-unwind" fn xpcall(state: *mut lua_State) -> c_int {
+        // SAFETY: as in 5.3's; Lua 5.2's layout: the handler (ours) at 1,
+        // `f` at 2, its arguments.
+        unsafe {
+            let n = ffi::lua_gettop(state);
+            if n < 2 {
+                ffi::luaL_argerror(state, 2, c"value expected".as_ptr());
+            }
+            push_handler(state);
+            ffi::lua_pushvalue(state, 1); // exchange `f`...
+            ffi::lua_copy(state, 2, 1); // ...and the handler
+            ffi::lua_replace(state, 2);
+            let status = ffi::lua_pcallk(state, n - 2, ffi::LUA_MULTRET, 1, XPCALL, Some(resumed));
+            finish(state, status == ffi::LUA_OK, XPCALL)
+        }
+    }
+
+    /// Replaces the user's handler (index 2) with our [`handler`] over it.
+    ///
+    /// # Safety
+    /// On [`xpcall`]'s frame, with at least two arguments.
+    unsafe fn push_handler(state: *mut lua_State) {
+        // SAFETY: three pushes, within LUA_MINSTACK; upvalue STOPPING of
+        // `xpcall` is `stopping`; the closure pops the three.
+        unsafe {
+            ffi::lua_pushvalue(state, 2);
+            ffi::lua_pushvalue(state, ffi::lua_upvalueindex(STOPPING));
+            ffi::lua_pushnil(state);
+            ffi::lua_pushcclosure(state, handler, 3);
+            ffi::lua_replace(state, 2);
+        }
+    }
+
+    /// `xpcall`'s message handler: records the error value, and hands it to
+    /// the user's handler unless the request is stopping.
+    unsafe extern "C-unwind" fn handler(state: *mut lua_State) -> c_int {
+        // SAFETY: Lua calls a message handler with the error value and
+        // takes one result. Upvalues: as made in `push_handler`. At most
+        // two pushes, within LUA_MINSTACK.
+        unsafe {
+            ffi::lua_settop(state, 1);
+            ffi::lua_pushvalue(state, 1);
+            ffi::lua_replace(state, ffi::lua_upvalueindex(SEEN));
+            ffi::lua_pushvalue(state, ffi::lua_upvalueindex(HANDLER_STOPPING));
+            ffi::lua_call(state, 0, 1);
+            let stopping = ffi::lua_toboolean(state, -1) != 0;
+            ffi::lua_pop(state, 1);
+            if stopping {
+                return 1;
+            }
+            ffi::lua_pushvalue(state, ffi::lua_upvalueindex(USER_HANDLER));
+            ffi::lua_insert(state, 1);
+            ffi::lua_call(state, 1, 1);
+            1
+        }
+    }
+
+    /// Calls Lua's own function (upvalue [`ORIGINAL`]) on our frame, with
+    /// the room Lua gives a C function; returns its result count.
+    ///
+    /// # Safety
+    /// From one of this module's closures made by [`closure`], whose
+    /// original was checked to be a C function without upvalues.
+    unsafe fn original(state: *mut lua_State) -> c_int {
+        // SAFETY: the caller guarantees the upvalue; `luaL_checkstack`
+        // raises "stack overflow" where Lua would refuse a C call.
+        unsafe {
+            let f = ffi::lua_tocfunction(state, ffi::lua_upvalueindex(ORIGINAL));
+            ffi::luaL_checkstack(state, ffi::LUA_MINSTACK, std::ptr::null());
+            match f {
+                Some(f) => f(state),
+                None => ffi::luaL_error(state, c"mlua-isle: not a C function".as_ptr()),
+            }
+        }
+    }
+
+    /// After Lua's `load` or `loadfile` returned `n` results: a failure
+    /// (`nil` or `fail`, then the message) is handed to the check.
+    ///
+    /// # Safety
+    /// As [`check`], with the `n` results on top.
+    unsafe fn check_load(state: *mut lua_State, n: c_int) -> c_int {
+        // SAFETY: as the caller guarantees; two pushes are free (a C
+        // function's results are within its room).
+        unsafe {
+            if n >= 2 && ffi::lua_isnil(state, -n) != 0 {
+                check(state, 1);
+            }
+        }
+        n
+    }
+
+    /// True if the value at `idx` is a mode string (or number) containing
+    /// `c`.
+    ///
+    /// # Safety
+    /// `idx` is a valid index of `state`'s running frame.
+    unsafe fn mode_has(state: *mut lua_State, idx: c_int, c: u8) -> bool {
+        let mut len = 0;
+        // SAFETY: for a string or number, `lua_tolstring` returns a pointer
+        // to `len` bytes owned by the stack slot (a number is converted in
+        // place, as Lua's `luaL_optstring` would), read before anything is
+        // popped.
+        unsafe {
+            let p = ffi::lua_tolstring(state, idx, &mut len);
+            !p.is_null() && std::slice::from_raw_parts(p.cast::<u8>(), len).contains(&c)
+        }
+    }
+
+    /// True for an absent or `nil` value, or a string or number: what
+    /// Lua's `luaL_optstring` accepts.
+    ///
+    /// # Safety
+    /// `idx` is an index of the running frame.
+    unsafe fn optional_string(state: *mut lua_State, idx: c_int) -> bool {
+        // SAFETY: `lua_type` accepts any acceptable index.
+        let t = unsafe { ffi::lua_type(state, idx) };
+        matches!(
+            t,
+            ffi::LUA_TNONE | ffi::LUA_TNIL | ffi::LUA_TSTRING | ffi::LUA_TNUMBER
+        )
+    }
+
+    /// Sets argument `idx` to the mode `"t"`, filling absent arguments
+    /// below it with `nil` (which Lua's functions take as absent).
+    ///
+    /// # Safety
+    /// On our frame; `idx` ≤ 3.
+    unsafe fn text_mode(state: *mut lua_State, idx: c_int) {
+        // SAFETY: at most three slots above the arguments, plus one push.
+        unsafe {
+            if ffi::lua_gettop(state) < idx {
+                ffi::lua_settop(state, idx);
+            }
+            ffi::lua_pushstring(state, c"t".as_ptr());
+            ffi::lua_replace(state, idx);
+        }
+    }
+
+    /// `load(chunk, name, mode, env)` (and 5.2's `loadstring`); upvalues:
+    /// the check, Lua's function, whether binary chunks are allowed.
+    unsafe extern "C-unwind" fn load(state: *mut lua_State) -> c_int {
+        // SAFETY: upvalues as made by `closure`; every index read is an
+        // argument slot (absent ones read as none). What is pushed or
+        // replaced stays within the first three argument slots plus one.
+        unsafe {
+            if ffi::lua_toboolean(state, ffi::lua_upvalueindex(BINARY_OK)) == 0 {
+                let chunk = ffi::lua_type(state, 1);
+                // Anything else: Lua's function raises its argument error.
+                let chunk_ok = matches!(
+                    chunk,
+                    ffi::LUA_TSTRING | ffi::LUA_TNUMBER | ffi::LUA_TFUNCTION
+                );
+                let mode = ffi::lua_type(state, 3);
+                if chunk_ok && optional_string(state, 3) && !mode_has(state, 3, b'B') {
+                    if mode == ffi::LUA_TNONE || mode == ffi::LUA_TNIL || mode_has(state, 3, b't') {
+                        // The caller's mode, narrowed to text.
+                        text_mode(state, 3);
+                    } else if chunk == ffi::LUA_TSTRING {
+                        // The caller's mode refuses text (Lua says so); binary
+                        // is refused here.
+                        let mut len = 0;
+                        let s = ffi::lua_tolstring(state, 1, &mut len);
+                        if len > 0 && *s.cast::<u8>() == 27 {
+                            ffi::lua_pushnil(state);
+                            ffi::lua_pushstring(state, REFUSED.as_ptr());
+                            return 2;
+                        }
+                    } else if chunk == ffi::LUA_TFUNCTION {
+                        // So is a reader's binary first piece.
+                        ffi::lua_pushvalue(state, 1);
+                        ffi::lua_pushboolean(state, 1);
+                        ffi::lua_pushcclosure(state, text_reader, 2);
+                        ffi::lua_replace(state, 1);
+                    }
+                }
+            }
+            let n = original(state);
+            check_load(state, n)
+        }
+    }
+
+    /// A reader refusing a binary first piece; upvalues: the user's reader,
+    /// and whether the first piece is still to come.
+    unsafe extern "C-unwind" fn text_reader(state: *mut lua_State) -> c_int {
+        // SAFETY: upvalues as made in `load`; Lua's `load` calls a reader
+        // with no arguments and takes one result; one push, then the
+        // message, within LUA_MINSTACK. The piece is read while on the
+        // stack.
+        unsafe {
+            ffi::lua_pushvalue(state, ffi::lua_upvalueindex(1));
+            ffi::lua_call(state, 0, 1);
+            if ffi::lua_toboolean(state, ffi::lua_upvalueindex(2)) != 0
+                && ffi::lua_type(state, -1) == ffi::LUA_TSTRING
+            {
+                let mut len = 0;
+                let s = ffi::lua_tolstring(state, -1, &mut len);
+                if len > 0 {
+                    ffi::lua_pushboolean(state, 0);
+                    ffi::lua_replace(state, ffi::lua_upvalueindex(2));
+                    if *s.cast::<u8>() == 27 {
+                        ffi::lua_pushstring(state, REFUSED.as_ptr());
+                        ffi::lua_error(state);
+                    }
+                }
+            }
+            1
+        }
+    }
+
+    /// `loadfile(name, mode, env)`; upvalues as `load`'s. The mode becomes
+    /// text unless binary chunks are allowed.
+    unsafe extern "C-unwind" fn loadfile(state: *mut lua_State) -> c_int {
+        // SAFETY: as in `load`.
+        unsafe {
+            if ffi::lua_toboolean(state, ffi::lua_upvalueindex(BINARY_OK)) == 0
+                && optional_string(state, 1)
+                && optional_string(state, 2)
+                && !mode_has(state, 2, b'B')
+            {
+                text_mode(state, 2);
+            }
+            let n = original(state);
+            check_load(state, n)
+        }
+    }
+
+    /// `dofile(name)`: Lua's `luaB_dofile`, loading text only unless binary
+    /// chunks are allowed, with a failed load's message checked.
+    unsafe extern "C-unwind" fn dofile(state: *mut lua_State) -> c_int {
+        // SAFETY: as Lua's own: `luaL_optstring` raises Lua's argument
+        // error; the name stays on the stack (slot 1) while it is used;
+        // `luaL_loadfilex` pushes the chunk or the message; the call
+        // replaces the chunk by its results.
+        unsafe {
+            let name = ffi::luaL_optstring(state, 1, std::ptr::null());
+            ffi::lua_settop(state, 1);
+            let binary_ok = ffi::lua_toboolean(state, ffi::lua_upvalueindex(BINARY_OK)) != 0;
+            let mode = if binary_ok {
+                std::ptr::null()
+            } else {
+                c"t".as_ptr()
+            };
+            if ffi::luaL_loadfilex(state, name, mode) != ffi::LUA_OK {
+                check(state, 1);
+                ffi::lua_error(state);
+            }
+            ffi::lua_callk(state, 0, ffi::LUA_MULTRET, 0, Some(dofile_done));
+            ffi::lua_gettop(state) - 1
+        }
+    }
+
+    /// `dofile`'s continuation: the chunk's results (above the name).
+    #[cfg(not(feature = "lua52"))]
+    unsafe extern "C-unwind" fn dofile_done(
+        state: *mut lua_State,
+        _status: c_int,
+        _ctx: ffi::lua_KContext,
+    ) -> c_int {
+        // SAFETY: `dofile`'s frame.
+        unsafe { ffi::lua_gettop(state) - 1 }
+    }
+
+    #[cfg(feature = "lua52")]
+    unsafe extern "C-unwind" fn dofile_done(state: *mut lua_State) -> c_int {
+        // SAFETY: `dofile`'s frame.
+        unsafe { ffi::lua_gettop(state) - 1 }
+    }
+
+    /// `coroutine.resume`, where switches are not tracked; upvalues: the
+    /// check, Lua's function. A failed resume's error goes to the check.
+    unsafe extern "C-unwind" fn resume(state: *mut lua_State) -> c_int {
+        // SAFETY: as in `original`; Lua's resume returns `true, values...`
+        // or `false, error` (or raises its argument error).
+        unsafe {
+            let n = original(state);
+            if ffi::lua_toboolean(state, -n) == 0 {
+                check(state, 1);
+            }
+            n
+        }
+    }
+
+    /// Our C function `f` closed over `upvalues`.
+    fn closure(
+        lua: &mlua::Lua,
+        f: ffi::lua_CFunction,
+        upvalues: impl mlua::IntoLuaMulti,
+    ) -> mlua::Result<mlua::Function> {
+        // SAFETY: `f` is one of this module's functions, reading the
+        // upvalues its callers give here; `exec_raw` pushes them, and the
+        // closure replaces them as the one result.
+        unsafe {
+            lua.exec_raw::<mlua::Function>(upvalues, |state| {
+                let n = ffi::lua_gettop(state);
+                ffi::lua_pushcclosure(state, f, n);
+            })
+        }
+    }
+
+    /// `f`, if it is a C function without upvalues (which can run on a
+    /// frame of ours).
+    fn plain_c_function(lua: &mlua::Lua, f: &mlua::Function) -> mlua::Result<()> {
+        let mut plain = false;
+        // SAFETY: reads the pushed function only; `lua_getupvalue` pushes
+        // nothing when there is no upvalue 1, else we pop what it pushed.
+        unsafe {
+            lua.exec_raw::<()>(f, |state| {
+                plain = ffi::lua_tocfunction(state, -1).is_some();
+                if !ffi::lua_getupvalue(state, -1, 1).is_null() {
+                    ffi::lua_pop(state, 1);
+                    plain = false;
+                }
+            })?;
+        }
+        if plain {
+            Ok(())
+        } else {
+            Err(mlua::Error::runtime(
+                "mlua-isle: the standard library's functions are not Lua's own",
+            ))
+        }
+    }
+
+    /// Installs this module's `pcall`, `xpcall`, `load`, `loadstring`,
+    /// `loadfile`, `dofile` over Lua's (those present), and our
+    /// `coroutine.resume` when `resume` is true (switches not tracked).
+    pub(crate) fn install_catchers(
+        lua: &mlua::Lua,
+        check: &mlua::Function,
+        stopping: &mlua::Function,
+        binary_ok: bool,
+        resume: bool,
+    ) -> mlua::Result<()> {
+        let globals = lua.globals();
+        globals.set("pcall", closure(lua, pcall, check.clone())?)?;
+        globals.set(
+            "xpcall",
+            closure(lua, xpcall, (check.clone(), stopping.clone()))?,
+        )?;
+        let loaders: [(&str, ffi::lua_CFunction); 4] = [
+            ("load", load),
+            ("loadstring", load),
+            ("loadfile", loadfile),
+            ("dofile", dofile),
+        ];
+        for (name, f) in loaders {
+            if let Some(original) = globals.get::<Option<mlua::Function>>(name)? {
+                plain_c_function(lua, &original)?;
+                let wrapped = closure(lua, f, (check.clone(), original, binary_ok))?;
+                globals.set(name, wrapped)?;
+            }
+        }
+        if resume {
+            if let Some(coroutine) = globals.get::<Option<mlua::Table>>("coroutine")? {
+                let original: mlua::Function = coroutine.get("resume")?;
+                plain_c_function(lua, &original)?;
+                coroutine.set(
+                    "resume",
+                    closure(lua, self::resume, (check.clone(), original))?,
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(any(
+    feature = "lua52",
+    feature = "lua53",
+    feature = "lua54",
+    feature = "lua55"
+))]
+pub(crate) use protected::install_catchers;
 
 /// What the signal handler and the tracked switches need, per VM thread.
 struct Slot {

@@ -32,7 +32,13 @@
 //! that the error value they catch is checked at once: a pending
 //! interruption, or a Rust panic (which mlua hands to Lua as an error value),
 //! is raised again in the caller.
+//!
+//! On Lua 5.2–5.5 the wrappers are C functions (`alarm.rs`, `mod
+//! protected`), invisible to Lua code: no line events for a debug hook, no
+//! frames of their own in tracebacks or `debug.getinfo` levels. Lua 5.1,
+//! LuaJIT and Luau keep wrappers written in Lua.
 //! - `pcall`, `xpcall`: Lua's own (yieldable) functions, wrapped (on Lua
+//!   5.2–5.5, rebuilt in C on `lua_pcallk` with a continuation; on Lua
 //!   5.1, ours of `native.rs`, which check the stack). `xpcall`
 //!   also skips the user's message handler while the request is stopping:
 //!   an error raised inside a hook runs the handler with hooks disabled, so
@@ -427,12 +433,6 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
     let state = this.clone();
     let stopping = lua.create_function(move |_, ()| Ok(state.stop_reason().is_some()))?;
     let globals = lua.globals();
-    // Lua 5.1's own overrun the stack when the callee's results fill it.
-    #[cfg(feature = "lua51")]
-    let (pcall, xpcall) = crate::native::protected_calls(lua)?;
-    #[cfg(not(feature = "lua51"))]
-    let (pcall, xpcall): (mlua::Function, mlua::Function) =
-        (globals.get("pcall")?, globals.get("xpcall")?);
     // The host may not open `coroutine` or `string` (`std_libs`).
     let coroutine: Option<mlua::Table> = globals.get("coroutine")?;
     // Switches need tracking where the hook is armed by a signal (Luau's
@@ -445,6 +445,53 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
         #[cfg(any(feature = "lua54", feature = "lua55"))]
         guard_close(lua, coroutine, &check, &stopping, tracked)?;
     }
+    // Lua 5.2–5.5: C functions, invisible to Lua code (`alarm.rs`).
+    #[cfg(any(
+        feature = "lua52",
+        feature = "lua53",
+        feature = "lua54",
+        feature = "lua55"
+    ))]
+    return alarm::install_catchers(lua, &check, &stopping, binary_chunks, !tracked);
+    #[cfg(not(any(
+        feature = "lua52",
+        feature = "lua53",
+        feature = "lua54",
+        feature = "lua55"
+    )))]
+    install_lua_catchers(
+        lua,
+        &check,
+        &stopping,
+        binary_chunks,
+        tracked,
+        coroutine.as_ref(),
+    )
+}
+
+/// Lua 5.1, LuaJIT and Luau (no continuations for C functions to yield
+/// across, or none we can reach): the catchers wrapped in Lua.
+#[cfg(not(any(
+    feature = "lua52",
+    feature = "lua53",
+    feature = "lua54",
+    feature = "lua55"
+)))]
+fn install_lua_catchers(
+    lua: &Lua,
+    check: &mlua::Function,
+    stopping: &mlua::Function,
+    binary_chunks: bool,
+    tracked: bool,
+    coroutine: Option<&mlua::Table>,
+) -> mlua::Result<()> {
+    let globals = lua.globals();
+    // Lua 5.1's own overrun the stack when the callee's results fill it.
+    #[cfg(feature = "lua51")]
+    let (pcall, xpcall) = crate::native::protected_calls(lua)?;
+    #[cfg(not(feature = "lua51"))]
+    let (pcall, xpcall): (mlua::Function, mlua::Function) =
+        (globals.get("pcall")?, globals.get("xpcall")?);
     // `load`'s checks, in Rust: `string` may be missing.
     let is_binary = lua.create_function(|_, s: mlua::Value| {
         Ok(matches!(s, mlua::Value::String(s) if s.as_bytes().first() == Some(&27)))
@@ -455,7 +502,7 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
     lua.load(
         r##"
         local check, stopping, pcall, xpcall, resume, load, loadfile, binary_ok, tracked,
-              loadstring, reader_only, is_binary, allows_text, check_handler = ...
+              loadstring, reader_only, is_binary, allows_text = ...
         local type, error, select = type, error, select
         -- Lua's own pcall and xpcall (yieldable; 5.1: ours), with the error value
         -- checked: a Rust panic or a pending interruption is raised again.
@@ -486,14 +533,9 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
                 return handler(e)
             end, ...))
         end
-        _G.xpcall = function(...)
-            local _, handler = ...
-            if check_handler and type(handler) ~= "function" then
-                local got = select("#", ...) < 2 and "no value" or type(handler)
-                error("bad argument #2 to 'xpcall' (function expected, got " .. got .. ")", 2)
-            end
-            return protected(...)
-        end
+        -- Lua 5.1's xpcall is ours (`native.rs`); Luau and LuaJIT check
+        -- and word their arguments themselves.
+        _G.xpcall = protected
         if not tracked and resume then
             coroutine.resume = function(...)
                 -- Lua's own argument error, without this wrapper's name
@@ -576,11 +618,11 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
     )
     .set_name("=mlua-isle")
     .call::<()>((
-        check,
-        stopping,
+        check.clone(),
+        stopping.clone(),
         pcall,
         xpcall,
-        match &coroutine {
+        match coroutine {
             Some(c) => c.get::<Option<mlua::Function>>("resume")?,
             None => None,
         },
@@ -592,13 +634,6 @@ fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> ml
         cfg!(feature = "lua51"),
         is_binary,
         allows_text,
-        // Lua 5.1's xpcall is ours (`native.rs`); Luau and LuaJIT word
-        // their own checks.
-        cfg!(not(any(
-            feature = "lua51",
-            feature = "luau",
-            feature = "luajit"
-        ))),
     ))
 }
 

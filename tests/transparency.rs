@@ -140,3 +140,80 @@ fn unsafe_std_libs_opens_debug_and_std_libs_refuses_it() {
         );
     });
 }
+
+/// Lua 5.2–5.5: the catchers are C functions, invisible to Lua code: a
+/// traceback taken inside `pcall`, `xpcall` (in the called function and in
+/// the message handler's callee) or a `load`ed chunk, `debug.getinfo`
+/// levels seen from there, and the line events of a line hook around
+/// `load(s)()` (what `db.lua` checks) are those of plain mlua.
+#[test]
+#[cfg(any(
+    feature = "lua52",
+    feature = "lua53",
+    feature = "lua54",
+    feature = "lua55"
+))]
+fn tracebacks_levels_and_line_events_are_plain_mluas() {
+    use mlua_isle::mlua::{Lua, LuaOptions, StdLib};
+    use mlua_isle::Isle;
+    const SCRIPT: &str = r#"
+local out = {}
+local function add(s) out[#out + 1] = tostring(s) end
+-- Up to the main chunk: what runs the chunk below it is the host's.
+local function trace(msg)
+    local tb = debug.traceback(msg, 1)
+    return (tb:match("^(.-main chunk)") or tb)
+end
+local function levels()
+    local t = {}
+    for level = 1, 6 do
+        local info = debug.getinfo(level, "Sln")
+        if not info then break end
+        t[#t + 1] = info.what .. ":" .. info.short_src .. ":" .. info.currentline
+            .. ":" .. tostring(info.name)
+    end
+    return table.concat(t, " ")
+end
+add(select(2, pcall(trace, "pcall")))
+add(select(2, pcall(levels)))
+add(select(2, xpcall(trace, print, "xpcall")))
+add(select(2, xpcall(levels, print)))
+add(select(2, xpcall(error, function(e) return e end, "handled")))
+add(load("return ...", "=chunk")(trace("loaded")))
+add(load("local trace = ... local r = trace('in chunk') return r", "=chunk")(trace))
+add(load("local levels = ... local r = levels() return r", "=chunk")(levels))
+add(select(3, pcall(pcall, error, "nested")))
+-- Line events around `load(s)()`, as `db.lua` records them.
+local lines = {}
+debug.sethook(function(_, line) lines[#lines + 1] = line end, "l")
+load("local a = 1\nlocal b = 2\nreturn a + b", "=chunk")(); debug.sethook()
+add(table.concat(lines, ","))
+-- And around a failing `pcall` and `xpcall`.
+lines = {}
+debug.sethook(function(_, line) lines[#lines + 1] = line end, "l")
+pcall(error, "x"); xpcall(error, function(e) return e end, "y"); debug.sethook()
+add(table.concat(lines, ","))
+-- Yielding through them still works.
+local co = coroutine.wrap(function()
+    return pcall(function() return xpcall(coroutine.yield, print, "yielded") end)
+end)
+add(tostring(co()))
+return table.concat(out, "\n---\n")
+"#;
+    common::within("transparent catchers", || {
+        // The reference: plain mlua with every library.
+        let plain = unsafe { Lua::unsafe_new_with(StdLib::ALL, LuaOptions::new()) };
+        let expected: String = plain.load(SCRIPT).set_name("=t").eval().unwrap();
+        let isle = Isle::builder()
+            .unsafe_std_libs(StdLib::ALL)
+            .spawn(|_| Ok(()))
+            .unwrap();
+        let ours: String = isle
+            .exec(|lua| lua.load(SCRIPT).set_name("=t").eval())
+            .unwrap();
+        assert_eq!(ours, expected);
+        // Something was compared: every section is there.
+        assert_eq!(expected.matches("\n---\n").count(), 11, "{expected}");
+        assert!(expected.contains("'pcall'"), "{expected}");
+    });
+}
