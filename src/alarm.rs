@@ -1121,8 +1121,70 @@ mod protected {
         }
         Ok(())
     }
+
+    /// Lua 5.5's `string.rep`, refusing results longer than Lua 5.4 allows
+    /// (`INT_MAX` bytes) as 5.4 refuses them: 5.5 accepts any length a
+    /// `size_t` holds, and a failed allocation makes mlua abort the
+    /// process, so one `string.rep('x', 1e12)` would kill it. Everything
+    /// else (argument errors, names, positions) is Lua's own function's,
+    /// run on our frame.
+    #[cfg(feature = "lua55")]
+    unsafe extern "C-unwind" fn capped_rep(state: *mut lua_State) -> c_int {
+        /// The length `rep` will see for argument `i`, if it is one it
+        /// takes (a string, or a number it converts as it would).
+        ///
+        /// # Safety
+        /// `state` is running this C function, with `i` a valid index.
+        unsafe fn len(state: *mut lua_State, i: c_int) -> Option<u64> {
+            // SAFETY: the caller guarantees `i`; converting a number in
+            // place is what `luaL_checklstring` in `rep` does anyway.
+            unsafe {
+                match ffi::lua_type(state, i) {
+                    ffi::LUA_TSTRING | ffi::LUA_TNUMBER => {
+                        let mut l = 0usize;
+                        ffi::lua_tolstring(state, i, &mut l);
+                        Some(l as u64)
+                    }
+                    ffi::LUA_TNONE | ffi::LUA_TNIL => Some(0),
+                    _ => None,
+                }
+            }
+        }
+        // SAFETY: indices 1–3 are valid (absent ones read as none); the
+        // error raised is Lua's `luaL_error`, over no Rust value with a
+        // destructor; `original` is called as its docs require.
+        unsafe {
+            let mut is_int = 0;
+            let n = ffi::lua_tointegerx(state, 2, &mut is_int);
+            if is_int != 0 && n > 0 {
+                if let (Some(l), Some(lsep)) = (len(state, 1), len(state, 3)) {
+                    let total = (n as u64)
+                        .saturating_mul(l.saturating_add(lsep))
+                        .saturating_sub(lsep);
+                    if l + lsep > 0 && total > i32::MAX as u64 {
+                        return ffi::luaL_error(state, c"resulting string too large".as_ptr());
+                    }
+                }
+            }
+            original(state)
+        }
+    }
+
+    /// Replaces Lua 5.5's `string.rep` with [`capped_rep`].
+    #[cfg(feature = "lua55")]
+    pub(crate) fn cap_string_rep(lua: &mlua::Lua) -> mlua::Result<()> {
+        let Some(string) = lua.globals().get::<Option<mlua::Table>>("string")? else {
+            return Ok(());
+        };
+        let original: mlua::Function = string.get("rep")?;
+        plain_c_function(lua, &original)?;
+        // Upvalue 1 (`CHECK`) is unused here.
+        string.set("rep", closure(lua, capped_rep, (false, original))?)
+    }
 }
 
+#[cfg(feature = "lua55")]
+pub(crate) use protected::cap_string_rep;
 #[cfg(any(
     feature = "lua52",
     feature = "lua53",

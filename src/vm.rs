@@ -131,7 +131,7 @@ impl Vm {
         .map_err(init_error)?;
         let interrupt = Interrupt::install(&lua, config, abort).map_err(init_error)?;
         #[cfg(feature = "lua55")]
-        cap_string_rep(&lua).map_err(init_error)?;
+        crate::alarm::cap_string_rep(&lua).map_err(init_error)?;
         if let Some(limit) = config.memory_limit {
             lua.set_memory_limit(limit).map_err(init_error)?;
         }
@@ -214,38 +214,4 @@ impl Vm {
     pub(crate) fn lua(&self) -> &Lua {
         &self.lua
     }
-}
-
-/// Lua 5.5's `string.rep` accepts any length a `size_t` can hold, and a
-/// failed allocation makes mlua abort the process (`handle_alloc_error`):
-/// one `string.rep('x', 1e12)` would kill it. So results longer than Lua
-/// 5.4 allows (`INT_MAX` bytes) are refused as 5.4 refuses them.
-#[cfg(feature = "lua55")]
-fn cap_string_rep(lua: &Lua) -> mlua::Result<()> {
-    let Some(string) = lua.globals().get::<Option<Table>>("string")? else {
-        return Ok(());
-    };
-    lua.load(
-        r#"
-        local string = ...
-        local rep, type, tostring, tonumber, error = string.rep, type, tostring, tonumber, error
-        local function len(v)
-            local t = type(v)
-            return (t == "string" or t == "number") and #tostring(v) or 0
-        end
-        string.rep = function(s, n, sep)
-            local k = tonumber(n)
-            if k and k > 0 then
-                local l, lsep = len(s), len(sep)
-                if l + lsep > 0 and k * (l + lsep) - lsep > 0x7fffffff then
-                    error("resulting string too large", 0)
-                end
-            end
-            local r = rep(s, n, sep)
-            return r
-        end
-        "#,
-    )
-    .set_name("=mlua-isle")
-    .call(string)
 }
