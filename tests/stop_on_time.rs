@@ -371,6 +371,8 @@ fn long_c_functions_answer_on_time_and_their_vm_is_replaced() {
                 "table.insert(setmetatable({}, {__len = function() return math.maxinteger - 1 end}), 1, 'x')",
                 #[cfg(any(feature = "lua52", feature = "lua53"))]
                 "table.remove(setmetatable({}, {__len = function() return 2^30 end}), 1)",
+                #[cfg(any(feature = "lua52", feature = "lua53"))]
+                "table.insert(setmetatable({}, {__len = function() return 2^30 end}), 1, 'x')",
             ] {
                 let isle = Isle::builder().stop_grace(GRACE).spawn(|_| Ok(())).unwrap();
                 let task = isle
