@@ -159,7 +159,17 @@ fn a_callback_that_cancels_its_own_request_keeps_its_result() {
 
 #[test]
 fn a_pool_replaces_a_wedged_worker_and_its_sessions_are_lost_once() {
-    let (pool, gate) = blocking_pool(2, GRACE);
+    let (gate, block) = gate();
+    let (freed_tx, freed) = crossbeam_channel::unbounded();
+    let pool = IslePool::builder()
+        .workers(2)
+        .stop_grace(GRACE)
+        .init(move |lua| {
+            lua.globals().set("freed", Freed(freed_tx.clone()))?;
+            block.clone().register(lua, "block")
+        })
+        .build()
+        .unwrap();
     let tenant = pool.session("tenant");
     tenant.eval::<()>("x = 1").unwrap();
     let stuck = tenant.spawn_call::<()>("block", ());
@@ -190,14 +200,40 @@ fn a_pool_replaces_a_wedged_worker_and_its_sessions_are_lost_once() {
     for (i, t) in tasks.into_iter().enumerate() {
         assert_eq!(wait_within("unkeyed work", t), Ok(i as i64 * 2));
     }
-    // The stuck thread gets back, drops its VM and exits.
+    // Released, the stuck thread gets back, drops its VM and exits.
+    assert!(freed.is_empty());
     gate.release();
+    common::expect_msg(&freed, "the detached worker frees its VM");
     pool.shutdown().unwrap();
+    for _ in 0..2 {
+        common::expect_msg(&freed, "the live VMs are freed at shutdown");
+    }
 }
+
+/// Sends on its channel when dropped: a VM holding one in its globals
+/// says when it is freed.
+struct Freed(crossbeam_channel::Sender<()>);
+
+impl Drop for Freed {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
+}
+
+impl mlua_isle::mlua::UserData for Freed {}
 
 #[test]
 fn an_isle_replaces_a_wedged_vm_and_runs_init_again() {
-    let (isle, gate) = blocking_isle(GRACE);
+    let (gate, block) = gate();
+    let (freed_tx, freed) = crossbeam_channel::unbounded();
+    let isle = Isle::builder()
+        .stop_grace(GRACE)
+        .init(move |lua| {
+            lua.globals().set("freed", Freed(freed_tx.clone()))?;
+            block.clone().register(lua, "block")
+        })
+        .build()
+        .unwrap();
     isle.eval::<()>("kept = 1").unwrap();
     let stuck = isle.spawn_call::<()>("block", ());
     gate.wait_started();
@@ -211,8 +247,13 @@ fn an_isle_replaces_a_wedged_vm_and_runs_init_again() {
     assert_eq!(wait_within("the request queued behind", queued), Ok(42));
     assert_eq!(isle.wedged(), 1);
     assert_eq!(isle.eval::<bool>("block ~= nil and kept == nil"), Ok(true));
+    assert!(freed.is_empty(), "the stuck VM is still in its callback");
+    // Released, the stuck thread gets back, drops its late result and its
+    // VM (with what init put there), and exits.
     gate.release();
+    common::expect_msg(&freed, "the detached thread frees its VM");
     isle.shutdown().unwrap();
+    common::expect_msg(&freed, "the fresh VM is freed at shutdown");
 }
 
 #[test]
