@@ -132,7 +132,15 @@ fn isles_blocking_on_each_other_get_reentrant_instead_of_a_deadlock() {
         Ok(inner)
     });
     let r = within("two isles waiting on each other", move || task.wait());
-    assert_eq!(r, Ok(Ok(Err(IsleError::Reentrant))));
+    // Whichever wait closes the ring is refused: B's on A, or (if B's
+    // closure got there first) A's on B.
+    assert!(
+        matches!(
+            r,
+            Ok(Ok(Err(IsleError::Reentrant))) | Ok(Err(IsleError::Reentrant))
+        ),
+        "{r:?}"
+    );
     // Both serve on.
     assert_eq!(a.eval::<i64>("2"), Ok(2));
     assert_eq!(b.eval::<i64>("3"), Ok(3));
@@ -147,7 +155,16 @@ fn a_cycle_through_three_isles_is_refused_too() {
         Ok(y.exec(move |_| Ok(z.exec(move |_| Ok(x.eval::<i64>("1"))))))
     });
     let r = within("three isles waiting in a ring", move || task.wait());
-    assert_eq!(r, Ok(Ok(Ok(Err(IsleError::Reentrant)))));
+    // Whichever of the three waits closes the ring is refused.
+    assert!(
+        matches!(
+            r,
+            Ok(Ok(Ok(Err(IsleError::Reentrant))))
+                | Ok(Ok(Err(IsleError::Reentrant)))
+                | Ok(Err(IsleError::Reentrant))
+        ),
+        "{r:?}"
+    );
     for isle in &isles {
         assert_eq!(isle.eval::<i64>("4"), Ok(4));
     }

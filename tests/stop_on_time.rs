@@ -399,26 +399,43 @@ fn long_c_functions_answer_on_time_and_their_vm_is_replaced() {
     in_child(
         "long_c_functions_answer_on_time_and_their_vm_is_replaced",
         || {
+            // `hit`, a Rust function (no Lua instruction a hook could stop
+            // at), says "started" from inside the C function, on its
+            // first read through `__index`.
             for script in [
                 #[cfg(not(feature = "lua52"))]
-                "table.move({}, 1, 1e15, 2)",
+                "table.move(setmetatable({}, {__index = hit}), 1, 1e15, 2)",
                 // Lua 5.3's `table.remove` checks `pos <= size + 1`, which
                 // overflows for `math.maxinteger` ("position out of
                 // bounds"), and 5.2's takes the length as an `int` (and has
                 // no `math.maxinteger`): 2^30 moves still take seconds.
                 #[cfg(not(any(feature = "lua52", feature = "lua53")))]
-                "table.remove(setmetatable({}, {__len = function() return math.maxinteger end}), 1)",
+                "table.remove(setmetatable({}, {__index = hit, __len = function() return math.maxinteger end}), 1)",
                 #[cfg(not(feature = "lua52"))]
-                "table.insert(setmetatable({}, {__len = function() return math.maxinteger - 1 end}), 1, 'x')",
+                "table.insert(setmetatable({}, {__index = hit, __len = function() return math.maxinteger - 1 end}), 1, 'x')",
                 #[cfg(any(feature = "lua52", feature = "lua53"))]
-                "table.remove(setmetatable({}, {__len = function() return 2^30 end}), 1)",
+                "table.remove(setmetatable({}, {__index = hit, __len = function() return 2^30 end}), 1)",
                 #[cfg(any(feature = "lua52", feature = "lua53"))]
-                "table.insert(setmetatable({}, {__len = function() return 2^30 end}), 1, 'x')",
+                "table.insert(setmetatable({}, {__index = hit, __len = function() return 2^30 end}), 1, 'x')",
             ] {
-                let isle = Isle::builder().stop_grace(GRACE).spawn(|_| Ok(())).unwrap();
-                let task = isle
-                    .spawn_eval::<()>(script)
-                    .timeout(Duration::from_millis(30));
+                let (tx, started) = crossbeam_channel::unbounded();
+                let isle = Isle::builder()
+                    .stop_grace(GRACE)
+                    .spawn(move |lua| {
+                        let first = std::sync::atomic::AtomicBool::new(true);
+                        let hit = lua.create_function(move |_, ()| {
+                            if first.swap(false, Ordering::SeqCst) {
+                                let _ = tx.send(());
+                            }
+                            Ok(())
+                        })?;
+                        lua.globals().set("hit", hit)
+                    })
+                    .unwrap();
+                let task = isle.spawn_eval::<()>(script);
+                common::expect_msg(&started, "the C function runs");
+                // A limit that has passed stops the running request at once.
+                let task = task.timeout(Duration::ZERO);
                 assert_eq!(wait_within(script, task), Err(IsleError::Timeout));
                 let next = isle.spawn_eval::<i64>("1 + 1");
                 assert_eq!(wait_within("the next request", next), Ok(2), "{script}");
