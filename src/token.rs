@@ -65,7 +65,9 @@ pub struct CancelToken {
 }
 
 impl CancelToken {
-    /// Cancels the request. Idempotent; never blocks.
+    /// Cancels the request. Idempotent; never blocks: on a running request
+    /// it spins for at most 20 µs, letting the VM finish on its own, then
+    /// answers the request's caller itself.
     pub fn cancel(&self) {
         self.stop(Reason::Cancelled);
     }

@@ -192,3 +192,25 @@ fn requests_resolved_while_queued_give_their_room_back() {
     blocker.wait().unwrap();
     pool.shutdown().unwrap();
 }
+
+#[test]
+fn requests_resolved_before_they_are_queued_hold_no_room() {
+    // A default limit of zero resolves each request `Timeout` before it
+    // reaches a queue: none may keep a place in the queue's count, or the
+    // third would be refused `QueueFull`.
+    let pool = IslePool::builder()
+        .workers(1)
+        .queue_capacity(2)
+        .default_timeout(std::time::Duration::ZERO)
+        .build()
+        .unwrap();
+    for _ in 0..50 {
+        assert_eq!(pool.eval::<i64>("return 1"), Err(IsleError::Timeout));
+        assert_eq!(
+            pool.session("s").eval::<i64>("return 1"),
+            Err(IsleError::Timeout)
+        );
+    }
+    assert_eq!(pool.metrics().rejected, 0);
+    pool.shutdown().unwrap();
+}
