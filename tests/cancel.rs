@@ -279,8 +279,11 @@ fn rust_callback_sees_its_token_and_returns_early() {
         within("a callback returns early", move || task.wait()),
         Err(IsleError::Cancelled)
     );
-    assert!(saw_cancel.load(Ordering::SeqCst));
+    // The caller may be answered before the callback notices (a stop resolves
+    // a running request after a short grace); requests run in order, so once
+    // the next one answers, the callback has returned.
     assert_eq!(isle.eval::<bool>("escaped == nil"), Ok(true));
+    assert!(saw_cancel.load(Ordering::SeqCst));
 }
 
 #[test]
