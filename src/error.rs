@@ -178,7 +178,7 @@ fn is_memory_message(message: &str) -> bool {
     while let Some(rest) = strip_position(m) {
         m = rest;
     }
-    m == crate::room::MEMORY_ERROR
+    m == crate::sandbox::room::MEMORY_ERROR
 }
 
 /// `m` without the position (`chunk:line: `) it starts with, if it does.

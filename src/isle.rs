@@ -10,12 +10,12 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use mlua::Lua;
 use parking_lot::Mutex;
 
-use crate::config::{vm_options, VmConfig};
-use crate::hook::Interrupt;
+use crate::vm::config::{vm_options, VmConfig};
+use crate::interrupt::Interrupt;
 use crate::request::{Cancel, Job};
-use crate::spin::spin_until;
-use crate::submit::{request_methods, Owner, Submit};
-use crate::timer::Timer;
+use crate::request::spin::spin_until;
+use crate::host::submit::{request_methods, Owner, Submit};
+use crate::request::timer::Timer;
 use crate::vm::{next_owner_id, on_owner_thread, Vm};
 use crate::{IsleError, Task};
 

@@ -32,38 +32,20 @@
 #![deny(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![deny(unsafe_code)]
 
-mod alarm;
-mod backend;
-mod chunk;
-mod config;
-#[cfg(feature = "luajit")]
-mod cstack;
 mod error;
-mod hook;
+mod host;
+mod interrupt;
 mod isle;
-#[cfg(any(feature = "lua51", feature = "luajit"))]
-mod native;
-#[cfg(any(feature = "lua54", feature = "lua55"))]
-mod pattern;
 mod pool;
-mod print;
 mod request;
-mod room;
-
 mod sandbox;
-mod spin;
-mod submit;
-mod task;
-mod timer;
-mod token;
 mod vm;
 
 pub use error::{IsleError, LuaError, LuaErrorKind};
-pub use hook::current_token;
+pub use interrupt::current_token;
 pub use isle::{Isle, IsleBuilder};
 pub use pool::{IslePool, IslePoolBuilder, PoolMetrics, Session, SessionKey, WorkerMetrics};
-pub use task::Task;
-pub use token::CancelToken;
+pub use request::{CancelToken, Task};
 
 // The README's examples run as doc tests.
 #[cfg(doctest)]

@@ -19,10 +19,10 @@ use super::shared::Shared;
 use super::sleep::Sleep;
 use super::worker::{StartVm, Worker};
 use super::{IslePool, PoolInner};
-use crate::config::{vm_options, VmConfig};
+use crate::vm::config::{vm_options, VmConfig};
 use crate::request::Job;
-use crate::submit::Owner;
-use crate::timer::Timer;
+use crate::host::submit::Owner;
+use crate::request::timer::Timer;
 use crate::vm::{next_owner_id, Vm};
 use crate::IsleError;
 

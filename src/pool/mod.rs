@@ -34,7 +34,7 @@ pub use metrics::{PoolMetrics, WorkerMetrics};
 pub use session::Session;
 
 use crate::request::Job;
-use crate::submit::{request_methods, Owner, Submit};
+use crate::host::submit::{request_methods, Owner, Submit};
 use crate::vm::on_owner_thread;
 use crate::{IsleError, Task};
 use builder::{Spawner, WorkerThread};
@@ -146,7 +146,7 @@ impl IslePool {
                 let (task, job) = self
                     .inner
                     .owner
-                    .request(crate::submit::exec(move |lua: &Lua| f(lua)));
+                    .request(crate::host::submit::exec(move |lua: &Lua| f(lua)));
                 if shared.closed.load(Ordering::Acquire) {
                     job.abandon(IsleError::Shutdown);
                 } else {
@@ -213,7 +213,7 @@ impl IslePool {
             let len = batch.len();
             tasks.push((
                 len,
-                self.spawn(crate::submit::call_each(name.clone(), batch)),
+                self.spawn(crate::host::submit::call_each(name.clone(), batch)),
             ));
         }
         let mut out = Vec::new();

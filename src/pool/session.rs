@@ -20,7 +20,7 @@ use super::key::SessionKey;
 use super::shared::{Pinned, Shared};
 use super::IslePool;
 use crate::request::Job;
-use crate::submit::{request_methods, Owner, Submit};
+use crate::host::submit::{request_methods, Owner, Submit};
 use crate::{IsleError, Task};
 
 /// One binding of a key to a VM. A key closed and used again gets a new
@@ -219,7 +219,7 @@ impl Session {
         T: Send + 'static,
         F: FnOnce(&Lua, &Table) -> mlua::Result<T> + Send + 'static,
     {
-        self.run(crate::submit::exec_env(f))
+        self.run(crate::host::submit::exec_env(f))
     }
 
     /// Like [`exec`](Self::exec), but returns at once with a [`Task`].
@@ -228,7 +228,7 @@ impl Session {
         T: Send + 'static,
         F: FnOnce(&Lua, &Table) -> mlua::Result<T> + Send + 'static,
     {
-        self.spawn(crate::submit::exec_env(f))
+        self.spawn(crate::host::submit::exec_env(f))
     }
 
     /// Closes the session (see [`IslePool::close_session`]). Returns whether

@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use super::metrics::{PoolMetrics, StripedCounter, WorkerCounters};
 use super::session::{Binding, Sessions};
 use super::sleep::Sleep;
-use crate::hook::Interrupt;
+use crate::interrupt::Interrupt;
 use crate::request::{Admission, Job};
 use crate::IsleError;
 

@@ -92,10 +92,12 @@
 //!   `coroutine.resume` (`mod protected`, which argues its own soundness);
 //! - `new_lua_with_unsafe_libs`, for the host's `unsafe_std_libs`.
 
-#![allow(unsafe_code)]
 // Luau has no hooks to arm: only the alarm, its interrupt (`mod luau`),
 // the stubs below and `SUPPORTED` are used.
 #![cfg_attr(feature = "luau", allow(dead_code))]
+
+#[cfg(any(feature = "lua51", feature = "luajit"))]
+pub(crate) mod native;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -24,7 +24,7 @@
 //! read as the address of a local, in safe code; the guard only compares
 //! it.
 
-#![allow(unsafe_code)]
+
 
 #[cfg(feature = "lua51")]
 pub(crate) use lua51::protected_calls;

@@ -52,7 +52,7 @@ use std::sync::Arc;
 
 use mlua::{Function, IntoLuaMulti, Lua, LuaString, MultiValue, Table, Value};
 
-use crate::room::{self, MEMORY_ERROR};
+use crate::sandbox::room::{self, MEMORY_ERROR};
 
 /// Called every [`POLL_EVERY`] matcher steps with the steps since the last
 /// call.

@@ -83,7 +83,7 @@ impl CancelToken {
     /// that its VM lets go in time.
     pub(crate) fn stop(&self, reason: Reason) {
         if self.req.stop(reason) {
-            crate::timer::watch(&self.req);
+            crate::request::timer::watch(&self.req);
         }
     }
 

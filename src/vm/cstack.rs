@@ -40,9 +40,9 @@ const MAX_NESTED: u32 = 1000;
 /// `coroutine.resume`, `load` and `pcall` (so that it wraps these, and
 /// these use Lua's own `pcall`).
 pub(crate) fn install(lua: &Lua, stack_size: usize) -> mlua::Result<()> {
-    crate::native::set_stack(stack_size);
+    crate::interrupt::alarm::native::set_stack(stack_size);
     lua.load(GUARDED).set_name("=mlua-isle").call::<()>((
-        crate::native::stack_guard(lua)?,
+        crate::interrupt::alarm::native::stack_guard(lua)?,
         lua.globals().get::<Option<Table>>("coroutine")?,
         MAX_NESTED,
     ))

@@ -1,5 +1,11 @@
 //! One Lua VM as seen from its own thread: creation, init, and running jobs.
 
+pub(crate) mod backend;
+pub(crate) mod chunk;
+pub(crate) mod config;
+#[cfg(feature = "luajit")]
+pub(crate) mod cstack;
+
 use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -7,9 +13,9 @@ use std::sync::Arc;
 
 use mlua::{Lua, LuaOptions, Table};
 
-use crate::chunk::ChunkCache;
-use crate::config::VmConfig;
-use crate::hook::Interrupt;
+use crate::vm::chunk::ChunkCache;
+use crate::vm::config::VmConfig;
+use crate::interrupt::Interrupt;
 use crate::request::{Ctx, Job, Outcome};
 use crate::IsleError;
 
@@ -94,7 +100,7 @@ pub(crate) struct Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         if let Some(binding) = self.interrupt.binding() {
-            crate::alarm::unbind(&binding);
+            crate::interrupt::alarm::unbind(&binding);
         }
     }
 }
@@ -116,22 +122,22 @@ impl Vm {
         let lua = if config.unsafe_libs {
             // The host chose this with `unsafe_std_libs`, whose docs say
             // what it gives Lua code.
-            crate::alarm::new_lua_with_unsafe_libs(config.std_libs, LuaOptions::new())
+            crate::interrupt::alarm::new_lua_with_unsafe_libs(config.std_libs, LuaOptions::new())
         } else {
             Lua::new_with(config.std_libs, LuaOptions::new()).map_err(init_error)?
         };
-        crate::print::install(&lua, &config.print, config.sandbox).map_err(init_error)?;
+        crate::sandbox::print::install(&lua, &config.print, config.sandbox).map_err(init_error)?;
         #[cfg(feature = "luajit")]
-        crate::cstack::install(
+        crate::vm::cstack::install(
             &lua,
             config
                 .vm_stack_size()
-                .unwrap_or(crate::config::STD_STACK_SIZE),
+                .unwrap_or(crate::vm::config::STD_STACK_SIZE),
         )
         .map_err(init_error)?;
         let interrupt = Interrupt::install(&lua, config, abort).map_err(init_error)?;
         #[cfg(feature = "lua55")]
-        crate::alarm::cap_string_rep(&lua).map_err(init_error)?;
+        crate::interrupt::alarm::cap_string_rep(&lua).map_err(init_error)?;
         if let Some(limit) = config.memory_limit {
             lua.set_memory_limit(limit).map_err(init_error)?;
         }
@@ -142,7 +148,7 @@ impl Vm {
                 // sandbox's is budgeted (Lua 5.4's semantics, so only there).
                 #[cfg(any(feature = "lua54", feature = "lua55"))]
                 if let Some(string) = lua.globals().get::<Option<Table>>("string")? {
-                    crate::pattern::install(lua, &string, Interrupt::pattern_poll(&interrupt))?;
+                    crate::sandbox::pattern::install(lua, &string, Interrupt::pattern_poll(&interrupt))?;
                 }
                 crate::sandbox::apply(lua, config.max_source)?;
             }

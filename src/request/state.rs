@@ -34,9 +34,9 @@ use crossbeam_utils::CachePadded;
 use mlua::{Lua, Table};
 use parking_lot::{Condvar, Mutex};
 
-use crate::chunk::ChunkCache;
-use crate::spin::spin_until;
-use crate::token::{CancelToken, Reason};
+use crate::vm::chunk::ChunkCache;
+use crate::request::spin::spin_until;
+use crate::request::{CancelToken, Reason};
 use crate::IsleError;
 
 thread_local! {
@@ -232,7 +232,7 @@ impl<T> Request<T> {
         // behind other work, and a spinning waiter would take a core from
         // the VMs doing it.
         let behind_others = self.header.phase.load(Ordering::Relaxed) == QUEUED
-            && self.header.submitted.elapsed() >= crate::spin::SPIN_FOR;
+            && self.header.submitted.elapsed() >= crate::request::spin::SPIN_FOR;
         if !behind_others && spin_until(|| self.is_ready()) {
             return true;
         }
@@ -308,12 +308,12 @@ impl<T: Send> Cancel for Request<T> {
         // Not queued: it runs (or has just finished). Interrupt it first, so
         // the VM starts unwinding while we answer the caller; the CAS that
         // marked it running published the alarm id.
-        crate::alarm::raise(self.header.alarm.load(Ordering::Relaxed));
+        crate::interrupt::alarm::raise(self.header.alarm.load(Ordering::Relaxed));
         // Stopped by its own work (a callback cancelling its request, the
         // budget running out): the VM is not stuck, it is right here, and
         // resolves the request itself when the work returns.
         let here = RUNNING_HERE.get() == &self.header as *const Header as usize;
-        if here || crate::spin::spin_hot(LET_GO, || self.header.is_done()) {
+        if here || crate::request::spin::spin_hot(LET_GO, || self.header.is_done()) {
             return false;
         }
         if self.claim(RUNNING) {

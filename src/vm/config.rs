@@ -59,7 +59,7 @@ pub(crate) struct VmConfig {
     /// Longest source the sandbox's `load` compiles, in bytes.
     pub(crate) max_source: usize,
     /// Where Lua's `print` writes.
-    pub(crate) print: crate::print::Print,
+    pub(crate) print: crate::sandbox::print::Print,
     /// The standard libraries each VM opens.
     pub(crate) std_libs: mlua::StdLib,
     /// Open them with mlua's unsafe constructor (`unsafe_std_libs`).
@@ -81,7 +81,7 @@ impl Default for VmConfig {
             chunk_cache: DEFAULT_CHUNK_CACHE,
             stop_grace: DEFAULT_STOP_GRACE,
             max_source: DEFAULT_MAX_SOURCE,
-            print: crate::print::Print::Default,
+            print: crate::sandbox::print::Print::Default,
             std_libs: mlua::StdLib::ALL_SAFE,
             unsafe_libs: false,
         }
@@ -292,7 +292,7 @@ macro_rules! vm_options {
         /// on a full stdout pipe); see also
         /// [`discard_print`](Self::discard_print).
         pub fn print_to(mut self, sink: impl Fn(&str) + Send + Sync + 'static) -> Self {
-            self.config.print = crate::print::Print::To(std::sync::Arc::new(sink));
+            self.config.print = crate::sandbox::print::Print::To(std::sync::Arc::new(sink));
             self
         }
 
@@ -300,7 +300,7 @@ macro_rules! vm_options {
         /// arguments, so their `__tostring` errors are raised). The default
         /// in the [`sandbox`](Self::sandbox).
         pub fn discard_print(mut self) -> Self {
-            self.config.print = crate::print::Print::Discard;
+            self.config.print = crate::sandbox::print::Print::Discard;
             self
         }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use mlua::{FromLuaMulti, IntoLuaMulti, Lua, Table, Value};
 
 use crate::request::{Ctx, Job, Request};
-use crate::timer::Timer;
+use crate::request::timer::Timer;
 use crate::vm::on_owner_thread;
 use crate::{IsleError, Task};
 
@@ -72,7 +72,7 @@ pub(crate) trait Submit {
 /// Converts the error a request's work ended with (see
 /// `hook::request_error`).
 fn lua_err(lua: &Lua) -> impl Fn(mlua::Error) -> IsleError + '_ {
-    move |e| crate::hook::request_error(lua, &e)
+    move |e| crate::interrupt::request_error(lua, &e)
 }
 
 /// Work for `eval`: the source runs as an expression if it parses as one,
@@ -137,7 +137,7 @@ where
 {
     move |ctx| {
         let f = global_function(ctx, &name)?;
-        let token = crate::hook::current_token(ctx.lua);
+        let token = crate::interrupt::current_token(ctx.lua);
         let mut out = Vec::with_capacity(inputs.len());
         for args in inputs {
             let r = f.call::<T>(args).map_err(lua_err(ctx.lua));
@@ -178,7 +178,7 @@ where
 /// environment, and is written beside it.
 macro_rules! request_methods {
     (exec) => {
-        crate::submit::request_methods!();
+        crate::host::submit::request_methods!();
 
         /// Runs `f` with the VM on its thread and returns what it returns.
         /// Blocks until it has run.
@@ -192,7 +192,7 @@ macro_rules! request_methods {
             T: Send + 'static,
             F: FnOnce(&mlua::Lua) -> mlua::Result<T> + Send + 'static,
         {
-            crate::submit::Submit::run(self, crate::submit::exec(f))
+            crate::host::submit::Submit::run(self, crate::host::submit::exec(f))
         }
 
         /// Like [`exec`](Self::exec), but returns at once with a [`Task`].
@@ -201,7 +201,7 @@ macro_rules! request_methods {
             T: Send + 'static,
             F: FnOnce(&mlua::Lua) -> mlua::Result<T> + Send + 'static,
         {
-            crate::submit::Submit::spawn(self, crate::submit::exec(f))
+            crate::host::submit::Submit::spawn(self, crate::host::submit::exec(f))
         }
     };
     () => {
@@ -220,7 +220,7 @@ macro_rules! request_methods {
         where
             T: mlua::FromLuaMulti + Send + 'static,
         {
-            crate::submit::Submit::run(self, crate::submit::eval(code.into()))
+            crate::host::submit::Submit::run(self, crate::host::submit::eval(code.into()))
         }
 
         /// Like [`eval`](Self::eval), but returns at once with a [`Task`].
@@ -228,7 +228,7 @@ macro_rules! request_methods {
         where
             T: mlua::FromLuaMulti + Send + 'static,
         {
-            crate::submit::Submit::spawn(self, crate::submit::eval(code.into()))
+            crate::host::submit::Submit::spawn(self, crate::host::submit::eval(code.into()))
         }
 
         /// Calls the global Lua function `name` with `args` and converts its
@@ -246,7 +246,7 @@ macro_rules! request_methods {
         where
             T: mlua::FromLuaMulti + Send + 'static,
         {
-            crate::submit::Submit::run(self, crate::submit::call(name.into(), args))
+            crate::host::submit::Submit::run(self, crate::host::submit::call(name.into(), args))
         }
 
         /// Like [`call`](Self::call), but returns at once with a [`Task`].
@@ -258,7 +258,7 @@ macro_rules! request_methods {
         where
             T: mlua::FromLuaMulti + Send + 'static,
         {
-            crate::submit::Submit::spawn(self, crate::submit::call(name.into(), args))
+            crate::host::submit::Submit::spawn(self, crate::host::submit::call(name.into(), args))
         }
     };
 }

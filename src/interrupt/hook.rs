@@ -63,11 +63,11 @@ use mlua::HookTriggers;
 use mlua::{Lua, VmState};
 use parking_lot::Mutex;
 
-use crate::alarm::{self, Binding, ThreadAlarm};
-use crate::config::VmConfig;
+use crate::interrupt::alarm::{self, Binding, ThreadAlarm};
+use crate::vm::config::VmConfig;
 use crate::request::RunScope;
-use crate::room::MEMORY_ERROR;
-use crate::token::{CancelToken, Reason};
+use crate::sandbox::room::MEMORY_ERROR;
+use crate::request::{CancelToken, Reason};
 use crate::IsleError;
 
 /// `Interrupt::executed` before a request's first tick.
@@ -334,7 +334,7 @@ impl Interrupt {
     /// The sandbox's pattern matcher (`pattern.rs`) polls this every so
     /// many steps: the steps count as instructions against the budget, and
     /// a request that must stop is interrupted there, as by the hook.
-    pub(crate) fn pattern_poll(this: &Arc<Self>) -> crate::pattern::Poll {
+    pub(crate) fn pattern_poll(this: &Arc<Self>) -> crate::sandbox::pattern::Poll {
         let this = this.clone();
         Arc::new(move |lua, steps| {
             if this.executed.load(Ordering::Relaxed) == FIRST_TICK {
@@ -488,7 +488,7 @@ fn install_lua_catchers(
     let globals = lua.globals();
     // Lua 5.1's own overrun the stack when the callee's results fill it.
     #[cfg(feature = "lua51")]
-    let (pcall, xpcall) = crate::native::protected_calls(lua)?;
+    let (pcall, xpcall) = crate::interrupt::alarm::native::protected_calls(lua)?;
     #[cfg(not(feature = "lua51"))]
     let (pcall, xpcall): (mlua::Function, mlua::Function) =
         (globals.get("pcall")?, globals.get("xpcall")?);

@@ -71,6 +71,11 @@
 //! name at call time will fail under the sandbox; capture what they need in
 //! locals instead. SECURITY.md says what this does not protect.
 
+#[cfg(any(feature = "lua54", feature = "lua55"))]
+pub(crate) mod pattern;
+pub(crate) mod print;
+pub(crate) mod room;
+
 use mlua::{Function, Lua, Table};
 
 /// Where `apply` keeps the table sessions read globals through.
@@ -101,4 +106,4 @@ pub(crate) fn session_globals(lua: &Lua) -> mlua::Result<Option<Table>> {
     lua.named_registry_value(SESSION_GLOBALS)
 }
 
-const SANDBOX: &str = include_str!("sandbox/sandbox.lua");
+const SANDBOX: &str = include_str!("sandbox.lua");

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use crate::request::Cancel;
-use crate::token::{CancelToken, Reason};
+use crate::request::{CancelToken, Reason};
 
 /// Cheap-to-clone handle to the deadline thread of one isle or pool.
 #[derive(Clone)]

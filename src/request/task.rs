@@ -8,8 +8,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use crate::request::Request;
-use crate::timer::Timer;
-use crate::token::CancelToken;
+use crate::request::timer::Timer;
+use crate::request::CancelToken;
 use crate::vm::on_owner_thread;
 use crate::IsleError;
 

@@ -1,0 +1,3 @@
+//! The VM thread: its lifecycle, shared by `Isle` and each pool worker.
+
+pub(crate) mod submit;

@@ -1,0 +1,12 @@
+//! The request as its caller sees it.
+
+pub(crate) mod spin;
+mod state;
+mod task;
+pub(crate) mod timer;
+mod token;
+
+pub(crate) use state::*;
+pub use task::Task;
+pub(crate) use token::Reason;
+pub use token::CancelToken;
