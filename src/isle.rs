@@ -12,11 +12,13 @@ use parking_lot::Mutex;
 
 use crate::vm::config::{vm_options, VmConfig};
 use crate::interrupt::Interrupt;
-use crate::request::{Cancel, Job};
+use crate::request::Cancel;
+use crate::vm::Job;
 use crate::request::spin::spin_until;
 use crate::host::submit::{request_methods, Owner, Submit};
 use crate::request::timer::Timer;
-use crate::vm::{next_owner_id, on_owner_thread, Vm};
+use crate::request::owner::{next_owner_id, on_owner_thread};
+use crate::vm::Vm;
 use crate::{IsleError, Task};
 
 /// One Lua VM confined to a dedicated thread, reachable from any thread.
@@ -219,7 +221,7 @@ fn start(
                 let _exit = ExitSignal(exit_tx);
                 match Vm::start(id, &config, abort.clone(), init) {
                     Ok(vm) => {
-                        crate::vm::serves_alone();
+                        crate::request::owner::serves_alone();
                         let _ = ready_tx.send(Ok(vm.interrupt()));
                         if go.is_some_and(|go| go.recv().is_err()) {
                             return;

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use mlua::{FromLuaMulti, IntoLuaMulti, Lua, Table, Value};
 
-use crate::request::{Ctx, Job, Request};
+use crate::request::Request;
+use crate::vm::{Ctx, Job};
 use crate::request::timer::Timer;
-use crate::vm::on_owner_thread;
+use crate::request::owner::on_owner_thread;
 use crate::{IsleError, Task};
 
 /// What every request of one isle or pool shares.
@@ -27,7 +28,7 @@ impl Owner {
         T: Send + 'static,
         F: FnOnce(&Ctx<'_>) -> Result<T, IsleError> + Send + 'static,
     {
-        let req = Arc::new(Request::new(self.id));
+        let req = Arc::new(Request::new(self.id, crate::interrupt::alarm::raise));
         let task = Task::new(req.clone(), self.timer.clone());
         let task = match self.default_timeout {
             Some(d) => task.timeout(d),

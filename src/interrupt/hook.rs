@@ -65,7 +65,6 @@ use parking_lot::Mutex;
 
 use crate::interrupt::alarm::{self, Binding, ThreadAlarm};
 use crate::vm::config::VmConfig;
-use crate::request::RunScope;
 use crate::sandbox::room::MEMORY_ERROR;
 use crate::request::{CancelToken, Reason};
 use crate::IsleError;
@@ -246,14 +245,14 @@ impl Interrupt {
         self.current
             .lock()
             .as_ref()
-            .is_some_and(|t| std::ptr::addr_eq(Arc::as_ptr(&t.req), Arc::as_ptr(req)))
+            .is_some_and(|t| t.is_for(req))
     }
 
     /// The running request's stop reason, if it must stop.
     fn stop_reason(&self) -> Option<Reason> {
         let current = self.current.lock();
         let token = current.as_ref()?;
-        match token.req.header().reason() {
+        match token.reason() {
             Some(r) => Some(r),
             None if self.abort.load(Ordering::Relaxed) => {
                 token.stop(Reason::Shutdown);
@@ -774,8 +773,11 @@ fn guard_close(
     Ok(())
 }
 
-impl RunScope for Interrupt {
-    fn prepare(&self) -> u32 {
+/// What a job calls around its work (`vm/job.rs`).
+impl Interrupt {
+    /// Before the request is marked running: returns the alarm id stoppers
+    /// must raise (0: none; the hook ticks on its own).
+    pub(crate) fn prepare(&self) -> u32 {
         match &self.on_demand {
             Some((alarm, binding)) => {
                 alarm.clear();
@@ -786,7 +788,8 @@ impl RunScope for Interrupt {
         }
     }
 
-    fn enter(&self, token: &CancelToken) {
+    /// The request of `token` starts running.
+    pub(crate) fn enter(&self, token: &CancelToken) {
         self.executed.store(FIRST_TICK, Ordering::Relaxed);
         self.out_of_memory.store(false, Ordering::Relaxed);
         *self.current.lock() = Some(token.clone());
@@ -797,7 +800,8 @@ impl RunScope for Interrupt {
         }
     }
 
-    fn leave(&self) -> bool {
+    /// Ends the request; true if its interruption was raised.
+    pub(crate) fn leave(&self) -> bool {
         *self.current.lock() = None;
         self.fired.load(Ordering::Relaxed)
     }

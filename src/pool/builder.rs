@@ -20,10 +20,11 @@ use super::sleep::Sleep;
 use super::worker::{StartVm, Worker};
 use super::{IslePool, PoolInner};
 use crate::vm::config::{vm_options, VmConfig};
-use crate::request::Job;
+use crate::vm::Job;
 use crate::host::submit::Owner;
 use crate::request::timer::Timer;
-use crate::vm::{next_owner_id, Vm};
+use crate::request::owner::next_owner_id;
+use crate::vm::Vm;
 use crate::IsleError;
 
 type Init = dyn Fn(&Lua) -> mlua::Result<()> + Send + Sync;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crossbeam_utils::CachePadded;
 
-use crate::request::Outcome;
+use crate::vm::Outcome;
 
 /// A snapshot of the pool's counters, from [`IslePool::metrics`](crate::IslePool::metrics).
 ///

@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 use super::key::SessionKey;
 use super::shared::{Pinned, Shared};
 use super::IslePool;
-use crate::request::Job;
+use crate::vm::Job;
 use crate::host::submit::{request_methods, Owner, Submit};
 use crate::{IsleError, Task};
 

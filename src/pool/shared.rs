@@ -14,7 +14,8 @@ use super::metrics::{PoolMetrics, StripedCounter, WorkerCounters};
 use super::session::{Binding, Sessions};
 use super::sleep::Sleep;
 use crate::interrupt::Interrupt;
-use crate::request::{Admission, Job};
+use crate::request::Admission;
+use crate::vm::Job;
 use crate::IsleError;
 
 /// Work only one worker may run: never stolen.

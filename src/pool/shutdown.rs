@@ -12,7 +12,7 @@ use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use super::{IslePool, PoolInner};
-use crate::vm::on_owner_thread;
+use crate::request::owner::on_owner_thread;
 use crate::IsleError;
 
 impl IslePool {

@@ -12,7 +12,7 @@ use mlua::{Function, Table};
 
 use super::session::Binding;
 use super::shared::{Found, Pinned, Shared};
-use crate::request::{Job, Outcome};
+use crate::vm::{Job, Outcome};
 use crate::request::spin::spin_until;
 use crate::vm::Vm;
 use crate::IsleError;

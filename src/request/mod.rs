@@ -1,5 +1,6 @@
 //! The request as its caller sees it.
 
+pub(crate) mod owner;
 pub(crate) mod spin;
 mod state;
 mod task;

@@ -1,9 +1,8 @@
-//! One request: its state machine, its completion slot, and the type-erased
-//! job that carries it to a VM thread.
+//! One request: its state machine and its completion slot.
 //!
 //! A request is one `Arc<Request<T>>` shared by three parties: the caller's
-//! [`Task`](crate::Task), any [`CancelToken`] clones, and the [`Job`] in a
-//! queue. Exactly one party resolves it, decided by the `phase` CAS:
+//! [`Task`](crate::Task), any [`CancelToken`] clones, and the job in a
+//! queue (`vm/job.rs`). Exactly one party resolves it, decided by the `phase` CAS:
 //!
 //! ```text
 //!   QUEUED ──(VM: start)──► RUNNING ──(VM: finish)──► DONE
@@ -24,19 +23,16 @@
 //! (`timer.rs`, `Watch`). A stop made by the request's own work (on its VM
 //! thread) leaves the resolving to the VM, which is right there.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Waker;
 use std::time::Instant;
 
 use crossbeam_utils::CachePadded;
-use mlua::{Lua, Table};
 use parking_lot::{Condvar, Mutex};
 
-use crate::vm::chunk::ChunkCache;
-use crate::request::spin::spin_until;
-use crate::request::{CancelToken, Reason};
+use super::spin::spin_until;
+use super::Reason;
 use crate::IsleError;
 
 thread_local! {
@@ -81,9 +77,11 @@ pub(crate) struct Header {
     pub(crate) owner: u64,
     /// When it was submitted: time limits count from here.
     pub(crate) submitted: Instant,
-    /// The alarm of the VM thread running it (see `alarm.rs`); 0 until it
-    /// runs, or when its VM's hook ticks on its own.
+    /// The alarm of the VM thread running it, 0 until it runs (or when its
+    /// VM's hook ticks on its own), and how to raise it (see
+    /// `interrupt/alarm`): a stop interrupts the VM through these.
     alarm: AtomicU32,
+    raise: Raise,
     /// Set when the request counts against a pool's `queue_capacity`: the
     /// count of live queued requests, released once, by whoever takes the
     /// request out of `QUEUED` (its VM starting it, or a stop resolving it),
@@ -131,6 +129,11 @@ impl Header {
     }
 }
 
+/// Raises the alarm with the given id (0: none), interrupting the VM thread
+/// that runs the request. Given to [`Request::new`] by the layer that knows
+/// VMs, so that this one knows none.
+pub(crate) type Raise = fn(u32);
+
 /// The operations a `CancelToken` needs, without knowing `T`.
 pub(crate) trait Cancel: Send + Sync {
     fn header(&self) -> &Header;
@@ -158,7 +161,7 @@ struct Slot<T> {
 }
 
 impl<T> Request<T> {
-    pub(crate) fn new(owner: u64) -> Self {
+    pub(crate) fn new(owner: u64, raise: Raise) -> Self {
         Request {
             header: Header {
                 phase: AtomicU8::new(QUEUED),
@@ -166,6 +169,7 @@ impl<T> Request<T> {
                 owner,
                 submitted: Instant::now(),
                 alarm: AtomicU32::new(0),
+                raise,
                 admission: Mutex::new(None),
                 admitted: AtomicBool::new(false),
             },
@@ -212,7 +216,7 @@ impl<T> Request<T> {
     }
 
     /// Resolves a request that never started. No-op if it already did.
-    fn abandon(&self, err: IsleError) {
+    pub(crate) fn abandon(&self, err: IsleError) {
         if self.claim(QUEUED) {
             self.header.release_admission();
             self.resolve(Err(err));
@@ -308,7 +312,7 @@ impl<T: Send> Cancel for Request<T> {
         // Not queued: it runs (or has just finished). Interrupt it first, so
         // the VM starts unwinding while we answer the caller; the CAS that
         // marked it running published the alarm id.
-        crate::interrupt::alarm::raise(self.header.alarm.load(Ordering::Relaxed));
+        (self.header.raise)(self.header.alarm.load(Ordering::Relaxed));
         // Stopped by its own work (a callback cancelling its request, the
         // budget running out): the VM is not stuck, it is right here, and
         // resolves the request itself when the work returns.
@@ -324,206 +328,42 @@ impl<T: Send> Cancel for Request<T> {
     }
 }
 
-/// What a job's work sees on the VM thread.
-pub(crate) struct Ctx<'a> {
-    pub(crate) lua: &'a Lua,
-    /// The session's environment, for session work; `None` for plain work.
-    pub(crate) env: Option<&'a Table>,
-    /// The VM's compiled `eval` chunks.
-    pub(crate) chunks: &'a ChunkCache,
-}
-
-impl Ctx<'_> {
-    /// Runs `f` with the table globals resolve in: the session's
-    /// environment, or the VM's globals.
-    pub(crate) fn with_scope<R>(&self, f: impl FnOnce(&Table) -> R) -> R {
-        match self.env {
-            Some(env) => f(env),
-            None => f(&self.lua.globals()),
-        }
-    }
-}
-
-/// The VM-side hooks a job calls around its work (the hook module's
-/// "current request" slot).
-pub(crate) trait RunScope {
-    /// Before the request is marked running: returns the alarm id stoppers
-    /// must raise (0: none; the hook ticks on its own). See `alarm.rs`.
-    fn prepare(&self) -> u32;
-    fn enter(&self, token: &CancelToken);
-    /// Ends the request; true if its interruption was raised.
-    fn leave(&self) -> bool;
-}
-
-/// How a job ended, for the pool's metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Outcome {
-    /// Ran and produced its value.
-    Completed,
-    /// Ran and failed (Lua error, panic, ...).
-    Failed,
-    /// Ran out of memory: failed, and the VM should collect its garbage.
-    OutOfMemory,
-    /// Was stopped while running (cancel, time limit, shutdown).
-    Cancelled,
-    /// Had been resolved while queued; not run.
-    Skipped,
-}
-
-impl Outcome {
-    fn of<T>(result: &Result<T, IsleError>) -> Outcome {
-        match result {
-            Ok(_) => Outcome::Completed,
-            Err(e) if e.is_cancellation() || *e == IsleError::Shutdown => Outcome::Cancelled,
-            Err(IsleError::MemoryLimit(_)) => Outcome::OutOfMemory,
-            Err(_) => Outcome::Failed,
-        }
-    }
-}
-
-/// A request on its way to a VM: the work plus the request it resolves.
-pub(crate) struct Job(Box<dyn Runnable>);
-
-trait Runnable: Send {
-    fn run(self: Box<Self>, ctx: &Ctx<'_>, scope: &dyn RunScope) -> Outcome;
-    fn abandon(&self, err: IsleError);
-    fn header(&self) -> &Header;
-}
-
-struct Pending<T, F> {
-    req: Arc<Request<T>>,
-    work: Option<F>,
-}
-
-impl Job {
-    pub(crate) fn new<T, F>(req: Arc<Request<T>>, work: F) -> Job
-    where
-        T: Send + 'static,
-        F: FnOnce(&Ctx<'_>) -> Result<T, IsleError> + Send + 'static,
-    {
-        Job(Box::new(Pending {
-            req,
-            work: Some(work),
-        }))
-    }
-
-    /// Runs the work on the VM thread and resolves the request, unless it
-    /// was resolved while queued (then the work is dropped unrun).
-    pub(crate) fn run(self, ctx: &Ctx<'_>, scope: &dyn RunScope) -> Outcome {
-        self.0.run(ctx, scope)
-    }
-
-    /// Counts the request against a pool's `queue_capacity` while it is
-    /// queued (see `Header::admit`).
-    pub(crate) fn admit(&self, count: &Admission) {
-        self.0.header().admit(count);
-    }
-
-    /// Resolves the request with `err` without running it (no-op if it
-    /// already started or finished), and drops the work.
-    ///
-    /// Both wake the caller's waker and drop the user's closure, which may
-    /// panic: that is caught here, so a VM or pool thread calling this never
-    /// unwinds. The request is resolved before either can happen.
-    pub(crate) fn abandon(self, err: IsleError) {
-        let _ = catch_unwind(AssertUnwindSafe(move || {
-            self.0.abandon(err);
-            drop(self);
-        }));
-    }
-}
-
-impl<T, F> Runnable for Pending<T, F>
-where
-    T: Send + 'static,
-    F: FnOnce(&Ctx<'_>) -> Result<T, IsleError> + Send + 'static,
-{
-    fn run(mut self: Box<Self>, ctx: &Ctx<'_>, scope: &dyn RunScope) -> Outcome {
-        let req = &self.req;
+/// The VM side of a request: starting it and handing in its result.
+impl<T> Request<T> {
+    /// Marks a queued request running on a VM thread whose alarm is `alarm`
+    /// (see `Header::alarm`). False if it was resolved while queued: then
+    /// it must not run.
+    pub(crate) fn start(&self, alarm: u32) -> bool {
         // Published by the CAS below (see `Cancel::stop`).
-        req.header.alarm.store(scope.prepare(), Ordering::Relaxed);
+        self.header.alarm.store(alarm, Ordering::Relaxed);
         // ORDERING: see `claim`.
-        if req
+        if self
             .header
             .phase
             .compare_exchange(QUEUED, RUNNING, Ordering::AcqRel, Ordering::Acquire)
             .is_err()
         {
-            return Outcome::Skipped; // resolved while queued
+            return false;
         }
-        req.header.release_admission();
-        let Some(work) = self.work.take() else {
-            unreachable!("a job's work is taken only here, once")
-        };
-        // Values this request drops are user types whose `Drop` may panic:
-        // keep them until the request has resolved.
-        let mut garbage: (Option<T>, Option<Box<dyn std::any::Any + Send>>) = (None, None);
-        let result = match req.header.reason() {
-            // Stopped between the caller's stop() and our CAS: never run it.
-            Some(reason) => Err(reason.error()),
-            None => {
-                let token = CancelToken { req: req.clone() };
-                scope.enter(&token);
-                let here = RunningHere::enter(&req.header);
-                let out = catch_unwind(AssertUnwindSafe(|| work(ctx)));
-                drop(here);
-                let interrupted = scope.leave();
-                let result = match out {
-                    Ok(r) => r,
-                    Err(payload) => {
-                        let e = IsleError::from_panic(&*payload);
-                        garbage.1 = Some(payload);
-                        Err(e)
-                    }
-                };
-                // After a stop request, an error is the interruption (or a
-                // callback giving up because of it), and a value produced
-                // after swallowing the interruption is not trustworthy:
-                // report why it was stopped. A panic is a bug and is never
-                // hidden.
-                match (result, req.header.reason()) {
-                    (Err(IsleError::Panic(m)), _) => Err(IsleError::Panic(m)),
-                    (Err(_), Some(reason)) => Err(reason.error()),
-                    (Ok(v), Some(reason)) if interrupted => {
-                        garbage.0 = Some(v);
-                        Err(reason.error())
-                    }
-                    (r, _) => r,
-                }
-            }
-        };
-        // A stopper that got here first has answered the caller with its
-        // reason: this result is late, and is dropped (after the claim, like
-        // garbage); the outcome is what the caller was told.
-        if req.claim(RUNNING) {
-            let outcome = Outcome::of(&result);
-            req.resolve(result);
-            drop(garbage);
-            outcome
+        self.header.release_admission();
+        true
+    }
+
+    /// Marks the request's work as running on this thread until the guard
+    /// is dropped: a stop made from here leaves the resolving to the VM.
+    pub(crate) fn running_here(&self) -> impl Drop + '_ {
+        RunningHere::enter(&self.header)
+    }
+
+    /// Resolves a running request with the VM's `result`. Gives the result
+    /// back if a stopper resolved the request first (the caller was told
+    /// the stop reason; the late result is the VM's to drop).
+    pub(crate) fn finish(&self, result: Result<T, IsleError>) -> Result<(), Result<T, IsleError>> {
+        if self.claim(RUNNING) {
+            self.resolve(result);
+            Ok(())
         } else {
-            drop((result, garbage));
-            match req.header.reason() {
-                Some(reason) => Outcome::of::<()>(&Err(reason.error())),
-                None => unreachable!("only a stop resolves a running request"),
-            }
-        }
-    }
-
-    fn abandon(&self, err: IsleError) {
-        self.req.abandon(err);
-    }
-
-    fn header(&self) -> &Header {
-        &self.req.header
-    }
-}
-
-impl<T, F> Drop for Pending<T, F> {
-    fn drop(&mut self) {
-        // A job dropped without running (its queue was discarded, its VM
-        // died) still resolves: nothing is lost silently.
-        if self.work.is_some() {
-            self.req.abandon(IsleError::Shutdown);
+            Err(result)
         }
     }
 }

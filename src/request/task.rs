@@ -7,10 +7,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use crate::request::Request;
-use crate::request::timer::Timer;
-use crate::request::CancelToken;
-use crate::vm::on_owner_thread;
+use super::owner::on_owner_thread;
+use super::timer::Timer;
+use super::{CancelToken, Request};
 use crate::IsleError;
 
 /// A request in flight; resolves exactly once to `Ok(T)` or an
@@ -38,7 +37,7 @@ pub struct Task<T> {
 
 impl<T: Send + 'static> Task<T> {
     pub(crate) fn new(req: Arc<Request<T>>, timer: Timer) -> Task<T> {
-        let token = CancelToken { req: req.clone() };
+        let token = CancelToken::of(req.clone());
         Task {
             req,
             token,
@@ -97,7 +96,7 @@ impl<T: Send + 'static> Task<T> {
         // A wait that can end only with the result: from an isle's VM, it
         // must not close a cycle of isles waiting on each other.
         let _waiting = match deadline {
-            None if !self.req.is_ready() => match crate::vm::blocking_on(owner) {
+            None if !self.req.is_ready() => match super::owner::blocking_on(owner) {
                 Ok(w) => w,
                 Err(e) => return Some(Err(e)),
             },

@@ -30,8 +30,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::request::Cancel;
-use crate::request::{CancelToken, Reason};
+use super::{Cancel, CancelToken, Reason};
 
 /// Cheap-to-clone handle to the deadline thread of one isle or pool.
 #[derive(Clone)]
@@ -248,7 +247,7 @@ impl Shared {
                         // the request: user code. Keep this thread alive
                         // whatever it does.
                         let _ = std::panic::catch_unwind(AssertUnwindSafe(|| match kind {
-                            Kind::Deadline => CancelToken { req }.stop(Reason::Timeout),
+                            Kind::Deadline => CancelToken::of(req).stop(Reason::Timeout),
                             Kind::Watch => {
                                 let handler = self.on_overdue.lock().clone();
                                 if let Some(handler) = handler {

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::request::Cancel;
+use super::Cancel;
 
 /// Why a request was stopped from outside. Stored in the request header as a
 /// `u8`; the first reason recorded wins.
@@ -61,10 +61,15 @@ impl Reason {
 /// says so.
 #[derive(Clone)]
 pub struct CancelToken {
-    pub(crate) req: Arc<dyn Cancel>,
+    req: Arc<dyn Cancel>,
 }
 
 impl CancelToken {
+    /// The token of the request `req`.
+    pub(crate) fn of(req: Arc<dyn Cancel>) -> CancelToken {
+        CancelToken { req }
+    }
+
     /// Cancels the request. Idempotent; never blocks: on a running request
     /// it spins for at most 20 µs, letting the VM finish on its own, then
     /// answers the request's caller itself.
@@ -83,8 +88,18 @@ impl CancelToken {
     /// that its VM lets go in time.
     pub(crate) fn stop(&self, reason: Reason) {
         if self.req.stop(reason) {
-            crate::request::timer::watch(&self.req);
+            super::timer::watch(&self.req);
         }
+    }
+
+    /// Why the request was stopped, if it was.
+    pub(crate) fn reason(&self) -> Option<Reason> {
+        self.req.header().reason()
+    }
+
+    /// True if this is the token of `req`.
+    pub(crate) fn is_for(&self, req: &Arc<dyn Cancel>) -> bool {
+        std::ptr::addr_eq(Arc::as_ptr(&self.req), Arc::as_ptr(req))
     }
 
     pub(crate) fn downgrade(&self) -> std::sync::Weak<dyn Cancel> {
