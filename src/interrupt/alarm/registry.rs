@@ -1,0 +1,237 @@
+//! The alarms of live VM threads: how a stopper finds and raises one.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{const_rwlock, RwLock};
+
+/// The per-VM-thread flag stoppers raise, and how to reach the thread.
+pub(crate) struct Alarm {
+    /// True while the running request must stop: hooks must tick on every
+    /// Lua thread that runs.
+    pub(super) armed: AtomicBool,
+    #[cfg(all(unix, not(feature = "luau")))]
+    pub(super) thread: parking_lot::Mutex<Option<libc::pthread_t>>,
+    /// Luau: the address of the callback table of the VM this thread runs
+    /// (0: none yet, or dropped), which `raise` writes the interrupt into.
+    /// Written by the VM thread under `vm_lock`, read by stoppers under it.
+    #[cfg(feature = "luau")]
+    pub(super) callbacks: std::sync::atomic::AtomicUsize,
+    #[cfg(feature = "luau")]
+    pub(super) vm_lock: parking_lot::Mutex<()>,
+}
+
+/// Alarms of live VM threads; a request header stores `index + 1`.
+static ALARMS: RwLock<Vec<Option<Arc<Alarm>>>> = const_rwlock(Vec::new());
+
+/// Whether hooks can be armed on demand here: on Unix, for the PUC-Rio Lua
+/// backends from 5.2 on. Not Lua 5.1: its `coroutine.resume` raises "too
+/// many arguments to resume" (`luaL_error`) instead of returning it, which
+/// would skip the switch back in [`tracked_resume`] and leave a suspended
+/// coroutine recorded as running. Not LuaJIT (its hook is per VM, and traces
+/// never call it) nor Luau (no hooks: an interrupt callback instead).
+pub(crate) const SUPPORTED: bool = cfg!(all(
+    unix,
+    any(
+        feature = "lua52",
+        feature = "lua53",
+        feature = "lua54",
+        feature = "lua55"
+    )
+));
+
+/// Stops the request running on the VM thread with alarm `id` (0: none).
+/// Called by a stopping thread after recording the stop reason.
+pub(crate) fn raise(id: u32) {
+    if id == 0 {
+        return;
+    }
+    let alarms = ALARMS.read();
+    let Some(Some(alarm)) = alarms.get(id as usize - 1) else {
+        return;
+    };
+    // ORDERING: SeqCst, after the reason was stored: whoever sees `armed`
+    // (the signal handler, the tracked switches, the hook) sees the reason.
+    // A swap, not a store: a read-modify-write continues the release
+    // sequence of a raise for the same request that came first.
+    alarm.armed.swap(true, Ordering::SeqCst);
+    #[cfg(all(unix, not(feature = "luau")))]
+    {
+        // Holding the lock keeps the thread from exiting (its guard clears
+        // the id under this lock first), so the `pthread_t` is live.
+        let thread = alarm.thread.lock();
+        if let Some(t) = *thread {
+            // SAFETY: `t` names a live thread (see above), and the handler is
+            // installed before any thread id is registered. A failure can
+            // only be ESRCH (not possible, as argued) and is harmless.
+            unsafe {
+                libc::pthread_kill(t, super::unix::SIGNAL);
+            }
+        }
+    }
+    #[cfg(feature = "luau")]
+    super::luau::arm(alarm);
+}
+
+/// This thread's alarm, registered on first use and unregistered when the
+/// thread exits. Returns `None` where arming on demand is not supported
+/// (Luau's interrupt is armed on demand everywhere: see `mod luau`).
+pub(crate) fn this_thread() -> Option<ThreadAlarm> {
+    if !SUPPORTED && !cfg!(feature = "luau") {
+        return None;
+    }
+    GUARD.with(|g| {
+        let mut g = g.borrow_mut();
+        let guard = g.get_or_insert_with(Registration::new);
+        Some(ThreadAlarm {
+            id: guard.id,
+            alarm: guard.alarm.clone(),
+        })
+    })
+}
+
+thread_local! {
+    static GUARD: std::cell::RefCell<Option<Registration>> = const { std::cell::RefCell::new(None) };
+}
+
+/// A VM thread's registration, owned by the thread; dropped when it exits.
+struct Registration {
+    id: u32,
+    alarm: Arc<Alarm>,
+}
+
+impl Registration {
+    fn new() -> Registration {
+        #[cfg(all(unix, not(feature = "luau")))]
+        {
+            super::unix::install_handler();
+            super::unix::unblock();
+        }
+        let alarm = Arc::new(Alarm {
+            armed: AtomicBool::new(false),
+            #[cfg(all(unix, not(feature = "luau")))]
+            // SAFETY: `pthread_self` has no preconditions.
+            thread: parking_lot::Mutex::new(Some(unsafe { libc::pthread_self() })),
+            #[cfg(feature = "luau")]
+            callbacks: std::sync::atomic::AtomicUsize::new(0),
+            #[cfg(feature = "luau")]
+            vm_lock: parking_lot::Mutex::new(()),
+        });
+        let index = {
+            let mut alarms = ALARMS.write();
+            match alarms.iter().position(Option::is_none) {
+                Some(i) => {
+                    alarms[i] = Some(alarm.clone());
+                    i
+                }
+                None => {
+                    alarms.push(Some(alarm.clone()));
+                    alarms.len() - 1
+                }
+            }
+        };
+        SLOT.with(|s| {
+            s.armed
+                .store(Arc::as_ptr(&alarm) as *mut Alarm, Ordering::SeqCst)
+        });
+        Registration {
+            id: index as u32 + 1,
+            alarm,
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        // First the handler: from now on it ignores signals on this thread.
+        SLOT.with(|s| {
+            s.armed.store(std::ptr::null_mut(), Ordering::SeqCst);
+            s.running.store(std::ptr::null_mut(), Ordering::SeqCst);
+            s.main.store(std::ptr::null_mut(), Ordering::SeqCst);
+            s.hook.store(0, Ordering::SeqCst);
+        });
+        #[cfg(all(unix, not(feature = "luau")))]
+        {
+            *self.alarm.thread.lock() = None;
+        }
+        ALARMS.write()[self.id as usize - 1] = None;
+    }
+}
+
+/// A handle to the current VM thread's alarm, for the hook and the VM.
+#[derive(Clone)]
+pub(crate) struct ThreadAlarm {
+    id: u32,
+    alarm: Arc<Alarm>,
+}
+
+impl ThreadAlarm {
+    /// The id a request header stores.
+    pub(crate) fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// Before a request runs: nothing to stop yet.
+    pub(crate) fn clear(&self) {
+        self.alarm.armed.store(false, Ordering::SeqCst);
+    }
+
+    /// True while the running request must stop.
+    pub(crate) fn is_armed(&self) -> bool {
+        self.alarm.armed.load(Ordering::SeqCst)
+    }
+
+    /// Marks the running request as stopping (the hook found its reason):
+    /// every Lua thread switched to from now on is armed.
+    pub(crate) fn set_armed(&self) {
+        self.alarm.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// Clears `armed` and returns whether it was set.
+    pub(crate) fn take(&self) -> bool {
+        self.alarm.armed.swap(false, Ordering::SeqCst)
+    }
+}
+
+impl std::fmt::Debug for ThreadAlarm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ThreadAlarm").field("id", &self.id).finish()
+    }
+}
+
+
+/// A VM's main state and hook function, as addresses (see [`bind`]). On
+/// Luau, `main` is the address of the VM's callback table instead, and
+/// `hook` is unused.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Binding {
+    pub(super) main: usize,
+    pub(super) hook: usize,
+}
+
+/// What the signal handler and the tracked switches need, per VM thread.
+pub(super) struct Slot {
+    /// The thread's `Alarm` (its `armed` flag is the first field read);
+    /// null when the thread is not a registered VM thread.
+    pub(super) armed: std::sync::atomic::AtomicPtr<Alarm>,
+    /// The Lua thread (`lua_State`) running now; null outside requests.
+    pub(super) running: std::sync::atomic::AtomicPtr<mlua::ffi::lua_State>,
+    /// The VM's main `lua_State`.
+    pub(super) main: std::sync::atomic::AtomicPtr<mlua::ffi::lua_State>,
+    /// The hook function to arm (mlua's global hook trampoline), as an
+    /// address; 0 until `bind`. Unused on Luau.
+    pub(super) hook: std::sync::atomic::AtomicUsize,
+}
+
+thread_local! {
+    // Const-initialised and without a destructor: reading it from a signal
+    // handler is a plain thread-local access.
+    pub(super) static SLOT: Slot = const {
+        Slot {
+            armed: std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()),
+            running: std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()),
+            main: std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()),
+            hook: std::sync::atomic::AtomicUsize::new(0),
+        }
+    };
+}

@@ -1,0 +1,372 @@
+//! Tracking which Lua thread runs: the coroutine switches of ours, and
+//! binding a VM to its thread.
+
+use std::ffi::c_int;
+use std::sync::atomic::Ordering;
+
+use mlua::ffi::{self, lua_State};
+
+use super::*;
+
+/// Before a request of `vm` runs: records its main state as running
+/// (and it as the VM of this thread: a pool may have replaced it).
+pub(crate) fn begin(vm: &Binding) {
+    // ORDERING: Relaxed: only this thread (and its signal handler, which
+    // runs on it) reads these; `switch_to`'s compiler fence orders them
+    // before the state is recorded as running.
+    SLOT.with(|s| {
+        s.hook.store(vm.hook, Ordering::Relaxed);
+        s.main.store(vm.main as *mut lua_State, Ordering::Relaxed);
+    });
+    // SAFETY: the main state is alive as long as its VM, which outlives
+    // its requests; `unbind` forgets it before the VM is dropped.
+    unsafe { switch_to(vm.main as *mut lua_State) };
+}
+
+/// Lua's `coroutine.resume` at its address.
+fn original_resume() -> ffi::lua_CFunction {
+    // SAFETY: set by `bind` (to a `lua_CFunction`) before any tracked
+    // function is reachable from Lua.
+    unsafe { std::mem::transmute(ORIGINAL_RESUME.load(Ordering::SeqCst)) }
+}
+
+/// Calls Lua's `coroutine.resume` on the frame Lua gave us (argument 1
+/// is `co`, a coroutine other than `state`), recording the switch to
+/// `co` and back. Returns the number of results on top of the stack:
+/// `true, values...` or `false, error`.
+///
+/// # Safety
+/// `state` is the running Lua thread and `co` its argument 1.
+unsafe fn resume_on(state: *mut lua_State, co: *mut lua_State) -> c_int {
+    // SAFETY: `co` is referenced from our stack (argument 1), so it is
+    // alive until we return. With a coroutine argument, Lua's resume
+    // does not raise (it returns its errors), so the second switch
+    // always runs.
+    unsafe {
+        switch_to(co);
+        let results = original_resume()(state);
+        switch_to(state);
+        results
+    }
+}
+
+/// When the `n` results on top start with `false`, hands the error
+/// (on top) to the interruption check, upvalue `check` (it raises a
+/// pending interruption, or a Rust panic, again).
+///
+/// # Safety
+/// Called from a C function of ours whose upvalue `check` is the check.
+unsafe fn check_failure(state: *mut lua_State, n: c_int, check: c_int) {
+    // SAFETY: the `n` results are on the stack; `check` is a function;
+    // Lua's API keeps LUA_MINSTACK free slots for the two pushes.
+    unsafe {
+        if ffi::lua_toboolean(state, -n) == 0 {
+            ffi::lua_pushvalue(state, ffi::lua_upvalueindex(check));
+            ffi::lua_pushvalue(state, -2);
+            ffi::lua_call(state, 1, 0);
+        }
+    }
+}
+
+/// `coroutine.resume`, recording the switch to the coroutine and back;
+/// upvalue 1: the interruption check.
+unsafe extern "C-unwind" fn tracked_resume(state: *mut lua_State) -> c_int {
+    // SAFETY: `state` is the calling Lua thread, alive during this call.
+    let co = unsafe { ffi::lua_tothread(state, 1) };
+    if co.is_null() || co == state {
+        // Not a coroutine (Lua's function raises the usual argument
+        // error), or resuming itself (it returns an error): nothing
+        // switches.
+        // SAFETY: calling a C function on the frame Lua gave us.
+        return unsafe { original_resume()(state) };
+    }
+    // SAFETY: `co` is argument 1; upvalue 1 is the check.
+    unsafe {
+        let n = resume_on(state, co);
+        check_failure(state, n, 1);
+        n
+    }
+}
+
+/// `coroutine.close` (Lua 5.4 on): runs pending `__close` handlers on
+/// the coroutine, so the switch is recorded when there can be some;
+/// upvalue 1: the interruption check.
+#[cfg(any(feature = "lua54", feature = "lua55"))]
+unsafe extern "C-unwind" fn tracked_close(state: *mut lua_State) -> c_int {
+    // SAFETY: set by `bind` before this function is reachable from Lua.
+    let original: ffi::lua_CFunction =
+        unsafe { std::mem::transmute(ORIGINAL_CLOSE.load(Ordering::SeqCst)) };
+    // SAFETY: as in `tracked_resume`.
+    let co = unsafe { ffi::lua_tothread(state, 1) };
+    // Only a suspended coroutine, or one that died by an error, has
+    // handlers to run; Lua's function raises for the others (running,
+    // normal), which must not be recorded as switched to.
+    // SAFETY: `co` is live (argument 1).
+    if co.is_null() || co == state || unsafe { ffi::lua_status(co) } == ffi::LUA_OK {
+        // SAFETY: calling a C function on the frame Lua gave us.
+        return unsafe { original(state) };
+    }
+    // A coroutine killed by the interruption keeps hooks disabled:
+    // while the request stops, its handlers must not run (see
+    // `hook::guard_close`). The check raises the interruption.
+    let stopping = SLOT.with(|s| {
+        let alarm = s.armed.load(Ordering::SeqCst);
+        // SAFETY: as in `on_signal`.
+        !alarm.is_null() && unsafe { &*alarm }.armed.load(Ordering::SeqCst)
+    });
+    if stopping {
+        // SAFETY: upvalue 1 is the check, a function taking the error
+        // value (none here); Lua keeps LUA_MINSTACK slots for the push.
+        unsafe {
+            ffi::lua_pushvalue(state, ffi::lua_upvalueindex(1));
+            ffi::lua_call(state, 0, 0);
+        }
+    }
+    // SAFETY: as in `resume_on`: closing a suspended or dead coroutine
+    // returns its errors; upvalue 1 is the check.
+    unsafe {
+        switch_to(co);
+        let n = original(state);
+        switch_to(state);
+        check_failure(state, n, 1);
+        n
+    }
+}
+
+/// `coroutine.wrap`: creates the coroutine (as `coroutine.create` does)
+/// and returns [`wrapped`] over it; upvalue 1: the Lua function raising
+/// a wrapped coroutine's error (see `hook.rs`).
+unsafe extern "C-unwind" fn tracked_wrap(state: *mut lua_State) -> c_int {
+    // SAFETY: `state` is the calling Lua thread. The argument check
+    // raises Lua's usual error; `lua_newthread` raises only on memory
+    // errors; nothing of ours needs unwinding.
+    unsafe {
+        ffi::luaL_checktype(state, 1, ffi::LUA_TFUNCTION);
+        let co = ffi::lua_newthread(state);
+        ffi::lua_pushvalue(state, 1);
+        ffi::lua_xmove(state, co, 1);
+        ffi::lua_pushvalue(state, ffi::lua_upvalueindex(1));
+        ffi::lua_pushcclosure(state, wrapped, 2);
+    }
+    1
+}
+
+/// The function `coroutine.wrap` returns; upvalues: the coroutine, and
+/// the Lua function raising its errors.
+unsafe extern "C-unwind" fn wrapped(state: *mut lua_State) -> c_int {
+    // SAFETY: upvalue 1 is the coroutine, which the closure keeps alive;
+    // inserting it as argument 1 makes the frame a `resume` call.
+    unsafe {
+        let co = ffi::lua_tothread(state, ffi::lua_upvalueindex(1));
+        // Lua 5.2/5.3's wrap calls a coroutine with an empty stack dead
+        // before resuming it: answered here, as the inserted argument
+        // would hide the empty stack (a coroutine calling itself).
+        #[cfg(any(feature = "lua52", feature = "lua53"))]
+        if co == state && ffi::lua_gettop(state) == 0 {
+            ffi::lua_pushboolean(state, 0);
+            ffi::lua_pushstring(state, c"cannot resume dead coroutine".as_ptr());
+            return raise_wrapped(state, 2);
+        }
+        ffi::lua_pushvalue(state, ffi::lua_upvalueindex(1));
+        ffi::lua_insert(state, 1);
+        if co == state {
+            // Lua's resume answers "cannot resume non-suspended
+            // coroutine" without switching.
+            let n = original_resume()(state);
+            return raise_wrapped(state, n);
+        }
+        let n = resume_on(state, co);
+        if ffi::lua_toboolean(state, -n) != 0 {
+            return n - 1; // the values after `true`
+        }
+        raise_wrapped(state, n)
+    }
+}
+
+/// Raises a wrapped coroutine's error (on top) through upvalue 2.
+///
+/// # Safety
+/// Called from [`wrapped`] with `n` results of a failed resume on top.
+unsafe fn raise_wrapped(state: *mut lua_State, n: c_int) -> c_int {
+    // SAFETY: upvalue 2 is a Lua function taking (coroutine, error) that
+    // raises; `lua_error` after it only in case it returned.
+    unsafe {
+        if ffi::lua_toboolean(state, -n) != 0 {
+            return n - 1;
+        }
+        ffi::lua_pushvalue(state, ffi::lua_upvalueindex(2));
+        ffi::lua_pushvalue(state, ffi::lua_upvalueindex(1));
+        ffi::lua_pushvalue(state, -3);
+        ffi::lua_call(state, 2, 0);
+        ffi::lua_error(state)
+    }
+}
+
+/// Prepares `lua` (on its own thread) for arming on demand: records its
+/// main state and hook function (mlua's global hook must be set
+/// already) and removes the hook from the main state.
+pub(crate) fn bind(lua: &mlua::Lua) -> mlua::Result<Binding> {
+    let main = lua.current_thread().to_pointer() as *mut lua_State;
+    // Without the coroutine library (`std_libs`) Lua code switches no
+    // threads: nothing to track, no originals to record.
+    let coroutine: Option<mlua::Table> = lua.globals().get("coroutine")?;
+    let original = |f: &mlua::Function| -> Option<ffi::lua_CFunction> {
+        let mut c = None;
+        // SAFETY: reads the pushed function only; `exec_raw` leaves the
+        // stack as it found it.
+        let _ = unsafe {
+            lua.exec_raw::<()>(f, |state| {
+                c = ffi::lua_tocfunction(state, -1);
+            })
+        };
+        c
+    };
+    // SAFETY: `main` is the live main state of `lua`, used on its own
+    // thread.
+    let hook = unsafe { ffi::lua_gethook(main) };
+    let unsupported = || {
+        mlua::Error::runtime(
+            "mlua-isle: cannot arm hooks on demand (no hook, or coroutine functions are not Lua's)",
+        )
+    };
+    let hook = hook.ok_or_else(unsupported)?;
+    if let Some(coroutine) = coroutine {
+        let resume: mlua::Function = coroutine.get("resume")?;
+        let original_resume = original(&resume).ok_or_else(unsupported)?;
+        #[cfg(any(feature = "lua54", feature = "lua55"))]
+        {
+            let close: mlua::Function = coroutine.get("close")?;
+            let original_close = original(&close).ok_or_else(unsupported)?;
+            // ORDERING: SeqCst, as before: written once with the same value
+            // by every VM, read by the tracked functions of this VM.
+            ORIGINAL_CLOSE.store(original_close as usize, Ordering::SeqCst);
+        }
+        // ORDERING: as for ORIGINAL_CLOSE.
+        ORIGINAL_RESUME.store(original_resume as usize, Ordering::SeqCst);
+    }
+    lua.remove_hook();
+    Ok(Binding {
+        main: main as usize,
+        hook: hook as usize,
+    })
+}
+
+/// Our C function `f` closed over one upvalue.
+fn closure(
+    lua: &mlua::Lua,
+    f: ffi::lua_CFunction,
+    upvalue: &mlua::Function,
+) -> mlua::Result<mlua::Function> {
+    // SAFETY: `f` is one of this module's functions, which uphold Lua's
+    // C function contract with one upvalue, a function; `exec_raw`
+    // pushes it, and the closure replaces it as the one result.
+    unsafe {
+        lua.exec_raw::<mlua::Function>(upvalue, |state| {
+            ffi::lua_pushcclosure(state, f, 1);
+        })
+    }
+}
+
+/// The tracked `coroutine.resume` and `coroutine.close` (see the module
+/// docs; `close` only where Lua has it, 5.4 on), given the interruption
+/// check, called with the error value of a failed resume or close.
+pub(crate) fn tracked_resume_close(
+    lua: &mlua::Lua,
+    check: &mlua::Function,
+) -> mlua::Result<(mlua::Function, Option<mlua::Function>)> {
+    #[cfg(any(feature = "lua54", feature = "lua55"))]
+    let close = Some(closure(lua, tracked_close, check)?);
+    #[cfg(not(any(feature = "lua54", feature = "lua55")))]
+    let close = None;
+    Ok((closure(lua, tracked_resume, check)?, close))
+}
+
+/// The tracked `coroutine.wrap`, given the Lua function that raises a
+/// wrapped coroutine's error (called with the coroutine and the error).
+pub(crate) fn tracked_wrap_with(
+    lua: &mlua::Lua,
+    wrap_error: &mlua::Function,
+) -> mlua::Result<mlua::Function> {
+    closure(lua, tracked_wrap, wrap_error)
+}
+
+/// From the hook, with nothing to stop: removes the hook from the Lua
+/// thread running now, if it is the one recorded (a thread this module
+/// tracks: one resumed from Rust through mlua keeps the hook mlua gave
+/// it). Returns whether it did.
+pub(crate) fn disarm_running(lua: &mlua::Lua) -> bool {
+    let current = lua.current_thread().to_pointer() as *mut lua_State;
+    let tracked = SLOT.with(|s| s.running.load(Ordering::SeqCst) == current);
+    if tracked {
+        lua.remove_hook();
+    }
+    tracked
+}
+
+/// A Lua thread about to be resumed from Rust (mlua's `Thread::resume`,
+/// in a callback of the host's): the tracked switches never see it, so
+/// a signal would arm its resumer, not it. It gets the VM's hook instead,
+/// ticking every `count` instructions, as threads mlua creates do.
+pub(crate) fn hook_resumed_from_rust(thread: &mlua::Thread, count: u32) {
+    let state = thread.to_pointer() as *mut lua_State;
+    let count = c_int::try_from(count).unwrap_or(c_int::MAX);
+    SLOT.with(|s| {
+        let hook = s.hook.load(Ordering::SeqCst);
+        if hook == 0 || state.is_null() {
+            return;
+        }
+        // SAFETY: `hook` is a `lua_Hook` address (see `bind`); `state`
+        // is a live thread of this thread's VM (the caller holds it),
+        // about to be resumed; `lua_gethook` and `lua_sethook` read and
+        // store its hook fields.
+        unsafe {
+            if ffi::lua_gethook(state).is_none() {
+                let hook: ffi::lua_Hook = std::mem::transmute(hook);
+                ffi::lua_sethook(state, Some(hook), ffi::LUA_MASKCOUNT, count);
+            }
+        }
+    });
+}
+
+/// Arms the recorded running state again (from the hook, which has just
+/// removed itself and found the alarm raised meanwhile).
+pub(crate) fn rearm_running() {
+    SLOT.with(|s| {
+        // SAFETY: `running` is null or the live running state.
+        unsafe {
+            arm(
+                s.running.load(Ordering::SeqCst),
+                s.hook.load(Ordering::SeqCst),
+            )
+        }
+    });
+}
+
+/// Forgets `vm` if it is the VM recorded on this thread; called before
+/// it is dropped, so that neither the handler nor a switch can reach its
+/// states any more.
+pub(crate) fn unbind(vm: &Binding) {
+    SLOT.with(|s| {
+        if s.main.load(Ordering::SeqCst) as usize == vm.main {
+            s.running.store(std::ptr::null_mut(), Ordering::SeqCst);
+            s.main.store(std::ptr::null_mut(), Ordering::SeqCst);
+        }
+    });
+}
+
+/// Removes the hook from the main state if it is set, between requests.
+pub(crate) fn disarm_main() {
+    SLOT.with(|s| {
+        let main = s.main.load(Ordering::SeqCst);
+        if main.is_null() {
+            return;
+        }
+        // SAFETY: `main` is the live main state of this thread's VM
+        // (bound, and unbound before the VM is dropped).
+        unsafe {
+            if ffi::lua_gethookmask(main) != 0 {
+                ffi::lua_sethook(main, None, 0, 0);
+            }
+        }
+    });
+}
