@@ -10,14 +10,14 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use mlua::Lua;
 use parking_lot::Mutex;
 
-use crate::vm::config::{vm_options, VmConfig};
-use crate::interrupt::Interrupt;
-use crate::request::Cancel;
-use crate::vm::Job;
-use crate::request::spin::spin_until;
 use crate::host::submit::{request_methods, Owner, Submit};
-use crate::request::timer::Timer;
+use crate::interrupt::Interrupt;
 use crate::request::owner::{next_owner_id, on_owner_thread};
+use crate::request::spin::spin_until;
+use crate::request::timer::Timer;
+use crate::request::Cancel;
+use crate::vm::config::{vm_options, VmConfig};
+use crate::vm::Job;
 use crate::vm::Vm;
 use crate::{IsleError, Task};
 

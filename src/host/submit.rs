@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use mlua::{FromLuaMulti, IntoLuaMulti, Lua, Table, Value};
 
+use crate::request::owner::on_owner_thread;
+use crate::request::timer::Timer;
 use crate::request::Request;
 use crate::vm::{Ctx, Job};
-use crate::request::timer::Timer;
-use crate::request::owner::on_owner_thread;
 use crate::{IsleError, Task};
 
 /// What every request of one isle or pool shares.

@@ -1,59 +1,5 @@
-//! The interrupt hook: how a running request learns it must stop.
-//!
-//! A count hook is installed on the VM once, before `init` runs: mlua's
-//! global hook, or on Lua 5.4 and 5.5 a C hook of ours (`alarm.rs`,
-//! `tick_hook`) that calls the same tick from a C frame of its own (mlua's
-//! trampoline moves values on the running function's frame, across its
-//! to-be-closed variables). Coroutines resumed from Rust through mlua's
-//! `Thread::resume` get it when resumed (mlua's `ON_RESUME` thread event).
-//! It runs in one of three modes:
-//! - **Armed on demand** (Unix, PUC-Rio Lua, no `max_instructions`): the
-//!   hook is removed from the main state right away, so Lua code runs at
-//!   full speed; a stopping thread signals the VM thread, which arms the
-//!   hook on the running Lua thread with a count of 1 (see `alarm.rs`). A
-//!   tick with nothing to stop removes the hook again.
-//! - **Luau** has no hooks: its interrupt, while one is set, runs at every
-//!   function call, return and loop back-edge, on every coroutine. It is
-//!   armed on demand too: a stopper sets it (Luau allows that from any
-//!   thread), and a tick with nothing to stop takes it away (`alarm.rs`).
-//! - **Ticking all the time** (elsewhere, and when counting instructions):
-//!   Lua copies a thread's hook into every coroutine it creates, so
-//!   coroutines are covered too. Every `hook_interval` instructions the hook
-//!   looks at the running request's stop reason (and the VM's abort flag,
-//!   raised when the last handle is dropped). With a count hook set, Lua 5.4
-//!   traps on every instruction, which slows pure-Lua loops 2–3x whatever
-//!   the interval.
-//!
-//! Once a request must stop, the hook re-arms itself on the running
-//! coroutine with a count of 1 and raises a Lua error. Whatever catches that
-//! error (`pcall`, `load`'s protected reader, ...) is interrupted again by
-//! the very next instruction it runs on that coroutine, so the error climbs
-//! until it leaves the request. Some catchers are wrapped at start-up, so
-//! that the error value they catch is checked at once: a pending
-//! interruption, or a Rust panic (which mlua hands to Lua as an error value),
-//! is raised again in the caller.
-//!
-//! On Lua 5.2–5.5 the wrappers are C functions (`alarm.rs`, `mod
-//! protected`), invisible to Lua code: no line events for a debug hook, no
-//! frames of their own in tracebacks or `debug.getinfo` levels. Lua 5.1,
-//! LuaJIT and Luau keep wrappers written in Lua.
-//! - `pcall`, `xpcall`: Lua's own (yieldable) functions, wrapped (on Lua
-//!   5.2–5.5, rebuilt in C on `lua_pcallk` with a continuation; on Lua
-//!   5.1, ours of `native.rs`, which check the stack). `xpcall`
-//!   also skips the user's message handler while the request is stopping:
-//!   an error raised inside a hook runs the handler with hooks disabled, so
-//!   a handler that loops forever could never be stopped. (mlua's own
-//!   panic-proof `pcall` is not used: it cannot yield, and it overflows the
-//!   Lua stack when the callee returns many values.)
-//! - `coroutine.resume` (and, armed on demand, `coroutine.close` and
-//!   `coroutine.wrap`), whose caller runs on another coroutine; and `load`,
-//!   which returns its reader's error.
-//!
-//! Finally, a request whose interruption fired resolves with its stop reason
-//! even if its code ended normally after swallowing it.
-//!
-//! Raising an error costs a `longjmp`; unwinding a Rust panic through mlua
-//! instead costs tens of microseconds, which is why it is not used.
+//! Per-VM interrupt state, the hook's tick, and what a job calls around
+//! its work.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -64,10 +10,8 @@ use mlua::{Lua, VmState};
 use parking_lot::Mutex;
 
 use crate::interrupt::alarm::{self, Binding, ThreadAlarm};
-use crate::vm::config::VmConfig;
-use crate::sandbox::room::MEMORY_ERROR;
 use crate::request::{CancelToken, Reason};
-use crate::IsleError;
+use crate::vm::config::VmConfig;
 
 /// `Interrupt::executed` before a request's first tick.
 const FIRST_TICK: u64 = u64::MAX;
@@ -78,23 +22,23 @@ const FIRST_TICK: u64 = u64::MAX;
 /// when another crate turns on mlua's `send` feature.
 pub(crate) struct Interrupt {
     /// The running request's token; `None` between requests and during init.
-    current: Mutex<Option<CancelToken>>,
+    pub(super) current: Mutex<Option<CancelToken>>,
     /// Raised by the owner when it is dropped: stop whatever runs.
-    abort: Arc<AtomicBool>,
+    pub(super) abort: Arc<AtomicBool>,
     /// Instructions between checks.
-    interval: u32,
+    pub(super) interval: u32,
     /// True once the running request's interruption has been raised.
-    fired: AtomicBool,
+    pub(super) fired: AtomicBool,
     /// True once a wrapper of ours caught Lua's memory error during the
     /// running request (see [`request_error`]).
-    out_of_memory: AtomicBool,
+    pub(super) out_of_memory: AtomicBool,
     /// `max_instructions`, and the count so far for the running request
     /// (advanced by `interval` per tick).
-    budget: Option<u64>,
-    executed: AtomicU64,
+    pub(super) budget: Option<u64>,
+    pub(super) executed: AtomicU64,
     /// Set when the hook is armed on demand (see `alarm.rs`) instead of
     /// ticking all the time: this thread's alarm and the VM's binding.
-    on_demand: Option<(ThreadAlarm, Binding)>,
+    pub(super) on_demand: Option<(ThreadAlarm, Binding)>,
 }
 
 impl Interrupt {
@@ -190,7 +134,7 @@ impl Interrupt {
                 },
             );
         }
-        install_wrappers(lua, &this, config.binary_chunks)?;
+        super::catchers::install_wrappers(lua, &this, config.binary_chunks)?;
         lua.set_app_data(this.clone());
         Ok(this)
     }
@@ -242,14 +186,11 @@ impl Interrupt {
     /// stopped request's caller has its answer, but its VM may still be in
     /// it).
     pub(crate) fn runs(&self, req: &Arc<dyn crate::request::Cancel>) -> bool {
-        self.current
-            .lock()
-            .as_ref()
-            .is_some_and(|t| t.is_for(req))
+        self.current.lock().as_ref().is_some_and(|t| t.is_for(req))
     }
 
     /// The running request's stop reason, if it must stop.
-    fn stop_reason(&self) -> Option<Reason> {
+    pub(super) fn stop_reason(&self) -> Option<Reason> {
         let current = self.current.lock();
         let token = current.as_ref()?;
         match token.reason() {
@@ -264,7 +205,7 @@ impl Interrupt {
 
     /// Raises the interruption (see the module docs), from a Rust function
     /// called by Lua.
-    fn interrupt(this: &Arc<Self>, lua: &Lua, reason: Reason) -> mlua::Result<VmState> {
+    pub(super) fn interrupt(this: &Arc<Self>, lua: &Lua, reason: Reason) -> mlua::Result<VmState> {
         Interrupt::stop_running(this, lua)?;
         Err(mlua::Error::external(reason.error()))
     }
@@ -410,369 +351,6 @@ fn set_hook(lua: &Lua, this: &Arc<Interrupt>, _every: u32) -> mlua::Result<()> {
     Ok(())
 }
 
-/// Wraps `pcall`, `xpcall`, `coroutine.resume` and `load` (see the module
-/// docs and the comments inside), and
-/// makes `load`, `loadfile` and `dofile` take text only unless
-/// `binary_chunks`.
-fn install_wrappers(lua: &Lua, this: &Arc<Interrupt>, binary_chunks: bool) -> mlua::Result<()> {
-    let state = this.clone();
-    // Converting the error value to a `Value` resumes a wrapped Rust panic.
-    // Called with the error values a catcher saw (xpcall: the one its
-    // handler got, and its result).
-    let check = lua.create_function(move |lua, errs: mlua::Variadic<mlua::Value>| {
-        if errs.iter().any(is_memory_error) {
-            // ORDERING: Relaxed: only the VM thread touches it.
-            state.out_of_memory.store(true, Ordering::Relaxed);
-        }
-        if let Some(reason) = state.stop_reason() {
-            Interrupt::interrupt(&state, lua, reason)?;
-        }
-        Ok(())
-    })?;
-    let state = this.clone();
-    let stopping = lua.create_function(move |_, ()| Ok(state.stop_reason().is_some()))?;
-    let globals = lua.globals();
-    // The host may not open `coroutine` or `string` (`std_libs`).
-    let coroutine: Option<mlua::Table> = globals.get("coroutine")?;
-    // Switches need tracking where the hook is armed by a signal (Luau's
-    // interrupt reads the flag on every Lua thread).
-    let tracked = alarm::SUPPORTED && this.on_demand.is_some();
-    if let Some(coroutine) = &coroutine {
-        if tracked {
-            install_tracked_coroutines(lua, coroutine, &check, &stopping)?;
-        }
-        #[cfg(any(feature = "lua54", feature = "lua55"))]
-        guard_close(lua, coroutine, &check, &stopping, tracked)?;
-    }
-    // Lua 5.2–5.5: C functions, invisible to Lua code (`alarm.rs`).
-    #[cfg(any(
-        feature = "lua52",
-        feature = "lua53",
-        feature = "lua54",
-        feature = "lua55"
-    ))]
-    return alarm::install_catchers(lua, &check, &stopping, binary_chunks, !tracked);
-    #[cfg(not(any(
-        feature = "lua52",
-        feature = "lua53",
-        feature = "lua54",
-        feature = "lua55"
-    )))]
-    install_lua_catchers(
-        lua,
-        &check,
-        &stopping,
-        binary_chunks,
-        tracked,
-        coroutine.as_ref(),
-    )
-}
-
-/// Lua 5.1, LuaJIT and Luau (no continuations for C functions to yield
-/// across, or none we can reach): the catchers wrapped in Lua.
-#[cfg(not(any(
-    feature = "lua52",
-    feature = "lua53",
-    feature = "lua54",
-    feature = "lua55"
-)))]
-fn install_lua_catchers(
-    lua: &Lua,
-    check: &mlua::Function,
-    stopping: &mlua::Function,
-    binary_chunks: bool,
-    tracked: bool,
-    coroutine: Option<&mlua::Table>,
-) -> mlua::Result<()> {
-    let globals = lua.globals();
-    // Lua 5.1's own overrun the stack when the callee's results fill it.
-    #[cfg(feature = "lua51")]
-    let (pcall, xpcall) = crate::interrupt::alarm::native::protected_calls(lua)?;
-    #[cfg(not(feature = "lua51"))]
-    let (pcall, xpcall): (mlua::Function, mlua::Function) =
-        (globals.get("pcall")?, globals.get("xpcall")?);
-    // `load`'s checks, in Rust: `string` may be missing.
-    let is_binary = lua.create_function(|_, s: mlua::Value| {
-        Ok(matches!(s, mlua::Value::String(s) if s.as_bytes().first() == Some(&27)))
-    })?;
-    let allows_text = lua.create_function(|_, mode: mlua::Value| {
-        Ok(matches!(mode, mlua::Value::String(m) if m.as_bytes().contains(&b't')))
-    })?;
-    lua.load(
-        r##"
-        local check, stopping, pcall, xpcall, resume, load, loadfile, binary_ok, tracked,
-              loadstring, reader_only, is_binary, allows_text = ...
-        local type, error, select = type, error, select
-        -- Lua's own pcall and xpcall (yieldable; 5.1: ours), with the error value
-        -- checked: a Rust panic or a pending interruption is raised again.
-        local function after(ok, ...)
-            if not ok then check((...)) end
-            return ok, ...
-        end
-        -- Lua's argument errors are raised here, placed at our caller, as
-        -- Lua's functions place them.
-        _G.pcall = function(...)
-            local f = ...
-            if f == nil and select("#", ...) == 0 then
-                error("bad argument #1 to 'pcall' (value expected)", 2)
-            end
-            return after(pcall(...))
-        end
-        local function after_x(seen, ok, ...)
-            if not ok then check(seen.e, (...)) end
-            return ok, ...
-        end
-        local function protected(f, handler, ...)
-            local seen = {}
-            return after_x(seen, xpcall(f, function(e)
-                seen.e = e
-                -- Raised by the hook, this runs with hooks disabled: never
-                -- hand it to user code that could loop.
-                if stopping() then return e end
-                return handler(e)
-            end, ...))
-        end
-        -- Lua 5.1's xpcall is ours (`native.rs`); Luau and LuaJIT check
-        -- and word their arguments themselves.
-        _G.xpcall = protected
-        if not tracked and resume then
-            coroutine.resume = function(...)
-                -- Lua's own argument error, without this wrapper's name
-                -- and position (Luau makes no tail calls).
-                if type((...)) ~= "thread" then
-                    local _, e = pcall(resume, ...)
-                    error(e, 0)
-                end
-                return after(resume(...)) -- as for pcall
-            end
-        end
-        local function after_load(f, ...)
-            if f == nil then check((...)) end
-            return f, ...
-        end
-        local function binary(s)
-            return not binary_ok and is_binary(s)
-        end
-        local refused = "attempt to load a binary chunk (mode is 't')"
-        -- Lua 5.1's `load` takes a reader function only, and no mode: its
-        -- first piece is checked instead.
-        local function text_reader(read)
-            local first = true
-            return function()
-                local piece = read()
-                if first and type(piece) == "string" and piece ~= "" then
-                    first = false
-                    if binary(piece) then error(refused, 0) end
-                end
-                return piece
-            end
-        end
-        if load then
-            local function text_load(chunk, name, mode, ...)
-                if not binary_ok then
-                    if reader_only then
-                        -- 5.1: no mode; the reader's first piece is checked.
-                        if type(chunk) == "function" then chunk = text_reader(chunk) end
-                    elseif mode == nil or allows_text(mode) then
-                        mode = "t" -- the caller's mode, narrowed to text
-                    elseif binary(chunk) then
-                        return nil, refused
-                    elseif type(chunk) == "function" then
-                        -- The caller's mode refuses text (Lua says so); the
-                        -- reader's first piece must not be binary either.
-                        chunk = text_reader(chunk)
-                    end
-                end
-                return after_load(load(chunk, name, mode, ...))
-            end
-            _G.load = function(...)
-                local t = type((...))
-                if t ~= "function" and (reader_only or (t ~= "string" and t ~= "number")) then
-                    local got = select("#", ...) == 0 and "no value" or t
-                    error("bad argument #1 to 'load' (function expected, got " .. got .. ")", 2)
-                end
-                return text_load(...)
-            end
-        end
-        -- `loadstring` (5.1, LuaJIT, Luau): no mode argument in 5.1.
-        if loadstring then
-            _G.loadstring = function(s, ...)
-                if binary(s) then return nil, refused end
-                return after_load(loadstring(s, ...))
-            end
-        end
-        if loadfile then
-            local function text_loadfile(file, mode, ...)
-                if not binary_ok then mode = "t" end
-                return after_load(loadfile(file, mode, ...))
-            end
-            _G.loadfile = text_loadfile
-            _G.dofile = function(file)
-                local f, err = text_loadfile(file)
-                if not f then error(err, 2) end
-                return f()
-            end
-        end
-        "##,
-    )
-    .set_name("=mlua-isle")
-    .call::<()>((
-        check.clone(),
-        stopping.clone(),
-        pcall,
-        xpcall,
-        match coroutine {
-            Some(c) => c.get::<Option<mlua::Function>>("resume")?,
-            None => None,
-        },
-        globals.get::<Option<mlua::Function>>("load")?,
-        globals.get::<Option<mlua::Function>>("loadfile")?,
-        binary_chunks,
-        tracked,
-        globals.get::<Option<mlua::Function>>("loadstring")?,
-        cfg!(feature = "lua51"),
-        is_binary,
-        allows_text,
-    ))
-}
-
-/// With hooks armed on demand, replaces `coroutine.resume`, `close` and
-/// `wrap` with `alarm.rs`'s tracked versions, which also hand a failed
-/// resume's error to `check`, as the wrapper above does.
-fn install_tracked_coroutines(
-    lua: &Lua,
-    coroutine: &mlua::Table,
-    check: &mlua::Function,
-    stopping: &mlua::Function,
-) -> mlua::Result<()> {
-    let (resume, close) = alarm::tracked_resume_close(lua, check)?;
-    // How Lua's `coroutine.wrap` raises a coroutine's error: from 5.4 on, a
-    // coroutine that died by it is closed first (its `__close` handlers may
-    // replace the error), and a string gets the position of the wrapped
-    // function's caller (level 3: this function, the C function, its caller).
-    let wrap_error: mlua::Function = lua
-        .load(
-            r#"
-            local check, close, status, error, memory_error, stopping = ...
-            return function(co, err)
-                -- A coroutine killed by the interruption is not closed
-                -- (see `guard_close`).
-                if close and status(co) == "dead" and not stopping() then
-                    local closed, e = close(co)
-                    if not closed then err = e end
-                end
-                check(err)
-                -- Lua's memory error is raised as is (5.4's wrap), which
-                -- keeps it a memory error.
-                if err == memory_error then error(err, 0) end
-                error(err, 3)
-            end
-            "#,
-        )
-        .set_name("=mlua-isle")
-        .call((
-            check.clone(),
-            close.clone(),
-            coroutine.get::<mlua::Function>("status")?,
-            lua.globals().get::<mlua::Function>("error")?,
-            MEMORY_ERROR,
-            stopping.clone(),
-        ))?;
-    let wrap = alarm::tracked_wrap_with(lua, &wrap_error)?;
-    coroutine.set("resume", resume)?;
-    if let Some(close) = close {
-        coroutine.set("close", close)?;
-    }
-    coroutine.set("wrap", wrap)
-}
-
-/// Lua 5.4 and 5.5: a coroutine killed by an error raised in a hook (the
-/// interruption) keeps hooks disabled (Lua leaves its `allowhook` at 0), so
-/// closing it would run its `__close` handlers where nothing can stop them.
-/// While a request is stopping, `coroutine.close` raises the interruption
-/// instead of closing (as the tracked `coroutine.wrap` skips closing): the
-/// coroutine stays dead with its variables unclosed, as after an error
-/// nobody closes.
-///
-/// Where switches are not tracked, Lua's own `coroutine.wrap` would close
-/// such a coroutine: it is replaced by one that does what 5.4's does (close
-/// a coroutine that died by an error, put the caller's position in front
-/// of a string error, raise a memory error as is), but skips the closing
-/// while the request stops, and hands the error to `check`.
-#[cfg(any(feature = "lua54", feature = "lua55"))]
-fn guard_close(
-    lua: &Lua,
-    coroutine: &mlua::Table,
-    check: &mlua::Function,
-    stopping: &mlua::Function,
-    tracked: bool,
-) -> mlua::Result<()> {
-    let (close, wrap): (Option<mlua::Function>, Option<mlua::Function>) = lua
-        .load(
-            r##"
-            local close, check, stopping, tracked, create, resume, status, memory_error,
-                  type, error, select, pcall = ...
-            if tracked then return nil end -- the tracked close checks
-            -- Lua's errors as Lua words and places them (a tail call to a
-            -- C function still leaves our frame as its caller).
-            local function closed(ok, ...)
-                if ok then return ... end
-                local e = ...
-                if e == memory_error then error(e, 0) end
-                error(e, 2) -- tail-called: level 2 is our caller's caller
-            end
-            local function guarded_close(...)
-                if stopping() then check() end
-                local co = ...
-                if type(co) ~= "thread" then
-                    local got = select("#", ...) == 0 and "no value" or type(co)
-                    error("bad argument #1 to 'close' (thread expected, got " .. got .. ")", 2)
-                end
-                return closed(pcall(close, co))
-            end
-            local function after(co, ok, ...)
-                if ok then return ... end
-                local err = ...
-                if status(co) == "dead" and not stopping() then
-                    local closed, e = close(co)
-                    if not closed then err = e end
-                end
-                check(err)
-                if err == memory_error then error(err, 0) end
-                error(err, 2) -- tail-called: level 2 is the wrapped function's caller
-            end
-            local function wrap(f)
-                if type(f) ~= "function" then
-                    error("bad argument #1 to 'wrap' (function expected)", 2)
-                end
-                local co = create(f)
-                return function(...) return after(co, resume(co, ...)) end
-            end
-            return guarded_close, wrap
-            "##,
-        )
-        .set_name("=mlua-isle")
-        .call((
-            coroutine.get::<mlua::Function>("close")?,
-            check.clone(),
-            stopping.clone(),
-            tracked,
-            coroutine.get::<mlua::Function>("create")?,
-            coroutine.get::<mlua::Function>("resume")?,
-            coroutine.get::<mlua::Function>("status")?,
-            MEMORY_ERROR,
-            lua.globals().get::<mlua::Function>("type")?,
-            lua.globals().get::<mlua::Function>("error")?,
-            lua.globals().get::<mlua::Function>("select")?,
-            lua.globals().get::<mlua::Function>("pcall")?,
-        ))?;
-    if let (Some(close), Some(wrap)) = (close, wrap) {
-        coroutine.set("close", close)?;
-        coroutine.set("wrap", wrap)?;
-    }
-    Ok(())
-}
-
 /// What a job calls around its work (`vm/job.rs`).
 impl Interrupt {
     /// Before the request is marked running: returns the alarm id stoppers
@@ -805,75 +383,4 @@ impl Interrupt {
         *self.current.lock() = None;
         self.fired.load(Ordering::Relaxed)
     }
-}
-
-/// Whether `v` is Lua's memory error as a catcher sees it: Lua's message
-/// (Lua 5.3's buffers: their own), or an mlua error (a Rust callback's)
-/// that is one.
-fn is_memory_error(v: &mlua::Value) -> bool {
-    match v {
-        mlua::Value::String(s) => {
-            let s = s.as_bytes();
-            *s == *MEMORY_ERROR.as_bytes()
-                || (cfg!(feature = "lua53") && *s == *b"not enough memory for buffer allocation")
-        }
-        mlua::Value::Error(e) => matches!(IsleError::from_lua(e), IsleError::MemoryLimit(_)),
-        _ => false,
-    }
-}
-
-/// Converts the error a request's work ended with. A request that ran out
-/// of memory fails with [`IsleError::MemoryLimit`] however the memory error
-/// travelled: raised straight out (mlua's memory error), re-raised by Lua
-/// code or by a library function with a position in front (`error(e)`
-/// after a `pcall`, `coroutine.wrap` on older Lua versions; see
-/// `IsleError::from_lua`), or caught by one of our wrapped catchers
-/// (`pcall`, `xpcall`, `coroutine.resume`/`wrap`/`close`, `load`'s reader)
-/// before the request failed with another error.
-pub(crate) fn request_error(lua: &Lua, err: &mlua::Error) -> IsleError {
-    match IsleError::from_lua(err) {
-        IsleError::Lua(e) if ran_out_of_memory(lua) => IsleError::MemoryLimit(e.message().into()),
-        other => other,
-    }
-}
-
-/// True if a wrapper caught Lua's memory error during the running request.
-fn ran_out_of_memory(lua: &Lua) -> bool {
-    lua.app_data_ref::<Arc<Interrupt>>()
-        .is_some_and(|state| state.out_of_memory.load(Ordering::Relaxed))
-}
-
-/// The token of the request running on this VM, for Rust functions called
-/// from Lua.
-///
-/// The hook cannot interrupt Rust code. A callback that blocks or loops
-/// should check the token and return early, typically with an error:
-///
-/// ```
-/// use mlua_isle::{current_token, Isle, IsleError};
-/// use std::time::Duration;
-///
-/// let isle = Isle::spawn(|lua| {
-///     let wait = lua.create_function(|lua, ()| {
-///         let token = current_token(lua).expect("called from a request");
-///         while !token.is_cancelled() {
-///             std::thread::sleep(Duration::from_millis(1)); // e.g. polling I/O
-///         }
-///         Err::<(), _>(mlua::Error::runtime("gave up: request cancelled"))
-///     })?;
-///     lua.globals().set("wait_for_cancel", wait)
-/// })?;
-///
-/// let task = isle.spawn_call::<()>("wait_for_cancel", ());
-/// task.cancel_token().cancel();
-/// assert_eq!(task.wait(), Err(IsleError::Cancelled));
-/// # Ok::<(), IsleError>(())
-/// ```
-///
-/// Returns `None` outside a request (during `init`, or for a `Lua` that is
-/// not an isle's).
-pub fn current_token(lua: &Lua) -> Option<CancelToken> {
-    let state = lua.app_data_ref::<Arc<Interrupt>>()?;
-    let token = state.current.lock().clone();
-    token
 }

@@ -1,8 +1,66 @@
-//! How running Lua learns it must stop.
+//! The interrupt hook: how a running request learns it must stop.
+//!
+//! A count hook is installed on the VM once, before `init` runs: mlua's
+//! global hook, or on Lua 5.4 and 5.5 a C hook of ours (`alarm.rs`,
+//! `tick_hook`) that calls the same tick from a C frame of its own (mlua's
+//! trampoline moves values on the running function's frame, across its
+//! to-be-closed variables). Coroutines resumed from Rust through mlua's
+//! `Thread::resume` get it when resumed (mlua's `ON_RESUME` thread event).
+//! It runs in one of three modes:
+//! - **Armed on demand** (Unix, PUC-Rio Lua, no `max_instructions`): the
+//!   hook is removed from the main state right away, so Lua code runs at
+//!   full speed; a stopping thread signals the VM thread, which arms the
+//!   hook on the running Lua thread with a count of 1 (see `alarm.rs`). A
+//!   tick with nothing to stop removes the hook again.
+//! - **Luau** has no hooks: its interrupt, while one is set, runs at every
+//!   function call, return and loop back-edge, on every coroutine. It is
+//!   armed on demand too: a stopper sets it (Luau allows that from any
+//!   thread), and a tick with nothing to stop takes it away (`alarm.rs`).
+//! - **Ticking all the time** (elsewhere, and when counting instructions):
+//!   Lua copies a thread's hook into every coroutine it creates, so
+//!   coroutines are covered too. Every `hook_interval` instructions the hook
+//!   looks at the running request's stop reason (and the VM's abort flag,
+//!   raised when the last handle is dropped). With a count hook set, Lua 5.4
+//!   traps on every instruction, which slows pure-Lua loops 2–3x whatever
+//!   the interval.
+//!
+//! Once a request must stop, the hook re-arms itself on the running
+//! coroutine with a count of 1 and raises a Lua error. Whatever catches that
+//! error (`pcall`, `load`'s protected reader, ...) is interrupted again by
+//! the very next instruction it runs on that coroutine, so the error climbs
+//! until it leaves the request. Some catchers are wrapped at start-up, so
+//! that the error value they catch is checked at once: a pending
+//! interruption, or a Rust panic (which mlua hands to Lua as an error value),
+//! is raised again in the caller.
+//!
+//! On Lua 5.2–5.5 the wrappers are C functions (`alarm.rs`, `mod
+//! protected`), invisible to Lua code: no line events for a debug hook, no
+//! frames of their own in tracebacks or `debug.getinfo` levels. Lua 5.1,
+//! LuaJIT and Luau keep wrappers written in Lua.
+//! - `pcall`, `xpcall`: Lua's own (yieldable) functions, wrapped (on Lua
+//!   5.2–5.5, rebuilt in C on `lua_pcallk` with a continuation; on Lua
+//!   5.1, ours of `native.rs`, which check the stack). `xpcall`
+//!   also skips the user's message handler while the request is stopping:
+//!   an error raised inside a hook runs the handler with hooks disabled, so
+//!   a handler that loops forever could never be stopped. (mlua's own
+//!   panic-proof `pcall` is not used: it cannot yield, and it overflows the
+//!   Lua stack when the callee returns many values.)
+//! - `coroutine.resume` (and, armed on demand, `coroutine.close` and
+//!   `coroutine.wrap`), whose caller runs on another coroutine; and `load`,
+//!   which returns its reader's error.
+//!
+//! Finally, a request whose interruption fired resolves with its stop reason
+//! even if its code ended normally after swallowing it.
+//!
+//! Raising an error costs a `longjmp`; unwinding a Rust panic through mlua
+//! instead costs tens of microseconds, which is why it is not used.
 
 #[allow(unsafe_code)]
 pub(crate) mod alarm;
+mod catchers;
+mod errors;
 mod hook;
 
-pub use hook::current_token;
-pub(crate) use hook::*;
+pub use errors::current_token;
+pub(crate) use errors::request_error;
+pub(crate) use hook::Interrupt;

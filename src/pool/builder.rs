@@ -19,11 +19,11 @@ use super::shared::Shared;
 use super::sleep::Sleep;
 use super::worker::{StartVm, Worker};
 use super::{IslePool, PoolInner};
+use crate::host::submit::Owner;
+use crate::request::owner::next_owner_id;
+use crate::request::timer::Timer;
 use crate::vm::config::{vm_options, VmConfig};
 use crate::vm::Job;
-use crate::host::submit::Owner;
-use crate::request::timer::Timer;
-use crate::request::owner::next_owner_id;
 use crate::vm::Vm;
 use crate::IsleError;
 

@@ -33,9 +33,9 @@ pub use key::SessionKey;
 pub use metrics::{PoolMetrics, WorkerMetrics};
 pub use session::Session;
 
-use crate::vm::Job;
 use crate::host::submit::{request_methods, Owner, Submit};
 use crate::request::owner::on_owner_thread;
+use crate::vm::Job;
 use crate::{IsleError, Task};
 use builder::{Spawner, WorkerThread};
 use shared::{Pinned, Shared};

@@ -19,8 +19,8 @@ use parking_lot::Mutex;
 use super::key::SessionKey;
 use super::shared::{Pinned, Shared};
 use super::IslePool;
-use crate::vm::Job;
 use crate::host::submit::{request_methods, Owner, Submit};
+use crate::vm::Job;
 use crate::{IsleError, Task};
 
 /// One binding of a key to a VM. A key closed and used again gets a new

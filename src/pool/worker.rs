@@ -12,9 +12,9 @@ use mlua::{Function, Table};
 
 use super::session::Binding;
 use super::shared::{Found, Pinned, Shared};
-use crate::vm::{Job, Outcome};
 use crate::request::spin::spin_until;
 use crate::vm::Vm;
+use crate::vm::{Job, Outcome};
 use crate::IsleError;
 
 /// One session's environment on this VM.

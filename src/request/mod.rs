@@ -9,5 +9,5 @@ mod token;
 
 pub(crate) use state::*;
 pub use task::Task;
-pub(crate) use token::Reason;
 pub use token::CancelToken;
+pub(crate) use token::Reason;

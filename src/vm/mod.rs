@@ -3,9 +3,9 @@
 pub(crate) mod backend;
 pub(crate) mod chunk;
 pub(crate) mod config;
-mod job;
 #[cfg(feature = "luajit")]
 pub(crate) mod cstack;
+mod job;
 
 use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -14,11 +14,11 @@ use std::sync::Arc;
 
 use mlua::{Lua, LuaOptions, Table};
 
+use crate::interrupt::Interrupt;
 use crate::vm::chunk::ChunkCache;
 use crate::vm::config::VmConfig;
-use crate::interrupt::Interrupt;
-pub(crate) use job::{Ctx, Job, Outcome};
 use crate::IsleError;
+pub(crate) use job::{Ctx, Job, Outcome};
 
 /// A VM living on the current thread.
 pub(crate) struct Vm {
@@ -83,7 +83,11 @@ impl Vm {
                 // sandbox's is budgeted (Lua 5.4's semantics, so only there).
                 #[cfg(any(feature = "lua54", feature = "lua55"))]
                 if let Some(string) = lua.globals().get::<Option<Table>>("string")? {
-                    crate::sandbox::pattern::install(lua, &string, Interrupt::pattern_poll(&interrupt))?;
+                    crate::sandbox::pattern::install(
+                        lua,
+                        &string,
+                        Interrupt::pattern_poll(&interrupt),
+                    )?;
                 }
                 crate::sandbox::apply(lua, config.max_source)?;
             }

@@ -89,8 +89,7 @@ pub(super) fn arm(alarm: &Alarm) {
     let callbacks = alarm.callbacks.load(Ordering::SeqCst);
     if callbacks != 0 {
         // SAFETY: a non-zero address is the table of a live VM (above).
-        unsafe { field(callbacks) }
-            .store(MLUA_INTERRUPT.load(Ordering::SeqCst), Ordering::SeqCst);
+        unsafe { field(callbacks) }.store(MLUA_INTERRUPT.load(Ordering::SeqCst), Ordering::SeqCst);
     }
 }
 

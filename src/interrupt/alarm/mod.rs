@@ -127,7 +127,6 @@ pub(crate) use unix::{
     tracked_resume_close, tracked_wrap_with, unbind,
 };
 
-
 #[cfg(feature = "luau")]
 pub(crate) use luau::{
     begin, bind, bind_interrupt, disarm_main, disarm_running, rearm_running, unbind,
@@ -174,7 +173,6 @@ pub(crate) fn tracked_wrap_with(
 pub(crate) fn disarm_running(_lua: &mlua::Lua) -> bool {
     false
 }
-
 
 #[cfg(feature = "lua55")]
 pub(crate) use protected::cap_string_rep;

@@ -24,8 +24,6 @@
 //! read as the address of a local, in safe code; the guard only compares
 //! it.
 
-
-
 #[cfg(feature = "lua51")]
 pub(crate) use lua51::protected_calls;
 #[cfg(feature = "luajit")]

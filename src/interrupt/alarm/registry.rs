@@ -199,7 +199,6 @@ impl std::fmt::Debug for ThreadAlarm {
     }
 }
 
-
 /// A VM's main state and hook function, as addresses (see [`bind`]). On
 /// Luau, `main` is the address of the VM's callback table instead, and
 /// `hook` is unused.

@@ -148,6 +148,5 @@ unsafe fn switch_to(state: *mut lua_State) {
     });
 }
 
-
 mod switch;
 pub(crate) use switch::*;
