@@ -1,5 +1,4 @@
--- The catchers of Lua 5.1, LuaJIT and Luau, wrapped in Lua (see
--- `catchers.rs`): run once per VM with the values listed on the first line.
+-- Lua 5.1, LuaJIT, Luau: the catchers in Lua (see catchers.rs); one line, so positions stay.
 local check, stopping, pcall, xpcall, resume, load, loadfile, binary_ok, tracked,
       loadstring, reader_only, is_binary, allows_text = ...
 local type, error, select = type, error, select
