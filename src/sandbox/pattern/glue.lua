@@ -1,4 +1,3 @@
--- The Lua side of the budgeted string functions (see mod.rs).
 local ERR, GO, CALL, INDEX, find_rs, match_rs, gmatch_rs, gsub_rs, error = ...
 -- Always tail-called, so that level 2 is the caller of the string
 -- function, whose position a C library error also carries.
@@ -34,3 +33,5 @@ local function gsub(...)
     return a, b
 end
 return find, match, gmatch, gsub
+-- (The Lua side of the budgeted string functions, see mod.rs; this note
+-- is last so that line numbers match the chunk's.)
