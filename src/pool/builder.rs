@@ -1,17 +1,14 @@
 //! `IslePoolBuilder`, and starting the workers.
 
-use std::collections::HashSet;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_deque::{Injector, Worker as Deque};
 use crossbeam_utils::sync::Parker;
 use crossbeam_utils::CachePadded;
 use mlua::Lua;
-use parking_lot::{Condvar, Mutex};
 
 use super::metrics::{StripedCounter, WorkerCounters};
 use super::session::{Binding, Sessions};
@@ -20,11 +17,11 @@ use super::sleep::Sleep;
 use super::worker::{StartVm, Worker};
 use super::{IslePool, PoolInner};
 use crate::host::submit::Owner;
+use crate::host::{Host, Lifecycle, Queues, Spawn, Starting, VmThread};
 use crate::request::owner::next_owner_id;
 use crate::request::timer::Timer;
 use crate::vm::config::{vm_options, VmConfig};
-use crate::vm::Job;
-use crate::vm::Vm;
+use crate::vm::{Job, Vm};
 use crate::IsleError;
 
 type Init = dyn Fn(&Lua) -> mlua::Result<()> + Send + Sync;
@@ -113,14 +110,13 @@ impl IslePoolBuilder {
         let id = next_owner_id();
         let (sleep, parkers) = Sleep::new(n);
         let locals: Vec<Deque<_>> = (0..n).map(|_| Deque::new_fifo()).collect();
+        let life = Lifecycle::new(n);
         let shared = Arc::new(Shared {
             injector: Injector::new(),
             stealers: locals.iter().map(Deque::stealer).collect(),
             pinned: (0..n).map(|_| Injector::new()).collect(),
             sleep,
-            closed: AtomicBool::new(false),
-            abort: Arc::new(AtomicBool::new(false)),
-            stopped: AtomicBool::new(false),
+            life: life.clone(),
             sessions: Sessions::new(n),
             counters: (0..n)
                 .map(|_| CachePadded::new(WorkerCounters::default()))
@@ -134,25 +130,23 @@ impl IslePoolBuilder {
             idle_timeout: self.session_idle_timeout,
             recycle_after: self.recycle_after,
             recycle_above: self.recycle_above,
-            generations: (0..n).map(|_| AtomicU64::new(0)).collect(),
-            interrupts: (0..n).map(|_| Mutex::new(None)).collect(),
             epoch: Instant::now(),
         });
 
         let start_vm: StartVm = {
-            let (config, abort) = (config.clone(), shared.abort.clone());
+            let (config, abort) = (config.clone(), life.abort_flag());
             Arc::new(move || Vm::start(id, &config, abort.clone(), |lua| init(lua)))
         };
         let spawner = Spawner {
             shared: shared.clone(),
             config: config.clone(),
             start_vm,
-            exits: Arc::new(Exits::default()),
         };
-        let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
-        let mut guard = Startup {
+        // All start (and run `init`) in parallel; each is then waited for.
+        let mut startup = Startup {
             shared: shared.clone(),
-            threads: Vec::with_capacity(n),
+            starting: Vec::with_capacity(n),
+            started: Vec::with_capacity(n),
         };
         for (index, (local, parker)) in locals.into_iter().zip(parkers).enumerate() {
             let slot = Slot {
@@ -162,36 +156,36 @@ impl IslePoolBuilder {
                 parker,
                 batch: true,
             };
-            match spawner.spawn(slot, ready_tx.clone(), None) {
-                Ok(t) => guard.threads.push(t),
-                Err(e) => {
-                    return Err(IsleError::Init(format!(
-                        "worker {index}: cannot spawn its thread: {e}"
-                    )))
-                }
-            }
+            let starting = spawner
+                .spawn(slot, None)
+                .map_err(|e| name_worker(index, e))?;
+            startup.starting.push(starting);
         }
-        drop(ready_tx);
-        for _ in 0..n {
-            match ready_rx.recv() {
-                Ok((_, Ok(()))) => {}
-                Ok((index, Err(e))) => return Err(name_worker(index, e)),
-                Err(_) => return Err(IsleError::Init("a worker died during init".into())),
-            }
+        while !startup.starting.is_empty() {
+            let index = startup.started.len();
+            let thread = startup
+                .starting
+                .remove(0)
+                .ready()
+                .map_err(|e| name_worker(index, e))?;
+            startup.started.push(thread);
         }
-        let threads = std::mem::take(&mut guard.threads);
+        let threads = std::mem::take(&mut startup.started);
         let inner = Arc::new(PoolInner {
-            owner: Owner {
-                id,
-                timer: Timer::new(config.name.clone(), id, config.stop_grace),
-                default_timeout: config.default_timeout,
-            },
+            host: Host::new(
+                Owner {
+                    id,
+                    timer: Timer::new(config.name.clone(), id, config.stop_grace),
+                    default_timeout: config.default_timeout,
+                },
+                life,
+                threads,
+            ),
             shared,
-            threads: Mutex::new(threads),
             spawner,
         });
         let weak = Arc::downgrade(&inner);
-        inner.owner.timer.on_overdue(Arc::new(move |req| {
+        inner.host.owner.timer.on_overdue(Arc::new(move |req| {
             if let Some(inner) = weak.upgrade() {
                 inner.replace_if_running(req);
             }
@@ -210,35 +204,22 @@ pub(super) struct Slot {
     pub(super) batch: bool,
 }
 
-/// One worker thread of a pool, as its owner keeps it.
-pub(super) struct WorkerThread {
-    pub(super) index: usize,
-    pub(super) generation: u64,
-    pub(super) handle: JoinHandle<()>,
-}
-
 /// Starts worker threads: the first ones, and replacements of wedged ones.
 pub(super) struct Spawner {
     shared: Arc<Shared>,
     config: VmConfig,
     start_vm: StartVm,
-    pub(super) exits: Arc<Exits>,
 }
 
-/// Reported by a new worker thread once its VM has started (or failed to).
-type Ready = crossbeam_channel::Sender<(usize, Result<(), IsleError>)>;
-
 impl Spawner {
-    /// Starts a worker thread for `slot`: it starts its VM (running
-    /// `init`), reports on `ready`, then, if given `go`, waits for it (a
-    /// dropped `go` means "never mind": the thread exits) and takes from it
-    /// the sessions lost with the VM it replaces, and serves.
+    /// Starts a worker thread for `slot` (see `host::Spawn`): given `go`,
+    /// it waits for it and takes from it the sessions lost with the VM it
+    /// replaces.
     pub(super) fn spawn(
         &self,
         slot: Slot,
-        ready: Ready,
         go: Option<crossbeam_channel::Receiver<Vec<Arc<Binding>>>>,
-    ) -> std::io::Result<WorkerThread> {
+    ) -> Result<Starting, IsleError> {
         let Slot {
             index,
             generation,
@@ -255,81 +236,20 @@ impl Spawner {
             generation,
             batch,
         };
-        let exits = self.exits.clone();
-        let handle = self.config.thread(&format!("-{index}")).spawn(move || {
-            let _exit = ExitSignal(exits, index, generation);
-            match (worker.restart)() {
-                Ok(vm) => {
-                    let _ = ready.send((index, Ok(())));
-                    let lost = match go.map(|go| go.recv()) {
-                        None => Vec::new(),
-                        Some(Ok(lost)) => lost,
-                        Some(Err(_)) => return,
-                    };
-                    *worker.shared.interrupts[index].lock() = Some(vm.interrupt());
-                    worker.run(vm, lost);
-                }
-                Err(e) => {
-                    let _ = ready.send((index, Err(e)));
-                }
-            }
-        })?;
-        Ok(WorkerThread {
-            index,
+        Spawn {
+            slot: index,
             generation,
-            handle,
-        })
-    }
-}
-
-/// Which worker threads have ended, by (slot, generation): waited on by
-/// shutdown, which must not count on a stuck, detached thread ever ending.
-#[derive(Default)]
-pub(super) struct Exits {
-    state: Mutex<ExitState>,
-    cond: Condvar,
-}
-
-#[derive(Default)]
-struct ExitState {
-    ended: HashSet<(usize, u64)>,
-    /// Threads found wedged while the pool was shutting down.
-    wedged: HashSet<(usize, u64)>,
-}
-
-impl Exits {
-    /// Blocks until every thread of `threads` (slot, generation) has ended
-    /// or been found wedged (true), or `deadline` passes (false).
-    pub(super) fn wait(&self, threads: &[(usize, u64)], deadline: Option<Instant>) -> bool {
-        let mut st = self.state.lock();
-        loop {
-            if threads
-                .iter()
-                .all(|t| st.ended.contains(t) || st.wedged.contains(t))
-            {
-                return true;
-            }
-            match deadline {
-                Some(d) => {
-                    if self.cond.wait_until(&mut st, d).timed_out() {
-                        return false;
-                    }
-                }
-                None => self.cond.wait(&mut st),
-            }
+            start: {
+                let start_vm = self.start_vm.clone();
+                move || start_vm()
+            },
+            go,
         }
-    }
-
-    /// True once this thread has ended.
-    pub(super) fn ended(&self, t: &WorkerThread) -> bool {
-        self.state.lock().ended.contains(&(t.index, t.generation))
-    }
-
-    /// Thread (slot, generation) will not stop on its own: shutdown stops
-    /// waiting for it.
-    pub(super) fn wedged(&self, thread: (usize, u64)) {
-        self.state.lock().wedged.insert(thread);
-        self.cond.notify_all();
+        .spawn(
+            &self.shared.life,
+            self.config.thread(&format!("-{index}")),
+            move |vm, lost| worker.run(vm, lost.unwrap_or_default()),
+        )
     }
 }
 
@@ -344,30 +264,26 @@ fn name_worker(index: usize, e: IsleError) -> IsleError {
 /// Stops and joins the workers started so far if `build` returns early.
 struct Startup {
     shared: Arc<Shared>,
-    threads: Vec<WorkerThread>,
+    starting: Vec<Starting>,
+    started: Vec<VmThread>,
 }
 
 impl Drop for Startup {
     fn drop(&mut self) {
-        if self.threads.is_empty() {
+        if self.starting.is_empty() && self.started.is_empty() {
             return;
         }
-        self.shared.abort.store(true, Ordering::Release);
-        self.shared.closed.store(true, Ordering::Release);
-        self.shared.sleep.wake_all();
-        for t in self.threads.drain(..) {
-            let _ = t.handle.join();
+        // No request was queued: closed and aborted, every worker exits as
+        // soon as its VM has started.
+        self.shared.life.close();
+        self.shared.life.abort();
+        self.shared.wake_all();
+        for s in self.starting.drain(..) {
+            s.join();
         }
-    }
-}
-
-/// Tells shutdown that a worker thread has ended, however it ends.
-struct ExitSignal(Arc<Exits>, usize, u64);
-
-impl Drop for ExitSignal {
-    fn drop(&mut self) {
-        self.0.state.lock().ended.insert((self.1, self.2));
-        self.0.cond.notify_all();
+        for t in self.started.drain(..) {
+            t.join();
+        }
     }
 }
 

@@ -26,7 +26,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use mlua::Lua;
-use parking_lot::Mutex;
 
 pub use builder::IslePoolBuilder;
 pub use key::SessionKey;
@@ -34,10 +33,11 @@ pub use metrics::{PoolMetrics, WorkerMetrics};
 pub use session::Session;
 
 use crate::host::submit::{request_methods, Owner, Submit};
+use crate::host::Host;
 use crate::request::owner::on_owner_thread;
 use crate::vm::Job;
 use crate::{IsleError, Task};
-use builder::{Spawner, WorkerThread};
+use builder::Spawner;
 use shared::{Pinned, Shared};
 
 /// A pool of Lua VMs, each on its own thread, sharing one dispatcher.
@@ -74,12 +74,10 @@ pub struct IslePool {
 
 /// The owner of the workers; dropped with the last handle.
 struct PoolInner {
-    owner: Owner,
+    /// The worker threads, owner id, timer and default time limit.
+    host: Host,
     shared: Arc<Shared>,
-    /// The current worker thread of each slot, taken by whoever joins them
-    /// (a wedged one is replaced, and detached).
-    threads: Mutex<Vec<WorkerThread>>,
-    /// Starts replacement workers; records which threads have ended.
+    /// Starts replacement workers.
     spawner: Spawner,
 }
 
@@ -134,7 +132,7 @@ impl IslePool {
         F: Fn(&Lua) -> mlua::Result<T> + Send + Sync + 'static,
     {
         let shared = &self.inner.shared;
-        if on_owner_thread(self.inner.owner.id) {
+        if on_owner_thread(self.inner.host.owner.id) {
             return (0..shared.workers())
                 .map(|_| Err(IsleError::Reentrant))
                 .collect();
@@ -145,9 +143,10 @@ impl IslePool {
                 let f = f.clone();
                 let (task, job) = self
                     .inner
+                    .host
                     .owner
                     .request(crate::host::submit::exec(move |lua: &Lua| f(lua)));
-                if shared.closed.load(Ordering::Acquire) {
+                if shared.life.is_closed() {
                     job.abandon(IsleError::Shutdown);
                 } else {
                     shared.pinned[w].push(Pinned::Broadcast(job));
@@ -195,7 +194,7 @@ impl IslePool {
         T: mlua::FromLuaMulti + Send + 'static,
     {
         let inputs: Vec<A> = inputs.into_iter().collect();
-        if on_owner_thread(self.inner.owner.id) {
+        if on_owner_thread(self.inner.host.owner.id) {
             return inputs.iter().map(|_| Err(IsleError::Reentrant)).collect();
         }
         // A few batches per VM: enough for stealing to even out uneven
@@ -244,7 +243,7 @@ impl IslePool {
     fn admit(&self, job: Job) -> Option<Job> {
         let shared = self.shared();
         shared.submitted.add(1);
-        if shared.closed.load(Ordering::Acquire) {
+        if shared.life.is_closed() {
             shared.discarded.fetch_add(1, Ordering::Relaxed);
             job.abandon(IsleError::Shutdown);
             None
@@ -260,19 +259,14 @@ impl IslePool {
     /// shutdown raced with this submit), resolve what is left in the queues
     /// ourselves.
     fn after_push(&self) {
-        // ORDERING: the wake-up that followed the push (`Sleep::wake_any` /
-        // `wake`) began with a SeqCst fence, which also orders the push
-        // before this load; it pairs with the fence in `shutdown::finish`:
-        // either it drains after our push, or we see `stopped` and drain.
-        if self.shared().stopped.load(Ordering::SeqCst) {
-            self.shared().drain();
-        }
+        let shared = self.shared();
+        shared.life.after_push(|| shared.drain());
     }
 }
 
 impl Submit for IslePool {
     fn owner(&self) -> &Owner {
-        &self.inner.owner
+        &self.inner.host.owner
     }
 
     fn enqueue(&self, job: Job) {
@@ -289,7 +283,7 @@ impl fmt::Debug for IslePool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IslePool")
             .field("workers", &self.workers())
-            .field("closed", &self.inner.shared.closed.load(Ordering::Relaxed))
+            .field("closed", &self.inner.shared.life.is_closed())
             .finish()
     }
 }

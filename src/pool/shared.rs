@@ -2,18 +2,17 @@
 //! sleep/wake slots, the session table and the counters.
 
 use std::iter;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_deque::{Injector, Steal, Stealer, Worker as Deque};
 use crossbeam_utils::CachePadded;
-use parking_lot::Mutex;
 
 use super::metrics::{PoolMetrics, StripedCounter, WorkerCounters};
 use super::session::{Binding, Sessions};
 use super::sleep::Sleep;
-use crate::interrupt::Interrupt;
+use crate::host::Lifecycle;
 use crate::request::Admission;
 use crate::vm::Job;
 use crate::IsleError;
@@ -42,14 +41,8 @@ pub(crate) struct Shared {
     /// Each worker's session/broadcast queue.
     pub(crate) pinned: Box<[Injector<Pinned>]>,
     pub(crate) sleep: Sleep,
-    /// Graceful shutdown begun: accept nothing new, drain, exit.
-    pub(crate) closed: AtomicBool,
-    /// Stop now: interrupt running requests, resolve queued ones `Shutdown`.
-    /// Shared with every VM's hook.
-    pub(crate) abort: Arc<AtomicBool>,
-    /// Set once every worker has exited; submitters then resolve what they
-    /// pushed themselves (see `IslePool::after_push`).
-    pub(crate) stopped: AtomicBool,
+    /// Shutdown flags, slot generations and VM interrupts (see `host`).
+    pub(crate) life: Arc<Lifecycle>,
     pub(crate) sessions: Sessions,
     pub(crate) counters: Box<[CachePadded<WorkerCounters>]>,
     pub(crate) submitted: StripedCounter,
@@ -65,13 +58,6 @@ pub(crate) struct Shared {
     /// `recycle_after` (requests) and `recycle_when_memory_above` (bytes).
     pub(crate) recycle_after: Option<u64>,
     pub(crate) recycle_above: Option<usize>,
-    /// Each slot's current worker thread: bumped when a wedged worker is
-    /// replaced, so the stuck thread exits as soon as it gets back.
-    pub(crate) generations: Box<[AtomicU64]>,
-    /// Each worker's current VM interrupt state, so an abort can stop Rust
-    /// callbacks polling their token. Set by the worker, replaced when it
-    /// recycles its VM.
-    pub(crate) interrupts: Box<[Mutex<Option<Arc<Interrupt>>>]>,
     /// Zero point of session `last_used` stamps.
     pub(crate) epoch: Instant,
 }

@@ -124,7 +124,7 @@ impl Worker {
                         binding.pending.fetch_sub(1, Ordering::Relaxed);
                     }
                     Found::Pinned(Pinned::Broadcast(job)) => {
-                        if shared.abort.load(Ordering::Acquire) {
+                        if shared.life.is_aborting() {
                             job.abandon(IsleError::Shutdown);
                         } else {
                             host.vm.run(job, None);
@@ -161,7 +161,7 @@ impl Worker {
             }
 
             // Idle.
-            let stopping = || shared.closed.load(Ordering::Acquire);
+            let stopping = || shared.life.is_closed();
             if stopping() && !shared.has_work(w, &self.local) {
                 break;
             }
@@ -183,8 +183,7 @@ impl Worker {
 
     /// False once a replacement has taken this worker's slot.
     fn is_current(&self) -> bool {
-        // ORDERING: Acquire pairs with the Release bump in `wedge.rs`.
-        self.shared.generations[self.index].load(Ordering::Acquire) == self.generation
+        self.shared.life.is_current(self.index, self.generation)
     }
 
     /// Leaves the slot to its replacement: what waits in this thread's deque
@@ -198,17 +197,15 @@ impl Worker {
         }
         if moved {
             shared.sleep.wake_any();
-            // ORDERING: as in `IslePool::after_push`: the pool may have
-            // stopped (and drained) while this thread was stuck.
-            if shared.stopped.load(Ordering::SeqCst) {
-                shared.drain();
-            }
+            // The pool may have stopped (and drained) while this thread was
+            // stuck.
+            shared.life.after_push(|| shared.drain());
         }
     }
 
     fn run_job(&self, host: &mut Host, job: Job, env: Option<&Table>) {
         let counters = &self.shared.counters[self.index];
-        if self.shared.abort.load(Ordering::Acquire) {
+        if self.shared.life.is_aborting() {
             job.abandon(IsleError::Shutdown);
             counters.record(Outcome::Cancelled, Duration::ZERO);
             return;
@@ -252,7 +249,7 @@ impl Worker {
         let counters = &self.shared.counters[self.index];
         match (self.restart)() {
             Ok(vm) => {
-                *self.shared.interrupts[self.index].lock() = Some(vm.interrupt());
+                self.shared.life.serve_with(self.index, vm.interrupt());
                 let old = std::mem::replace(host, Host::new(vm));
                 for env in old.envs.into_values() {
                     env.binding.lost.store(true, Ordering::Release);

@@ -87,7 +87,12 @@ pub(super) fn str_find_aux(
 }
 
 /// `string.gmatch`: returns the iterator (wrapped by the Lua side).
-pub(super) fn gmatch(lua: &Lua, ctx: &Arc<Ctx>, tags: &Arc<Tags>, args: &MultiValue) -> Res<MultiValue> {
+pub(super) fn gmatch(
+    lua: &Lua,
+    ctx: &Arc<Ctx>,
+    tags: &Arc<Tags>,
+    args: &MultiValue,
+) -> Res<MultiValue> {
     let a = Args {
         lua,
         tags,
@@ -151,7 +156,12 @@ pub(super) enum Repl {
 
 /// `string.gsub`. A string replacement is done here at once; for a
 /// function or a table, returns the step function for the Lua side.
-pub(super) fn gsub(lua: &Lua, ctx: &Arc<Ctx>, tags: &Arc<Tags>, args: &MultiValue) -> Res<MultiValue> {
+pub(super) fn gsub(
+    lua: &Lua,
+    ctx: &Arc<Ctx>,
+    tags: &Arc<Tags>,
+    args: &MultiValue,
+) -> Res<MultiValue> {
     let a = Args {
         lua,
         tags,
@@ -225,7 +235,13 @@ pub(super) struct Gsub {
 impl Gsub {
     /// Takes the Lua side's replacement value for the pending match (none
     /// on the first call), then goes on.
-    pub(super) fn step(&mut self, lua: &Lua, ctx: &Ctx, tags: &Tags, value: Value) -> Res<MultiValue> {
+    pub(super) fn step(
+        &mut self,
+        lua: &Lua,
+        ctx: &Ctx,
+        tags: &Tags,
+        value: Value,
+    ) -> Res<MultiValue> {
         if let Some((s, e)) = self.pending.take() {
             self.add_value(&mut Budget::new(lua, ctx), s, e, value)?;
             self.pos = e;
@@ -238,7 +254,13 @@ impl Gsub {
     }
 
     /// The end of `add_value`, once the value is known.
-    pub(super) fn add_value(&mut self, budget: &mut Budget<'_>, s: usize, e: usize, value: Value) -> Res<()> {
+    pub(super) fn add_value(
+        &mut self,
+        budget: &mut Budget<'_>,
+        s: usize,
+        e: usize,
+        value: Value,
+    ) -> Res<()> {
         match value {
             // nil or false: keep the original text.
             Value::Nil | Value::Boolean(false) => {

@@ -1,0 +1,139 @@
+//! Starting a VM thread: the VM is created on the thread that will own it,
+//! reports back, and serves until its owner's lifecycle says stop.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::Receiver;
+
+use super::lifecycle::Lifecycle;
+use crate::vm::Vm;
+use crate::IsleError;
+
+/// One VM thread, as its owner keeps it.
+pub(crate) struct VmThread {
+    pub(crate) slot: usize,
+    pub(crate) generation: u64,
+    pub(super) handle: JoinHandle<()>,
+}
+
+impl VmThread {
+    pub(super) fn id(&self) -> (usize, u64) {
+        (self.slot, self.generation)
+    }
+
+    /// Waits for the thread to end (it must be on its way out).
+    pub(crate) fn join(self) {
+        let _ = self.handle.join();
+    }
+
+    pub(super) fn name(&self) -> String {
+        self.handle.thread().name().unwrap_or("?").to_string()
+    }
+}
+
+/// A VM thread whose VM is starting (running `init`).
+pub(crate) struct Starting {
+    thread: VmThread,
+    ready: Receiver<Result<(), IsleError>>,
+}
+
+impl Starting {
+    /// Blocks until the VM has started. If it could not, the thread has
+    /// ended (it is joined) and the error says why.
+    pub(crate) fn ready(self) -> Result<VmThread, IsleError> {
+        let started = self
+            .ready
+            .recv()
+            .unwrap_or_else(|_| Err(IsleError::Init("the VM thread died during init".into())));
+        match started {
+            Ok(()) => Ok(self.thread),
+            Err(e) => {
+                let _ = self.thread.handle.join();
+                Err(e)
+            }
+        }
+    }
+
+    /// Joins the thread, whatever it does (for a start-up that failed
+    /// elsewhere: the owner has closed and aborted, so it serves nothing).
+    pub(crate) fn join(self) {
+        let _ = self.thread.handle.join();
+    }
+}
+
+/// What a VM thread runs: its slot, and the closures that make and serve
+/// its VM.
+pub(crate) struct Spawn<G, S> {
+    pub(crate) slot: usize,
+    pub(crate) generation: u64,
+    /// Creates the VM (running `init`) on the new thread.
+    pub(crate) start: S,
+    /// Given, the thread waits after starting its VM until its owner sends
+    /// the go-ahead (a replacement waits to be handed the slot); a dropped
+    /// sender means "never mind", and the thread exits.
+    pub(crate) go: Option<Receiver<G>>,
+}
+
+impl<G, S> Spawn<G, S>
+where
+    G: Send + 'static,
+    S: FnOnce() -> Result<Vm, IsleError> + Send + 'static,
+{
+    /// Spawns the thread with `builder`: it starts its VM, reports (see
+    /// [`Starting::ready`]), waits for `go` if given, records the VM in
+    /// `life` for its slot, and then calls `serve` with what `go` carried.
+    /// `life` learns when the thread ends, however it ends.
+    pub(crate) fn spawn(
+        self,
+        life: &Arc<Lifecycle>,
+        builder: std::thread::Builder,
+        serve: impl FnOnce(Vm, Option<G>) + Send + 'static,
+    ) -> Result<Starting, IsleError> {
+        let Spawn {
+            slot,
+            generation,
+            start,
+            go,
+        } = self;
+        let (ready_tx, ready) = crossbeam_channel::bounded(1);
+        let life = life.clone();
+        let handle = builder
+            .spawn(move || {
+                let _exit = ExitSignal(life.clone(), (slot, generation));
+                let vm = match start() {
+                    Ok(vm) => vm,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                let carried = match go.map(|go| go.recv()) {
+                    None => None,
+                    Some(Ok(g)) => Some(g),
+                    Some(Err(_)) => return,
+                };
+                life.serve_with(slot, vm.interrupt());
+                serve(vm, carried);
+            })
+            .map_err(|e| IsleError::Init(format!("cannot spawn the VM thread: {e}")))?;
+        Ok(Starting {
+            thread: VmThread {
+                slot,
+                generation,
+                handle,
+            },
+            ready,
+        })
+    }
+}
+
+/// Tells the lifecycle that a VM thread has ended, however it ends.
+struct ExitSignal(Arc<Lifecycle>, (usize, u64));
+
+impl Drop for ExitSignal {
+    fn drop(&mut self) {
+        self.0.ended(self.1);
+    }
+}
