@@ -127,7 +127,7 @@ fn round_trip(c: &mut Criterion) {
     let hop = || {
         pp.hop(1);
     };
-    let (ours, floor, r) = common::interleaved(
+    let isle_vs_hop = common::interleaved(
         15,
         20_000,
         || {
@@ -137,12 +137,10 @@ fn round_trip(c: &mut Criterion) {
     );
     common::report(
         "isle_call (target <= 2x)",
-        ours,
+        &isle_vs_hop,
         "crossbeam_ping_pong",
-        floor,
-        r,
     );
-    let (naive, floor, r) = common::interleaved(
+    let naive = common::interleaved(
         5,
         1_000,
         || {
@@ -150,8 +148,8 @@ fn round_trip(c: &mut Criterion) {
         },
         hop,
     );
-    common::report("mpsc_actor", naive, "crossbeam_ping_pong", floor, r);
-    let (same, floor, r) = common::interleaved(
+    common::report("mpsc_actor", &naive, "crossbeam_ping_pong");
+    let same_thread = common::interleaved(
         5,
         20_000,
         || {
@@ -159,7 +157,7 @@ fn round_trip(c: &mut Criterion) {
         },
         hop,
     );
-    common::report("direct_mlua", same, "crossbeam_ping_pong", floor, r);
+    common::report("direct_mlua", &same_thread, "crossbeam_ping_pong");
     isle.shutdown().unwrap();
 }
 

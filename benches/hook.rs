@@ -123,7 +123,7 @@ fn hook_cost(c: &mut Criterion) {
         let base = || {
             f.call::<mlua::Value>(()).unwrap();
         };
-        let (ours, floor, r) = common::interleaved(
+        let ours = common::interleaved(
             11,
             10,
             || {
@@ -133,12 +133,10 @@ fn hook_cost(c: &mut Criterion) {
         );
         common::report(
             &format!("{name}: isle (target <= 1.1x)"),
-            ours,
+            &ours,
             "plain_mlua",
-            floor,
-            r,
         );
-        let (hooked, floor, r) = common::interleaved(
+        let hooked = common::interleaved(
             11,
             10,
             || {
@@ -148,15 +146,13 @@ fn hook_cost(c: &mut Criterion) {
         );
         common::report(
             &format!("{name}: mlua + permanent hook"),
-            hooked,
+            &hooked,
             "plain_mlua",
-            floor,
-            r,
         );
         #[cfg(not(feature = "luau"))]
         {
             let ib = isle_with_budget(src);
-            let (budget, floor, r) = common::interleaved(
+            let budget = common::interleaved(
                 11,
                 10,
                 || {
@@ -166,10 +162,8 @@ fn hook_cost(c: &mut Criterion) {
             );
             common::report(
                 &format!("{name}: isle + max_instructions"),
-                budget,
+                &budget,
                 "plain_mlua",
-                floor,
-                r,
             );
             ib.shutdown().unwrap();
         }

@@ -258,12 +258,12 @@ fn workload(c: &mut Criterion, s: &Setup, name: &str, jobs: &[i64]) {
     let of_machine = median(&mut rows, &|r| 100.0 * r[5] / r[1]);
     let sess_of_machine = median(&mut rows, &|r| 100.0 * r[5] / r[2]);
     println!(
-        "summary: pool {name:<8} makespan {:>9.2?} = {eff:5.1}% of ideal {:.2?} | baselines, % of ideal: parallel plain mlua {machine_eff:5.1}%, rayon+thread-local Lua {rayon_eff:5.1}%, round-robin isles {rr_eff:5.1}%",
+        "summary: pool {name:<8} makespan {:>9.2?}, ideal {:.2?} (medians) | per round, median: ours {eff:5.1}% of ideal; baselines, % of ideal: parallel plain mlua {machine_eff:5.1}%, rayon+thread-local Lua {rayon_eff:5.1}%, round-robin isles {rr_eff:5.1}%",
         ms(pool),
         ms(ideal),
     );
     println!(
-        "summary: pool {name:<8} ours as % of parallel plain mlua: unkeyed {of_machine:5.1}%, sessions {sess_of_machine:5.1}% | sessions {sess_eff:5.1}% of ideal, {sess_vs:5.1}% of unkeyed"
+        "summary: pool {name:<8} per round, median: ours as % of parallel plain mlua: unkeyed {of_machine:5.1}%, sessions {sess_of_machine:5.1}% | sessions {sess_eff:5.1}% of ideal, {sess_vs:5.1}% of unkeyed"
     );
 }
 
@@ -364,12 +364,12 @@ fn tiny(c: &mut Criterion) {
         .map(|_| tiny_rayon(&s.rayon, 4 * per_thread))
         .fold(0.0, f64::max);
     println!(
-        "summary: pool tiny requests (target >= 1M/s)   ours {:.2} M/s   baseline rayon+thread-local Lua: {:.2} M/s",
+        "summary: pool tiny requests (target >= 1M/s)   ours {:.2} M/s   baseline rayon+thread-local Lua: {:.2} M/s   (best of 5 each)",
         ours / 1e6,
         rayon / 1e6
     );
     println!(
-        "summary: pool tiny calls through map()          ours {:.2} M/s   baseline rayon+thread-local Lua: {:.2} M/s   ratio {:.2}x",
+        "summary: pool tiny calls through map()          ours {:.2} M/s   baseline rayon+thread-local Lua: {:.2} M/s   (best of 5 each)   rayon/ours {:.2}x",
         mapped / 1e6,
         rayon / 1e6,
         rayon / mapped

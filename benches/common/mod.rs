@@ -27,15 +27,43 @@ pub fn per_op(rounds: usize, iters: u64, mut op: impl FnMut()) -> Duration {
     samples[samples.len() / 2]
 }
 
-/// Measures `ours` and `baseline` in alternating rounds (so both see the
-/// same machine weather) and returns their medians per op and the median of
-/// the per-round ratios.
+/// Our time beside a baseline's, measured in alternating rounds.
+pub struct Paired {
+    /// Median time per operation of ours, over the rounds.
+    pub ours: Duration,
+    /// Median time per operation of the baseline, over the rounds.
+    pub baseline: Duration,
+    /// `ours / baseline` of each round, sorted.
+    ratios: Vec<f64>,
+}
+
+impl Paired {
+    /// The median of the per-round ratios `ours / baseline`. Each round's
+    /// pair saw the same machine load, so this is the ratio to quote; it
+    /// need not equal `ours / baseline` of the two medians.
+    pub fn ratio(&self) -> f64 {
+        self.ratios[self.ratios.len() / 2]
+    }
+
+    /// The lowest and highest per-round ratio.
+    pub fn ratio_range(&self) -> (f64, f64) {
+        (self.ratios[0], self.ratios[self.ratios.len() - 1])
+    }
+
+    /// `ours / baseline` of the two medians.
+    pub fn ratio_of_medians(&self) -> f64 {
+        self.ours.as_secs_f64() / self.baseline.as_secs_f64()
+    }
+}
+
+/// Measures `ours` and `baseline` in alternating rounds of `iters` calls
+/// each, so both see the same machine load.
 pub fn interleaved(
     rounds: usize,
     iters: u64,
     mut ours: impl FnMut(),
     mut baseline: impl FnMut(),
-) -> (Duration, Duration, f64) {
+) -> Paired {
     let mut o = Vec::new();
     let mut b = Vec::new();
     let mut ratios = Vec::new();
@@ -47,11 +75,11 @@ pub fn interleaved(
         b.push(tb);
     }
     ratios.sort_by(f64::total_cmp);
-    (
-        quantile(&mut o, 0.5),
-        quantile(&mut b, 0.5),
-        ratios[ratios.len() / 2],
-    )
+    Paired {
+        ours: quantile(&mut o, 0.5),
+        baseline: quantile(&mut b, 0.5),
+        ratios,
+    }
 }
 
 /// The `q` quantile (0..=1) of `samples` (sorted in place).
@@ -61,10 +89,16 @@ pub fn quantile(samples: &mut [Duration], q: f64) -> Duration {
     samples[i]
 }
 
-/// Prints one summary line: `what`, our time, the baseline's, and the
-/// ratio (median of per-round ratios when measured with `interleaved`).
-pub fn report(what: &str, ours: Duration, baseline_name: &str, baseline: Duration, ratio: f64) {
+/// Prints one summary line: `what`, our median time, the baseline's, and
+/// both ratios, each named: the median of the per-round ratios (with their
+/// range) and the ratio of the two medians printed.
+pub fn report(what: &str, p: &Paired, baseline_name: &str) {
+    let (lo, hi) = p.ratio_range();
     println!(
-        "summary: {what:<40} {ours:>10.2?}   baseline {baseline_name}: {baseline:>10.2?}   ratio {ratio:.2}x"
+        "summary: {what:<40} {:>10.2?}   baseline {baseline_name}: {:>10.2?}   ours/baseline: per round {:.2}x (median; range {lo:.2}-{hi:.2}x), of these medians {:.2}x",
+        p.ours,
+        p.baseline,
+        p.ratio(),
+        p.ratio_of_medians(),
     );
 }
