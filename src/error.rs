@@ -204,7 +204,7 @@ fn split_traceback(text: &str) -> (String, Option<String>) {
 impl IsleError {
     /// Converts an mlua error on the VM thread. Panics that mlua carried
     /// through Lua frames are not errors: they unwind and are caught by the
-    /// worker (see `vm.rs`).
+    /// worker (see `vm/mod.rs`).
     pub(crate) fn from_lua(err: &mlua::Error) -> IsleError {
         let lua = |kind, text: &str| {
             let (message, traceback) = split_traceback(text);

@@ -1,4 +1,4 @@
-//! The interrupt hook armed on demand (src/alarm.rs): no hook runs until a
+//! The interrupt hook armed on demand (src/interrupt/alarm/): no hook runs until a
 //! request must stop; then a signal arms the Lua thread running at that
 //! moment, and every switch between Lua threads is tracked so the hook
 //! follows.

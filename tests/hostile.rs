@@ -397,7 +397,7 @@ fn deep_nesting_through_gsub_callbacks_is_a_c_stack_overflow_error() {
         "string.gsub"
     };
     const CODE: &str = "local function f(s) return (string.gsub(s, '.', f)) end f('x')";
-    // (LuaJIT would overflow the real stack without `cstack.rs`.)
+    // (LuaJIT would overflow the real stack without `vm/cstack.rs`.)
     in_child(
         "deep_nesting_through_gsub_callbacks_is_a_c_stack_overflow_error",
         || {
@@ -425,7 +425,7 @@ fn deep_nesting_through_gsub_callbacks_is_a_c_stack_overflow_error() {
 fn deep_nesting_through_any_library_callback_is_an_error_not_a_crash() {
     // Each nests C functions that call back into Lua, some with no Lua code
     // in between (a sort comparing with `table.sort`, a `__tostring` that is
-    // `print`). LuaJIT counts no C calls: without the guard of `cstack.rs`
+    // `print`). LuaJIT counts no C calls: without the guard of `vm/cstack.rs`
     // every one of these kills the process (SIGSEGV).
     in_child(
         "deep_nesting_through_any_library_callback_is_an_error_not_a_crash",
@@ -437,7 +437,7 @@ fn deep_nesting_through_any_library_callback_is_an_error_not_a_crash() {
                 "C stack overflow"
             };
             // LuaJIT: the comparators' Lua stack runs out first; and readers
-            // run from Lua there (`cstack.rs`), so they nest Lua calls.
+            // run from Lua there (`vm/cstack.rs`), so they nest Lua calls.
             const LUA_STACK_ON_LUAJIT: &str = if cfg!(feature = "luajit") {
                 "stack overflow"
             } else {
@@ -521,7 +521,7 @@ fn deep_nesting_through_any_library_callback_is_an_error_not_a_crash() {
 #[test]
 fn nested_coroutines_stop_with_an_error_not_a_crash() {
     // Lua 5.4 stops at about 200 (its C call limit); on LuaJIT, which has
-    // none, `cstack.rs` allows 1000.
+    // none, `vm/cstack.rs` allows 1000.
     const DEEPEST: &str = "local depth = 0
         local function f()
             depth = depth + 1

@@ -31,7 +31,7 @@ local function protected(f, handler, ...)
         return handler(e)
     end, ...))
 end
--- Lua 5.1's xpcall is ours (`native.rs`); Luau and LuaJIT check
+-- Lua 5.1's xpcall is ours (`interrupt/alarm/native.rs`); Luau and LuaJIT check
 -- and word their arguments themselves.
 _G.xpcall = protected
 if not tracked and resume then

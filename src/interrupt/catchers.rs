@@ -50,7 +50,7 @@ pub(super) fn install_wrappers(
         #[cfg(any(feature = "lua54", feature = "lua55"))]
         guard_close(lua, coroutine, &check, &stopping, tracked)?;
     }
-    // Lua 5.2–5.5: C functions, invisible to Lua code (`alarm.rs`).
+    // Lua 5.2–5.5: C functions, invisible to Lua code (`interrupt/alarm`).
     #[cfg(any(
         feature = "lua52",
         feature = "lua53",
@@ -127,7 +127,7 @@ fn install_lua_catchers(
 }
 
 /// With hooks armed on demand, replaces `coroutine.resume`, `close` and
-/// `wrap` with `alarm.rs`'s tracked versions, which also hand a failed
+/// `wrap` with `interrupt/alarm`'s tracked versions, which also hand a failed
 /// resume's error to `check`, as the wrapper above does.
 fn install_tracked_coroutines(
     lua: &Lua,

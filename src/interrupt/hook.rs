@@ -36,7 +36,7 @@ pub(crate) struct Interrupt {
     /// (advanced by `interval` per tick).
     pub(super) budget: Option<u64>,
     pub(super) executed: AtomicU64,
-    /// Set when the hook is armed on demand (see `alarm.rs`) instead of
+    /// Set when the hook is armed on demand (see `interrupt/alarm`) instead of
     /// ticking all the time: this thread's alarm and the VM's binding.
     pub(super) on_demand: Option<(ThreadAlarm, Binding)>,
 }
@@ -271,7 +271,7 @@ impl Interrupt {
     }
 
     #[cfg(any(feature = "lua54", feature = "lua55"))]
-    /// The sandbox's pattern matcher (`pattern.rs`) polls this every so
+    /// The sandbox's pattern matcher (`sandbox/pattern`) polls this every so
     /// many steps: the steps count as instructions against the budget, and
     /// a request that must stop is interrupted there, as by the hook.
     pub(crate) fn pattern_poll(this: &Arc<Self>) -> crate::sandbox::pattern::Poll {

@@ -1,7 +1,7 @@
 //! The interrupt hook: how a running request learns it must stop.
 //!
 //! A count hook is installed on the VM once, before `init` runs: mlua's
-//! global hook, or on Lua 5.4 and 5.5 a C hook of ours (`alarm.rs`,
+//! global hook, or on Lua 5.4 and 5.5 a C hook of ours (`interrupt/alarm`,
 //! `tick_hook`) that calls the same tick from a C frame of its own (mlua's
 //! trampoline moves values on the running function's frame, across its
 //! to-be-closed variables). Coroutines resumed from Rust through mlua's
@@ -10,12 +10,12 @@
 //! - **Armed on demand** (Unix, PUC-Rio Lua, no `max_instructions`): the
 //!   hook is removed from the main state right away, so Lua code runs at
 //!   full speed; a stopping thread signals the VM thread, which arms the
-//!   hook on the running Lua thread with a count of 1 (see `alarm.rs`). A
+//!   hook on the running Lua thread with a count of 1 (see `interrupt/alarm`). A
 //!   tick with nothing to stop removes the hook again.
 //! - **Luau** has no hooks: its interrupt, while one is set, runs at every
 //!   function call, return and loop back-edge, on every coroutine. It is
 //!   armed on demand too: a stopper sets it (Luau allows that from any
-//!   thread), and a tick with nothing to stop takes it away (`alarm.rs`).
+//!   thread), and a tick with nothing to stop takes it away (`interrupt/alarm`).
 //! - **Ticking all the time** (elsewhere, and when counting instructions):
 //!   Lua copies a thread's hook into every coroutine it creates, so
 //!   coroutines are covered too. Every `hook_interval` instructions the hook
@@ -33,13 +33,13 @@
 //! interruption, or a Rust panic (which mlua hands to Lua as an error value),
 //! is raised again in the caller.
 //!
-//! On Lua 5.2–5.5 the wrappers are C functions (`alarm.rs`, `mod
+//! On Lua 5.2–5.5 the wrappers are C functions (`interrupt/alarm`, `mod
 //! protected`), invisible to Lua code: no line events for a debug hook, no
 //! frames of their own in tracebacks or `debug.getinfo` levels. Lua 5.1,
 //! LuaJIT and Luau keep wrappers written in Lua.
 //! - `pcall`, `xpcall`: Lua's own (yieldable) functions, wrapped (on Lua
 //!   5.2–5.5, rebuilt in C on `lua_pcallk` with a continuation; on Lua
-//!   5.1, ours of `native.rs`, which check the stack). `xpcall`
+//!   5.1, ours of `interrupt/alarm/native.rs`, which check the stack). `xpcall`
 //!   also skips the user's message handler while the request is stopping:
 //!   an error raised inside a hook runs the handler with hooks disabled, so
 //!   a handler that loops forever could never be stopped. (mlua's own

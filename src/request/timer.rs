@@ -12,7 +12,7 @@
 //! stays within twice the number of requests that still have a live deadline.
 //!
 //! The same thread watches for wedged VMs. A stop answers a running
-//! request's caller at once (`request.rs`), and the stopper then asks the
+//! request's caller at once (`request/state.rs`), and the stopper then asks the
 //! request's owner to `watch` it: one grace period later, if a VM is still
 //! inside that request, the owner's `on_overdue` handler replaces the VM.
 //! Owners are found by id in a small registry, so a request carries no

@@ -12,7 +12,7 @@
 //!   one, so no C module and no file can be loaded;
 //! - `collectgarbage` accepts only `collect`, `count`, `step` and
 //!   `isrunning`: the collector cannot be stopped or retuned;
-//! - `string.find`, `match`, `gmatch` and `gsub` are `pattern.rs`'s
+//! - `string.find`, `match`, `gmatch` and `gsub` are `sandbox/pattern`'s
 //!   matcher, which a cancel, a time limit or the instruction budget can
 //!   stop (Lua's C matcher backtracks for minutes out of any hook's reach);
 //! - `setmetatable` refuses metatables with `__gc`: finalizers run with hooks

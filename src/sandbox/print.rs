@@ -32,7 +32,7 @@ impl fmt::Debug for Print {
 }
 
 /// Replaces `print` unless it stays Lua's own (`Default` outside the
-/// sandbox). Runs before `init` and before `cstack.rs` guards `print`.
+/// sandbox). Runs before `init` and before `vm/cstack.rs` guards `print`.
 pub(crate) fn install(lua: &Lua, print: &Print, sandbox: bool) -> mlua::Result<()> {
     let sink = match print {
         Print::Default if !sandbox => return Ok(()),

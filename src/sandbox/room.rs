@@ -4,7 +4,7 @@
 //! VM's allocator, so a VM's `memory_limit` bounds them: past it, the
 //! allocation fails and Lua raises its memory error. Rust functions of ours
 //! that build something from Lua input (the sandbox's `gsub` result, in
-//! `pattern.rs`) hold it in Rust memory the allocator never sees; they ask
+//! `sandbox/pattern`) hold it in Rust memory the allocator never sees; they ask
 //! [`fits`] before growing it, and raise the memory error ([`MEMORY_ERROR`])
 //! when it does not fit, as Lua's `luaL_Buffer` does.
 

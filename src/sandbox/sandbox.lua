@@ -1,4 +1,4 @@
--- The sandbox (see sandbox.rs). Runs once per VM, after `init`.
+-- The sandbox (see mod.rs). Runs once per VM, after `init`.
 local max_source = ...
 local G = _G
 local tonumber = tonumber

@@ -20,7 +20,7 @@ pub(crate) const DEFAULT_MAX_SOURCE: usize = 64 << 10;
 /// buffer on the C stack in 5.3) overflow 2 MiB before Lua reports "C stack
 /// overflow", killing the process; 8 MiB is what `lua.c` gets as a main
 /// thread. LuaJIT counts no C calls: its nesting is bounded by the stack
-/// left (`cstack.rs`), so the size must be known: std's 2 MiB, explicitly.
+/// left (`vm/cstack.rs`), so the size must be known: std's 2 MiB, explicitly.
 const DEFAULT_STACK_SIZE: Option<usize> =
     if cfg!(any(feature = "lua51", feature = "lua52", feature = "lua53")) {
         Some(8 << 20)
@@ -50,7 +50,7 @@ pub(crate) struct VmConfig {
     pub(crate) permanent_hook: bool,
     /// Whether `load` and friends accept precompiled (binary) chunks.
     pub(crate) binary_chunks: bool,
-    /// Apply `sandbox.rs` after `init`.
+    /// Apply `sandbox/mod.rs` after `init`.
     pub(crate) sandbox: bool,
     /// Compiled `eval` chunks kept per VM (0: none).
     pub(crate) chunk_cache: usize,

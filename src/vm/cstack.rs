@@ -8,7 +8,7 @@
 //!
 //! So the library functions of LuaJIT that call back into Lua from C are
 //! replaced, before `init`, by Lua functions that first call
-//! `native.rs`'s guard (it raises "C stack overflow" once the stack left is
+//! `interrupt/alarm/native.rs`'s guard (it raises "C stack overflow" once the stack left is
 //! below a floor: an eighth of the VM thread's stack, 128 KiB at least),
 //! then tail-call the original, which keeps its error messages and
 //! positions: `string.gsub`, `string.format` (`__tostring`), `table.sort`,
@@ -20,7 +20,7 @@
 //! a Lua stack of its own, and an error climbing out through as many
 //! `coroutine.wrap` levels gets a position prefixed at each: seconds of
 //! string copying. `load` calls a reader function from Lua instead of from
-//! C. (`dofile` runs its chunk from Lua too, see `hook.rs`.)
+//! C. (`dofile` runs its chunk from Lua too, see `interrupt/catchers.lua`.)
 //!
 //! Not covered: `string.buffer` methods (a module `init` would have to
 //! load), `require` and `module` (unavailable in the sandbox), and Rust
@@ -36,7 +36,7 @@ use mlua::{Lua, Table};
 const MAX_NESTED: u32 = 1000;
 
 /// Guards the functions listed in the module docs. `stack_size` is the VM
-/// thread's; this must run on that thread, before `hook.rs` wraps
+/// thread's; this must run on that thread, before `interrupt/catchers.rs` wraps
 /// `coroutine.resume`, `load` and `pcall` (so that it wraps these, and
 /// these use Lua's own `pcall`).
 pub(crate) fn install(lua: &Lua, stack_size: usize) -> mlua::Result<()> {

@@ -52,7 +52,7 @@ impl Vm {
         crate::request::owner::enter(owner);
         let init_error = |e: mlua::Error| IsleError::Init(IsleError::from_lua(&e).to_string());
         // Lua's pcall/xpcall stay (they can yield; on 5.1, ours replace
-        // them): hook.rs wraps them so a Rust panic they catch is raised
+        // them): interrupt/catchers.rs wraps them so a Rust panic they catch is raised
         // again, never swallowed.
         let lua = if config.unsafe_libs {
             // The host chose this with `unsafe_std_libs`, whose docs say

@@ -12,7 +12,7 @@
 //! `lua_sethook` is written for (its comment in `ldebug.c`: "This function can
 //! be called during a signal, under reasonable assumptions").
 //!
-//! The hook then ticks on the next instruction; `hook.rs` checks the
+//! The hook then ticks on the next instruction; `interrupt/hook.rs` checks the
 //! request's stop reason and raises the interruption, or removes itself if
 //! there is nothing to stop (a late signal for a request that has finished).
 //!
@@ -29,7 +29,7 @@
 //! a signal that landed just before the switch armed the state being left.
 //!
 //! Coroutines resumed by Rust code through mlua's `Thread` API are not
-//! tracked: mlua's thread event callback (`ON_RESUME`, set by `hook.rs`)
+//! tracked: mlua's thread event callback (`ON_RESUME`, set by `interrupt/hook.rs`)
 //! gives each the VM's hook before it runs, ticking every `hook_interval`
 //! instructions ([`hook_resumed_from_rust`]), so those stay cancellable, at
 //! the old price.
@@ -79,7 +79,7 @@
 //!   under the same lock before the VM is dropped.
 //!
 //! Everything `unsafe` in the crate is in this module, but for the Lua C
-//! functions of `native.rs` (Lua 5.1 and LuaJIT only), which argue their own
+//! functions of `interrupt/alarm/native.rs` (Lua 5.1 and LuaJIT only), which argue their own
 //! soundness. What lives here:
 //!
 //! - the alarm, its signal handler and the tracked coroutine switches

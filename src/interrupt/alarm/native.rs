@@ -10,7 +10,7 @@
 //!   Lua (`string.gsub` with a function, `table.sort` with a comparator,
 //!   `coroutine.resume`, ...) can be nested until the thread's real stack
 //!   overflows, which kills the process. `guard` raises "C stack overflow"
-//!   instead once little stack is left; `cstack.rs` calls it before every
+//!   instead once little stack is left; `vm/cstack.rs` calls it before every
 //!   such function.
 //!
 //! # Why this is sound

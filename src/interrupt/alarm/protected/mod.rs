@@ -1,4 +1,4 @@
-//! Lua 5.2–5.5: the catchers `hook.rs` wraps, as C functions, so that
+//! Lua 5.2–5.5: the catchers `interrupt/catchers.rs` installs, as C functions, so that
 //! they stay invisible to Lua code: a C function reports no line events to
 //! a debug hook, and in `debug.traceback()` or `debug.getinfo(level)` it
 //! stands where Lua's own function would, under the same name (found in

@@ -135,7 +135,7 @@ unsafe extern "C-unwind" fn tracked_close(state: *mut lua_State) -> c_int {
 
 /// `coroutine.wrap`: creates the coroutine (as `coroutine.create` does)
 /// and returns [`wrapped`] over it; upvalue 1: the Lua function raising
-/// a wrapped coroutine's error (see `hook.rs`).
+/// a wrapped coroutine's error (see `interrupt/catchers.rs`).
 unsafe extern "C-unwind" fn tracked_wrap(state: *mut lua_State) -> c_int {
     // SAFETY: `state` is the calling Lua thread. The argument check
     // raises Lua's usual error; `lua_newthread` raises only on memory
