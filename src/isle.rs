@@ -14,7 +14,7 @@ use crate::request::owner::next_owner_id;
 use crate::request::spin::spin_until;
 use crate::request::timer::Timer;
 use crate::request::Cancel;
-use crate::vm::config::{vm_options, VmConfig};
+use crate::vm::config::{vm_options, VmConfig, VmInit};
 use crate::vm::{Job, Vm};
 use crate::{IsleError, Task};
 
@@ -40,8 +40,6 @@ pub struct Isle {
 }
 
 /// A re-runnable init closure.
-type Init = dyn Fn(&Lua) -> mlua::Result<()> + Send + Sync;
-
 /// State shared by every handle of one isle.
 struct Inner {
     /// Its one VM thread (slot 0), owner id, timer and default time limit.
@@ -51,7 +49,7 @@ struct Inner {
     rx: Receiver<Msg>,
     /// For replacement VMs.
     config: VmConfig,
-    init: Option<Arc<Init>>,
+    init: Option<Arc<VmInit>>,
     /// VMs replaced because they were wedged.
     wedged: AtomicU64,
 }
@@ -65,7 +63,7 @@ enum Msg {
 #[derive(Clone, Default)]
 pub struct IsleBuilder {
     config: VmConfig,
-    init: Option<Arc<Init>>,
+    init: Option<Arc<VmInit>>,
 }
 
 impl IsleBuilder {

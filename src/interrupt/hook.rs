@@ -9,7 +9,7 @@ use mlua::HookTriggers;
 use mlua::{Lua, VmState};
 use parking_lot::Mutex;
 
-use crate::interrupt::alarm::{self, Binding, ThreadAlarm};
+use crate::interrupt::alarm::{self, ThreadAlarm, VmAddrs};
 use crate::request::{CancelToken, Reason};
 use crate::vm::config::VmConfig;
 
@@ -38,7 +38,7 @@ pub(crate) struct Interrupt {
     pub(super) executed: AtomicU64,
     /// Set when the hook is armed on demand (see `interrupt/alarm`) instead of
     /// ticking all the time: this thread's alarm and the VM's binding.
-    pub(super) on_demand: Option<(ThreadAlarm, Binding)>,
+    pub(super) on_demand: Option<(ThreadAlarm, VmAddrs)>,
 }
 
 impl Interrupt {
@@ -169,7 +169,7 @@ impl Interrupt {
     }
 
     /// The VM's binding, when hooks are armed on demand.
-    pub(crate) fn binding(&self) -> Option<Binding> {
+    pub(crate) fn binding(&self) -> Option<VmAddrs> {
         self.on_demand.as_ref().map(|(_, b)| *b)
     }
 

@@ -20,18 +20,16 @@ use crate::host::submit::Owner;
 use crate::host::{Host, Lifecycle, Queues, Spawn, Starting, VmThread};
 use crate::request::owner::next_owner_id;
 use crate::request::timer::Timer;
-use crate::vm::config::{vm_options, VmConfig};
+use crate::vm::config::{vm_options, VmConfig, VmInit};
 use crate::vm::{Job, Vm};
 use crate::IsleError;
-
-type Init = dyn Fn(&Lua) -> mlua::Result<()> + Send + Sync;
 
 /// Configures and starts an [`IslePool`]. Created by [`IslePool::builder`].
 #[derive(Clone, Default)]
 pub struct IslePoolBuilder {
     config: VmConfig,
     workers: Option<usize>,
-    init: Option<Arc<Init>>,
+    init: Option<Arc<VmInit>>,
     queue_capacity: Option<usize>,
     session_idle_timeout: Option<Duration>,
     recycle_after: Option<u64>,
@@ -149,7 +147,7 @@ impl IslePoolBuilder {
             started: Vec::with_capacity(n),
         };
         for (index, (local, parker)) in locals.into_iter().zip(parkers).enumerate() {
-            let slot = Slot {
+            let slot = WorkerSlot {
                 index,
                 generation: 0,
                 local,
@@ -195,7 +193,7 @@ impl IslePoolBuilder {
 }
 
 /// What a worker thread gets for its slot.
-pub(super) struct Slot {
+pub(super) struct WorkerSlot {
     pub(super) index: usize,
     pub(super) generation: u64,
     pub(super) local: Deque<Job>,
@@ -217,10 +215,10 @@ impl Spawner {
     /// replaces.
     pub(super) fn spawn(
         &self,
-        slot: Slot,
+        slot: WorkerSlot,
         go: Option<crossbeam_channel::Receiver<Vec<Arc<Binding>>>>,
     ) -> Result<Starting, IsleError> {
-        let Slot {
+        let WorkerSlot {
             index,
             generation,
             local,

@@ -5,13 +5,15 @@
 //!   the started ones if a later one fails);
 //! - `shared.rs`: the queues every worker shares, and finding work;
 //! - `sleep.rs`: the sleep/wake protocol;
-//! - `worker.rs`: the worker loop;
+//! - `worker.rs`: the worker loop; `envs.rs`: the VM it serves with, and
+//!   the session environments in it;
 //! - `session.rs`: sessions and their binding to VMs;
 //! - `shutdown.rs`: graceful, bounded and abortive shutdown;
 //! - `wedge.rs`: replacing a worker stuck in a stopped request;
 //! - `metrics.rs`: counters.
 
 mod builder;
+mod envs;
 mod key;
 mod metrics;
 mod session;

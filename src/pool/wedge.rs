@@ -14,7 +14,7 @@ use std::sync::Arc;
 use crossbeam_deque::Worker as Deque;
 use crossbeam_utils::sync::Parker;
 
-use super::builder::Slot;
+use super::builder::WorkerSlot;
 use super::PoolInner;
 use crate::host::Starting;
 use crate::request::Cancel;
@@ -27,7 +27,7 @@ impl PoolInner {
             let parker = Parker::new();
             let unparker = parker.unparker().clone();
             let (go_tx, go_rx) = crossbeam_channel::bounded(1);
-            let slot = Slot {
+            let slot = WorkerSlot {
                 index: w,
                 generation,
                 local: Deque::new_fifo(),

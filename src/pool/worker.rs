@@ -1,15 +1,15 @@
 //! A pool worker: one VM thread taking work from its queues, stealing when
 //! idle, sleeping when there is nothing anywhere.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_deque::Worker as Deque;
 use crossbeam_utils::sync::Parker;
-use mlua::{Function, Table};
+use mlua::Table;
 
+use super::envs::WorkerVm;
 use super::session::Binding;
 use super::shared::{Found, Pinned, Shared};
 use crate::request::spin::spin_until;
@@ -17,53 +17,9 @@ use crate::vm::Vm;
 use crate::vm::{Job, Outcome};
 use crate::IsleError;
 
-/// One session's environment on this VM.
-struct Env {
-    binding: Arc<Binding>,
-    table: Table,
-}
-
 /// Starts a fresh VM (runs `init`) on the calling thread: a worker's first,
 /// a recycled one, or one replacing a wedged worker.
 pub(crate) type StartVm = Arc<dyn Fn() -> Result<Vm, IsleError> + Send + Sync>;
-
-/// The VM and what lives in it: replaced as a whole when recycled.
-struct Host {
-    vm: Vm,
-    /// Session environments by binding id.
-    envs: HashMap<u64, Env>,
-    make_env: mlua::Result<Function>,
-    /// Requests run since this VM started.
-    served: u64,
-}
-
-impl Host {
-    fn new(vm: Vm) -> Host {
-        let make_env = env_factory(&vm);
-        Host {
-            vm,
-            envs: HashMap::new(),
-            make_env,
-            served: 0,
-        }
-    }
-
-    /// The environment of `binding`, created on its first request.
-    fn env(&mut self, binding: &Arc<Binding>) -> Result<Table, IsleError> {
-        if let Some(env) = self.envs.get(&binding.id) {
-            return Ok(env.table.clone());
-        }
-        let table = new_env(&self.make_env)?;
-        self.envs.insert(
-            binding.id,
-            Env {
-                binding: binding.clone(),
-                table: table.clone(),
-            },
-        );
-        Ok(table)
-    }
-}
 
 pub(crate) struct Worker {
     pub(crate) index: usize,
@@ -85,7 +41,7 @@ impl Worker {
     pub(crate) fn run(self, vm: Vm, mut lost: Vec<Arc<Binding>>) {
         let shared = &*self.shared;
         let w = self.index;
-        let mut host = Host::new(vm);
+        let mut host = WorkerVm::new(vm);
         // Sessions whose VM was recycled (or replaced while wedged): they
         // answer `SessionLost` once.
         let sweep_every = shared
@@ -203,7 +159,7 @@ impl Worker {
         }
     }
 
-    fn run_job(&self, host: &mut Host, job: Job, env: Option<&Table>) {
+    fn run_job(&self, host: &mut WorkerVm, job: Job, env: Option<&Table>) {
         let counters = &self.shared.counters[self.index];
         if self.shared.life.is_aborting() {
             job.abandon(IsleError::Shutdown);
@@ -234,7 +190,7 @@ impl Worker {
         self.shared.counters[self.index].record(Outcome::Failed, Duration::ZERO);
     }
 
-    fn due_for_recycling(&self, host: &Host) -> bool {
+    fn due_for_recycling(&self, host: &WorkerVm) -> bool {
         let shared = &*self.shared;
         shared.recycle_after.is_some_and(|n| host.served >= n)
             || shared
@@ -245,12 +201,12 @@ impl Worker {
     /// Replaces the VM with a fresh one (`init` re-run). The sessions it
     /// held are marked lost: each learns it on its next request. If the new
     /// VM cannot start, the old one keeps serving and the failure is counted.
-    fn recycle(&self, host: &mut Host, lost: &mut Vec<Arc<Binding>>) {
+    fn recycle(&self, host: &mut WorkerVm, lost: &mut Vec<Arc<Binding>>) {
         let counters = &self.shared.counters[self.index];
         match (self.restart)() {
             Ok(vm) => {
                 self.shared.life.serve_with(self.index, vm.interrupt());
-                let old = std::mem::replace(host, Host::new(vm));
+                let old = std::mem::replace(host, WorkerVm::new(vm));
                 for env in old.envs.into_values() {
                     env.binding.lost.store(true, Ordering::Release);
                     lost.push(env.binding);
@@ -267,7 +223,7 @@ impl Worker {
 
     /// Closes this VM's sessions (live or lost) that have been idle for
     /// `idle_timeout`.
-    fn expire_idle(&self, host: &mut Host, lost: &mut Vec<Arc<Binding>>) {
+    fn expire_idle(&self, host: &mut WorkerVm, lost: &mut Vec<Arc<Binding>>) {
         let shared = &*self.shared;
         let Some(idle) = shared.idle_timeout else {
             return;
@@ -281,7 +237,7 @@ impl Worker {
         // Checked again under the shard lock: a request may be binding to
         // the session right now.
         let expire = |b: &Arc<Binding>| is_idle(b) && shared.sessions.remove_if(b, is_idle);
-        let Host { vm, envs, .. } = host;
+        let WorkerVm { vm, envs, .. } = host;
         envs.retain(|_, env| {
             if expire(&env.binding) {
                 vm.chunks().forget_env(&env.table);
@@ -304,71 +260,4 @@ impl Worker {
             }
         });
     }
-}
-
-/// Builds, once per VM, the Lua function that makes session environments.
-///
-/// A session's environment is an empty table (what the session writes)
-/// whose metatable reads through a small per-session table to the shared
-/// globals. The per-session table makes `_G` name the environment itself
-/// (so `_G.x = v` stays in the session) and gives the session a `load`
-/// whose chunks run in the environment unless given another one. The
-/// metatable is hidden (`__metatable = false`), so `getmetatable(_G)` does
-/// not lead to the shared globals.
-fn env_factory(vm: &Vm) -> mlua::Result<Function> {
-    let globals = vm.lua().globals();
-    // Reads fall back to the shared globals; in the sandbox, to the globals
-    // as init left them, so that unkeyed work cannot rebind what sessions
-    // see.
-    let shared = crate::sandbox::session_globals(vm.lua())?.unwrap_or_else(|| globals.clone());
-    let load: Option<Function> = globals.get("load")?;
-    let loadstring: Option<Function> = globals.get("loadstring")?;
-    let setfenv: Option<Function> = match crate::sandbox::setfenv(vm.lua())? {
-        Some(own) => Some(own),
-        None => globals.get("setfenv")?,
-    };
-    // Where functions carry their environment (`setfenv`: 5.1, LuaJIT,
-    // Luau), `load` has no environment argument everywhere (5.1), and
-    // `loadstring` none at all: the loaded function gets it set instead.
-    vm.lua()
-        .load(
-            r#"
-            local globals, load, loadstring, setfenv = ...
-            local shared = { __index = globals }
-            local function in_env(env, f, ...)
-                if f then setfenv(f, env) end
-                return f, ...
-            end
-            return function()
-                local env = {}
-                local own = setmetatable({ _G = env }, shared)
-                if load then
-                    own.load = function(chunk, name, mode, ...)
-                        if select('#', ...) ~= 0 then
-                            return load(chunk, name, mode, ...)
-                        elseif setfenv then
-                            return in_env(env, load(chunk, name, mode))
-                        end
-                        return load(chunk, name, mode, env)
-                    end
-                end
-                if loadstring and setfenv then
-                    own.loadstring = function(...)
-                        return in_env(env, loadstring(...))
-                    end
-                end
-                return setmetatable(env, { __index = own, __metatable = false })
-            end
-            "#,
-        )
-        .set_name("=mlua-isle session")
-        .call((shared, load, loadstring, setfenv))
-}
-
-/// A fresh session environment.
-fn new_env(make: &mlua::Result<Function>) -> Result<Table, IsleError> {
-    make.as_ref()
-        .map_err(Clone::clone)
-        .and_then(|f| f.call::<Table>(()))
-        .map_err(|e| IsleError::from_lua(&e))
 }

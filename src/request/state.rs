@@ -150,11 +150,11 @@ pub(crate) struct Request<T> {
     /// without the lock. On a cache line of its own: the VM writes the rest
     /// of the request while the caller spins on this.
     ready: CachePadded<AtomicBool>,
-    slot: Mutex<Slot<T>>,
+    slot: Mutex<Completion<T>>,
     cond: Condvar,
 }
 
-struct Slot<T> {
+struct Completion<T> {
     result: Option<Result<T, IsleError>>,
     waker: Option<Waker>,
     taken: bool,
@@ -174,7 +174,7 @@ impl<T> Request<T> {
                 admitted: AtomicBool::new(false),
             },
             ready: CachePadded::new(AtomicBool::new(false)),
-            slot: Mutex::new(Slot {
+            slot: Mutex::new(Completion {
                 result: None,
                 waker: None,
                 taken: false,

@@ -35,10 +35,10 @@ use super::{Cancel, CancelToken, Reason};
 /// Cheap-to-clone handle to the deadline thread of one isle or pool.
 #[derive(Clone)]
 pub(crate) struct Timer {
-    shared: Arc<Shared>,
+    shared: Arc<TimerState>,
 }
 
-struct Shared {
+struct TimerState {
     /// Thread name, for the lazily started thread.
     name: String,
     /// The owner (isle or pool) this timer serves.
@@ -57,7 +57,7 @@ struct Shared {
 pub(crate) type Overdue = Arc<dyn Fn(&Arc<dyn Cancel>) + Send + Sync>;
 
 /// Every live timer by owner id, for `watch`.
-static OWNERS: Mutex<Option<HashMap<u64, Weak<Shared>>>> = Mutex::new(None);
+static OWNERS: Mutex<Option<HashMap<u64, Weak<TimerState>>>> = Mutex::new(None);
 
 /// Has `req`'s owner check, one grace period from now, that its VM has let
 /// go of it (it was stopped while running). Slow path: a registry lookup.
@@ -70,7 +70,7 @@ pub(crate) fn watch(req: &Arc<dyn Cancel>) {
     if let Some(shared) = timer {
         // A grace too long to represent means "never wedged".
         if let Some(at) = Instant::now().checked_add(shared.grace) {
-            Timer { shared }.push(Entry {
+            Timer { shared }.push(TimerEntry {
                 at,
                 req: Arc::downgrade(req),
                 kind: Kind::Watch,
@@ -80,14 +80,14 @@ pub(crate) fn watch(req: &Arc<dyn Cancel>) {
 }
 
 struct State {
-    heap: BinaryHeap<Entry>,
+    heap: BinaryHeap<TimerEntry>,
     /// Compact when the heap grows past this.
     compact_at: usize,
     thread: Option<JoinHandle<()>>,
     stopped: bool,
 }
 
-struct Entry {
+struct TimerEntry {
     at: Instant,
     req: Weak<dyn Cancel>,
     kind: Kind,
@@ -102,24 +102,24 @@ enum Kind {
 }
 
 // Min-heap on `at`.
-impl Ord for Entry {
+impl Ord for TimerEntry {
     fn cmp(&self, other: &Self) -> CmpOrdering {
         other.at.cmp(&self.at)
     }
 }
-impl PartialOrd for Entry {
+impl PartialOrd for TimerEntry {
     fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
         Some(self.cmp(other))
     }
 }
-impl PartialEq for Entry {
+impl PartialEq for TimerEntry {
     fn eq(&self, other: &Self) -> bool {
         self.at == other.at
     }
 }
-impl Eq for Entry {}
+impl Eq for TimerEntry {}
 
-impl Entry {
+impl TimerEntry {
     fn live(&self) -> bool {
         match self.kind {
             Kind::Deadline => self.req.upgrade().is_some_and(|r| !r.header().is_done()),
@@ -135,7 +135,7 @@ impl Timer {
     /// The timer of owner `owner`, whose VMs get `grace` to let go of a
     /// stopped request.
     pub(crate) fn new(name: String, owner: u64, grace: Duration) -> Timer {
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(TimerState {
             name,
             owner,
             grace,
@@ -171,14 +171,14 @@ impl Timer {
             token.stop(Reason::Timeout);
             return;
         }
-        self.push(Entry {
+        self.push(TimerEntry {
             at,
             req: token.downgrade(),
             kind: Kind::Deadline,
         });
     }
 
-    fn push(&self, entry: Entry) {
+    fn push(&self, entry: TimerEntry) {
         let at = entry.at;
         let mut st = self.shared.state.lock();
         if st.stopped {
@@ -188,7 +188,7 @@ impl Timer {
         let earliest = st.heap.peek().is_none_or(|e| at < e.at);
         st.heap.push(entry);
         if st.heap.len() > st.compact_at {
-            st.heap.retain(Entry::live);
+            st.heap.retain(TimerEntry::live);
             st.compact_at = (st.heap.len() * 2).max(MIN_COMPACT);
         }
         if st.thread.is_none() {
@@ -227,7 +227,7 @@ impl Timer {
     }
 }
 
-impl Shared {
+impl TimerState {
     fn run(&self) {
         let mut st = self.state.lock();
         let mut due = Vec::new();

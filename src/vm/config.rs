@@ -2,6 +2,10 @@
 
 use std::time::Duration;
 
+/// An init closure that can run again: on every VM an isle or pool starts
+/// (a pool's workers, recycled VMs, replacements of wedged ones).
+pub(crate) type VmInit = dyn Fn(&mlua::Lua) -> mlua::Result<()> + Send + Sync;
+
 /// Default instructions between two cancel checks.
 pub(crate) const DEFAULT_HOOK_INTERVAL: u32 = 1000;
 

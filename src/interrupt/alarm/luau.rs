@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use mlua::ffi::{self, lua_State};
 
-use super::{Alarm, Binding, SLOT};
+use super::{Alarm, VmAddrs, SLOT};
 
 // The interrupt field is one word, as `field` assumes.
 const _: () = {
@@ -54,9 +54,9 @@ fn callbacks_of(main: *mut lua_State) -> usize {
 }
 
 /// Records `lua` (on its own thread) for arming on demand.
-pub(crate) fn bind(lua: &mlua::Lua) -> mlua::Result<Binding> {
+pub(crate) fn bind(lua: &mlua::Lua) -> mlua::Result<VmAddrs> {
     let main = lua.current_thread().to_pointer() as *mut lua_State;
-    Ok(Binding {
+    Ok(VmAddrs {
         main: callbacks_of(main),
         hook: 0,
     })
@@ -65,7 +65,7 @@ pub(crate) fn bind(lua: &mlua::Lua) -> mlua::Result<Binding> {
 /// Takes away the interrupt mlua's `set_interrupt` installed on `vm`'s
 /// VM (it must have run), before any Lua code runs there; a stopper
 /// puts it back.
-pub(crate) fn bind_interrupt(vm: &Binding) -> mlua::Result<()> {
+pub(crate) fn bind_interrupt(vm: &VmAddrs) -> mlua::Result<()> {
     // SAFETY: `vm.main` is the table of a live VM of this thread, on
     // which no request runs yet (so no stopper writes it).
     let field = unsafe { field(vm.main) };
@@ -105,7 +105,7 @@ fn this_alarm<R>(f: impl FnOnce(&Alarm) -> R) -> Option<R> {
 
 /// Before a request of `vm` runs: makes it the VM stoppers arm (a pool
 /// may have replaced the one before).
-pub(crate) fn begin(vm: &Binding) {
+pub(crate) fn begin(vm: &VmAddrs) {
     this_alarm(|alarm| {
         // ORDERING: only this thread writes `callbacks`.
         if alarm.callbacks.load(Ordering::Relaxed) != vm.main {
@@ -117,7 +117,7 @@ pub(crate) fn begin(vm: &Binding) {
 
 /// Forgets `vm` before it is dropped: no stopper writes its table
 /// after this returns.
-pub(crate) fn unbind(vm: &Binding) {
+pub(crate) fn unbind(vm: &VmAddrs) {
     this_alarm(|alarm| {
         let _vm = alarm.vm_lock.lock();
         if alarm.callbacks.load(Ordering::SeqCst) == vm.main {

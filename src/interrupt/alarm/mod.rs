@@ -23,7 +23,7 @@
 //! through this module: `coroutine.resume`, `coroutine.wrap` and (Lua 5.4
 //! on) `coroutine.close` are replaced by C functions of ours
 //! (`tracked_resume`, `tracked_wrap`, `tracked_close`), which record the
-//! state about to run in the thread-local `Slot` before calling Lua's own
+//! state about to run in the thread-local `SignalSlot` before calling Lua's own
 //! resume or close, and the caller's state after it returns. After recording a
 //! switch, they check `armed` themselves and arm the new state if it is set:
 //! a signal that landed just before the switch armed the state being left.
@@ -47,7 +47,7 @@
 //! # Why this is sound
 //!
 //! - **The handler touches only its own thread's Lua.** It runs on the VM
-//!   thread it interrupted and reads that thread's `Slot`; the only Lua call
+//!   thread it interrupted and reads that thread's `SignalSlot`; the only Lua call
 //!   it makes is `lua_sethook` on the state recorded as running, which Lua
 //!   documents as safe to call from a signal handler (it stores the hook,
 //!   its count and mask, and sets the `trap` flag of the frames on the call
@@ -135,15 +135,15 @@ pub(crate) use luau::{
 /// Off Unix (and not Luau) hooks are never armed on demand: these are
 /// never called.
 #[cfg(all(not(unix), not(feature = "luau")))]
-pub(crate) fn bind(_lua: &mlua::Lua) -> mlua::Result<Binding> {
+pub(crate) fn bind(_lua: &mlua::Lua) -> mlua::Result<VmAddrs> {
     unreachable!("alarms are not supported here")
 }
 
 #[cfg(all(not(unix), not(feature = "luau")))]
-pub(crate) fn begin(_vm: &Binding) {}
+pub(crate) fn begin(_vm: &VmAddrs) {}
 
 #[cfg(all(not(unix), not(feature = "luau")))]
-pub(crate) fn unbind(_vm: &Binding) {}
+pub(crate) fn unbind(_vm: &VmAddrs) {}
 
 #[cfg(all(not(unix), not(feature = "luau")))]
 pub(crate) fn rearm_running() {}

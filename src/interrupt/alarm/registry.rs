@@ -203,13 +203,13 @@ impl std::fmt::Debug for ThreadAlarm {
 /// Luau, `main` is the address of the VM's callback table instead, and
 /// `hook` is unused.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Binding {
+pub(crate) struct VmAddrs {
     pub(super) main: usize,
     pub(super) hook: usize,
 }
 
 /// What the signal handler and the tracked switches need, per VM thread.
-pub(super) struct Slot {
+pub(super) struct SignalSlot {
     /// The thread's `Alarm` (its `armed` flag is the first field read);
     /// null when the thread is not a registered VM thread.
     pub(super) armed: std::sync::atomic::AtomicPtr<Alarm>,
@@ -225,8 +225,8 @@ pub(super) struct Slot {
 thread_local! {
     // Const-initialised and without a destructor: reading it from a signal
     // handler is a plain thread-local access.
-    pub(super) static SLOT: Slot = const {
-        Slot {
+    pub(super) static SLOT: SignalSlot = const {
+        SignalSlot {
             armed: std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()),
             running: std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()),
             main: std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()),

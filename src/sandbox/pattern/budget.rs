@@ -6,12 +6,12 @@ use super::*;
 /// Counts one call's steps, polling every [`POLL_EVERY`].
 pub(super) struct Budget<'a> {
     pub(super) lua: &'a Lua,
-    pub(super) ctx: &'a Ctx,
+    pub(super) ctx: &'a PatternCtx,
     pub(super) steps: u32,
 }
 
 impl<'a> Budget<'a> {
-    pub(super) fn new(lua: &'a Lua, ctx: &'a Ctx) -> Self {
+    pub(super) fn new(lua: &'a Lua, ctx: &'a PatternCtx) -> Self {
         // ORDERING: Relaxed: only the VM's thread runs the matcher.
         let steps = ctx.pending.load(Ordering::Relaxed);
         Budget { lua, ctx, steps }

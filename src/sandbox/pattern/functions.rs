@@ -31,7 +31,7 @@ pub(super) fn mem_find(budget: &mut Budget<'_>, hay: &[u8], needle: &[u8]) -> Re
 /// `string.find` (`find`) and `string.match`.
 pub(super) fn str_find_aux(
     lua: &Lua,
-    ctx: &Arc<Ctx>,
+    ctx: &Arc<PatternCtx>,
     tags: &Tags,
     args: &MultiValue,
     find: bool,
@@ -89,7 +89,7 @@ pub(super) fn str_find_aux(
 /// `string.gmatch`: returns the iterator (wrapped by the Lua side).
 pub(super) fn gmatch(
     lua: &Lua,
-    ctx: &Arc<Ctx>,
+    ctx: &Arc<PatternCtx>,
     tags: &Arc<Tags>,
     args: &MultiValue,
 ) -> Res<MultiValue> {
@@ -126,7 +126,7 @@ pub(super) struct Gmatch {
 }
 
 impl Gmatch {
-    pub(super) fn next(&mut self, lua: &Lua, ctx: &Ctx) -> Res<MultiValue> {
+    pub(super) fn next(&mut self, lua: &Lua, ctx: &PatternCtx) -> Res<MultiValue> {
         let (s, p) = (self.s.as_bytes(), self.p.as_bytes());
         let mut m = Matcher::new(&s, &p, Budget::new(lua, ctx));
         let mut src = self.src;
@@ -158,7 +158,7 @@ pub(super) enum Repl {
 /// function or a table, returns the step function for the Lua side.
 pub(super) fn gsub(
     lua: &Lua,
-    ctx: &Arc<Ctx>,
+    ctx: &Arc<PatternCtx>,
     tags: &Arc<Tags>,
     args: &MultiValue,
 ) -> Res<MultiValue> {
@@ -238,7 +238,7 @@ impl Gsub {
     pub(super) fn step(
         &mut self,
         lua: &Lua,
-        ctx: &Ctx,
+        ctx: &PatternCtx,
         tags: &Tags,
         value: Value,
     ) -> Res<MultiValue> {
@@ -282,7 +282,7 @@ impl Gsub {
 
     /// The matching loop of `str_gsub`, until the end or until the Lua
     /// side must compute a replacement.
-    pub(super) fn run(&mut self, lua: &Lua, ctx: &Ctx, tags: &Tags) -> Res<MultiValue> {
+    pub(super) fn run(&mut self, lua: &Lua, ctx: &PatternCtx, tags: &Tags) -> Res<MultiValue> {
         let src = self.src.as_bytes();
         let p = self.p.as_bytes();
         let pat = if self.anchor { &p[1..] } else { &p[..] };
@@ -330,7 +330,7 @@ impl Gsub {
         self.result(lua, ctx)
     }
 
-    pub(super) fn result(&mut self, lua: &Lua, ctx: &Ctx) -> Res<MultiValue> {
+    pub(super) fn result(&mut self, lua: &Lua, ctx: &PatternCtx) -> Res<MultiValue> {
         let s = if self.changed {
             let rest = &self.src.as_bytes()[self.pos..];
             self.buf.push(&mut Budget::new(lua, ctx), rest)?;

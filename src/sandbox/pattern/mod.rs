@@ -88,7 +88,7 @@ pub(crate) fn install(lua: &Lua, string: &Table, poll: Poll) -> mlua::Result<()>
     install_ctx(
         lua,
         string,
-        Arc::new(Ctx {
+        Arc::new(PatternCtx {
             poll,
             pending: AtomicU32::new(0),
         }),
@@ -96,7 +96,7 @@ pub(crate) fn install(lua: &Lua, string: &Table, poll: Poll) -> mlua::Result<()>
 }
 
 /// Shared by the four functions of one VM.
-struct Ctx {
+struct PatternCtx {
     poll: Poll,
     /// Steps counted since the last poll, carried from call to call.
     pending: AtomicU32,
@@ -121,7 +121,7 @@ struct Tags {
 /// so errors and positions are placed as Lua's own functions place them.
 const GLUE: &str = include_str!("glue.lua");
 
-fn install_ctx(lua: &Lua, string: &Table, ctx: Arc<Ctx>) -> mlua::Result<()> {
+fn install_ctx(lua: &Lua, string: &Table, ctx: Arc<PatternCtx>) -> mlua::Result<()> {
     // Arc, not Rc: `Tags` is Send + Sync when mlua's `send` feature is on,
     // and mlua then requires Send closures.
     #[allow(clippy::arc_with_non_send_sync)]
@@ -132,7 +132,7 @@ fn install_ctx(lua: &Lua, string: &Table, ctx: Arc<Ctx>) -> mlua::Result<()> {
         index: lua.create_table()?,
         getmetatable: lua.globals().get("getmetatable")?,
     });
-    let rust = |f: fn(&Lua, &Arc<Ctx>, &Arc<Tags>, &MultiValue) -> Res<MultiValue>| {
+    let rust = |f: fn(&Lua, &Arc<PatternCtx>, &Arc<Tags>, &MultiValue) -> Res<MultiValue>| {
         let (ctx, tags) = (ctx.clone(), tags.clone());
         lua.create_function(move |lua, args: MultiValue| {
             deliver(lua, &tags, f(lua, &ctx, &tags, &args))

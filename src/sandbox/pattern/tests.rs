@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use mlua::{Lua, LuaString, Table};
 
-use super::{install, install_ctx, Ctx, Poll, POLL_EVERY};
+use super::{install, install_ctx, PatternCtx, Poll, POLL_EVERY};
 
 /// Serializes results in both VMs, without the pattern functions.
 const HARNESS: &str = r##"
@@ -669,11 +669,11 @@ fn differential_random() {
 
 /// A Rust VM whose poll counts calls and steps, and fails from call
 /// `fail_at` on (1-based; 0: never).
-fn counting_vm(fail_at: u32) -> (Lua, Arc<AtomicU32>, Arc<AtomicU64>, Arc<Ctx>) {
+fn counting_vm(fail_at: u32) -> (Lua, Arc<AtomicU32>, Arc<AtomicU64>, Arc<PatternCtx>) {
     let calls = Arc::new(AtomicU32::new(0));
     let steps = Arc::new(AtomicU64::new(0));
     let (c, s) = (calls.clone(), steps.clone());
-    let ctx = Arc::new(Ctx {
+    let ctx = Arc::new(PatternCtx {
         poll: Arc::new(move |_, n| {
             let k = c.fetch_add(1, Ordering::Relaxed) + 1;
             s.fetch_add(u64::from(n), Ordering::Relaxed);
@@ -690,7 +690,7 @@ fn counting_vm(fail_at: u32) -> (Lua, Arc<AtomicU32>, Arc<AtomicU64>, Arc<Ctx>) 
     (lua, calls, steps, ctx)
 }
 
-fn total_steps(steps: &AtomicU64, ctx: &Ctx) -> u64 {
+fn total_steps(steps: &AtomicU64, ctx: &PatternCtx) -> u64 {
     steps.load(Ordering::Relaxed) + u64::from(ctx.pending.load(Ordering::Relaxed))
 }
 

@@ -31,7 +31,7 @@ const NIL: usize = usize::MAX;
 /// correctness only).
 pub(super) struct Lru {
     index: HashMap<u64, usize, BuildHasherDefault<Prehashed>>,
-    slots: Vec<Slot>,
+    slots: Vec<Node>,
     /// Most recently used slot, or `NIL`.
     newest: usize,
     /// Least recently used slot, or `NIL`.
@@ -40,7 +40,7 @@ pub(super) struct Lru {
     bytes: usize,
 }
 
-struct Slot {
+struct Node {
     entry: Entry,
     /// Neighbours towards `newest` and `oldest` (`NIL` at the ends).
     newer: usize,
@@ -83,7 +83,7 @@ impl Lru {
         let i = self.slots.len();
         self.index.insert(entry.hash, i);
         self.bytes += entry.source.len();
-        self.slots.push(Slot {
+        self.slots.push(Node {
             entry,
             newer: NIL,
             older: NIL,
@@ -132,7 +132,7 @@ impl Lru {
 
     /// Takes slot `i` out of the recency list.
     fn unlink(&mut self, i: usize) {
-        let Slot { newer, older, .. } = self.slots[i];
+        let Node { newer, older, .. } = self.slots[i];
         match newer {
             NIL => self.newest = older,
             n => self.slots[n].older = older,

@@ -7,7 +7,7 @@ use std::sync::Once;
 
 use mlua::ffi::{self, lua_State};
 
-use super::{Binding, SLOT};
+use super::{VmAddrs, SLOT};
 
 /// The signal used to reach a VM thread. `SIGURG` is ignored by default,
 /// so a stray one never kills the process, and is rarely used by

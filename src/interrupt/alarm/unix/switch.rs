@@ -10,7 +10,7 @@ use super::*;
 
 /// Before a request of `vm` runs: records its main state as running
 /// (and it as the VM of this thread: a pool may have replaced it).
-pub(crate) fn begin(vm: &Binding) {
+pub(crate) fn begin(vm: &VmAddrs) {
     // ORDERING: Relaxed: only this thread (and its signal handler, which
     // runs on it) reads these; `switch_to`'s compiler fence orders them
     // before the state is recorded as running.
@@ -205,7 +205,7 @@ unsafe fn raise_wrapped(state: *mut lua_State, n: c_int) -> c_int {
 /// Prepares `lua` (on its own thread) for arming on demand: records its
 /// main state and hook function (mlua's global hook must be set
 /// already) and removes the hook from the main state.
-pub(crate) fn bind(lua: &mlua::Lua) -> mlua::Result<Binding> {
+pub(crate) fn bind(lua: &mlua::Lua) -> mlua::Result<VmAddrs> {
     let main = lua.current_thread().to_pointer() as *mut lua_State;
     // Without the coroutine library (`std_libs`) Lua code switches no
     // threads: nothing to track, no originals to record.
@@ -245,7 +245,7 @@ pub(crate) fn bind(lua: &mlua::Lua) -> mlua::Result<Binding> {
         ORIGINAL_RESUME.store(original_resume as usize, Ordering::SeqCst);
     }
     lua.remove_hook();
-    Ok(Binding {
+    Ok(VmAddrs {
         main: main as usize,
         hook: hook as usize,
     })
@@ -345,7 +345,7 @@ pub(crate) fn rearm_running() {
 /// Forgets `vm` if it is the VM recorded on this thread; called before
 /// it is dropped, so that neither the handler nor a switch can reach its
 /// states any more.
-pub(crate) fn unbind(vm: &Binding) {
+pub(crate) fn unbind(vm: &VmAddrs) {
     SLOT.with(|s| {
         if s.main.load(Ordering::SeqCst) as usize == vm.main {
             s.running.store(std::ptr::null_mut(), Ordering::SeqCst);
