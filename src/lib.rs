@@ -28,6 +28,59 @@
 //!
 //! See the README for the guarantees about cancellation, time limits and
 //! shutdown.
+//!
+//! # Stopping running Lua
+//!
+//! A running request is stopped (by [`Task::cancel`], a time limit, an
+//! instruction budget or shutdown) by an interrupt hook, which raises a Lua
+//! error that Lua code cannot catch and keep going: every catcher (`pcall`,
+//! `xpcall`, `coroutine.resume`, `load`'s reader, `__close` handlers) is
+//! interrupted again at once. The hook runs in one of three modes:
+//!
+//! - **Armed on demand** (Unix, Lua 5.2–5.5, unless
+//!   [`max_instructions`](IsleBuilder::max_instructions) or
+//!   [`permanent_hook`](IsleBuilder::permanent_hook)): no hook runs while a
+//!   request runs, so Lua code runs at full speed. To stop it, the stopper
+//!   signals the VM thread (`SIGURG`), whose handler sets a count hook on
+//!   the Lua thread running at that moment; it fires at the next
+//!   instruction.
+//! - **Luau's interrupt**, armed on demand too: Luau has no hooks, but lets
+//!   any thread set its interrupt, which then runs at the next function
+//!   call, return or loop back-edge, on every coroutine.
+//! - **Ticking all the time** (Lua 5.1, LuaJIT, other platforms, and with
+//!   `max_instructions` or `permanent_hook`): a count hook checks every
+//!   [`hook_interval`](IsleBuilder::hook_interval) instructions whether the
+//!   request must stop. Lua then traps on every instruction, which makes
+//!   pure-Lua code 2–3x slower whatever the interval.
+//!
+//! Rust functions called from Lua, and long C functions, are not reached by
+//! the hook; the caller is answered on time anyway (see
+//! [`IsleBuilder::stop_grace`]), and a Rust callback can poll its
+//! request's token ([`current_token`]).
+//!
+//! # How the crate is built
+//!
+//! The source is in layers, each a folder that depends only on the ones
+//! below it:
+//!
+//! - `request/`: a request as its caller sees it: the state machine that
+//!   resolves it exactly once, [`Task`], [`CancelToken`], time limits. It
+//!   knows nothing of Lua.
+//! - `interrupt/`: how running Lua learns it must stop (the hook and the
+//!   catchers); its `alarm/` holds all of the crate's `unsafe` code.
+//! - `sandbox/`: the sandbox, with its budgeted pattern matcher.
+//! - `vm/`: one VM as its thread sees it: creation, options, the job that
+//!   runs a request, the compiled-chunk cache.
+//! - `host/`: the VM thread's lifecycle (start, serve, stop with grace,
+//!   replace when wedged), shared by [`Isle`] and each pool worker, and the
+//!   one path every request is built on.
+//! - `isle.rs` and `pool/`: the front ends.
+//!
+//! A request's path, for `isle.eval(..)`: `host/submit.rs` builds the
+//! request (`request/state.rs`), its [`Task`] (`request/task.rs`) and the job
+//! that carries the work (`vm/job.rs`); `isle.rs` queues the job, and its VM
+//! thread hands it to `vm/mod.rs`, which runs it and resolves the request;
+//! the caller's `Task::wait` wakes with the result.
 
 #![deny(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![deny(unsafe_code)]

@@ -6,23 +6,14 @@
 //! trampoline moves values on the running function's frame, across its
 //! to-be-closed variables). Coroutines resumed from Rust through mlua's
 //! `Thread::resume` get it when resumed (mlua's `ON_RESUME` thread event).
-//! It runs in one of three modes:
-//! - **Armed on demand** (Unix, PUC-Rio Lua, no `max_instructions`): the
-//!   hook is removed from the main state right away, so Lua code runs at
-//!   full speed; a stopping thread signals the VM thread, which arms the
-//!   hook on the running Lua thread with a count of 1 (see `interrupt/alarm`). A
-//!   tick with nothing to stop removes the hook again.
-//! - **Luau** has no hooks: its interrupt, while one is set, runs at every
-//!   function call, return and loop back-edge, on every coroutine. It is
-//!   armed on demand too: a stopper sets it (Luau allows that from any
-//!   thread), and a tick with nothing to stop takes it away (`interrupt/alarm`).
-//! - **Ticking all the time** (elsewhere, and when counting instructions):
-//!   Lua copies a thread's hook into every coroutine it creates, so
-//!   coroutines are covered too. Every `hook_interval` instructions the hook
-//!   looks at the running request's stop reason (and the VM's abort flag,
-//!   raised when the last handle is dropped). With a count hook set, Lua 5.4
-//!   traps on every instruction, which slows pure-Lua loops 2–3x whatever
-//!   the interval.
+//! It runs in one of the three modes the crate docs describe ("Stopping
+//! running Lua"): armed on demand, where the hook is removed from the main
+//! state right away and `alarm/` arms it when a stop comes (a tick with
+//! nothing to stop removes it again); Luau's interrupt, set and taken away
+//! the same way; or ticking all the time, where Lua copies a thread's hook
+//! into every coroutine it creates, and every `hook_interval` instructions
+//! the hook looks at the running request's stop reason (and the owner's
+//! abort flag).
 //!
 //! Once a request must stop, the hook re-arms itself on the running
 //! coroutine with a count of 1 and raises a Lua error. Whatever catches that

@@ -45,14 +45,12 @@ impl Reason {
 /// - A running request is interrupted as soon as its Lua code next reaches a
 ///   check (microseconds, for ordinary Lua code), including inside
 ///   coroutines and `pcall` loops; once cancelled, Lua code cannot catch
-///   the interruption and carry on. Where the hook is armed on demand, the
-///   check is the first instruction after the VM thread takes the cancel's
-///   signal; on Luau, the next call, return or loop back-edge; where the
-///   hook ticks all the time, the next tick (every `hook_interval`
-///   instructions). So a few instructions may still run after `cancel`
-///   returns, and a long C function runs to its end first (on PUC Lua and
-///   LuaJIT, a pattern match outside the sandbox, say; Luau's matcher
-///   checks at every step).
+///   the interruption and carry on. Where the checks are depends on the
+///   hook's mode (see [the crate docs](crate#stopping-running-lua)), so a
+///   few instructions may still run after `cancel` returns. A long C
+///   function runs to its end first (on PUC Lua and LuaJIT, a pattern match
+///   outside the sandbox, say; Luau's matcher checks at every step), but
+///   the caller is answered on time anyway.
 /// - Cancelling a request that already finished changes nothing.
 ///
 /// Rust functions called from Lua are not interrupted by the hook. One that

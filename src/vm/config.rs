@@ -133,13 +133,12 @@ macro_rules! vm_options {
         }
 
         /// Lua instructions between two cancel checks (default 1000), where
-        /// the hook ticks all the time: with
-        /// [`max_instructions`](Self::max_instructions) (the budget is
-        /// counted in steps of this size), and on platforms or backends
-        /// where the hook cannot be armed on demand (see the README's
-        /// backend table). Lower values react to a cancel sooner and cost a
-        /// little more. Elsewhere no hook runs until a request must stop,
-        /// and this setting has no effect.
+        /// the hook ticks all the time (see [the crate
+        /// docs](crate#stopping-running-lua)); with
+        /// [`max_instructions`](Self::max_instructions), the budget is
+        /// counted in steps of this size. Lower values react to a cancel
+        /// sooner and cost a little more. Where the hook is armed on
+        /// demand, this setting has no effect.
         pub fn hook_interval(mut self, instructions: u32) -> Self {
             self.config.hook_interval = instructions.max(1);
             self
@@ -203,21 +202,19 @@ macro_rules! vm_options {
         /// [`hook_interval`](Self::hook_interval) instructions) instead of
         /// arming it only when a request must stop.
         ///
-        /// By default, where it is supported (Unix with PUC-Rio Lua 5.2–5.5,
-        /// and Luau everywhere; see the README), no hook runs until a cancel
-        /// or a time limit needs one; the stopping thread then signals the
-        /// VM thread (on Luau, sets its interrupt). That makes
-        /// Lua code run at full speed, and a cancel take as long as the
-        /// operating system takes to deliver a signal to a running thread:
-        /// a few microseconds on bare metal, tens of microseconds (and
-        /// sometimes more) on virtual machines, where waking another CPU is
-        /// slow. With the hook always on, a cancel is seen within
-        /// `hook_interval` instructions without any signal, but pure-Lua
-        /// code runs 2–3x slower. Choose it when cancel latency matters
-        /// more than throughput. (On Luau, where a stopper arms the
-        /// interrupt with no signal, it keeps the interrupt set, checking
-        /// the stop reason at every call, return and loop back-edge: about
-        /// 4x slower on function calls, with little latency to gain.)
+        /// Armed on demand (the default where it is supported; see [the
+        /// crate docs](crate#stopping-running-lua)), Lua code runs at full
+        /// speed, and a cancel takes as long as the operating system takes
+        /// to deliver a signal to a running thread: a few microseconds on
+        /// bare metal, tens of microseconds (and sometimes more) on virtual
+        /// machines, where waking another CPU is slow. With the hook always
+        /// on, a cancel is seen within `hook_interval` instructions without
+        /// any signal, but pure-Lua code runs 2–3x slower. Choose it when
+        /// cancel latency matters more than throughput. (On Luau, where a
+        /// stopper arms the interrupt with no signal, it keeps the
+        /// interrupt set, checking the stop reason at every call, return
+        /// and loop back-edge: about 4x slower on function calls, with
+        /// little latency to gain.)
         pub fn permanent_hook(mut self, on: bool) -> Self {
             self.config.permanent_hook = on;
             self
