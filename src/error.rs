@@ -98,10 +98,21 @@ impl IsleError {
         }
     }
 
-    /// True for [`IsleError::Cancelled`] and [`IsleError::Timeout`]: the
-    /// request was stopped from outside rather than failing on its own.
+    /// True if the request was stopped rather than failing on its own:
+    /// [`Cancelled`](IsleError::Cancelled), [`Timeout`](IsleError::Timeout),
+    /// [`Shutdown`](IsleError::Shutdown) or
+    /// [`InstructionLimit`](IsleError::InstructionLimit). These are the
+    /// stops a [`CancelToken`](crate::CancelToken) reports with
+    /// [`is_cancelled`](crate::CancelToken::is_cancelled), which a Rust
+    /// callback polls to give up early.
     pub fn is_cancellation(&self) -> bool {
-        matches!(self, IsleError::Cancelled | IsleError::Timeout)
+        matches!(
+            self,
+            IsleError::Cancelled
+                | IsleError::Timeout
+                | IsleError::Shutdown
+                | IsleError::InstructionLimit
+        )
     }
 }
 

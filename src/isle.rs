@@ -107,13 +107,16 @@ impl IsleBuilder {
     ///
     /// # Errors
     /// [`IsleError::Init`] if `init` returns an error, [`IsleError::Panic`]
-    /// if it panics, [`IsleError::Init`] if the thread cannot be spawned. In
+    /// if it panics, [`IsleError::Init`] if the thread cannot be spawned, or
+    /// for a zero given to an option that counts something
+    /// (`hook_interval`, `max_instructions`, `memory_limit`), naming it. In
     /// every case the thread is gone when this returns.
     pub fn spawn<F>(self, init: F) -> Result<Isle, IsleError>
     where
         F: FnOnce(&Lua) -> mlua::Result<()> + Send + 'static,
     {
         let config = self.config;
+        config.check()?;
         let id = next_owner_id();
         let life = Lifecycle::new(1);
         let (tx, rx) = crossbeam_channel::unbounded();

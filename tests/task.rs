@@ -77,12 +77,17 @@ fn is_finished_stays_true_after_the_result_is_taken() {
 }
 
 #[test]
-#[should_panic(expected = "already taken")]
-fn try_result_after_the_result_was_taken_panics() {
+fn the_result_is_handed_out_once_and_asking_again_gives_none() {
     let isle = Isle::spawn(|_| Ok(())).unwrap();
     let mut task = isle.spawn_eval::<i64>("5");
     assert_eq!(task.wait_timeout(common::PATIENCE), Some(Ok(5)));
-    let _ = task.try_result();
+    assert_eq!(task.try_result(), None);
+    assert_eq!(task.wait_timeout(common::PATIENCE), None);
+    assert!(task.is_finished());
+    let mut task = isle.spawn_eval::<i64>("6");
+    assert_eq!(isle.eval::<i64>("0"), Ok(0)); // in order: `task` has resolved
+    assert_eq!(task.try_result(), Some(Ok(6)));
+    assert_eq!(task.try_result(), None);
 }
 
 #[test]

@@ -20,7 +20,7 @@ use crate::host::submit::Owner;
 use crate::host::{Host, Lifecycle, Queues, Spawn, Starting, VmThread};
 use crate::request::owner::next_owner_id;
 use crate::request::timer::Timer;
-use crate::vm::config::{vm_options, VmConfig, VmInit};
+use crate::vm::config::{at_least_one, vm_options, VmConfig, VmInit};
 use crate::vm::{Job, Vm};
 use crate::IsleError;
 
@@ -37,7 +37,7 @@ pub struct IslePoolBuilder {
 }
 
 impl IslePoolBuilder {
-    /// Number of VMs (default: the number of CPUs).
+    /// Number of VMs (default: the number of CPUs); at least 1.
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = Some(n);
         self
@@ -78,7 +78,7 @@ impl IslePoolBuilder {
     /// [`IsleError::SessionLost`], and the request after that starts a fresh
     /// session. Default: never.
     pub fn recycle_after(mut self, n: u64) -> Self {
-        self.recycle_after = Some(n.max(1));
+        self.recycle_after = Some(n);
         self
     }
 
@@ -95,15 +95,22 @@ impl IslePoolBuilder {
     ///
     /// # Errors
     /// [`IsleError::Init`] (or [`IsleError::Panic`]) naming a worker whose
-    /// `init` failed (or panicked; the first to report, if several did), or whose thread could not be
-    /// spawned; `Init` also for `workers(0)`. Workers already started are
-    /// stopped and joined before this returns.
+    /// `init` failed (or panicked; the lowest-numbered one, if several
+    /// did), or whose thread could not be spawned. `Init` also for a zero
+    /// given to an option that counts something (`workers`,
+    /// `recycle_after`, `recycle_when_memory_above`, `hook_interval`,
+    /// `max_instructions`, `memory_limit`), naming it. Workers already
+    /// started are stopped and joined before this returns.
     pub fn build(self) -> Result<IslePool, IsleError> {
         let n = self.workers.unwrap_or_else(num_cpus::get);
-        if n == 0 {
-            return Err(IsleError::Init("a pool needs at least one worker".into()));
-        }
+        at_least_one("workers", Some(n as u64))?;
+        at_least_one("recycle_after", self.recycle_after)?;
+        at_least_one(
+            "recycle_when_memory_above",
+            self.recycle_above.map(|b| b as u64),
+        )?;
         let config = self.config;
+        config.check()?;
         let init = self.init.unwrap_or_else(|| Arc::new(|_: &Lua| Ok(())));
         let id = next_owner_id();
         let (sleep, parkers) = Sleep::new(n);

@@ -188,7 +188,7 @@ impl IslePool {
     /// pool's VM threads.
     pub fn map<A, T>(
         &self,
-        name: &str,
+        name: impl Into<String>,
         inputs: impl IntoIterator<Item = A>,
     ) -> Vec<Result<T, IsleError>>
     where
@@ -203,7 +203,7 @@ impl IslePool {
         // inputs, few enough that each hop carries many calls.
         let batches = (self.workers() * 4).clamp(1, inputs.len().max(1));
         let size = inputs.len().div_ceil(batches).max(1);
-        let name: Arc<str> = Arc::from(name);
+        let name: Arc<str> = Arc::from(name.into());
         let mut tasks = Vec::with_capacity(batches);
         let mut inputs = inputs.into_iter();
         loop {
@@ -230,6 +230,12 @@ impl IslePool {
     /// A snapshot of the pool's counters.
     pub fn metrics(&self) -> PoolMetrics {
         self.inner.shared.metrics()
+    }
+
+    /// True once [`shutdown`](Self::shutdown) (or
+    /// [`shutdown_timeout`](Self::shutdown_timeout)) has begun.
+    pub fn is_shutdown(&self) -> bool {
+        self.inner.shared.life.is_closed()
     }
 
     /// The number of VMs.
@@ -285,7 +291,7 @@ impl fmt::Debug for IslePool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IslePool")
             .field("workers", &self.workers())
-            .field("closed", &self.inner.shared.life.is_closed())
+            .field("shutdown", &self.is_shutdown())
             .finish()
     }
 }

@@ -25,14 +25,17 @@ use crate::IsleError;
 /// - Dropping a `Task` that has not finished cancels the request; call
 ///   [`detach`](Self::detach) to let it run to the end unobserved.
 ///
-/// The result is handed out once: after `try_result`, `wait_timeout` or a
-/// poll has returned it, asking again panics.
+/// The result is handed out once: after `try_result`, `wait_timeout` or
+/// `wait_deadline` has returned it, they return `None`; polling the future
+/// again after it returned `Ready` panics, as futures may.
 #[must_use = "dropping a Task cancels its request; use detach() to let it run"]
 pub struct Task<T> {
     req: Arc<Request<T>>,
     token: CancelToken,
     timer: Timer,
     detached: bool,
+    /// The result was handed out.
+    taken: bool,
 }
 
 impl<T: Send + 'static> Task<T> {
@@ -43,6 +46,7 @@ impl<T: Send + 'static> Task<T> {
             token,
             timer,
             detached: false,
+            taken: false,
         }
     }
 
@@ -62,7 +66,8 @@ impl<T: Send + 'static> Task<T> {
     }
 
     /// Blocks for at most `timeout`. Returns `None` if the request has not
-    /// resolved by then; it keeps running (see [`timeout`](Self::timeout) to
+    /// resolved by then (or at once, if its result was handed out already);
+    /// it keeps running (see [`timeout`](Self::timeout) to
     /// stop it instead).
     ///
     /// # Errors
@@ -80,15 +85,29 @@ impl<T: Send + 'static> Task<T> {
         self.wait_until(Some(deadline))
     }
 
-    /// Returns the result if the request has resolved, without blocking.
+    /// Returns the result if the request has resolved, without blocking;
+    /// `None` while it runs, and once the result was handed out.
     ///
     /// # Errors
     /// As for [`wait`](Self::wait), inside the `Some`.
     pub fn try_result(&mut self) -> Option<Result<T, IsleError>> {
-        self.req.try_take()
+        self.take()
+    }
+
+    /// Takes the result if it is in and was not handed out yet.
+    fn take(&mut self) -> Option<Result<T, IsleError>> {
+        if self.taken {
+            return None;
+        }
+        let r = self.req.try_take();
+        self.taken = r.is_some();
+        r
     }
 
     fn wait_until(&mut self, deadline: Option<Instant>) -> Option<Result<T, IsleError>> {
+        if self.taken {
+            return None;
+        }
         let owner = self.req.header().owner;
         if !self.req.is_ready() && on_owner_thread(owner) {
             return Some(Err(IsleError::Reentrant));
@@ -103,7 +122,7 @@ impl<T: Send + 'static> Task<T> {
             _ => None,
         };
         if self.req.wait(deadline) {
-            self.req.try_take()
+            self.take()
         } else {
             None
         }
@@ -162,9 +181,16 @@ impl<T> Drop for Task<T> {
 impl<T: Send + 'static> Future for Task<T> {
     type Output = Result<T, IsleError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        assert!(
+            !self.taken,
+            "mlua_isle::Task polled after it returned its result"
+        );
         match self.req.poll_take(cx.waker()) {
-            Some(r) => Poll::Ready(r),
+            Some(r) => {
+                self.taken = true;
+                Poll::Ready(r)
+            }
             None => Poll::Pending,
         }
     }

@@ -75,8 +75,10 @@ impl CancelToken {
         self.stop(Reason::Cancelled);
     }
 
-    /// True once the request was asked to stop: cancelled, timed out, or
-    /// interrupted by shutdown. False if it finished before any of these.
+    /// True once the request was asked to stop: cancelled, timed out,
+    /// interrupted by shutdown, or out of its instruction budget (the stops
+    /// whose errors [`IsleError::is_cancellation`](crate::IsleError::is_cancellation)
+    /// recognises). False if it finished before any of these.
     pub fn is_cancelled(&self) -> bool {
         self.req.header().reason().is_some()
     }

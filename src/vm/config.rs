@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::IsleError;
+
 /// An init closure that can run again: on every VM an isle or pool starts
 /// (a pool's workers, recycled VMs, replacements of wedged ones).
 pub(crate) type VmInit = dyn Fn(&mlua::Lua) -> mlua::Result<()> + Send + Sync;
@@ -92,7 +94,27 @@ impl Default for VmConfig {
     }
 }
 
+/// Refuses a zero given to an option that counts something which must be
+/// there (workers, instructions, requests, bytes): `build` and `spawn` fail
+/// with [`IsleError::Init`] naming it, rather than quietly reading it as
+/// one or as "no limit".
+pub(crate) fn at_least_one(option: &str, value: Option<u64>) -> Result<(), IsleError> {
+    match value {
+        Some(0) => Err(IsleError::Init(format!(
+            "`{option}(0)`: it must be at least 1 (leave the option out for the default)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 impl VmConfig {
+    /// Refuses options that cannot be honoured (see [`at_least_one`]).
+    pub(crate) fn check(&self) -> Result<(), IsleError> {
+        at_least_one("hook_interval", Some(u64::from(self.hook_interval)))?;
+        at_least_one("max_instructions", self.max_instructions)?;
+        at_least_one("memory_limit", self.memory_limit.map(|b| b as u64))
+    }
+
     /// The stack size VM threads are spawned with (`None`: std's default).
     pub(crate) fn vm_stack_size(&self) -> Option<usize> {
         self.stack_size.or(DEFAULT_STACK_SIZE)
@@ -140,7 +162,7 @@ macro_rules! vm_options {
         /// sooner and cost a little more. Where the hook is armed on
         /// demand, this setting has no effect.
         pub fn hook_interval(mut self, instructions: u32) -> Self {
-            self.config.hook_interval = instructions.max(1);
+            self.config.hook_interval = instructions;
             self
         }
 
@@ -232,7 +254,7 @@ macro_rules! vm_options {
         /// a budget runs pure-Lua code 2–3x slower than one without (see
         /// the README's Performance section).
         pub fn max_instructions(mut self, n: u64) -> Self {
-            self.config.max_instructions = Some(n.max(1));
+            self.config.max_instructions = Some(n);
             self
         }
 

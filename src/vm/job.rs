@@ -51,7 +51,9 @@ impl Outcome {
     fn of<T>(result: &Result<T, IsleError>) -> Outcome {
         match result {
             Ok(_) => Outcome::Completed,
-            Err(e) if e.is_cancellation() || *e == IsleError::Shutdown => Outcome::Cancelled,
+            Err(IsleError::Cancelled | IsleError::Timeout | IsleError::Shutdown) => {
+                Outcome::Cancelled
+            }
             Err(IsleError::MemoryLimit(_)) => Outcome::OutOfMemory,
             Err(_) => Outcome::Failed,
         }
