@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{gate, in_child, within, Gate, GateFn};
+use common::{gate, within, Gate, GateFn};
 use mlua_isle::{Isle, IsleError, IslePool, Task};
 
 /// A grace period short enough for tests to see a VM replaced.
@@ -396,7 +396,7 @@ const LONG_C_FUNCTION: &str =
 ))]
 #[test]
 fn long_c_functions_answer_on_time_and_their_vm_is_replaced() {
-    in_child(
+    common::in_child(
         "long_c_functions_answer_on_time_and_their_vm_is_replaced",
         || {
             // `hit`, a Rust function (no Lua instruction a hook could stop
@@ -475,7 +475,7 @@ fn long_c_functions_answer_on_time_and_their_vm_is_replaced() {
 #[cfg(not(feature = "luau"))]
 #[test]
 fn a_long_compile_answers_on_time() {
-    in_child("a_long_compile_answers_on_time", || {
+    common::in_child("a_long_compile_answers_on_time", || {
         let isle = Isle::builder().stop_grace(GRACE).spawn(|_| Ok(())).unwrap();
         // Chains long enough to keep the compiler busy for a while: given
         // to `eval`, and built by the script and given to `load`.
@@ -505,7 +505,7 @@ fn a_long_compile_answers_on_time() {
 ))]
 #[test]
 fn a_long_collection_answers_on_time() {
-    in_child("a_long_collection_answers_on_time", || {
+    common::in_child("a_long_collection_answers_on_time", || {
         let isle = Isle::builder()
             .stop_grace(GRACE)
             .sandbox(true)

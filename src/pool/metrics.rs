@@ -68,19 +68,19 @@ pub struct WorkerMetrics {
 /// The live counters of one worker; written by that worker (and session
 /// binding for `sessions`), read by anyone.
 #[derive(Default)]
-pub(crate) struct WorkerCounters {
+pub(super) struct WorkerCounters {
     pub(crate) running: AtomicBool,
-    pub(crate) completed: AtomicU64,
+    pub(super) completed: AtomicU64,
     pub(crate) failed: AtomicU64,
     pub(crate) cancelled: AtomicU64,
-    pub(crate) busy_ns: AtomicU64,
+    pub(super) busy_ns: AtomicU64,
     pub(crate) sessions: AtomicUsize,
     pub(crate) recycled: AtomicU64,
-    pub(crate) recycle_failures: AtomicU64,
+    pub(super) recycle_failures: AtomicU64,
     pub(crate) wedged: AtomicU64,
     /// Session-close markers in this worker's pinned queue: not requests,
     /// so not counted as queued.
-    pub(crate) closes_queued: AtomicUsize,
+    pub(super) closes_queued: AtomicUsize,
 }
 
 impl WorkerCounters {
@@ -98,7 +98,7 @@ impl WorkerCounters {
 
     /// The metrics, given the length of the worker's queues (close markers
     /// included).
-    pub(crate) fn snapshot(&self, in_queues: usize) -> WorkerMetrics {
+    pub(super) fn snapshot(&self, in_queues: usize) -> WorkerMetrics {
         WorkerMetrics {
             queued: in_queues.saturating_sub(self.closes_queued.load(Ordering::Relaxed)),
             running: usize::from(self.running.load(Ordering::Relaxed)),
@@ -116,7 +116,7 @@ impl WorkerCounters {
 
 /// A counter many threads bump: striped over cache lines so submitters on
 /// different threads do not fight over one.
-pub(crate) struct StripedCounter {
+pub(super) struct StripedCounter {
     stripes: [CachePadded<AtomicU64>; STRIPES],
 }
 

@@ -25,7 +25,7 @@ use crate::{IsleError, Task};
 
 /// One binding of a key to a VM. A key closed and used again gets a new
 /// binding (new id, fresh environment).
-pub(crate) struct Binding {
+pub(super) struct Binding {
     /// Unique in the pool; names the environment on the worker.
     pub(crate) id: u64,
     pub(crate) key: SessionKey,
@@ -35,7 +35,7 @@ pub(crate) struct Binding {
     pub(crate) pending: AtomicUsize,
     /// Last use (submission, or end of a request), in `Shared::now_ns`
     /// units.
-    pub(crate) last_used: AtomicU64,
+    pub(super) last_used: AtomicU64,
     /// Set when the VM holding this session's state was recycled.
     pub(crate) lost: AtomicBool,
 }
@@ -71,7 +71,7 @@ impl Sessions {
     }
 
     /// True while `binding` is its key's current binding.
-    pub(crate) fn is_bound(&self, binding: &Arc<Binding>) -> bool {
+    pub(super) fn is_bound(&self, binding: &Arc<Binding>) -> bool {
         self.shard(&binding.key)
             .lock()
             .get(&binding.key)
@@ -80,7 +80,7 @@ impl Sessions {
 
     /// Marks every session bound to worker `w` lost (its VM was replaced
     /// while wedged) and returns them.
-    pub(crate) fn mark_lost(&self, w: usize) -> Vec<Arc<Binding>> {
+    pub(super) fn mark_lost(&self, w: usize) -> Vec<Arc<Binding>> {
         let mut lost = Vec::new();
         for shard in self.shards.iter() {
             for b in shard.lock().values().filter(|b| b.worker == w) {
@@ -93,7 +93,7 @@ impl Sessions {
 
     /// Removes `key`'s binding if it is `binding` and `still(binding)`
     /// holds, under the shard lock. Returns whether it was removed.
-    pub(crate) fn remove_if(
+    pub(super) fn remove_if(
         &self,
         binding: &Arc<Binding>,
         still: impl FnOnce(&Binding) -> bool,

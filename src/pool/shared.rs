@@ -18,7 +18,7 @@ use crate::vm::Job;
 use crate::IsleError;
 
 /// Work only one worker may run: never stolen.
-pub(crate) enum Pinned {
+pub(super) enum Pinned {
     /// A session request, run in the session's environment.
     Session(Arc<Binding>, Job),
     /// One VM's share of a broadcast.
@@ -28,38 +28,38 @@ pub(crate) enum Pinned {
 }
 
 /// What a worker found to do.
-pub(crate) enum Found {
+pub(super) enum Found {
     Unkeyed(Job),
     Pinned(Pinned),
 }
 
 pub(crate) struct Shared {
     /// Unkeyed work from outside the pool.
-    pub(crate) injector: Injector<Job>,
+    pub(super) injector: Injector<Job>,
     /// Thieves' ends of the workers' deques.
-    pub(crate) stealers: Box<[Stealer<Job>]>,
+    pub(super) stealers: Box<[Stealer<Job>]>,
     /// Each worker's session/broadcast queue.
-    pub(crate) pinned: Box<[Injector<Pinned>]>,
+    pub(super) pinned: Box<[Injector<Pinned>]>,
     pub(crate) sleep: Sleep,
     /// Shutdown flags, slot generations and VM interrupts (see `host`).
     pub(crate) life: Arc<Lifecycle>,
     pub(crate) sessions: Sessions,
-    pub(crate) counters: Box<[CachePadded<WorkerCounters>]>,
+    pub(super) counters: Box<[CachePadded<WorkerCounters>]>,
     pub(crate) submitted: StripedCounter,
-    pub(crate) rejected: AtomicU64,
+    pub(super) rejected: AtomicU64,
     pub(crate) discarded: AtomicU64,
-    pub(crate) sessions_expired: AtomicU64,
+    pub(super) sessions_expired: AtomicU64,
     /// `queue_capacity`, and the number of requests queued against it (kept
     /// only when a capacity is set).
     pub(crate) capacity: Option<usize>,
     pub(crate) queued: Admission,
     /// `session_idle_timeout`.
-    pub(crate) idle_timeout: Option<Duration>,
+    pub(super) idle_timeout: Option<Duration>,
     /// `recycle_after` (requests) and `recycle_when_memory_above` (bytes).
-    pub(crate) recycle_after: Option<u64>,
-    pub(crate) recycle_above: Option<usize>,
+    pub(super) recycle_after: Option<u64>,
+    pub(super) recycle_above: Option<usize>,
     /// Zero point of session `last_used` stamps.
-    pub(crate) epoch: Instant,
+    pub(super) epoch: Instant,
 }
 
 impl Shared {
@@ -68,7 +68,7 @@ impl Shared {
     }
 
     /// Nanoseconds since `epoch`.
-    pub(crate) fn now_ns(&self) -> u64 {
+    pub(super) fn now_ns(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64
     }
 
@@ -152,12 +152,12 @@ impl Shared {
     }
 
     /// True if unkeyed work waits anywhere (global queue or a deque).
-    pub(crate) fn has_unkeyed_work(&self) -> bool {
+    pub(super) fn has_unkeyed_work(&self) -> bool {
         !self.injector.is_empty() || self.stealers.iter().any(|s| !s.is_empty())
     }
 
     /// True if worker `w` could find anything to do.
-    pub(crate) fn has_work(&self, w: usize, local: &Deque<Job>) -> bool {
+    pub(super) fn has_work(&self, w: usize, local: &Deque<Job>) -> bool {
         !self.pinned[w].is_empty()
             || !local.is_empty()
             || !self.injector.is_empty()

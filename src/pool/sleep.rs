@@ -39,7 +39,7 @@ use crossbeam_utils::sync::{Parker, Unparker};
 use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 
-pub(crate) struct Sleep {
+pub(super) struct Sleep {
     sleeping: Box<[CachePadded<AtomicBool>]>,
     /// Replaced when a wedged worker's slot gets a new thread; locked only
     /// to unpark, which costs a system call anyway.
@@ -98,7 +98,7 @@ impl Sleep {
     }
 
     /// Submitter side, after pushing unkeyed work: wake one sleeper, if any.
-    pub(crate) fn wake_any(&self) {
+    pub(super) fn wake_any(&self) {
         // ORDERING: pairs with the worker's fence; see the module docs.
         fence(Ordering::SeqCst);
         if self.count.load(Ordering::SeqCst) == 0 {
@@ -114,7 +114,7 @@ impl Sleep {
 
     /// True if some worker is (about to be) asleep. A hint: a worker that
     /// falls asleep after this returned false re-checks the queues first.
-    pub(crate) fn anyone_asleep(&self) -> bool {
+    pub(super) fn anyone_asleep(&self) -> bool {
         self.count.load(Ordering::SeqCst) > 0
     }
 

@@ -19,14 +19,14 @@ use crate::IsleError;
 
 /// Starts a fresh VM (runs `init`) on the calling thread: a worker's first,
 /// a recycled one, or one replacing a wedged worker.
-pub(crate) type StartVm = Arc<dyn Fn() -> Result<Vm, IsleError> + Send + Sync>;
+pub(super) type StartVm = Arc<dyn Fn() -> Result<Vm, IsleError> + Send + Sync>;
 
-pub(crate) struct Worker {
+pub(super) struct Worker {
     pub(crate) index: usize,
     pub(crate) shared: Arc<Shared>,
     pub(crate) local: Deque<Job>,
-    pub(crate) parker: Parker,
-    pub(crate) restart: StartVm,
+    pub(super) parker: Parker,
+    pub(super) restart: StartVm,
     /// This thread's generation in its slot (`Shared::generations`).
     pub(crate) generation: u64,
     /// Whether thieves can reach `local` (see `Shared::find`).

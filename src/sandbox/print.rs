@@ -7,7 +7,7 @@ use std::sync::Arc;
 use mlua::Lua;
 
 /// A host's sink for printed lines.
-pub(crate) type Sink = Arc<dyn Fn(&str) + Send + Sync + 'static>;
+pub(super) type Sink = Arc<dyn Fn(&str) + Send + Sync + 'static>;
 
 /// Where `print` goes.
 #[derive(Clone, Default)]

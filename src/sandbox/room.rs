@@ -27,7 +27,7 @@ pub(crate) fn limit(lua: &Lua) -> Option<usize> {
 /// Whether `bytes` more, held outside the VM's allocator, fit under its
 /// memory limit beside what the VM uses now.
 #[cfg_attr(not(any(feature = "lua54", feature = "lua55")), allow(dead_code))]
-pub(crate) fn fits(lua: &Lua, bytes: usize) -> bool {
+pub(super) fn fits(lua: &Lua, bytes: usize) -> bool {
     match limit(lua) {
         Some(limit) => lua
             .used_memory()

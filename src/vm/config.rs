@@ -9,17 +9,17 @@ use crate::IsleError;
 pub(crate) type VmInit = dyn Fn(&mlua::Lua) -> mlua::Result<()> + Send + Sync;
 
 /// Default instructions between two cancel checks.
-pub(crate) const DEFAULT_HOOK_INTERVAL: u32 = 1000;
+pub(super) const DEFAULT_HOOK_INTERVAL: u32 = 1000;
 
 /// Default time a VM gets to let go of a stopped request before it counts
 /// as wedged.
-pub(crate) const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(1);
+pub(super) const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(1);
 
 /// Default number of compiled `eval` chunks each VM keeps.
-pub(crate) const DEFAULT_CHUNK_CACHE: usize = 64;
+pub(super) const DEFAULT_CHUNK_CACHE: usize = 64;
 
 /// Default longest source the sandbox's `load` compiles.
-pub(crate) const DEFAULT_MAX_SOURCE: usize = 64 << 10;
+pub(super) const DEFAULT_MAX_SOURCE: usize = 64 << 10;
 
 /// Default VM thread stack where std's 2 MiB is too small: Lua 5.1-5.3
 /// allow 200 nested C calls, whose frames (`string.gsub` keeps an 8 KiB
@@ -38,7 +38,7 @@ const DEFAULT_STACK_SIZE: Option<usize> =
 
 /// The stack std gives a thread spawned without a size (unless
 /// `RUST_MIN_STACK` says otherwise).
-pub(crate) const STD_STACK_SIZE: usize = 2 << 20;
+pub(super) const STD_STACK_SIZE: usize = 2 << 20;
 
 /// Per-VM settings, filled in by the builders.
 #[derive(Debug, Clone)]
@@ -116,7 +116,7 @@ impl VmConfig {
     }
 
     /// The stack size VM threads are spawned with (`None`: std's default).
-    pub(crate) fn vm_stack_size(&self) -> Option<usize> {
+    pub(super) fn vm_stack_size(&self) -> Option<usize> {
         self.stack_size.or(DEFAULT_STACK_SIZE)
     }
 

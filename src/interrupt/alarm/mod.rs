@@ -140,21 +140,21 @@ pub(crate) fn bind(_lua: &mlua::Lua) -> mlua::Result<VmAddrs> {
 }
 
 #[cfg(all(not(unix), not(feature = "luau")))]
-pub(crate) fn begin(_vm: &VmAddrs) {}
+pub(super) fn begin(_vm: &VmAddrs) {}
 
 #[cfg(all(not(unix), not(feature = "luau")))]
 pub(crate) fn unbind(_vm: &VmAddrs) {}
 
 #[cfg(all(not(unix), not(feature = "luau")))]
-pub(crate) fn rearm_running() {}
+pub(super) fn rearm_running() {}
 
 #[cfg(all(not(unix), not(feature = "luau")))]
-pub(crate) fn disarm_main() {}
+pub(super) fn disarm_main() {}
 
 /// No coroutine switches to track: Luau's interrupt is per VM, and off Unix
 /// nothing is armed on demand.
 #[cfg(not(all(unix, not(feature = "luau"))))]
-pub(crate) fn tracked_resume_close(
+pub(super) fn tracked_resume_close(
     _lua: &mlua::Lua,
     _check: &mlua::Function,
 ) -> mlua::Result<(mlua::Function, Option<mlua::Function>)> {
@@ -162,7 +162,7 @@ pub(crate) fn tracked_resume_close(
 }
 
 #[cfg(not(all(unix, not(feature = "luau"))))]
-pub(crate) fn tracked_wrap_with(
+pub(super) fn tracked_wrap_with(
     _lua: &mlua::Lua,
     _wrap_error: &mlua::Function,
 ) -> mlua::Result<mlua::Function> {
@@ -170,7 +170,7 @@ pub(crate) fn tracked_wrap_with(
 }
 
 #[cfg(all(not(unix), not(feature = "luau")))]
-pub(crate) fn disarm_running(_lua: &mlua::Lua) -> bool {
+pub(super) fn disarm_running(_lua: &mlua::Lua) -> bool {
     false
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use parking_lot::{const_rwlock, RwLock};
 
 /// The per-VM-thread flag stoppers raise, and how to reach the thread.
-pub(crate) struct Alarm {
+pub(super) struct Alarm {
     /// True while the running request must stop: hooks must tick on every
     /// Lua thread that runs.
     pub(super) armed: AtomicBool,

@@ -69,7 +69,7 @@ use matcher::*;
 pub(crate) type Poll = Arc<dyn Fn(&Lua, u32) -> mlua::Result<()> + Send + Sync>;
 
 /// Matcher steps between two calls of the [`Poll`] callback.
-pub(crate) const POLL_EVERY: u32 = 1000;
+pub(super) const POLL_EVERY: u32 = 1000;
 
 /// `LUA_MAXCAPTURES`.
 const MAX_CAPTURES: usize = 32;
