@@ -97,7 +97,7 @@ impl Lifecycle {
     }
 
     /// The slot whose VM is still inside `req`, if any.
-    pub(crate) fn running(&self, req: &Arc<dyn Cancel>) -> Option<usize> {
+    pub(super) fn running(&self, req: &Arc<dyn Cancel>) -> Option<usize> {
         (0..self.interrupts.len()).find(|&s| {
             self.interrupts[s]
                 .lock()

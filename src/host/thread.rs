@@ -12,13 +12,13 @@ use crate::IsleError;
 
 /// One VM thread, as its owner keeps it.
 pub(crate) struct VmThread {
-    pub(crate) slot: usize,
-    pub(crate) generation: u64,
+    pub(super) slot: usize,
+    pub(super) generation: u64,
     pub(super) handle: JoinHandle<()>,
 }
 
 impl VmThread {
-    pub(super) fn id(&self) -> (usize, u64) {
+    pub(crate) fn id(&self) -> (usize, u64) {
         (self.slot, self.generation)
     }
 

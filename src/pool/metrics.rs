@@ -69,22 +69,22 @@ pub struct WorkerMetrics {
 /// binding for `sessions`), read by anyone.
 #[derive(Default)]
 pub(super) struct WorkerCounters {
-    pub(crate) running: AtomicBool,
+    pub(super) running: AtomicBool,
     pub(super) completed: AtomicU64,
-    pub(crate) failed: AtomicU64,
-    pub(crate) cancelled: AtomicU64,
+    pub(super) failed: AtomicU64,
+    pub(super) cancelled: AtomicU64,
     pub(super) busy_ns: AtomicU64,
-    pub(crate) sessions: AtomicUsize,
-    pub(crate) recycled: AtomicU64,
+    pub(super) sessions: AtomicUsize,
+    pub(super) recycled: AtomicU64,
     pub(super) recycle_failures: AtomicU64,
-    pub(crate) wedged: AtomicU64,
+    pub(super) wedged: AtomicU64,
     /// Session-close markers in this worker's pinned queue: not requests,
     /// so not counted as queued.
     pub(super) closes_queued: AtomicUsize,
 }
 
 impl WorkerCounters {
-    pub(crate) fn record(&self, outcome: Outcome, busy: Duration) {
+    pub(super) fn record(&self, outcome: Outcome, busy: Duration) {
         // ORDERING: Relaxed: plain statistics, no data hangs on them.
         let counter = match outcome {
             Outcome::Completed => &self.completed,
@@ -123,13 +123,13 @@ pub(super) struct StripedCounter {
 const STRIPES: usize = 8;
 
 impl StripedCounter {
-    pub(crate) fn new() -> Self {
+    pub(super) fn new() -> Self {
         StripedCounter {
             stripes: std::array::from_fn(|_| CachePadded::new(AtomicU64::new(0))),
         }
     }
 
-    pub(crate) fn add(&self, n: u64) {
+    pub(super) fn add(&self, n: u64) {
         thread_local! {
             static STRIPE: usize = {
                 use std::hash::{Hash, Hasher};
@@ -142,7 +142,7 @@ impl StripedCounter {
         self.stripes[i].fetch_add(n, Ordering::Relaxed);
     }
 
-    pub(crate) fn sum(&self) -> u64 {
+    pub(super) fn sum(&self) -> u64 {
         self.stripes.iter().map(|s| s.load(Ordering::Relaxed)).sum()
     }
 }

@@ -28,29 +28,29 @@ use crate::{IsleError, Task};
 pub(super) struct Binding {
     /// Unique in the pool; names the environment on the worker.
     pub(crate) id: u64,
-    pub(crate) key: SessionKey,
-    pub(crate) worker: usize,
+    pub(super) key: SessionKey,
+    pub(super) worker: usize,
     /// Requests queued or running; changed under the shard lock (up) and by
     /// the worker (down).
-    pub(crate) pending: AtomicUsize,
+    pub(super) pending: AtomicUsize,
     /// Last use (submission, or end of a request), in `Shared::now_ns`
     /// units.
     pub(super) last_used: AtomicU64,
     /// Set when the VM holding this session's state was recycled.
-    pub(crate) lost: AtomicBool,
+    pub(super) lost: AtomicBool,
 }
 
 type Shard = Mutex<HashMap<SessionKey, Arc<Binding>>>;
 
 /// The open sessions, sharded by key.
-pub(crate) struct Sessions {
+pub(super) struct Sessions {
     shards: Box<[CachePadded<Shard>]>,
     hasher: RandomState,
     next_id: AtomicU64,
 }
 
 impl Sessions {
-    pub(crate) fn new(workers: usize) -> Sessions {
+    pub(super) fn new(workers: usize) -> Sessions {
         let shards = (workers * 8).next_power_of_two().max(16);
         Sessions {
             shards: (0..shards)
@@ -66,7 +66,7 @@ impl Sessions {
         &self.shards[i]
     }
 
-    pub(crate) fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.shards.iter().map(|s| s.lock().len()).sum()
     }
 
@@ -158,7 +158,7 @@ fn least_loaded(shared: &Shared) -> usize {
 
 /// Closes `key`'s session if open: its VM drops the environment after the
 /// session's already-queued requests. Returns whether it was open.
-pub(crate) fn close(shared: &Shared, key: &SessionKey) -> bool {
+pub(super) fn close(shared: &Shared, key: &SessionKey) -> bool {
     let worker = {
         let mut shard = shared.sessions.shard(key).lock();
         let Some(binding) = shard.remove(key) else {
@@ -198,7 +198,7 @@ pub struct Session {
 }
 
 impl Session {
-    pub(crate) fn new(pool: IslePool, key: SessionKey) -> Session {
+    pub(super) fn new(pool: IslePool, key: SessionKey) -> Session {
         Session { pool, key }
     }
 

@@ -33,26 +33,26 @@ pub(super) enum Found {
     Pinned(Pinned),
 }
 
-pub(crate) struct Shared {
+pub(super) struct Shared {
     /// Unkeyed work from outside the pool.
     pub(super) injector: Injector<Job>,
     /// Thieves' ends of the workers' deques.
     pub(super) stealers: Box<[Stealer<Job>]>,
     /// Each worker's session/broadcast queue.
     pub(super) pinned: Box<[Injector<Pinned>]>,
-    pub(crate) sleep: Sleep,
+    pub(super) sleep: Sleep,
     /// Shutdown flags, slot generations and VM interrupts (see `host`).
-    pub(crate) life: Arc<Lifecycle>,
-    pub(crate) sessions: Sessions,
+    pub(super) life: Arc<Lifecycle>,
+    pub(super) sessions: Sessions,
     pub(super) counters: Box<[CachePadded<WorkerCounters>]>,
-    pub(crate) submitted: StripedCounter,
+    pub(super) submitted: StripedCounter,
     pub(super) rejected: AtomicU64,
-    pub(crate) discarded: AtomicU64,
+    pub(super) discarded: AtomicU64,
     pub(super) sessions_expired: AtomicU64,
     /// `queue_capacity`, and the number of requests queued against it (kept
     /// only when a capacity is set).
-    pub(crate) capacity: Option<usize>,
-    pub(crate) queued: Admission,
+    pub(super) capacity: Option<usize>,
+    pub(super) queued: Admission,
     /// `session_idle_timeout`.
     pub(super) idle_timeout: Option<Duration>,
     /// `recycle_after` (requests) and `recycle_when_memory_above` (bytes).
@@ -63,7 +63,7 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn workers(&self) -> usize {
+    pub(super) fn workers(&self) -> usize {
         self.pinned.len()
     }
 
@@ -76,7 +76,7 @@ impl Shared {
     /// Only live queued requests count: the request gives its room back
     /// when it starts or resolves (see `Header::admit`), not when a worker
     /// happens to take it off a queue.
-    pub(crate) fn admit(&self, job: &Job) -> bool {
+    pub(super) fn admit(&self, job: &Job) -> bool {
         let Some(cap) = self.capacity else {
             return true;
         };
@@ -98,7 +98,7 @@ impl Shared {
     /// worker: `stealers[w]` still names the stuck one's deque) takes one
     /// job at a time from the global queue (`batch` false), so no job waits
     /// where only it can run it.
-    pub(crate) fn find(
+    pub(super) fn find(
         &self,
         w: usize,
         local: &Deque<Job>,
@@ -166,7 +166,7 @@ impl Shared {
 
     /// Resolves everything still queued with `Shutdown` (after the workers
     /// have exited).
-    pub(crate) fn drain(&self) {
+    pub(super) fn drain(&self) {
         let discard = |job: Job| {
             self.discarded.fetch_add(1, Ordering::Relaxed);
             job.abandon(IsleError::Shutdown);
@@ -192,7 +192,7 @@ impl Shared {
         }
     }
 
-    pub(crate) fn metrics(&self) -> PoolMetrics {
+    pub(super) fn metrics(&self) -> PoolMetrics {
         let workers = iter::zip(self.counters.iter(), self.stealers.iter())
             .zip(self.pinned.iter())
             .map(|((c, s), p)| c.snapshot(s.len() + p.len()))

@@ -49,7 +49,7 @@ pub(super) struct Sleep {
 
 impl Sleep {
     /// One slot per worker; returns the parkers, one per worker in order.
-    pub(crate) fn new(workers: usize) -> (Sleep, Vec<Parker>) {
+    pub(super) fn new(workers: usize) -> (Sleep, Vec<Parker>) {
         let parkers: Vec<Parker> = (0..workers).map(|_| Parker::new()).collect();
         let sleep = Sleep {
             sleeping: (0..workers)
@@ -66,7 +66,7 @@ impl Sleep {
 
     /// Worker side: sleep unless `has_work()` says otherwise after the flag
     /// is raised. `timeout` bounds the sleep (for periodic housekeeping).
-    pub(crate) fn sleep(
+    pub(super) fn sleep(
         &self,
         w: usize,
         parker: &Parker,
@@ -119,7 +119,7 @@ impl Sleep {
     }
 
     /// Submitter side, after pushing work only worker `w` may run.
-    pub(crate) fn wake(&self, w: usize) {
+    pub(super) fn wake(&self, w: usize) {
         // ORDERING: pairs with the worker's fence; see the module docs.
         fence(Ordering::SeqCst);
         if self.lower(w) {
@@ -128,13 +128,13 @@ impl Sleep {
     }
 
     /// Gives slot `w` to a new thread, woken through `unparker`.
-    pub(crate) fn replace(&self, w: usize, unparker: Unparker) {
+    pub(super) fn replace(&self, w: usize, unparker: Unparker) {
         *self.unparkers[w].lock() = unparker;
         self.wake(w);
     }
 
     /// Wakes every worker (shutdown).
-    pub(crate) fn wake_all(&self) {
+    pub(super) fn wake_all(&self) {
         fence(Ordering::SeqCst);
         for w in 0..self.sleeping.len() {
             self.lower(w);

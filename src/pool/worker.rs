@@ -22,15 +22,15 @@ use crate::IsleError;
 pub(super) type StartVm = Arc<dyn Fn() -> Result<Vm, IsleError> + Send + Sync>;
 
 pub(super) struct Worker {
-    pub(crate) index: usize,
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) local: Deque<Job>,
+    pub(super) index: usize,
+    pub(super) shared: Arc<Shared>,
+    pub(super) local: Deque<Job>,
     pub(super) parker: Parker,
     pub(super) restart: StartVm,
     /// This thread's generation in its slot (`Shared::generations`).
-    pub(crate) generation: u64,
+    pub(super) generation: u64,
     /// Whether thieves can reach `local` (see `Shared::find`).
-    pub(crate) batch: bool,
+    pub(super) batch: bool,
 }
 
 impl Worker {
@@ -38,7 +38,7 @@ impl Worker {
     /// left for this worker.
     ///
     /// `lost`: sessions whose state went with the VM this one replaces.
-    pub(crate) fn run(self, vm: Vm, mut lost: Vec<Arc<Binding>>) {
+    pub(super) fn run(self, vm: Vm, mut lost: Vec<Arc<Binding>>) {
         let shared = &*self.shared;
         let w = self.index;
         let mut host = WorkerVm::new(vm);

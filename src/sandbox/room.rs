@@ -18,7 +18,7 @@ pub(crate) const MEMORY_ERROR: &str = "not enough memory";
 /// The VM's memory limit, if it has one. (mlua 0.12 has no getter: the
 /// limit is read by setting it and putting it back, two stores.)
 #[cfg_attr(not(any(feature = "lua54", feature = "lua55")), allow(dead_code))]
-pub(crate) fn limit(lua: &Lua) -> Option<usize> {
+pub(super) fn limit(lua: &Lua) -> Option<usize> {
     let limit = lua.set_memory_limit(0).ok()?;
     let _ = lua.set_memory_limit(limit);
     (limit != 0).then_some(limit)

@@ -39,7 +39,7 @@ const MAX_NESTED: u32 = 1000;
 /// thread's; this must run on that thread, before `interrupt/catchers.rs` wraps
 /// `coroutine.resume`, `load` and `pcall` (so that it wraps these, and
 /// these use Lua's own `pcall`).
-pub(crate) fn install(lua: &Lua, stack_size: usize) -> mlua::Result<()> {
+pub(super) fn install(lua: &Lua, stack_size: usize) -> mlua::Result<()> {
     crate::interrupt::alarm::native::set_stack(stack_size);
     lua.load(GUARDED).set_name("=mlua-isle").call::<()>((
         crate::interrupt::alarm::native::stack_guard(lua)?,

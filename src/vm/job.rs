@@ -88,7 +88,7 @@ impl Job {
 
     /// Runs the work on the VM thread and resolves the request, unless it
     /// was resolved while queued (then the work is dropped unrun).
-    pub(crate) fn run(self, ctx: &Ctx<'_>, interrupt: &Interrupt) -> Outcome {
+    pub(super) fn run(self, ctx: &Ctx<'_>, interrupt: &Interrupt) -> Outcome {
         self.0.run(ctx, interrupt)
     }
 

@@ -135,7 +135,7 @@ pub(crate) use luau::{
 /// Off Unix (and not Luau) hooks are never armed on demand: these are
 /// never called.
 #[cfg(all(not(unix), not(feature = "luau")))]
-pub(crate) fn bind(_lua: &mlua::Lua) -> mlua::Result<VmAddrs> {
+pub(super) fn bind(_lua: &mlua::Lua) -> mlua::Result<VmAddrs> {
     unreachable!("alarms are not supported here")
 }
 
@@ -143,7 +143,7 @@ pub(crate) fn bind(_lua: &mlua::Lua) -> mlua::Result<VmAddrs> {
 pub(super) fn begin(_vm: &VmAddrs) {}
 
 #[cfg(all(not(unix), not(feature = "luau")))]
-pub(crate) fn unbind(_vm: &VmAddrs) {}
+pub(super) fn unbind(_vm: &VmAddrs) {}
 
 #[cfg(all(not(unix), not(feature = "luau")))]
 pub(super) fn rearm_running() {}

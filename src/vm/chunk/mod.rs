@@ -94,7 +94,7 @@ pub(crate) struct ChunkCache {
 impl ChunkCache {
     /// A cache of at most `entries` chunks (0: none) for a VM limited to
     /// `memory_limit` bytes.
-    pub(crate) fn new(entries: usize, memory_limit: Option<usize>) -> Self {
+    pub(super) fn new(entries: usize, memory_limit: Option<usize>) -> Self {
         let max_bytes = memory_limit.map_or(MAX_BYTES, |limit| (limit / 8).min(MAX_BYTES));
         ChunkCache {
             lru: RefCell::new(Lru::default()),
@@ -149,7 +149,7 @@ impl ChunkCache {
     }
 
     /// Drops every entry (the VM ran out of memory: give the room back).
-    pub(crate) fn clear(&self) {
+    pub(super) fn clear(&self) {
         *self.lru.borrow_mut() = Lru::default();
     }
 
