@@ -66,9 +66,10 @@
 //! - `request/`: a request as its caller sees it: the state machine that
 //!   resolves it exactly once, [`Task`], [`CancelToken`], time limits. It
 //!   knows nothing of Lua.
+//! - `sandbox/`: the sandbox, with its budgeted pattern matcher (which is
+//!   handed the function that polls for a stop).
 //! - `interrupt/`: how running Lua learns it must stop (the hook and the
 //!   catchers); its `alarm/` holds all of the crate's `unsafe` code.
-//! - `sandbox/`: the sandbox, with its budgeted pattern matcher.
 //! - `vm/`: one VM as its thread sees it: creation, options, the job that
 //!   runs a request, the compiled-chunk cache.
 //! - `host/`: the VM thread's lifecycle (start, serve, stop with grace,

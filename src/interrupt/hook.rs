@@ -11,7 +11,6 @@ use parking_lot::Mutex;
 
 use crate::interrupt::alarm::{self, ThreadAlarm, VmAddrs};
 use crate::request::{CancelToken, Reason};
-use crate::vm::config::VmConfig;
 
 /// `Interrupt::executed` before a request's first tick.
 const FIRST_TICK: u64 = u64::MAX;
@@ -41,12 +40,25 @@ pub(crate) struct Interrupt {
     pub(super) on_demand: Option<(ThreadAlarm, VmAddrs)>,
 }
 
+/// What the hook is told of the VM's options.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HookOptions {
+    /// Instructions between checks where the hook ticks all the time.
+    pub(crate) interval: u32,
+    /// Instructions one request may execute.
+    pub(crate) budget: Option<u64>,
+    /// Tick all the time even where the hook could be armed on demand.
+    pub(crate) permanent: bool,
+    /// Whether `load` and friends accept binary chunks.
+    pub(crate) binary_chunks: bool,
+}
+
 impl Interrupt {
     /// Installs the hook on `lua` and registers the state for
-    /// [`current_token`].
+    /// [`current_token`](crate::current_token).
     pub(crate) fn install(
         lua: &Lua,
-        config: &VmConfig,
+        config: HookOptions,
         abort: Arc<AtomicBool>,
     ) -> mlua::Result<Arc<Self>> {
         // LuaJIT never calls hooks from compiled traces, so a hot loop would
@@ -69,7 +81,7 @@ impl Interrupt {
                     .exec()?;
             }
         }
-        let budget = config.max_instructions;
+        let budget = config.budget;
         #[cfg(feature = "luau")]
         if budget.is_some() {
             // Luau calls its interrupt at function calls and loop back-edges,
@@ -81,13 +93,13 @@ impl Interrupt {
         }
         // Check often enough to notice a small budget.
         let interval = match budget {
-            Some(b) => u64::from(config.hook_interval).min(b) as u32,
-            None => config.hook_interval,
+            Some(b) => u64::from(config.interval).min(b) as u32,
+            None => config.interval,
         };
         let interval = interval.max(1);
         // An instruction budget needs the hook to count all the time; the
         // user may want it ticking anyway (`permanent_hook`).
-        let alarm = alarm::this_thread().filter(|_| budget.is_none() && !config.permanent_hook);
+        let alarm = alarm::this_thread().filter(|_| budget.is_none() && !config.permanent);
         // The closure needs the final `Arc`, which needs `on_demand`, which
         // needs the hook installed: install a placeholder hook first (on
         // 5.4 and 5.5, ours, which does nothing until it has a tick).

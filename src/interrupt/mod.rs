@@ -54,4 +54,4 @@ mod hook;
 
 pub use errors::current_token;
 pub(crate) use errors::request_error;
-pub(crate) use hook::Interrupt;
+pub(crate) use hook::{HookOptions, Interrupt};

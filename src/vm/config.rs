@@ -115,6 +115,16 @@ impl VmConfig {
         at_least_one("memory_limit", self.memory_limit.map(|b| b as u64))
     }
 
+    /// What the interrupt hook needs of these options.
+    pub(crate) fn hook(&self) -> crate::interrupt::HookOptions {
+        crate::interrupt::HookOptions {
+            interval: self.hook_interval,
+            budget: self.max_instructions,
+            permanent: self.permanent_hook,
+            binary_chunks: self.binary_chunks,
+        }
+    }
+
     /// The stack size VM threads are spawned with (`None`: std's default).
     pub(super) fn vm_stack_size(&self) -> Option<usize> {
         self.stack_size.or(DEFAULT_STACK_SIZE)

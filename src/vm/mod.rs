@@ -70,7 +70,7 @@ impl Vm {
                 .unwrap_or(crate::vm::config::STD_STACK_SIZE),
         )
         .map_err(init_error)?;
-        let interrupt = Interrupt::install(&lua, config, abort).map_err(init_error)?;
+        let interrupt = Interrupt::install(&lua, config.hook(), abort).map_err(init_error)?;
         #[cfg(feature = "lua55")]
         crate::interrupt::alarm::cap_string_rep(&lua).map_err(init_error)?;
         if let Some(limit) = config.memory_limit {
