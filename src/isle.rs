@@ -10,9 +10,7 @@ use mlua::Lua;
 
 use crate::host::submit::{request_methods, Owner, Submit};
 use crate::host::{Host, Lifecycle, Queues, Spawn, Starting};
-use crate::request::owner::next_owner_id;
 use crate::request::spin::spin_until;
-use crate::request::timer::Timer;
 use crate::request::Cancel;
 use crate::vm::config::{vm_options, VmConfig, VmInit};
 use crate::vm::{Job, Vm};
@@ -117,7 +115,8 @@ impl IsleBuilder {
     {
         let config = self.config;
         config.check()?;
-        let id = next_owner_id();
+        let owner = Owner::new(&config);
+        let id = owner.id;
         let life = Lifecycle::new(1);
         let (tx, rx) = crossbeam_channel::unbounded();
         let first = {
@@ -131,15 +130,7 @@ impl IsleBuilder {
         };
         let thread = start(id, &config, &life, &rx, 0, None, first)?.ready()?;
         let inner = Arc::new(Inner {
-            host: Host::new(
-                Owner {
-                    id,
-                    timer: Timer::new(config.name.clone(), id, config.stop_grace),
-                    default_timeout: config.default_timeout,
-                },
-                life,
-                vec![thread],
-            ),
+            host: Host::new(owner, life, vec![thread]),
             tx,
             rx,
             config,

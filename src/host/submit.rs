@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use mlua::{FromLuaMulti, IntoLuaMulti, Lua, Table, Value};
 
+use crate::request::owner::next_owner_id;
 use crate::request::owner::on_owner_thread;
 use crate::request::timer::Timer;
 use crate::request::Request;
+use crate::vm::config::VmConfig;
 use crate::vm::{Ctx, Job};
 use crate::{IsleError, Task};
 
@@ -21,6 +23,17 @@ pub(crate) struct Owner {
 }
 
 impl Owner {
+    /// A new owner with a fresh id, its timer thread named after the VMs'
+    /// threads.
+    pub(crate) fn new(config: &VmConfig) -> Owner {
+        let id = next_owner_id();
+        Owner {
+            id,
+            timer: Timer::new(config.name.clone(), id, config.stop_grace),
+            default_timeout: config.default_timeout,
+        }
+    }
+
     /// Builds one request: its task (with the default time limit) and the
     /// job that will run `work` and resolve it.
     pub(crate) fn request<T, F>(&self, work: F) -> (Task<T>, Job)

@@ -18,8 +18,6 @@ use super::worker::{StartVm, Worker};
 use super::{IslePool, PoolInner};
 use crate::host::submit::Owner;
 use crate::host::{Host, Lifecycle, Queues, Spawn, Starting, VmThread};
-use crate::request::owner::next_owner_id;
-use crate::request::timer::Timer;
 use crate::vm::config::{at_least_one, vm_options, VmConfig, VmInit};
 use crate::vm::{Job, Vm};
 use crate::IsleError;
@@ -112,7 +110,8 @@ impl IslePoolBuilder {
         let config = self.config;
         config.check()?;
         let init = self.init.unwrap_or_else(|| Arc::new(|_: &Lua| Ok(())));
-        let id = next_owner_id();
+        let owner = Owner::new(&config);
+        let id = owner.id;
         let (sleep, parkers) = Sleep::new(n);
         let locals: Vec<Deque<_>> = (0..n).map(|_| Deque::new_fifo()).collect();
         let life = Lifecycle::new(n);
@@ -177,15 +176,7 @@ impl IslePoolBuilder {
         }
         let threads = std::mem::take(&mut startup.started);
         let inner = Arc::new(PoolInner {
-            host: Host::new(
-                Owner {
-                    id,
-                    timer: Timer::new(config.name.clone(), id, config.stop_grace),
-                    default_timeout: config.default_timeout,
-                },
-                life,
-                threads,
-            ),
+            host: Host::new(owner, life, threads),
             shared,
             spawner,
         });
