@@ -152,9 +152,16 @@ impl Host {
         Instant::now().checked_add(self.owner.timer.grace())
     }
 
-    /// (slot, generation) of the current VM threads.
+    /// (slot, generation) of the current VM threads, but the calling one:
+    /// a thread dropping the last handle cannot wait for itself to end.
     fn thread_ids(&self) -> Vec<(usize, u64)> {
-        self.threads.lock().iter().map(VmThread::id).collect()
+        let me = std::thread::current().id();
+        self.threads
+            .lock()
+            .iter()
+            .filter(|t| t.handle.thread().id() != me)
+            .map(VmThread::id)
+            .collect()
     }
 
     fn abort(&self, queues: &dyn Queues) {

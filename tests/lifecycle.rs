@@ -1,0 +1,148 @@
+//! The VM thread's lifecycle shared by `Isle` and the pool: a last handle
+//! dropped on a VM thread, and a wedged VM whose replacement cannot start.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{gate, thread_gone, within, PATIENCE};
+use mlua_isle::mlua;
+use mlua_isle::{Isle, IsleError, IslePool};
+
+/// Short enough for a test to see the wedge check run.
+const GRACE: Duration = Duration::from_millis(50);
+
+/// Polls `done` until it holds, failing the test after `PATIENCE` (a hang
+/// detector, not a timing assertion).
+fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !done() {
+        assert!(start.elapsed() < PATIENCE, "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn the_last_isle_handle_dropped_on_its_vm_thread_waits_for_nothing() {
+    // With no grace limit, waiting for its own thread would never end.
+    const NAME: &str = "lc-isleself";
+    let isle = Isle::builder()
+        .name(NAME)
+        .stop_grace(Duration::MAX)
+        .build()
+        .unwrap();
+    let own = isle.clone();
+    let task = isle.spawn_exec(move |_| {
+        drop(own);
+        Ok(1)
+    });
+    drop(isle);
+    let r = within("the exec that dropped the last handle", move || task.wait());
+    assert!(matches!(r, Ok(1) | Err(IsleError::Shutdown)), "{r:?}");
+    assert!(thread_gone(NAME), "the VM thread is still there");
+}
+
+#[test]
+fn the_last_pool_handle_dropped_on_a_worker_waits_only_for_the_others() {
+    const NAME: &str = "lc-poolself";
+    let pool = IslePool::builder()
+        .name(NAME)
+        .workers(2)
+        .stop_grace(Duration::MAX)
+        .build()
+        .unwrap();
+    let own = pool.clone();
+    let task = pool.spawn_exec(move |_| {
+        drop(own);
+        Ok(7)
+    });
+    drop(pool);
+    assert_eq!(
+        within("the exec that dropped the last handle", move || task.wait()),
+        Ok(7)
+    );
+    for w in 0..2 {
+        assert!(
+            thread_gone(&format!("{NAME}-{w}")),
+            "worker {w} is still there"
+        );
+    }
+}
+
+/// An init that registers `block()` the first time and fails after: a VM
+/// replacing a wedged one cannot start.
+fn first_init_only(
+    block: common::GateFn,
+    starts: &Arc<AtomicUsize>,
+) -> impl Fn(&mlua::Lua) -> mlua::Result<()> + Send + Sync + 'static {
+    let starts = starts.clone();
+    move |lua| {
+        if starts.fetch_add(1, Ordering::SeqCst) > 0 {
+            return Err(mlua::Error::runtime("no second VM"));
+        }
+        block.clone().register(lua, "block")?;
+        lua.globals().set("first_vm", true)
+    }
+}
+
+#[test]
+fn a_wedged_isle_whose_replacement_cannot_start_keeps_its_vm() {
+    let (gate, block) = gate();
+    let starts = Arc::new(AtomicUsize::new(0));
+    let isle = Isle::builder()
+        .stop_grace(GRACE)
+        .init(first_init_only(block, &starts))
+        .build()
+        .unwrap();
+    let task = isle.spawn_call::<()>("block", ());
+    gate.wait_started();
+    task.cancel();
+    assert_eq!(
+        within("the stopped request", move || task.wait()),
+        Err(IsleError::Cancelled)
+    );
+    // One grace period later the timer tries a replacement, whose init fails.
+    eventually("a replacement is tried", || {
+        starts.load(Ordering::SeqCst) == 2
+    });
+    assert_eq!(isle.wedged(), 0);
+    // The stuck VM keeps the queue: once it gets back, it serves it.
+    let next = isle.spawn_eval::<bool>("first_vm");
+    gate.release();
+    assert_eq!(within("the next request", move || next.wait()), Ok(true));
+    assert_eq!(isle.wedged(), 0);
+    within("shutdown", move || isle.shutdown()).unwrap();
+}
+
+#[test]
+fn a_wedged_worker_whose_replacement_cannot_start_keeps_its_slot() {
+    let (gate, block) = gate();
+    let starts = Arc::new(AtomicUsize::new(0));
+    let pool = IslePool::builder()
+        .workers(1)
+        .stop_grace(GRACE)
+        .init(first_init_only(block, &starts))
+        .build()
+        .unwrap();
+    let task = pool.spawn_call::<()>("block", ());
+    gate.wait_started();
+    task.cancel();
+    assert_eq!(
+        within("the stopped request", move || task.wait()),
+        Err(IsleError::Cancelled)
+    );
+    eventually("a replacement is tried", || {
+        starts.load(Ordering::SeqCst) == 2
+    });
+    eventually("the failure is counted", || {
+        pool.metrics().workers[0].recycle_failures == 1
+    });
+    let next = pool.spawn_eval::<bool>("first_vm");
+    gate.release();
+    assert_eq!(within("the next request", move || next.wait()), Ok(true));
+    let m = pool.metrics();
+    assert_eq!((m.workers[0].wedged, m.workers[0].recycle_failures), (0, 1));
+    within("shutdown", move || pool.shutdown()).unwrap();
+}
