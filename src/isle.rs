@@ -312,25 +312,29 @@ impl Inner {
     /// thread is detached. If the fresh VM cannot start, the stuck one
     /// stays in charge.
     fn replace_if_running(&self, req: &Arc<dyn Cancel>) {
-        self.host.replace_if_running(req, |_, next| {
-            let init = self.init.clone();
-            let (go_tx, go_rx) = crossbeam_channel::bounded(1);
-            let fresh = start(
-                self.host.owner.id,
-                &self.config,
-                &self.host.life,
-                &self.rx,
-                next,
-                Some(go_rx),
-                move |lua| init.map_or(Ok(()), |init| init(lua)),
-            )
-            .and_then(Starting::ready)
-            .ok()?;
-            self.wedged.fetch_add(1, Ordering::Relaxed);
-            self.host.life.hand_over(0, next);
-            let _ = go_tx.send(());
-            Some(fresh)
-        });
+        self.host.replace_if_running(
+            req,
+            |_, next| {
+                let init = self.init.clone();
+                let (go_tx, go_rx) = crossbeam_channel::bounded(1);
+                let fresh = start(
+                    self.host.owner.id,
+                    &self.config,
+                    &self.host.life,
+                    &self.rx,
+                    next,
+                    Some(go_rx),
+                    move |lua| init.map_or(Ok(()), |init| init(lua)),
+                )
+                .and_then(Starting::ready)
+                .ok()?;
+                Some((fresh, go_tx))
+            },
+            |_, go| {
+                self.wedged.fetch_add(1, Ordering::Relaxed);
+                let _ = go.send(());
+            },
+        );
     }
 }
 

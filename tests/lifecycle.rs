@@ -146,3 +146,101 @@ fn a_wedged_worker_whose_replacement_cannot_start_keeps_its_slot() {
     assert_eq!((m.workers[0].wedged, m.workers[0].recycle_failures), (0, 1));
     within("shutdown", move || pool.shutdown()).unwrap();
 }
+
+/// An init whose first run registers `block()` (held by `stuck`) and whose
+/// second run, a replacement's, reports on `replacing` and then waits for
+/// `go_on`: the test lets the stuck VM get back while its replacement is
+/// still starting.
+fn slow_second_init(
+    stuck: common::GateFn,
+    replacing: common::GateFn,
+    starts: &Arc<AtomicUsize>,
+) -> impl Fn(&mlua::Lua) -> mlua::Result<()> + Send + Sync + 'static {
+    let starts = starts.clone();
+    move |lua| {
+        match starts.fetch_add(1, Ordering::SeqCst) {
+            0 => lua.globals().set("first_vm", true)?,
+            _ => replacing.block(),
+        }
+        stuck.clone().register(lua, "block")
+    }
+}
+
+#[test]
+fn an_isle_vm_back_before_its_replacement_started_keeps_serving_alone() {
+    const NAME: &str = "lc-isleback";
+    let (stuck, stuck_fn) = gate();
+    let (replacing, replacing_fn) = gate();
+    let starts = Arc::new(AtomicUsize::new(0));
+    let isle = Isle::builder()
+        .name(NAME)
+        .stop_grace(GRACE)
+        .init(slow_second_init(stuck_fn, replacing_fn, &starts))
+        .build()
+        .unwrap();
+    let task = isle.spawn_call::<()>("block", ());
+    stuck.wait_started();
+    task.cancel();
+    assert_eq!(
+        within("the stopped request", move || task.wait()),
+        Err(IsleError::Cancelled)
+    );
+    replacing.wait_started(); // the replacement's init runs
+    stuck.release(); // and the stuck VM gets back meanwhile
+    assert_eq!(isle.eval::<bool>("first_vm"), Ok(true));
+    replacing.release();
+    // The replacement is dropped unserved: one VM serves, in order, and a
+    // graceful shutdown (one stop message) ends every thread.
+    for i in 0..20 {
+        assert_eq!(
+            isle.eval::<bool>("first_vm == true"),
+            Ok(true),
+            "request {i}"
+        );
+    }
+    within("shutdown", {
+        let isle = isle.clone();
+        move || isle.shutdown()
+    })
+    .unwrap();
+    assert_eq!(isle.wedged(), 0);
+    assert!(thread_gone(NAME), "a VM thread is left");
+}
+
+#[test]
+fn a_worker_back_before_its_replacement_started_keeps_its_slot() {
+    const NAME: &str = "lc-poolback";
+    let (stuck, stuck_fn) = gate();
+    let (replacing, replacing_fn) = gate();
+    let starts = Arc::new(AtomicUsize::new(0));
+    let pool = IslePool::builder()
+        .name(NAME)
+        .workers(1)
+        .stop_grace(GRACE)
+        .init(slow_second_init(stuck_fn, replacing_fn, &starts))
+        .build()
+        .unwrap();
+    let task = pool.spawn_call::<()>("block", ());
+    stuck.wait_started();
+    task.cancel();
+    assert_eq!(
+        within("the stopped request", move || task.wait()),
+        Err(IsleError::Cancelled)
+    );
+    replacing.wait_started();
+    stuck.release();
+    assert_eq!(pool.eval::<bool>("first_vm"), Ok(true));
+    replacing.release();
+    for i in 0..20 {
+        assert_eq!(
+            pool.eval::<bool>("first_vm == true"),
+            Ok(true),
+            "request {i}"
+        );
+    }
+    let handle = pool.clone();
+    within("shutdown", move || handle.shutdown()).unwrap();
+    let metrics = pool.metrics();
+    assert_eq!(metrics.workers[0].wedged, 0);
+    assert!(thread_gone(&format!("{NAME}-0")), "a worker thread is left");
+}

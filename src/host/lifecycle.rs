@@ -25,9 +25,13 @@ pub(crate) struct Lifecycle {
     /// Set once no VM thread serves the queues any more (joined or
     /// detached): whoever finds a job queued after that resolves it.
     stopped: AtomicBool,
-    /// Per slot, the generation of the thread that holds it; bumped when a
-    /// wedged thread is replaced, which then exits as soon as it gets back.
+    /// Per slot, the generation of the thread that holds it; moved on when
+    /// a wedged thread is replaced, which then exits as soon as it gets
+    /// back.
     generations: Box<[AtomicU64]>,
+    /// The last generation given out: each VM thread started after the
+    /// first ones has its own, so an exit report names one thread only.
+    last_generation: AtomicU64,
     /// Per slot, the interrupt state of the VM serving it: to stop its
     /// running request (even a Rust callback polling its token), and to
     /// tell whether it still runs a stopped request.
@@ -53,6 +57,7 @@ impl Lifecycle {
             abort: Arc::new(AtomicBool::new(false)),
             stopped: AtomicBool::new(false),
             generations: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+            last_generation: AtomicU64::new(0),
             interrupts: (0..slots).map(|_| Mutex::new(None)).collect(),
             exits: Mutex::new(Exits::default()),
             exited: Condvar::new(),
@@ -77,17 +82,37 @@ impl Lifecycle {
         self.abort.clone()
     }
 
+    /// A generation no VM thread has had (the first ones have 0).
+    pub(super) fn new_generation(&self) -> u64 {
+        // ORDERING: Relaxed: only uniqueness matters.
+        self.last_generation.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
     /// False once a replacement has taken `slot` from `generation`.
     pub(crate) fn is_current(&self, slot: usize, generation: u64) -> bool {
         // ORDERING: Acquire pairs with the Release store in `hand_over`.
         self.generations[slot].load(Ordering::Acquire) == generation
     }
 
-    /// Gives `slot` to `generation`: the thread holding it exits when it
-    /// next checks `is_current`.
-    pub(crate) fn hand_over(&self, slot: usize, generation: u64) {
-        // ORDERING: Release pairs with `is_current`'s Acquire.
-        self.generations[slot].store(generation, Ordering::Release);
+    /// Gives `slot` to `generation` if its VM is still inside `req`, and
+    /// returns whether it did. Decided under the lock the VM takes to leave
+    /// a request: a VM that gets back after this sees it was replaced (it
+    /// checks `is_current` after each request) and exits; one that got back
+    /// before keeps its slot, and serves on alone.
+    pub(super) fn hand_over_if_running(
+        &self,
+        slot: usize,
+        generation: u64,
+        req: &Arc<dyn Cancel>,
+    ) -> bool {
+        let Some(interrupt) = self.interrupts[slot].lock().clone() else {
+            return false;
+        };
+        interrupt.while_running(req, || {
+            // ORDERING: Release pairs with `is_current`'s Acquire (the lock
+            // `while_running` holds orders it before the VM's next look).
+            self.generations[slot].store(generation, Ordering::Release);
+        })
     }
 
     /// Records the VM now serving `slot` (its first, a recycled one, or a

@@ -120,15 +120,19 @@ impl Host {
     }
 
     /// The timer's wedge check for `req`, stopped one grace period ago: if
-    /// a VM is still inside it, `replace(slot, generation)` starts the
-    /// slot's next thread (it must call `Lifecycle::hand_over` once that
-    /// thread is ready), which takes the place of the stuck one, detached.
+    /// a VM is still inside it, `start(slot, generation)` starts the slot's
+    /// next VM thread (waiting, with its VM ready, for a go-ahead carried by
+    /// `G`). If the stuck VM is still inside `req` then, the slot is handed
+    /// over and `commit(go)` lets the new thread serve; the stuck one is
+    /// detached, and exits if it ever gets back. If it got back meanwhile,
+    /// it keeps the slot and the new thread, its go-ahead dropped, exits.
     /// While shutting down there is no replacement: shutdown stops waiting
     /// for the stuck thread instead.
-    pub(crate) fn replace_if_running(
+    pub(crate) fn replace_if_running<G>(
         &self,
         req: &Arc<dyn Cancel>,
-        replace: impl FnOnce(usize, u64) -> Option<VmThread>,
+        start: impl FnOnce(usize, u64) -> Option<(VmThread, G)>,
+        commit: impl FnOnce(usize, G),
     ) {
         let Some(slot) = self.life.running(req) else {
             return; // its VM let go in time
@@ -142,10 +146,16 @@ impl Host {
             self.life.wedged(threads[pos].id());
             return;
         }
-        if let Some(fresh) = replace(slot, threads[pos].generation + 1) {
+        let next = self.life.new_generation();
+        let Some((fresh, go)) = start(slot, next) else {
+            return;
+        };
+        if self.life.hand_over_if_running(slot, next, req) {
+            commit(slot, go);
             // Dropping the stuck thread's handle detaches it.
             drop(std::mem::replace(&mut threads[pos], fresh));
         }
+        // Else `go` and `fresh` are dropped: the new thread exits unserved.
     }
 
     fn grace_deadline(&self) -> Option<Instant> {

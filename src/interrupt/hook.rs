@@ -198,7 +198,23 @@ impl Interrupt {
     /// stopped request's caller has its answer, but its VM may still be in
     /// it).
     pub(crate) fn runs(&self, req: &Arc<dyn crate::request::Cancel>) -> bool {
-        self.current.lock().as_ref().is_some_and(|t| t.is_for(req))
+        self.while_running(req, || ())
+    }
+
+    /// Calls `f` if this VM still runs `req`, before the VM can leave it:
+    /// its thread's next look at anything `f` changed comes after (`leave`
+    /// takes the same lock). True if it did.
+    pub(crate) fn while_running(
+        &self,
+        req: &Arc<dyn crate::request::Cancel>,
+        f: impl FnOnce(),
+    ) -> bool {
+        let current = self.current.lock();
+        let running = current.as_ref().is_some_and(|t| t.is_for(req));
+        if running {
+            f();
+        }
+        running
     }
 
     /// The running request's stop reason, if it must stop.

@@ -23,40 +23,46 @@ impl PoolInner {
     /// The timer's wedge check for `req`, stopped one grace period ago.
     pub(super) fn replace_if_running(&self, req: &Arc<dyn Cancel>) {
         let shared = &*self.shared;
-        self.host.replace_if_running(req, |w, generation| {
-            let parker = Parker::new();
-            let unparker = parker.unparker().clone();
-            let (go_tx, go_rx) = crossbeam_channel::bounded(1);
-            let slot = WorkerSlot {
-                index: w,
-                generation,
-                local: Deque::new_fifo(),
-                parker,
-                batch: false,
-            };
-            // The new thread waits for `go`, which carries the sessions lost
-            // with the stuck VM: marked only once the new VM runs.
-            let started = self
-                .spawner
-                .spawn(slot, Some(go_rx))
-                .and_then(Starting::ready);
-            let Ok(fresh) = started else {
-                // `init` failed (or no thread): the stuck worker keeps the slot.
-                shared.counters[w]
-                    .recycle_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                return None;
-            };
-            shared.life.hand_over(w, generation);
-            let lost = shared.sessions.mark_lost(w);
-            shared.counters[w]
-                .sessions
-                .fetch_sub(lost.len(), Ordering::Relaxed);
-            shared.counters[w].running.store(false, Ordering::Relaxed);
-            shared.counters[w].wedged.fetch_add(1, Ordering::Relaxed);
-            shared.sleep.replace(w, unparker);
-            let _ = go_tx.send(lost);
-            Some(fresh)
-        });
+        self.host.replace_if_running(
+            req,
+            |w, generation| {
+                let parker = Parker::new();
+                let unparker = parker.unparker().clone();
+                let (go_tx, go_rx) = crossbeam_channel::bounded(1);
+                let slot = WorkerSlot {
+                    index: w,
+                    generation,
+                    local: Deque::new_fifo(),
+                    parker,
+                    batch: false,
+                };
+                // The new thread waits for `go`, which carries the sessions
+                // lost with the stuck VM: marked only once it takes over.
+                match self
+                    .spawner
+                    .spawn(slot, Some(go_rx))
+                    .and_then(Starting::ready)
+                {
+                    Ok(fresh) => Some((fresh, (go_tx, unparker))),
+                    Err(_) => {
+                        // `init` failed (or no thread): the stuck worker
+                        // keeps the slot.
+                        shared.counters[w]
+                            .recycle_failures
+                            .fetch_add(1, Ordering::Relaxed);
+                        None
+                    }
+                }
+            },
+            |w, (go, unparker)| {
+                let lost = shared.sessions.mark_lost(w);
+                let counters = &shared.counters[w];
+                counters.sessions.fetch_sub(lost.len(), Ordering::Relaxed);
+                counters.running.store(false, Ordering::Relaxed);
+                counters.wedged.fetch_add(1, Ordering::Relaxed);
+                shared.sleep.replace(w, unparker);
+                let _ = go.send(lost);
+            },
+        );
     }
 }
