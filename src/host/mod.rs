@@ -33,8 +33,12 @@
 //! again one grace period later (`request/timer.rs`). If a VM is still
 //! inside that request then, it is stuck in Rust or C code no hook reaches:
 //! [`Host::replace_if_running`] starts a fresh VM thread for the slot
-//! (`init` re-run), hands it the slot's generation, and detaches the stuck
-//! one, which exits, dropping its VM, if it ever gets back.
+//! (`init` re-run) and, if the stuck VM is *still* inside the request once
+//! the fresh one is ready, hands it the slot under the lock the stuck VM
+//! takes to leave a request. The stuck thread is detached; when it gets
+//! back, it sees the slot is no longer its own and exits, dropping its VM.
+//! A VM that got back while its replacement was starting keeps its slot,
+//! and the replacement exits unserved: never do two VMs serve one slot.
 
 mod lifecycle;
 pub(crate) mod submit;
