@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{expect_msg, register_signal, PATIENCE};
+use common::{eventually, expect_msg, register_signal};
 use mlua_isle::{Isle, IsleError, IslePool, LuaErrorKind};
 
 const FRESH_LOCALS: &str = "local t = {} t.n = (t.n or 0) + 1 return t.n";
@@ -109,11 +109,9 @@ fn an_expired_session_starts_fresh_with_the_same_source() {
     let s = pool.session("idle");
     assert_eq!(s.eval::<i64>(src).unwrap(), 1);
     assert_eq!(s.eval::<i64>(src).unwrap(), 2);
-    let until = Instant::now() + PATIENCE;
-    while pool.metrics().sessions_expired == 0 {
-        assert!(Instant::now() < until, "the session never expired");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    eventually("the session expires", || {
+        pool.metrics().sessions_expired == 1
+    });
     assert_eq!(s.eval::<i64>(src).unwrap(), 1);
     pool.shutdown().unwrap();
 }

@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{expect_msg, gate, register_signal, register_wait_for_cancel, within, Gate};
+use common::{
+    eventually, expect_msg, gate, register_signal, register_wait_for_cancel, within, Gate,
+};
 use crossbeam_channel::Receiver;
 use mlua_isle::{current_token, IsleError, IslePool, Session, Task};
 
@@ -164,9 +166,7 @@ fn dropping_an_unfinished_task_cancels_it() {
 fn a_cancel_after_completion_changes_nothing() {
     let (pool, _) = pool();
     let mut task = pool.session(1).spawn_eval::<i64>("return 7");
-    while !task.is_finished() {
-        std::thread::yield_now();
-    }
+    eventually("the request finishes", || task.is_finished());
     task.cancel();
     assert_eq!(task.try_result(), Some(Ok(7)));
     pool.shutdown().unwrap();

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{gate, worker_index, PATIENCE};
+use common::{eventually, gate, worker_index, PATIENCE};
 use mlua_isle::{mlua, IsleError, IslePool, SessionKey, Task};
 
 /// A pool whose VMs know their index (`VM_ID`) and share a few globals from
@@ -26,16 +26,6 @@ fn pool(workers: usize) -> IslePool {
         .exec()
     })
     .unwrap()
-}
-
-/// Polls `cond` until it holds; fails the test after [`PATIENCE`]. For
-/// state that only time changes (idle expiry), which no channel reports.
-fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let until = Instant::now() + PATIENCE;
-    while !cond() {
-        assert!(Instant::now() < until, "never happened: {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 #[test]
@@ -538,16 +528,12 @@ fn sessions_expire_while_the_pool_stays_busy() {
     }
     // Keep the only worker busy with a steady stream of requests while the
     // sessions sit idle; they must expire anyway.
-    let deadline = Instant::now() + PATIENCE;
-    while pool.metrics().sessions_expired < 20 {
-        assert!(
-            Instant::now() < deadline,
-            "sessions never expired under load"
-        );
+    eventually("the idle sessions expire under load", || {
         let tasks: Vec<Task<()>> = (0..50).map(|_| pool.spawn_eval("")).collect();
         for t in tasks {
             t.wait().unwrap();
         }
-    }
+        pool.metrics().sessions_expired >= 20
+    });
     assert_eq!(pool.metrics().sessions_open, 0);
 }

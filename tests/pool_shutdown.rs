@@ -8,8 +8,8 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use common::{
-    expect_msg, gate, register_signal, register_wait_for_cancel, thread_appears, thread_gone,
-    within, PATIENCE,
+    eventually, expect_msg, gate, register_signal, register_wait_for_cancel, thread_appears,
+    thread_gone, within, PATIENCE,
 };
 use crossbeam_channel::Receiver;
 use mlua_isle::{IsleError, IslePool, Task};
@@ -47,15 +47,11 @@ fn assert_threads_gone(name: &str, workers: usize) {
 /// Waits (polling: nothing reports it) until the pool refuses new work,
 /// i.e. a shutdown has begun.
 fn wait_until_closed(pool: &IslePool) {
-    let until = Instant::now() + PATIENCE;
-    loop {
-        let mut probe = pool.spawn_exec(|_| Ok(()));
-        if probe.try_result() == Some(Err(IsleError::Shutdown)) {
-            return;
-        }
-        assert!(Instant::now() < until, "the pool never closed");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    // A request made after it began resolves `Shutdown` at once; before, it
+    // queues, and is cancelled when dropped.
+    eventually("the pool closes", || {
+        pool.spawn_exec(|_| Ok(())).try_result() == Some(Err(IsleError::Shutdown))
+    });
 }
 
 /// Waits for `task` with a bound; it must resolve.
@@ -372,14 +368,7 @@ fn shutdown_timeout_ends_a_graceful_shutdown_stuck_on_long_requests() {
         let pool = pool.clone();
         std::thread::spawn(move || pool.shutdown())
     };
-    // Wait until the graceful shutdown has closed the pool.
-    let deadline = Instant::now() + PATIENCE;
-    // (A request made after it began resolves `Shutdown` at once; before,
-    // it queues behind the loops and is cancelled when dropped.)
-    while pool.spawn_eval::<()>("").try_result() != Some(Err(IsleError::Shutdown)) {
-        assert!(Instant::now() < deadline, "shutdown never began");
-        std::thread::yield_now();
-    }
+    wait_until_closed(&pool);
     let p = pool.clone();
     let r = within("shutdown_timeout returns", move || {
         p.shutdown_timeout(Duration::from_millis(20))

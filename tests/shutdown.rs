@@ -5,10 +5,11 @@ mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{
-    expect_msg, gate, register_signal, thread_alive, thread_appears, thread_gone, within, PATIENCE,
+    eventually, expect_msg, gate, register_signal, thread_alive, thread_appears, thread_gone,
+    within, PATIENCE,
 };
 use mlua_isle::{Isle, IsleError, Task};
 
@@ -36,11 +37,7 @@ fn shutdown_finishes_queued_work() {
         std::thread::spawn(move || isle.shutdown())
     };
     // Nothing can report "shutdown has begun" except the flag itself.
-    let until = Instant::now() + PATIENCE;
-    while !isle.is_shutdown() {
-        assert!(Instant::now() < until, "shutdown never began");
-        std::thread::yield_now();
-    }
+    eventually("shutdown begins", || isle.is_shutdown());
     let late = isle.spawn_eval::<i64>("1");
     assert!(
         late.is_finished(),
@@ -324,11 +321,7 @@ fn shutdown_timeout_ends_a_graceful_shutdown_stuck_on_a_long_request() {
         std::thread::spawn(move || isle.shutdown())
     };
     // Wait until it has closed the isle, then force it from here.
-    let deadline = Instant::now() + PATIENCE;
-    while !isle.is_shutdown() {
-        assert!(Instant::now() < deadline, "shutdown never began");
-        std::thread::yield_now();
-    }
+    eventually("shutdown begins", || isle.is_shutdown());
     let i2 = isle.clone();
     let r = within("shutdown_timeout returns", move || {
         i2.shutdown_timeout(Duration::from_millis(20))
