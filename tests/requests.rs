@@ -215,18 +215,20 @@ fn seed_readme_basic_example() {
 #[test]
 fn seed_readme_cancellation_example() {
     use mlua_isle::Isle;
-    use std::thread;
-    use std::time::Duration;
 
-    let isle = Isle::spawn(|_| Ok(())).unwrap();
+    // The seed README slept 50 ms to let the loop start; `started()` says
+    // when it has.
+    let (started_tx, started) = crossbeam_channel::unbounded();
+    let isle = Isle::spawn(move |lua| common::register_signal(lua, "started", started_tx)).unwrap();
 
-    let task = isle.spawn_eval::<()>("while true do end");
+    let task = isle.spawn_eval::<()>("started(); while true do end");
 
-    thread::sleep(Duration::from_millis(50));
+    common::expect_msg(&started, "the loop started");
     task.cancel();
 
-    let result = task.wait();
-    assert!(result.is_err()); // IsleError::Cancelled
+    let result = common::within("the cancelled loop resolves", move || task.wait());
+    assert_eq!(result, Err(IsleError::Cancelled));
+    assert_eq!(isle.eval::<i64>("1 + 1"), Ok(2));
 }
 
 // ===== init =====
