@@ -5,6 +5,8 @@
 //! Each test binary uses only some of them.
 #![allow(dead_code)]
 
+pub mod front;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -132,6 +134,20 @@ pub fn releasable_isle() -> (mlua_isle::Isle, Flag, Receiver<()>) {
     })
     .expect("the isle starts");
     (isle, flag, started)
+}
+
+/// A front of `kind` for [`UNTIL_RELEASED`], like [`releasable_isle`].
+pub fn releasable_front(kind: front::Kind) -> (front::Front, Flag, Receiver<()>) {
+    let flag = Flag::default();
+    let (started_tx, started) = crossbeam_channel::unbounded();
+    let lua_flag = flag.clone();
+    let front = front::fronts()
+        .init(move |lua| {
+            lua_flag.register(lua, "released")?;
+            register_signal(lua, "started", started_tx.clone())
+        })
+        .build(kind);
+    (front, flag, started)
 }
 
 /// Waits for a message on `rx`, failing the test after [`PATIENCE`].
