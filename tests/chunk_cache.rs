@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{eventually, expect_msg, register_signal};
+use common::{eventually, expect_msg, register_signal, within};
 use mlua_isle::{Isle, IsleError, IslePool, LuaErrorKind};
 
 const FRESH_LOCALS: &str = "local t = {} t.n = (t.n or 0) + 1 return t.n";
@@ -200,14 +200,20 @@ fn a_cached_chunk_is_still_cancelled_and_timed_out() {
         let task = isle.spawn_eval::<()>(spin);
         expect_msg(&started, "the loop started");
         task.cancel();
-        assert_eq!(task.wait(), Err(IsleError::Cancelled));
+        assert_eq!(
+            within("a cancelled loop", move || task.wait()),
+            Err(IsleError::Cancelled)
+        );
     }
     for _ in 0..3 {
         let submitted = Instant::now();
         let task = isle.spawn_eval::<()>(spin);
         expect_msg(&started, "the loop started");
         let task = task.timeout(submitted.elapsed() + Duration::from_millis(20));
-        assert_eq!(task.wait(), Err(IsleError::Timeout));
+        assert_eq!(
+            within("a timed-out loop", move || task.wait()),
+            Err(IsleError::Timeout)
+        );
     }
     assert_eq!(isle.eval::<i64>(FRESH_LOCALS).unwrap(), 1);
     isle.shutdown().unwrap();
