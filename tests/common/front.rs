@@ -47,6 +47,8 @@ pub struct Fronts {
     init: Option<Init>,
     default_timeout: Option<Duration>,
     stop_grace: Option<Duration>,
+    memory_limit: Option<usize>,
+    max_instructions: Option<u64>,
     name: Option<String>,
 }
 
@@ -70,6 +72,16 @@ impl Fronts {
 
     pub fn stop_grace(mut self, grace: Duration) -> Self {
         self.stop_grace = Some(grace);
+        self
+    }
+
+    pub fn memory_limit(mut self, bytes: usize) -> Self {
+        self.memory_limit = Some(bytes);
+        self
+    }
+
+    pub fn max_instructions(mut self, n: u64) -> Self {
+        self.max_instructions = Some(n);
         self
     }
 
@@ -102,6 +114,12 @@ impl Fronts {
                 if let Some(g) = self.stop_grace {
                     b = b.stop_grace(g);
                 }
+                if let Some(n) = self.memory_limit {
+                    b = b.memory_limit(n);
+                }
+                if let Some(n) = self.max_instructions {
+                    b = b.max_instructions(n);
+                }
                 if let Some(n) = &name {
                     b = b.name(n.clone());
                 }
@@ -117,6 +135,12 @@ impl Fronts {
                 }
                 if let Some(g) = self.stop_grace {
                     b = b.stop_grace(g);
+                }
+                if let Some(n) = self.memory_limit {
+                    b = b.memory_limit(n);
+                }
+                if let Some(n) = self.max_instructions {
+                    b = b.max_instructions(n);
                 }
                 if let Some(n) = &name {
                     b = b.name(n.clone());
