@@ -385,13 +385,14 @@ fn a_cancel_arriving_after_the_request_ended_leaves_the_next_one_alone() {
         let first = isle.spawn_eval::<i64>(code);
         let token = first.cancel_token().clone();
         let second = isle.spawn_eval::<i64>(code);
-        assert!(matches!(
-            first.wait(),
-            Ok(2_001_055) | Err(IsleError::Cancelled)
-        ));
-        // Often lands while `second` runs: it must not be touched.
-        token.cancel();
-        assert_eq!(second.wait(), Ok(2_001_055));
+        let (first, second) = within("two requests", move || {
+            let first = first.wait();
+            // Often lands while `second` runs: it must not be touched.
+            token.cancel();
+            (first, second.wait())
+        });
+        assert!(matches!(first, Ok(2_001_055) | Err(IsleError::Cancelled)));
+        assert_eq!(second, Ok(2_001_055));
     }
 }
 

@@ -1,87 +1,111 @@
-//! Cancellation: queued requests never run; running Lua code is interrupted
-//! wherever it loops (coroutines, pcall, xpcall handlers, library
-//! callbacks) and cannot swallow the cancel; the VM stays usable.
+//! Cancellation, on every front end (an isle, a pool, a session): queued
+//! requests never run; running Lua code is interrupted wherever it loops
+//! (coroutines, pcall, xpcall handlers, library callbacks) and cannot
+//! swallow the cancel; the VM, and a session's state, stay usable.
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use common::{expect_msg, gate, register_signal, releasable_isle, within, UNTIL_RELEASED};
+use common::front::{each_kind, fronts, Front, Fronts};
+use common::{expect_msg, gate, register_signal, releasable_front, within, Gate, UNTIL_RELEASED};
 use crossbeam_channel::Receiver;
 use mlua_isle::mlua;
-use mlua_isle::{current_token, Isle, IsleError, Task};
+use mlua_isle::{current_token, IsleError, IslePool, Task};
 
-/// An isle with `started()`, which reports on the returned channel that a
-/// request is running.
-fn isle_with_started() -> (Isle, Receiver<()>) {
+/// Fronts whose VMs have `started()`, which reports on the returned channel
+/// that a request is running.
+fn fronts_with_started() -> (Fronts, Receiver<()>) {
     let (tx, rx) = crossbeam_channel::unbounded();
-    let isle = Isle::spawn(move |lua| register_signal(lua, "started", tx)).unwrap();
-    (isle, rx)
+    let fronts = fronts().init(move |lua| register_signal(lua, "started", tx.clone()));
+    (fronts, rx)
 }
 
-/// Waits until `code` (which must call `started()`) runs, cancels it, and
-/// checks that it resolves `Cancelled` and that the VM answers afterwards.
-fn cancel_while_running(code: &str) {
-    let (isle, started) = isle_with_started();
-    let task = isle.spawn_eval::<()>(code);
-    expect_msg(&started, "the request started");
-    task.cancel();
-    assert_eq!(
-        within("a cancelled request resolves", move || task.wait()),
-        Err(IsleError::Cancelled),
-        "{code}"
-    );
-    assert_eq!(isle.eval::<i64>("1 + 1"), Ok(2), "after cancelling {code}");
-    // Code written to escape the cancel sets `escaped` once it got out.
-    assert_eq!(isle.eval::<bool>("escaped == nil"), Ok(true), "{code}");
-}
-
-#[test]
-fn cancelled_while_queued_never_runs() {
+/// Holds `front`'s VM in a Rust closure until the gate is released.
+fn block(front: &Front) -> (Gate, Task<()>) {
     let (gate, block) = gate();
-    let isle = Isle::spawn(move |lua| block.register(lua, "block")).unwrap();
-    let long = isle.spawn_eval::<()>("block()");
-    gate.wait_started();
-    let queued = isle.spawn_eval::<()>("queued_ran = true");
-    queued.cancel();
-    // Resolves while the VM is still held by the long request.
-    assert_eq!(
-        within("a cancelled queued request resolves", move || queued.wait()),
-        Err(IsleError::Cancelled)
-    );
-    assert!(!long.is_finished());
-    gate.release();
-    assert_eq!(long.wait(), Ok(()));
-    assert_eq!(isle.eval::<bool>("queued_ran == nil"), Ok(true));
-}
-
-#[test]
-fn cancelled_queued_exec_closure_never_runs() {
-    let (gate, block) = gate();
-    let isle = Isle::spawn(|_| Ok(())).unwrap();
-    let long = isle.spawn_exec(move |_| {
+    let blocker = front.spawn_exec(move |_| {
         block.block();
         Ok(())
     });
     gate.wait_started();
-    let ran = Arc::new(AtomicBool::new(false));
-    let queued = {
-        let ran = ran.clone();
-        isle.spawn_exec(move |_| {
-            ran.store(true, Ordering::SeqCst);
-            Ok(())
-        })
-    };
-    queued.cancel_token().cancel();
-    assert_eq!(queued.wait(), Err(IsleError::Cancelled));
-    gate.release();
-    assert_eq!(long.wait(), Ok(()));
-    assert_eq!(isle.eval::<i64>("0"), Ok(0));
-    assert!(
-        !ran.load(Ordering::SeqCst),
-        "a cancelled queued closure ran"
-    );
+    (gate, blocker)
+}
+
+/// On every front: waits until `code` (which must call `started()`) runs,
+/// cancels it, and checks that it resolves `Cancelled`, that the VM answers
+/// afterwards with its state intact, and that code written to escape the
+/// cancel (it sets `escaped` once out) did not get out.
+fn cancel_while_running(code: &str) {
+    let (fronts, started) = fronts_with_started();
+    fronts.each(|front| {
+        front.eval::<()>("kept = 'yes'").unwrap();
+        let task = front.spawn_eval::<()>(code);
+        expect_msg(&started, "the request started");
+        task.cancel();
+        assert_eq!(
+            within("a cancelled request resolves", move || task.wait()),
+            Err(IsleError::Cancelled),
+            "{code} {front}"
+        );
+        // Requests run in order: once this answers, the cancelled one has
+        // finished unwinding.
+        assert_eq!(
+            front.eval::<(bool, String)>("escaped == nil, kept"),
+            Ok((true, "yes".to_string())),
+            "after cancelling {code} {front}"
+        );
+    });
+}
+
+#[test]
+fn a_queued_request_cancelled_never_runs() {
+    fronts().each(|front| {
+        front.eval::<()>("state = 'kept'").unwrap();
+        let (gate, blocker) = block(&front);
+        let queued = front.spawn_eval::<()>("state = 'clobbered'");
+        let after = front.spawn_eval::<String>("state");
+        queued.cancel();
+        // Resolves while the VM is still held by the blocker.
+        assert_eq!(
+            within("a cancelled queued request resolves", move || queued.wait()),
+            Err(IsleError::Cancelled),
+            "{front}"
+        );
+        assert!(!blocker.is_finished());
+        gate.release();
+        assert_eq!(blocker.wait(), Ok(()));
+        assert_eq!(after.wait(), Ok("kept".to_string()), "{front}");
+    });
+}
+
+#[test]
+fn a_queued_exec_closure_cancelled_never_runs() {
+    fronts().each(|front| {
+        let (gate, blocker) = block(&front);
+        let ran = Arc::new(AtomicBool::new(false));
+        let queued = {
+            let ran = ran.clone();
+            front.spawn_exec(move |_| {
+                ran.store(true, Ordering::SeqCst);
+                Ok(())
+            })
+        };
+        queued.cancel_token().cancel();
+        assert_eq!(
+            within("a cancelled queued closure resolves", move || queued.wait()),
+            Err(IsleError::Cancelled),
+            "{front}"
+        );
+        gate.release();
+        assert_eq!(blocker.wait(), Ok(()));
+        assert_eq!(front.eval::<i64>("0"), Ok(0));
+        assert!(
+            !ran.load(Ordering::SeqCst),
+            "a cancelled queued closure ran {front}"
+        );
+    });
 }
 
 #[test]
@@ -159,6 +183,14 @@ fn pcall_cannot_swallow_the_cancel() {
 }
 
 #[test]
+fn xpcall_loops_are_cancelled() {
+    cancel_while_running(
+        "started()
+         while true do xpcall(function() while true do end end, function(e) return e end) end",
+    );
+}
+
+#[test]
 fn xpcall_cannot_swallow_the_cancel() {
     cancel_while_running(
         "started()
@@ -196,115 +228,144 @@ fn loop_in_a_table_sort_comparator_is_cancelled() {
 
 #[test]
 fn cancel_after_completion_keeps_the_result() {
-    let isle = Isle::spawn(|_| Ok(())).unwrap();
-    let task = isle.spawn_eval::<i64>("40 + 2");
-    // Requests run in order: once this returns, `task` has finished.
-    assert_eq!(isle.eval::<i64>("0"), Ok(0));
-    assert!(task.is_finished());
-    task.cancel();
-    assert!(
-        !task.cancel_token().is_cancelled(),
-        "a finished request reports it was not cancelled"
-    );
-    assert_eq!(task.wait(), Ok(42));
+    fronts().each(|front| {
+        let mut task = front.spawn_eval::<i64>("40 + 2");
+        // Requests run in order: once this returns, `task` has finished.
+        assert_eq!(front.eval::<i64>("0"), Ok(0));
+        assert!(task.is_finished());
+        task.cancel();
+        assert!(
+            !task.cancel_token().is_cancelled(),
+            "a finished request reports it was not cancelled {front}"
+        );
+        assert_eq!(task.try_result(), Some(Ok(42)), "{front}");
+    });
 }
 
 #[test]
 fn cancel_from_another_thread_with_a_cloned_token() {
-    let (isle, started) = isle_with_started();
-    let task = isle.spawn_eval::<()>("started(); while true do end");
-    let token = task.cancel_token().clone();
-    assert!(!token.is_cancelled());
-    let canceller = std::thread::spawn(move || {
-        expect_msg(&started, "the request started");
-        token.cancel();
-        token.is_cancelled()
+    let (fronts, started) = fronts_with_started();
+    fronts.each(|front| {
+        let task = front.spawn_eval::<()>("started(); while true do end");
+        let token = task.cancel_token().clone();
+        assert!(!token.is_cancelled());
+        let canceller = {
+            let started = started.clone();
+            std::thread::spawn(move || {
+                expect_msg(&started, "the request started");
+                token.cancel();
+                token.is_cancelled()
+            })
+        };
+        assert_eq!(
+            within("wait for a cancel from elsewhere", move || task.wait()),
+            Err(IsleError::Cancelled),
+            "{front}"
+        );
+        assert!(canceller.join().unwrap());
+        assert_eq!(front.eval::<i64>("1 + 1"), Ok(2));
     });
-    assert_eq!(
-        within("wait for a cancel from elsewhere", move || task.wait()),
-        Err(IsleError::Cancelled)
-    );
-    assert!(canceller.join().unwrap());
-    assert_eq!(isle.eval::<i64>("1 + 1"), Ok(2));
 }
 
 #[test]
 fn the_next_request_works_after_each_of_many_cancels() {
-    let (isle, started) = isle_with_started();
-    for i in 0..20 {
-        let task = isle.spawn_eval::<()>(format!("n = {i}; started(); while true do end"));
-        expect_msg(&started, "the request started");
-        task.cancel();
-        assert_eq!(task.wait(), Err(IsleError::Cancelled));
-        assert_eq!(isle.eval::<i64>("n"), Ok(i), "after cancel #{i}");
-    }
+    let (fronts, started) = fronts_with_started();
+    fronts.each(|front| {
+        for i in 0..20 {
+            let task = front.spawn_eval::<()>(format!("n = {i}; started(); while true do end"));
+            expect_msg(&started, "the request started");
+            task.cancel();
+            assert_eq!(task.wait(), Err(IsleError::Cancelled));
+            assert_eq!(front.eval::<i64>("n"), Ok(i), "after cancel #{i} {front}");
+        }
+    });
 }
 
 #[test]
 fn cancelled_state_does_not_leak_into_the_next_request() {
-    let (isle, started) = isle_with_started();
-    let task = isle.spawn_eval::<()>("started(); while true do end");
-    expect_msg(&started, "the request started");
-    task.cancel();
-    assert_eq!(task.wait(), Err(IsleError::Cancelled));
-    // Long enough for many hook ticks: a stale cancel would stop it.
-    let sum = isle.eval::<i64>("local s = 0; for i = 1, 200000 do s = s + i end; return s");
-    assert_eq!(sum, Ok(200000 * 200001 / 2));
+    let (fronts, started) = fronts_with_started();
+    fronts.each(|front| {
+        let task = front.spawn_eval::<()>("started(); while true do end");
+        expect_msg(&started, "the request started");
+        task.cancel();
+        assert_eq!(task.wait(), Err(IsleError::Cancelled));
+        // Long enough for many hook ticks: a stale cancel would stop it.
+        let sum = front.eval::<i64>("local s = 0; for i = 1, 200000 do s = s + i end; return s");
+        assert_eq!(sum, Ok(200000 * 200001 / 2), "{front}");
+    });
 }
 
 #[test]
 fn rust_callback_sees_its_token_and_returns_early() {
-    let saw_cancel = Arc::new(AtomicBool::new(false));
+    let saw_cancel = Arc::new(AtomicUsize::new(0));
     let (started_tx, started) = crossbeam_channel::unbounded();
-    let isle = {
+    let fronts = {
         let saw_cancel = saw_cancel.clone();
-        Isle::spawn(move |lua| {
+        fronts().init(move |lua| {
+            let (saw_cancel, started_tx) = (saw_cancel.clone(), started_tx.clone());
             let f = lua.create_function(move |lua, ()| {
                 let token = current_token(lua).expect("a callback runs inside a request");
                 let _ = started_tx.send(());
                 while !token.is_cancelled() {
                     std::thread::yield_now(); // stands for polling some I/O
                 }
-                saw_cancel.store(true, Ordering::SeqCst);
+                saw_cancel.fetch_add(1, Ordering::SeqCst);
                 Err::<(), _>(mlua::Error::runtime("gave up: cancelled"))
             })?;
             lua.globals().set("wait_for_cancel", f)
         })
-        .unwrap()
     };
-    let task = isle.spawn_eval::<()>("wait_for_cancel(); escaped = true");
-    expect_msg(&started, "the callback started");
-    task.cancel();
-    assert_eq!(
-        within("a callback returns early", move || task.wait()),
-        Err(IsleError::Cancelled)
-    );
-    // The caller may be answered before the callback notices (a stop resolves
-    // a running request after a short grace); requests run in order, so once
-    // the next one answers, the callback has returned.
-    assert_eq!(isle.eval::<bool>("escaped == nil"), Ok(true));
-    assert!(saw_cancel.load(Ordering::SeqCst));
+    let mut seen = 0;
+    fronts.each(|front| {
+        let spawners: [&dyn Fn() -> Task<()>; 2] =
+            [&|| front.spawn_call("wait_for_cancel", ()), &|| {
+                front.spawn_eval("wait_for_cancel(); escaped = true")
+            }];
+        for spawn in spawners {
+            let task = spawn();
+            expect_msg(&started, "the callback started");
+            task.cancel();
+            assert_eq!(
+                within("a callback returns early", move || task.wait()),
+                Err(IsleError::Cancelled),
+                "{front}"
+            );
+            // The caller may be answered before the callback notices (a stop
+            // resolves a running request after a short grace); requests run
+            // in order, so once the next one answers, the callback has
+            // returned.
+            let f = front.clone();
+            assert_eq!(
+                within("the next request", move || f.eval::<bool>("escaped == nil")),
+                Ok(true),
+                "{front}"
+            );
+            seen += 1;
+            assert_eq!(saw_cancel.load(Ordering::SeqCst), seen, "{front}");
+        }
+    });
 }
 
 #[test]
 fn current_token_is_the_running_requests_token() {
-    let isle = Isle::spawn(|_| Ok(())).unwrap();
-    let (before, after) = isle
-        .exec(|lua| {
-            let token = current_token(lua).expect("exec runs inside a request");
-            let before = token.is_cancelled();
-            token.cancel(); // the request cancels itself
-            Ok((before, token.is_cancelled()))
-        })
-        .unwrap(); // the closure's Ok is kept: nothing interrupted it
-    assert_eq!((before, after), (false, true));
-    assert_eq!(isle.eval::<i64>("1"), Ok(1));
+    fronts().each(|front| {
+        let (before, after) = front
+            .exec(|lua| {
+                let token = current_token(lua).expect("exec runs inside a request");
+                let before = token.is_cancelled();
+                token.cancel(); // the request cancels itself
+                Ok((before, token.is_cancelled()))
+            })
+            .unwrap(); // the closure's Ok is kept: nothing interrupted it
+        assert_eq!((before, after), (false, true), "{front}");
+        assert_eq!(front.eval::<i64>("1"), Ok(1));
+    });
 }
 
 #[test]
 fn current_token_is_none_during_init() {
     let (tx, rx) = crossbeam_channel::unbounded();
-    let _isle = Isle::spawn(move |lua| {
+    let fronts = fronts().init(move |lua| {
         let _ = tx.send(("init closure", current_token(lua).is_some()));
         let tx = tx.clone();
         let probe = lua.create_function(move |lua, ()| {
@@ -313,13 +374,15 @@ fn current_token_is_none_during_init() {
         })?;
         lua.globals().set("probe", probe)?;
         lua.load("probe()").exec()
-    })
-    .unwrap();
-    let seen: Vec<_> = rx.try_iter().collect();
-    assert_eq!(
-        seen,
-        vec![("init closure", false), ("callback during init", false)]
-    );
+    });
+    fronts.each(|front| {
+        let seen: Vec<_> = rx.try_iter().collect();
+        assert_eq!(
+            seen,
+            vec![("init closure", false), ("callback during init", false)],
+            "{front}"
+        );
+    });
 }
 
 #[test]
@@ -330,34 +393,55 @@ fn current_token_is_none_for_a_plain_lua() {
 
 #[test]
 fn cancelling_twice_is_harmless() {
-    let (isle, started) = isle_with_started();
-    let running = isle.spawn_eval::<()>("started(); while true do end");
-    let queued: Task<i64> = isle.spawn_eval("2");
-    queued.cancel();
-    queued.cancel();
-    queued.cancel_token().cancel();
-    expect_msg(&started, "the request started");
-    running.cancel();
-    running.cancel_token().clone().cancel();
-    running.cancel();
-    assert!(running.cancel_token().is_cancelled());
-    assert_eq!(running.wait(), Err(IsleError::Cancelled));
-    assert_eq!(queued.wait(), Err(IsleError::Cancelled));
+    let (fronts, started) = fronts_with_started();
+    fronts.each(|front| {
+        let running = front.spawn_eval::<()>("started(); while true do end");
+        let queued: Task<i64> = front.spawn_eval("2");
+        queued.cancel();
+        queued.cancel();
+        queued.cancel_token().cancel();
+        expect_msg(&started, "the request started");
+        running.cancel();
+        running.cancel_token().clone().cancel();
+        running.cancel();
+        assert!(running.cancel_token().is_cancelled());
+        assert_eq!(running.wait(), Err(IsleError::Cancelled), "{front}");
+        assert_eq!(queued.wait(), Err(IsleError::Cancelled), "{front}");
 
-    let done = isle.spawn_eval::<i64>("3");
-    assert_eq!(isle.eval::<i64>("0"), Ok(0));
-    done.cancel();
-    done.cancel();
-    assert_eq!(done.wait(), Ok(3));
+        let done = front.spawn_eval::<i64>("3");
+        assert_eq!(front.eval::<i64>("0"), Ok(0));
+        done.cancel();
+        done.cancel();
+        assert_eq!(done.wait(), Ok(3), "{front}");
+    });
 }
 
 #[test]
 fn cancel_stops_a_running_script_before_its_side_effects() {
-    let (isle, flag, started) = releasable_isle();
-    let task = isle.spawn_eval::<()>(UNTIL_RELEASED);
-    expect_msg(&started, "the request started");
-    task.cancel();
-    flag.raise();
-    assert_eq!(task.wait(), Err(IsleError::Cancelled));
-    assert_eq!(isle.eval::<bool>("finished == nil"), Ok(true));
+    each_kind(|kind| {
+        let (front, flag, started) = releasable_front(kind);
+        let task = front.spawn_eval::<()>(UNTIL_RELEASED);
+        expect_msg(&started, "the request started");
+        task.cancel();
+        flag.raise();
+        assert_eq!(task.wait(), Err(IsleError::Cancelled), "{front}");
+        assert_eq!(front.eval::<bool>("finished == nil"), Ok(true), "{front}");
+    });
+}
+
+// ===== pool only =====
+
+#[test]
+fn cancelling_on_a_busy_pool_leaves_other_requests_alone() {
+    let (tx, started) = crossbeam_channel::unbounded();
+    let pool = IslePool::new(2, move |lua| register_signal(lua, "started", tx.clone())).unwrap();
+    let a = pool.spawn_eval::<()>("started(); while true do end");
+    let b =
+        pool.spawn_eval::<()>("started(); local n = 0 for i = 1, 2e5 do n = n + i end return n");
+    expect_msg(&started, "one started");
+    expect_msg(&started, "the other started");
+    a.cancel();
+    assert_eq!(a.wait(), Err(IsleError::Cancelled));
+    assert_eq!(b.wait(), Ok(()));
+    pool.shutdown().unwrap();
 }

@@ -967,12 +967,5 @@ fn thread_count() -> usize {
 /// listed in `/proc` for a moment after `join` returns, and nothing reports
 /// when it goes, so this polls (up to `PATIENCE`).
 fn threads_settle_to(n: usize) -> bool {
-    let until = Instant::now() + PATIENCE;
-    while thread_count() > n {
-        if Instant::now() > until {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    true
+    common::poll_until(|| thread_count() <= n)
 }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::Rng;
+use common::{eventually, within, Rng};
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
@@ -71,19 +71,21 @@ fn check(fate: &Fate, result: &Result<i64, IsleError>) -> bool {
     }
 }
 
-/// How a task's result is collected: every path must deliver it once.
+/// How a task's result is collected: every path must deliver it once,
+/// within `PATIENCE`.
 fn collect(task: Task<i64>, how: u64) -> Result<i64, IsleError> {
     match how {
-        0 => task.wait(),
-        1 => futures::executor::block_on(task),
+        0 => within("wait", move || task.wait()),
+        1 => within("await", move || futures::executor::block_on(task)),
         _ => {
             let mut task = task;
-            loop {
-                if let Some(r) = task.wait_timeout(Duration::from_millis(1)) {
-                    assert!(task.is_finished());
-                    return r;
-                }
-            }
+            let mut r = None;
+            eventually("wait_timeout delivers the result", || {
+                r = task.wait_timeout(Duration::from_millis(1));
+                r.is_some()
+            });
+            assert!(task.is_finished());
+            r.unwrap()
         }
     }
 }

@@ -1,47 +1,52 @@
 //! Per-VM memory limits, per-request instruction budgets, and text-only
-//! chunks, on an isle and on a pool.
+//! chunks, on every front end (an isle, a pool, a session).
 
 mod common;
 
+use common::front::{fronts, Fronts};
 use common::PATIENCE;
 use mlua_isle::{Isle, IsleError, IslePool};
 
 const MB: usize = 1 << 20;
 
-fn limited_isle() -> Isle {
-    Isle::builder()
-        .memory_limit(4 * MB)
-        .spawn(|_| Ok(()))
-        .unwrap()
+/// Fronts whose VMs may use 4 MiB.
+fn limited() -> Fronts {
+    fronts().memory_limit(4 * MB)
 }
 
 #[test]
 fn a_request_past_the_memory_limit_fails_and_the_vm_recovers() {
-    let isle = limited_isle();
-    let r = isle.eval::<()>("local t = {} for i = 1, 1e8 do t[i] = i end");
-    assert!(matches!(r, Err(IsleError::MemoryLimit(_))), "{r:?}");
-    // The garbage is gone and the next requests run normally.
-    let used: usize = isle.exec(|lua| Ok(lua.used_memory())).unwrap();
-    assert!(used < 2 * MB, "still holding {used} bytes");
-    assert_eq!(
-        isle.eval::<i64>("local t = {} for i = 1, 1000 do t[i] = i end return #t"),
-        Ok(1000)
-    );
+    limited().each(|front| {
+        front.eval::<()>("kept = 'state'").unwrap();
+        let r = front.eval::<()>("local t = {} for i = 1, 1e8 do t[i] = i end");
+        assert!(matches!(r, Err(IsleError::MemoryLimit(_))), "{r:?} {front}");
+        // The garbage is gone and the next requests run normally.
+        let used: usize = front.exec(|lua| Ok(lua.used_memory())).unwrap();
+        assert!(used < 2 * MB, "still holding {used} bytes {front}");
+        assert_eq!(
+            front.eval::<i64>("local t = {} for i = 1, 1000 do t[i] = i end return #t"),
+            Ok(1000)
+        );
+        // The state set before survives the failed request.
+        assert_eq!(front.eval::<String>("kept"), Ok("state".to_string()));
+    });
 }
 
 #[test]
 fn a_huge_string_rep_is_a_memory_limit_error() {
-    let isle = limited_isle();
-    let r = isle.eval::<usize>("return #string.rep('x', 1e9)");
-    assert!(matches!(r, Err(IsleError::MemoryLimit(_))), "{r:?}");
-    assert_eq!(isle.eval::<usize>("#string.rep('x', 1000)"), Ok(1000));
+    limited().each(|front| {
+        let r = front.eval::<usize>("return #string.rep('x', 1e9)");
+        assert!(matches!(r, Err(IsleError::MemoryLimit(_))), "{r:?} {front}");
+        assert_eq!(front.eval::<usize>("#string.rep('x', 1000)"), Ok(1000));
+    });
 }
 
 #[test]
 fn lua_code_may_catch_its_own_memory_error() {
-    let isle = limited_isle();
-    let r = isle.eval::<bool>("local ok = pcall(string.rep, 'x', 1e9) return ok");
-    assert_eq!(r, Ok(false));
+    limited().each(|front| {
+        let r = front.eval::<bool>("local ok = pcall(string.rep, 'x', 1e9) return ok");
+        assert_eq!(r, Ok(false), "{front}");
+    });
 }
 
 #[test]
@@ -53,57 +58,42 @@ fn init_runs_under_the_memory_limit() {
 }
 
 #[test]
-fn a_pool_vm_past_its_memory_limit_recovers() {
-    let pool = IslePool::builder()
-        .workers(2)
-        .memory_limit(4 * MB)
-        .build()
-        .unwrap();
-    let s = pool.session("heavy");
-    s.eval::<()>("kept = 'state'").unwrap();
-    let r = s.eval::<()>("local t = {} for i = 1, 1e8 do t[i] = i end");
-    assert!(matches!(r, Err(IsleError::MemoryLimit(_))), "{r:?}");
-    // The session's own state survives its failed request.
-    assert_eq!(s.eval::<String>("kept"), Ok("state".to_string()));
-    assert_eq!(pool.eval::<i64>("1 + 1"), Ok(2));
-}
-
-#[test]
 #[cfg(not(feature = "luau"))] // no instruction count: max_instructions is refused
 fn a_request_past_its_instruction_budget_fails() {
-    let isle = Isle::builder()
-        .max_instructions(100_000)
-        .spawn(|_| Ok(()))
-        .unwrap();
-    assert_eq!(
-        isle.eval::<()>("while true do end"),
-        Err(IsleError::InstructionLimit)
-    );
-    // Inside coroutines and pcall loops too.
-    assert_eq!(
-        isle.eval::<()>("coroutine.wrap(function() while true do pcall(function() end) end end)()"),
-        Err(IsleError::InstructionLimit)
-    );
-    assert_eq!(
-        isle.eval::<i64>("local n = 0 for i = 1, 100 do n = n + i end return n"),
-        Ok(5050)
-    );
+    fronts().max_instructions(100_000).each(|front| {
+        assert_eq!(
+            front.eval::<()>("while true do end"),
+            Err(IsleError::InstructionLimit),
+            "{front}"
+        );
+        // Inside coroutines and pcall loops too.
+        assert_eq!(
+            front.eval::<()>(
+                "coroutine.wrap(function() while true do pcall(function() end) end end)()"
+            ),
+            Err(IsleError::InstructionLimit),
+            "{front}"
+        );
+        assert_eq!(
+            front.eval::<i64>("local n = 0 for i = 1, 100 do n = n + i end return n"),
+            Ok(5050)
+        );
+    });
 }
 
 #[test]
 #[cfg(not(feature = "luau"))] // no instruction count: max_instructions is refused
 fn the_instruction_budget_is_per_request() {
-    let isle = Isle::builder()
-        .max_instructions(100_000)
-        .spawn(|_| Ok(()))
-        .unwrap();
-    // Each run uses about half the budget; together they would exceed it.
-    for _ in 0..10 {
-        assert_eq!(
-            isle.eval::<i64>("local n = 0 for i = 1, 10000 do n = n + 1 end return n"),
-            Ok(10_000)
-        );
-    }
+    fronts().max_instructions(100_000).each(|front| {
+        // Each run uses about half the budget; together they would exceed it.
+        for _ in 0..10 {
+            assert_eq!(
+                front.eval::<i64>("local n = 0 for i = 1, 10000 do n = n + 1 end return n"),
+                Ok(10_000),
+                "{front}"
+            );
+        }
+    });
 }
 
 #[test]
@@ -123,7 +113,7 @@ fn a_budget_smaller_than_the_hook_interval_is_still_enforced() {
 
 #[test]
 #[cfg(not(feature = "luau"))] // no instruction count: max_instructions is refused
-fn the_pool_enforces_the_budget_on_every_vm_and_session() {
+fn the_pool_enforces_the_budget_on_every_vm() {
     let pool = IslePool::builder()
         .workers(2)
         .max_instructions(50_000)

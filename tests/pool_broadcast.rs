@@ -5,9 +5,9 @@ mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{gate, within, worker_index, PATIENCE};
+use common::{eventually, gate, within, worker_index};
 use mlua_isle::{mlua, IsleError, IslePool};
 
 fn pool(workers: usize) -> IslePool {
@@ -136,11 +136,9 @@ fn broadcast_runs_after_the_session_work_already_queued_on_a_vm() {
     };
     // Wait until the broadcast's share sits behind the setter on `home`
     // (queues say so only through the metrics).
-    let until = Instant::now() + PATIENCE;
-    while pool.metrics().workers[home].queued < 2 {
-        assert!(Instant::now() < until, "the broadcast never queued");
-        std::thread::yield_now();
-    }
+    eventually("the broadcast queues behind the setter", || {
+        pool.metrics().workers[home].queued >= 2
+    });
     assert!(!broadcaster.is_finished(), "broadcast skipped a busy VM");
     g.release();
     blocker.wait().unwrap();

@@ -151,14 +151,7 @@ fn a_full_queue_fails_the_batches_that_do_not_fit() {
     let mapping = std::thread::spawn(move || pool2.map::<i64, i64>("sq", 0..8));
     // The map cannot finish before the worker is free: release it once the
     // rejected batches have been counted.
-    let deadline = std::time::Instant::now() + common::PATIENCE;
-    while pool.metrics().rejected < 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "batches never rejected"
-        );
-        std::thread::yield_now();
-    }
+    common::eventually("two batches are rejected", || pool.metrics().rejected >= 2);
     g.release();
     blocker.wait().unwrap();
     let out = mapping.join().unwrap();

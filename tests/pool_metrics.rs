@@ -2,9 +2,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{expect_msg, gate, register_signal, PATIENCE};
+use common::{expect_msg, gate, poll_until, register_signal};
 use mlua_isle::{IsleError, IslePool, PoolMetrics, Task};
 
 fn total(m: &PoolMetrics, f: impl Fn(&mlua_isle::WorkerMetrics) -> u64) -> u64 {
@@ -20,16 +20,14 @@ fn ended(m: &PoolMetrics) -> u64 {
 /// task resolves before its worker updates the counters, and a request
 /// cancelled while queued is counted when a worker discards it.
 fn settled(pool: &IslePool, n: u64) -> PoolMetrics {
-    let until = Instant::now() + PATIENCE;
-    loop {
-        let m = pool.metrics();
+    let mut m = pool.metrics();
+    let settled = poll_until(|| {
+        m = pool.metrics();
         let idle = m.workers.iter().all(|w| w.queued == 0 && w.running == 0);
-        if ended(&m) >= n && idle && m.unkeyed_queued == 0 {
-            return m;
-        }
-        assert!(Instant::now() < until, "metrics never settled: {m:#?}");
-        std::thread::yield_now();
-    }
+        ended(&m) >= n && idle && m.unkeyed_queued == 0
+    });
+    assert!(settled, "metrics never settled: {m:#?}");
+    m
 }
 
 #[test]

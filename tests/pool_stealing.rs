@@ -7,9 +7,8 @@ mod common;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
-use common::{expect_msg, gate, register_signal, worker_index, Flag, PATIENCE};
+use common::{expect_msg, gate, register_signal, threads_asleep, worker_index, Flag, PATIENCE};
 use crossbeam_channel::Receiver;
 use mlua_isle::{IsleError, IslePool, Task};
 
@@ -121,9 +120,18 @@ fn one_idle_vm_serves_while_the_others_are_stuck() {
 
 #[test]
 fn two_blocking_requests_run_in_parallel_on_two_vms() {
-    let pool = IslePool::new(2, |_| Ok(())).unwrap();
-    // Let both workers go idle and park: new work must wake them.
-    std::thread::sleep(Duration::from_millis(20));
+    let pool = IslePool::builder()
+        .workers(2)
+        .name("psPar")
+        .build()
+        .unwrap();
+    // Both workers asleep (parked: nothing else puts an idle worker to sleep
+    // in the kernel), so new work must wake them. The property holds either
+    // way; this makes the test cover the wake-up path.
+    assert!(
+        threads_asleep(&["psPar-0".into(), "psPar-1".into()]),
+        "the idle workers never parked"
+    );
     let (g, gf) = gate();
     let tasks: Vec<Task<usize>> = (0..2)
         .map(|_| {
@@ -232,11 +240,16 @@ fn a_wake_up_taken_by_session_work_is_passed_on_to_an_idle_worker() {
         let (gate, block) = gate();
         let pool = IslePool::builder()
             .workers(2)
+            .name("psWake")
             .init(move |lua| block.clone().register(lua, "block"))
             .build()
             .unwrap();
-        // Let both workers finish starting up and park.
+        // Both workers have started up, and are parked.
         assert_eq!(pool.broadcast(|_| Ok(())).len(), 2);
+        assert!(
+            threads_asleep(&["psWake-0".into(), "psWake-1".into()]),
+            "round {round}: the idle workers never parked"
+        );
         let quick = pool.spawn_eval::<i64>("return 1");
         let long = pool
             .session(format!("k{round}"))

@@ -1,123 +1,143 @@
-//! Blocking on an isle from its own VM thread would deadlock: such calls
-//! return `Reentrant` at once. Spawning from there is allowed.
+//! Blocking on an isle, a pool or a session from its own VM thread would
+//! deadlock: such calls return `Reentrant` at once, on every front end.
+//! Spawning from there is allowed. Isles waiting on each other in a ring are
+//! refused too.
 
 mod common;
 
 use std::time::Duration;
 
+use common::front::{fronts, Front};
 use common::within;
 use mlua_isle::{Isle, IsleError, Task};
 
-/// Runs `f` inside an `exec` closure that owns a clone of the isle, with a
+/// Runs `f` inside an `exec` closure that owns a clone of the front, with a
 /// watchdog: a deadlock fails the test instead of hanging it.
 fn from_vm_thread<T: Send + 'static>(
-    isle: &Isle,
-    f: impl FnOnce(&Isle) -> T + Send + 'static,
+    front: &Front,
+    f: impl FnOnce(&Front) -> T + Send + 'static,
 ) -> T {
-    let inner = isle.clone();
-    let task = isle.spawn_exec(move |_| Ok(f(&inner)));
+    let inner = front.clone();
+    let task = front.spawn_exec(move |_| Ok(f(&inner)));
     within("a call made on the VM thread", move || task.wait()).expect("the exec itself runs")
 }
 
 #[test]
 fn eval_from_the_vm_thread_is_reentrant() {
-    let isle = Isle::spawn(|_| Ok(())).unwrap();
-    let r = from_vm_thread(&isle, |isle| isle.eval::<i64>("1"));
-    assert_eq!(r, Err(IsleError::Reentrant));
-    assert_eq!(isle.eval::<i64>("1"), Ok(1));
+    fronts().each(|front| {
+        let r = from_vm_thread(&front, |front| front.eval::<i64>("1"));
+        assert_eq!(r, Err(IsleError::Reentrant), "{front}");
+        assert_eq!(front.eval::<i64>("1"), Ok(1));
+    });
 }
 
 #[test]
 fn call_from_the_vm_thread_is_reentrant() {
-    let isle = Isle::spawn(|lua| lua.load("function f() return 1 end").exec()).unwrap();
-    let r = from_vm_thread(&isle, |isle| isle.call::<i64>("f", ()));
-    assert_eq!(r, Err(IsleError::Reentrant));
-    assert_eq!(isle.call::<i64>("f", ()), Ok(1));
+    let fronts = fronts().init(|lua| lua.load("function f() return 1 end").exec());
+    fronts.each(|front| {
+        let r = from_vm_thread(&front, |front| front.call::<i64>("f", ()));
+        assert_eq!(r, Err(IsleError::Reentrant), "{front}");
+        assert_eq!(front.call::<i64>("f", ()), Ok(1));
+    });
 }
 
 #[test]
 fn exec_from_the_vm_thread_is_reentrant() {
-    let isle = Isle::spawn(|_| Ok(())).unwrap();
-    let r = from_vm_thread(&isle, |isle| isle.exec(|_| Ok(1)));
-    assert_eq!(r, Err(IsleError::Reentrant));
+    fronts().each(|front| {
+        let r = from_vm_thread(&front, |front| front.exec(|_| Ok(1)));
+        assert_eq!(r, Err(IsleError::Reentrant), "{front}");
+    });
 }
 
 #[test]
 fn shutdown_from_the_vm_thread_is_reentrant() {
-    let isle = Isle::spawn(|_| Ok(())).unwrap();
-    let r = from_vm_thread(&isle, |isle| isle.shutdown());
-    assert_eq!(r, Err(IsleError::Reentrant));
-    assert!(!isle.is_shutdown(), "a refused shutdown must not begin one");
-    assert_eq!(isle.eval::<i64>("1"), Ok(1));
-    isle.shutdown().unwrap();
+    fronts().each(|front| {
+        let r = from_vm_thread(&front, |front| front.shutdown());
+        assert_eq!(r, Err(IsleError::Reentrant), "{front}");
+        let r = from_vm_thread(&front, |front| {
+            front.shutdown_timeout(Duration::from_secs(1))
+        });
+        assert_eq!(r, Err(IsleError::Reentrant), "{front}");
+        assert!(!front.is_closed(), "a refused shutdown began one {front}");
+        assert_eq!(front.eval::<i64>("1"), Ok(1));
+        front.shutdown().unwrap();
+    });
 }
 
 #[test]
 fn blocking_calls_from_a_lua_callback_are_reentrant() {
-    let isle = Isle::spawn(|_| Ok(())).unwrap();
-    let handle = isle.clone();
-    isle.exec(move |lua| {
-        let f = lua.create_function(move |_, ()| {
-            Ok(handle.eval::<i64>("1") == Err(IsleError::Reentrant))
-        })?;
-        lua.globals().set("try_reenter", f)
-    })
-    .unwrap();
-    assert_eq!(
-        within("a callback re-entering", {
-            let isle = isle.clone();
-            move || isle.eval::<bool>("try_reenter()")
-        }),
-        Ok(true)
-    );
-    // The VM holds a handle to itself: only an explicit shutdown ends it.
-    isle.shutdown().unwrap();
+    fronts().each(|front| {
+        let handle = front.clone();
+        front
+            .exec(move |lua| {
+                let f = lua.create_function(move |_, ()| {
+                    Ok(handle.eval::<i64>("1") == Err(IsleError::Reentrant))
+                })?;
+                lua.globals().set("try_reenter", f)
+            })
+            .unwrap();
+        assert_eq!(
+            within("a callback re-entering", {
+                let front = front.clone();
+                move || front.eval::<bool>("try_reenter()")
+            }),
+            Ok(true),
+            "{front}"
+        );
+        // The VM holds a handle to itself: only an explicit shutdown ends it.
+        front.shutdown().unwrap();
+    });
 }
 
 #[test]
 fn waiting_on_a_task_from_the_vm_thread_is_reentrant() {
-    let isle = Isle::spawn(|_| Ok(())).unwrap();
-    let (wait, wait_timeout) = from_vm_thread(&isle, |isle| {
-        let mut task = isle.spawn_eval::<i64>("1");
-        let wait_timeout = task.wait_timeout(Duration::from_secs(60));
-        let wait = isle.spawn_eval::<i64>("2").wait();
-        (wait, wait_timeout)
+    fronts().each(|front| {
+        let (wait, wait_timeout) = from_vm_thread(&front, |front| {
+            let mut task = front.spawn_eval::<i64>("1");
+            let wait_timeout = task.wait_timeout(Duration::from_secs(60));
+            let wait = front.spawn_eval::<i64>("2").wait();
+            (wait, wait_timeout)
+        });
+        assert_eq!(wait, Err(IsleError::Reentrant), "{front}");
+        assert_eq!(wait_timeout, Some(Err(IsleError::Reentrant)), "{front}");
+        assert_eq!(front.eval::<i64>("3"), Ok(3));
     });
-    assert_eq!(wait, Err(IsleError::Reentrant));
-    assert_eq!(wait_timeout, Some(Err(IsleError::Reentrant)));
-    assert_eq!(isle.eval::<i64>("3"), Ok(3));
 }
 
 #[test]
-fn other_isles_can_be_used_from_a_vm_thread() {
-    let a = Isle::spawn(|_| Ok(())).unwrap();
-    let b = Isle::spawn(|_| Ok(())).unwrap();
-    let r = from_vm_thread(&a, move |_| b.eval::<i64>("40 + 2"));
-    assert_eq!(r, Ok(42));
+fn another_isle_or_pool_can_be_used_from_a_vm_thread() {
+    let others = fronts();
+    fronts().each(|front| {
+        let other = others.build(front.kind());
+        let r = from_vm_thread(&front, move |_| other.eval::<i64>("40 + 2"));
+        assert_eq!(r, Ok(42), "{front}");
+    });
 }
 
 #[test]
 fn spawn_from_the_vm_thread_is_allowed_and_runs_later() {
-    let isle = Isle::spawn(|_| Ok(())).unwrap();
-    from_vm_thread(&isle, |isle| {
-        isle.spawn_eval::<()>("later = 42").detach();
+    fronts().each(|front| {
+        from_vm_thread(&front, |front| {
+            front.spawn_eval::<()>("later = 42").detach();
+        });
+        assert_eq!(front.eval::<i64>("later"), Ok(42), "{front}");
     });
-    assert_eq!(isle.eval::<i64>("later"), Ok(42));
 }
 
 #[test]
 fn a_task_spawned_on_the_vm_thread_can_be_waited_on_elsewhere() {
-    let isle = Isle::spawn(|_| Ok(())).unwrap();
-    let (e, c, x): (Task<i64>, Task<i64>, Task<i64>) = from_vm_thread(&isle, |isle| {
-        (
-            isle.spawn_eval("40 + 2"),
-            isle.spawn_call("select", (2, 0, 7)),
-            isle.spawn_exec(|_| Ok(9)),
-        )
+    fronts().each(|front| {
+        let (e, c, x): (Task<i64>, Task<i64>, Task<i64>) = from_vm_thread(&front, |front| {
+            (
+                front.spawn_eval("40 + 2"),
+                front.spawn_call("select", (2, 0, 7)),
+                front.spawn_exec(|_| Ok(9)),
+            )
+        });
+        assert_eq!(e.wait(), Ok(42), "{front}");
+        assert_eq!(c.wait(), Ok(7), "{front}");
+        assert_eq!(x.wait(), Ok(9), "{front}");
     });
-    assert_eq!(e.wait(), Ok(42));
-    assert_eq!(c.wait(), Ok(7));
-    assert_eq!(x.wait(), Ok(9));
 }
 
 #[test]

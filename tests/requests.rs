@@ -6,12 +6,14 @@ mod common;
 use std::thread;
 use std::time::Duration;
 
+use common::front::{fronts, Fronts};
 use common::{thread_alive, thread_gone};
 use mlua_isle::mlua::{self, Lua};
 use mlua_isle::{Isle, IsleError, LuaErrorKind};
 
-fn isle_with_add() -> Isle {
-    Isle::spawn(|lua| {
+/// Fronts whose VMs have `add`, `greet` and a global that is no function.
+fn fronts_with_add() -> Fronts {
+    fronts().init(|lua| {
         lua.load(
             r#"
             function add(a, b) return a + b end
@@ -21,7 +23,6 @@ fn isle_with_add() -> Isle {
         )
         .exec()
     })
-    .expect("isle starts")
 }
 
 fn lua_err(r: Result<impl std::fmt::Debug, IsleError>) -> mlua_isle::LuaError {
@@ -35,101 +36,117 @@ fn lua_err(r: Result<impl std::fmt::Debug, IsleError>) -> mlua_isle::LuaError {
 
 #[test]
 fn eval_accepts_an_expression_and_a_block() {
-    let isle = Isle::spawn(|_| Ok(())).unwrap();
-    assert_eq!(isle.eval::<i64>("1 + 1"), Ok(2));
-    assert_eq!(isle.eval::<i64>("return 1 + 1"), Ok(2));
-    assert_eq!(
-        isle.eval::<i64>("local x = 20\nlocal y = 22\nreturn x + y"),
-        Ok(42)
-    );
+    fronts().each(|front| {
+        assert_eq!(front.eval::<i64>("1 + 1"), Ok(2), "{front}");
+        assert_eq!(front.eval::<i64>("return 1 + 1"), Ok(2), "{front}");
+        assert_eq!(
+            front.eval::<i64>("local x = 20\nlocal y = 22\nreturn x + y"),
+            Ok(42),
+            "{front}"
+        );
+    });
 }
 
 #[test]
 fn eval_returns_multiple_values_as_a_tuple() {
-    let isle = Isle::spawn(|_| Ok(())).unwrap();
-    let (a, b, c): (i64, String, bool) = isle.eval("1, 'two', true").unwrap();
-    assert_eq!((a, b.as_str(), c), (1, "two", true));
-    let (x, y): (f64, Option<String>) = isle.eval("return 2.5, nil").unwrap();
-    assert_eq!((x, y), (2.5, None));
+    fronts().each(|front| {
+        let (a, b, c): (i64, String, bool) = front.eval("1, 'two', true").unwrap();
+        assert_eq!((a, b.as_str(), c), (1, "two", true), "{front}");
+        let (x, y): (f64, Option<String>) = front.eval("return 2.5, nil").unwrap();
+        assert_eq!((x, y), (2.5, None), "{front}");
+    });
 }
 
 #[test]
 fn globals_set_by_one_eval_are_seen_by_the_next() {
-    let isle = Isle::spawn(|_| Ok(())).unwrap();
-    isle.eval::<()>("counter = 41").unwrap();
-    isle.eval::<()>("counter = counter + 1").unwrap();
-    assert_eq!(isle.eval::<i64>("counter"), Ok(42));
+    fronts().each(|front| {
+        front.eval::<()>("counter = 41").unwrap();
+        front.eval::<()>("counter = counter + 1").unwrap();
+        assert_eq!(front.eval::<i64>("counter"), Ok(42), "{front}");
+    });
 }
 
 #[test]
 fn call_passes_arguments_and_converts_the_result() {
-    let isle = isle_with_add();
-    assert_eq!(isle.call::<i64>("add", (40, 2)), Ok(42));
-    assert_eq!(
-        isle.call::<String>("greet", ("bo".to_string(), 2)),
-        Ok("hi bo;hi bo;".to_string())
-    );
-    assert_eq!(isle.spawn_call::<f64>("add", (0.5, 0.25)).wait(), Ok(0.75));
+    fronts_with_add().each(|front| {
+        assert_eq!(front.call::<i64>("add", (40, 2)), Ok(42), "{front}");
+        assert_eq!(
+            front.call::<String>("greet", ("bo".to_string(), 2)),
+            Ok("hi bo;hi bo;".to_string()),
+            "{front}"
+        );
+        assert_eq!(
+            front.spawn_call::<f64>("add", (0.5, 0.25)).wait(),
+            Ok(0.75),
+            "{front}"
+        );
+    });
 }
 
 #[test]
 fn exec_returns_a_rust_value() {
-    let isle = isle_with_add();
-    let v: Vec<i64> = isle
-        .exec(|lua| {
-            let add: mlua::Function = lua.globals().get("add")?;
-            Ok(vec![add.call((1, 2))?, add.call((3, 4))?])
-        })
-        .unwrap();
-    assert_eq!(v, vec![3, 7]);
-    let t = isle.spawn_exec(|lua| lua.globals().get::<i64>("not_a_function"));
-    assert_eq!(t.wait(), Ok(5));
+    fronts_with_add().each(|front| {
+        let v: Vec<i64> = front
+            .exec(|lua| {
+                let add: mlua::Function = lua.globals().get("add")?;
+                Ok(vec![add.call((1, 2))?, add.call((3, 4))?])
+            })
+            .unwrap();
+        assert_eq!(v, vec![3, 7], "{front}");
+        let t = front.spawn_exec(|lua| lua.globals().get::<i64>("not_a_function"));
+        assert_eq!(t.wait(), Ok(5), "{front}");
+    });
 }
 
 #[test]
 fn exec_error_is_a_lua_error() {
-    let isle = Isle::spawn(|_| Ok(())).unwrap();
-    let e = lua_err(isle.exec(|_| Err::<(), _>(mlua::Error::runtime("no luck"))));
-    assert_eq!(e.kind(), LuaErrorKind::Runtime);
-    assert!(e.message().contains("no luck"), "{e:?}");
+    fronts().each(|front| {
+        let e = lua_err(front.exec(|_| Err::<(), _>(mlua::Error::runtime("no luck"))));
+        assert_eq!(e.kind(), LuaErrorKind::Runtime, "{front}");
+        assert!(e.message().contains("no luck"), "{e:?} {front}");
+    });
 }
 
 // ===== errors =====
 
 #[test]
 fn call_of_a_missing_global_is_not_found() {
-    let isle = isle_with_add();
-    assert_eq!(
-        isle.call::<()>("no_such_function", ()),
-        Err(IsleError::NotFound("no_such_function".to_string()))
-    );
+    fronts_with_add().each(|front| {
+        assert_eq!(
+            front.call::<()>("no_such_function", ()),
+            Err(IsleError::NotFound("no_such_function".to_string())),
+            "{front}"
+        );
+    });
 }
 
 #[test]
 fn call_of_a_non_function_global_is_a_lua_error() {
-    let isle = isle_with_add();
-    let e = lua_err(isle.call::<()>("not_a_function", ()));
-    assert!(e.message().contains("not_a_function"), "{e:?}");
-    assert!(e.message().contains("not a function"), "{e:?}");
+    fronts_with_add().each(|front| {
+        let e = lua_err(front.call::<()>("not_a_function", ()));
+        assert!(e.message().contains("not_a_function"), "{e:?} {front}");
+        assert!(e.message().contains("not a function"), "{e:?} {front}");
+    });
 }
 
 #[test]
 fn runtime_error_keeps_its_eval_position_and_a_traceback() {
-    let isle = Isle::spawn(|_| Ok(())).unwrap();
-    let e = lua_err(isle.eval::<()>("local a = 1\n\nerror('boom')"));
-    assert_eq!(e.kind(), LuaErrorKind::Runtime);
-    assert_eq!(e.message(), "eval:3: boom");
-    let tb = e.traceback().expect("a runtime error has a traceback");
-    assert!(tb.starts_with("stack traceback:"), "{tb}");
-    assert!(tb.contains("eval:3"), "{tb}");
+    fronts().each(|front| {
+        let e = lua_err(front.eval::<()>("local a = 1\n\nerror('boom')"));
+        assert_eq!(e.kind(), LuaErrorKind::Runtime, "{front}");
+        assert_eq!(e.message(), "eval:3: boom", "{front}");
+        let tb = e.traceback().expect("a runtime error has a traceback");
+        assert!(tb.starts_with("stack traceback:"), "{tb}");
+        assert!(tb.contains("eval:3"), "{tb}");
 
-    let e = lua_err(isle.eval::<()>("local t = nil\nreturn t.field"));
-    assert!(e.message().starts_with("eval:2: "), "{e:?}");
-    // Luau: "attempt to index nil with 'field'".
-    #[cfg(not(feature = "luau"))]
-    assert!(e.message().contains("nil value"), "{e:?}");
-    #[cfg(feature = "luau")]
-    assert!(e.message().contains("attempt to index nil"), "{e:?}");
+        let e = lua_err(front.eval::<()>("local t = nil\nreturn t.field"));
+        assert!(e.message().starts_with("eval:2: "), "{e:?} {front}");
+        // Luau: "attempt to index nil with 'field'".
+        #[cfg(not(feature = "luau"))]
+        assert!(e.message().contains("nil value"), "{e:?}");
+        #[cfg(feature = "luau")]
+        assert!(e.message().contains("attempt to index nil"), "{e:?}");
+    });
 }
 
 #[test]
@@ -141,41 +158,62 @@ fn display_of_a_lua_error_includes_its_message() {
 
 #[test]
 fn syntax_error_has_kind_syntax_and_a_position() {
-    let isle = Isle::spawn(|_| Ok(())).unwrap();
-    let e = lua_err(isle.eval::<()>("local x = = 1"));
-    assert_eq!(e.kind(), LuaErrorKind::Syntax);
-    assert!(e.message().starts_with("eval:1:"), "{e:?}");
-    let e = lua_err(isle.eval::<i64>("1 +"));
-    assert_eq!(e.kind(), LuaErrorKind::Syntax);
+    fronts().each(|front| {
+        let e = lua_err(front.eval::<()>("local x = = 1"));
+        assert_eq!(e.kind(), LuaErrorKind::Syntax, "{front}");
+        assert!(e.message().starts_with("eval:1:"), "{e:?} {front}");
+        let e = lua_err(front.eval::<i64>("1 +"));
+        assert_eq!(e.kind(), LuaErrorKind::Syntax, "{front}");
+    });
 }
 
 #[test]
 fn unconvertible_result_is_a_conversion_error() {
-    let isle = Isle::spawn(|_| Ok(())).unwrap();
-    let e = lua_err(isle.eval::<i64>("'abc'"));
-    assert_eq!(e.kind(), LuaErrorKind::Conversion);
-    let e = lua_err(isle.eval::<String>("{}"));
-    assert_eq!(e.kind(), LuaErrorKind::Conversion);
+    fronts().each(|front| {
+        let e = lua_err(front.eval::<i64>("'abc'"));
+        assert_eq!(e.kind(), LuaErrorKind::Conversion, "{front}");
+        let e = lua_err(front.eval::<String>("{}"));
+        assert_eq!(e.kind(), LuaErrorKind::Conversion, "{front}");
+    });
 }
 
 #[test]
-fn the_vm_answers_after_every_kind_of_error() {
-    let isle = isle_with_add();
-    isle.eval::<()>("kept = 'still here'").unwrap();
-    let failures: Vec<Result<(), IsleError>> = vec![
-        isle.eval::<()>("error('runtime')"),
-        isle.eval::<()>("this is not lua"),
-        isle.eval::<i64>("'abc'").map(drop),
-        isle.call::<()>("no_such_function", ()),
-        isle.call::<()>("not_a_function", ()),
-        isle.call::<i64>("add", ("x", "y")).map(drop),
-        isle.exec(|_| Err(mlua::Error::runtime("from exec"))),
-    ];
-    for (i, r) in failures.into_iter().enumerate() {
-        assert!(r.is_err(), "failure #{i} succeeded");
-        assert_eq!(isle.eval::<i64>("1 + 1"), Ok(2), "after failure #{i}");
-    }
-    assert_eq!(isle.eval::<String>("kept"), Ok("still here".to_string()));
+fn the_vm_answers_after_every_kind_of_error_and_keeps_its_state() {
+    use LuaErrorKind::{Conversion, Runtime, Syntax};
+    fronts_with_add().each(|front| {
+        front.eval::<()>("kept = 'still here'").unwrap();
+        let failures: Vec<(Result<(), IsleError>, Option<LuaErrorKind>)> = vec![
+            (front.eval::<()>("error('runtime')"), Some(Runtime)),
+            (front.eval::<()>("this is not lua"), Some(Syntax)),
+            (front.eval::<i64>("'abc'").map(drop), Some(Conversion)),
+            (front.call::<()>("no_such_function", ()), None),
+            (front.call::<()>("not_a_function", ()), Some(Runtime)),
+            (
+                front.call::<i64>("add", ("x", "y")).map(drop),
+                Some(Runtime),
+            ),
+            (
+                front.exec(|_| Err(mlua::Error::runtime("from exec"))),
+                Some(Runtime),
+            ),
+        ];
+        for (i, (r, kind)) in failures.into_iter().enumerate() {
+            match kind {
+                Some(kind) => assert_eq!(lua_err(r).kind(), kind, "failure #{i} {front}"),
+                None => assert_eq!(
+                    r,
+                    Err(IsleError::NotFound("no_such_function".to_string())),
+                    "{front}"
+                ),
+            }
+            assert_eq!(front.eval::<i64>("1 + 1"), Ok(2), "after failure #{i}");
+        }
+        assert_eq!(
+            front.eval::<String>("kept"),
+            Ok("still here".to_string()),
+            "{front}"
+        );
+    });
 }
 
 #[test]
@@ -215,18 +253,20 @@ fn seed_readme_basic_example() {
 #[test]
 fn seed_readme_cancellation_example() {
     use mlua_isle::Isle;
-    use std::thread;
-    use std::time::Duration;
 
-    let isle = Isle::spawn(|_| Ok(())).unwrap();
+    // The seed README slept 50 ms to let the loop start; `started()` says
+    // when it has.
+    let (started_tx, started) = crossbeam_channel::unbounded();
+    let isle = Isle::spawn(move |lua| common::register_signal(lua, "started", started_tx)).unwrap();
 
-    let task = isle.spawn_eval::<()>("while true do end");
+    let task = isle.spawn_eval::<()>("started(); while true do end");
 
-    thread::sleep(Duration::from_millis(50));
+    common::expect_msg(&started, "the loop started");
     task.cancel();
 
-    let result = task.wait();
-    assert!(result.is_err()); // IsleError::Cancelled
+    let result = common::within("the cancelled loop resolves", move || task.wait());
+    assert_eq!(result, Err(IsleError::Cancelled));
+    assert_eq!(isle.eval::<i64>("1 + 1"), Ok(2));
 }
 
 // ===== init =====

@@ -277,17 +277,18 @@ fn sandboxed_pattern_matching_is_stopped_by_cancel_and_time_limit() {
         .build()
         .unwrap();
     for code in BACKTRACKING {
-        let r = isle
+        let task = isle
             .spawn_eval::<()>(*code)
-            .timeout(Duration::from_millis(50))
-            .wait();
+            .timeout(Duration::from_millis(50));
+        let r = common::within(code, move || task.wait());
         assert_eq!(r, Err(IsleError::Timeout), "{code}");
         let task = pool
             .session("s")
             .spawn_eval::<()>(format!("started() {code}"));
-        started.recv_timeout(common::PATIENCE).unwrap();
+        common::expect_msg(&started, "the pattern runs");
         task.cancel();
-        assert_eq!(task.wait(), Err(IsleError::Cancelled), "{code}");
+        let r = common::within(code, move || task.wait());
+        assert_eq!(r, Err(IsleError::Cancelled), "{code}");
         assert_eq!(isle.eval::<i64>("1 + 1"), Ok(2), "after {code}");
         assert_eq!(pool.eval::<i64>("1 + 1"), Ok(2), "after {code}");
     }

@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{gate, within, Gate, GateFn};
+use common::front::{each_kind, fronts, Fronts, Kind};
+use common::{gate, within, Gate, GateFn, PATIENCE};
 use mlua_isle::{Isle, IsleError, IslePool, Task};
 
 /// A grace period short enough for tests to see a VM replaced.
@@ -22,15 +23,15 @@ const GRACE: Duration = Duration::from_millis(100);
 /// A grace period no test run reaches: the VM must never be replaced.
 const NO_REPLACEMENT: Duration = Duration::from_secs(3600);
 
-/// An isle whose re-runnable init registers `block()` (held by the gate).
-fn blocking_isle(grace: Duration) -> (Isle, Gate) {
+/// Fronts whose init registers `block()` (held by the gate). The gate
+/// releases whichever callback takes its token first: a test that leaves a
+/// VM blocked behind (detached) needs a gate per front.
+fn blocking_fronts(grace: Duration) -> (Fronts, Gate) {
     let (gate, block) = gate();
-    let isle = Isle::builder()
+    let fronts = fronts()
         .stop_grace(grace)
-        .init(move |lua| block.clone().register(lua, "block"))
-        .build()
-        .unwrap();
-    (isle, gate)
+        .init(move |lua| block.clone().register(lua, "block"));
+    (fronts, gate)
 }
 
 fn blocking_pool(workers: usize, grace: Duration) -> (IslePool, Gate) {
@@ -50,59 +51,70 @@ fn wait_within<T: Send + 'static>(what: &str, task: Task<T>) -> Result<T, IsleEr
 
 #[test]
 fn cancel_answers_the_caller_while_a_rust_callback_blocks() {
-    let (isle, gate) = blocking_isle(NO_REPLACEMENT);
-    let task = isle.spawn_call::<()>("block", ());
-    gate.wait_started();
-    task.cancel();
-    // Without the fix this waits for the release, which comes only after.
-    assert_eq!(
-        wait_within("a cancelled callback's caller", task),
-        Err(IsleError::Cancelled)
-    );
-    gate.release();
-    // The VM got back, dropped the late result, and serves on.
-    assert_eq!(isle.eval::<i64>("1 + 1"), Ok(2));
-    assert_eq!(isle.wedged(), 0);
-    isle.shutdown().unwrap();
+    let (fronts, gate) = blocking_fronts(NO_REPLACEMENT);
+    fronts.each(|front| {
+        front.eval::<()>("kept = 'yes'").unwrap();
+        let task = front.spawn_call::<()>("block", ());
+        gate.wait_started();
+        task.cancel();
+        // Without the fix this waits for the release, which comes only after.
+        assert_eq!(
+            wait_within("a cancelled callback's caller", task),
+            Err(IsleError::Cancelled),
+            "{front}"
+        );
+        gate.release();
+        // The VM got back, dropped the late result, and serves on.
+        assert_eq!(
+            front.eval::<String>("kept"),
+            Ok("yes".to_string()),
+            "{front}"
+        );
+        assert_eq!(front.wedged(), 0);
+        front.shutdown().unwrap();
+    });
 }
 
 #[test]
 fn a_time_limit_answers_the_caller_while_a_rust_callback_blocks() {
-    let (isle, gate) = blocking_isle(NO_REPLACEMENT);
-    let task = isle
-        .spawn_call::<()>("block", ())
-        .timeout(Duration::from_millis(20));
-    gate.wait_started();
-    assert_eq!(
-        wait_within("a timed-out callback's caller", task),
-        Err(IsleError::Timeout)
-    );
-    gate.release();
-    assert_eq!(isle.eval::<i64>("1 + 1"), Ok(2));
-    isle.shutdown().unwrap();
+    let (fronts, gate) = blocking_fronts(NO_REPLACEMENT);
+    fronts.each(|front| {
+        let task = front
+            .spawn_call::<()>("block", ())
+            .timeout(Duration::from_millis(20));
+        gate.wait_started();
+        assert_eq!(
+            wait_within("a timed-out callback's caller", task),
+            Err(IsleError::Timeout),
+            "{front}"
+        );
+        gate.release();
+        assert_eq!(front.eval::<i64>("1 + 1"), Ok(2));
+        front.shutdown().unwrap();
+    });
 }
 
 #[test]
 fn a_default_timeout_answers_while_an_exec_closure_blocks() {
-    let (gate, block) = gate();
-    let pool = IslePool::builder()
-        .workers(1)
+    let fronts = fronts()
         .default_timeout(Duration::from_millis(20))
-        .stop_grace(NO_REPLACEMENT)
-        .build()
-        .unwrap();
-    let task = pool.spawn_exec(move |_| {
-        block.block();
-        Ok(())
+        .stop_grace(NO_REPLACEMENT);
+    fronts.each(|front| {
+        let (gate, block) = gate();
+        let task = front.spawn_exec(move |_| {
+            block.block();
+            Ok(())
+        });
+        gate.wait_started();
+        assert_eq!(
+            wait_within("a blocked closure's caller", task),
+            Err(IsleError::Timeout),
+            "{front}"
+        );
+        gate.release();
+        assert_eq!(front.eval::<i64>("2 + 2"), Ok(4));
+        front.shutdown().unwrap();
     });
-    gate.wait_started();
-    assert_eq!(
-        wait_within("a blocked closure's caller", task),
-        Err(IsleError::Timeout)
-    );
-    gate.release();
-    assert_eq!(pool.eval::<i64>("2 + 2"), Ok(4));
-    pool.shutdown().unwrap();
 }
 
 /// Counts its drops: the late value of a stopped request is dropped, once,
@@ -117,44 +129,28 @@ impl Drop for Counted {
 
 #[test]
 fn the_late_result_of_a_stopped_request_is_dropped_once() {
-    let (gate, block) = gate();
-    let isle = Isle::builder()
-        .stop_grace(NO_REPLACEMENT)
-        .spawn(|_| Ok(()))
-        .unwrap();
-    let drops = Arc::new(AtomicUsize::new(0));
-    let task = {
-        let drops = drops.clone();
-        isle.spawn_exec(move |_| {
-            block.block();
-            Ok(Counted(drops))
-        })
-    };
-    gate.wait_started();
-    task.cancel();
-    assert!(matches!(
-        wait_within("a cancelled closure's caller", task),
-        Err(IsleError::Cancelled)
-    ));
-    gate.release();
-    // Requests run in order: once this one ran, the late value is gone.
-    assert_eq!(isle.eval::<i64>("1"), Ok(1));
-    assert_eq!(drops.load(Ordering::SeqCst), 1);
-    isle.shutdown().unwrap();
-}
-
-#[test]
-fn a_callback_that_cancels_its_own_request_keeps_its_result() {
-    // Stopped from its own VM thread, the request is not stuck: the VM
-    // resolves it when the work returns, and a value nothing interrupted
-    // is kept.
-    let isle = Isle::spawn(|_| Ok(())).unwrap();
-    let r = isle.exec(|lua| {
-        mlua_isle::current_token(lua).unwrap().cancel();
-        Ok(7)
+    fronts().stop_grace(NO_REPLACEMENT).each(|front| {
+        let (gate, block) = gate();
+        let drops = Arc::new(AtomicUsize::new(0));
+        let task = {
+            let drops = drops.clone();
+            front.spawn_exec(move |_| {
+                block.block();
+                Ok(Counted(drops))
+            })
+        };
+        gate.wait_started();
+        task.cancel();
+        assert!(matches!(
+            wait_within("a cancelled closure's caller", task),
+            Err(IsleError::Cancelled)
+        ));
+        gate.release();
+        // Requests run in order: once this one ran, the late value is gone.
+        assert_eq!(front.eval::<i64>("1"), Ok(1));
+        assert_eq!(drops.load(Ordering::SeqCst), 1, "{front}");
+        front.shutdown().unwrap();
     });
-    assert_eq!(r, Ok(7));
-    isle.shutdown().unwrap();
 }
 
 #[test]
@@ -257,33 +253,41 @@ fn an_isle_replaces_a_wedged_vm_and_runs_init_again() {
 }
 
 #[test]
-fn shutdown_timeout_detaches_an_isle_vm_stuck_in_rust() {
-    let (isle, gate) = blocking_isle(GRACE);
-    let stuck = isle.spawn_call::<()>("block", ());
-    gate.wait_started();
-    let queued = isle.spawn_eval::<i64>("1");
-    let handle = isle.clone();
-    let r = within("shutdown_timeout", move || {
-        handle.shutdown_timeout(Duration::from_millis(20))
+fn shutdown_timeout_detaches_a_vm_stuck_in_rust() {
+    // A gate per front: a release meant for a detached VM of one front must
+    // not let the next front's callback through.
+    each_kind(|kind| {
+        let (fronts, gate) = blocking_fronts(GRACE);
+        let front = fronts.build(kind);
+        let stuck = front.spawn_call::<()>("block", ());
+        gate.wait_started();
+        let queued = front.spawn_eval::<i64>("1");
+        let handle = front.clone();
+        let r = within("shutdown_timeout", move || {
+            handle.shutdown_timeout(Duration::from_millis(20))
+        });
+        // The message names the stuck thread.
+        match r {
+            Err(IsleError::Wedged(m)) => assert!(m.contains("mlua-isle"), "{m} {front}"),
+            other => panic!("expected Wedged, got {other:?} {front}"),
+        }
+        assert_eq!(
+            wait_within("the stuck request", stuck),
+            Err(IsleError::Shutdown),
+            "{front}"
+        );
+        assert_eq!(
+            wait_within("the queued request", queued),
+            Err(IsleError::Shutdown),
+            "{front}"
+        );
+        assert_eq!(front.eval::<i64>("1"), Err(IsleError::Shutdown));
+        gate.release();
     });
-    match r {
-        Err(IsleError::Wedged(m)) => assert!(m.contains("mlua-isle"), "{m}"),
-        other => panic!("expected Wedged, got {other:?}"),
-    }
-    assert_eq!(
-        wait_within("the stuck request", stuck),
-        Err(IsleError::Shutdown)
-    );
-    assert_eq!(
-        wait_within("the queued request", queued),
-        Err(IsleError::Shutdown)
-    );
-    assert_eq!(isle.eval::<i64>("1"), Err(IsleError::Shutdown));
-    gate.release();
 }
 
 #[test]
-fn shutdown_timeout_detaches_a_pool_worker_stuck_in_rust() {
+fn shutdown_timeout_detaches_one_pool_worker_stuck_in_rust() {
     let (pool, gate) = blocking_pool(2, GRACE);
     let stuck = pool.spawn_call::<()>("block", ());
     gate.wait_started();
@@ -301,78 +305,71 @@ fn shutdown_timeout_detaches_a_pool_worker_stuck_in_rust() {
 
 #[test]
 fn graceful_shutdown_stops_waiting_for_a_wedged_vm() {
-    let (pool, gate) = blocking_pool(1, GRACE);
-    let stuck = pool.spawn_call::<()>("block", ());
-    gate.wait_started();
-    stuck.cancel();
-    assert_eq!(
-        wait_within("the stuck request", stuck),
-        Err(IsleError::Cancelled)
-    );
-    let handle = pool.clone();
-    let r = within("shutdown", move || handle.shutdown());
-    // Replaced before the shutdown began (Ok), or found wedged during it.
-    assert!(matches!(r, Ok(()) | Err(IsleError::Wedged(_))), "{r:?}");
-    gate.release();
-
-    let (isle, gate) = blocking_isle(GRACE);
-    let stuck = isle.spawn_call::<()>("block", ());
-    gate.wait_started();
-    stuck.cancel();
-    let handle = isle.clone();
-    let r = within("shutdown", move || handle.shutdown());
-    assert!(matches!(r, Ok(()) | Err(IsleError::Wedged(_))), "{r:?}");
-    gate.release();
+    // A gate per front: a release meant for a detached VM of one front must
+    // not let the next front's callback through.
+    each_kind(|kind| {
+        let (fronts, gate) = blocking_fronts(GRACE);
+        let front = fronts.build(kind);
+        let stuck = front.spawn_call::<()>("block", ());
+        gate.wait_started();
+        stuck.cancel();
+        assert_eq!(
+            wait_within("the stuck request", stuck),
+            Err(IsleError::Cancelled),
+            "{front}"
+        );
+        let handle = front.clone();
+        let r = within("shutdown", move || handle.shutdown());
+        // Replaced before the shutdown began (Ok), or found wedged during it.
+        assert!(
+            matches!(r, Ok(()) | Err(IsleError::Wedged(_))),
+            "{r:?} {front}"
+        );
+        gate.release();
+    });
 }
 
 #[test]
 fn dropping_the_last_handle_does_not_wait_for_a_stuck_vm() {
-    let (isle, gate) = blocking_isle(GRACE);
-    let stuck = isle.spawn_call::<()>("block", ());
-    gate.wait_started();
-    within("dropping the isle", move || drop(isle));
-    assert!(matches!(
-        wait_within("the stuck request", stuck),
-        Err(IsleError::Shutdown | IsleError::Cancelled)
-    ));
-    gate.release();
-
-    let (pool, gate) = blocking_pool(2, GRACE);
-    let stuck = pool.spawn_call::<()>("block", ());
-    gate.wait_started();
-    within("dropping the pool", move || drop(pool));
-    assert!(matches!(
-        wait_within("the stuck request", stuck),
-        Err(IsleError::Shutdown | IsleError::Cancelled)
-    ));
-    gate.release();
+    // A gate per front: a release meant for a detached VM of one front must
+    // not let the next front's callback through.
+    each_kind(|kind| {
+        let (fronts, gate) = blocking_fronts(GRACE);
+        let front = fronts.build(kind);
+        let stuck = front.spawn_call::<()>("block", ());
+        gate.wait_started();
+        within("dropping the last handle", move || drop(front));
+        let r = wait_within("the stuck request", stuck);
+        assert!(
+            matches!(r, Err(IsleError::Shutdown | IsleError::Cancelled)),
+            "{r:?}"
+        );
+        gate.release();
+    });
 }
 
 #[test]
 fn huge_durations_mean_no_limit() {
     let (gate, block): (Gate, GateFn) = gate();
-    let isle = Isle::builder()
+    let fronts = fronts()
         .default_timeout(Duration::MAX)
         .stop_grace(Duration::MAX)
-        .spawn(move |lua| block.register(lua, "block"))
-        .unwrap();
-    assert_eq!(isle.eval::<i64>("1 + 1"), Ok(2));
-    let mut task = isle.spawn_eval::<i64>("2").timeout(Duration::MAX);
-    assert_eq!(task.wait_timeout(Duration::MAX), Some(Ok(2)));
-    let stuck = isle.spawn_call::<()>("block", ());
-    gate.wait_started();
-    stuck.cancel();
-    assert_eq!(wait_within("cancel", stuck), Err(IsleError::Cancelled));
-    gate.release();
-    assert_eq!(isle.shutdown_timeout(Duration::MAX), Ok(()));
-
-    let pool = IslePool::builder()
-        .workers(1)
-        .default_timeout(Duration::MAX)
-        .build()
-        .unwrap();
-    assert_eq!(pool.eval::<i64>("3"), Ok(3));
-    assert_eq!(pool.shutdown_timeout(Duration::MAX), Ok(()));
+        .init(move |lua| block.clone().register(lua, "block"));
+    fronts.each(|front| {
+        assert_eq!(front.eval::<i64>("1 + 1"), Ok(2));
+        let mut task = front.spawn_eval::<i64>("2").timeout(Duration::MAX);
+        assert_eq!(task.wait_timeout(Duration::MAX), Some(Ok(2)), "{front}");
+        let stuck = front.spawn_call::<()>("block", ());
+        gate.wait_started();
+        stuck.cancel();
+        assert_eq!(
+            wait_within("cancel", stuck),
+            Err(IsleError::Cancelled),
+            "{front}"
+        );
+        gate.release();
+        assert_eq!(front.shutdown_timeout(Duration::MAX), Ok(()), "{front}");
+    });
 }
 
 /// A C function that runs for seconds: `table.move` (5.3 on; Lua 5.2 has
@@ -551,4 +548,85 @@ fn a_long_collection_answers_on_time() {
         assert_eq!(wait_within("the next request", next), Ok(2));
         within("shutdown", move || isle.shutdown()).unwrap();
     });
+}
+
+/// Sends its word when dropped (a VM holding one in its globals says when
+/// it is freed).
+struct Says(crossbeam_channel::Sender<&'static str>, &'static str);
+
+impl Drop for Says {
+    fn drop(&mut self) {
+        let _ = self.0.send(self.1);
+    }
+}
+
+impl mlua_isle::mlua::UserData for Says {}
+
+/// A VM whose stopped request ends just as its replacement starts (while
+/// the fresh VM runs `init`) keeps its slot, and the fresh VM exits
+/// unserved: one server at a time, which shutdown finds and joins, and
+/// both VMs freed. Here the
+/// replacement's `init` lets the stuck callback return and waits until the
+/// old VM has served the request queued behind it (or has exited), which
+/// makes that moment certain.
+fn a_vm_back_while_its_replacement_starts(kind: Kind) {
+    let (gate, block) = gate();
+    let gate = Arc::new(gate);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (events_tx, events) = crossbeam_channel::unbounded();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let front = {
+        let (gate, runs, seen, events) = (gate.clone(), runs.clone(), seen.clone(), events.clone());
+        let events_tx = events_tx.clone();
+        fronts()
+            .stop_grace(GRACE)
+            .init(move |lua| {
+                lua.globals()
+                    .set("freed", Says(events_tx.clone(), "freed"))?;
+                if runs.fetch_add(1, Ordering::SeqCst) == 1 {
+                    // The replacement starts: the stuck VM gets back now.
+                    gate.release();
+                    if let Ok(event) = events.recv_timeout(PATIENCE) {
+                        seen.lock().unwrap().push(event);
+                    }
+                }
+                block.clone().register(lua, "block")
+            })
+            .build(kind)
+    };
+    let stuck = front.spawn_call::<()>("block", ());
+    gate.wait_started();
+    let next = front.spawn_exec(move |_| {
+        let _ = events_tx.send("served");
+        Ok(())
+    });
+    stuck.cancel();
+    assert_eq!(
+        wait_within("the stuck request", stuck),
+        Err(IsleError::Cancelled)
+    );
+    assert_eq!(wait_within("the request behind it", next), Ok(()));
+    assert_eq!(front.eval::<i64>("1 + 1"), Ok(2));
+    // Back before the replacement was ready: not replaced after all.
+    assert_eq!(front.wedged(), 0);
+    within("shutdown", move || front.shutdown()).unwrap();
+    let mut seen = std::mem::take(&mut *seen.lock().unwrap());
+    while seen.iter().filter(|e| **e == "freed").count() < 2 {
+        seen.push(common::expect_msg(&events, "both VMs are freed"));
+    }
+    seen.extend(events.try_iter());
+    seen.sort_unstable();
+    assert_eq!(seen, ["freed", "freed", "served"]);
+}
+
+/// Found by `a_long_collection_answers_on_time`, whose collection can end
+/// about one grace period after the cancel: its shutdown then hung.
+#[test]
+fn an_isle_vm_back_while_its_replacement_starts_keeps_the_queue() {
+    a_vm_back_while_its_replacement_starts(Kind::Isle);
+}
+
+#[test]
+fn a_pool_worker_back_while_its_replacement_starts_keeps_the_slot() {
+    a_vm_back_while_its_replacement_starts(Kind::Pool);
 }

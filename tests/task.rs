@@ -4,7 +4,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{expect_msg, gate, register_signal, releasable_isle, within, Gate, UNTIL_RELEASED};
+use common::front::{each_kind, fronts, Fronts};
+use common::{
+    expect_msg, gate, register_signal, releasable_front, within, Gate, PATIENCE, UNTIL_RELEASED,
+};
 use mlua_isle::{CancelToken, Isle, IsleError, Task};
 
 /// An isle with `block()` (a Rust callback held by the returned gate).
@@ -14,65 +17,85 @@ fn gated_isle() -> (Isle, Gate) {
     (isle, gate)
 }
 
+/// Fronts with `block()` (a Rust callback held by the returned gate).
+fn gated_fronts() -> (Fronts, Gate) {
+    let (gate, block) = gate();
+    let fronts = fronts().init(move |lua| block.clone().register(lua, "block"));
+    (fronts, gate)
+}
+
 #[test]
 fn wait_returns_the_result() {
-    let isle = Isle::spawn(|_| Ok(())).unwrap();
-    assert_eq!(isle.spawn_eval::<i64>("6 * 7").wait(), Ok(42));
-    assert_eq!(
-        isle.spawn_exec(|_| Ok("from exec".to_string())).wait(),
-        Ok("from exec".to_string())
-    );
+    fronts().each(|front| {
+        assert_eq!(front.spawn_eval::<i64>("6 * 7").wait(), Ok(42), "{front}");
+        assert_eq!(
+            front.spawn_call::<i64>("select", (2, 1, 9)).wait(),
+            Ok(9),
+            "{front}"
+        );
+        assert_eq!(
+            front.spawn_exec(|_| Ok("from exec".to_string())).wait(),
+            Ok("from exec".to_string()),
+            "{front}"
+        );
+    });
 }
 
 #[test]
 fn wait_timeout_is_none_while_blocked_then_some() {
-    let (isle, gate) = gated_isle();
-    let mut task = isle.spawn_eval::<i64>("block(); return 7");
-    gate.wait_started();
-    assert!(task.wait_timeout(Duration::from_millis(20)).is_none());
-    assert!(task
-        .wait_deadline(Instant::now() + Duration::from_millis(20))
-        .is_none());
-    assert!(!task.is_finished(), "a None wait must leave it running");
-    gate.release();
-    assert_eq!(task.wait_timeout(common::PATIENCE), Some(Ok(7)));
+    let (fronts, gate) = gated_fronts();
+    fronts.each(|front| {
+        let mut task = front.spawn_eval::<i64>("block(); return 7");
+        gate.wait_started();
+        assert!(task.wait_timeout(Duration::from_millis(20)).is_none());
+        assert!(task
+            .wait_deadline(Instant::now() + Duration::from_millis(20))
+            .is_none());
+        assert!(!task.is_finished(), "a None wait must leave it running");
+        gate.release();
+        assert_eq!(task.wait_timeout(PATIENCE), Some(Ok(7)), "{front}");
+    });
 }
 
 #[test]
 fn try_result_is_none_until_resolved_then_some() {
-    let (isle, gate) = gated_isle();
-    let mut task = isle.spawn_eval::<i64>("block(); return 8");
-    gate.wait_started();
-    assert_eq!(task.try_result(), None);
-    assert!(!task.is_finished());
-    gate.release();
-    // Requests run in order: once this returns, `task` has resolved.
-    assert_eq!(isle.eval::<i64>("0"), Ok(0));
-    assert!(task.is_finished());
-    assert_eq!(task.try_result(), Some(Ok(8)));
+    let (fronts, gate) = gated_fronts();
+    fronts.each(|front| {
+        let mut task = front.spawn_eval::<i64>("block(); return 8");
+        gate.wait_started();
+        assert_eq!(task.try_result(), None);
+        assert!(!task.is_finished());
+        gate.release();
+        // Requests run in order: once this returns, `task` has resolved.
+        assert_eq!(front.eval::<i64>("0"), Ok(0));
+        assert!(task.is_finished());
+        assert_eq!(task.try_result(), Some(Ok(8)), "{front}");
+    });
 }
 
 #[test]
 fn is_finished_tracks_resolution() {
-    let (isle, gate) = gated_isle();
-    let blocker = isle.spawn_eval::<()>("block()");
-    let queued = isle.spawn_eval::<i64>("1");
-    gate.wait_started();
-    assert!(!blocker.is_finished());
-    assert!(!queued.is_finished());
-    gate.release();
-    assert_eq!(isle.eval::<i64>("0"), Ok(0));
-    assert!(blocker.is_finished());
-    assert!(queued.is_finished());
-    assert_eq!(blocker.wait(), Ok(()));
-    assert_eq!(queued.wait(), Ok(1));
+    let (fronts, gate) = gated_fronts();
+    fronts.each(|front| {
+        let blocker = front.spawn_eval::<()>("block()");
+        let queued = front.spawn_eval::<i64>("1");
+        gate.wait_started();
+        assert!(!blocker.is_finished());
+        assert!(!queued.is_finished());
+        gate.release();
+        assert_eq!(front.eval::<i64>("0"), Ok(0));
+        assert!(blocker.is_finished(), "{front}");
+        assert!(queued.is_finished(), "{front}");
+        assert_eq!(blocker.wait(), Ok(()));
+        assert_eq!(queued.wait(), Ok(1));
+    });
 }
 
 #[test]
 fn is_finished_stays_true_after_the_result_is_taken() {
     let isle = Isle::spawn(|_| Ok(())).unwrap();
     let mut task = isle.spawn_eval::<i64>("5");
-    assert_eq!(task.wait_timeout(common::PATIENCE), Some(Ok(5)));
+    assert_eq!(task.wait_timeout(PATIENCE), Some(Ok(5)));
     assert!(task.is_finished());
 }
 
@@ -80,9 +103,9 @@ fn is_finished_stays_true_after_the_result_is_taken() {
 fn the_result_is_handed_out_once_and_asking_again_gives_none() {
     let isle = Isle::spawn(|_| Ok(())).unwrap();
     let mut task = isle.spawn_eval::<i64>("5");
-    assert_eq!(task.wait_timeout(common::PATIENCE), Some(Ok(5)));
+    assert_eq!(task.wait_timeout(PATIENCE), Some(Ok(5)));
     assert_eq!(task.try_result(), None);
-    assert_eq!(task.wait_timeout(common::PATIENCE), None);
+    assert_eq!(task.wait_timeout(PATIENCE), None);
     assert!(task.is_finished());
     let mut task = isle.spawn_eval::<i64>("6");
     assert_eq!(isle.eval::<i64>("0"), Ok(0)); // in order: `task` has resolved
@@ -92,74 +115,96 @@ fn the_result_is_handed_out_once_and_asking_again_gives_none() {
 
 #[test]
 fn detached_task_runs_to_the_end() {
-    let (isle, gate) = gated_isle();
-    let blocker = isle.spawn_eval::<()>("block()");
-    gate.wait_started();
-    // Still queued (the blocker holds the VM) when it is detached.
-    let task = isle.spawn_eval::<()>("detached_ran = true");
-    assert!(!task.is_finished());
-    task.detach();
-    gate.release();
-    assert_eq!(blocker.wait(), Ok(()));
-    assert_eq!(isle.eval::<bool>("detached_ran == true"), Ok(true));
+    let (fronts, gate) = gated_fronts();
+    fronts.each(|front| {
+        let blocker = front.spawn_eval::<()>("block()");
+        gate.wait_started();
+        // Still queued (the blocker holds the VM) when it is detached.
+        let task = front.spawn_eval::<()>("detached_ran = true");
+        assert!(!task.is_finished());
+        task.detach();
+        gate.release();
+        assert_eq!(blocker.wait(), Ok(()));
+        assert_eq!(
+            front.eval::<bool>("detached_ran == true"),
+            Ok(true),
+            "{front}"
+        );
+    });
 }
 
 #[test]
 fn detached_running_task_is_not_cancelled() {
     // A cancel (which detach must not send) would stop it before
     // `finished = true` (see `UNTIL_RELEASED`).
-    let (isle, flag, started) = releasable_isle();
-    isle.spawn_eval::<()>(UNTIL_RELEASED).detach();
-    expect_msg(&started, "the detached request started");
-    flag.raise();
-    assert_eq!(isle.eval::<bool>("finished == true"), Ok(true));
+    each_kind(|kind| {
+        let (front, flag, started) = releasable_front(kind);
+        front.spawn_eval::<()>(UNTIL_RELEASED).detach();
+        expect_msg(&started, "the detached request started");
+        flag.raise();
+        assert_eq!(front.eval::<bool>("finished == true"), Ok(true), "{front}");
+    });
 }
 
 #[test]
 fn dropping_a_queued_task_cancels_it() {
-    let (isle, gate) = gated_isle();
-    let blocker = isle.spawn_eval::<()>("block()");
-    gate.wait_started();
-    drop(isle.spawn_eval::<()>("dropped_ran = true"));
-    gate.release();
-    assert_eq!(blocker.wait(), Ok(()));
-    assert_eq!(isle.eval::<bool>("dropped_ran == nil"), Ok(true));
+    let (fronts, gate) = gated_fronts();
+    fronts.each(|front| {
+        let blocker = front.spawn_eval::<()>("block()");
+        gate.wait_started();
+        drop(front.spawn_eval::<()>("dropped_ran = true"));
+        gate.release();
+        assert_eq!(blocker.wait(), Ok(()));
+        assert_eq!(
+            front.eval::<bool>("dropped_ran == nil"),
+            Ok(true),
+            "{front}"
+        );
+    });
 }
 
 #[test]
 fn dropping_a_running_task_cancels_it() {
     let (started_tx, started) = crossbeam_channel::unbounded();
-    let isle = Isle::spawn(move |lua| register_signal(lua, "started", started_tx)).unwrap();
-    let task = isle.spawn_eval::<()>("started(); while true do end");
-    expect_msg(&started, "the request started");
-    drop(task);
-    // Queued behind an endless loop: it runs only if the drop stopped it.
-    let next = isle.spawn_eval::<i64>("1 + 1");
-    assert_eq!(
-        within("the request after a dropped loop", move || next.wait()),
-        Ok(2)
-    );
+    let fronts = fronts().init(move |lua| register_signal(lua, "started", started_tx.clone()));
+    fronts.each(|front| {
+        front.eval::<()>("kept = 'yes'").unwrap();
+        let task = front.spawn_eval::<()>("started(); while true do end");
+        expect_msg(&started, "the request started");
+        drop(task);
+        // Queued behind an endless loop on the same VM: it runs only if the
+        // drop stopped the loop.
+        let next = front.spawn_eval::<String>("kept");
+        assert_eq!(
+            within("the request after a dropped loop", move || next.wait()),
+            Ok("yes".to_string()),
+            "{front}"
+        );
+    });
 }
 
 #[test]
 fn dropping_a_running_task_prevents_its_side_effects() {
     // The drop's cancel stops it before `finished = true` (see
     // `UNTIL_RELEASED`).
-    let (isle, flag, started) = releasable_isle();
-    let task = isle.spawn_eval::<()>(UNTIL_RELEASED);
-    expect_msg(&started, "the request started");
-    drop(task);
-    flag.raise();
-    assert_eq!(isle.eval::<bool>("finished == nil"), Ok(true));
+    each_kind(|kind| {
+        let (front, flag, started) = releasable_front(kind);
+        let task = front.spawn_eval::<()>(UNTIL_RELEASED);
+        expect_msg(&started, "the request started");
+        drop(task);
+        flag.raise();
+        assert_eq!(front.eval::<bool>("finished == nil"), Ok(true), "{front}");
+    });
 }
 
 #[test]
 fn dropping_a_finished_task_changes_nothing() {
-    let isle = Isle::spawn(|_| Ok(())).unwrap();
-    let task = isle.spawn_eval::<()>("done = 1");
-    assert_eq!(isle.eval::<i64>("done"), Ok(1));
-    drop(task);
-    assert_eq!(isle.eval::<i64>("done"), Ok(1));
+    fronts().each(|front| {
+        let task = front.spawn_eval::<()>("done = 1");
+        assert_eq!(front.eval::<i64>("done"), Ok(1));
+        drop(task);
+        assert_eq!(front.eval::<i64>("done"), Ok(1), "{front}");
+    });
 }
 
 #[test]
@@ -196,7 +241,7 @@ async fn await_under_tokio_multi_thread_while_blocked() {
         gate.wait_started();
         gate.release();
     });
-    let r = tokio::time::timeout(common::PATIENCE, task)
+    let r = tokio::time::timeout(PATIENCE, task)
         .await
         .expect("the task's waker was never called");
     assert_eq!(r, Ok(11));
@@ -216,16 +261,18 @@ fn await_under_a_built_tokio_runtime() {
 
 #[test]
 fn await_under_futures_block_on() {
-    let isle = Isle::spawn(|_| Ok(())).unwrap();
-    let task = isle.spawn_eval::<i64>("2 + 3");
-    assert_eq!(futures::executor::block_on(task), Ok(5));
-    let task = isle.spawn_call::<()>("no_such_function", ());
-    assert_eq!(
-        futures::executor::block_on(task),
-        Err(IsleError::NotFound("no_such_function".to_string()))
-    );
-    let r = futures::executor::block_on(async { isle.spawn_eval::<i64>("40 + 2").await });
-    assert_eq!(r, Ok(42));
+    fronts().each(|front| {
+        let task = front.spawn_eval::<i64>("2 + 3");
+        assert_eq!(futures::executor::block_on(task), Ok(5), "{front}");
+        let task = front.spawn_call::<()>("no_such_function", ());
+        assert_eq!(
+            futures::executor::block_on(task),
+            Err(IsleError::NotFound("no_such_function".to_string())),
+            "{front}"
+        );
+        let r = futures::executor::block_on(async { front.spawn_eval::<i64>("40 + 2").await });
+        assert_eq!(r, Ok(42), "{front}");
+    });
 }
 
 #[test]

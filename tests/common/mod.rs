@@ -5,6 +5,8 @@
 //! Each test binary uses only some of them.
 #![allow(dead_code)]
 
+pub mod front;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -134,10 +136,47 @@ pub fn releasable_isle() -> (mlua_isle::Isle, Flag, Receiver<()>) {
     (isle, flag, started)
 }
 
+/// A front of `kind` for [`UNTIL_RELEASED`], like [`releasable_isle`].
+pub fn releasable_front(kind: front::Kind) -> (front::Front, Flag, Receiver<()>) {
+    let flag = Flag::default();
+    let (started_tx, started) = crossbeam_channel::unbounded();
+    let lua_flag = flag.clone();
+    let front = front::fronts()
+        .init(move |lua| {
+            lua_flag.register(lua, "released")?;
+            register_signal(lua, "started", started_tx.clone())
+        })
+        .build(kind);
+    (front, flag, started)
+}
+
 /// Waits for a message on `rx`, failing the test after [`PATIENCE`].
 pub fn expect_msg<T>(rx: &Receiver<T>, what: &str) -> T {
     rx.recv_timeout(PATIENCE)
         .unwrap_or_else(|_| panic!("timed out waiting for: {what}"))
+}
+
+/// Polls `cond`, with a short backoff, until it holds; false if it still
+/// does not after [`PATIENCE`]. Only for state no channel can report (a
+/// thread leaving `/proc`, a counter a worker bumps after answering): a hang
+/// detector, never a measure of time.
+pub fn poll_until(mut cond: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + PATIENCE;
+    let mut pause = Duration::from_micros(50);
+    while !cond() {
+        if Instant::now() > until {
+            return false;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(5));
+    }
+    true
+}
+
+/// Polls `cond` until it holds (see [`poll_until`]); fails the test with
+/// `what` if it does not within [`PATIENCE`].
+pub fn eventually(what: &str, cond: impl FnMut() -> bool) {
+    assert!(poll_until(cond), "never happened: {what}");
 }
 
 /// Runs `f` on a helper thread and returns its value, failing the test
@@ -180,14 +219,7 @@ pub fn thread_alive(name: &str) -> bool {
 /// [`PATIENCE`]. A new thread names itself after it starts, so a thread
 /// that was just spawned may not carry its name yet.
 pub fn thread_appears(name: &str) -> bool {
-    let until = Instant::now() + PATIENCE;
-    while !thread_alive(name) {
-        if Instant::now() > until {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    true
+    poll_until(|| thread_alive(name))
 }
 
 /// True once no thread is named `name`, false if one still is after
@@ -197,14 +229,33 @@ pub fn thread_appears(name: &str) -> bool {
 /// returns (the kernel reaps it just after waking the joiner), and no channel
 /// can report that, so this polls.
 pub fn thread_gone(name: &str) -> bool {
-    let until = Instant::now() + PATIENCE;
-    while thread_alive(name) {
-        if Instant::now() > until {
-            return false;
+    poll_until(|| !thread_alive(name))
+}
+
+/// The scheduler state (`R` running, `S` sleeping, ...) of the thread named
+/// exactly `name`, from `/proc/self/task/*/stat`; `None` if there is none.
+pub fn thread_state(name: &str) -> Option<char> {
+    let tasks = std::fs::read_dir("/proc/self/task").expect("/proc/self/task (Linux only)");
+    tasks.flatten().find_map(|task| {
+        let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+        if comm.trim_end_matches('\n') != name {
+            return None;
         }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    true
+        let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+        // `pid (comm) state ...`: the comm may hold spaces and parentheses.
+        stat[stat.rfind(')')? + 1..]
+            .split_whitespace()
+            .next()?
+            .chars()
+            .next()
+    })
+}
+
+/// True once every thread named in `names` is asleep in the kernel (state
+/// `S`), as an idle pool worker is once it has parked; false if they are
+/// not all asleep at once within [`PATIENCE`].
+pub fn threads_asleep(names: &[String]) -> bool {
+    poll_until(|| names.iter().all(|n| thread_state(n) == Some('S')))
 }
 
 /// The index `k` of the current pool worker thread, named `NAME-k`.
