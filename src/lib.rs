@@ -39,6 +39,7 @@ mod isle;
 mod pool;
 mod request;
 mod sandbox;
+mod sync;
 mod vm;
 
 pub use error::{IsleError, LuaError, LuaErrorKind};

@@ -1,12 +1,11 @@
 //! `IslePoolBuilder`, and starting the workers.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_deque::{Injector, Worker as Deque};
-use crossbeam_utils::sync::Parker;
 use crossbeam_utils::CachePadded;
 use mlua::Lua;
 
@@ -20,6 +19,8 @@ use crate::host::submit::Owner;
 use crate::host::{Host, Lifecycle, Queues, Spawn, Starting, VmThread};
 use crate::request::owner::next_owner_id;
 use crate::request::timer::Timer;
+use crate::request::Admission;
+use crate::sync::Parker;
 use crate::vm::config::{vm_options, VmConfig, VmInit};
 use crate::vm::{Job, Vm};
 use crate::IsleError;
@@ -124,7 +125,7 @@ impl IslePoolBuilder {
             discarded: AtomicU64::new(0),
             sessions_expired: AtomicU64::new(0),
             capacity: self.queue_capacity,
-            queued: Arc::new(CachePadded::new(AtomicUsize::new(0))),
+            queued: Admission::default(),
             idle_timeout: self.session_idle_timeout,
             recycle_after: self.recycle_after,
             recycle_above: self.recycle_above,

@@ -32,12 +32,11 @@
 //! may have been meant for that work). Both are hand-offs on top of the
 //! protocol, not part of its guarantee.
 
-use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crossbeam_utils::sync::{Parker, Unparker};
 use crossbeam_utils::CachePadded;
-use parking_lot::Mutex;
+
+use crate::sync::{fence, AtomicBool, AtomicUsize, Mutex, Ordering, Parker, Unparker};
 
 pub(crate) struct Sleep {
     sleeping: Box<[CachePadded<AtomicBool>]>,

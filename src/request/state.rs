@@ -23,16 +23,15 @@
 //! (`timer.rs`, `Watch`). A stop made by the request's own work (on its VM
 //! thread) leaves the resolving to the VM, which is right there.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Waker;
 use std::time::Instant;
 
 use crossbeam_utils::CachePadded;
-use parking_lot::{Condvar, Mutex};
 
-use super::spin::spin_until;
+use super::spin::{spin_hot, spin_until, spun_out};
 use super::Reason;
+use crate::sync::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Condvar, Mutex, Ordering};
 use crate::IsleError;
 
 thread_local! {
@@ -235,8 +234,8 @@ impl<T> Request<T> {
         // request still queued a spin's time after its submission waits
         // behind other work, and a spinning waiter would take a core from
         // the VMs doing it.
-        let behind_others = self.header.phase.load(Ordering::Relaxed) == QUEUED
-            && self.header.submitted.elapsed() >= crate::request::spin::SPIN_FOR;
+        let behind_others =
+            self.header.phase.load(Ordering::Relaxed) == QUEUED && spun_out(self.header.submitted);
         if !behind_others && spin_until(|| self.is_ready()) {
             return true;
         }
@@ -317,7 +316,7 @@ impl<T: Send> Cancel for Request<T> {
         // budget running out): the VM is not stuck, it is right here, and
         // resolves the request itself when the work returns.
         let here = RUNNING_HERE.get() == &self.header as *const Header as usize;
-        if here || crate::request::spin::spin_hot(LET_GO, || self.header.is_done()) {
+        if here || spin_hot(LET_GO, || self.header.is_done()) {
             return false;
         }
         if self.claim(RUNNING) {
