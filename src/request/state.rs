@@ -366,3 +366,6 @@ impl<T> Request<T> {
         }
     }
 }
+
+#[cfg(all(test, mlua_isle_loom))]
+mod loom_tests;
