@@ -31,7 +31,7 @@ use crossbeam_utils::CachePadded;
 
 use super::spin::{spin_hot, spin_until, spun_out};
 use super::Reason;
-use crate::sync::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Condvar, Mutex, Ordering};
+use crate::sync::{fence, AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Condvar, Mutex, Ordering};
 use crate::IsleError;
 
 thread_local! {
@@ -104,18 +104,35 @@ impl Header {
     }
 
     /// Counts this request in `count` (already incremented for it) until it
-    /// leaves `QUEUED`. Called before the job is queued.
+    /// leaves `QUEUED`. Called before the job is queued, so the VM that
+    /// starts it sees the flag (the queue publishes it); a stop may race
+    /// with this call (a time limit that had passed, say).
     pub(crate) fn admit(&self, count: &Admission) {
         *self.admission.lock() = Some(count.clone());
-        // ORDERING: Release: the VM that starts the job (after taking it
-        // from a queue, which publishes this) sees the flag; a stopper
-        // racing with us takes the lock anyway.
+        // ORDERING: Release for the VM (see above); the fence below orders
+        // it against a racing stop.
         self.admitted.store(true, Ordering::Release);
-        // Resolved before it was counted (a limit that had passed): nobody
-        // else will release it.
+        // ORDERING: SeqCst fence between raising `admitted` and reading
+        // `phase`, paired with the one in `release_admission_after_stop`
+        // (the store-buffer pattern): either we see the stop's claim here,
+        // or the stopper sees `admitted`. Without it both could miss, and
+        // the room would never be given back.
+        fence(Ordering::SeqCst);
+        // Resolved by a stop that did not see the flag: nobody else will
+        // give the room back.
+        // ORDERING: Acquire pairs with the claim's AcqRel.
         if self.phase.load(Ordering::Acquire) != QUEUED {
             self.release_admission();
         }
+    }
+
+    /// `release_admission` for a stop that resolved the request while
+    /// queued: it may race with `admit`.
+    fn release_admission_after_stop(&self) {
+        // ORDERING: SeqCst fence between the claim of `phase` and the read
+        // of `admitted`; see `admit`.
+        fence(Ordering::SeqCst);
+        self.release_admission();
     }
 
     /// Gives back the room this request held in its pool's queue, once.
@@ -304,7 +321,7 @@ impl<T: Send> Cancel for Request<T> {
         );
         let reason = self.header.reason().unwrap_or(reason);
         if self.claim(QUEUED) {
-            self.header.release_admission();
+            self.header.release_admission_after_stop();
             self.resolve(Err(reason.error()));
             return false;
         }

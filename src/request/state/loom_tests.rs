@@ -204,3 +204,20 @@ fn loom_queue_room_is_given_back_once() {
         });
     }
 }
+
+/// A request stopped while it is being admitted (a time limit that has
+/// passed already) gives its room back all the same.
+#[test]
+fn loom_a_stop_racing_admit_gives_the_room_back() {
+    loom::model(|| {
+        let req = Arc::new(Request::<i32>::new(0, raise_any));
+        let count = Admission::default();
+        let stop = spawn_stop(&req, Reason::Timeout);
+        // ORDERING: Relaxed, as `Shared::admit`.
+        count.fetch_add(1, Ordering::Relaxed);
+        req.header().admit(&count);
+        stop.join().unwrap();
+        // ORDERING: Relaxed: the join orders every update before this.
+        assert_eq!(count.load(Ordering::Relaxed), 0, "room not given back");
+    });
+}
