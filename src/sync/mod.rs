@@ -34,5 +34,7 @@ mod model;
 pub(crate) use loom::sync::atomic::{
     fence, AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering,
 };
+#[cfg(all(test, mlua_isle_loom))]
+pub(crate) use model::check;
 #[cfg(mlua_isle_loom)]
 pub(crate) use model::{Condvar, Mutex, Parker, Unparker};

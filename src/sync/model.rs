@@ -130,3 +130,14 @@ impl Unparker {
         self.0.cond.notify_one();
     }
 }
+
+/// Checks the model `f` with at most `preemptions` preemptions per run,
+/// unless `LOOM_MAX_PREEMPTIONS` says otherwise. Unbounded, a model with
+/// three or four threads runs for minutes to hours; most bugs need few
+/// preemptions.
+#[cfg(test)]
+pub(crate) fn check(preemptions: usize, f: impl Fn() + Sync + Send + 'static) {
+    let mut builder = loom::model::Builder::new();
+    builder.preemption_bound.get_or_insert(preemptions);
+    builder.check(f);
+}

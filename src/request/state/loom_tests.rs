@@ -6,6 +6,8 @@
 //!     cargo test --release --lib loom
 //! ```
 //!
+//! (`LOOM_MAX_PREEMPTIONS=4` before it searches deeper, for minutes more.)
+//!
 //! The VM side is modelled as `start`, a look at the stop reason (what the
 //! hook does), then `finish`. `resolve`'s `debug_assert!` catches a request
 //! resolved twice.
@@ -16,6 +18,10 @@ use loom::sync::Arc;
 use loom::thread;
 
 use super::*;
+use crate::sync::check;
+
+/// The preemption bound of these models (see `check`).
+const PREEMPTIONS: usize = 3;
 
 /// The alarm of the modelled VM thread.
 const ALARM: u32 = 7;
@@ -94,7 +100,7 @@ fn check_outcome(req: &Request<i32>, vm: VmRun, took_over: usize, got: Result<i3
 /// result, and it is the VM's iff the VM's claim won.
 #[test]
 fn loom_two_stops_racing_the_vm_resolve_once() {
-    loom::model(|| {
+    check(PREEMPTIONS, || {
         let req = Arc::new(Request::<i32>::new(0, raise_any));
         let vm = spawn_vm(&req);
         let cancel = spawn_stop(&req, Reason::Cancelled);
@@ -113,7 +119,7 @@ fn loom_two_stops_racing_the_vm_resolve_once() {
 /// runs, and a stop that finds it running raises the VM's alarm.
 #[test]
 fn loom_a_stop_racing_start_never_lets_a_resolved_request_run() {
-    loom::model(|| {
+    check(PREEMPTIONS, || {
         let req = Arc::new(Request::<i32>::new(0, raise_vm));
         let vm = spawn_vm(&req);
         let took_over = req.stop(Reason::Cancelled);
@@ -126,7 +132,7 @@ fn loom_a_stop_racing_start_never_lets_a_resolved_request_run() {
 /// The caller's `wait` and the VM's `resolve` never miss each other.
 #[test]
 fn loom_wait_never_misses_the_result() {
-    loom::model(|| {
+    check(PREEMPTIONS, || {
         let req = Arc::new(Request::<i32>::new(0, raise_vm));
         let vm = spawn_vm(&req);
         assert_eq!(caller_result(&req), Ok(VALUE));
@@ -148,7 +154,7 @@ impl Wake for Woken {
 /// A poll that finds no result leaves a waker that `resolve` wakes.
 #[test]
 fn loom_poll_take_never_misses_the_wake_up() {
-    loom::model(|| {
+    check(PREEMPTIONS, || {
         let req = Arc::new(Request::<i32>::new(0, raise_vm));
         let woken = std::sync::Arc::new(Woken(AtomicBool::new(false)));
         let waker = Waker::from(woken.clone());
@@ -184,7 +190,7 @@ fn admitted() -> (Arc<Request<i32>>, Admission) {
 #[test]
 fn loom_queue_room_is_given_back_once() {
     for runs in [true, false] {
-        loom::model(move || {
+        check(PREEMPTIONS, move || {
             let (req, count) = admitted();
             let holder = {
                 let req = req.clone();
@@ -209,7 +215,7 @@ fn loom_queue_room_is_given_back_once() {
 /// passed already) gives its room back all the same.
 #[test]
 fn loom_a_stop_racing_admit_gives_the_room_back() {
-    loom::model(|| {
+    check(PREEMPTIONS, || {
         let req = Arc::new(Request::<i32>::new(0, raise_any));
         let count = Admission::default();
         let stop = spawn_stop(&req, Reason::Timeout);
