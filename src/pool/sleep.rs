@@ -73,8 +73,11 @@ impl Sleep {
         has_work: impl FnOnce() -> bool,
     ) {
         // ORDERING: SeqCst on the flag and the count, then a SeqCst fence
-        // before reading the queues: see the module docs.
-        self.sleeping[w].store(true, Ordering::SeqCst);
+        // before reading the queues: see the module docs. The flag is raised
+        // with a swap, not a store: the same instruction on x86 (a SeqCst
+        // store is an `xchg`), and loom misorders a plain store racing a
+        // submitter's swap (loom issue #254), raising false alarms.
+        self.sleeping[w].swap(true, Ordering::SeqCst);
         self.count.fetch_add(1, Ordering::SeqCst);
         fence(Ordering::SeqCst);
         if !has_work() {
@@ -141,3 +144,6 @@ impl Sleep {
         }
     }
 }
+
+#[cfg(all(test, mlua_isle_loom))]
+mod loom_tests;
