@@ -31,6 +31,8 @@
 //! job wakes a sleeper if unkeyed work still waits (the wake-up it consumed
 //! may have been meant for that work). Both are hand-offs on top of the
 //! protocol, not part of its guarantee.
+//!
+//! `sleep/loom_tests.rs` checks the protocol under loom (`src/sync/mod.rs`).
 
 use std::time::Duration;
 

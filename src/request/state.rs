@@ -22,6 +22,8 @@
 //! within the owner's grace period, the owner treats it as wedged
 //! (`timer.rs`, `Watch`). A stop made by the request's own work (on its VM
 //! thread) leaves the resolving to the VM, which is right there.
+//!
+//! `state/loom_tests.rs` checks all this under loom (`src/sync/mod.rs`).
 
 use std::sync::Arc;
 use std::task::Waker;
