@@ -10,7 +10,9 @@
 //!
 //! The VM side is modelled as `start`, a look at the stop reason (what the
 //! hook does), then `finish`. `resolve`'s `debug_assert!` catches a request
-//! resolved twice.
+//! resolved twice. Not modelled: a stop made by the request's own work
+//! (`running_here`), which involves one thread only, and deadlines (loom
+//! has no clock; see `src/sync/mod.rs`).
 
 use std::task::{Wake, Waker};
 
