@@ -63,6 +63,9 @@
 //! The source is in layers, each a folder that depends only on the ones
 //! below it:
 //!
+//! - `sync/`: the atomics, locks and parkers the layers above
+//!   synchronise with, replaced by [loom](https://docs.rs/loom)'s models
+//!   under `--cfg mlua_isle_loom` (see the README's testing section).
 //! - `request/`: a request as its caller sees it: the state machine that
 //!   resolves it exactly once, [`Task`], [`CancelToken`], time limits. It
 //!   knows nothing of Lua.
@@ -93,6 +96,7 @@ mod isle;
 mod pool;
 mod request;
 mod sandbox;
+mod sync;
 mod vm;
 
 pub use error::{IsleError, LuaError, LuaErrorKind};

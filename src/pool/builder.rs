@@ -1,12 +1,11 @@
 //! `IslePoolBuilder`, and starting the workers.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_deque::{Injector, Worker as Deque};
-use crossbeam_utils::sync::Parker;
 use crossbeam_utils::CachePadded;
 use mlua::Lua;
 
@@ -18,6 +17,8 @@ use super::worker::{StartVm, Worker};
 use super::{IslePool, PoolInner};
 use crate::host::submit::Owner;
 use crate::host::{Host, Lifecycle, Queues, Spawn, Starting, VmThread};
+use crate::request::Admission;
+use crate::sync::Parker;
 use crate::vm::config::{at_least_one, vm_options, VmConfig, VmInit};
 use crate::vm::{Job, Vm};
 use crate::IsleError;
@@ -130,7 +131,7 @@ impl IslePoolBuilder {
             discarded: AtomicU64::new(0),
             sessions_expired: AtomicU64::new(0),
             capacity: self.queue_capacity,
-            queued: Arc::new(CachePadded::new(AtomicUsize::new(0))),
+            queued: Admission::default(),
             idle_timeout: self.session_idle_timeout,
             recycle_after: self.recycle_after,
             recycle_above: self.recycle_above,

@@ -31,13 +31,14 @@
 //! job wakes a sleeper if unkeyed work still waits (the wake-up it consumed
 //! may have been meant for that work). Both are hand-offs on top of the
 //! protocol, not part of its guarantee.
+//!
+//! `sleep/loom_tests.rs` checks the protocol under loom (`src/sync/mod.rs`).
 
-use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crossbeam_utils::sync::{Parker, Unparker};
 use crossbeam_utils::CachePadded;
-use parking_lot::Mutex;
+
+use crate::sync::{fence, AtomicBool, AtomicUsize, Mutex, Ordering, Parker, Unparker};
 
 pub(super) struct Sleep {
     sleeping: Box<[CachePadded<AtomicBool>]>,
@@ -74,8 +75,11 @@ impl Sleep {
         has_work: impl FnOnce() -> bool,
     ) {
         // ORDERING: SeqCst on the flag and the count, then a SeqCst fence
-        // before reading the queues: see the module docs.
-        self.sleeping[w].store(true, Ordering::SeqCst);
+        // before reading the queues: see the module docs. The flag is raised
+        // with a swap, not a store: the same instruction on x86 (a SeqCst
+        // store is an `xchg`), and loom misorders a plain store racing a
+        // submitter's swap (loom issue #254), raising false alarms.
+        self.sleeping[w].swap(true, Ordering::SeqCst);
         self.count.fetch_add(1, Ordering::SeqCst);
         fence(Ordering::SeqCst);
         if !has_work() {
@@ -142,3 +146,6 @@ impl Sleep {
         }
     }
 }
+
+#[cfg(all(test, mlua_isle_loom))]
+mod loom_tests;

@@ -12,12 +12,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crossbeam_deque::Worker as Deque;
-use crossbeam_utils::sync::Parker;
 
 use super::builder::WorkerSlot;
 use super::PoolInner;
 use crate::host::Starting;
 use crate::request::Cancel;
+use crate::sync::Parker;
 
 impl PoolInner {
     /// The timer's wedge check for `req`, stopped one grace period ago.

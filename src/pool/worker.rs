@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_deque::Worker as Deque;
-use crossbeam_utils::sync::Parker;
 use mlua::Table;
 
 use super::envs::WorkerVm;
 use super::session::Binding;
 use super::shared::{Found, Pinned, Shared};
 use crate::request::spin::spin_until;
+use crate::sync::Parker;
 use crate::vm::Vm;
 use crate::vm::{Job, Outcome};
 use crate::IsleError;

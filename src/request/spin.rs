@@ -10,13 +10,16 @@
 //! thread also yields every 32 checks, which lets a worker that shares its
 //! core run, until `SPIN_FOR` has passed without news; then it parks, so an
 //! idle isle or pool uses no CPU.
+//!
+//! Under loom (see `src/sync/mod.rs`), which models no time and would never see
+//! a spin end, a spin checks its condition once.
 
 use std::time::{Duration, Instant};
 
 /// Tight spinning, checking at every hint.
 const HOT_FOR: Duration = Duration::from_micros(5);
 /// Total time before giving up and parking.
-pub(crate) const SPIN_FOR: Duration = Duration::from_micros(50);
+const SPIN_FOR: Duration = Duration::from_micros(50);
 
 /// Waits actively until `ready()` is true or `SPIN_FOR` has passed; returns
 /// the last `ready()`.
@@ -31,8 +34,28 @@ pub(crate) fn spin_hot(limit: Duration, ready: impl FnMut() -> bool) -> bool {
     spin(limit, limit, ready)
 }
 
+/// True once a spin started at `since` would be over: a request still
+/// queued by then waits behind other work.
+#[cfg(not(mlua_isle_loom))]
+pub(crate) fn spun_out(since: Instant) -> bool {
+    since.elapsed() >= SPIN_FOR
+}
+
+/// Under loom: never, since its runs must not depend on the clock.
+#[cfg(mlua_isle_loom)]
+pub(crate) fn spun_out(_since: Instant) -> bool {
+    false
+}
+
+/// Under loom: one check (see the module docs).
+#[cfg(mlua_isle_loom)]
+fn spin(_limit: Duration, _hot_for: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    ready()
+}
+
 /// Checks `ready()` at every spin hint for at most `limit`, yielding every
 /// 32 checks once `hot_for` has passed.
+#[cfg(not(mlua_isle_loom))]
 fn spin(limit: Duration, hot_for: Duration, mut ready: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     let mut n = 0u32;

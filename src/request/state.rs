@@ -22,17 +22,18 @@
 //! within the owner's grace period, the owner treats it as wedged
 //! (`timer.rs`, `Watch`). A stop made by the request's own work (on its VM
 //! thread) leaves the resolving to the VM, which is right there.
+//!
+//! `state/loom_tests.rs` checks all this under loom (`src/sync/mod.rs`).
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Waker;
 use std::time::Instant;
 
 use crossbeam_utils::CachePadded;
-use parking_lot::{Condvar, Mutex};
 
-use super::spin::spin_until;
+use super::spin::{spin_hot, spin_until, spun_out};
 use super::Reason;
+use crate::sync::{fence, AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Condvar, Mutex, Ordering};
 use crate::IsleError;
 
 thread_local! {
@@ -105,18 +106,35 @@ impl Header {
     }
 
     /// Counts this request in `count` (already incremented for it) until it
-    /// leaves `QUEUED`. Called before the job is queued.
+    /// leaves `QUEUED`. Called before the job is queued, so the VM that
+    /// starts it sees the flag (the queue publishes it); a stop may race
+    /// with this call (a time limit that had passed, say).
     pub(crate) fn admit(&self, count: &Admission) {
         *self.admission.lock() = Some(count.clone());
-        // ORDERING: Release: the VM that starts the job (after taking it
-        // from a queue, which publishes this) sees the flag; a stopper
-        // racing with us takes the lock anyway.
+        // ORDERING: Release for the VM (see above); the fence below orders
+        // it against a racing stop.
         self.admitted.store(true, Ordering::Release);
-        // Resolved before it was counted (a limit that had passed): nobody
-        // else will release it.
+        // ORDERING: SeqCst fence between raising `admitted` and reading
+        // `phase`, paired with the one in `release_admission_after_stop`
+        // (the store-buffer pattern): either we see the stop's claim here,
+        // or the stopper sees `admitted`. Without it both could miss, and
+        // the room would never be given back.
+        fence(Ordering::SeqCst);
+        // Resolved by a stop that did not see the flag: nobody else will
+        // give the room back.
+        // ORDERING: Acquire pairs with the claim's AcqRel.
         if self.phase.load(Ordering::Acquire) != QUEUED {
             self.release_admission();
         }
+    }
+
+    /// `release_admission` for a stop that resolved the request while
+    /// queued: it may race with `admit`.
+    fn release_admission_after_stop(&self) {
+        // ORDERING: SeqCst fence between the claim of `phase` and the read
+        // of `admitted`; see `admit`.
+        fence(Ordering::SeqCst);
+        self.release_admission();
     }
 
     /// Gives back the room this request held in its pool's queue, once.
@@ -235,8 +253,8 @@ impl<T> Request<T> {
         // request still queued a spin's time after its submission waits
         // behind other work, and a spinning waiter would take a core from
         // the VMs doing it.
-        let behind_others = self.header.phase.load(Ordering::Relaxed) == QUEUED
-            && self.header.submitted.elapsed() >= crate::request::spin::SPIN_FOR;
+        let behind_others =
+            self.header.phase.load(Ordering::Relaxed) == QUEUED && spun_out(self.header.submitted);
         if !behind_others && spin_until(|| self.is_ready()) {
             return true;
         }
@@ -305,7 +323,7 @@ impl<T: Send> Cancel for Request<T> {
         );
         let reason = self.header.reason().unwrap_or(reason);
         if self.claim(QUEUED) {
-            self.header.release_admission();
+            self.header.release_admission_after_stop();
             self.resolve(Err(reason.error()));
             return false;
         }
@@ -317,7 +335,7 @@ impl<T: Send> Cancel for Request<T> {
         // budget running out): the VM is not stuck, it is right here, and
         // resolves the request itself when the work returns.
         let here = RUNNING_HERE.get() == &self.header as *const Header as usize;
-        if here || crate::request::spin::spin_hot(LET_GO, || self.header.is_done()) {
+        if here || spin_hot(LET_GO, || self.header.is_done()) {
             return false;
         }
         if self.claim(RUNNING) {
@@ -367,3 +385,6 @@ impl<T> Request<T> {
         }
     }
 }
+
+#[cfg(all(test, mlua_isle_loom))]
+mod loom_tests;
