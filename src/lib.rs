@@ -65,7 +65,7 @@
 //!
 //! - `sync/`: the atomics, locks and parkers the layers above
 //!   synchronise with, replaced by [loom](https://docs.rs/loom)'s models
-//!   under `--cfg mlua_isle_loom` (see the README's testing section).
+//!   under `--cfg mlua_isle_loom` (the README says how to run them).
 //! - `request/`: a request as its caller sees it: the state machine that
 //!   resolves it exactly once, [`Task`], [`CancelToken`], time limits. It
 //!   knows nothing of Lua.
