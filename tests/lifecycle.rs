@@ -7,22 +7,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{gate, thread_gone, within, PATIENCE};
+use common::front::{each_kind, fronts};
+use common::{eventually, gate, thread_gone, within};
 use mlua_isle::mlua;
 use mlua_isle::{Isle, IsleError, IslePool};
 
 /// Short enough for a test to see the wedge check run.
 const GRACE: Duration = Duration::from_millis(50);
-
-/// Polls `done` until it holds, failing the test after `PATIENCE` (a hang
-/// detector, not a timing assertion).
-fn eventually(what: &str, mut done: impl FnMut() -> bool) {
-    let start = std::time::Instant::now();
-    while !done() {
-        assert!(start.elapsed() < PATIENCE, "never happened: {what}");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
 
 #[test]
 fn the_last_isle_handle_dropped_on_its_vm_thread_waits_for_nothing() {
@@ -88,69 +79,43 @@ fn first_init_only(
 }
 
 #[test]
-fn a_wedged_isle_whose_replacement_cannot_start_keeps_its_vm() {
-    let (gate, block) = gate();
-    let starts = Arc::new(AtomicUsize::new(0));
-    let isle = Isle::builder()
-        .stop_grace(GRACE)
-        .init(first_init_only(block, &starts))
-        .build()
-        .unwrap();
-    let task = isle.spawn_call::<()>("block", ());
-    gate.wait_started();
-    task.cancel();
-    assert_eq!(
-        within("the stopped request", move || task.wait()),
-        Err(IsleError::Cancelled)
-    );
-    // One grace period later the timer tries a replacement, whose init fails.
-    eventually("a replacement is tried", || {
-        starts.load(Ordering::SeqCst) == 2
+fn a_wedged_vm_whose_replacement_cannot_start_keeps_serving() {
+    each_kind(|kind| {
+        let (gate, block) = gate();
+        let starts = Arc::new(AtomicUsize::new(0));
+        let front = fronts()
+            .stop_grace(GRACE)
+            .init(first_init_only(block, &starts))
+            .build(kind);
+        let task = front.spawn_call::<()>("block", ());
+        gate.wait_started();
+        task.cancel();
+        assert_eq!(
+            within("the stopped request", move || task.wait()),
+            Err(IsleError::Cancelled)
+        );
+        // One grace period later the timer tries a replacement; its init
+        // fails (a pool counts that).
+        eventually("a replacement is tried", || {
+            starts.load(Ordering::SeqCst) == 2
+        });
+        if let Some(pool) = front.pool() {
+            eventually("the failure is counted", || {
+                pool.metrics().workers[0].recycle_failures == 1
+            });
+        }
+        // The stuck VM keeps its queue: once it gets back, it serves it.
+        let next = front.spawn_eval::<bool>("first_vm");
+        gate.release();
+        assert_eq!(within("the next request", move || next.wait()), Ok(true));
+        assert_eq!(front.wedged(), 0);
+        within("shutdown", move || front.shutdown()).unwrap();
     });
-    assert_eq!(isle.wedged(), 0);
-    // The stuck VM keeps the queue: once it gets back, it serves it.
-    let next = isle.spawn_eval::<bool>("first_vm");
-    gate.release();
-    assert_eq!(within("the next request", move || next.wait()), Ok(true));
-    assert_eq!(isle.wedged(), 0);
-    within("shutdown", move || isle.shutdown()).unwrap();
 }
 
-#[test]
-fn a_wedged_worker_whose_replacement_cannot_start_keeps_its_slot() {
-    let (gate, block) = gate();
-    let starts = Arc::new(AtomicUsize::new(0));
-    let pool = IslePool::builder()
-        .workers(1)
-        .stop_grace(GRACE)
-        .init(first_init_only(block, &starts))
-        .build()
-        .unwrap();
-    let task = pool.spawn_call::<()>("block", ());
-    gate.wait_started();
-    task.cancel();
-    assert_eq!(
-        within("the stopped request", move || task.wait()),
-        Err(IsleError::Cancelled)
-    );
-    eventually("a replacement is tried", || {
-        starts.load(Ordering::SeqCst) == 2
-    });
-    eventually("the failure is counted", || {
-        pool.metrics().workers[0].recycle_failures == 1
-    });
-    let next = pool.spawn_eval::<bool>("first_vm");
-    gate.release();
-    assert_eq!(within("the next request", move || next.wait()), Ok(true));
-    let m = pool.metrics();
-    assert_eq!((m.workers[0].wedged, m.workers[0].recycle_failures), (0, 1));
-    within("shutdown", move || pool.shutdown()).unwrap();
-}
-
-/// An init whose first run registers `block()` (held by `stuck`) and whose
-/// second run, a replacement's, reports on `replacing` and then waits for
-/// `go_on`: the test lets the stuck VM get back while its replacement is
-/// still starting.
+/// An init whose first run sets `first_vm` and whose second run, a
+/// replacement's, reports on `replacing` and then waits for its release:
+/// the test lets the stuck VM get back while its replacement is starting.
 fn slow_second_init(
     stuck: common::GateFn,
     replacing: common::GateFn,
@@ -167,80 +132,40 @@ fn slow_second_init(
 }
 
 #[test]
-fn an_isle_vm_back_before_its_replacement_started_keeps_serving_alone() {
-    const NAME: &str = "lc-isleback";
-    let (stuck, stuck_fn) = gate();
-    let (replacing, replacing_fn) = gate();
-    let starts = Arc::new(AtomicUsize::new(0));
-    let isle = Isle::builder()
-        .name(NAME)
-        .stop_grace(GRACE)
-        .init(slow_second_init(stuck_fn, replacing_fn, &starts))
-        .build()
-        .unwrap();
-    let task = isle.spawn_call::<()>("block", ());
-    stuck.wait_started();
-    task.cancel();
-    assert_eq!(
-        within("the stopped request", move || task.wait()),
-        Err(IsleError::Cancelled)
-    );
-    replacing.wait_started(); // the replacement's init runs
-    stuck.release(); // and the stuck VM gets back meanwhile
-    assert_eq!(isle.eval::<bool>("first_vm"), Ok(true));
-    replacing.release();
-    // The replacement is dropped unserved: one VM serves, in order, and a
-    // graceful shutdown (one stop message) ends every thread.
-    for i in 0..20 {
+fn a_vm_back_before_its_replacement_started_keeps_serving_alone() {
+    each_kind(|kind| {
+        let (stuck, stuck_fn) = gate();
+        let (replacing, replacing_fn) = gate();
+        let starts = Arc::new(AtomicUsize::new(0));
+        let front = fronts()
+            .name("lcbak")
+            .stop_grace(GRACE)
+            .init(slow_second_init(stuck_fn, replacing_fn, &starts))
+            .build(kind);
+        let task = front.spawn_call::<()>("block", ());
+        stuck.wait_started();
+        task.cancel();
         assert_eq!(
-            isle.eval::<bool>("first_vm == true"),
-            Ok(true),
-            "request {i}"
+            within("the stopped request", move || task.wait()),
+            Err(IsleError::Cancelled)
         );
-    }
-    within("shutdown", {
-        let isle = isle.clone();
-        move || isle.shutdown()
-    })
-    .unwrap();
-    assert_eq!(isle.wedged(), 0);
-    assert!(thread_gone(NAME), "a VM thread is left");
-}
-
-#[test]
-fn a_worker_back_before_its_replacement_started_keeps_its_slot() {
-    const NAME: &str = "lc-poolback";
-    let (stuck, stuck_fn) = gate();
-    let (replacing, replacing_fn) = gate();
-    let starts = Arc::new(AtomicUsize::new(0));
-    let pool = IslePool::builder()
-        .name(NAME)
-        .workers(1)
-        .stop_grace(GRACE)
-        .init(slow_second_init(stuck_fn, replacing_fn, &starts))
-        .build()
-        .unwrap();
-    let task = pool.spawn_call::<()>("block", ());
-    stuck.wait_started();
-    task.cancel();
-    assert_eq!(
-        within("the stopped request", move || task.wait()),
-        Err(IsleError::Cancelled)
-    );
-    replacing.wait_started();
-    stuck.release();
-    assert_eq!(pool.eval::<bool>("first_vm"), Ok(true));
-    replacing.release();
-    for i in 0..20 {
-        assert_eq!(
-            pool.eval::<bool>("first_vm == true"),
-            Ok(true),
-            "request {i}"
-        );
-    }
-    let handle = pool.clone();
-    within("shutdown", move || handle.shutdown()).unwrap();
-    let metrics = pool.metrics();
-    assert_eq!(metrics.workers[0].wedged, 0);
-    assert!(thread_gone(&format!("{NAME}-0")), "a worker thread is left");
+        replacing.wait_started(); // the replacement's init runs
+        stuck.release(); // and the stuck VM gets back meanwhile
+        assert_eq!(front.eval::<bool>("first_vm"), Ok(true));
+        replacing.release();
+        // The replacement exits unserved: one VM serves, in order, and a
+        // graceful shutdown (one stop message, for an isle) ends every
+        // thread.
+        for i in 0..20 {
+            assert_eq!(
+                front.eval::<bool>("first_vm == true"),
+                Ok(true),
+                "request {i}"
+            );
+        }
+        let thread = front.vm_thread();
+        assert_eq!(front.wedged(), 0);
+        within("shutdown", move || front.shutdown()).unwrap();
+        assert!(thread_gone(&thread), "a VM thread is left");
+    });
 }

@@ -314,11 +314,12 @@ impl Front {
     }
 
     /// True once a shutdown has begun: a request made now resolves
-    /// `Shutdown` at once. (Polls with a probe request: a pool has no
-    /// `is_shutdown`. Before the shutdown, the probe queues, and is
-    /// cancelled when dropped.)
+    /// `Shutdown` at once.
     pub fn is_closed(&self) -> bool {
-        self.spawn_exec(|_| Ok(())).try_result() == Some(Err(IsleError::Shutdown))
+        match &self.handle {
+            Handle::Isle(i) => i.is_shutdown(),
+            Handle::Pool(p) | Handle::Session(p, _) => p.is_shutdown(),
+        }
     }
 
     /// How many wedged VMs were replaced.
