@@ -26,7 +26,21 @@ pub(super) struct Args<'a> {
     pub(super) fname: &'static str,
 }
 
-impl Args<'_> {
+impl<'a> Args<'a> {
+    pub(super) fn new(
+        lua: &'a Lua,
+        tags: &'a Tags,
+        args: &'a MultiValue,
+        fname: &'static str,
+    ) -> Self {
+        Args {
+            lua,
+            tags,
+            args,
+            fname,
+        }
+    }
+
     pub(super) fn get(&self, i: usize) -> Option<&Value> {
         self.args.get(i)
     }

@@ -37,12 +37,7 @@ pub(super) fn str_find_aux(
     find: bool,
 ) -> Res<MultiValue> {
     let fname = if find { "find" } else { "match" };
-    let a = Args {
-        lua,
-        tags,
-        args,
-        fname,
-    };
+    let a = Args::new(lua, tags, args, fname);
     let s = a.check_string(0)?;
     let p = a.check_string(1)?;
     let (s, p) = (s.as_bytes(), p.as_bytes());
@@ -93,12 +88,7 @@ pub(super) fn gmatch(
     tags: &Arc<Tags>,
     args: &MultiValue,
 ) -> Res<MultiValue> {
-    let a = Args {
-        lua,
-        tags,
-        args,
-        fname: "gmatch",
-    };
+    let a = Args::new(lua, tags, args, "gmatch");
     let s = a.check_string(0)?;
     let p = a.check_string(1)?;
     let ls = s.as_bytes().len();
@@ -162,12 +152,7 @@ pub(super) fn gsub(
     tags: &Arc<Tags>,
     args: &MultiValue,
 ) -> Res<MultiValue> {
-    let a = Args {
-        lua,
-        tags,
-        args,
-        fname: "gsub",
-    };
+    let a = Args::new(lua, tags, args, "gsub");
     let src = a.check_string(0)?;
     let p = a.check_string(1)?;
     let srcl = src.as_bytes().len();
