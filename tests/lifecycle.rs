@@ -169,3 +169,74 @@ fn a_vm_back_before_its_replacement_started_keeps_serving_alone() {
         assert!(thread_gone(&thread), "a VM thread is left");
     });
 }
+
+#[test]
+fn a_bounded_shutdown_does_not_wait_for_a_replacement_that_is_starting() {
+    each_kind(|kind| {
+        let (stuck, stuck_fn) = gate();
+        let (replacing, replacing_fn) = gate();
+        let starts = Arc::new(AtomicUsize::new(0));
+        let front = fronts()
+            .stop_grace(GRACE)
+            .init(slow_second_init(stuck_fn, replacing_fn, &starts))
+            .build(kind);
+        let task = front.spawn_call::<()>("block", ());
+        stuck.wait_started();
+        task.cancel();
+        assert_eq!(
+            within("the stopped request", move || task.wait()),
+            Err(IsleError::Cancelled)
+        );
+        replacing.wait_started(); // the replacement's init runs, and blocks
+                                  // The stuck VM is detached after the limit and one grace period;
+                                  // the starting replacement is not waited for.
+        let r = within("a bounded shutdown", {
+            let front = front.clone();
+            move || front.shutdown_timeout(Duration::from_millis(10))
+        });
+        assert!(matches!(r, Err(IsleError::Wedged(_))), "{r:?}");
+        assert_eq!(front.wedged(), 0);
+        // Both threads may go now: the replacement exits unserved.
+        replacing.release();
+        stuck.release();
+        assert_eq!(front.eval::<i64>("1"), Err(IsleError::Shutdown));
+    });
+}
+
+#[test]
+fn time_limits_fire_while_a_replacement_is_starting() {
+    each_kind(|kind| {
+        let (stuck, stuck_fn) = gate();
+        let (replacing, replacing_fn) = gate();
+        let starts = Arc::new(AtomicUsize::new(0));
+        let front = fronts()
+            .name("lctl")
+            .stop_grace(GRACE)
+            .init(slow_second_init(stuck_fn, replacing_fn, &starts))
+            .build(kind);
+        let task = front.spawn_call::<()>("block", ());
+        stuck.wait_started();
+        task.cancel();
+        assert_eq!(
+            within("the stopped request", move || task.wait()),
+            Err(IsleError::Cancelled)
+        );
+        replacing.wait_started(); // the replacement's init runs, and blocks
+                                  // Queued behind the stuck VM: only its time limit can answer it,
+                                  // and the timer is not busy with the replacement.
+        let limited = front
+            .spawn_eval::<i64>("1")
+            .timeout(Duration::from_millis(20));
+        assert_eq!(
+            within("a time limit during a replacement", move || limited.wait()),
+            Err(IsleError::Timeout)
+        );
+        replacing.release();
+        stuck.release();
+        // The replacement settles (handed the slot, or dropped) before the
+        // shutdown, which then finds no VM stuck.
+        let wedge_thread = front.deadline_thread().replace("-deadline", "-wedge");
+        assert!(thread_gone(&wedge_thread), "the replacement never settled");
+        within("shutdown", move || front.shutdown()).unwrap();
+    });
+}

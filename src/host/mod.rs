@@ -130,8 +130,10 @@ impl Host {
     /// over and `commit(go)` lets the new thread serve; the stuck one is
     /// detached, and exits if it ever gets back. If it got back meanwhile,
     /// it keeps the slot and the new thread, its go-ahead dropped, exits.
-    /// While shutting down there is no replacement: shutdown stops waiting
-    /// for the stuck thread instead.
+    /// While shutting down (found before or after the fresh VM started)
+    /// there is no replacement: shutdown stops waiting for the stuck thread
+    /// instead. The fresh VM's `init` runs without the thread list held, so
+    /// a shutdown started meanwhile never waits for it.
     pub(crate) fn replace_if_running<G>(
         &self,
         req: &Arc<dyn Cancel>,
@@ -141,19 +143,35 @@ impl Host {
         let Some(slot) = self.life.running(req) else {
             return; // its VM let go in time
         };
-        // Serialised with shutdown, which reads the thread list.
-        let mut threads = self.threads.lock();
-        let Some(pos) = threads.iter().position(|t| t.slot == slot) else {
-            return;
+        let stuck = {
+            let threads = self.threads.lock();
+            let Some(t) = threads.iter().find(|t| t.slot == slot) else {
+                return;
+            };
+            if self.life.is_closed() {
+                self.life.wedged(t.id());
+                return;
+            }
+            t.id()
         };
-        if self.life.is_closed() {
-            self.life.wedged(threads[pos].id());
-            return;
-        }
+        // The fresh VM starts (runs `init`) without the thread list held: a
+        // shutdown meanwhile waits for no `init`.
         let next = self.life.new_generation();
         let Some((fresh, go)) = start(slot, next) else {
             return;
         };
+        // Serialised with shutdown, which takes the thread list.
+        let mut threads = self.threads.lock();
+        let Some(pos) = threads.iter().position(|t| t.id() == stuck) else {
+            return; // shut down meanwhile: `fresh` exits unserved
+        };
+        if self.life.is_closed() {
+            // Still stuck after all this time: shutdown stops waiting for it.
+            if self.life.running(req) == Some(slot) {
+                self.life.wedged(stuck);
+            }
+            return;
+        }
         if self.life.hand_over_if_running(slot, next, req) {
             commit(slot, go);
             // Dropping the stuck thread's handle detaches it.

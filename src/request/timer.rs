@@ -228,6 +228,20 @@ impl Timer {
 }
 
 impl TimerState {
+    /// Runs the owner's handler for a request a VM did not let go of, on a
+    /// thread of its own: replacing the VM runs `init`, which may take long
+    /// (or never end), and the deadlines of the owner's other requests must
+    /// not wait for it. If no thread can be started, it runs here.
+    fn overdue(&self, handler: Overdue, req: Arc<dyn Cancel>) {
+        let (h, r) = (handler.clone(), req.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("{}-wedge", self.name))
+            .spawn(move || h(&r));
+        if spawned.is_err() {
+            handler(&req);
+        }
+    }
+
     fn run(&self) {
         let mut st = self.state.lock();
         let mut due = Vec::new();
@@ -251,7 +265,7 @@ impl TimerState {
                             Kind::Watch => {
                                 let handler = self.on_overdue.lock().clone();
                                 if let Some(handler) = handler {
-                                    handler(&req);
+                                    self.overdue(handler, req);
                                 }
                             }
                         }));
