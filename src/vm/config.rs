@@ -149,7 +149,9 @@ macro_rules! vm_options {
     () => {
         /// Names the threads: an isle's VM thread is `NAME`, a pool's
         /// workers `NAME-0`, `NAME-1`, ...; the deadline thread, started on
-        /// the first time limit, `NAME-deadline`. Default `mlua-isle`.
+        /// the first time limit, `NAME-deadline`; and a short-lived
+        /// `NAME-wedge` while a wedged VM is being replaced (see
+        /// [`stop_grace`](Self::stop_grace)). Default `mlua-isle`.
         pub fn name(mut self, name: impl Into<String>) -> Self {
             self.config.name = name.into();
             self
