@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::front::{each_kind, fronts};
-use common::{eventually, gate, thread_gone, within};
+use common::front::{each_kind, fronts, Front, Kind};
+use common::{eventually, gate, thread_gone, within, Gate};
 use mlua_isle::mlua;
 use mlua_isle::{Isle, IsleError, IslePool};
 
@@ -131,25 +131,33 @@ fn slow_second_init(
     }
 }
 
+/// A front of `kind` (threads named after `name`) whose VM is stuck in a
+/// stopped request and whose replacement is running its `init`, blocked:
+/// `stuck` holds the old VM, `replacing` the replacement's `init`.
+fn replacement_starting(kind: Kind, name: &str) -> (Front, Gate, Gate) {
+    let (stuck, stuck_fn) = gate();
+    let (replacing, replacing_fn) = gate();
+    let starts = Arc::new(AtomicUsize::new(0));
+    let front = fronts()
+        .name(name)
+        .stop_grace(GRACE)
+        .init(slow_second_init(stuck_fn, replacing_fn, &starts))
+        .build(kind);
+    let task = front.spawn_call::<()>("block", ());
+    stuck.wait_started();
+    task.cancel();
+    assert_eq!(
+        within("the stopped request", move || task.wait()),
+        Err(IsleError::Cancelled)
+    );
+    replacing.wait_started(); // the replacement's init runs, and blocks
+    (front, stuck, replacing)
+}
+
 #[test]
 fn a_vm_back_before_its_replacement_started_keeps_serving_alone() {
     each_kind(|kind| {
-        let (stuck, stuck_fn) = gate();
-        let (replacing, replacing_fn) = gate();
-        let starts = Arc::new(AtomicUsize::new(0));
-        let front = fronts()
-            .name("lcbak")
-            .stop_grace(GRACE)
-            .init(slow_second_init(stuck_fn, replacing_fn, &starts))
-            .build(kind);
-        let task = front.spawn_call::<()>("block", ());
-        stuck.wait_started();
-        task.cancel();
-        assert_eq!(
-            within("the stopped request", move || task.wait()),
-            Err(IsleError::Cancelled)
-        );
-        replacing.wait_started(); // the replacement's init runs
+        let (front, stuck, replacing) = replacement_starting(kind, "lcbak");
         stuck.release(); // and the stuck VM gets back meanwhile
         assert_eq!(front.eval::<bool>("first_vm"), Ok(true));
         replacing.release();
@@ -173,23 +181,9 @@ fn a_vm_back_before_its_replacement_started_keeps_serving_alone() {
 #[test]
 fn a_bounded_shutdown_does_not_wait_for_a_replacement_that_is_starting() {
     each_kind(|kind| {
-        let (stuck, stuck_fn) = gate();
-        let (replacing, replacing_fn) = gate();
-        let starts = Arc::new(AtomicUsize::new(0));
-        let front = fronts()
-            .stop_grace(GRACE)
-            .init(slow_second_init(stuck_fn, replacing_fn, &starts))
-            .build(kind);
-        let task = front.spawn_call::<()>("block", ());
-        stuck.wait_started();
-        task.cancel();
-        assert_eq!(
-            within("the stopped request", move || task.wait()),
-            Err(IsleError::Cancelled)
-        );
-        replacing.wait_started(); // the replacement's init runs, and blocks
-                                  // The stuck VM is detached after the limit and one grace period;
-                                  // the starting replacement is not waited for.
+        let (front, stuck, replacing) = replacement_starting(kind, "lcrep");
+        // The stuck VM is detached after the limit and one grace period;
+        // the starting replacement is not waited for.
         let r = within("a bounded shutdown", {
             let front = front.clone();
             move || front.shutdown_timeout(Duration::from_millis(10))
@@ -206,24 +200,9 @@ fn a_bounded_shutdown_does_not_wait_for_a_replacement_that_is_starting() {
 #[test]
 fn time_limits_fire_while_a_replacement_is_starting() {
     each_kind(|kind| {
-        let (stuck, stuck_fn) = gate();
-        let (replacing, replacing_fn) = gate();
-        let starts = Arc::new(AtomicUsize::new(0));
-        let front = fronts()
-            .name("lctl")
-            .stop_grace(GRACE)
-            .init(slow_second_init(stuck_fn, replacing_fn, &starts))
-            .build(kind);
-        let task = front.spawn_call::<()>("block", ());
-        stuck.wait_started();
-        task.cancel();
-        assert_eq!(
-            within("the stopped request", move || task.wait()),
-            Err(IsleError::Cancelled)
-        );
-        replacing.wait_started(); // the replacement's init runs, and blocks
-                                  // Queued behind the stuck VM: only its time limit can answer it,
-                                  // and the timer is not busy with the replacement.
+        let (front, stuck, replacing) = replacement_starting(kind, "lctl");
+        // Queued behind the stuck VM: only its time limit can answer it,
+        // and the timer is not busy with the replacement.
         let limited = front
             .spawn_eval::<i64>("1")
             .timeout(Duration::from_millis(20));
