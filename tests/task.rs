@@ -359,3 +359,15 @@ async fn join_all_under_tokio_with_some_cancelled() {
         }
     }
 }
+
+#[test]
+fn a_task_polled_again_after_its_result_panics() {
+    let isle = Isle::spawn(|_| Ok(())).unwrap();
+    let mut task = isle.spawn_eval::<i64>("1");
+    assert_eq!(futures::executor::block_on(&mut task), Ok(1));
+    let again = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        futures::executor::block_on(&mut task)
+    }));
+    assert!(again.is_err(), "a second poll returned {again:?}");
+    assert_eq!(task.try_result(), None);
+}

@@ -272,27 +272,27 @@ impl<T> Request<T> {
         true
     }
 
-    /// Takes the result if it is in.
-    ///
-    /// # Panics
-    /// If the result was already taken: a `Task` hands out its result once.
+    /// Takes the result if it is in; `None` before, and once it was taken
+    /// (a `Task` hands out its result once).
     pub(crate) fn try_take(&self) -> Option<Result<T, IsleError>> {
         let mut slot = self.slot.lock();
         let r = slot.result.take();
-        match r {
-            Some(r) => {
-                slot.taken = true;
-                Some(r)
-            }
-            None if slot.taken => panic!("mlua_isle::Task: result already taken"),
-            None => None,
-        }
+        slot.taken |= r.is_some();
+        r
     }
 
     /// Like `try_take`, but registers `waker` when the result is not in yet.
+    ///
+    /// # Panics
+    /// If the result was taken already: a future polled after it returned
+    /// `Ready`.
     pub(crate) fn poll_take(&self, waker: &Waker) -> Option<Result<T, IsleError>> {
         let mut slot = self.slot.lock();
-        if slot.result.is_none() && !slot.taken {
+        assert!(
+            !slot.taken,
+            "mlua_isle::Task polled after it returned its result"
+        );
+        if slot.result.is_none() {
             match &mut slot.waker {
                 Some(w) if w.will_wake(waker) => {}
                 w => *w = Some(waker.clone()),

@@ -34,8 +34,6 @@ pub struct Task<T> {
     token: CancelToken,
     timer: Timer,
     detached: bool,
-    /// The result was handed out.
-    taken: bool,
 }
 
 impl<T: Send + 'static> Task<T> {
@@ -46,7 +44,6 @@ impl<T: Send + 'static> Task<T> {
             token,
             timer,
             detached: false,
-            taken: false,
         }
     }
 
@@ -91,23 +88,10 @@ impl<T: Send + 'static> Task<T> {
     /// # Errors
     /// As for [`wait`](Self::wait), inside the `Some`.
     pub fn try_result(&mut self) -> Option<Result<T, IsleError>> {
-        self.take()
-    }
-
-    /// Takes the result if it is in and was not handed out yet.
-    fn take(&mut self) -> Option<Result<T, IsleError>> {
-        if self.taken {
-            return None;
-        }
-        let r = self.req.try_take();
-        self.taken = r.is_some();
-        r
+        self.req.try_take()
     }
 
     fn wait_until(&mut self, deadline: Option<Instant>) -> Option<Result<T, IsleError>> {
-        if self.taken {
-            return None;
-        }
         let owner = self.req.header().owner;
         if !self.req.is_ready() && on_owner_thread(owner) {
             return Some(Err(IsleError::Reentrant));
@@ -122,7 +106,7 @@ impl<T: Send + 'static> Task<T> {
             _ => None,
         };
         if self.req.wait(deadline) {
-            self.take()
+            self.req.try_take()
         } else {
             None
         }
@@ -181,16 +165,9 @@ impl<T> Drop for Task<T> {
 impl<T: Send + 'static> Future for Task<T> {
     type Output = Result<T, IsleError>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        assert!(
-            !self.taken,
-            "mlua_isle::Task polled after it returned its result"
-        );
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.req.poll_take(cx.waker()) {
-            Some(r) => {
-                self.taken = true;
-                Poll::Ready(r)
-            }
+            Some(r) => Poll::Ready(r),
             None => Poll::Pending,
         }
     }
