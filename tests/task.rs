@@ -371,3 +371,24 @@ fn a_task_polled_again_after_its_result_panics() {
     assert!(again.is_err(), "a second poll returned {again:?}");
     assert_eq!(task.try_result(), None);
 }
+
+struct PanicsOnDrop;
+
+impl Drop for PanicsOnDrop {
+    fn drop(&mut self) {
+        panic!("dropped a value that panics on drop");
+    }
+}
+
+#[test]
+fn a_result_nobody_takes_may_panic_when_dropped_on_the_callers_side() {
+    let isle = Isle::spawn(|_| Ok(())).unwrap();
+    let dropped = isle.spawn_exec(|_| Ok(PanicsOnDrop));
+    let detached = isle.spawn_exec(|_| Ok(PanicsOnDrop));
+    // In order: both results are in their tasks before these are let go.
+    assert_eq!(isle.eval::<i64>("1"), Ok(1));
+    assert!(dropped.is_finished() && detached.is_finished());
+    drop(dropped);
+    detached.detach();
+    assert_eq!(isle.eval::<i64>("2"), Ok(2));
+}

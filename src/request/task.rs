@@ -148,7 +148,8 @@ impl<T: Send + 'static> Task<T> {
     }
 
     /// Lets the request run to the end without anyone waiting for it; its
-    /// result is dropped.
+    /// result is dropped (a panic while dropping it is caught, wherever the
+    /// drop happens, as for any result nobody takes).
     pub fn detach(mut self) {
         self.detached = true;
     }
@@ -158,6 +159,13 @@ impl<T> Drop for Task<T> {
     fn drop(&mut self) {
         if !self.detached && !self.req.is_ready() {
             self.token.cancel();
+        }
+        // A result nobody took is dropped here if it is in already (else by
+        // the VM, which catches a panicking drop too): either way, the
+        // same, whichever side lets go of the request last.
+        if self.req.is_ready() {
+            let result = self.req.try_take();
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(result)));
         }
     }
 }
