@@ -1,5 +1,6 @@
 //! `Isle`: one Lua VM on its own thread.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -54,6 +55,8 @@ struct Inner {
 
 enum Msg {
     Job(Job),
+    /// A suspended request woke (the `async` feature).
+    Wake,
     Shutdown,
 }
 
@@ -113,8 +116,9 @@ impl IsleBuilder {
     where
         F: FnOnce(&Lua) -> mlua::Result<()> + Send + 'static,
     {
-        let config = self.config;
+        let mut config = self.config;
         config.check()?;
+        config.resolve();
         let owner = Owner::new(&config);
         let id = owner.id;
         let life = Lifecycle::new(1);
@@ -128,7 +132,7 @@ impl IsleBuilder {
                 init(lua)
             }
         };
-        let thread = start(id, &config, &life, &rx, 0, None, first)?.ready()?;
+        let thread = start(id, &config, &life, (&tx, &rx), 0, None, first)?.ready()?;
         let inner = Arc::new(Inner {
             host: Host::new(owner, life, vec![thread]),
             tx,
@@ -153,13 +157,14 @@ fn start(
     id: u64,
     config: &VmConfig,
     life: &Arc<Lifecycle>,
-    rx: &Receiver<Msg>,
+    (tx, rx): (&Sender<Msg>, &Receiver<Msg>),
     generation: u64,
     go: Option<Receiver<()>>,
     init: impl FnOnce(&Lua) -> mlua::Result<()> + Send + 'static,
 ) -> Result<Starting, IsleError> {
     let (vm_config, abort) = (config.clone(), life.abort_flag());
-    let (serving, rx) = (life.clone(), rx.clone());
+    let (serving, tx, rx) = (life.clone(), tx.clone(), rx.clone());
+    let cap = config.max_suspended;
     Spawn {
         slot: 0,
         generation,
@@ -170,21 +175,48 @@ fn start(
         },
         go,
     }
-    .spawn(life, config.thread(""), move |vm, _| {
-        serve(&vm, &rx, &serving, generation)
+    .spawn(life, config, "", move |vm, _| {
+        vm.on_wake(move || {
+            let _ = tx.send(Msg::Wake);
+        });
+        serve(&vm, &rx, &serving, generation, cap);
     })
 }
 
 /// The VM thread's loop: run jobs in order until told to stop, or until a
 /// replacement has taken over (the slot's generation moved past `mine`).
-fn serve(vm: &Vm, rx: &Receiver<Msg>, life: &Lifecycle, mine: u64) {
+///
+/// With the `async` feature, requests waiting for a future are suspended:
+/// the VM polls those that woke between jobs, holds at most `cap` of them
+/// (jobs received at the cap wait in `backlog`, in order), and on
+/// `Shutdown` serves the suspended ones to the end before it exits.
+fn serve(vm: &Vm, rx: &Receiver<Msg>, life: &Lifecycle, mine: u64, cap: usize) {
+    let mut backlog: VecDeque<Job> = VecDeque::new();
+    let mut closing = false;
     while life.is_current(0, mine) {
+        if vm.has_woken() {
+            vm.resume_woken(|_, _| {});
+        }
+        while vm.suspended() < cap {
+            let Some(job) = backlog.pop_front() else {
+                break;
+            };
+            run(vm, life, job);
+        }
+        if life.is_aborting() {
+            vm.close_suspended(|_, _| {});
+        }
+        if closing && vm.suspended() == 0 && backlog.is_empty() {
+            break;
+        }
         // Busy: take the next request at once. Idle: spin briefly (a caller
         // in a loop sends its next request within microseconds), then park.
         let msg = match rx.try_recv() {
             Ok(msg) => msg,
             Err(_) => {
-                spin_until(|| !rx.is_empty());
+                if spin_until(|| !rx.is_empty() || vm.has_woken()) && rx.is_empty() {
+                    continue;
+                }
                 match rx.recv() {
                     Ok(msg) => msg,
                     Err(_) => break,
@@ -192,15 +224,26 @@ fn serve(vm: &Vm, rx: &Receiver<Msg>, life: &Lifecycle, mine: u64) {
             }
         };
         match msg {
-            Msg::Job(job) if life.is_aborting() => job.abandon(IsleError::Shutdown),
-            Msg::Job(job) => {
-                vm.run(job, None);
-            }
-            Msg::Shutdown => break,
+            Msg::Job(job) if vm.suspended() >= cap || !backlog.is_empty() => backlog.push_back(job),
+            Msg::Job(job) => run(vm, life, job),
+            Msg::Wake => {}
+            Msg::Shutdown if vm.suspended() == 0 && backlog.is_empty() => break,
+            Msg::Shutdown => closing = true,
         }
     }
     // Jobs that raced past shutdown are resolved by whoever drains the
-    // queue (see `host`).
+    // queue (see `host`); those held back here resolve now.
+    for job in backlog {
+        job.abandon(IsleError::Shutdown);
+    }
+}
+
+fn run(vm: &Vm, life: &Lifecycle, job: Job) {
+    if life.is_aborting() {
+        job.abandon(IsleError::Shutdown);
+    } else {
+        vm.run(job, None, 0);
+    }
 }
 
 impl Isle {
@@ -321,7 +364,7 @@ impl Inner {
                     self.host.owner.id,
                     &self.config,
                     &self.host.life,
-                    &self.rx,
+                    (&self.tx, &self.rx),
                     next,
                     Some(go_rx),
                     move |lua| init.map_or(Ok(()), |init| init(lua)),

@@ -12,7 +12,7 @@ use crate::request::owner::on_owner_thread;
 use crate::request::timer::Timer;
 use crate::request::Request;
 use crate::vm::config::VmConfig;
-use crate::vm::{Ctx, Job};
+use crate::vm::{Ctx, Job, Run};
 use crate::{IsleError, Task};
 
 /// What every request of one isle or pool shares.
@@ -39,7 +39,7 @@ impl Owner {
     pub(crate) fn request<T, F>(&self, work: F) -> (Task<T>, Job)
     where
         T: Send + 'static,
-        F: FnOnce(&Ctx<'_>) -> Result<T, IsleError> + Send + 'static,
+        F: FnOnce(&Ctx<'_>) -> Run<T> + Send + 'static,
     {
         let req = Arc::new(Request::new(self.id, crate::interrupt::alarm::raise));
         let task = Task::new(req.clone(), self.timer.clone());
@@ -63,7 +63,7 @@ pub(crate) trait Submit {
     fn spawn<T, F>(&self, work: F) -> Task<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Ctx<'_>) -> Result<T, IsleError> + Send + 'static,
+        F: FnOnce(&Ctx<'_>) -> Run<T> + Send + 'static,
     {
         let (task, job) = self.owner().request(work);
         self.enqueue(job);
@@ -74,7 +74,7 @@ pub(crate) trait Submit {
     fn run<T, F>(&self, work: F) -> Result<T, IsleError>
     where
         T: Send + 'static,
-        F: FnOnce(&Ctx<'_>) -> Result<T, IsleError> + Send + 'static,
+        F: FnOnce(&Ctx<'_>) -> Run<T> + Send + 'static,
     {
         if on_owner_thread(self.owner().id) {
             return Err(IsleError::Reentrant);
@@ -89,18 +89,21 @@ fn lua_err(lua: &Lua) -> impl Fn(mlua::Error) -> IsleError + '_ {
     move |e| crate::interrupt::request_error(lua, &e)
 }
 
+/// The work every request method builds: run once on the VM thread, it
+/// gives the result, or (the `async` feature) a future to wait on.
+pub(crate) trait Work<T>: FnOnce(&Ctx<'_>) -> Run<T> + Send + 'static {}
+impl<T, F: FnOnce(&Ctx<'_>) -> Run<T> + Send + 'static> Work<T> for F {}
+
 /// Work for `eval`: the source runs as an expression if it parses as one,
 /// else as a block (`"1 + 1"` and `"return 1 + 1"` both give 2). A source
 /// this VM compiled before for the same environment is not compiled again.
-pub(crate) fn eval<T>(
-    code: String,
-) -> impl FnOnce(&Ctx<'_>) -> Result<T, IsleError> + Send + 'static
+pub(crate) fn eval<T>(code: String) -> impl Work<T>
 where
     T: FromLuaMulti + Send + 'static,
 {
-    move |ctx| {
-        let function = ctx.chunks.load(ctx.lua, ctx.env, &code)?;
-        function.call::<T>(()).map_err(lua_err(ctx.lua))
+    move |ctx| match ctx.chunks.load(ctx.lua, ctx.env, &code) {
+        Ok(function) => ctx.call(&function, ()),
+        Err(e) => Run::Done(Err(e)),
     }
 }
 
@@ -122,18 +125,14 @@ fn global_function(ctx: &Ctx<'_>, name: &str) -> Result<mlua::Function, IsleErro
 
 /// Work for `call`: looks `name` up (in the session environment, falling
 /// back to globals) and calls it.
-pub(crate) fn call<A, T>(
-    name: String,
-    args: A,
-) -> impl FnOnce(&Ctx<'_>) -> Result<T, IsleError> + Send + 'static
+pub(crate) fn call<A, T>(name: String, args: A) -> impl Work<T>
 where
     A: IntoLuaMulti + Send + 'static,
     T: FromLuaMulti + Send + 'static,
 {
-    move |ctx| {
-        global_function(ctx, &name)?
-            .call::<T>(args)
-            .map_err(lua_err(ctx.lua))
+    move |ctx| match global_function(ctx, &name) {
+        Ok(f) => ctx.call(&f, args),
+        Err(e) => Run::Done(Err(e)),
     }
 }
 
@@ -144,45 +143,121 @@ where
 pub(crate) fn call_each<A, T>(
     name: Arc<str>,
     inputs: Vec<A>,
-) -> impl FnOnce(&Ctx<'_>) -> Result<Vec<Result<T, IsleError>>, IsleError> + Send + 'static
+) -> impl Work<Vec<Result<T, IsleError>>>
 where
     A: IntoLuaMulti + Send + 'static,
     T: FromLuaMulti + Send + 'static,
 {
     move |ctx| {
-        let f = global_function(ctx, &name)?;
+        let f = match global_function(ctx, &name) {
+            Ok(f) => f,
+            Err(e) => return Run::Done(Err(e)),
+        };
         let token = crate::interrupt::current_token(ctx.lua);
+        let stopped = move |r: &Result<T, IsleError>| {
+            r.is_err() && token.as_ref().is_some_and(|t| t.is_cancelled())
+        };
         let mut out = Vec::with_capacity(inputs.len());
-        for args in inputs {
-            let r = f.call::<T>(args).map_err(lua_err(ctx.lua));
-            if r.is_err() && token.as_ref().is_some_and(|t| t.is_cancelled()) {
-                return Err(IsleError::Cancelled); // replaced by the stop reason
+        let mut inputs = inputs.into_iter();
+        while let Some(args) = inputs.next() {
+            let r = match ctx.call::<T>(&f, args) {
+                Run::Done(r) => r,
+                // An input waits for a future: the rest of the batch goes
+                // on as one future, input after input.
+                #[cfg(feature = "async")]
+                Run::Wait(first) => {
+                    let (lua, coroutines) = (ctx.lua.clone(), ctx.coroutines.clone());
+                    let err = move |e: mlua::Error| crate::interrupt::request_error(&lua, &e);
+                    return ctx.wait(Box::pin(async move {
+                        let r = first.await;
+                        if stopped(&r) {
+                            return Err(IsleError::Cancelled);
+                        }
+                        out.push(r);
+                        for args in inputs {
+                            let r = match coroutines.call::<T>(&f, args) {
+                                Ok(call) => call.await.map_err(&err),
+                                Err(e) => Err(err(e)),
+                            };
+                            if stopped(&r) {
+                                return Err(IsleError::Cancelled); // replaced by the stop reason
+                            }
+                            out.push(r);
+                        }
+                        Ok(out)
+                    }));
+                }
+            };
+            if stopped(&r) {
+                return Run::Done(Err(IsleError::Cancelled)); // replaced by the stop reason
             }
             out.push(r);
         }
-        Ok(out)
+        Run::Done(Ok(out))
     }
 }
 
 /// Work for `exec`: a closure given the VM.
-pub(crate) fn exec<T, F>(f: F) -> impl FnOnce(&Ctx<'_>) -> Result<T, IsleError> + Send + 'static
+pub(crate) fn exec<T, F>(f: F) -> impl Work<T>
 where
     T: Send + 'static,
     F: FnOnce(&Lua) -> mlua::Result<T> + Send + 'static,
 {
-    move |ctx| f(ctx.lua).map_err(lua_err(ctx.lua))
+    move |ctx| Run::Done(f(ctx.lua).map_err(lua_err(ctx.lua)))
 }
 
 /// Work for a session's `exec`: a closure given the VM and the session's
 /// environment.
-pub(crate) fn exec_env<T, F>(f: F) -> impl FnOnce(&Ctx<'_>) -> Result<T, IsleError> + Send + 'static
+pub(crate) fn exec_env<T, F>(f: F) -> impl Work<T>
 where
     T: Send + 'static,
     F: FnOnce(&Lua, &Table) -> mlua::Result<T> + Send + 'static,
 {
     move |ctx| {
-        ctx.with_scope(|env| f(ctx.lua, env))
-            .map_err(lua_err(ctx.lua))
+        Run::Done(
+            ctx.with_scope(|env| f(ctx.lua, env))
+                .map_err(lua_err(ctx.lua)),
+        )
+    }
+}
+
+/// Work for `spawn_exec_async`: an async closure given the VM, whose
+/// future runs on the VM thread (suspending the request while pending).
+#[cfg(feature = "async")]
+pub(crate) fn exec_async<T, F, Fut>(f: F) -> impl Work<T>
+where
+    T: Send + 'static,
+    F: FnOnce(Lua) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = mlua::Result<T>> + 'static,
+{
+    move |ctx| {
+        let lua = ctx.lua.clone();
+        let future = f(lua.clone());
+        ctx.wait(Box::pin(async move {
+            future
+                .await
+                .map_err(|e| crate::interrupt::request_error(&lua, &e))
+        }))
+    }
+}
+
+/// Work for a session's `spawn_exec_async`: as [`exec_async`], given the
+/// session's environment too.
+#[cfg(feature = "async")]
+pub(crate) fn exec_env_async<T, F, Fut>(f: F) -> impl Work<T>
+where
+    T: Send + 'static,
+    F: FnOnce(Lua, Table) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = mlua::Result<T>> + 'static,
+{
+    move |ctx| {
+        let lua = ctx.lua.clone();
+        let future = f(lua.clone(), ctx.with_scope(Table::clone));
+        ctx.wait(Box::pin(async move {
+            future
+                .await
+                .map_err(|e| crate::interrupt::request_error(&lua, &e))
+        }))
     }
 }
 
@@ -216,6 +291,34 @@ macro_rules! request_methods {
             F: FnOnce(&mlua::Lua) -> mlua::Result<T> + Send + 'static,
         {
             crate::host::submit::Submit::spawn(self, crate::host::submit::exec(f))
+        }
+
+        /// Runs the async closure `f` on the VM thread and returns at once
+        /// with a [`Task`] for what its future gives (the `async` feature).
+        ///
+        /// The future is polled on the VM thread (it need not be `Send`):
+        /// while it is pending, the request is suspended and the VM serves
+        /// other requests; any waker may wake it. Cancel, time limits and
+        /// shutdown drop the future.
+        ///
+        /// ```
+        /// # #[cfg(feature = "async")] {
+        /// let isle = mlua_isle::Isle::spawn(|_| Ok(()))?;
+        /// let n: i64 = isle
+        ///     .spawn_exec_async(|lua: mlua::Lua| async move { lua.load("return 6 * 7").eval_async().await })
+        ///     .wait()?;
+        /// assert_eq!(n, 42);
+        /// # }
+        /// # Ok::<(), mlua_isle::IsleError>(())
+        /// ```
+        #[cfg(feature = "async")]
+        pub fn spawn_exec_async<T, F, Fut>(&self, f: F) -> Task<T>
+        where
+            T: Send + 'static,
+            F: FnOnce(mlua::Lua) -> Fut + Send + 'static,
+            Fut: std::future::Future<Output = mlua::Result<T>> + 'static,
+        {
+            crate::host::submit::Submit::spawn(self, crate::host::submit::exec_async(f))
         }
     };
     () => {

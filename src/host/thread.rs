@@ -7,6 +7,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::Receiver;
 
 use super::lifecycle::Lifecycle;
+use crate::vm::config::VmConfig;
 use crate::vm::Vm;
 use crate::IsleError;
 
@@ -80,16 +81,20 @@ where
     G: Send + 'static,
     S: FnOnce() -> Result<Vm, IsleError> + Send + 'static,
 {
-    /// Spawns the thread with `builder`: it starts its VM, reports (see
+    /// Spawns the thread (named after `config`, plus `suffix`; inside its
+    /// tokio runtime, if any: `VmConfig::in_runtime`): it starts its VM, reports (see
     /// [`Starting::ready`]), waits for `go` if given, records the VM in
     /// `life` for its slot, and then calls `serve` with what `go` carried.
     /// `life` learns when the thread ends, however it ends.
     pub(crate) fn spawn(
         self,
         life: &Arc<Lifecycle>,
-        builder: std::thread::Builder,
+        config: &VmConfig,
+        suffix: &str,
         serve: impl FnOnce(Vm, Option<G>) + Send + 'static,
     ) -> Result<Starting, IsleError> {
+        let builder = config.thread(suffix);
+        let config = config.clone();
         let Spawn {
             slot,
             generation,
@@ -100,22 +105,24 @@ where
         let life = life.clone();
         let handle = builder
             .spawn(move || {
-                let _exit = ExitSignal(life.clone(), (slot, generation));
-                let vm = match start() {
-                    Ok(vm) => vm,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let _ = ready_tx.send(Ok(()));
-                let carried = match go.map(|go| go.recv()) {
-                    None => None,
-                    Some(Ok(g)) => Some(g),
-                    Some(Err(_)) => return,
-                };
-                life.serve_with(slot, vm.interrupt());
-                serve(vm, carried);
+                config.in_runtime(move || {
+                    let _exit = ExitSignal(life.clone(), (slot, generation));
+                    let vm = match start() {
+                        Ok(vm) => vm,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(()));
+                    let carried = match go.map(|go| go.recv()) {
+                        None => None,
+                        Some(Ok(g)) => Some(g),
+                        Some(Err(_)) => return,
+                    };
+                    life.serve_with(slot, vm.interrupt());
+                    serve(vm, carried);
+                })
             })
             .map_err(|e| IsleError::Init(format!("cannot spawn the VM thread: {e}")))?;
         Ok(Starting {

@@ -38,6 +38,10 @@ pub(crate) struct Interrupt {
     /// Set when the hook is armed on demand (see `interrupt/alarm`) instead of
     /// ticking all the time: this thread's alarm and the VM's binding.
     pub(super) on_demand: Option<(ThreadAlarm, VmAddrs)>,
+    /// The tokens of the requests suspended on this VM (the `async`
+    /// feature), by slot: an aborting owner stops them too.
+    #[cfg(feature = "async")]
+    suspended: Mutex<std::collections::HashMap<usize, CancelToken>>,
 }
 
 /// What the hook is told of the VM's options.
@@ -123,6 +127,8 @@ impl Interrupt {
             budget,
             executed: AtomicU64::new(0),
             on_demand,
+            #[cfg(feature = "async")]
+            suspended: Mutex::new(std::collections::HashMap::new()),
         });
         set_hook(lua, &this, this.interval)?;
         // Luau: no interrupt until a stopper puts it back.
@@ -191,6 +197,32 @@ impl Interrupt {
     pub(crate) fn abort_running(&self) {
         if let Some(token) = self.current.lock().as_ref() {
             token.stop(Reason::Shutdown);
+        }
+        #[cfg(feature = "async")]
+        self.stop_suspended(Reason::Shutdown);
+    }
+
+    /// Stops every request suspended on this VM with `reason` (each
+    /// resolves at once; the VM drops its work when it gets to it).
+    #[cfg(feature = "async")]
+    pub(crate) fn stop_suspended(&self, reason: Reason) {
+        let tokens: Vec<CancelToken> = self.suspended.lock().values().cloned().collect();
+        for token in tokens {
+            token.stop(reason);
+        }
+    }
+
+    /// Records the request in `slot` as suspended (`Some`) or not.
+    #[cfg(feature = "async")]
+    pub(crate) fn set_suspended(&self, slot: usize, token: Option<&CancelToken>) {
+        let mut suspended = self.suspended.lock();
+        match token {
+            Some(t) => {
+                suspended.insert(slot, t.clone());
+            }
+            None => {
+                suspended.remove(&slot);
+            }
         }
     }
 
@@ -275,6 +307,15 @@ impl Interrupt {
             }
         }
         Ok(())
+    }
+
+    /// Arms the stop machinery for the entered request, whose work is
+    /// being dropped because it must stop (a suspended request: `vm/job.rs`):
+    /// Lua code that runs meanwhile (its coroutine's `__close` handlers) is
+    /// interrupted as if the request had been stopped while running it.
+    #[cfg(feature = "async")]
+    pub(crate) fn arm_stop(this: &Arc<Self>, lua: &Lua) {
+        let _ = Interrupt::stop_running(this, lua);
     }
 
     /// Counts `n` more instructions of the running request against its
@@ -404,6 +445,20 @@ impl Interrupt {
         if self.abort.load(Ordering::SeqCst) {
             token.stop(Reason::Shutdown);
         }
+    }
+
+    /// A suspended request's work runs again, having executed `executed`
+    /// instructions so far (see [`executed`](Self::executed)).
+    #[cfg(feature = "async")]
+    pub(crate) fn enter_again(&self, token: &CancelToken, executed: u64) {
+        self.enter(token);
+        self.executed.store(executed, Ordering::Relaxed);
+    }
+
+    /// The running request's instruction count, to carry over a suspension.
+    #[cfg(feature = "async")]
+    pub(crate) fn executed(&self) -> u64 {
+        self.executed.load(Ordering::Relaxed)
     }
 
     /// Ends the request; true if its interruption was raised.

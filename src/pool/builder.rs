@@ -108,8 +108,9 @@ impl IslePoolBuilder {
             "recycle_when_memory_above",
             self.recycle_above.map(|b| b as u64),
         )?;
-        let config = self.config;
+        let mut config = self.config;
         config.check()?;
+        config.resolve();
         let init = self.init.unwrap_or_else(|| Arc::new(|_: &Lua| Ok(())));
         let owner = Owner::new(&config);
         let id = owner.id;
@@ -232,6 +233,7 @@ impl Spawner {
             restart: self.start_vm.clone(),
             generation,
             batch,
+            max_suspended: self.config.max_suspended,
         };
         Spawn {
             slot: index,
@@ -244,7 +246,8 @@ impl Spawner {
         }
         .spawn(
             &self.shared.life,
-            self.config.thread(&format!("-{index}")),
+            &self.config,
+            &format!("-{index}"),
             move |vm, lost| worker.run(vm, lost.unwrap_or_default()),
         )
     }

@@ -1,18 +1,28 @@
 //! The VM a worker serves with, and the session environments living in it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use mlua::{Function, Table};
 
 use super::session::Binding;
-use crate::vm::Vm;
+use crate::vm::{Job, Vm};
 use crate::IsleError;
 
 /// One session's environment on this VM.
 pub(super) struct Env {
     pub(super) binding: Arc<Binding>,
     pub(super) table: Table,
+    /// A request of this session is suspended (the `async` feature): the
+    /// session's next requests, and its close, wait here, in order.
+    pub(super) busy: bool,
+    pub(super) waiting: VecDeque<Waiting>,
+}
+
+/// What waits behind a session's suspended request.
+pub(super) enum Waiting {
+    Job(Job),
+    Close,
 }
 
 /// The VM and what lives in it: replaced as a whole when recycled.
@@ -47,6 +57,8 @@ impl WorkerVm {
             Env {
                 binding: binding.clone(),
                 table: table.clone(),
+                busy: false,
+                waiting: VecDeque::new(),
             },
         );
         Ok(table)

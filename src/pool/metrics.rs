@@ -63,6 +63,9 @@ pub struct WorkerMetrics {
     /// Times this worker's VM was wedged (it did not let go of a stopped
     /// request within `stop_grace`) and a fresh VM took over.
     pub wedged: u64,
+    /// Requests suspended on this VM, waiting for a future (the `async`
+    /// feature; see `max_suspended`).
+    pub suspended: usize,
 }
 
 /// The live counters of one worker; written by that worker (and session
@@ -81,6 +84,7 @@ pub(super) struct WorkerCounters {
     /// Session-close markers in this worker's pinned queue: not requests,
     /// so not counted as queued.
     pub(super) closes_queued: AtomicUsize,
+    pub(super) suspended: AtomicUsize,
 }
 
 impl WorkerCounters {
@@ -110,6 +114,7 @@ impl WorkerCounters {
             recycled: self.recycled.load(Ordering::Relaxed),
             recycle_failures: self.recycle_failures.load(Ordering::Relaxed),
             wedged: self.wedged.load(Ordering::Relaxed),
+            suspended: self.suspended.load(Ordering::Relaxed),
         }
     }
 }

@@ -231,6 +231,20 @@ impl Session {
         self.spawn(crate::host::submit::exec_env(f))
     }
 
+    /// Runs the async closure `f` on the session's VM with the session's
+    /// environment table, and returns at once with a [`Task`] (the `async`
+    /// feature; see [`IslePool::spawn_exec_async`]). While its future is
+    /// pending, the session's later requests wait; the VM serves others.
+    #[cfg(feature = "async")]
+    pub fn spawn_exec_async<T, F, Fut>(&self, f: F) -> Task<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Lua, Table) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = mlua::Result<T>> + 'static,
+    {
+        self.spawn(crate::host::submit::exec_env_async(f))
+    }
+
     /// Closes the session (see [`IslePool::close_session`]). Returns whether
     /// it was open.
     pub fn close(&self) -> bool {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crossbeam_deque::Worker as Deque;
 use mlua::Table;
 
-use super::envs::WorkerVm;
+use super::envs::{Waiting, WorkerVm};
 use super::session::Binding;
 use super::shared::{Found, Pinned, Shared};
 use crate::request::spin::spin_until;
@@ -31,6 +31,8 @@ pub(super) struct Worker {
     pub(super) generation: u64,
     /// Whether thieves can reach `local` (see `Shared::find`).
     pub(super) batch: bool,
+    /// Requests the VM may hold suspended (`max_suspended`).
+    pub(super) max_suspended: usize,
 }
 
 impl Worker {
@@ -41,6 +43,12 @@ impl Worker {
     pub(super) fn run(self, vm: Vm, mut lost: Vec<Arc<Binding>>) {
         let shared = &*self.shared;
         let w = self.index;
+        let weak = Arc::downgrade(&self.shared);
+        vm.on_wake(move || {
+            if let Some(shared) = weak.upgrade() {
+                shared.sleep.wake(w);
+            }
+        });
         let mut host = WorkerVm::new(vm);
         // Sessions whose VM was recycled (or replaced while wedged): they
         // answer `SessionLost` once.
@@ -50,9 +58,26 @@ impl Worker {
         let mut next_sweep = Instant::now();
         let mut pinned_first = false;
         loop {
-            // Busy: take work.
+            // Suspended requests whose futures woke (the `async` feature).
+            if host.vm.has_woken() {
+                self.resume_woken(&mut host, &mut lost);
+            }
+            if shared.life.is_aborting() && host.vm.suspended() > 0 {
+                self.close_suspended(&mut host, &mut lost);
+            }
+            // Busy: take work, unless the VM holds all the suspended
+            // requests it may (then it only polls them, and other workers
+            // take the unkeyed work). One with requests suspended takes
+            // no batches from the global queue: it leaves them to others.
+            let room = host.vm.suspended() < self.max_suspended;
             pinned_first = !pinned_first;
-            if let Some(found) = shared.find(w, &self.local, pinned_first, self.batch) {
+            let batch = self.batch && host.vm.suspended() == 0;
+            let found = if room {
+                shared.find(w, &self.local, pinned_first, batch)
+            } else {
+                None
+            };
+            if let Some(found) = found {
                 // About to be busy: if unkeyed work is still waiting, make
                 // sure a sleeping worker comes for it (the wake-up that
                 // brought us here may have been meant for it).
@@ -61,40 +86,22 @@ impl Worker {
                 }
                 match found {
                     Found::Unkeyed(job) => {
-                        self.run_job(&mut host, job, None);
+                        self.run_job(&mut host, job, None, 0);
                     }
                     Found::Pinned(Pinned::Session(binding, job)) => {
-                        if binding.lost.load(Ordering::Acquire) {
-                            self.tell_lost(&binding, job);
-                        } else {
-                            match host.env(&binding) {
-                                Ok(table) => self.run_job(&mut host, job, Some(&table)),
-                                Err(e) => {
-                                    job.abandon(e);
-                                    shared.counters[w].record(Outcome::Failed, Duration::ZERO);
-                                }
-                            }
-                        }
-                        // The idle clock starts when the last request ends.
-                        binding.last_used.store(shared.now_ns(), Ordering::Relaxed);
-                        binding.pending.fetch_sub(1, Ordering::Relaxed);
+                        self.session_job(&mut host, &binding, job, &mut lost);
                     }
                     Found::Pinned(Pinned::Broadcast(job)) => {
-                        if shared.life.is_aborting() {
-                            job.abandon(IsleError::Shutdown);
-                        } else {
-                            host.vm.run(job, None);
-                        }
+                        self.run_job(&mut host, job, None, 0);
                     }
                     Found::Pinned(Pinned::Close(id)) => {
                         shared.counters[w]
                             .closes_queued
                             .fetch_sub(1, Ordering::Relaxed);
-                        if let Some(env) = host.envs.remove(&id) {
-                            host.vm.chunks().forget_env(&env.table);
-                            shared.counters[w].sessions.fetch_sub(1, Ordering::Relaxed);
+                        match host.envs.get_mut(&id) {
+                            Some(env) if env.busy => env.waiting.push_back(Waiting::Close),
+                            _ => self.close(&mut host, id, &mut lost),
                         }
-                        lost.retain(|b| b.id != id);
                     }
                 }
                 if !self.is_current() {
@@ -103,7 +110,7 @@ impl Worker {
                     self.retire();
                     return;
                 }
-                if self.due_for_recycling(&host) {
+                if host.vm.suspended() == 0 && self.due_for_recycling(&host) {
                     self.recycle(&mut host, &mut lost);
                 }
                 // Sessions expire under load too, not only when idle.
@@ -116,12 +123,18 @@ impl Worker {
                 continue;
             }
 
-            // Idle.
+            // Idle (or at the cap of suspended requests).
             let stopping = || shared.life.is_closed();
-            if stopping() && !shared.has_work(w, &self.local) {
+            let vm = &host.vm;
+            if stopping() && vm.suspended() == 0 && !shared.has_work(w, &self.local) {
                 break;
             }
-            if spin_until(|| stopping() || shared.has_work(w, &self.local)) {
+            let more = || {
+                vm.has_woken()
+                    || (room && shared.has_work(w, &self.local))
+                    || (stopping() && vm.suspended() == 0)
+            };
+            if spin_until(more) {
                 continue;
             }
             if let Some(every) = sweep_every {
@@ -130,11 +143,167 @@ impl Worker {
                     next_sweep = Instant::now() + every;
                 }
             }
+            let vm = &host.vm;
+            let more = || {
+                vm.has_woken()
+                    || (room && shared.has_work(w, &self.local))
+                    || (stopping() && vm.suspended() == 0)
+            };
             let timeout = sweep_every.filter(|_| !host.envs.is_empty() || !lost.is_empty());
-            shared.sleep.sleep(w, &self.parker, timeout, || {
-                stopping() || shared.has_work(w, &self.local)
-            });
+            shared.sleep.sleep(w, &self.parker, timeout, more);
         }
+    }
+
+    /// A request for a session: it runs now, unless a request of the same
+    /// session is suspended (then it waits behind it, in order).
+    fn session_job(
+        &self,
+        host: &mut WorkerVm,
+        binding: &Arc<Binding>,
+        job: Job,
+        lost: &mut Vec<Arc<Binding>>,
+    ) {
+        if binding.lost.load(Ordering::Acquire) {
+            self.tell_lost(binding, job);
+            self.session_request_done(binding);
+            return;
+        }
+        match host.env(binding) {
+            Ok(table) => {
+                if let Some(env) = host.envs.get_mut(&binding.id) {
+                    if env.busy {
+                        env.waiting.push_back(Waiting::Job(job));
+                        return;
+                    }
+                }
+                self.run_session(host, binding, job, &table, lost);
+            }
+            Err(e) => {
+                job.abandon(e);
+                self.shared.counters[self.index].record(Outcome::Failed, Duration::ZERO);
+                self.session_request_done(binding);
+            }
+        }
+    }
+
+    /// Runs a session's request in its environment; if it suspends, the
+    /// session is busy until it resolves.
+    fn run_session(
+        &self,
+        host: &mut WorkerVm,
+        binding: &Arc<Binding>,
+        job: Job,
+        table: &Table,
+        lost: &mut Vec<Arc<Binding>>,
+    ) {
+        if self.run_job(host, job, Some(table), binding.id).is_some() {
+            self.session_request_done(binding);
+        } else if let Some(env) = host.envs.get_mut(&binding.id) {
+            env.busy = true;
+        }
+        let _ = lost;
+    }
+
+    /// A session's request has resolved.
+    fn session_request_done(&self, binding: &Binding) {
+        // The idle clock starts when the last request ends.
+        binding
+            .last_used
+            .store(self.shared.now_ns(), Ordering::Relaxed);
+        binding.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Closes a session: its environment goes.
+    fn close(&self, host: &mut WorkerVm, id: u64, lost: &mut Vec<Arc<Binding>>) {
+        if let Some(env) = host.envs.remove(&id) {
+            host.vm.chunks().forget_env(&env.table);
+            self.shared.counters[self.index]
+                .sessions
+                .fetch_sub(1, Ordering::Relaxed);
+            // Whatever still waited (nothing can: a close comes after its
+            // session's requests) resolves.
+            for w in env.waiting {
+                if let Waiting::Job(job) = w {
+                    job.abandon(IsleError::SessionLost);
+                }
+            }
+        }
+        lost.retain(|b| b.id != id);
+    }
+
+    /// Polls the suspended requests that woke, and finishes what resolved.
+    fn resume_woken(&self, host: &mut WorkerVm, lost: &mut Vec<Arc<Binding>>) {
+        let mut resolved = Vec::new();
+        host.vm
+            .resume_woken(|tag, outcome| resolved.push((tag, outcome)));
+        for (tag, outcome) in resolved {
+            self.resolved(host, tag, outcome, lost);
+        }
+        self.count_suspended(host);
+    }
+
+    /// Stops every suspended request (the pool is aborting).
+    fn close_suspended(&self, host: &mut WorkerVm, lost: &mut Vec<Arc<Binding>>) {
+        let mut resolved = Vec::new();
+        host.vm
+            .close_suspended(|tag, outcome| resolved.push((tag, outcome)));
+        for (tag, outcome) in resolved {
+            self.resolved(host, tag, outcome, lost);
+        }
+        self.count_suspended(host);
+    }
+
+    /// A suspended request resolved: count it, and if it was a session's,
+    /// run what waited behind it.
+    fn resolved(
+        &self,
+        host: &mut WorkerVm,
+        tag: u64,
+        outcome: Outcome,
+        lost: &mut Vec<Arc<Binding>>,
+    ) {
+        self.shared.counters[self.index].record(outcome, Duration::ZERO);
+        host.served += 1;
+        if tag == 0 {
+            return;
+        }
+        let Some(env) = host.envs.get_mut(&tag) else {
+            return;
+        };
+        env.busy = false;
+        let binding = env.binding.clone();
+        self.session_request_done(&binding);
+        // What waited behind it, in order, until one suspends.
+        loop {
+            let Some(env) = host.envs.get_mut(&tag) else {
+                return;
+            };
+            if env.busy {
+                return;
+            }
+            match env.waiting.pop_front() {
+                None => return,
+                Some(Waiting::Close) => {
+                    self.close(host, tag, lost);
+                    return;
+                }
+                Some(Waiting::Job(job)) => {
+                    let table = env.table.clone();
+                    if self.shared.life.is_aborting() {
+                        job.abandon(IsleError::Shutdown);
+                        self.session_request_done(&binding);
+                    } else {
+                        self.run_session(host, &binding, job, &table, lost);
+                    }
+                }
+            }
+        }
+    }
+
+    fn count_suspended(&self, host: &WorkerVm) {
+        self.shared.counters[self.index]
+            .suspended
+            .store(host.vm.suspended(), Ordering::Relaxed);
     }
 
     /// False once a replacement has taken this worker's slot.
@@ -159,24 +328,43 @@ impl Worker {
         }
     }
 
-    fn run_job(&self, host: &mut WorkerVm, job: Job, env: Option<&Table>) {
+    /// Runs a job; `None` if it suspended (it resolves through
+    /// `resume_woken`, with `tag`).
+    fn run_job(
+        &self,
+        host: &mut WorkerVm,
+        job: Job,
+        env: Option<&Table>,
+        tag: u64,
+    ) -> Option<Outcome> {
         let counters = &self.shared.counters[self.index];
         if self.shared.life.is_aborting() {
             job.abandon(IsleError::Shutdown);
             counters.record(Outcome::Cancelled, Duration::ZERO);
-            return;
+            return Some(Outcome::Cancelled);
         }
         counters.running.store(true, Ordering::Relaxed);
         let start = Instant::now();
-        let outcome = host.vm.run(job, env);
+        let outcome = host.vm.run(job, env, tag);
         let busy = start.elapsed();
         // Back from a request during which this worker was replaced: the
         // flag is its replacement's now.
         if self.is_current() {
             counters.running.store(false, Ordering::Relaxed);
         }
-        counters.record(outcome, busy);
-        host.served += 1;
+        match outcome {
+            Some(outcome) => {
+                counters.record(outcome, busy);
+                host.served += 1;
+            }
+            None => {
+                counters
+                    .busy_ns
+                    .fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
+                self.count_suspended(host);
+            }
+        }
+        outcome
     }
 
     /// A request for a session whose state went with a recycled VM: it

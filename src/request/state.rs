@@ -89,6 +89,13 @@ pub(crate) struct Header {
     /// so a request that resolved while queued holds no room.
     admission: Mutex<Option<Admission>>,
     admitted: AtomicBool,
+    /// Set while the request's work waits for a future (the `async`
+    /// feature): its VM is serving other requests, so a stop resolves it at
+    /// once and wakes `resume`, the VM's waker for it, to drop the work.
+    #[cfg(feature = "async")]
+    suspended: AtomicBool,
+    #[cfg(feature = "async")]
+    resume: Mutex<Option<Waker>>,
 }
 
 /// A pool's count of live queued requests (see `queue_capacity`).
@@ -190,6 +197,10 @@ impl<T> Request<T> {
                 raise,
                 admission: Mutex::new(None),
                 admitted: AtomicBool::new(false),
+                #[cfg(feature = "async")]
+                suspended: AtomicBool::new(false),
+                #[cfg(feature = "async")]
+                resume: Mutex::new(None),
             },
             ready: CachePadded::new(AtomicBool::new(false)),
             slot: Mutex::new(Completion {
@@ -327,6 +338,12 @@ impl<T: Send> Cancel for Request<T> {
             self.resolve(Err(reason.error()));
             return false;
         }
+        // Suspended (waiting for a future): its VM is not in it, so nothing
+        // needs interrupting. Resolve it now and wake the VM to drop its work.
+        #[cfg(feature = "async")]
+        if self.stop_suspended(reason) {
+            return false;
+        }
         // Not queued: it runs (or has just finished). Interrupt it first, so
         // the VM starts unwinding while we answer the caller; the CAS that
         // marked it running published the alarm id.
@@ -383,6 +400,56 @@ impl<T> Request<T> {
         } else {
             Err(result)
         }
+    }
+}
+
+/// Suspended requests (the `async` feature): the VM parks a request whose
+/// work waits for a future, and takes it up again when the future wakes.
+///
+/// The handshake with a stopper is the store-buffer pattern: the VM writes
+/// `suspended`, fences, reads `reason`; the stopper writes `reason`, fences,
+/// reads `suspended`. Either the stopper sees the request suspended (and
+/// resolves it, the VM not being in it), or the VM sees the reason (and
+/// stops the work itself, as for a running request).
+#[cfg(feature = "async")]
+impl<T> Request<T> {
+    /// The VM parks the request; `waker` takes it up again. False if it was
+    /// stopped meanwhile: the VM must stop its work now instead.
+    pub(crate) fn suspend(&self, waker: &Waker) -> bool {
+        *self.header.resume.lock() = Some(waker.clone());
+        // ORDERING: SeqCst store and fence, then the reason: see above.
+        self.header.suspended.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        self.header.reason().is_none()
+    }
+
+    /// The VM takes the request up again (its future woke). False if it
+    /// was stopped: the VM must drop its work, not poll it.
+    pub(crate) fn unsuspend(&self) -> bool {
+        // ORDERING: as in `suspend`.
+        self.header.suspended.store(false, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        self.header.reason().is_none()
+    }
+
+    /// A stopper's side of the handshake, after recording `reason`: true
+    /// if the request was suspended, and is now resolved (unless it had
+    /// finished) and its VM woken to drop the work.
+    fn stop_suspended(&self, reason: Reason) -> bool {
+        // ORDERING: fence between the reason (written above, in `stop`)
+        // and reading `suspended`: see above.
+        fence(Ordering::SeqCst);
+        if !self.header.suspended.load(Ordering::SeqCst) {
+            return false;
+        }
+        if self.claim(RUNNING) {
+            self.resolve(Err(reason.error()));
+        }
+        let waker = self.header.resume.lock().take();
+        if let Some(w) = waker {
+            w.wake();
+        }
+        true
     }
 }
 

@@ -70,7 +70,17 @@ pub(crate) struct VmConfig {
     pub(crate) std_libs: mlua::StdLib,
     /// Open them with mlua's unsafe constructor (`unsafe_std_libs`).
     pub(crate) unsafe_libs: bool,
+    /// Requests one VM may hold suspended (the `async` feature).
+    pub(crate) max_suspended: usize,
+    /// Install the Lua global `task` (the `async` feature).
+    pub(crate) task_library: bool,
+    /// The tokio runtime VM threads enter (the `tokio` feature).
+    #[cfg(feature = "tokio")]
+    pub(crate) tokio: Option<tokio::runtime::Handle>,
 }
+
+/// Default for `max_suspended`.
+pub(crate) const DEFAULT_MAX_SUSPENDED: usize = 10_000;
 
 impl Default for VmConfig {
     fn default() -> Self {
@@ -90,6 +100,10 @@ impl Default for VmConfig {
             print: crate::sandbox::print::Print::Default,
             std_libs: mlua::StdLib::ALL_SAFE,
             unsafe_libs: false,
+            max_suspended: DEFAULT_MAX_SUSPENDED,
+            task_library: false,
+            #[cfg(feature = "tokio")]
+            tokio: None,
         }
     }
 }
@@ -112,7 +126,37 @@ impl VmConfig {
     pub(crate) fn check(&self) -> Result<(), IsleError> {
         at_least_one("hook_interval", Some(u64::from(self.hook_interval)))?;
         at_least_one("max_instructions", self.max_instructions)?;
-        at_least_one("memory_limit", self.memory_limit.map(|b| b as u64))
+        at_least_one("memory_limit", self.memory_limit.map(|b| b as u64))?;
+        at_least_one("max_suspended", Some(self.max_suspended as u64))?;
+        #[cfg(not(feature = "async"))]
+        if self.task_library {
+            return Err(IsleError::Init(
+                "`task_library(true)` needs the crate's `async` feature".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Settles what the VM threads need from where the builder runs: with
+    /// the `tokio` feature and no `tokio_handle`, the runtime the builder
+    /// runs in, if any.
+    pub(crate) fn resolve(&mut self) {
+        #[cfg(feature = "tokio")]
+        if self.tokio.is_none() {
+            self.tokio = tokio::runtime::Handle::try_current().ok();
+        }
+    }
+
+    /// Runs `f` (a VM thread's whole life) inside the tokio runtime, if
+    /// one was given or found (the `tokio` feature), so that async
+    /// functions needing tokio's context work on the VM.
+    pub(crate) fn in_runtime<R>(&self, f: impl FnOnce() -> R) -> R {
+        #[cfg(feature = "tokio")]
+        if let Some(handle) = &self.tokio {
+            let _entered = handle.enter();
+            return f();
+        }
+        f()
     }
 
     /// What the interrupt hook needs of these options.
@@ -408,6 +452,37 @@ macro_rules! vm_options {
         pub fn unsafe_std_libs(mut self, libs: mlua::StdLib) -> Self {
             self.config.std_libs = libs;
             self.config.unsafe_libs = true;
+            self
+        }
+
+        /// How many requests one VM may hold suspended, waiting for a
+        /// future (the `async` feature; default 10,000). At the cap the VM
+        /// takes no new work until some of them finish; what waits for it
+        /// stays queued (and counts against a pool's `queue_capacity`).
+        /// Zero is refused.
+        pub fn max_suspended(mut self, requests: usize) -> Self {
+            self.config.max_suspended = requests;
+            self
+        }
+
+        /// Installs the Lua global `task` (the `async` feature; default
+        /// off): `task.sleep(seconds)`, and `task.spawn(f, ...)`, which runs
+        /// `f(...)` beside the request and returns a handle with `:join()`
+        /// (`f`'s results, or its error raised) and `:cancel()`. Children
+        /// belong to the request that spawned them: they end with it. See
+        /// [the crate docs](crate#async-lua-awaits-rust).
+        pub fn task_library(mut self, on: bool) -> Self {
+            self.config.task_library = on;
+            self
+        }
+
+        /// The tokio runtime whose context the VM threads run in (the
+        /// `tokio` feature), so that async functions that need it
+        /// (`tokio::time::sleep`, tokio I/O) work in requests. Default: the
+        /// runtime the builder is called from, if any.
+        #[cfg(feature = "tokio")]
+        pub fn tokio_handle(mut self, handle: tokio::runtime::Handle) -> Self {
+            self.config.tokio = Some(handle);
             self
         }
     };

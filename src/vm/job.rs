@@ -2,15 +2,19 @@
 //! caller's work and the request it resolves, and what the work sees on the
 //! VM thread.
 
+use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use mlua::{Lua, Table};
+use mlua::{FromLuaMulti, Function, IntoLuaMulti, Lua, Table};
 
 use super::chunk::ChunkCache;
 use crate::interrupt::Interrupt;
 use crate::request::{Admission, CancelToken, Header, Request};
 use crate::IsleError;
+
+#[cfg(feature = "async")]
+pub(crate) use suspended::{Paused, Work};
 
 /// What a job's work sees on the VM thread.
 pub(crate) struct Ctx<'a> {
@@ -19,6 +23,12 @@ pub(crate) struct Ctx<'a> {
     pub(crate) env: Option<&'a Table>,
     /// The VM's compiled `eval` chunks.
     pub(crate) chunks: &'a ChunkCache,
+    /// The VM's request coroutines, and the waker that takes this request
+    /// up again if it suspends (the `async` feature).
+    #[cfg(feature = "async")]
+    pub(crate) coroutines: &'a std::rc::Rc<super::coroutine::Coroutines>,
+    #[cfg(feature = "async")]
+    pub(crate) waker: &'a std::task::Waker,
 }
 
 impl Ctx<'_> {
@@ -30,6 +40,72 @@ impl Ctx<'_> {
             None => f(&self.lua.globals()),
         }
     }
+
+    /// Calls `f` with `args` for the request. With the `async` feature, as
+    /// a coroutine polled once here: if an async Rust function it calls is
+    /// pending, the request suspends (`Run::Wait`).
+    pub(crate) fn call<T>(&self, f: &Function, args: impl IntoLuaMulti) -> Run<T>
+    where
+        T: FromLuaMulti + 'static,
+    {
+        #[cfg(not(feature = "async"))]
+        {
+            Run::Done(
+                f.call::<T>(args)
+                    .map_err(|e| crate::interrupt::request_error(self.lua, &e)),
+            )
+        }
+        #[cfg(feature = "async")]
+        {
+            use std::future::Future;
+            use std::task::{Context, Poll};
+            let lua = self.lua.clone();
+            let err = move |e: mlua::Error| crate::interrupt::request_error(&lua, &e);
+            let mut call = match self.coroutines.call::<T>(f, args) {
+                Ok(call) => call,
+                Err(e) => return Run::Done(Err(err(e))),
+            };
+            match std::pin::Pin::new(&mut call).poll(&mut Context::from_waker(self.waker)) {
+                Poll::Ready(r) => Run::Done(r.map_err(err)),
+                Poll::Pending => Run::Wait(Box::pin(async move { call.await.map_err(err) })),
+            }
+        }
+    }
+
+    /// The request waits on `future`: polled once here, it is done, or the
+    /// request suspends on it (its waker is this request's).
+    #[cfg(feature = "async")]
+    pub(crate) fn wait<T>(&self, mut future: Work<T>) -> Run<T> {
+        use std::task::{Context, Poll};
+        match future.as_mut().poll(&mut Context::from_waker(self.waker)) {
+            Poll::Ready(r) => Run::Done(r),
+            Poll::Pending => Run::Wait(future),
+        }
+    }
+}
+
+/// What a request's work gives back: its result, or (the `async` feature)
+/// the future that will produce it, on which the request waits suspended.
+pub(crate) enum Run<T> {
+    Done(Result<T, IsleError>),
+    #[cfg(feature = "async")]
+    Wait(Work<T>),
+}
+
+impl<T> From<Result<T, IsleError>> for Run<T> {
+    fn from(r: Result<T, IsleError>) -> Run<T> {
+        Run::Done(r)
+    }
+}
+
+/// How a job's run on its VM ended.
+pub(crate) enum Ran {
+    /// Resolved (or found resolved while queued).
+    Done(Outcome),
+    /// Suspended: its work waits for a future; the VM keeps it and polls it
+    /// when it wakes.
+    #[cfg(feature = "async")]
+    Suspended(Paused),
 }
 
 /// How a job ended, for the pool's metrics.
@@ -48,7 +124,7 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
-    fn of<T>(result: &Result<T, IsleError>) -> Outcome {
+    pub(super) fn of<T>(result: &Result<T, IsleError>) -> Outcome {
         match result {
             Ok(_) => Outcome::Completed,
             Err(IsleError::Cancelled | IsleError::Timeout | IsleError::Shutdown) => {
@@ -64,7 +140,7 @@ impl Outcome {
 pub(crate) struct Job(Box<dyn Runnable>);
 
 trait Runnable: Send {
-    fn run(self: Box<Self>, ctx: &Ctx<'_>, interrupt: &Interrupt) -> Outcome;
+    fn run(self: Box<Self>, ctx: &Ctx<'_>, interrupt: &Arc<Interrupt>) -> Ran;
     fn abandon(&self, err: IsleError);
     fn header(&self) -> &Header;
 }
@@ -78,7 +154,7 @@ impl Job {
     pub(crate) fn new<T, F>(req: Arc<Request<T>>, work: F) -> Job
     where
         T: Send + 'static,
-        F: FnOnce(&Ctx<'_>) -> Result<T, IsleError> + Send + 'static,
+        F: FnOnce(&Ctx<'_>) -> Run<T> + Send + 'static,
     {
         Job(Box::new(Pending {
             req,
@@ -87,8 +163,9 @@ impl Job {
     }
 
     /// Runs the work on the VM thread and resolves the request, unless it
-    /// was resolved while queued (then the work is dropped unrun).
-    pub(super) fn run(self, ctx: &Ctx<'_>, interrupt: &Interrupt) -> Outcome {
+    /// was resolved while queued (then the work is dropped unrun), or its
+    /// work suspends.
+    pub(super) fn run(self, ctx: &Ctx<'_>, interrupt: &Arc<Interrupt>) -> Ran {
         self.0.run(ctx, interrupt)
     }
 
@@ -112,70 +189,117 @@ impl Job {
     }
 }
 
+/// Values a request drops are user types whose `Drop` may panic: they are
+/// kept until the request has resolved.
+type Garbage<T> = (Option<T>, Option<Box<dyn Any + Send>>);
+
+/// What the work's run (or a poll of its future) gave: its result, or a
+/// panic's message with the payload kept as garbage.
+fn caught<T>(
+    out: std::thread::Result<Result<T, IsleError>>,
+    garbage: &mut Garbage<T>,
+) -> Result<T, IsleError> {
+    match out {
+        Ok(r) => r,
+        Err(payload) => {
+            let e = IsleError::from_panic(&*payload);
+            garbage.1 = Some(payload);
+            Err(e)
+        }
+    }
+}
+
+/// Resolves a request that ran (or was stopped before it could), and says
+/// how it ended. `interrupted`: its interruption was raised.
+///
+/// After a stop request, an error is the interruption (or a callback giving
+/// up because of it), and a value produced after swallowing the
+/// interruption is not trustworthy: the request resolves with why it was
+/// stopped. A panic is a bug and is never hidden. A stopper that got here
+/// first has answered the caller with its reason: this result is late, and
+/// is dropped (after the claim, like garbage); the outcome is what the
+/// caller was told.
+fn settle<T>(
+    req: &Request<T>,
+    result: Result<T, IsleError>,
+    interrupted: bool,
+    mut garbage: Garbage<T>,
+) -> Outcome {
+    let result = match (result, req.header().reason()) {
+        (Err(IsleError::Panic(m)), _) => Err(IsleError::Panic(m)),
+        (Err(_), Some(reason)) => Err(reason.error()),
+        (Ok(v), Some(reason)) if interrupted => {
+            garbage.0 = Some(v);
+            Err(reason.error())
+        }
+        (r, _) => r,
+    };
+    let outcome = Outcome::of(&result);
+    match req.finish(result) {
+        Ok(()) => {
+            drop(garbage);
+            outcome
+        }
+        Err(late) => {
+            drop((late, garbage));
+            match req.header().reason() {
+                Some(reason) => Outcome::of::<()>(&Err(reason.error())),
+                None => unreachable!("only a stop resolves a running request"),
+            }
+        }
+    }
+}
+
 impl<T, F> Runnable for Pending<T, F>
 where
     T: Send + 'static,
-    F: FnOnce(&Ctx<'_>) -> Result<T, IsleError> + Send + 'static,
+    F: FnOnce(&Ctx<'_>) -> Run<T> + Send + 'static,
 {
-    fn run(mut self: Box<Self>, ctx: &Ctx<'_>, interrupt: &Interrupt) -> Outcome {
+    fn run(mut self: Box<Self>, ctx: &Ctx<'_>, interrupt: &Arc<Interrupt>) -> Ran {
         let req = &self.req;
         if !req.start(interrupt.prepare()) {
-            return Outcome::Skipped; // resolved while queued
+            return Ran::Done(Outcome::Skipped); // resolved while queued
         }
         let Some(work) = self.work.take() else {
             unreachable!("a job's work is taken only here, once")
         };
-        // Values this request drops are user types whose `Drop` may panic:
-        // keep them until the request has resolved.
-        let mut garbage: (Option<T>, Option<Box<dyn std::any::Any + Send>>) = (None, None);
-        let result = match req.header().reason() {
+        let mut garbage: Garbage<T> = (None, None);
+        if let Some(reason) = req.header().reason() {
             // Stopped between the caller's stop() and our CAS: never run it.
-            Some(reason) => Err(reason.error()),
-            None => {
-                interrupt.enter(&CancelToken::of(req.clone()));
-                let here = req.running_here();
-                let out = catch_unwind(AssertUnwindSafe(|| work(ctx)));
-                drop(here);
-                let interrupted = interrupt.leave();
-                let result = match out {
-                    Ok(r) => r,
-                    Err(payload) => {
-                        let e = IsleError::from_panic(&*payload);
-                        garbage.1 = Some(payload);
-                        Err(e)
-                    }
-                };
-                // After a stop request, an error is the interruption (or a
-                // callback giving up because of it), and a value produced
-                // after swallowing the interruption is not trustworthy:
-                // report why it was stopped. A panic is a bug and is never
-                // hidden.
-                match (result, req.header().reason()) {
-                    (Err(IsleError::Panic(m)), _) => Err(IsleError::Panic(m)),
-                    (Err(_), Some(reason)) => Err(reason.error()),
-                    (Ok(v), Some(reason)) if interrupted => {
-                        garbage.0 = Some(v);
-                        Err(reason.error())
-                    }
-                    (r, _) => r,
-                }
-            }
+            return Ran::Done(settle(req, Err(reason.error()), false, garbage));
+        }
+        let token = CancelToken::of(req.clone());
+        interrupt.enter(&token);
+        let here = req.running_here();
+        let out = catch_unwind(AssertUnwindSafe(|| work(ctx)));
+        drop(here);
+        let run = match out {
+            Ok(run) => Ok(run),
+            Err(payload) => Err(payload),
         };
-        // A stopper that got here first has answered the caller with its
-        // reason: this result is late, and is dropped (after the claim, like
-        // garbage); the outcome is what the caller was told.
-        let outcome = Outcome::of(&result);
-        match req.finish(result) {
-            Ok(()) => {
-                drop(garbage);
-                outcome
+        match run {
+            #[cfg(feature = "async")]
+            Ok(Run::Wait(future)) => {
+                let executed = interrupt.executed();
+                let interrupted = interrupt.leave();
+                suspended::park(
+                    self.req.clone(),
+                    token,
+                    future,
+                    executed,
+                    interrupted,
+                    ctx,
+                    interrupt,
+                )
             }
-            Err(late) => {
-                drop((late, garbage));
-                match req.header().reason() {
-                    Some(reason) => Outcome::of::<()>(&Err(reason.error())),
-                    None => unreachable!("only a stop resolves a running request"),
-                }
+            Ok(Run::Done(result)) => {
+                let interrupted = interrupt.leave();
+                Ran::Done(settle(req, result, interrupted, garbage))
+            }
+            Err(payload) => {
+                let interrupted = interrupt.leave();
+                let result = caught(Err(payload), &mut garbage);
+                Ran::Done(settle(req, result, interrupted, garbage))
             }
         }
     }
@@ -195,6 +319,168 @@ impl<T, F> Drop for Pending<T, F> {
         // died) still resolves: nothing is lost silently.
         if self.work.is_some() {
             self.req.abandon(IsleError::Shutdown);
+        }
+    }
+}
+
+/// Suspended requests (the `async` feature): a request whose work waits
+/// for a future is parked on its VM, which polls it again when the future
+/// wakes, and stops it (dropping the future) when it is stopped.
+#[cfg(feature = "async")]
+mod suspended {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::{Context, Poll, Waker};
+
+    use super::*;
+
+    /// The future a suspended request waits on. Not `Send`: it lives and
+    /// dies on its VM thread.
+    pub(crate) type Work<T> = Pin<Box<dyn Future<Output = Result<T, IsleError>>>>;
+
+    /// A suspended request, kept by its VM.
+    pub(crate) struct Paused(Box<dyn Resume>);
+
+    trait Resume {
+        fn poll(&mut self, lua: &Lua, interrupt: &Arc<Interrupt>, waker: &Waker)
+            -> Option<Outcome>;
+        fn stop(&mut self, lua: &Lua, interrupt: &Arc<Interrupt>) -> Outcome;
+        fn token(&self) -> &CancelToken;
+    }
+
+    struct Waiting<T> {
+        req: Arc<Request<T>>,
+        token: CancelToken,
+        work: Option<Work<T>>,
+        /// Instructions run so far, for `max_instructions`.
+        executed: u64,
+    }
+
+    impl Paused {
+        /// Polls the work again (its future woke). `Some` once the request
+        /// has resolved (done, failed, or found stopped).
+        pub(crate) fn poll(
+            &mut self,
+            lua: &Lua,
+            interrupt: &Arc<Interrupt>,
+            waker: &Waker,
+        ) -> Option<Outcome> {
+            self.0.poll(lua, interrupt, waker)
+        }
+
+        /// Stops the request (if nobody has) with `Shutdown` and drops its
+        /// work.
+        pub(crate) fn stop(mut self, lua: &Lua, interrupt: &Arc<Interrupt>) -> Outcome {
+            self.0.token().stop(crate::request::Reason::Shutdown);
+            self.0.stop(lua, interrupt)
+        }
+
+        pub(crate) fn token(&self) -> &CancelToken {
+            self.0.token()
+        }
+    }
+
+    /// The first run of a request's work returned a future, which is
+    /// pending: park the request, unless it was stopped meanwhile.
+    pub(super) fn park<T: Send + 'static>(
+        req: Arc<Request<T>>,
+        token: CancelToken,
+        work: Work<T>,
+        executed: u64,
+        interrupted: bool,
+        ctx: &Ctx<'_>,
+        interrupt: &Arc<Interrupt>,
+    ) -> Ran {
+        let mut waiting = Waiting {
+            req,
+            token,
+            work: Some(work),
+            executed,
+        };
+        if !interrupted && waiting.req.suspend(ctx.waker) {
+            return Ran::Suspended(Paused(Box::new(waiting)));
+        }
+        Ran::Done(waiting.stop(ctx.lua, interrupt))
+    }
+
+    impl<T: Send + 'static> Resume for Waiting<T> {
+        fn poll(
+            &mut self,
+            lua: &Lua,
+            interrupt: &Arc<Interrupt>,
+            waker: &Waker,
+        ) -> Option<Outcome> {
+            if !self.req.unsuspend() {
+                return Some(self.stop(lua, interrupt));
+            }
+            let Some(work) = self.work.as_mut() else {
+                unreachable!("a parked request has its work")
+            };
+            let _ = interrupt.prepare();
+            interrupt.enter_again(&self.token, self.executed);
+            let here = self.req.running_here();
+            let out = catch_unwind(AssertUnwindSafe(|| {
+                work.as_mut().poll(&mut Context::from_waker(waker))
+            }));
+            drop(here);
+            self.executed = interrupt.executed();
+            let mut garbage: Garbage<T> = (None, None);
+            let result = match out {
+                Ok(Poll::Pending) => {
+                    let interrupted = interrupt.leave();
+                    if !interrupted && self.req.suspend(waker) {
+                        return None;
+                    }
+                    return Some(self.stop(lua, interrupt));
+                }
+                Ok(Poll::Ready(r)) => Ok(r),
+                Err(payload) => Err(payload),
+            };
+            let interrupted = interrupt.leave();
+            // The work is done: drop what is left of it (its coroutine,
+            // closed) before resolving.
+            self.work = None;
+            let result = caught(result, &mut garbage);
+            Some(settle(&self.req, result, interrupted, garbage))
+        }
+
+        /// Drops the work of a request that must stop, inside the stop
+        /// machinery: its coroutine's `__close` handlers run interruptible,
+        /// as they would while the interruption climbs; then resolves it
+        /// with its reason (unless a stopper already did).
+        fn stop(&mut self, lua: &Lua, interrupt: &Arc<Interrupt>) -> Outcome {
+            let reason = self
+                .req
+                .header()
+                .reason()
+                .unwrap_or(crate::request::Reason::Shutdown);
+            self.token.stop(reason);
+            if let Some(work) = self.work.take() {
+                let _ = interrupt.prepare();
+                interrupt.enter_again(&self.token, self.executed);
+                Interrupt::arm_stop(interrupt, lua);
+                let here = self.req.running_here();
+                let dropped = catch_unwind(AssertUnwindSafe(move || drop(work)));
+                drop(here);
+                interrupt.leave();
+                drop(dropped);
+            }
+            let reason = self.req.header().reason().unwrap_or(reason);
+            settle(&self.req, Err(reason.error()), true, (None, None))
+        }
+
+        fn token(&self) -> &CancelToken {
+            &self.token
+        }
+    }
+
+    impl<T> Drop for Waiting<T> {
+        fn drop(&mut self) {
+            // Dropped with its work (its VM went away without stopping
+            // it): it still resolves.
+            if self.work.is_some() {
+                let _ = self.req.finish(Err(IsleError::Shutdown));
+            }
         }
     }
 }

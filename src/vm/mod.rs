@@ -3,9 +3,13 @@
 pub(crate) mod backend;
 pub(crate) mod chunk;
 pub(crate) mod config;
+#[cfg(feature = "async")]
+mod coroutine;
 #[cfg(feature = "luajit")]
 pub(crate) mod cstack;
 mod job;
+#[cfg(feature = "async")]
+mod suspend;
 
 use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -18,10 +22,16 @@ use crate::interrupt::Interrupt;
 use crate::vm::chunk::ChunkCache;
 use crate::vm::config::VmConfig;
 use crate::IsleError;
-pub(crate) use job::{Ctx, Job, Outcome};
+pub(crate) use job::{Ctx, Job, Outcome, Run};
 
 /// A VM living on the current thread.
 pub(crate) struct Vm {
+    /// Requests waiting for a future, and the coroutines requests run as
+    /// (they hold Lua values: before `lua`).
+    #[cfg(feature = "async")]
+    suspension: suspend::Suspension,
+    #[cfg(feature = "async")]
+    coroutines: std::rc::Rc<coroutine::Coroutines>,
     /// Compiled `eval` chunks (they hold Lua values: declared before `lua`,
     /// so they are dropped first).
     chunks: ChunkCache,
@@ -34,6 +44,7 @@ pub(crate) struct Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        self.close_suspended(|_, _| {});
         if let Some(binding) = self.interrupt.binding() {
             crate::interrupt::alarm::unbind(&binding);
         }
@@ -95,6 +106,10 @@ impl Vm {
         };
         match catch_unwind(AssertUnwindSafe(|| init_then_sandbox(&lua))) {
             Ok(Ok(())) => Ok(Vm {
+                #[cfg(feature = "async")]
+                suspension: suspend::Suspension::new(),
+                #[cfg(feature = "async")]
+                coroutines: coroutine::Coroutines::new(&lua),
                 chunks: ChunkCache::new(config.chunk_cache, config.memory_limit),
                 live: Cell::new(lua.used_memory()),
                 lua,
@@ -106,25 +121,144 @@ impl Vm {
         }
     }
 
-    /// Runs one job (in a session's environment when `env` is given).
+    /// Runs one job (in a session's environment when `env` is given). `None`
+    /// if it suspended (the `async` feature): it resolves later, from
+    /// [`resume_woken`](Self::resume_woken), which hands back `tag` with
+    /// its outcome.
     ///
     /// The job catches panics of the work itself. A panic after the request
     /// resolved (a result nobody waits for panicking when dropped, a waker
     /// panicking) is caught here, so the VM thread keeps serving; the request
     /// has its result already.
-    pub(crate) fn run(&self, job: Job, env: Option<&Table>) -> Outcome {
+    pub(crate) fn run(&self, job: Job, env: Option<&Table>, tag: u64) -> Option<Outcome> {
+        #[cfg(feature = "async")]
+        let (slot, waker) = self.suspension.reserve();
         let ctx = Ctx {
             lua: &self.lua,
             env,
             chunks: &self.chunks,
+            #[cfg(feature = "async")]
+            coroutines: &self.coroutines,
+            #[cfg(feature = "async")]
+            waker: &waker,
         };
-        let outcome = catch_unwind(AssertUnwindSafe(|| job.run(&ctx, &self.interrupt)))
-            .unwrap_or(Outcome::Failed);
+        let ran = catch_unwind(AssertUnwindSafe(|| job.run(&ctx, &self.interrupt)))
+            .unwrap_or(job::Ran::Done(Outcome::Failed));
         self.interrupt.reset(&self.lua, &self.interrupt);
+        let outcome = match ran {
+            job::Ran::Done(outcome) => outcome,
+            #[cfg(feature = "async")]
+            job::Ran::Suspended(paused) => {
+                self.interrupt.set_suspended(slot, Some(paused.token()));
+                self.suspension.park(slot, paused, tag);
+                return None;
+            }
+        };
+        #[cfg(feature = "async")]
+        self.suspension.release(slot);
+        let _ = tag;
+        self.after(outcome);
+        Some(outcome)
+    }
+
+    /// After a request resolved.
+    fn after(&self, outcome: Outcome) {
         if let Some(limit) = self.memory_limit {
             self.keep_room(limit, outcome == Outcome::OutOfMemory);
         }
+    }
+
+    /// Polls the suspended requests whose futures woke; `done` gets the
+    /// tag and outcome of each that resolved.
+    pub(crate) fn resume_woken(&self, mut done: impl FnMut(u64, Outcome)) {
+        #[cfg(feature = "async")]
+        for slot in self.suspension.woken() {
+            let Some((mut paused, tag, waker)) = self.suspension.unpark(slot) else {
+                continue; // resolved since (a stale wake-up)
+            };
+            let polled = catch_unwind(AssertUnwindSafe(|| {
+                let r = paused.poll(&self.lua, &self.interrupt, &waker);
+                self.coroutines.close_terminated();
+                r
+            }));
+            self.interrupt.reset(&self.lua, &self.interrupt);
+            match polled {
+                Ok(None) => self.suspension.park(slot, paused, tag),
+                Ok(Some(outcome)) => self.resolved(slot, tag, outcome, &mut done),
+                Err(_) => {
+                    // A panic outside the work's own poll (a waker, a
+                    // result's drop): the request has resolved or is
+                    // resolved now.
+                    let outcome = self.stop_paused(paused);
+                    self.resolved(slot, tag, outcome, &mut done);
+                }
+            }
+        }
+        let _ = &mut done;
+    }
+
+    /// Stops every suspended request (`Shutdown`) and drops its work:
+    /// when the VM stops serving.
+    pub(crate) fn close_suspended(&self, mut done: impl FnMut(u64, Outcome)) {
+        #[cfg(feature = "async")]
+        for slot in self.suspension.occupied() {
+            if let Some((paused, tag, _)) = self.suspension.unpark(slot) {
+                let outcome = self.stop_paused(paused);
+                self.resolved(slot, tag, outcome, &mut done);
+            }
+        }
+        let _ = &mut done;
+    }
+
+    #[cfg(feature = "async")]
+    fn stop_paused(&self, paused: job::Paused) -> Outcome {
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            let outcome = paused.stop(&self.lua, &self.interrupt);
+            self.coroutines.close_terminated();
+            outcome
+        }))
+        .unwrap_or(Outcome::Cancelled);
+        self.interrupt.reset(&self.lua, &self.interrupt);
         outcome
+    }
+
+    #[cfg(feature = "async")]
+    fn resolved(
+        &self,
+        slot: usize,
+        tag: u64,
+        outcome: Outcome,
+        done: &mut impl FnMut(u64, Outcome),
+    ) {
+        self.interrupt.set_suspended(slot, None);
+        self.suspension.release(slot);
+        self.after(outcome);
+        done(tag, outcome);
+    }
+
+    /// How many requests this VM holds suspended.
+    pub(crate) fn suspended(&self) -> usize {
+        #[cfg(feature = "async")]
+        return self.suspension.count();
+        #[cfg(not(feature = "async"))]
+        0
+    }
+
+    /// True if a suspended request woke and waits to be polled. Any thread
+    /// may ask through [`wakeups`](Self::wakeups).
+    pub(crate) fn has_woken(&self) -> bool {
+        #[cfg(feature = "async")]
+        return self.suspension.wakeups.any();
+        #[cfg(not(feature = "async"))]
+        false
+    }
+
+    /// Sets how a suspended request's wake-up reaches this VM's thread.
+    pub(crate) fn on_wake(&self, nudge: impl Fn() + Send + Sync + 'static) {
+        #[cfg(feature = "async")]
+        self.suspension.on_wake(Box::new(nudge));
+        #[cfg(not(feature = "async"))]
+        let _ = nudge;
     }
 
     /// Under a memory limit, collects the garbage after a request when it

@@ -127,6 +127,16 @@ pub(crate) use unix::{
     tracked_resume_close, tracked_wrap_with, unbind,
 };
 
+#[cfg(all(unix, not(feature = "luau"), feature = "async"))]
+pub(crate) use unix::on_coroutine;
+
+/// Luau's interrupt is per VM, and off Unix nothing is armed on demand:
+/// a request's coroutine needs no switch recorded.
+#[cfg(all(not(all(unix, not(feature = "luau"))), feature = "async"))]
+pub(crate) fn on_coroutine<R>(_thread: &mlua::Thread, resume: impl FnOnce() -> R) -> R {
+    resume()
+}
+
 #[cfg(feature = "luau")]
 pub(crate) use luau::{
     begin, bind, bind_interrupt, disarm_main, disarm_running, rearm_running, unbind,
@@ -194,4 +204,32 @@ pub(crate) fn new_lua_with_unsafe_libs(libs: mlua::StdLib, options: mlua::LuaOpt
     // that with `unsafe_std_libs`, whose documentation says so; nothing in
     // this crate relies on those libraries being absent.
     unsafe { mlua::Lua::unsafe_new_with(libs, options) }
+}
+
+/// True if `thread` is suspended inside mlua's wrapper of an async Rust
+/// function (waiting for its future), rather than in a plain
+/// `coroutine.yield` of Lua code: only then may it be resumed with mlua's
+/// "drop the future" signal (`vm/coroutine.rs`).
+#[cfg(feature = "async")]
+pub(crate) fn yielded_in_async_wrapper(thread: &mlua::Thread) -> bool {
+    use std::ffi::CStr;
+    if thread.status() != mlua::thread::ThreadStatus::Resumable {
+        return false;
+    }
+    let state = thread.to_pointer() as *mut mlua::ffi::lua_State;
+    // SAFETY: `state` is the suspended coroutine `thread` references (alive
+    // while we hold it), used on its VM's thread; `lua_getstack` and
+    // `lua_getinfo` only read its call info into `ar`, a zeroed plain C
+    // struct, and `ar.source` points into the function's prototype,
+    // which the coroutine's stack keeps alive while we read it. Level 1
+    // is the Lua function that called `coroutine.yield` (level 0).
+    unsafe {
+        let mut ar: mlua::ffi::lua_Debug = std::mem::zeroed();
+        #[cfg(not(feature = "luau"))]
+        let found = mlua::ffi::lua_getstack(state, 1, &mut ar) != 0
+            && mlua::ffi::lua_getinfo(state, c"S".as_ptr(), &mut ar) != 0;
+        #[cfg(feature = "luau")]
+        let found = mlua::ffi::lua_getinfo(state, 1, c"s".as_ptr(), &mut ar) != 0;
+        found && !ar.source.is_null() && CStr::from_ptr(ar.source) == c"=__mlua_async_poll"
+    }
 }

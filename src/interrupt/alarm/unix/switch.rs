@@ -309,6 +309,10 @@ pub(crate) fn disarm_running(lua: &mlua::Lua) -> bool {
 /// ticking every `count` instructions, as threads mlua creates do.
 pub(crate) fn hook_resumed_from_rust(thread: &mlua::Thread, count: u32) {
     let state = thread.to_pointer() as *mut lua_State;
+    #[cfg(feature = "async")]
+    if DRIVEN.get() == state {
+        return; // a request's own coroutine: its switch is tracked
+    }
     let count = c_int::try_from(count).unwrap_or(c_int::MAX);
     SLOT.with(|s| {
         let hook = s.hook.load(Ordering::SeqCst);
@@ -369,4 +373,48 @@ pub(crate) fn disarm_main() {
             }
         }
     });
+}
+
+#[cfg(feature = "async")]
+thread_local! {
+    /// The request coroutine [`on_coroutine`] is resuming, if any.
+    static DRIVEN: std::cell::Cell<*mut lua_State> = const { std::cell::Cell::new(std::ptr::null_mut()) };
+}
+
+/// Runs `resume`, which resumes `thread`, a request's own coroutine (the
+/// `async` feature: `vm/coroutine.rs` polls requests as coroutines),
+/// recording the switch to it and back as the tracked functions do. mlua's
+/// resume event then leaves the thread alone ([`hook_resumed_from_rust`]):
+/// a signal arms it like any tracked coroutine, and it runs hook-free.
+#[cfg(feature = "async")]
+pub(crate) fn on_coroutine<R>(thread: &mlua::Thread, resume: impl FnOnce() -> R) -> R {
+    /// Switches back even if `resume` unwinds.
+    struct Back {
+        before: *mut lua_State,
+        driven: *mut lua_State,
+    }
+    impl Drop for Back {
+        fn drop(&mut self) {
+            DRIVEN.set(self.driven);
+            if self.before.is_null() {
+                SLOT.with(|s| s.running.store(std::ptr::null_mut(), Ordering::SeqCst));
+            } else {
+                // SAFETY: `before` was recorded as running when `resume`
+                // started: the state that resumes `thread` (the main
+                // state, or a coroutine being resumed itself), alive
+                // until that resume returns, which is after this.
+                unsafe { switch_to(self.before) };
+            }
+        }
+    }
+    let co = thread.to_pointer() as *mut lua_State;
+    let _back = Back {
+        before: SLOT.with(|s| s.running.load(Ordering::SeqCst)),
+        driven: DRIVEN.replace(co),
+    };
+    // SAFETY: `thread` references `co`, so it is alive for this whole
+    // call; it runs only inside `resume`, and `_back` records the switch
+    // back when `resume` returns.
+    unsafe { switch_to(co) };
+    resume()
 }

@@ -1,0 +1,211 @@
+//! Requests as coroutines (the `async` feature).
+//!
+//! With the feature on, a request's Lua function runs as a coroutine
+//! driven by mlua's `AsyncThread`, so that an async Rust function it calls
+//! (mlua's `create_async_function`), at any depth of Lua calls, can be
+//! pending: mlua's wrapper of that function yields, `AsyncThread::poll`
+//! returns `Pending`, and the request suspends (`vm/job.rs`).
+//!
+//! Coroutines are reused: a request that finishes leaves its (finished)
+//! coroutine to the next one, so a request that never waits costs one
+//! `lua_resume` more than a plain call, not a new Lua thread. A request's
+//! coroutine is recorded as the running Lua thread while it is polled
+//! (`alarm::on_coroutine`), so a stop arms the hook on it, as on any
+//! coroutine switch Lua code makes.
+//!
+//! A suspended request that must stop is *terminated*: its coroutine is
+//! resumed with mlua's own "drop the future" signal, which mlua's wrapper
+//! passes to its poll function, which drops the future right there (as
+//! mlua does when a future from `Function::call_async` is dropped); then
+//! the coroutine is closed, running its pending `__close` handlers under
+//! the stop machinery. mlua keeps that signal private: we learn its value
+//! once per process ([`terminate_signal`]) by watching what mlua resumes a
+//! dropped `call_async` future with, in a scratch Lua state.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::OnceLock;
+use std::task::{Context, Poll, Waker};
+
+use mlua::thread::AsyncThread;
+use mlua::{FromLuaMulti, Function, IntoLuaMulti, LightUserData, Lua, Thread, Value};
+
+use crate::interrupt::alarm;
+
+/// Finished coroutines kept for reuse.
+const SPARES: usize = 16;
+
+/// One VM's request coroutines.
+pub(crate) struct Coroutines {
+    lua: Lua,
+    spares: RefCell<Vec<Thread>>,
+    /// Terminated coroutines waiting to be closed by the stop that
+    /// dropped their future.
+    closing: RefCell<Vec<Thread>>,
+}
+
+impl Coroutines {
+    pub(crate) fn new(lua: &Lua) -> Rc<Coroutines> {
+        // Learn the signal now, not in the middle of a stop.
+        let _ = terminate_signal();
+        Rc::new(Coroutines {
+            lua: lua.clone(),
+            spares: RefCell::new(Vec::new()),
+            closing: RefCell::new(Vec::new()),
+        })
+    }
+
+    /// Starts `f(args)` as a coroutine, as a future for the request.
+    pub(crate) fn call<R: FromLuaMulti>(
+        self: &Rc<Self>,
+        f: &Function,
+        args: impl IntoLuaMulti,
+    ) -> mlua::Result<Call<R>> {
+        let spare = self.spares.borrow_mut().pop();
+        let thread = match spare {
+            Some(thread) => {
+                thread.reset(f.clone())?;
+                thread
+            }
+            None => self.lua.create_thread(f.clone())?,
+        };
+        let future = thread.clone().into_async::<R>(args)?;
+        Ok(Call {
+            thread,
+            future: Some(future),
+            home: self.clone(),
+        })
+    }
+
+    /// Closes the coroutines of the futures just dropped: runs their
+    /// pending `__close` handlers (Lua 5.4 and 5.5; Luau resets them). The
+    /// caller has armed the stop machinery, so the handlers can be stopped.
+    pub(crate) fn close_terminated(&self) {
+        let closing = std::mem::take(&mut *self.closing.borrow_mut());
+        for thread in closing {
+            close(&thread);
+        }
+    }
+}
+
+/// Closes a coroutine that will not be resumed again.
+fn close(thread: &Thread) {
+    #[cfg(any(feature = "lua54", feature = "lua55", feature = "luau"))]
+    alarm::on_coroutine(thread, || {
+        // An error here is a handler's, or the one the coroutine died
+        // of: the request has its result already.
+        if let Ok(noop) = thread_noop(thread) {
+            let _ = thread.reset(noop);
+        }
+    });
+    #[cfg(not(any(feature = "lua54", feature = "lua55", feature = "luau")))]
+    let _ = thread;
+}
+
+#[cfg(any(feature = "lua54", feature = "lua55", feature = "luau"))]
+fn thread_noop(thread: &Thread) -> mlua::Result<Function> {
+    let lua = thread
+        .weak_lua()
+        .try_upgrade()
+        .ok_or_else(|| mlua::Error::runtime("the VM is gone"))?;
+    lua.create_function(|_, ()| Ok(()))
+}
+
+/// A request's Lua function running as a coroutine: a future, polled by
+/// the request's job on its VM thread.
+pub(crate) struct Call<R> {
+    thread: Thread,
+    /// `None` once finished.
+    future: Option<AsyncThread<R>>,
+    home: Rc<Coroutines>,
+}
+
+impl<R: FromLuaMulti> Future for Call<R> {
+    type Output = mlua::Result<R>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let Some(future) = this.future.as_mut() else {
+            panic!("a request's coroutine polled after it finished")
+        };
+        let polled = alarm::on_coroutine(&this.thread, || Pin::new(future).poll(cx));
+        let Poll::Ready(result) = polled else {
+            return Poll::Pending;
+        };
+        this.future = None;
+        if result.is_ok() && this.thread.status() == mlua::thread::ThreadStatus::Finished {
+            let mut spares = this.home.spares.borrow_mut();
+            if spares.len() < SPARES {
+                spares.push(this.thread.clone());
+            }
+        } else {
+            // Died of an error: Lua 5.4 and 5.5 leave its to-be-closed
+            // variables open until it is closed (the request is still
+            // running: its handlers run under its own stop machinery).
+            close(&this.thread);
+        }
+        Poll::Ready(result)
+    }
+}
+
+impl<R> Drop for Call<R> {
+    fn drop(&mut self) {
+        if self.future.take().is_none() {
+            return; // finished
+        }
+        // Suspended (or never polled): drop the future now, by mlua's
+        // signal, then leave the coroutine to be closed by the stop.
+        if let Some(signal) = terminate_signal() {
+            if alarm::yielded_in_async_wrapper(&self.thread) {
+                let signal = LightUserData(signal as *mut std::ffi::c_void);
+                let _ = alarm::on_coroutine(&self.thread, || {
+                    self.thread.resume::<mlua::MultiValue>(signal)
+                });
+            }
+        }
+        self.home.closing.borrow_mut().push(self.thread.clone());
+    }
+}
+
+/// mlua's private "drop the future" signal (a light userdata), learnt once
+/// per process; `None` if this mlua does not show it as expected (then a
+/// stopped request's future is dropped when Lua collects its coroutine).
+fn terminate_signal() -> Option<usize> {
+    static SIGNAL: OnceLock<Option<usize>> = OnceLock::new();
+    *SIGNAL.get_or_init(|| learn_terminate_signal().ok().flatten())
+}
+
+/// Drops a pending `call_async` future in a scratch VM whose
+/// `coroutine.yield` (which mlua's async wrapper captures when the
+/// function is created) records what the coroutine is resumed with.
+fn learn_terminate_signal() -> mlua::Result<Option<usize>> {
+    let lua = Lua::new();
+    lua.load(
+        r#"
+        local yield, unpack = coroutine.yield, table.unpack or unpack
+        local function pack(...) return select('#', ...), { ... } end
+        coroutine.yield = function(...)
+            local n, r = pack(yield(...))
+            resumed_with = r[1]
+            return unpack(r, 1, n)
+        end
+        "#,
+    )
+    .set_name("=mlua-isle probe")
+    .exec()?;
+    let forever = lua.create_async_function(|_, ()| std::future::pending::<mlua::Result<()>>())?;
+    let mut call = Box::pin(forever.call_async::<()>(()));
+    let mut cx = Context::from_waker(Waker::noop());
+    if call.as_mut().poll(&mut cx).is_ready() {
+        return Ok(None);
+    }
+    drop(call);
+    Ok(match lua.globals().get::<Value>("resumed_with")? {
+        Value::LightUserData(signal) if !signal.0.is_null() && signal != Lua::poll_pending() => {
+            Some(signal.0 as usize)
+        }
+        _ => None,
+    })
+}
