@@ -24,13 +24,14 @@
 
 use std::cell::RefCell;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::OnceLock;
 use std::task::{Context, Poll, Waker};
 
 use mlua::thread::AsyncThread;
-use mlua::{FromLuaMulti, Function, IntoLuaMulti, LightUserData, Lua, Thread, Value};
+use mlua::{FromLuaMulti, Function, IntoLuaMulti, LightUserData, Lua, MultiValue, Thread, Value};
 
 use crate::interrupt::alarm;
 
@@ -41,20 +42,40 @@ const SPARES: usize = 16;
 pub(crate) struct Coroutines {
     lua: Lua,
     spares: RefCell<Vec<Thread>>,
-    /// Terminated coroutines waiting to be closed by the stop that
-    /// dropped their future.
-    closing: RefCell<Vec<Thread>>,
+    /// Lua 5.4 and 5.5: every request's function runs under Lua's own
+    /// `pcall`, inside its coroutine (`body(f, ...)`). A coroutine that
+    /// dies of an error keeps its to-be-closed variables open, and mlua
+    /// then closes them with `lua_settop` on the dead coroutine, which
+    /// Lua does not allow; under `pcall` they close as the error climbs,
+    /// as they do for a request on the main state.
+    #[cfg(any(feature = "lua54", feature = "lua55"))]
+    body: Function,
+}
+
+thread_local! {
+    /// Terminated coroutines waiting to be closed by the stop that dropped
+    /// their future ([`close_terminated`]).
+    static CLOSING: RefCell<Vec<Thread>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Coroutines {
-    pub(crate) fn new(lua: &Lua) -> Rc<Coroutines> {
+    /// Before the VM's catchers replace `pcall` (`interrupt/catchers.rs`):
+    /// the request's top-level `pcall` must catch everything, the
+    /// interruption included, which then ends the request.
+    pub(crate) fn new(lua: &Lua) -> mlua::Result<Rc<Coroutines>> {
         // Learn the signal now, not in the middle of a stop.
         let _ = terminate_signal();
-        Rc::new(Coroutines {
+        #[cfg(any(feature = "lua54", feature = "lua55"))]
+        let body = lua
+            .load("local pcall = ... return function(f, ...) return pcall(f, ...) end")
+            .set_name("=mlua-isle request")
+            .call::<Function>(lua.globals().get::<Function>("pcall")?)?;
+        Ok(Rc::new(Coroutines {
             lua: lua.clone(),
             spares: RefCell::new(Vec::new()),
-            closing: RefCell::new(Vec::new()),
-        })
+            #[cfg(any(feature = "lua54", feature = "lua55"))]
+            body,
+        }))
     }
 
     /// Starts `f(args)` as a coroutine, as a future for the request.
@@ -63,6 +84,12 @@ impl Coroutines {
         f: &Function,
         args: impl IntoLuaMulti,
     ) -> mlua::Result<Call<R>> {
+        #[cfg(any(feature = "lua54", feature = "lua55"))]
+        let (f, args) = {
+            let mut all = args.into_lua_multi(&self.lua)?;
+            all.push_front(Value::Function(f.clone()));
+            (&self.body, all)
+        };
         let spare = self.spares.borrow_mut().pop();
         let thread = match spare {
             Some(thread) => {
@@ -71,22 +98,55 @@ impl Coroutines {
             }
             None => self.lua.create_thread(f.clone())?,
         };
-        let future = thread.clone().into_async::<R>(args)?;
+        let future = thread.clone().into_async::<MultiValue>(args)?;
         Ok(Call {
             thread,
             future: Some(future),
             home: self.clone(),
+            result: PhantomData,
         })
     }
+}
 
-    /// Closes the coroutines of the futures just dropped: runs their
-    /// pending `__close` handlers (Lua 5.4 and 5.5; Luau resets them). The
-    /// caller has armed the stop machinery, so the handlers can be stopped.
-    pub(crate) fn close_terminated(&self) {
-        let closing = std::mem::take(&mut *self.closing.borrow_mut());
-        for thread in closing {
-            close(&thread);
-        }
+/// Closes the coroutines of the futures just dropped on this thread: runs
+/// their pending `__close` handlers (Lua 5.4 and 5.5; Luau resets them).
+/// The caller has armed the stop machinery, so the handlers can be stopped.
+pub(crate) fn close_terminated() {
+    let closing = CLOSING.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    for thread in closing {
+        close(&thread);
+    }
+}
+
+impl Coroutines {
+    /// What the request's function returned, as `R` (on Lua 5.4 and 5.5,
+    /// after `pcall`'s status: `false, error` is the error).
+    fn decode<R: FromLuaMulti>(&self, values: MultiValue) -> mlua::Result<R> {
+        #[cfg(any(feature = "lua54", feature = "lua55"))]
+        let values = {
+            let mut values = values;
+            match values.pop_front() {
+                Some(Value::Boolean(true)) => values,
+                _ => return Err(error_of(values.pop_front().unwrap_or(Value::Nil))),
+            }
+        };
+        R::from_lua_multi(values, &self.lua)
+    }
+}
+
+/// The error a request's function raised, as mlua gives it for a call on
+/// the main state: the Rust error it carries, or a runtime error with its
+/// message.
+#[cfg(any(feature = "lua54", feature = "lua55"))]
+fn error_of(value: Value) -> mlua::Error {
+    match value {
+        Value::Error(e) => *e,
+        Value::String(s) => mlua::Error::RuntimeError(s.to_string_lossy()),
+        other => mlua::Error::RuntimeError(
+            other
+                .to_string()
+                .unwrap_or_else(|_| format!("(error object is a {} value)", other.type_name())),
+        ),
     }
 }
 
@@ -118,8 +178,9 @@ fn thread_noop(thread: &Thread) -> mlua::Result<Function> {
 pub(crate) struct Call<R> {
     thread: Thread,
     /// `None` once finished.
-    future: Option<AsyncThread<R>>,
+    future: Option<AsyncThread<MultiValue>>,
     home: Rc<Coroutines>,
+    result: PhantomData<fn() -> R>,
 }
 
 impl<R: FromLuaMulti> Future for Call<R> {
@@ -135,6 +196,7 @@ impl<R: FromLuaMulti> Future for Call<R> {
             return Poll::Pending;
         };
         this.future = None;
+        let result = result.and_then(|values| this.home.decode::<R>(values));
         if result.is_ok() && this.thread.status() == mlua::thread::ThreadStatus::Finished {
             let mut spares = this.home.spares.borrow_mut();
             if spares.len() < SPARES {
@@ -165,7 +227,7 @@ impl<R> Drop for Call<R> {
                 });
             }
         }
-        self.home.closing.borrow_mut().push(self.thread.clone());
+        CLOSING.with(|c| c.borrow_mut().push(self.thread.clone()));
     }
 }
 

@@ -271,32 +271,47 @@ where
         let token = CancelToken::of(req.clone());
         interrupt.enter(&token);
         let here = req.running_here();
-        let out = catch_unwind(AssertUnwindSafe(|| work(ctx)));
+        // Children `task.spawn` made (the `async` feature) belong to the
+        // request: polled with it while it waits, dropped when it ends.
+        #[cfg(feature = "async")]
+        let mut children = crate::vm::tasks::Children::default();
+        let out = catch_unwind(AssertUnwindSafe(|| {
+            let run = work(ctx);
+            #[cfg(feature = "async")]
+            {
+                children.adopt();
+                match &run {
+                    Run::Wait(_) => children.poll(&mut std::task::Context::from_waker(ctx.waker)),
+                    Run::Done(_) => children.cancel_all(),
+                }
+            }
+            run
+        }));
         drop(here);
-        let run = match out {
-            Ok(run) => Ok(run),
-            Err(payload) => Err(payload),
-        };
-        match run {
+        match out {
             #[cfg(feature = "async")]
             Ok(Run::Wait(future)) => {
                 let executed = interrupt.executed();
                 let interrupted = interrupt.leave();
-                suspended::park(
-                    self.req.clone(),
+                let waiting = suspended::Waiting {
+                    req: self.req.clone(),
                     token,
-                    future,
+                    work: Some(future),
+                    children,
                     executed,
-                    interrupted,
-                    ctx,
-                    interrupt,
-                )
+                };
+                suspended::park(waiting, interrupted, ctx, interrupt)
             }
             Ok(Run::Done(result)) => {
                 let interrupted = interrupt.leave();
                 Ran::Done(settle(req, result, interrupted, garbage))
             }
             Err(payload) => {
+                #[cfg(feature = "async")]
+                {
+                    crate::vm::tasks::discard_spawned();
+                    drop(children);
+                }
                 let interrupted = interrupt.leave();
                 let result = caught(Err(payload), &mut garbage);
                 Ran::Done(settle(req, result, interrupted, garbage))
@@ -348,12 +363,14 @@ mod suspended {
         fn token(&self) -> &CancelToken;
     }
 
-    struct Waiting<T> {
-        req: Arc<Request<T>>,
-        token: CancelToken,
-        work: Option<Work<T>>,
+    pub(super) struct Waiting<T> {
+        pub(super) req: Arc<Request<T>>,
+        pub(super) token: CancelToken,
+        pub(super) work: Option<Work<T>>,
+        /// What `task.spawn` started for the request.
+        pub(super) children: crate::vm::tasks::Children,
         /// Instructions run so far, for `max_instructions`.
-        executed: u64,
+        pub(super) executed: u64,
     }
 
     impl Paused {
@@ -383,20 +400,11 @@ mod suspended {
     /// The first run of a request's work returned a future, which is
     /// pending: park the request, unless it was stopped meanwhile.
     pub(super) fn park<T: Send + 'static>(
-        req: Arc<Request<T>>,
-        token: CancelToken,
-        work: Work<T>,
-        executed: u64,
+        mut waiting: Waiting<T>,
         interrupted: bool,
         ctx: &Ctx<'_>,
         interrupt: &Arc<Interrupt>,
     ) -> Ran {
-        let mut waiting = Waiting {
-            req,
-            token,
-            work: Some(work),
-            executed,
-        };
         if !interrupted && waiting.req.suspend(ctx.waker) {
             return Ran::Suspended(Paused(Box::new(waiting)));
         }
@@ -419,8 +427,22 @@ mod suspended {
             let _ = interrupt.prepare();
             interrupt.enter_again(&self.token, self.executed);
             let here = self.req.running_here();
+            let children = &mut self.children;
             let out = catch_unwind(AssertUnwindSafe(|| {
-                work.as_mut().poll(&mut Context::from_waker(waker))
+                let mut cx = Context::from_waker(waker);
+                let mut polled = work.as_mut().poll(&mut cx);
+                children.adopt();
+                match &mut polled {
+                    Poll::Pending => children.poll(&mut cx),
+                    Poll::Ready(result) => {
+                        // Errors of children are never lost.
+                        if let (Ok(_), Some(e)) = (&result, children.unjoined_error()) {
+                            *result = Err(crate::interrupt::request_error(lua, &e));
+                        }
+                        children.cancel_all();
+                    }
+                }
+                polled
             }));
             drop(here);
             self.executed = interrupt.executed();
@@ -456,15 +478,27 @@ mod suspended {
                 .unwrap_or(crate::request::Reason::Shutdown);
             self.token.stop(reason);
             if let Some(work) = self.work.take() {
-                let _ = interrupt.prepare();
-                interrupt.enter_again(&self.token, self.executed);
-                Interrupt::arm_stop(interrupt, lua);
-                let here = self.req.running_here();
+                // Its future first, with no request current: a hook tick
+                // must not interrupt mlua's wrapper while it drops it
+                // (`vm/coroutine.rs`).
                 let dropped = catch_unwind(AssertUnwindSafe(move || drop(work)));
-                drop(here);
-                interrupt.leave();
                 drop(dropped);
             }
+            // Then, under the stop machinery, what Lua code is left to run:
+            // the coroutines' `__close` handlers, the children.
+            let _ = interrupt.prepare();
+            interrupt.enter_again(&self.token, self.executed);
+            Interrupt::arm_stop(interrupt, lua);
+            let here = self.req.running_here();
+            let children = &mut self.children;
+            let dropped = catch_unwind(AssertUnwindSafe(|| {
+                crate::vm::coroutine::close_terminated();
+                children.cancel_all();
+                crate::vm::tasks::discard_spawned();
+            }));
+            drop(here);
+            interrupt.leave();
+            drop(dropped);
             let reason = self.req.header().reason().unwrap_or(reason);
             settle(&self.req, Err(reason.error()), true, (None, None))
         }

@@ -2,6 +2,8 @@
 
 pub(crate) mod backend;
 pub(crate) mod chunk;
+#[cfg(feature = "async")]
+mod clock;
 pub(crate) mod config;
 #[cfg(feature = "async")]
 mod coroutine;
@@ -10,6 +12,8 @@ pub(crate) mod cstack;
 mod job;
 #[cfg(feature = "async")]
 mod suspend;
+#[cfg(feature = "async")]
+pub(crate) mod tasks;
 
 use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -81,6 +85,8 @@ impl Vm {
                 .unwrap_or(crate::vm::config::STD_STACK_SIZE),
         )
         .map_err(init_error)?;
+        #[cfg(feature = "async")]
+        let coroutines = coroutine::Coroutines::new(&lua).map_err(init_error)?;
         let interrupt = Interrupt::install(&lua, config.hook(), abort).map_err(init_error)?;
         #[cfg(feature = "lua55")]
         crate::interrupt::alarm::cap_string_rep(&lua).map_err(init_error)?;
@@ -88,6 +94,10 @@ impl Vm {
             lua.set_memory_limit(limit).map_err(init_error)?;
         }
         let init_then_sandbox = |lua: &Lua| {
+            #[cfg(feature = "async")]
+            if config.task_library {
+                tasks::install(lua)?;
+            }
             init(lua)?;
             if config.sandbox {
                 // Lua's C pattern matcher cannot be interrupted: the
@@ -109,7 +119,7 @@ impl Vm {
                 #[cfg(feature = "async")]
                 suspension: suspend::Suspension::new(),
                 #[cfg(feature = "async")]
-                coroutines: coroutine::Coroutines::new(&lua),
+                coroutines,
                 chunks: ChunkCache::new(config.chunk_cache, config.memory_limit),
                 live: Cell::new(lua.used_memory()),
                 lua,
@@ -178,7 +188,7 @@ impl Vm {
             };
             let polled = catch_unwind(AssertUnwindSafe(|| {
                 let r = paused.poll(&self.lua, &self.interrupt, &waker);
-                self.coroutines.close_terminated();
+                coroutine::close_terminated();
                 r
             }));
             self.interrupt.reset(&self.lua, &self.interrupt);
@@ -214,7 +224,7 @@ impl Vm {
     fn stop_paused(&self, paused: job::Paused) -> Outcome {
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             let outcome = paused.stop(&self.lua, &self.interrupt);
-            self.coroutines.close_terminated();
+            coroutine::close_terminated();
             outcome
         }))
         .unwrap_or(Outcome::Cancelled);

@@ -1,0 +1,217 @@
+//! The Lua `task` library (`task_library(true)`, the `async` feature):
+//! `task.sleep(seconds)`, and `task.spawn(f, ...)`, whose handle has
+//! `:join()` and `:cancel()`.
+//!
+//! A child runs `f(...)` as a coroutine of its own (mlua's
+//! `Function::call_async`) and belongs to the request that spawned it: the
+//! request's job polls its children whenever it polls the request, with the
+//! request's token current and its waker, so the children share its stop
+//! machinery; when the request resolves, however it resolves, its running
+//! children are dropped (cancelled). A child that failed and was never
+//! joined fails its request when the request ends: errors are never lost.
+//!
+//! `task.spawn` is a plain Rust function called from the request's Lua
+//! code: it leaves the child in a thread-local list, which the request's
+//! job adopts as soon as that poll returns (`Children::adopt`).
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use mlua::{Function, Lua, MultiValue, UserData, UserDataMethods};
+use parking_lot::Mutex;
+
+type ChildFuture = Pin<Box<dyn Future<Output = mlua::Result<MultiValue>>>>;
+
+thread_local! {
+    /// Children spawned by the request being polled on this thread, until
+    /// its job adopts them.
+    static SPAWNED: RefCell<Vec<Child>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Installs the global `task`.
+pub(crate) fn install(lua: &Lua) -> mlua::Result<()> {
+    let task = lua.create_table()?;
+    task.set(
+        "sleep",
+        lua.create_async_function(|_, seconds: f64| async move {
+            if !(seconds >= 0.0) {
+                return Err(mlua::Error::runtime(
+                    "task.sleep: seconds must be a number >= 0",
+                ));
+            }
+            let duration = Duration::try_from_secs_f64(seconds).unwrap_or(Duration::MAX);
+            super::clock::sleep(duration).await;
+            Ok(())
+        })?,
+    )?;
+    task.set(
+        "spawn",
+        lua.create_function(|_, (f, args): (Function, MultiValue)| {
+            let cell = Arc::new(Cell {
+                state: Mutex::new(State::Running),
+                joiner: Mutex::new(None),
+            });
+            let future: ChildFuture = Box::pin(f.call_async::<MultiValue>(args));
+            SPAWNED.with(|s| {
+                s.borrow_mut().push(Child {
+                    cell: cell.clone(),
+                    future: Some(future),
+                })
+            });
+            Ok(Handle(cell))
+        })?,
+    )?;
+    lua.globals().set("task", task)
+}
+
+enum State {
+    Running,
+    Done(mlua::Result<MultiValue>),
+    Joined,
+    Cancelled,
+}
+
+/// What a child and its handle share.
+struct Cell {
+    state: Mutex<State>,
+    /// The `join` waiting for the child.
+    joiner: Mutex<Option<Waker>>,
+}
+
+impl Cell {
+    fn end(&self, state: State) {
+        *self.state.lock() = state;
+        if let Some(w) = self.joiner.lock().take() {
+            w.wake();
+        }
+    }
+}
+
+/// A child task, kept by its request's job.
+struct Child {
+    cell: Arc<Cell>,
+    /// `None` once it has ended.
+    future: Option<ChildFuture>,
+}
+
+/// The handle `task.spawn` returns.
+struct Handle(Arc<Cell>);
+
+impl UserData for Handle {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_async_method("join", |_, this, ()| {
+            let cell = this.0.clone();
+            async move { Join(cell).await }
+        });
+        methods.add_method("cancel", |_, this, ()| {
+            let mut state = this.0.state.lock();
+            if matches!(*state, State::Running) {
+                *state = State::Cancelled;
+            }
+            Ok(())
+        });
+    }
+}
+
+/// `handle:join()`: the child's results, or its error raised.
+struct Join(Arc<Cell>);
+
+impl Future for Join {
+    type Output = mlua::Result<MultiValue>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.0.state.lock();
+        match std::mem::replace(&mut *state, State::Joined) {
+            State::Done(result) => Poll::Ready(result),
+            State::Running => {
+                *state = State::Running;
+                *self.0.joiner.lock() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+            State::Joined => Poll::Ready(Err(mlua::Error::runtime(
+                "task: this task was joined already",
+            ))),
+            State::Cancelled => {
+                *state = State::Cancelled;
+                Poll::Ready(Err(mlua::Error::runtime("task: this task was cancelled")))
+            }
+        }
+    }
+}
+
+/// The children of one request.
+#[derive(Default)]
+pub(crate) struct Children(Vec<Child>);
+
+impl Children {
+    /// Takes the children spawned during the poll that just returned.
+    pub(crate) fn adopt(&mut self) {
+        SPAWNED.with(|s| {
+            let mut spawned = s.borrow_mut();
+            if !spawned.is_empty() {
+                self.0.append(&mut spawned);
+            }
+        });
+    }
+
+    /// Polls the running children once (the request's token current);
+    /// drops those cancelled. New children they spawn are adopted too.
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) {
+        let mut i = 0;
+        while i < self.0.len() {
+            let child = &mut self.0[i];
+            if let Some(future) = child.future.as_mut() {
+                if matches!(*child.cell.state.lock(), State::Cancelled) {
+                    child.future = None;
+                    child.cell.end(State::Cancelled);
+                } else if let Poll::Ready(result) = future.as_mut().poll(cx) {
+                    child.future = None;
+                    child.cell.end(State::Done(result));
+                }
+            }
+            i += 1;
+            self.adopt();
+        }
+        // Forget children that ended and have nothing left to report.
+        self.0
+            .retain(|c| c.future.is_some() || matches!(*c.cell.state.lock(), State::Done(Err(_))));
+    }
+
+    /// The error of a child that failed and was never joined.
+    pub(crate) fn unjoined_error(&self) -> Option<mlua::Error> {
+        self.0.iter().find_map(|c| match &*c.cell.state.lock() {
+            State::Done(Err(e)) => Some(e.clone()),
+            _ => None,
+        })
+    }
+
+    /// Drops every running child (its request has ended).
+    pub(crate) fn cancel_all(&mut self) {
+        for child in self.0.drain(..) {
+            if child.future.is_some() {
+                drop(child.future);
+                let ended = matches!(*child.cell.state.lock(), State::Done(_) | State::Joined);
+                if !ended {
+                    child.cell.end(State::Cancelled);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        self.cancel_all();
+    }
+}
+
+/// Drops children spawned by a poll whose request is not tracked (should
+/// not happen: every poll is followed by its job's `adopt`).
+pub(crate) fn discard_spawned() {
+    let spawned = SPAWNED.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    drop(Children(spawned));
+}
