@@ -55,8 +55,6 @@ struct Inner {
 
 enum Msg {
     Job(Job),
-    /// A suspended request woke (the `async` feature).
-    Wake,
     Shutdown,
 }
 
@@ -132,7 +130,7 @@ impl IsleBuilder {
                 init(lua)
             }
         };
-        let thread = start(id, &config, &life, (&tx, &rx), 0, None, first)?.ready()?;
+        let thread = start(id, &config, &life, &rx, 0, None, first)?.ready()?;
         let inner = Arc::new(Inner {
             host: Host::new(owner, life, vec![thread]),
             tx,
@@ -157,13 +155,13 @@ fn start(
     id: u64,
     config: &VmConfig,
     life: &Arc<Lifecycle>,
-    (tx, rx): (&Sender<Msg>, &Receiver<Msg>),
+    rx: &Receiver<Msg>,
     generation: u64,
     go: Option<Receiver<()>>,
     init: impl FnOnce(&Lua) -> mlua::Result<()> + Send + 'static,
 ) -> Result<Starting, IsleError> {
     let (vm_config, abort) = (config.clone(), life.abort_flag());
-    let (serving, tx, rx) = (life.clone(), tx.clone(), rx.clone());
+    let (serving, rx) = (life.clone(), rx.clone());
     let cap = config.max_suspended;
     Spawn {
         slot: 0,
@@ -176,10 +174,14 @@ fn start(
         go,
     }
     .spawn(life, config, "", move |vm, _| {
+        // A suspended request's wake-up (the `async` feature) comes on a
+        // channel of its own: the request queue must still disconnect
+        // when the isle's last handle goes.
+        let (woke, wake) = crossbeam_channel::bounded(1);
         vm.on_wake(move || {
-            let _ = tx.send(Msg::Wake);
+            let _ = woke.try_send(());
         });
-        serve(&vm, &rx, &serving, generation, cap);
+        serve(&vm, (&rx, &wake), &serving, generation, cap);
     })
 }
 
@@ -190,7 +192,13 @@ fn start(
 /// the VM polls those that woke between jobs, holds at most `cap` of them
 /// (jobs received at the cap wait in `backlog`, in order), and on
 /// `Shutdown` serves the suspended ones to the end before it exits.
-fn serve(vm: &Vm, rx: &Receiver<Msg>, life: &Lifecycle, mine: u64, cap: usize) {
+fn serve(
+    vm: &Vm,
+    (rx, wake): (&Receiver<Msg>, &Receiver<()>),
+    life: &Lifecycle,
+    mine: u64,
+    cap: usize,
+) {
     let mut backlog: VecDeque<Job> = VecDeque::new();
     let mut closing = false;
     while life.is_current(0, mine) {
@@ -217,7 +225,16 @@ fn serve(vm: &Vm, rx: &Receiver<Msg>, life: &Lifecycle, mine: u64, cap: usize) {
                 if spin_until(|| !rx.is_empty() || vm.has_woken()) && rx.is_empty() {
                     continue;
                 }
-                match rx.recv() {
+                #[cfg(not(feature = "async"))]
+                let _ = wake;
+                #[cfg(not(feature = "async"))]
+                let msg = rx.recv();
+                #[cfg(feature = "async")]
+                let msg = crossbeam_channel::select! {
+                    recv(rx) -> msg => msg,
+                    recv(wake) -> _ => continue,
+                };
+                match msg {
                     Ok(msg) => msg,
                     Err(_) => break,
                 }
@@ -226,7 +243,6 @@ fn serve(vm: &Vm, rx: &Receiver<Msg>, life: &Lifecycle, mine: u64, cap: usize) {
         match msg {
             Msg::Job(job) if vm.suspended() >= cap || !backlog.is_empty() => backlog.push_back(job),
             Msg::Job(job) => run(vm, life, job),
-            Msg::Wake => {}
             Msg::Shutdown if vm.suspended() == 0 && backlog.is_empty() => break,
             Msg::Shutdown => closing = true,
         }
@@ -364,7 +380,7 @@ impl Inner {
                     self.host.owner.id,
                     &self.config,
                     &self.host.life,
-                    (&self.tx, &self.rx),
+                    &self.rx,
                     next,
                     Some(go_rx),
                     move |lua| init.map_or(Ok(()), |init| init(lua)),

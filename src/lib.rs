@@ -58,6 +58,79 @@
 //! [`IsleBuilder::stop_grace`]), and a Rust callback can poll its
 //! request's token ([`current_token`]).
 //!
+//! # Async: Lua awaits Rust
+//!
+//! With the `async` feature, a request can wait for Rust futures without
+//! holding its VM. Register async functions with mlua's
+//! [`Lua::create_async_function`](mlua::Lua::create_async_function) (in
+//! `init`, say); Lua code calls them like any function:
+//!
+//! ```
+//! # #[cfg(feature = "async")] {
+//! use mlua_isle::IslePool;
+//!
+//! let pool = IslePool::builder()
+//!     .workers(1)
+//!     .init(|lua| {
+//!         let fetch = lua.create_async_function(|_, key: String| async move {
+//!             // A database, an HTTP call, a timer: any future, any runtime.
+//!             Ok(format!("value of {key}"))
+//!         })?;
+//!         lua.globals().set("fetch", fetch)
+//!     })
+//!     .build()?;
+//! let v: String = pool.eval("return fetch('a') .. '!'")?;
+//! assert_eq!(v, "value of a!");
+//! # }
+//! # Ok::<(), mlua_isle::IsleError>(())
+//! ```
+//!
+//! - **What suspends.** Every request's Lua function runs as a coroutine.
+//!   When an async function it calls (at any depth of Lua calls, through
+//!   `pcall` too) returns a pending future, the request is *suspended*:
+//!   its VM goes on with other requests, queued or woken, and polls it
+//!   again when the future's waker fires. So one VM serves thousands of
+//!   waiting requests. `spawn_exec_async` (on [`Isle`], [`IslePool`],
+//!   [`Session`]) runs an async closure on the VM the same way.
+//! - **What does not.** A request that never waits is polled once and
+//!   resolves on the spot, as without the feature. A *synchronous* Rust
+//!   callback that blocks still blocks its VM. An async function cannot
+//!   wait where Lua cannot yield: inside a coroutine Lua code created
+//!   (`coroutine.wrap`/`resume`), a `table.sort` comparator, a metamethod
+//!   called from C, `pcall` on Lua 5.1; there it fails or misbehaves, as in
+//!   plain mlua. Lua code runs in a coroutine: `coroutine.isyieldable()` is
+//!   true, and a `coroutine.yield()` at the request's top level is ignored.
+//! - **Sessions** keep their order: a session's requests run one at a
+//!   time, in submission order, and a suspended one holds its session, not
+//!   its VM.
+//! - **Stops.** Cancel, time limits, dropping the [`Task`] and shutdown
+//!   resolve a suspended request at once; its VM then drops its future and
+//!   closes its coroutine (its `__close` handlers run, and can be stopped
+//!   as for any stopped request). [`current_token`] in an async function
+//!   is the calling request's. A panic in an async function resolves
+//!   [`IsleError::Panic`]. Memory limits, instruction budgets (counted
+//!   across suspensions) and the sandbox apply as before.
+//! - **Wakers** are plain [`std::task::Waker`]s: any runtime, or none, may
+//!   wake a suspended request. With the `tokio` feature, the VM threads run
+//!   inside a tokio runtime's context, so `tokio::time::sleep` and tokio I/O
+//!   work in async functions: the one given to
+//!   `tokio_handle`, or else the one the
+//!   builder is called from.
+//! - **Limits.** [`max_suspended`](IsleBuilder::max_suspended) caps what
+//!   one VM holds suspended; [`WorkerMetrics::suspended`] counts them.
+//! - **Concurrency inside Lua.** With
+//!   [`task_library(true)`](IsleBuilder::task_library), Lua code gets a
+//!   global `task`: `task.sleep(seconds)`, and `task.spawn(f, ...)`,
+//!   returning a handle with `:join()` (`f`'s results, or its error raised)
+//!   and `:cancel()`. Children run beside the request that spawned them
+//!   and end with it: cancelled when it returns, fails, is cancelled or
+//!   times out. A child that failed and was never joined fails its request.
+//!
+//!   ```lua
+//!   local a, b = task.spawn(fetch, 'x'), task.spawn(fetch, 'y')
+//!   return a:join(), b:join()
+//!   ```
+//!
 //! # How the crate is built
 //!
 //! The source is in layers, each a folder that depends only on the ones

@@ -21,6 +21,10 @@ use crate::IsleError;
 /// a recycled one, or one replacing a wedged worker.
 pub(super) type StartVm = Arc<dyn Fn() -> Result<Vm, IsleError> + Send + Sync>;
 
+/// The tag a suspended broadcast job resolves with (`Vm::run`): unkeyed
+/// work has 0, a session's request its binding id (from 1).
+const BROADCAST: u64 = u64::MAX;
+
 pub(super) struct Worker {
     pub(super) index: usize,
     pub(super) shared: Arc<Shared>,
@@ -92,7 +96,12 @@ impl Worker {
                         self.session_job(&mut host, &binding, job, &mut lost);
                     }
                     Found::Pinned(Pinned::Broadcast(job)) => {
-                        self.run_job(&mut host, job, None, 0);
+                        // Not a request of the pool's: not in its metrics.
+                        if shared.life.is_aborting() {
+                            job.abandon(IsleError::Shutdown);
+                        } else {
+                            host.vm.run(job, None, BROADCAST);
+                        }
                     }
                     Found::Pinned(Pinned::Close(id)) => {
                         shared.counters[w]
@@ -262,6 +271,9 @@ impl Worker {
         outcome: Outcome,
         lost: &mut Vec<Arc<Binding>>,
     ) {
+        if tag == BROADCAST {
+            return;
+        }
         self.shared.counters[self.index].record(outcome, Duration::ZERO);
         host.served += 1;
         if tag == 0 {

@@ -43,7 +43,7 @@ pub(crate) struct Coroutines {
     lua: Lua,
     spares: RefCell<Vec<Thread>>,
     /// Lua 5.4 and 5.5: every request's function runs under Lua's own
-    /// `pcall`, inside its coroutine (`body(f, ...)`). A coroutine that
+    /// `xpcall`, inside its coroutine (`body(f, ...)`). A coroutine that
     /// dies of an error keeps its to-be-closed variables open, and mlua
     /// then closes them with `lua_settop` on the dead coroutine, which
     /// Lua does not allow; under `pcall` they close as the error climbs,
@@ -59,17 +59,28 @@ thread_local! {
 }
 
 impl Coroutines {
-    /// Before the VM's catchers replace `pcall` (`interrupt/catchers.rs`):
-    /// the request's top-level `pcall` must catch everything, the
+    /// Before the VM's catchers replace `xpcall` (`interrupt/catchers.rs`):
+    /// the request's top-level `xpcall` must catch everything, the
     /// interruption included, which then ends the request.
     pub(crate) fn new(lua: &Lua) -> mlua::Result<Rc<Coroutines>> {
         // Learn the signal now, not in the middle of a stop.
         let _ = terminate_signal();
         #[cfg(any(feature = "lua54", feature = "lua55"))]
-        let body = lua
-            .load("local pcall = ... return function(f, ...) return pcall(f, ...) end")
-            .set_name("=mlua-isle request")
-            .call::<Function>(lua.globals().get::<Function>("pcall")?)?;
+        let body = {
+            // mlua's message handler for calls, as far as we can see it:
+            // its own errors stay as they are (so a Rust panic resumes),
+            // anything else becomes a string with a traceback.
+            let handler = lua.create_function(|lua, e: Value| match e {
+                Value::Error(_) => Ok(e),
+                other => {
+                    let message = lua.create_string(other.to_string()?)?;
+                    Ok(Value::String(alarm::traceback(lua, message, 1)?))
+                }
+            })?;
+            lua.load("local xpcall, handler = ... return function(f, ...) return xpcall(f, handler, ...) end")
+                .set_name("=mlua-isle request")
+                .call::<Function>((lua.globals().get::<Function>("xpcall")?, handler))?
+        };
         Ok(Rc::new(Coroutines {
             lua: lua.clone(),
             spares: RefCell::new(Vec::new()),

@@ -233,3 +233,27 @@ pub(crate) fn yielded_in_async_wrapper(thread: &mlua::Thread) -> bool {
         found && !ar.source.is_null() && CStr::from_ptr(ar.source) == c"=__mlua_async_poll"
     }
 }
+
+/// `message` followed by a traceback of the Lua thread running now, from
+/// `level` up (`luaL_traceback`), as mlua's message handler builds for a
+/// call on the main state (`vm/coroutine.rs` runs requests as coroutines
+/// with a handler of its own).
+#[cfg(all(feature = "async", any(feature = "lua54", feature = "lua55")))]
+pub(crate) fn traceback(
+    lua: &mlua::Lua,
+    message: mlua::LuaString,
+    level: i32,
+) -> mlua::Result<mlua::LuaString> {
+    // SAFETY: `exec_raw` pushes `message` on the running thread's stack and
+    // runs the closure protected, with room for 3 more values;
+    // `luaL_traceback` reads that thread's call info and pushes one
+    // string, which `exec_raw` returns (with `message` below it, which
+    // we drop by taking the last value).
+    let (_, tb): (mlua::LuaString, mlua::LuaString) = unsafe {
+        lua.exec_raw(message, |state| {
+            let msg = mlua::ffi::lua_tostring(state, -1);
+            mlua::ffi::luaL_traceback(state, state, msg, level);
+        })?
+    };
+    Ok(tb)
+}
