@@ -67,16 +67,7 @@ impl Coroutines {
         let _ = terminate_signal();
         #[cfg(any(feature = "lua54", feature = "lua55"))]
         let body = {
-            // mlua's message handler for calls, as far as we can see it:
-            // its own errors stay as they are (so a Rust panic resumes),
-            // anything else becomes a string with a traceback.
-            let handler = lua.create_function(|lua, e: Value| match e {
-                Value::Error(_) => Ok(e),
-                other => {
-                    let message = lua.create_string(other.to_string()?)?;
-                    Ok(Value::String(alarm::traceback(lua, message, 1)?))
-                }
-            })?;
+            let handler = alarm::traceback_handler(lua)?;
             lua.load("local xpcall, handler = ... return function(f, ...) return xpcall(f, handler, ...) end")
                 .set_name("=mlua-isle request")
                 .call::<Function>((lua.globals().get::<Function>("xpcall")?, handler))?

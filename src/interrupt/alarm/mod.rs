@@ -234,26 +234,34 @@ pub(crate) fn yielded_in_async_wrapper(thread: &mlua::Thread) -> bool {
     }
 }
 
-/// `message` followed by a traceback of the Lua thread running now, from
-/// `level` up (`luaL_traceback`), as mlua's message handler builds for a
-/// call on the main state (`vm/coroutine.rs` runs requests as coroutines
-/// with a handler of its own).
+/// A message handler like mlua's (`error_traceback`) for the `xpcall` a
+/// request's coroutine runs under (`vm/coroutine.rs`), so its errors read
+/// as they do for a call on the main state: mlua's own (a Rust error, a
+/// panic being carried: userdata) stay as they are; anything else becomes
+/// its string (`__tostring` honoured) followed by a traceback.
 #[cfg(all(feature = "async", any(feature = "lua54", feature = "lua55")))]
-pub(crate) fn traceback(
-    lua: &mlua::Lua,
-    message: mlua::LuaString,
-    level: i32,
-) -> mlua::Result<mlua::LuaString> {
-    // SAFETY: `exec_raw` pushes `message` on the running thread's stack and
-    // runs the closure protected, with room for 3 more values;
-    // `luaL_traceback` reads that thread's call info and pushes one
-    // string, which `exec_raw` returns (with `message` below it, which
-    // we drop by taking the last value).
-    let (_, tb): (mlua::LuaString, mlua::LuaString) = unsafe {
-        lua.exec_raw(message, |state| {
-            let msg = mlua::ffi::lua_tostring(state, -1);
-            mlua::ffi::luaL_traceback(state, state, msg, level);
-        })?
-    };
-    Ok(tb)
+pub(crate) fn traceback_handler(lua: &mlua::Lua) -> mlua::Result<mlua::Function> {
+    use mlua::ffi;
+    unsafe extern "C-unwind" fn handler(state: *mut ffi::lua_State) -> std::ffi::c_int {
+        // SAFETY: a message handler is called with the error object as its
+        // one argument, on the thread that raised it. `lua_checkstack`
+        // makes room for what we push; `luaL_tolstring` may call
+        // `__tostring`, whose error unwinds only Lua's frames and this
+        // one, which owns nothing; `luaL_traceback` reads the thread's
+        // call info and pushes one string.
+        unsafe {
+            if ffi::lua_checkstack(state, 2) == 0 || ffi::lua_type(state, -1) == ffi::LUA_TUSERDATA
+            {
+                return 1;
+            }
+            let message = ffi::luaL_tolstring(state, -1, std::ptr::null_mut());
+            if ffi::lua_checkstack(state, ffi::LUA_TRACEBACK_STACK) != 0 {
+                ffi::luaL_traceback(state, state, message, 0);
+                ffi::lua_remove(state, -2);
+            }
+            1
+        }
+    }
+    // SAFETY: `handler` is a well-formed Lua C function (above).
+    unsafe { lua.create_c_function(handler) }
 }
