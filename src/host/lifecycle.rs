@@ -108,11 +108,19 @@ impl Lifecycle {
         let Some(interrupt) = self.interrupts[slot].lock().clone() else {
             return false;
         };
-        interrupt.while_running(req, || {
+        let handed = interrupt.while_running(req, || {
             // ORDERING: Release pairs with `is_current`'s Acquire (the lock
             // `while_running` holds orders it before the VM's next look).
             self.generations[slot].store(generation, Ordering::Release);
-        })
+        });
+        // The stuck VM's suspended requests (the `async` feature) cannot
+        // go on while it is stuck: they resolve now (`Shutdown`), and it
+        // drops their work if it ever gets back.
+        #[cfg(feature = "async")]
+        if handed {
+            interrupt.stop_suspended(crate::request::Reason::Shutdown);
+        }
+        handed
     }
 
     /// Records the VM now serving `slot` (its first, a recycled one, or a
