@@ -273,11 +273,7 @@ where
         let here = req.running_here();
         let out = catch_unwind(AssertUnwindSafe(|| work(ctx)));
         drop(here);
-        let run = match out {
-            Ok(run) => Ok(run),
-            Err(payload) => Err(payload),
-        };
-        match run {
+        match out {
             #[cfg(feature = "async")]
             Ok(Run::Wait(future)) => {
                 let executed = interrupt.executed();
