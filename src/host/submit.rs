@@ -140,6 +140,11 @@ where
 /// each input, in order. A Lua error fails that input only; once the
 /// request must stop (cancel, time limit, shutdown), the batch ends and the
 /// whole request resolves with that reason.
+// Without `async`, `Run` has one variant and the loop never moves `inputs`.
+#[cfg_attr(
+    not(feature = "async"),
+    allow(clippy::while_let_on_iterator, clippy::infallible_destructuring_match)
+)]
 pub(crate) fn call_each<A, T>(
     name: Arc<str>,
     inputs: Vec<A>,

@@ -140,6 +140,8 @@ impl Vm {
     /// resolved (a result nobody waits for panicking when dropped, a waker
     /// panicking) is caught here, so the VM thread keeps serving; the request
     /// has its result already.
+    // Without `async`, `Ran` has one variant.
+    #[cfg_attr(not(feature = "async"), allow(clippy::infallible_destructuring_match))]
     pub(crate) fn run(&self, job: Job, env: Option<&Table>, tag: u64) -> Option<Outcome> {
         #[cfg(feature = "async")]
         let (slot, waker) = self.suspension.reserve();
