@@ -53,6 +53,9 @@ pub(crate) struct Coroutines {
 }
 
 thread_local! {
+    /// The coroutines of the VM living on this thread (one at a time), for
+    /// `task.spawn` (`vm/tasks.rs`).
+    static CURRENT: RefCell<std::rc::Weak<Coroutines>> = const { RefCell::new(std::rc::Weak::new()) };
     /// Terminated coroutines waiting to be closed by the stop that dropped
     /// their future ([`close_terminated`]).
     static CLOSING: RefCell<Vec<Thread>> = const { RefCell::new(Vec::new()) };
@@ -72,12 +75,19 @@ impl Coroutines {
                 .set_name("=mlua-isle request")
                 .call::<Function>((lua.globals().get::<Function>("xpcall")?, handler))?
         };
-        Ok(Rc::new(Coroutines {
+        let this = Rc::new(Coroutines {
             lua: lua.clone(),
             spares: RefCell::new(Vec::new()),
             #[cfg(any(feature = "lua54", feature = "lua55"))]
             body,
-        }))
+        });
+        CURRENT.with(|c| *c.borrow_mut() = Rc::downgrade(&this));
+        Ok(this)
+    }
+
+    /// The coroutines of the VM on this thread.
+    pub(crate) fn current() -> Option<Rc<Coroutines>> {
+        CURRENT.with(|c| c.borrow().upgrade())
     }
 
     /// Starts `f(args)` as a coroutine, as a future for the request.
@@ -257,7 +267,10 @@ fn learn_terminate_signal() -> mlua::Result<Option<usize>> {
         end
         "#,
     )
-    .set_name("=mlua-isle probe")
+    // mlua resumes a dropped future's coroutine with the signal only if
+    // the function that yielded looks like its wrapper, by chunk name:
+    // ours stands in the wrapper's place, so it is named the same.
+    .set_name("=__mlua_async_poll")
     .exec()?;
     let forever = lua.create_async_function(|_, ()| std::future::pending::<mlua::Result<()>>())?;
     let mut call = Box::pin(forever.call_async::<()>(()));
@@ -272,4 +285,12 @@ fn learn_terminate_signal() -> mlua::Result<Option<usize>> {
         }
         _ => None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mlua_shows_its_terminate_signal() {
+        assert!(super::learn_terminate_signal().unwrap().is_some());
+    }
 }

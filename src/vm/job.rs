@@ -282,7 +282,10 @@ where
                 children.adopt();
                 match &run {
                     Run::Wait(_) => children.poll(&mut std::task::Context::from_waker(ctx.waker)),
-                    Run::Done(_) => children.cancel_all(),
+                    Run::Done(_) => {
+                        children.cancel_all();
+                        crate::vm::coroutine::close_terminated();
+                    }
                 }
             }
             run
@@ -440,6 +443,7 @@ mod suspended {
                             *result = Err(crate::interrupt::request_error(lua, &e));
                         }
                         children.cancel_all();
+                        crate::vm::coroutine::close_terminated();
                     }
                 }
                 polled
@@ -477,25 +481,24 @@ mod suspended {
                 .reason()
                 .unwrap_or(crate::request::Reason::Shutdown);
             self.token.stop(reason);
-            if let Some(work) = self.work.take() {
-                // Its future first, with no request current: a hook tick
-                // must not interrupt mlua's wrapper while it drops it
-                // (`vm/coroutine.rs`).
-                let dropped = catch_unwind(AssertUnwindSafe(move || drop(work)));
-                drop(dropped);
-            }
+            // Its futures (its work's, its children's) first, with no
+            // request current: a hook tick must not interrupt mlua's
+            // wrapper while it drops one (`vm/coroutine.rs`).
+            let work = self.work.take();
+            let children = &mut self.children;
+            let dropped = catch_unwind(AssertUnwindSafe(move || {
+                drop(work);
+                children.cancel_all();
+                crate::vm::tasks::discard_spawned();
+            }));
+            drop(dropped);
             // Then, under the stop machinery, what Lua code is left to run:
-            // the coroutines' `__close` handlers, the children.
+            // the coroutines' `__close` handlers.
             let _ = interrupt.prepare();
             interrupt.enter_again(&self.token, self.executed);
             Interrupt::arm_stop(interrupt, lua);
             let here = self.req.running_here();
-            let children = &mut self.children;
-            let dropped = catch_unwind(AssertUnwindSafe(|| {
-                crate::vm::coroutine::close_terminated();
-                children.cancel_all();
-                crate::vm::tasks::discard_spawned();
-            }));
+            let dropped = catch_unwind(AssertUnwindSafe(crate::vm::coroutine::close_terminated));
             drop(here);
             interrupt.leave();
             drop(dropped);

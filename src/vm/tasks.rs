@@ -2,8 +2,8 @@
 //! `task.sleep(seconds)`, and `task.spawn(f, ...)`, whose handle has
 //! `:join()` and `:cancel()`.
 //!
-//! A child runs `f(...)` as a coroutine of its own (mlua's
-//! `Function::call_async`) and belongs to the request that spawned it: the
+//! A child runs `f(...)` as a coroutine of its own (as requests do:
+//! `vm/coroutine.rs`) and belongs to the request that spawned it: the
 //! request's job polls its children whenever it polls the request, with the
 //! request's token current and its waker, so the children share its stop
 //! machinery; when the request resolves, however it resolves, its running
@@ -55,7 +55,11 @@ pub(crate) fn install(lua: &Lua) -> mlua::Result<()> {
                 state: Mutex::new(State::Running),
                 joiner: Mutex::new(None),
             });
-            let future: ChildFuture = Box::pin(f.call_async::<MultiValue>(args));
+            // A request coroutine like its parent's (`vm/coroutine.rs`), so
+            // a stop drops its future and closes it the same way.
+            let coroutines = super::coroutine::Coroutines::current()
+                .ok_or_else(|| mlua::Error::runtime("task.spawn: not on a VM of mlua-isle"))?;
+            let future: ChildFuture = Box::pin(coroutines.call::<MultiValue>(&f, args)?);
             SPAWNED.with(|s| {
                 s.borrow_mut().push(Child {
                     cell: cell.clone(),
