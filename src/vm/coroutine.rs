@@ -42,13 +42,18 @@ const SPARES: usize = 16;
 pub(crate) struct Coroutines {
     lua: Lua,
     spares: RefCell<Vec<Thread>>,
-    /// Lua 5.4 and 5.5: every request's function runs under Lua's own
-    /// `xpcall`, inside its coroutine (`body(f, ...)`). A coroutine that
-    /// dies of an error keeps its to-be-closed variables open, and mlua
-    /// then closes them with `lua_settop` on the dead coroutine, which
-    /// Lua does not allow; under `pcall` they close as the error climbs,
-    /// as they do for a request on the main state.
-    #[cfg(any(feature = "lua54", feature = "lua55"))]
+    /// Every request's function runs under Lua's own `xpcall`, inside its
+    /// coroutine (`body(f, ...)`), with a message handler like mlua's, so
+    /// that its error is handled inside the coroutine, as a request's on
+    /// the main state is, not after the coroutine died: on Lua 5.4 and
+    /// 5.5, a coroutine that dies of an error keeps its to-be-closed
+    /// variables open, and mlua would close them with `lua_settop` on the
+    /// dead coroutine, which Lua does not allow; everywhere, mlua would
+    /// turn the error object into a string (`__tostring`) on the main
+    /// state, out of reach of a stop armed on the coroutine. Not on Lua
+    /// 5.1, whose `xpcall` cannot be yielded across (and whose coroutines
+    /// have no such variables).
+    #[cfg(not(feature = "lua51"))]
     body: Function,
 }
 
@@ -68,7 +73,7 @@ impl Coroutines {
     pub(crate) fn new(lua: &Lua) -> mlua::Result<Rc<Coroutines>> {
         // Learn the signal now, not in the middle of a stop.
         let _ = terminate_signal();
-        #[cfg(any(feature = "lua54", feature = "lua55"))]
+        #[cfg(not(feature = "lua51"))]
         let body = {
             let handler = alarm::traceback_handler(lua)?;
             lua.load("local xpcall, handler = ... return function(f, ...) return xpcall(f, handler, ...) end")
@@ -78,7 +83,7 @@ impl Coroutines {
         let this = Rc::new(Coroutines {
             lua: lua.clone(),
             spares: RefCell::new(Vec::new()),
-            #[cfg(any(feature = "lua54", feature = "lua55"))]
+            #[cfg(not(feature = "lua51"))]
             body,
         });
         CURRENT.with(|c| *c.borrow_mut() = Rc::downgrade(&this));
@@ -96,7 +101,7 @@ impl Coroutines {
         f: &Function,
         args: impl IntoLuaMulti,
     ) -> mlua::Result<Call<R>> {
-        #[cfg(any(feature = "lua54", feature = "lua55"))]
+        #[cfg(not(feature = "lua51"))]
         let (f, args) = {
             let mut all = args.into_lua_multi(&self.lua)?;
             all.push_front(Value::Function(f.clone()));
@@ -134,7 +139,7 @@ impl Coroutines {
     /// What the request's function returned, as `R` (on Lua 5.4 and 5.5,
     /// after `pcall`'s status: `false, error` is the error).
     fn decode<R: FromLuaMulti>(&self, values: MultiValue) -> mlua::Result<R> {
-        #[cfg(any(feature = "lua54", feature = "lua55"))]
+        #[cfg(not(feature = "lua51"))]
         let values = {
             let mut values = values;
             match values.pop_front() {
@@ -149,7 +154,7 @@ impl Coroutines {
 /// The error a request's function raised, as mlua gives it for a call on
 /// the main state: the Rust error it carries, or a runtime error with its
 /// message.
-#[cfg(any(feature = "lua54", feature = "lua55"))]
+#[cfg(not(feature = "lua51"))]
 fn error_of(value: Value) -> mlua::Error {
     match value {
         Value::Error(e) => *e,

@@ -239,7 +239,7 @@ pub(crate) fn yielded_in_async_wrapper(thread: &mlua::Thread) -> bool {
 /// as they do for a call on the main state: mlua's own (a Rust error, a
 /// panic being carried: userdata) stay as they are; anything else becomes
 /// its string (`__tostring` honoured) followed by a traceback.
-#[cfg(all(feature = "async", any(feature = "lua54", feature = "lua55")))]
+#[cfg(all(feature = "async", not(feature = "lua51")))]
 pub(crate) fn traceback_handler(lua: &mlua::Lua) -> mlua::Result<mlua::Function> {
     use mlua::ffi;
     unsafe extern "C-unwind" fn handler(state: *mut ffi::lua_State) -> std::ffi::c_int {

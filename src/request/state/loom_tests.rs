@@ -229,3 +229,38 @@ fn loom_a_stop_racing_admit_gives_the_room_back() {
         assert_eq!(count.load(Ordering::Relaxed), 0, "room not given back");
     });
 }
+
+/// A suspended request (the `async` feature) woken while a stopper stops
+/// it resolves once (`resolve` asserts it): if the VM takes it up, the
+/// stopper may still stop it as a running request; if the VM finds it
+/// stopped, the caller gets the stop, from the stopper or from the VM.
+#[cfg(feature = "async")]
+#[test]
+fn loom_a_stop_racing_the_wake_up_of_a_suspended_request_resolves_it_once() {
+    check(PREEMPTIONS, || {
+        let req = Arc::new(Request::<i32>::new(1, raise_any));
+        assert!(req.start(ALARM));
+        assert!(req.suspend(Waker::noop()), "suspended before any stop");
+        let stopper = spawn_stop(&req, Reason::Cancelled);
+        // The VM: its future woke; it takes the request up, or drops it.
+        let polled = req.unsuspend();
+        let result = if polled {
+            Ok(VALUE)
+        } else {
+            Err(IsleError::Cancelled)
+        };
+        let won = req.finish(result).is_ok();
+        stopper.join().unwrap();
+        let got = caller_result(&req);
+        if !polled {
+            // Stopped: whoever resolved it (the stopper, or the VM when the
+            // stopper found it no longer suspended), the caller is told so.
+            assert_eq!(got, Err(IsleError::Cancelled));
+        }
+        assert!(
+            got == Ok(VALUE) || got == Err(IsleError::Cancelled),
+            "{got:?}"
+        );
+        assert_eq!(got.is_ok(), won && polled);
+    });
+}
