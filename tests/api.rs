@@ -125,3 +125,27 @@ fn map_takes_the_function_name_as_call_does() {
     assert_eq!(pool.map::<i64, i64>("sq", [4]), vec![Ok(16)]);
     assert_eq!(pool.call::<i64>(name, 5), Ok(25));
 }
+
+/// The Lua `task` library needs the `async` feature: asked for without
+/// it, the build says so instead of starting VMs without it.
+#[cfg(not(feature = "async"))]
+#[test]
+fn task_library_without_the_async_feature_is_an_init_error() {
+    let e = mlua_isle::Isle::builder()
+        .task_library(true)
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(&e, mlua_isle::IsleError::Init(m) if m.contains("async")),
+        "{e:?}"
+    );
+    let e = mlua_isle::IslePool::builder()
+        .workers(1)
+        .task_library(true)
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(&e, mlua_isle::IsleError::Init(m) if m.contains("async")),
+        "{e:?}"
+    );
+}

@@ -169,3 +169,26 @@ fn a_cancelled_child_cannot_be_joined() {
         .unwrap_err();
     assert!(e.to_string().contains("cancelled"), "{e}");
 }
+
+#[test]
+fn the_task_library_works_in_the_sandbox_and_is_read_only() {
+    let isle = mlua_isle::Isle::builder()
+        .sandbox(true)
+        .task_library(true)
+        .build()
+        .unwrap();
+    let r: i64 = isle
+        .eval(
+            "local t = task.spawn(function(x) task.sleep(0) return x * 2 end, 21) return t:join()",
+        )
+        .unwrap();
+    assert_eq!(r, 42);
+    assert!(isle.eval::<()>("task.sleep = nil").is_err());
+    assert!(isle.eval::<()>("task.spawn = print").is_err());
+}
+
+#[test]
+fn there_is_no_task_global_unless_asked_for() {
+    let isle = mlua_isle::Isle::builder().build().unwrap();
+    assert_eq!(isle.eval::<bool>("task == nil"), Ok(true));
+}
