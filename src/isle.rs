@@ -203,7 +203,7 @@ fn serve(
     let mut closing = false;
     while life.is_current(0, mine) {
         if vm.has_woken() {
-            vm.resume_woken(|_, _| {});
+            vm.resume_woken(&mut |_, _| {});
         }
         while vm.suspended() < cap {
             let Some(job) = backlog.pop_front() else {
@@ -212,7 +212,7 @@ fn serve(
             run(vm, life, job);
         }
         if life.is_aborting() {
-            vm.close_suspended(|_, _| {});
+            vm.close_suspended(&mut |_, _| {});
         }
         if closing && vm.suspended() == 0 && backlog.is_empty() {
             break;

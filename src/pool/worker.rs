@@ -242,20 +242,24 @@ impl Worker {
 
     /// Polls the suspended requests that woke, and finishes what resolved.
     fn resume_woken(&self, host: &mut WorkerVm, lost: &mut Vec<Arc<Binding>>) {
-        let mut resolved = Vec::new();
-        host.vm
-            .resume_woken(|tag, outcome| resolved.push((tag, outcome)));
-        for (tag, outcome) in resolved {
-            self.resolved(host, tag, outcome, lost);
-        }
-        self.count_suspended(host);
+        self.settle(host, lost, Vm::resume_woken);
     }
 
     /// Stops every suspended request (the pool is aborting).
     fn close_suspended(&self, host: &mut WorkerVm, lost: &mut Vec<Arc<Binding>>) {
+        self.settle(host, lost, Vm::close_suspended);
+    }
+
+    /// Runs `step` over the VM's suspended requests, then finishes each
+    /// that resolved.
+    fn settle(
+        &self,
+        host: &mut WorkerVm,
+        lost: &mut Vec<Arc<Binding>>,
+        step: fn(&Vm, &mut dyn FnMut(u64, Outcome)),
+    ) {
         let mut resolved = Vec::new();
-        host.vm
-            .close_suspended(|tag, outcome| resolved.push((tag, outcome)));
+        step(&host.vm, &mut |tag, outcome| resolved.push((tag, outcome)));
         for (tag, outcome) in resolved {
             self.resolved(host, tag, outcome, lost);
         }

@@ -48,7 +48,7 @@ pub(crate) struct Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        self.close_suspended(|_, _| {});
+        self.close_suspended(&mut |_, _| {});
         if let Some(binding) = self.interrupt.binding() {
             crate::interrupt::alarm::unbind(&binding);
         }
@@ -182,7 +182,7 @@ impl Vm {
 
     /// Polls the suspended requests whose futures woke; `done` gets the
     /// tag and outcome of each that resolved.
-    pub(crate) fn resume_woken(&self, mut done: impl FnMut(u64, Outcome)) {
+    pub(crate) fn resume_woken(&self, done: &mut dyn FnMut(u64, Outcome)) {
         #[cfg(feature = "async")]
         for slot in self.suspension.woken() {
             let Some((mut paused, tag, waker)) = self.suspension.unpark(slot) else {
@@ -196,30 +196,30 @@ impl Vm {
             self.interrupt.reset(&self.lua, &self.interrupt);
             match polled {
                 Ok(None) => self.suspension.park(slot, paused, tag),
-                Ok(Some(outcome)) => self.resolved(slot, tag, outcome, &mut done),
+                Ok(Some(outcome)) => self.resolved(slot, tag, outcome, done),
                 Err(_) => {
                     // A panic outside the work's own poll (a waker, a
                     // result's drop): the request has resolved or is
                     // resolved now.
                     let outcome = self.stop_paused(paused);
-                    self.resolved(slot, tag, outcome, &mut done);
+                    self.resolved(slot, tag, outcome, done);
                 }
             }
         }
-        let _ = &mut done;
+        let _ = done;
     }
 
     /// Stops every suspended request (`Shutdown`) and drops its work:
     /// when the VM stops serving.
-    pub(crate) fn close_suspended(&self, mut done: impl FnMut(u64, Outcome)) {
+    pub(crate) fn close_suspended(&self, done: &mut dyn FnMut(u64, Outcome)) {
         #[cfg(feature = "async")]
         for slot in self.suspension.occupied() {
             if let Some((paused, tag, _)) = self.suspension.unpark(slot) {
                 let outcome = self.stop_paused(paused);
-                self.resolved(slot, tag, outcome, &mut done);
+                self.resolved(slot, tag, outcome, done);
             }
         }
-        let _ = &mut done;
+        let _ = done;
     }
 
     #[cfg(feature = "async")]
@@ -240,7 +240,7 @@ impl Vm {
         slot: usize,
         tag: u64,
         outcome: Outcome,
-        done: &mut impl FnMut(u64, Outcome),
+        done: &mut dyn FnMut(u64, Outcome),
     ) {
         self.interrupt.set_suspended(slot, None);
         self.suspension.release(slot);

@@ -38,7 +38,7 @@ pub(crate) fn install(lua: &Lua) -> mlua::Result<()> {
     task.set(
         "sleep",
         lua.create_async_function(|_, seconds: f64| async move {
-            if !(seconds >= 0.0) {
+            if seconds.is_nan() || seconds < 0.0 {
                 return Err(mlua::Error::runtime(
                     "task.sleep: seconds must be a number >= 0",
                 ));
@@ -51,6 +51,10 @@ pub(crate) fn install(lua: &Lua) -> mlua::Result<()> {
     task.set(
         "spawn",
         lua.create_function(|_, (f, args): (Function, MultiValue)| {
+            // `Arc`, not `Rc`: with mlua's `send` feature (which another
+            // crate may turn on), userdata must be `Send`, and the values
+            // held then are.
+            #[allow(clippy::arc_with_non_send_sync)]
             let cell = Arc::new(Cell {
                 state: Mutex::new(State::Running),
                 joiner: Mutex::new(None),
@@ -107,10 +111,7 @@ struct Handle(Arc<Cell>);
 
 impl UserData for Handle {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        methods.add_async_method("join", |_, this, ()| {
-            let cell = this.0.clone();
-            async move { Join(cell).await }
-        });
+        methods.add_async_method("join", |_, this, ()| Join(this.0.clone()));
         methods.add_method("cancel", |_, this, ()| {
             let mut state = this.0.state.lock();
             if matches!(*state, State::Running) {
