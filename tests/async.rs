@@ -994,11 +994,15 @@ fn an_async_function_can_poll_its_token_and_give_up() {
         });
         ctl.wait_note("spinning");
         t.cancel();
-        assert_eq!(
-            resolve(t, "cancelled"),
-            Err(IsleError::Cancelled),
-            "{kind:?}"
-        );
+        // The caller is told `Cancelled`, unless the future, seeing the
+        // token, returned its value before the stopper resolved the
+        // request: a value the work produced without being interrupted
+        // stands, as for a request that is not suspended.
+        match resolve(t, "cancelled") {
+            Err(IsleError::Cancelled) => {}
+            Ok(n) => assert!(n < 1_000_000_000, "{kind:?}: it never saw the token"),
+            other => panic!("{kind:?}: {other:?}"),
+        }
         still_serves(&front);
     });
 }
