@@ -147,7 +147,10 @@
 //! - `interrupt/`: how running Lua learns it must stop (the hook and the
 //!   catchers); its `alarm/` holds all of the crate's `unsafe` code.
 //! - `vm/`: one VM as its thread sees it: creation, options, the job that
-//!   runs a request, the compiled-chunk cache.
+//!   runs a request, the compiled-chunk cache. With `async`: requests as
+//!   coroutines (`coroutine.rs`), the suspended ones and their wakers
+//!   (`suspend.rs`, `job/suspended.rs`), the `task` library (`tasks.rs`,
+//!   `clock.rs`).
 //! - `host/`: the VM thread's lifecycle (start, serve, stop with grace,
 //!   replace when wedged), shared by [`Isle`] and each pool worker, and the
 //!   one path every request is built on.
