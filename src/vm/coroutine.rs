@@ -24,14 +24,13 @@
 
 use std::cell::RefCell;
 use std::future::Future;
-use std::marker::PhantomData;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::OnceLock;
 use std::task::{Context, Poll, Waker};
 
 use mlua::thread::AsyncThread;
-use mlua::{FromLuaMulti, Function, IntoLuaMulti, LightUserData, Lua, MultiValue, Thread, Value};
+use mlua::{FromLuaMulti, Function, IntoLuaMulti, LightUserData, Lua, Thread, Value};
 
 use crate::interrupt::alarm;
 
@@ -43,7 +42,7 @@ pub(crate) struct Coroutines {
     lua: Lua,
     spares: RefCell<Vec<Thread>>,
     /// Every request's function runs under Lua's own `xpcall`, inside its
-    /// coroutine (`body(f, ...)`), with a message handler like mlua's, so
+    /// coroutine (`body(...)`), with a message handler like mlua's, so
     /// that its error is handled inside the coroutine, as a request's on
     /// the main state is, not after the coroutine died: on Lua 5.4 and
     /// 5.5, a coroutine that dies of an error keeps its to-be-closed
@@ -53,8 +52,17 @@ pub(crate) struct Coroutines {
     /// state, out of reach of a stop armed on the coroutine. Not on Lua
     /// 5.1, whose `xpcall` cannot be yielded across (and whose coroutines
     /// have no such variables).
+    ///
+    /// `body` finds the function to run in `given[co]`, and leaves an
+    /// error in `failed[co]` (boxed in a table) instead of returning it,
+    /// so that arguments and results cross as they would for a plain call,
+    /// with no list built for them.
     #[cfg(not(feature = "lua51"))]
     body: Function,
+    #[cfg(not(feature = "lua51"))]
+    given: mlua::Table,
+    #[cfg(not(feature = "lua51"))]
+    failed: mlua::Table,
 }
 
 thread_local! {
@@ -74,17 +82,50 @@ impl Coroutines {
         // Learn the signal now, not in the middle of a stop.
         let _ = terminate_signal();
         #[cfg(not(feature = "lua51"))]
-        let body = {
+        let (body, given, failed) = {
             let handler = alarm::traceback_handler(lua)?;
-            lua.load("local xpcall, handler = ... return function(f, ...) return xpcall(f, handler, ...) end")
+            // `coroutine.running`, even where the host left the library
+            // out (`std_libs`): opened for this, then taken away again.
+            let opened = lua
+                .globals()
+                .get::<Option<mlua::Table>>("coroutine")?
+                .is_none();
+            if opened {
+                lua.load_std_libs(mlua::StdLib::COROUTINE)?;
+            }
+            let running = lua
+                .globals()
+                .get::<mlua::Table>("coroutine")?
+                .get::<Function>("running")?;
+            if opened {
+                lua.globals().set("coroutine", Value::Nil)?;
+                if let Some(loaded) = lua
+                    .globals()
+                    .get::<Option<mlua::Table>>("package")?
+                    .map(|p| p.get::<Option<mlua::Table>>("loaded"))
+                    .transpose()?
+                    .flatten()
+                {
+                    loaded.set("coroutine", Value::Nil)?;
+                }
+            }
+            lua.load(include_str!("request.lua"))
                 .set_name("=mlua-isle request")
-                .call::<Function>((lua.globals().get::<Function>("xpcall")?, handler))?
+                .call::<(Function, mlua::Table, mlua::Table)>((
+                    running,
+                    lua.globals().get::<Function>("xpcall")?,
+                    handler,
+                ))?
         };
         let this = Rc::new(Coroutines {
             lua: lua.clone(),
             spares: RefCell::new(Vec::new()),
             #[cfg(not(feature = "lua51"))]
             body,
+            #[cfg(not(feature = "lua51"))]
+            given,
+            #[cfg(not(feature = "lua51"))]
+            failed,
         });
         CURRENT.with(|c| *c.borrow_mut() = Rc::downgrade(&this));
         Ok(this)
@@ -98,15 +139,13 @@ impl Coroutines {
     /// Starts `f(args)` as a coroutine, as a future for the request.
     pub(crate) fn call<R: FromLuaMulti>(
         self: &Rc<Self>,
-        f: &Function,
+        function: &Function,
         args: impl IntoLuaMulti,
     ) -> mlua::Result<Call<R>> {
+        #[cfg(feature = "lua51")]
+        let f = function;
         #[cfg(not(feature = "lua51"))]
-        let (f, args) = {
-            let mut all = args.into_lua_multi(&self.lua)?;
-            all.push_front(Value::Function(f.clone()));
-            (&self.body, all)
-        };
+        let f = &self.body;
         let spare = self.spares.borrow_mut().pop();
         let thread = match spare {
             Some(thread) => {
@@ -115,12 +154,13 @@ impl Coroutines {
             }
             None => self.lua.create_thread(f.clone())?,
         };
-        let future = thread.clone().into_async::<MultiValue>(args)?;
+        #[cfg(not(feature = "lua51"))]
+        self.given.raw_set(&thread, function)?;
+        let future = thread.clone().into_async::<R>(args)?;
         Ok(Call {
             thread,
             future: Some(future),
             home: self.clone(),
-            result: PhantomData,
         })
     }
 }
@@ -136,18 +176,16 @@ pub(crate) fn close_terminated() {
 }
 
 impl Coroutines {
-    /// What the request's function returned, as `R` (on Lua 5.4 and 5.5,
-    /// after `pcall`'s status: `false, error` is the error).
-    fn decode<R: FromLuaMulti>(&self, values: MultiValue) -> mlua::Result<R> {
+    /// The error the request's function raised, if it did (`body` left it
+    /// in `failed`), rather than what its coroutine returned.
+    fn outcome<R>(&self, thread: &Thread, returned: mlua::Result<R>) -> mlua::Result<R> {
         #[cfg(not(feature = "lua51"))]
-        let values = {
-            let mut values = values;
-            match values.pop_front() {
-                Some(Value::Boolean(true)) => values,
-                _ => return Err(error_of(values.pop_front().unwrap_or(Value::Nil))),
-            }
-        };
-        R::from_lua_multi(values, &self.lua)
+        if let Ok(Some(boxed)) = self.failed.raw_get::<Option<mlua::Table>>(thread) {
+            let _ = self.failed.raw_set(thread, Value::Nil);
+            return Err(error_of(boxed.raw_get(1).unwrap_or(Value::Nil)));
+        }
+        let _ = thread;
+        returned
     }
 }
 
@@ -195,9 +233,8 @@ fn thread_noop(thread: &Thread) -> mlua::Result<Function> {
 pub(crate) struct Call<R> {
     thread: Thread,
     /// `None` once finished.
-    future: Option<AsyncThread<MultiValue>>,
+    future: Option<AsyncThread<R>>,
     home: Rc<Coroutines>,
-    result: PhantomData<fn() -> R>,
 }
 
 impl<R: FromLuaMulti> Future for Call<R> {
@@ -213,7 +250,7 @@ impl<R: FromLuaMulti> Future for Call<R> {
             return Poll::Pending;
         };
         this.future = None;
-        let result = result.and_then(|values| this.home.decode::<R>(values));
+        let result = this.home.outcome(&this.thread, result);
         if result.is_ok() && this.thread.status() == mlua::thread::ThreadStatus::Finished {
             let mut spares = this.home.spares.borrow_mut();
             if spares.len() < SPARES {
