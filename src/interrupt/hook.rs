@@ -309,6 +309,17 @@ impl Interrupt {
         Ok(())
     }
 
+    /// Stops raising the interruption on this thread, with no request
+    /// entered: a suspended request's futures are dropped now, by resuming
+    /// mlua's wrapper, which must not be interrupted (see `vm/coroutine.rs`).
+    /// A stop may have fired in the poll that suspended it (the hook ticks
+    /// before the instruction that yields).
+    #[cfg(feature = "async")]
+    pub(crate) fn quiet(&self) {
+        #[cfg(any(feature = "lua54", feature = "lua55"))]
+        alarm::end_raising();
+    }
+
     /// Arms the stop machinery for the entered request, whose work is
     /// being dropped because it must stop (a suspended request: `vm/job.rs`):
     /// Lua code that runs meanwhile (its coroutine's `__close` handlers) is

@@ -134,6 +134,7 @@ impl<T: Send + 'static> Resume for Waiting<T> {
         // Its futures (its work's, its children's) first, with no
         // request current: a hook tick must not interrupt mlua's
         // wrapper while it drops one (`vm/coroutine.rs`).
+        interrupt.quiet();
         let work = self.work.take();
         let children = &mut self.children;
         let dropped = catch_unwind(AssertUnwindSafe(move || {
