@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::front::{each_kind, Kind};
-use common::{eventually, in_child, within, Rng, PATIENCE};
+use common::{eventually, within, Rng, PATIENCE};
 use crossbeam_channel::{Receiver, Sender};
 use futures::channel::oneshot;
 use mlua_isle::mlua::{self, Lua};
@@ -290,6 +290,7 @@ macro_rules! front {
 }
 
 impl F {
+    #[allow(dead_code)] // used by tests compiled for some backends only
     fn kind(&self) -> Kind {
         match self {
             F::Isle(_) => Kind::Isle,
@@ -788,7 +789,7 @@ fn close_handlers_of_a_cancelled_suspended_request_run() {
 #[test]
 fn a_close_handler_that_loops_forever_is_stopped() {
     // A child process: a handler that is not stopped spins a core forever.
-    in_child("a_close_handler_that_loops_forever_is_stopped", || {
+    common::in_child("a_close_handler_that_loops_forever_is_stopped", || {
         each_kind(|kind| {
             let (ctl, hub) = hub();
             let front = front!(kind, hub);

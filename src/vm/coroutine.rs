@@ -90,6 +90,8 @@ impl Coroutines {
                 .globals()
                 .get::<Option<mlua::Table>>("coroutine")?
                 .is_none();
+            // (LuaJIT opens it with the base library, always.)
+            #[cfg(not(feature = "luajit"))]
             if opened {
                 lua.load_std_libs(mlua::StdLib::COROUTINE)?;
             }
