@@ -211,7 +211,7 @@ fn serve(
             };
             run(vm, life, job);
         }
-        if life.is_aborting() {
+        if vm.suspended() > 0 && life.is_aborting() {
             vm.close_suspended(&mut |_, _| {});
         }
         if closing && vm.suspended() == 0 && backlog.is_empty() {

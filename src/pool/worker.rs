@@ -93,7 +93,7 @@ impl Worker {
                         self.run_job(&mut host, job, None, 0);
                     }
                     Found::Pinned(Pinned::Session(binding, job)) => {
-                        self.session_job(&mut host, &binding, job, &mut lost);
+                        self.session_job(&mut host, &binding, job);
                     }
                     Found::Pinned(Pinned::Broadcast(job)) => {
                         // Not a request of the pool's: not in its metrics.
@@ -134,16 +134,10 @@ impl Worker {
 
             // Idle (or at the cap of suspended requests).
             let stopping = || shared.life.is_closed();
-            let vm = &host.vm;
-            if stopping() && vm.suspended() == 0 && !shared.has_work(w, &self.local) {
+            if stopping() && host.vm.suspended() == 0 && !shared.has_work(w, &self.local) {
                 break;
             }
-            let more = || {
-                vm.has_woken()
-                    || (room && shared.has_work(w, &self.local))
-                    || (stopping() && vm.suspended() == 0)
-            };
-            if spin_until(more) {
+            if spin_until(|| self.more(&host.vm, room)) {
                 continue;
             }
             if let Some(every) = sweep_every {
@@ -152,26 +146,25 @@ impl Worker {
                     next_sweep = Instant::now() + every;
                 }
             }
-            let vm = &host.vm;
-            let more = || {
-                vm.has_woken()
-                    || (room && shared.has_work(w, &self.local))
-                    || (stopping() && vm.suspended() == 0)
-            };
             let timeout = sweep_every.filter(|_| !host.envs.is_empty() || !lost.is_empty());
-            shared.sleep.sleep(w, &self.parker, timeout, more);
+            shared
+                .sleep
+                .sleep(w, &self.parker, timeout, || self.more(&host.vm, room));
         }
+    }
+
+    /// Whether an idle worker has something to do: a suspended request
+    /// woke, work it may take (`room`: below `max_suspended`) is queued, or
+    /// the pool is closing and nothing holds this worker back.
+    fn more(&self, vm: &Vm, room: bool) -> bool {
+        vm.has_woken()
+            || (room && self.shared.has_work(self.index, &self.local))
+            || (self.shared.life.is_closed() && vm.suspended() == 0)
     }
 
     /// A request for a session: it runs now, unless a request of the same
     /// session is suspended (then it waits behind it, in order).
-    fn session_job(
-        &self,
-        host: &mut WorkerVm,
-        binding: &Arc<Binding>,
-        job: Job,
-        lost: &mut Vec<Arc<Binding>>,
-    ) {
+    fn session_job(&self, host: &mut WorkerVm, binding: &Arc<Binding>, job: Job) {
         if binding.lost.load(Ordering::Acquire) {
             self.tell_lost(binding, job);
             self.session_request_done(binding);
@@ -185,7 +178,7 @@ impl Worker {
                         return;
                     }
                 }
-                self.run_session(host, binding, job, &table, lost);
+                self.run_session(host, binding, job, &table);
             }
             Err(e) => {
                 job.abandon(e);
@@ -197,20 +190,12 @@ impl Worker {
 
     /// Runs a session's request in its environment; if it suspends, the
     /// session is busy until it resolves.
-    fn run_session(
-        &self,
-        host: &mut WorkerVm,
-        binding: &Arc<Binding>,
-        job: Job,
-        table: &Table,
-        lost: &mut Vec<Arc<Binding>>,
-    ) {
+    fn run_session(&self, host: &mut WorkerVm, binding: &Arc<Binding>, job: Job, table: &Table) {
         if self.run_job(host, job, Some(table), binding.id).is_some() {
             self.session_request_done(binding);
         } else if let Some(env) = host.envs.get_mut(&binding.id) {
             env.busy = true;
         }
-        let _ = lost;
     }
 
     /// A session's request has resolved.
@@ -309,7 +294,7 @@ impl Worker {
                         job.abandon(IsleError::Shutdown);
                         self.session_request_done(&binding);
                     } else {
-                        self.run_session(host, &binding, job, &table, lost);
+                        self.run_session(host, &binding, job, &table);
                     }
                 }
             }
