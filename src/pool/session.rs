@@ -33,8 +33,8 @@ pub(super) struct Binding {
     /// Requests queued or running; changed under the shard lock (up) and by
     /// the worker (down).
     pub(super) pending: AtomicUsize,
-    /// Last use (submission, or end of a request), in `Shared::now_ns`
-    /// units.
+    /// When its last request ended, in `Shared::now_ns` units (kept only
+    /// with a `session_idle_timeout`).
     pub(super) last_used: AtomicU64,
     /// Set when the VM holding this session's state was recycled.
     pub(super) lost: AtomicBool,
@@ -133,9 +133,10 @@ fn enqueue(shared: &Shared, key: &SessionKey, job: Job) {
                 b
             }
         };
-        // ORDERING: Relaxed: both are read under this lock, or as hints.
+        // ORDERING: Relaxed: read under this lock, or as a hint. (No idle
+        // stamp here: a session with requests pending is not idle, and its
+        // idle clock starts when the last of them ends.)
         binding.pending.fetch_add(1, Ordering::Relaxed);
-        binding.last_used.store(shared.now_ns(), Ordering::Relaxed);
         let w = binding.worker;
         shared.pinned[w].push(Pinned::Session(binding, job));
         w

@@ -124,9 +124,12 @@ impl Sleep {
 
     /// Submitter side, after pushing work only worker `w` may run.
     pub(super) fn wake(&self, w: usize) {
-        // ORDERING: pairs with the worker's fence; see the module docs.
+        // ORDERING: pairs with the worker's fence; see the module docs. The
+        // flag is read before it is swapped: a worker that is awake (the
+        // busy case) costs its submitters a read of a shared line, not a
+        // write to it.
         fence(Ordering::SeqCst);
-        if self.lower(w) {
+        if self.sleeping[w].load(Ordering::SeqCst) && self.lower(w) {
             self.unparkers[w].lock().unpark();
         }
     }

@@ -200,10 +200,13 @@ impl Worker {
 
     /// A session's request has resolved.
     fn session_request_done(&self, binding: &Binding) {
-        // The idle clock starts when the last request ends.
-        binding
-            .last_used
-            .store(self.shared.now_ns(), Ordering::Relaxed);
+        // The idle clock starts when the last request ends (read only by
+        // `expire_idle`: no clock without an idle timeout).
+        if self.shared.idle_timeout.is_some() {
+            binding
+                .last_used
+                .store(self.shared.now_ns(), Ordering::Relaxed);
+        }
         binding.pending.fetch_sub(1, Ordering::Relaxed);
     }
 
