@@ -5,7 +5,10 @@
 //!   at random over 1,000 sessions, from 1 and 4 blocking callers and from
 //!   one pipelining caller (256 in flight): throughput beside unkeyed work
 //!   and beside one key, with the p50 round trip and the process's
-//!   involuntary context switches per request. Target: ≥ 0.9x unkeyed.
+//!   involuntary context switches per request; for blocking callers also
+//!   the same random alternation over plain threads that each own a `Lua`
+//!   (what a thread-per-VM design costs the machine without this crate).
+//!   Target: ≥ 0.9x unkeyed.
 //! - **Open-loop tail.** Poisson arrivals of ~50 µs jobs at 50/70/80/90% of
 //!   the workers' capacity, latency counted from each request's scheduled
 //!   arrival (so a late submitter or a slow hand-off cannot hide behind
@@ -86,6 +89,52 @@ enum Keys {
     Unkeyed,
     One,
     Spread(u64),
+}
+
+/// The same alternation without this crate: one thread per VM, each
+/// owning a plain `Lua`, fed through a channel; each request goes to a
+/// thread picked at random, and the caller waits on a reply channel.
+struct PlainThreads {
+    senders: Vec<crossbeam_channel::Sender<crossbeam_channel::Sender<i64>>>,
+}
+
+impl PlainThreads {
+    fn new(n: usize) -> PlainThreads {
+        let senders = (0..n)
+            .map(|_| {
+                let (tx, rx) = crossbeam_channel::unbounded::<crossbeam_channel::Sender<i64>>();
+                thread::spawn(move || {
+                    let lua = Lua::new();
+                    lua.load(SCRIPT).exec().unwrap();
+                    let add: Function = lua.globals().get("add").unwrap();
+                    for reply in rx {
+                        let _ = reply.send(add.call::<i64>((1, 2)).unwrap());
+                    }
+                });
+                tx
+            })
+            .collect();
+        PlainThreads { senders }
+    }
+
+    /// `total` blocking requests from `callers` threads; requests/s.
+    fn run(&self, callers: usize, total: usize) -> f64 {
+        let start = Instant::now();
+        thread::scope(|scope| {
+            for t in 0..callers {
+                scope.spawn(move || {
+                    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (t as u64 + 1));
+                    let (tx, rx) = crossbeam_channel::bounded(1);
+                    for _ in 0..total / callers {
+                        let i = (rng.next() % self.senders.len() as u64) as usize;
+                        self.senders[i].send(tx.clone()).unwrap();
+                        assert_eq!(rx.recv().unwrap(), 3);
+                    }
+                });
+            }
+        });
+        total as f64 / start.elapsed().as_secs_f64()
+    }
 }
 
 /// How callers submit.
@@ -207,6 +256,7 @@ fn many_keys(c: &mut Criterion) {
         return;
     }
     let total = 100_000;
+    let plain = PlainThreads::new(workers());
     for (name, callers) in shapes {
         // Rounds alternate the three key shapes, so each ratio compares
         // runs that shared the machine's weather.
@@ -216,15 +266,26 @@ fn many_keys(c: &mut Criterion) {
             let unkeyed = keyed_run(&pool, Keys::Unkeyed, callers, total);
             let one = keyed_run(&pool, Keys::One, callers, total);
             let spread = keyed_run(&pool, Keys::Spread(1000), callers, total);
+            let plain = match callers {
+                Callers::Blocking(n) => Some(plain.run(n, total)),
+                Callers::Pipelined(_) => None,
+            };
             ratios.push(spread.per_sec / unkeyed.per_sec);
-            rows.push((spread, unkeyed, one));
+            rows.push((spread, unkeyed, one, plain));
         }
         let mut order: Vec<usize> = (0..ratios.len()).collect();
         order.sort_by(|&a, &b| ratios[a].total_cmp(&ratios[b]));
         let mid = order[order.len() / 2];
-        let (spread, unkeyed, one) = &rows[mid];
+        let (spread, unkeyed, one, plain) = &rows[mid];
+        let plain = plain.map_or(String::new(), |p| {
+            format!(
+                " | same alternation over {} plain threads+Lua (channels) {:>6.0}k req/s",
+                workers(),
+                p / 1e3
+            )
+        });
         println!(
-            "summary: sessions, {name:<36} 1,000 keys {:>6.0}k req/s, p50 {:>7.2?}, {:.2} invol. switches/req | baseline unkeyed {:>6.0}k req/s, p50 {:>7.2?}, {:.2} sw/req | one key {:>6.0}k req/s | 1,000 keys / unkeyed: median {:.2}x (range {:.2}-{:.2}x, 5 rounds; target >= 0.9x)",
+            "summary: sessions, {name:<36} 1,000 keys {:>6.0}k req/s, p50 {:>7.2?}, {:.2} invol. switches/req | baseline unkeyed {:>6.0}k req/s, p50 {:>7.2?}, {:.2} sw/req | one key {:>6.0}k req/s{plain} | 1,000 keys / unkeyed: median {:.2}x (range {:.2}-{:.2}x, 5 rounds, same round's median shown; target >= 0.9x)",
             spread.per_sec / 1e3,
             spread.p50,
             spread.switches_per_request,

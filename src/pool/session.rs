@@ -31,7 +31,7 @@ pub(super) struct Binding {
     pub(super) key: SessionKey,
     pub(super) worker: usize,
     /// Requests queued or running; changed under the shard lock (up) and by
-    /// the worker (down).
+    /// the worker (down). Kept only with a `session_idle_timeout`.
     pub(super) pending: AtomicUsize,
     /// When its last request ended, in `Shared::now_ns` units (kept only
     /// with a `session_idle_timeout`).
@@ -133,10 +133,15 @@ fn enqueue(shared: &Shared, key: &SessionKey, job: Job) {
                 b
             }
         };
-        // ORDERING: Relaxed: read under this lock, or as a hint. (No idle
-        // stamp here: a session with requests pending is not idle, and its
-        // idle clock starts when the last of them ends.)
-        binding.pending.fetch_add(1, Ordering::Relaxed);
+        // Counted only for idle expiry: a session with requests pending is
+        // not idle (no stamp here: its idle clock starts when the last of
+        // them ends). Without an idle timeout, neither side touches the
+        // count: a line shared by the caller and the VM thread, written by
+        // both on every request.
+        if shared.idle_timeout.is_some() {
+            // ORDERING: Relaxed: read under this lock, or as a hint.
+            binding.pending.fetch_add(1, Ordering::Relaxed);
+        }
         let w = binding.worker;
         shared.pinned[w].push(Pinned::Session(binding, job));
         w

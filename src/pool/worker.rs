@@ -200,14 +200,14 @@ impl Worker {
 
     /// A session's request has resolved.
     fn session_request_done(&self, binding: &Binding) {
-        // The idle clock starts when the last request ends (read only by
-        // `expire_idle`: no clock without an idle timeout).
+        // The idle clock starts when the last request ends. Both are read
+        // only by `expire_idle`: without an idle timeout, neither is kept.
         if self.shared.idle_timeout.is_some() {
             binding
                 .last_used
                 .store(self.shared.now_ns(), Ordering::Relaxed);
+            binding.pending.fetch_sub(1, Ordering::Relaxed);
         }
-        binding.pending.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Closes a session: its environment goes.
