@@ -65,11 +65,13 @@ fn trim() {
     }
 }
 
-/// Bytes malloc has handed out and not had back, over every arena.
+/// Bytes malloc has handed out and not had back, over every arena, and in
+/// blocks of their own (big hash tables).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn live() -> usize {
     // SAFETY: mallinfo2 only reads glibc's own arenas, under their locks.
-    unsafe { libc::mallinfo2().uordblks }
+    let info = unsafe { libc::mallinfo2() };
+    info.uordblks + info.hblkhd
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use mlua::{Function, Table};
+use mlua::{Function, Lua, Table};
 
 use super::session::Binding;
 use crate::vm::{Job, Vm};
@@ -65,34 +65,44 @@ impl WorkerVm {
     }
 }
 
-/// Builds, once per VM, the Lua function that makes session environments.
+/// Builds, once per VM, the Lua function that makes session environments
+/// (`session_env.lua`).
 ///
-/// A session's environment is an empty table (what the session writes)
-/// whose metatable reads through a small per-session table to the shared
-/// globals. The per-session table makes `_G` name the environment itself
-/// (so `_G.x = v` stays in the session) and gives the session a `load`
-/// whose chunks run in the environment unless given another one. The
-/// metatable is hidden (`__metatable = false`), so `getmetatable(_G)` does
-/// not lead to the shared globals.
+/// A session's environment is a table holding `_G` (itself, so `_G.x = v`
+/// stays in the session) and what the session writes. Its metatable, one
+/// for the VM and hidden (`__metatable = false`, so `getmetatable(_G)` does
+/// not lead to the shared globals), reads through to the VM's session
+/// `load` (whose chunks run in the calling session's environment unless
+/// given another) and to the shared globals.
 fn env_factory(vm: &Vm) -> mlua::Result<Function> {
-    let globals = vm.lua().globals();
+    let lua = vm.lua();
+    let globals = lua.globals();
     // Reads fall back to the shared globals; in the sandbox, to the globals
-    // as init left them, so that unkeyed work cannot rebind what sessions
-    // see.
-    let shared = crate::sandbox::session_globals(vm.lua())?.unwrap_or_else(|| globals.clone());
+    // as init left them (a copy only sessions read), so that unkeyed work
+    // cannot rebind what sessions see.
+    let copy = crate::sandbox::session_globals(lua)?;
+    let is_copy = copy.is_some();
+    let shared = copy.unwrap_or_else(|| globals.clone());
     let load: Option<Function> = globals.get("load")?;
     let loadstring: Option<Function> = globals.get("loadstring")?;
-    let setfenv: Option<Function> = match crate::sandbox::setfenv(vm.lua())? {
+    let setfenv: Option<Function> = match crate::sandbox::setfenv(lua)? {
         Some(own) => Some(own),
         None => globals.get("setfenv")?,
     };
-    // Where functions carry their environment (`setfenv`: 5.1, LuaJIT,
-    // Luau), `load` has no environment argument everywhere (5.1), and
-    // `loadstring` none at all: the loaded function gets it set instead.
-    vm.lua()
-        .load(include_str!("session_env.lua"))
+    let caller_env = lua.create_function(|lua, meta: Table| Ok(caller_env(lua, &meta)))?;
+    lua.load(include_str!("session_env.lua"))
         .set_name("=mlua-isle session")
-        .call((shared, load, loadstring, setfenv))
+        .call((shared, is_copy, load, loadstring, setfenv, caller_env))
+}
+
+/// The environment of the nearest function on the call stack whose
+/// environment is a session's (has the metatable `meta`, which Lua code
+/// cannot reach).
+fn caller_env(lua: &Lua, meta: &Table) -> Option<Table> {
+    (1..)
+        .map_while(|level| lua.inspect_stack(level, |d| d.function()))
+        .filter_map(|f| f.environment())
+        .find(|env| env.metatable().as_ref() == Some(meta))
 }
 
 /// A fresh session environment.
