@@ -9,14 +9,44 @@ use super::session::Binding;
 use crate::vm::{Job, Vm};
 use crate::IsleError;
 
-/// One session's environment on this VM.
+/// One session's environment on this VM (one per open session: kept small).
 pub(super) struct Env {
     pub(super) binding: Arc<Binding>,
     pub(super) table: Table,
     /// A request of this session is suspended (the `async` feature): the
     /// session's next requests, and its close, wait here, in order.
     pub(super) busy: bool,
-    pub(super) waiting: VecDeque<Waiting>,
+    pub(super) waiting: Queue,
+}
+
+/// What waits behind a session's suspended request, in order: a pointer
+/// until something does (rare; `VecDeque` inline would be 32 bytes in
+/// every session's record).
+#[derive(Default)]
+pub(super) struct Queue(Option<Box<VecDeque<Waiting>>>);
+
+impl Queue {
+    pub(super) fn push_back(&mut self, w: Waiting) {
+        self.0.get_or_insert_default().push_back(w);
+    }
+
+    pub(super) fn pop_front(&mut self) -> Option<Waiting> {
+        let queue = self.0.as_mut()?;
+        let w = queue.pop_front();
+        if queue.is_empty() {
+            self.0 = None;
+        }
+        w
+    }
+}
+
+impl IntoIterator for Queue {
+    type Item = Waiting;
+    type IntoIter = std::iter::Flatten<std::option::IntoIter<VecDeque<Waiting>>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.map(|q| *q).into_iter().flatten()
+    }
 }
 
 /// What waits behind a session's suspended request.
@@ -58,7 +88,7 @@ impl WorkerVm {
                 binding: binding.clone(),
                 table: table.clone(),
                 busy: false,
-                waiting: VecDeque::new(),
+                waiting: Queue::default(),
             },
         );
         Ok(table)
