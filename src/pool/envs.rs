@@ -23,6 +23,7 @@ pub(super) struct Env {
 /// until something does (rare; `VecDeque` inline would be 32 bytes in
 /// every session's record).
 #[derive(Default)]
+#[allow(clippy::box_collection)] // the point: 8 bytes inline, not 32
 pub(super) struct Queue(Option<Box<VecDeque<Waiting>>>);
 
 impl Queue {
