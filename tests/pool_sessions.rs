@@ -515,3 +515,156 @@ fn sessions_expire_while_the_pool_stays_busy() {
     });
     assert_eq!(pool.metrics().sessions_open, 0);
 }
+
+/// `load` of a string, on every backend (5.1 and Luau: `loadstring`).
+const LOAD: &str = "local load = loadstring or load";
+
+#[test]
+fn load_runs_chunks_in_the_calling_session_however_it_is_reached() {
+    let pool = IslePool::new(1, |lua| {
+        // A function of init's that is handed a session's `load`.
+        lua.load("function run_loader(loader, src) return loader(src)() end")
+            .exec()
+    })
+    .unwrap();
+    let s = pool.session("loader");
+    let other = pool.session("other");
+    s.eval::<()>(format!(
+        r#"{LOAD}
+        local ok, f = pcall(load, "by_pcall = 1") f()
+        local function nested() return load("by_nested = 2")() end
+        nested()
+        coroutine.wrap(function() (loadstring or _G.load)("in_coroutine = 3")() end)()
+        run_loader(load, "via_init = 4")
+        function later(src) return (loadstring or _G.load)(src)() end
+        "#
+    ))
+    .unwrap();
+    // A function the session defined, called by a later request.
+    s.eval::<()>("later('by_later = 5')").unwrap();
+    let names = [
+        "by_pcall",
+        "by_nested",
+        "in_coroutine",
+        "via_init",
+        "by_later",
+    ];
+    for (i, name) in names.iter().enumerate() {
+        assert_eq!(
+            s.eval::<Option<i64>>(*name),
+            Ok(Some(i as i64 + 1)),
+            "{name}"
+        );
+        assert_eq!(pool.eval::<Option<i64>>(*name), Ok(None), "{name}");
+        assert_eq!(other.eval::<Option<i64>>(*name), Ok(None), "{name}");
+    }
+    // Each session's chunks land in its own globals.
+    other
+        .eval::<()>(format!("{LOAD} load('mine = \"other\"')()"))
+        .unwrap();
+    assert_eq!(s.eval::<Option<String>>("mine"), Ok(None));
+    assert_eq!(other.eval::<String>("mine"), Ok("other".into()));
+    pool.shutdown().unwrap();
+}
+
+#[test]
+fn load_with_no_session_code_to_find_fails_rather_than_use_the_shared_globals() {
+    let pool = pool(1);
+    let s = pool.session("loader");
+    // `load` finds the session by the functions on the call stack that run
+    // in its globals: in this coroutine, the only one is `load` itself.
+    let r = s.eval::<()>(format!("{LOAD} coroutine.wrap(load)('leaked = 1')()"));
+    assert!(
+        matches!(&r, Err(IsleError::Lua(e)) if e.message().contains("no session code")),
+        "{r:?}"
+    );
+    assert_eq!(pool.eval::<Option<i64>>("leaked"), Ok(None));
+    assert_eq!(s.eval::<Option<i64>>("leaked"), Ok(None));
+    // With `_ENV` (5.2+), a function that reads no globals has none; called
+    // in tail position by the request, it is alone on the stack too. Where
+    // every function has an environment (5.1, LuaJIT, Luau), it is found.
+    s.eval::<()>(format!("{LOAD} function later(src) return load(src)() end"))
+        .unwrap();
+    let r = s.eval::<()>("later('tail = 1')");
+    if cfg!(any(feature = "lua51", feature = "luajit", feature = "luau")) {
+        assert_eq!(r, Ok(()));
+        assert_eq!(s.eval::<Option<i64>>("tail"), Ok(Some(1)));
+    } else {
+        assert!(
+            matches!(&r, Err(IsleError::Lua(e)) if e.message().contains("no session code")),
+            "{r:?}"
+        );
+    }
+    assert_eq!(pool.eval::<Option<i64>>("tail"), Ok(None));
+    pool.shutdown().unwrap();
+}
+
+#[test]
+#[cfg(not(any(feature = "lua51", feature = "luajit", feature = "luau")))]
+fn load_given_an_environment_runs_the_chunk_there() {
+    let pool = pool(1);
+    let s = pool.session("loader");
+    let r =
+        s.eval::<(Option<i64>, i64)>("local t = {} load('y = 1', 'chunk', 't', t)() return y, t.y");
+    assert_eq!(r, Ok((None, 1)));
+    pool.shutdown().unwrap();
+}
+
+#[test]
+fn g_names_the_session_environment_and_its_metatable_is_hidden() {
+    let pool = pool(1);
+    let s = pool.session("g");
+    assert_eq!(
+        s.eval::<(bool, bool, bool)>(
+            "rawset(_G, 'raw', 1) return _G._G == _G, getmetatable(_G) == false, raw == 1"
+        ),
+        Ok((true, true, true))
+    );
+    assert_eq!(pool.eval::<Option<i64>>("raw"), Ok(None));
+    // Reads still reach the shared globals.
+    assert_eq!(
+        s.eval::<String>("shout(greeting)"),
+        Ok("HELLO FROM INIT".into())
+    );
+    pool.shutdown().unwrap();
+}
+
+/// The Lua heap of every VM, after full collections.
+fn lua_heap(pool: &IslePool) -> usize {
+    pool.broadcast(|lua| {
+        lua.gc_collect()?;
+        lua.gc_collect()?;
+        Ok(lua.used_memory())
+    })
+    .into_iter()
+    .map(|r| r.unwrap())
+    .sum()
+}
+
+#[test]
+fn closing_sessions_gives_their_memory_back_to_the_vms() {
+    const SESSIONS: u64 = 2_000;
+    const HELD: usize = 1_000;
+    let pool = IslePool::builder().workers(2).build().unwrap();
+    pool.session("warm").eval::<()>("x = 1").unwrap();
+    pool.close_session("warm");
+    let before = lua_heap(&pool);
+    for k in 0..SESSIONS {
+        let s = pool.session(k);
+        // A global from Rust (a string of its own: Luau interns them all)
+        // and one from a (cached) chunk.
+        s.exec(move |lua, env| env.set("held", lua.create_string(format!("{k:>HELD$}"))?))
+            .unwrap();
+        s.eval::<()>("y = #held").unwrap();
+    }
+    let open = lua_heap(&pool);
+    let held = open - before;
+    assert!(held >= SESSIONS as usize * HELD, "{held} bytes held");
+    for k in 0..SESSIONS {
+        assert!(pool.close_session(k));
+    }
+    // Broadcasts queue behind the closes.
+    let left = lua_heap(&pool).saturating_sub(before);
+    assert!(left < held / 20, "{left} of {held} bytes left");
+    pool.shutdown().unwrap();
+}

@@ -3,20 +3,51 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use mlua::{Function, Table};
+use mlua::{Function, Lua, Table};
 
 use super::session::Binding;
 use crate::vm::{Job, Vm};
 use crate::IsleError;
 
-/// One session's environment on this VM.
+/// One session's environment on this VM (one per open session: kept small).
 pub(super) struct Env {
     pub(super) binding: Arc<Binding>,
     pub(super) table: Table,
     /// A request of this session is suspended (the `async` feature): the
     /// session's next requests, and its close, wait here, in order.
     pub(super) busy: bool,
-    pub(super) waiting: VecDeque<Waiting>,
+    pub(super) waiting: Queue,
+}
+
+/// What waits behind a session's suspended request, in order: a pointer
+/// until something does (rare; `VecDeque` inline would be 32 bytes in
+/// every session's record).
+#[derive(Default)]
+#[allow(clippy::box_collection)] // the point: 8 bytes inline, not 32
+pub(super) struct Queue(Option<Box<VecDeque<Waiting>>>);
+
+impl Queue {
+    pub(super) fn push_back(&mut self, w: Waiting) {
+        self.0.get_or_insert_default().push_back(w);
+    }
+
+    pub(super) fn pop_front(&mut self) -> Option<Waiting> {
+        let queue = self.0.as_mut()?;
+        let w = queue.pop_front();
+        if queue.is_empty() {
+            self.0 = None;
+        }
+        w
+    }
+}
+
+impl IntoIterator for Queue {
+    type Item = Waiting;
+    type IntoIter = std::iter::Flatten<std::option::IntoIter<VecDeque<Waiting>>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.map(|q| *q).into_iter().flatten()
+    }
 }
 
 /// What waits behind a session's suspended request.
@@ -58,41 +89,51 @@ impl WorkerVm {
                 binding: binding.clone(),
                 table: table.clone(),
                 busy: false,
-                waiting: VecDeque::new(),
+                waiting: Queue::default(),
             },
         );
         Ok(table)
     }
 }
 
-/// Builds, once per VM, the Lua function that makes session environments.
+/// Builds, once per VM, the Lua function that makes session environments
+/// (`session_env.lua`).
 ///
-/// A session's environment is an empty table (what the session writes)
-/// whose metatable reads through a small per-session table to the shared
-/// globals. The per-session table makes `_G` name the environment itself
-/// (so `_G.x = v` stays in the session) and gives the session a `load`
-/// whose chunks run in the environment unless given another one. The
-/// metatable is hidden (`__metatable = false`), so `getmetatable(_G)` does
-/// not lead to the shared globals.
+/// A session's environment is a table holding `_G` (itself, so `_G.x = v`
+/// stays in the session) and what the session writes. Its metatable, one
+/// for the VM and hidden (`__metatable = false`, so `getmetatable(_G)` does
+/// not lead to the shared globals), reads through to the VM's session
+/// `load` (whose chunks run in the calling session's environment unless
+/// given another) and to the shared globals.
 fn env_factory(vm: &Vm) -> mlua::Result<Function> {
-    let globals = vm.lua().globals();
+    let lua = vm.lua();
+    let globals = lua.globals();
     // Reads fall back to the shared globals; in the sandbox, to the globals
-    // as init left them, so that unkeyed work cannot rebind what sessions
-    // see.
-    let shared = crate::sandbox::session_globals(vm.lua())?.unwrap_or_else(|| globals.clone());
+    // as init left them (a copy only sessions read), so that unkeyed work
+    // cannot rebind what sessions see.
+    let copy = crate::sandbox::session_globals(lua)?;
+    let is_copy = copy.is_some();
+    let shared = copy.unwrap_or_else(|| globals.clone());
     let load: Option<Function> = globals.get("load")?;
     let loadstring: Option<Function> = globals.get("loadstring")?;
-    let setfenv: Option<Function> = match crate::sandbox::setfenv(vm.lua())? {
+    let setfenv: Option<Function> = match crate::sandbox::setfenv(lua)? {
         Some(own) => Some(own),
         None => globals.get("setfenv")?,
     };
-    // Where functions carry their environment (`setfenv`: 5.1, LuaJIT,
-    // Luau), `load` has no environment argument everywhere (5.1), and
-    // `loadstring` none at all: the loaded function gets it set instead.
-    vm.lua()
-        .load(include_str!("session_env.lua"))
+    let caller_env = lua.create_function(|lua, meta: Table| Ok(caller_env(lua, &meta)))?;
+    lua.load(include_str!("session_env.lua"))
         .set_name("=mlua-isle session")
-        .call((shared, load, loadstring, setfenv))
+        .call((shared, is_copy, load, loadstring, setfenv, caller_env))
+}
+
+/// The environment of the nearest function on the call stack whose
+/// environment is a session's (has the metatable `meta`, which Lua code
+/// cannot reach).
+fn caller_env(lua: &Lua, meta: &Table) -> Option<Table> {
+    (1..)
+        .map_while(|level| lua.inspect_stack(level, |d| d.function()))
+        .filter_map(|f| f.environment())
+        .find(|env| env.metatable().as_ref() == Some(meta))
 }
 
 /// A fresh session environment.

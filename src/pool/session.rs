@@ -6,10 +6,11 @@
 //! Close" happen in one order, and the VM sees a session's requests, then its
 //! `Close`, in that order; a request after the close binds afresh.
 
-use std::collections::HashMap;
+use std::borrow::Borrow;
+use std::collections::HashSet;
 use std::fmt;
-use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crossbeam_utils::CachePadded;
@@ -25,6 +26,9 @@ use crate::{IsleError, Task};
 
 /// One binding of a key to a VM. A key closed and used again gets a new
 /// binding (new id, fresh environment).
+///
+/// One per open session, so kept small: with `pending` a `u32` it fits 56
+/// bytes.
 pub(super) struct Binding {
     /// Unique in the pool; names the environment on the worker.
     pub(crate) id: u64,
@@ -32,7 +36,7 @@ pub(super) struct Binding {
     pub(super) worker: usize,
     /// Requests queued or running; changed under the shard lock (up) and by
     /// the worker (down). Kept only with a `session_idle_timeout`.
-    pub(super) pending: AtomicUsize,
+    pub(super) pending: AtomicU32,
     /// When its last request ended, in `Shared::now_ns` units (kept only
     /// with a `session_idle_timeout`).
     pub(super) last_used: AtomicU64,
@@ -40,7 +44,31 @@ pub(super) struct Binding {
     pub(super) lost: AtomicBool,
 }
 
-type Shard = Mutex<HashMap<SessionKey, Arc<Binding>>>;
+/// A binding in its shard, found by its key (which it holds: the shard
+/// does not store it again).
+struct ByKey(Arc<Binding>);
+
+impl Borrow<SessionKey> for ByKey {
+    fn borrow(&self) -> &SessionKey {
+        &self.0.key
+    }
+}
+
+impl Hash for ByKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.key.hash(state);
+    }
+}
+
+impl PartialEq for ByKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.key == other.0.key
+    }
+}
+
+impl Eq for ByKey {}
+
+type Shard = Mutex<HashSet<ByKey>>;
 
 /// The open sessions, sharded by key.
 pub(super) struct Sessions {
@@ -54,7 +82,7 @@ impl Sessions {
         let shards = (workers * 8).next_power_of_two().max(16);
         Sessions {
             shards: (0..shards)
-                .map(|_| CachePadded::new(Mutex::new(HashMap::new())))
+                .map(|_| CachePadded::new(Mutex::new(HashSet::new())))
                 .collect(),
             hasher: RandomState::new(),
             next_id: AtomicU64::new(1),
@@ -75,7 +103,7 @@ impl Sessions {
         self.shard(&binding.key)
             .lock()
             .get(&binding.key)
-            .is_some_and(|b| Arc::ptr_eq(b, binding))
+            .is_some_and(|b| Arc::ptr_eq(&b.0, binding))
     }
 
     /// Marks every session bound to worker `w` lost (its VM was replaced
@@ -83,7 +111,7 @@ impl Sessions {
     pub(super) fn mark_lost(&self, w: usize) -> Vec<Arc<Binding>> {
         let mut lost = Vec::new();
         for shard in self.shards.iter() {
-            for b in shard.lock().values().filter(|b| b.worker == w) {
+            for ByKey(b) in shard.lock().iter().filter(|b| b.0.worker == w) {
                 b.lost.store(true, Ordering::Release);
                 lost.push(b.clone());
             }
@@ -100,7 +128,7 @@ impl Sessions {
     ) -> bool {
         let mut shard = self.shard(&binding.key).lock();
         match shard.get(&binding.key) {
-            Some(b) if Arc::ptr_eq(b, binding) && still(b) => {
+            Some(ByKey(b)) if Arc::ptr_eq(b, binding) && still(b) => {
                 shard.remove(&binding.key);
                 true
             }
@@ -116,20 +144,20 @@ fn enqueue(shared: &Shared, key: &SessionKey, job: Job) {
     let worker = {
         let mut shard = sessions.shard(key).lock();
         let binding = match shard.get(key) {
-            Some(b) => b.clone(),
+            Some(ByKey(b)) => b.clone(),
             None => {
                 let b = Arc::new(Binding {
                     id: sessions.next_id.fetch_add(1, Ordering::Relaxed),
                     key: key.clone(),
                     worker: least_loaded(shared),
-                    pending: AtomicUsize::new(0),
+                    pending: AtomicU32::new(0),
                     last_used: AtomicU64::new(0),
                     lost: AtomicBool::new(false),
                 });
                 shared.counters[b.worker]
                     .sessions
                     .fetch_add(1, Ordering::Relaxed);
-                shard.insert(key.clone(), b.clone());
+                shard.insert(ByKey(b.clone()));
                 b
             }
         };
@@ -167,7 +195,7 @@ fn least_loaded(shared: &Shared) -> usize {
 pub(super) fn close(shared: &Shared, key: &SessionKey) -> bool {
     let worker = {
         let mut shard = shared.sessions.shard(key).lock();
-        let Some(binding) = shard.remove(key) else {
+        let Some(ByKey(binding)) = shard.take(key) else {
             return false;
         };
         shared.counters[binding.worker]

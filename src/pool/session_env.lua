@@ -1,27 +1,56 @@
 -- Session environments (see envs.rs): returns the function that makes one.
-local globals, load, loadstring, setfenv = ...
-local shared = { __index = globals }
+--
+-- Per session there is only the environment table: `_G` (itself) and what
+-- the session writes. Everything else is the VM's, shared by its sessions:
+-- the metatable (hidden: `getmetatable(_G)` is false) and, behind it, what
+-- reads fall back to: `own` (the session `load` and `loadstring`) and then
+-- the globals. In the sandbox, `own` is the sandbox's copy of the globals
+-- itself (sessions alone read it), so a global read takes one step.
+local globals, copy, load, loadstring, setfenv, caller_env = ...
+local select = select
+local own = copy and globals or setmetatable({}, { __index = globals })
+local meta = { __index = own, __metatable = false }
+
+-- The environment of the session whose code called `load`: that of the
+-- nearest function on the call stack that runs in one of this VM's
+-- session environments (C functions and those `init` defined are passed
+-- over). Never the shared globals.
+local function caller()
+    local env = caller_env(meta)
+    if env == nil then
+        error("load: no session code on the call stack; give it an environment", 3)
+    end
+    return env
+end
+
+-- Where functions carry their environment (`setfenv`: 5.1, LuaJIT, Luau),
+-- `load` has no environment argument everywhere (5.1), and `loadstring`
+-- none at all: the loaded function gets it set instead.
 local function in_env(env, f, ...)
     if f then setfenv(f, env) end
     return f, ...
 end
+if load then
+    own.load = function(chunk, name, mode, ...)
+        if select('#', ...) ~= 0 then
+            return load(chunk, name, mode, ...)
+        end
+        local env = caller()
+        if setfenv then
+            return in_env(env, load(chunk, name, mode))
+        end
+        return load(chunk, name, mode, env)
+    end
+end
+if loadstring and setfenv then
+    own.loadstring = function(...)
+        local env = caller()
+        return in_env(env, loadstring(...))
+    end
+end
+
 return function()
     local env = {}
-    local own = setmetatable({ _G = env }, shared)
-    if load then
-        own.load = function(chunk, name, mode, ...)
-            if select('#', ...) ~= 0 then
-                return load(chunk, name, mode, ...)
-            elseif setfenv then
-                return in_env(env, load(chunk, name, mode))
-            end
-            return load(chunk, name, mode, env)
-        end
-    end
-    if loadstring and setfenv then
-        own.loadstring = function(...)
-            return in_env(env, loadstring(...))
-        end
-    end
-    return setmetatable(env, { __index = own, __metatable = false })
+    env._G = env
+    return setmetatable(env, meta)
 end
