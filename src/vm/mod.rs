@@ -10,6 +10,7 @@ mod coroutine;
 #[cfg(feature = "luajit")]
 pub(crate) mod cstack;
 mod job;
+pub(crate) mod precompiled;
 #[cfg(feature = "async")]
 mod suspend;
 #[cfg(feature = "async")]
