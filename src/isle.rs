@@ -201,6 +201,7 @@ fn serve(
 ) {
     let mut backlog: VecDeque<Job> = VecDeque::new();
     let mut closing = false;
+    let mut idle_spin = false;
     while life.is_current(0, mine) {
         if vm.has_woken() {
             vm.resume_woken(&mut |_, _| {});
@@ -222,7 +223,7 @@ fn serve(
         let msg = match rx.try_recv() {
             Ok(msg) => msg,
             Err(_) => {
-                if spin_until(|| !rx.is_empty() || vm.has_woken()) && rx.is_empty() {
+                if idle_spin && spin_until(|| !rx.is_empty() || vm.has_woken()) && rx.is_empty() {
                     continue;
                 }
                 #[cfg(not(feature = "async"))]
@@ -240,6 +241,7 @@ fn serve(
                 }
             }
         };
+        idle_spin = true;
         match msg {
             Msg::Job(job) if vm.suspended() >= cap || !backlog.is_empty() => backlog.push_back(job),
             Msg::Job(job) => run(vm, life, job),
