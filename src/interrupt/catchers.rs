@@ -144,6 +144,15 @@ pub(super) fn install_wrappers(
     )
 }
 
+/// The catchers in Lua (see [`install_lua_catchers`]).
+#[cfg(not(any(
+    feature = "lua52",
+    feature = "lua53",
+    feature = "lua54",
+    feature = "lua55"
+)))]
+static CATCHERS: Precompiled = Precompiled::new("=mlua-isle", include_str!("catchers.lua"));
+
 /// Lua 5.1, LuaJIT and Luau (no continuations for C functions to yield
 /// across, or none we can reach): the catchers wrapped in Lua.
 #[cfg(not(any(
@@ -174,26 +183,24 @@ fn install_lua_catchers(
     let allows_text = lua.create_function(|_, mode: mlua::Value| {
         Ok(matches!(mode, mlua::Value::String(m) if m.as_bytes().contains(&b't')))
     })?;
-    lua.load(include_str!("catchers.lua"))
-        .set_name("=mlua-isle")
-        .call::<()>((
-            check.clone(),
-            stopping.clone(),
-            pcall,
-            xpcall,
-            match coroutine {
-                Some(c) => c.get::<Option<mlua::Function>>("resume")?,
-                None => None,
-            },
-            globals.get::<Option<mlua::Function>>("load")?,
-            globals.get::<Option<mlua::Function>>("loadfile")?,
-            binary_chunks,
-            tracked,
-            globals.get::<Option<mlua::Function>>("loadstring")?,
-            cfg!(feature = "lua51"),
-            is_binary,
-            allows_text,
-        ))
+    CATCHERS.load(lua)?.call::<()>((
+        check.clone(),
+        stopping.clone(),
+        pcall,
+        xpcall,
+        match coroutine {
+            Some(c) => c.get::<Option<mlua::Function>>("resume")?,
+            None => None,
+        },
+        globals.get::<Option<mlua::Function>>("load")?,
+        globals.get::<Option<mlua::Function>>("loadfile")?,
+        binary_chunks,
+        tracked,
+        globals.get::<Option<mlua::Function>>("loadstring")?,
+        cfg!(feature = "lua51"),
+        is_binary,
+        allows_text,
+    ))
 }
 
 /// With hooks armed on demand, replaces `coroutine.resume`, `close` and

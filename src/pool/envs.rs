@@ -6,6 +6,7 @@ use std::sync::Arc;
 use mlua::{Function, Table};
 
 use super::session::Binding;
+use crate::vm::precompiled::Precompiled;
 use crate::vm::{Job, Vm};
 use crate::IsleError;
 
@@ -89,11 +90,13 @@ fn env_factory(vm: &Vm) -> mlua::Result<Function> {
     // Where functions carry their environment (`setfenv`: 5.1, LuaJIT,
     // Luau), `load` has no environment argument everywhere (5.1), and
     // `loadstring` none at all: the loaded function gets it set instead.
-    vm.lua()
-        .load(include_str!("session_env.lua"))
-        .set_name("=mlua-isle session")
+    SESSION_ENV
+        .load(vm.lua())?
         .call((shared, load, loadstring, setfenv))
 }
+
+static SESSION_ENV: Precompiled =
+    Precompiled::new("=mlua-isle session", include_str!("session_env.lua"));
 
 /// A fresh session environment.
 fn new_env(make: &mlua::Result<Function>) -> Result<Table, IsleError> {
