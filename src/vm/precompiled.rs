@@ -45,7 +45,7 @@ impl Precompiled {
         // options, as `Lua::load` of the source would).
         #[cfg(feature = "luau")]
         {
-            let bytecode = mlua::Compiler::new().compile(self.source)?;
+            let bytecode = mlua::chunk::Compiler::new().compile(self.source)?;
             load_binary(lua, self.name, self.bytecode.get_or_init(|| bytecode))
         }
         // PUC-Rio Lua and LuaJIT: compiled here, then dumped unstripped.
