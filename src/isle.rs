@@ -201,6 +201,9 @@ fn serve(
 ) {
     let mut backlog: VecDeque<Job> = VecDeque::new();
     let mut closing = false;
+    // No spin before the first request: a caller spawning isles in a loop
+    // would share its cores with each new one spinning (50 µs of CPU per
+    // isle); the first request may wait for a wake-up instead.
     let mut idle_spin = false;
     while life.is_current(0, mine) {
         if vm.has_woken() {

@@ -99,7 +99,7 @@ where
         // One box is all the thread's closure holds: std moves that closure
         // through several frames on the new thread, and every byte of it
         // each time lies above everything the VM thread then does, whose
-        // touched stack pages are resident memory (see `VmThread::run`).
+        // touched stack pages are resident memory (see `ThreadRun::run`).
         let run = Box::new(ThreadRun {
             spawn: self,
             life: life.clone(),
@@ -171,6 +171,11 @@ where
     }
 }
 
+// Starting and serving are frames of their own, never inlined into
+// `ThreadRun::run`: Lua's deepest C calls of a VM's start (`Lua::new`,
+// loading a chunk) then run ~2.5 KiB nearer the stack top, and the thread
+// touches the 12 KiB of stack a thread running only `Lua::new` touches,
+// not 16 (a page is resident memory, per VM).
 #[inline(never)]
 fn start_vm<S: FnOnce() -> Result<Vm, IsleError>>(start: S) -> Result<Vm, IsleError> {
     start()
