@@ -13,6 +13,10 @@
 //!
 //! Target: spawn time and RSS at or below the baseline (≤ 140 µs and
 //! ≤ 48 KiB on the project's 2-core machines).
+//!
+//! Rounds run in this process (after a first one, so thread stacks and
+//! allocator arenas exist, and with freed heap trimmed), and "cold": each
+//! in a fresh process (this binary again), as a program's first VMs are.
 
 mod common;
 
@@ -185,6 +189,7 @@ fn spread(v: &[f64], unit: f64, digits: usize) -> String {
 fn spawn_cost(c: &mut Criterion) {
     // Summaries first, while the process is fresh.
     if common::benching() {
+        cold_rounds();
         const ROUNDS: usize = 9;
         // One untimed round each: thread stacks and allocator arenas.
         round(isle, isle_heap);
@@ -226,6 +231,59 @@ fn spawn_cost(c: &mut Criterion) {
     spawn_with_alive(c, "vm_cost/thread_lua_new_200_alive", Plain::spawn);
 }
 
+/// Set in a child process: which cold round to run (`isle` or `plain`).
+const COLD: &str = "MLUA_ISLE_VM_COST_COLD";
+
+/// In a child process: one round, its numbers printed for the parent.
+fn cold_child(which: &str) {
+    let r = match which {
+        "isle" => round(isle, isle_heap),
+        _ => round(Plain::spawn, |p| p.heap),
+    };
+    println!(
+        "cold {} {} {} {}",
+        r.time.as_secs_f64() * 1e6,
+        r.cpu.as_secs_f64() * 1e6,
+        r.rss,
+        r.heap
+    );
+}
+
+/// Runs `which`'s cold round in a fresh process: (wall µs, CPU µs, RSS B).
+fn cold(which: &str) -> (f64, f64, f64) {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .env(COLD, which)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.starts_with("cold ")).unwrap();
+    let v: Vec<f64> = line[5..]
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    (v[0], v[1], v[2])
+}
+
+fn cold_rounds() {
+    const ROUNDS: usize = 5;
+    let (mut ours, mut base) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        base.push(cold("plain"));
+        ours.push(cold("isle"));
+    }
+    let col =
+        |v: &[(f64, f64, f64)], f: fn(&(f64, f64, f64)) -> f64| v.iter().map(f).collect::<Vec<_>>();
+    println!(
+        "summary: cold (fresh process), {ALIVE} alive: Isle::spawn {} us, CPU {} us, RSS {} KiB per VM   baseline thread + Lua::new: {} us, CPU {} us, RSS {} KiB   (median (range) of {ROUNDS} processes each)",
+        spread(&col(&ours, |r| r.0), 1.0, 1),
+        spread(&col(&ours, |r| r.1), 1.0, 1),
+        spread(&col(&ours, |r| r.2), 1024.0, 1),
+        spread(&col(&base, |r| r.0), 1.0, 1),
+        spread(&col(&base, |r| r.1), 1.0, 1),
+        spread(&col(&base, |r| r.2), 1024.0, 1),
+    );
+}
+
 fn pool_recycle(c: &mut Criterion) {
     let recycling = IslePool::builder()
         .workers(1)
@@ -265,4 +323,11 @@ criterion_group! {
         .measurement_time(Duration::from_secs(2));
     targets = spawn_cost, pool_recycle
 }
-criterion_main!(benches);
+
+fn main() {
+    if let Ok(which) = std::env::var(COLD) {
+        return cold_child(&which);
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
