@@ -135,6 +135,12 @@ where
     S: FnOnce() -> Result<Vm, IsleError>,
     F: FnOnce(Vm, Option<G>),
 {
+    /// Out of its box, whose memory goes back at once (`run` lasts as long
+    /// as the thread).
+    fn unbox(self: Box<Self>) -> Self {
+        *self
+    }
+
     /// The VM thread's whole life.
     fn run(self: Box<Self>) {
         let ThreadRun {
@@ -143,7 +149,7 @@ where
             config,
             ready_tx,
             serve,
-        } = *self;
+        } = self.unbox();
         let Spawn {
             slot,
             generation,
@@ -160,6 +166,7 @@ where
                 }
             };
             let _ = ready_tx.send(Ok(()));
+            drop(ready_tx); // its channel goes when the owner has read it
             let carried = match go.map(|go| go.recv()) {
                 None => None,
                 Some(Ok(g)) => Some(g),
