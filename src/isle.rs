@@ -176,11 +176,18 @@ fn start(
     .spawn(life, config, "", move |vm, _| {
         // A suspended request's wake-up (the `async` feature) comes on a
         // channel of its own: the request queue must still disconnect
-        // when the isle's last handle goes.
-        let (woke, wake) = crossbeam_channel::bounded(1);
-        vm.on_wake(move || {
-            let _ = woke.try_send(());
-        });
+        // when the isle's last handle goes. Without `async` nothing wakes
+        // (and no channel is kept per isle).
+        #[cfg(feature = "async")]
+        let wake = {
+            let (woke, wake) = crossbeam_channel::bounded(1);
+            vm.on_wake(move || {
+                let _ = woke.try_send(());
+            });
+            wake
+        };
+        #[cfg(not(feature = "async"))]
+        let wake = crossbeam_channel::never();
         serve(&vm, (&rx, &wake), &serving, generation, cap);
     })
 }
