@@ -24,7 +24,7 @@ use std::collections::VecDeque;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, Criterion};
 use crossbeam_channel::{bounded, Sender};
 use mlua::Lua;
 use mlua_isle::{Isle, IslePool};

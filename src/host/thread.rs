@@ -137,6 +137,7 @@ where
 {
     /// Out of its box, whose memory goes back at once (`run` lasts as long
     /// as the thread).
+    #[allow(clippy::boxed_local)] // taking the box apart is the point
     fn unbox(self: Box<Self>) -> Self {
         *self
     }
