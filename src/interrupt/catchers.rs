@@ -13,28 +13,6 @@ use super::hook::Interrupt;
 use crate::sandbox::room::MEMORY_ERROR;
 use crate::vm::precompiled::Precompiled;
 
-/// How Lua's `coroutine.wrap` raises a coroutine's error, for the tracked
-/// `wrap` (see [`install_tracked_coroutines`]).
-static WRAP_ERROR: Precompiled = Precompiled::new(
-    "=mlua-isle",
-    r#"
-            local check, close, status, error, memory_error, stopping = ...
-            return function(co, err)
-                -- A coroutine killed by the interruption is not closed
-                -- (see `guard_close`).
-                if close and status(co) == "dead" and not stopping() then
-                    local closed, e = close(co)
-                    if not closed then err = e end
-                end
-                check(err)
-                -- Lua's memory error is raised as is (5.4's wrap), which
-                -- keeps it a memory error.
-                if err == memory_error then error(err, 0) end
-                error(err, 3)
-            end
-            "#,
-);
-
 /// The guarded `coroutine.close` and `wrap` (see [`guard_close`]).
 #[cfg(any(feature = "lua54", feature = "lua55"))]
 static GUARD_CLOSE: Precompiled = Precompiled::new(
@@ -213,19 +191,9 @@ fn install_tracked_coroutines(
     stopping: &mlua::Function,
 ) -> mlua::Result<()> {
     let (resume, close) = alarm::tracked_resume_close(lua, check)?;
-    // How Lua's `coroutine.wrap` raises a coroutine's error: from 5.4 on, a
-    // coroutine that died by it is closed first (its `__close` handlers may
-    // replace the error), and a string gets the position of the wrapped
-    // function's caller (level 3: this function, the C function, its caller).
-    let wrap_error: mlua::Function = WRAP_ERROR.load(lua)?.call((
-        check.clone(),
-        close.clone(),
-        coroutine.get::<mlua::Function>("status")?,
-        lua.globals().get::<mlua::Function>("error")?,
-        MEMORY_ERROR,
-        stopping.clone(),
-    ))?;
-    let wrap = alarm::tracked_wrap_with(lua, &wrap_error)?;
+    // A wrapped coroutine's error is raised as Lua's `coroutine.wrap`
+    // raises it, after the check (see `alarm::tracked_wrap_with`).
+    let wrap = alarm::tracked_wrap_with(lua, check, close.as_ref(), stopping)?;
     coroutine.set("resume", resume)?;
     if let Some(close) = close {
         coroutine.set("close", close)?;
