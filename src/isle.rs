@@ -176,11 +176,18 @@ fn start(
     .spawn(life, config, "", move |vm, _| {
         // A suspended request's wake-up (the `async` feature) comes on a
         // channel of its own: the request queue must still disconnect
-        // when the isle's last handle goes.
-        let (woke, wake) = crossbeam_channel::bounded(1);
-        vm.on_wake(move || {
-            let _ = woke.try_send(());
-        });
+        // when the isle's last handle goes. Without `async` nothing wakes
+        // (and no channel is kept per isle).
+        #[cfg(feature = "async")]
+        let wake = {
+            let (woke, wake) = crossbeam_channel::bounded(1);
+            vm.on_wake(move || {
+                let _ = woke.try_send(());
+            });
+            wake
+        };
+        #[cfg(not(feature = "async"))]
+        let wake = crossbeam_channel::never();
         serve(&vm, (&rx, &wake), &serving, generation, cap);
     })
 }
@@ -201,6 +208,10 @@ fn serve(
 ) {
     let mut backlog: VecDeque<Job> = VecDeque::new();
     let mut closing = false;
+    // No spin before the first request: a caller spawning isles in a loop
+    // would share its cores with each new one spinning (50 µs of CPU per
+    // isle); the first request may wait for a wake-up instead.
+    let mut idle_spin = false;
     while life.is_current(0, mine) {
         if vm.has_woken() {
             vm.resume_woken(&mut |_, _| {});
@@ -222,7 +233,7 @@ fn serve(
         let msg = match rx.try_recv() {
             Ok(msg) => msg,
             Err(_) => {
-                if spin_until(|| !rx.is_empty() || vm.has_woken()) && rx.is_empty() {
+                if idle_spin && spin_until(|| !rx.is_empty() || vm.has_woken()) && rx.is_empty() {
                     continue;
                 }
                 #[cfg(not(feature = "async"))]
@@ -240,6 +251,7 @@ fn serve(
                 }
             }
         };
+        idle_spin = true;
         match msg {
             Msg::Job(job) if vm.suspended() >= cap || !backlog.is_empty() => backlog.push_back(job),
             Msg::Job(job) => run(vm, life, job),

@@ -11,6 +11,54 @@ use super::alarm;
 use super::errors::is_memory_error;
 use super::hook::Interrupt;
 use crate::sandbox::room::MEMORY_ERROR;
+use crate::vm::precompiled::Precompiled;
+
+/// The guarded `coroutine.close` and `wrap` (see [`guard_close`]).
+#[cfg(any(feature = "lua54", feature = "lua55"))]
+static GUARD_CLOSE: Precompiled = Precompiled::new(
+    "=mlua-isle",
+    r##"
+            local close, check, stopping, create, resume, status, memory_error,
+                  type, error, select, pcall = ...
+            -- Not installed where switches are tracked: the tracked close checks.
+            -- Lua's errors as Lua words and places them (a tail call to a
+            -- C function still leaves our frame as its caller).
+            local function closed(ok, ...)
+                if ok then return ... end
+                local e = ...
+                if e == memory_error then error(e, 0) end
+                error(e, 2) -- tail-called: level 2 is our caller's caller
+            end
+            local function guarded_close(...)
+                if stopping() then check() end
+                local co = ...
+                if type(co) ~= "thread" then
+                    local got = select("#", ...) == 0 and "no value" or type(co)
+                    error("bad argument #1 to 'close' (thread expected, got " .. got .. ")", 2)
+                end
+                return closed(pcall(close, co))
+            end
+            local function after(co, ok, ...)
+                if ok then return ... end
+                local err = ...
+                if status(co) == "dead" and not stopping() then
+                    local closed, e = close(co)
+                    if not closed then err = e end
+                end
+                check(err)
+                if err == memory_error then error(err, 0) end
+                error(err, 2) -- tail-called: level 2 is the wrapped function's caller
+            end
+            local function wrap(f)
+                if type(f) ~= "function" then
+                    error("bad argument #1 to 'wrap' (function expected)", 2)
+                end
+                local co = create(f)
+                return function(...) return after(co, resume(co, ...)) end
+            end
+            return guarded_close, wrap
+            "##,
+);
 
 /// Wraps `pcall`, `xpcall`, `coroutine.resume` and `load` (see the module
 /// docs and the comments inside), and
@@ -74,6 +122,15 @@ pub(super) fn install_wrappers(
     )
 }
 
+/// The catchers in Lua (see [`install_lua_catchers`]).
+#[cfg(not(any(
+    feature = "lua52",
+    feature = "lua53",
+    feature = "lua54",
+    feature = "lua55"
+)))]
+static CATCHERS: Precompiled = Precompiled::new("=mlua-isle", include_str!("catchers.lua"));
+
 /// Lua 5.1, LuaJIT and Luau (no continuations for C functions to yield
 /// across, or none we can reach): the catchers wrapped in Lua.
 #[cfg(not(any(
@@ -104,26 +161,24 @@ fn install_lua_catchers(
     let allows_text = lua.create_function(|_, mode: mlua::Value| {
         Ok(matches!(mode, mlua::Value::String(m) if m.as_bytes().contains(&b't')))
     })?;
-    lua.load(include_str!("catchers.lua"))
-        .set_name("=mlua-isle")
-        .call::<()>((
-            check.clone(),
-            stopping.clone(),
-            pcall,
-            xpcall,
-            match coroutine {
-                Some(c) => c.get::<Option<mlua::Function>>("resume")?,
-                None => None,
-            },
-            globals.get::<Option<mlua::Function>>("load")?,
-            globals.get::<Option<mlua::Function>>("loadfile")?,
-            binary_chunks,
-            tracked,
-            globals.get::<Option<mlua::Function>>("loadstring")?,
-            cfg!(feature = "lua51"),
-            is_binary,
-            allows_text,
-        ))
+    CATCHERS.load(lua)?.call::<()>((
+        check.clone(),
+        stopping.clone(),
+        pcall,
+        xpcall,
+        match coroutine {
+            Some(c) => c.get::<Option<mlua::Function>>("resume")?,
+            None => None,
+        },
+        globals.get::<Option<mlua::Function>>("load")?,
+        globals.get::<Option<mlua::Function>>("loadfile")?,
+        binary_chunks,
+        tracked,
+        globals.get::<Option<mlua::Function>>("loadstring")?,
+        cfg!(feature = "lua51"),
+        is_binary,
+        allows_text,
+    ))
 }
 
 /// With hooks armed on demand, replaces `coroutine.resume`, `close` and
@@ -136,39 +191,9 @@ fn install_tracked_coroutines(
     stopping: &mlua::Function,
 ) -> mlua::Result<()> {
     let (resume, close) = alarm::tracked_resume_close(lua, check)?;
-    // How Lua's `coroutine.wrap` raises a coroutine's error: from 5.4 on, a
-    // coroutine that died by it is closed first (its `__close` handlers may
-    // replace the error), and a string gets the position of the wrapped
-    // function's caller (level 3: this function, the C function, its caller).
-    let wrap_error: mlua::Function = lua
-        .load(
-            r#"
-            local check, close, status, error, memory_error, stopping = ...
-            return function(co, err)
-                -- A coroutine killed by the interruption is not closed
-                -- (see `guard_close`).
-                if close and status(co) == "dead" and not stopping() then
-                    local closed, e = close(co)
-                    if not closed then err = e end
-                end
-                check(err)
-                -- Lua's memory error is raised as is (5.4's wrap), which
-                -- keeps it a memory error.
-                if err == memory_error then error(err, 0) end
-                error(err, 3)
-            end
-            "#,
-        )
-        .set_name("=mlua-isle")
-        .call((
-            check.clone(),
-            close.clone(),
-            coroutine.get::<mlua::Function>("status")?,
-            lua.globals().get::<mlua::Function>("error")?,
-            MEMORY_ERROR,
-            stopping.clone(),
-        ))?;
-    let wrap = alarm::tracked_wrap_with(lua, &wrap_error)?;
+    // A wrapped coroutine's error is raised as Lua's `coroutine.wrap`
+    // raises it, after the check (see `alarm::tracked_wrap_with`).
+    let wrap = alarm::tracked_wrap_with(lua, check, close.as_ref(), stopping)?;
     coroutine.set("resume", resume)?;
     if let Some(close) = close {
         coroutine.set("close", close)?;
@@ -197,68 +222,22 @@ fn guard_close(
     stopping: &mlua::Function,
     tracked: bool,
 ) -> mlua::Result<()> {
-    let (close, wrap): (Option<mlua::Function>, Option<mlua::Function>) = lua
-        .load(
-            r##"
-            local close, check, stopping, tracked, create, resume, status, memory_error,
-                  type, error, select, pcall = ...
-            if tracked then return nil end -- the tracked close checks
-            -- Lua's errors as Lua words and places them (a tail call to a
-            -- C function still leaves our frame as its caller).
-            local function closed(ok, ...)
-                if ok then return ... end
-                local e = ...
-                if e == memory_error then error(e, 0) end
-                error(e, 2) -- tail-called: level 2 is our caller's caller
-            end
-            local function guarded_close(...)
-                if stopping() then check() end
-                local co = ...
-                if type(co) ~= "thread" then
-                    local got = select("#", ...) == 0 and "no value" or type(co)
-                    error("bad argument #1 to 'close' (thread expected, got " .. got .. ")", 2)
-                end
-                return closed(pcall(close, co))
-            end
-            local function after(co, ok, ...)
-                if ok then return ... end
-                local err = ...
-                if status(co) == "dead" and not stopping() then
-                    local closed, e = close(co)
-                    if not closed then err = e end
-                end
-                check(err)
-                if err == memory_error then error(err, 0) end
-                error(err, 2) -- tail-called: level 2 is the wrapped function's caller
-            end
-            local function wrap(f)
-                if type(f) ~= "function" then
-                    error("bad argument #1 to 'wrap' (function expected)", 2)
-                end
-                local co = create(f)
-                return function(...) return after(co, resume(co, ...)) end
-            end
-            return guarded_close, wrap
-            "##,
-        )
-        .set_name("=mlua-isle")
-        .call((
-            coroutine.get::<mlua::Function>("close")?,
-            check.clone(),
-            stopping.clone(),
-            tracked,
-            coroutine.get::<mlua::Function>("create")?,
-            coroutine.get::<mlua::Function>("resume")?,
-            coroutine.get::<mlua::Function>("status")?,
-            MEMORY_ERROR,
-            lua.globals().get::<mlua::Function>("type")?,
-            lua.globals().get::<mlua::Function>("error")?,
-            lua.globals().get::<mlua::Function>("select")?,
-            lua.globals().get::<mlua::Function>("pcall")?,
-        ))?;
-    if let (Some(close), Some(wrap)) = (close, wrap) {
-        coroutine.set("close", close)?;
-        coroutine.set("wrap", wrap)?;
+    if tracked {
+        return Ok(()); // the tracked close checks
     }
-    Ok(())
+    let (close, wrap): (mlua::Function, mlua::Function) = GUARD_CLOSE.load(lua)?.call((
+        coroutine.get::<mlua::Function>("close")?,
+        check.clone(),
+        stopping.clone(),
+        coroutine.get::<mlua::Function>("create")?,
+        coroutine.get::<mlua::Function>("resume")?,
+        coroutine.get::<mlua::Function>("status")?,
+        MEMORY_ERROR,
+        lua.globals().get::<mlua::Function>("type")?,
+        lua.globals().get::<mlua::Function>("error")?,
+        lua.globals().get::<mlua::Function>("select")?,
+        lua.globals().get::<mlua::Function>("pcall")?,
+    ))?;
+    coroutine.set("close", close)?;
+    coroutine.set("wrap", wrap)
 }

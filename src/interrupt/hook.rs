@@ -76,13 +76,16 @@ impl Interrupt {
             if opened {
                 lua.load_std_libs(mlua::StdLib::JIT)?;
             }
-            lua.load("jit.off() jit.flush()")
-                .set_name("=mlua-isle")
-                .exec()?;
+            let jit: mlua::Table = lua.globals().get("jit")?;
+            jit.get::<mlua::Function>("off")?.call::<()>(())?;
+            jit.get::<mlua::Function>("flush")?.call::<()>(())?;
             if opened {
-                lua.load("jit = nil if package then package.loaded.jit = nil end")
-                    .set_name("=mlua-isle")
-                    .exec()?;
+                lua.globals().set("jit", mlua::Value::Nil)?;
+                if let Some(package) = lua.globals().get::<Option<mlua::Table>>("package")? {
+                    if let Some(loaded) = package.get::<Option<mlua::Table>>("loaded")? {
+                        loaded.set("jit", mlua::Value::Nil)?;
+                    }
+                }
             }
         }
         let budget = config.budget;

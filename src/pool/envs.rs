@@ -6,6 +6,7 @@ use std::sync::Arc;
 use mlua::{Function, Lua, Table};
 
 use super::session::Binding;
+use crate::vm::precompiled::Precompiled;
 use crate::vm::{Job, Vm};
 use crate::IsleError;
 
@@ -61,14 +62,14 @@ pub(super) struct WorkerVm {
     pub(super) vm: Vm,
     /// Session environments by binding id.
     pub(super) envs: HashMap<u64, Env>,
-    pub(super) make_env: mlua::Result<Function>,
+    make_env: EnvFactory,
     /// Requests run since this VM started.
     pub(super) served: u64,
 }
 
 impl WorkerVm {
     pub(super) fn new(vm: Vm) -> WorkerVm {
-        let make_env = env_factory(&vm);
+        let make_env = EnvFactory::Parts(env_parts(&vm));
         WorkerVm {
             vm,
             envs: HashMap::new(),
@@ -82,7 +83,11 @@ impl WorkerVm {
         if let Some(env) = self.envs.get(&binding.id) {
             return Ok(env.table.clone());
         }
-        let table = new_env(&self.make_env)?;
+        let table = self
+            .make_env
+            .function(self.vm.lua())
+            .and_then(|f| f.call::<Table>(()))
+            .map_err(|e| IsleError::from_lua(&e))?;
         self.envs.insert(
             binding.id,
             Env {
@@ -96,8 +101,10 @@ impl WorkerVm {
     }
 }
 
-/// Builds, once per VM, the Lua function that makes session environments
-/// (`session_env.lua`).
+/// The Lua function that makes a VM's session environments
+/// (`session_env.lua`), built on the first session's request: a pool whose
+/// VMs serve no session (or that recycles them often) does not pay for it
+/// at every VM start.
 ///
 /// A session's environment is a table holding `_G` (itself, so `_G.x = v`
 /// stays in the session) and what the session writes. Its metatable, one
@@ -105,25 +112,67 @@ impl WorkerVm {
 /// not lead to the shared globals), reads through to the VM's session
 /// `load` (whose chunks run in the calling session's environment unless
 /// given another) and to the shared globals.
-fn env_factory(vm: &Vm) -> mlua::Result<Function> {
-    let lua = vm.lua();
-    let globals = lua.globals();
-    // Reads fall back to the shared globals; in the sandbox, to the globals
-    // as init left them (a copy only sessions read), so that unkeyed work
-    // cannot rebind what sessions see.
-    let copy = crate::sandbox::session_globals(lua)?;
-    let is_copy = copy.is_some();
-    let shared = copy.unwrap_or_else(|| globals.clone());
-    let load: Option<Function> = globals.get("load")?;
-    let loadstring: Option<Function> = globals.get("loadstring")?;
-    let setfenv: Option<Function> = match crate::sandbox::setfenv(lua)? {
-        Some(own) => Some(own),
-        None => globals.get("setfenv")?,
-    };
-    let caller_env = lua.create_function(|lua, meta: Table| Ok(caller_env(lua, &meta)))?;
-    lua.load(include_str!("session_env.lua"))
-        .set_name("=mlua-isle session")
-        .call((shared, is_copy, load, loadstring, setfenv, caller_env))
+enum EnvFactory {
+    /// What it closes over, taken when the VM started.
+    Parts(mlua::Result<EnvParts>),
+    Built(Function),
+}
+
+/// What session environments read through, taken when the VM starts
+/// (after `init` and the sandbox), so that what unkeyed work later does to
+/// the globals does not change it.
+struct EnvParts {
+    /// Reads fall back to the shared globals; in the sandbox, to the
+    /// globals as init left them (a copy only sessions read: `is_copy`),
+    /// so that unkeyed work cannot rebind what sessions see.
+    shared: Table,
+    is_copy: bool,
+    load: Option<Function>,
+    loadstring: Option<Function>,
+    /// Where functions carry their environment (`setfenv`: 5.1, LuaJIT,
+    /// Luau), `load` has no environment argument everywhere (5.1), and
+    /// `loadstring` none at all: the loaded function gets it set instead.
+    setfenv: Option<Function>,
+}
+
+impl EnvFactory {
+    /// The factory, built now if it was not (a failure is returned, and
+    /// the next session's request tries again).
+    fn function(&mut self, lua: &Lua) -> mlua::Result<Function> {
+        let built = match self {
+            EnvFactory::Built(f) => return Ok(f.clone()),
+            EnvFactory::Parts(Err(e)) => return Err(e.clone()),
+            EnvFactory::Parts(Ok(p)) => {
+                let caller_env =
+                    lua.create_function(|lua, meta: Table| Ok(caller_env(lua, &meta)))?;
+                SESSION_ENV.load(lua)?.call::<Function>((
+                    p.shared.clone(),
+                    p.is_copy,
+                    p.load.clone(),
+                    p.loadstring.clone(),
+                    p.setfenv.clone(),
+                    caller_env,
+                ))?
+            }
+        };
+        *self = EnvFactory::Built(built.clone());
+        Ok(built)
+    }
+}
+
+fn env_parts(vm: &Vm) -> mlua::Result<EnvParts> {
+    let globals = vm.lua().globals();
+    let copy = crate::sandbox::session_globals(vm.lua())?;
+    Ok(EnvParts {
+        is_copy: copy.is_some(),
+        shared: copy.unwrap_or_else(|| globals.clone()),
+        load: globals.get("load")?,
+        loadstring: globals.get("loadstring")?,
+        setfenv: match crate::sandbox::setfenv(vm.lua())? {
+            Some(own) => Some(own),
+            None => globals.get("setfenv")?,
+        },
+    })
 }
 
 /// The environment of the nearest function on the call stack whose
@@ -136,10 +185,5 @@ fn caller_env(lua: &Lua, meta: &Table) -> Option<Table> {
         .find(|env| env.metatable().as_ref() == Some(meta))
 }
 
-/// A fresh session environment.
-fn new_env(make: &mlua::Result<Function>) -> Result<Table, IsleError> {
-    make.as_ref()
-        .map_err(Clone::clone)
-        .and_then(|f| f.call::<Table>(()))
-        .map_err(|e| IsleError::from_lua(&e))
-}
+static SESSION_ENV: Precompiled =
+    Precompiled::new("=mlua-isle session", include_str!("session_env.lua"));

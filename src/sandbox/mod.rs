@@ -78,6 +78,8 @@ pub(crate) mod room;
 
 use mlua::{Function, Lua, Table};
 
+use crate::vm::precompiled::Precompiled;
+
 /// Where `apply` keeps the table sessions read globals through.
 const SESSION_GLOBALS: &str = "mlua-isle session globals";
 /// Where `apply` keeps Lua's own `setfenv`.
@@ -86,10 +88,7 @@ const SETFENV: &str = "mlua-isle setfenv";
 /// Applies the sandbox to `lua` (see the module docs). `load` refuses
 /// sources longer than `max_source` bytes.
 pub(crate) fn apply(lua: &Lua, max_source: usize) -> mlua::Result<()> {
-    let (base, setfenv): (Table, Option<Function>) = lua
-        .load(SANDBOX)
-        .set_name("=mlua-isle sandbox")
-        .call(max_source)?;
+    let (base, setfenv): (Table, Option<Function>) = SANDBOX.load(lua)?.call(max_source)?;
     lua.set_named_registry_value(SESSION_GLOBALS, base)?;
     lua.set_named_registry_value(SETFENV, setfenv)
 }
@@ -106,4 +105,4 @@ pub(crate) fn session_globals(lua: &Lua) -> mlua::Result<Option<Table>> {
     lua.named_registry_value(SESSION_GLOBALS)
 }
 
-const SANDBOX: &str = include_str!("sandbox.lua");
+static SANDBOX: Precompiled = Precompiled::new("=mlua-isle sandbox", include_str!("sandbox.lua"));

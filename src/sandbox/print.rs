@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use mlua::Lua;
 
+use crate::vm::precompiled::Precompiled;
+
 /// A host's sink for printed lines.
 pub(super) type Sink = Arc<dyn Fn(&str) + Send + Sync + 'static>;
 
@@ -56,13 +58,15 @@ pub(crate) fn install(lua: &Lua, print: &Print, sandbox: bool) -> mlua::Result<(
         sink(&String::from_utf8_lossy(&line));
         Ok(())
     })?;
-    lua.load(PRINT).set_name("=mlua-isle").call(emit)
+    PRINT.load(lua)?.call(emit)
 }
 
 /// Lua's `print`, formatting as it does (`tostring` of each argument, so
 /// `__tostring` and `__name` count and their errors are raised; tabs
 /// between), with the line handed to `emit`.
-const PRINT: &str = r##"
+static PRINT: Precompiled = Precompiled::new(
+    "=mlua-isle",
+    r##"
 local emit = ...
 local tostring, select = tostring, select
 print = function(...)
@@ -71,4 +75,5 @@ print = function(...)
     for i = 1, n do parts[i] = tostring(parts[i]) end
     emit(parts, n)
 end
-"##;
+"##,
+);

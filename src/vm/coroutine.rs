@@ -33,6 +33,10 @@ use mlua::thread::AsyncThread;
 use mlua::{FromLuaMulti, Function, IntoLuaMulti, LightUserData, Lua, Thread, Value};
 
 use crate::interrupt::alarm;
+use crate::vm::precompiled::Precompiled;
+
+/// What runs each request as a coroutine (`request.lua`).
+static REQUEST: Precompiled = Precompiled::new("=mlua-isle request", include_str!("request.lua"));
 
 /// Finished coroutines kept for reuse.
 const SPARES: usize = 16;
@@ -111,8 +115,8 @@ impl Coroutines {
                     loaded.set("coroutine", Value::Nil)?;
                 }
             }
-            lua.load(include_str!("request.lua"))
-                .set_name("=mlua-isle request")
+            REQUEST
+                .load(lua)?
                 .call::<(Function, mlua::Table, mlua::Table)>((
                     running,
                     lua.globals().get::<Function>("xpcall")?,

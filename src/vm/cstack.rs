@@ -32,6 +32,8 @@
 
 use mlua::{Lua, Table};
 
+use crate::vm::precompiled::Precompiled;
+
 /// Coroutines that may be nested, one resumed by the other.
 const MAX_NESTED: u32 = 1000;
 
@@ -41,14 +43,16 @@ const MAX_NESTED: u32 = 1000;
 /// these use Lua's own `pcall`).
 pub(super) fn install(lua: &Lua, stack_size: usize) -> mlua::Result<()> {
     crate::interrupt::alarm::native::set_stack(stack_size);
-    lua.load(GUARDED).set_name("=mlua-isle").call::<()>((
+    GUARDED.load(lua)?.call::<()>((
         crate::interrupt::alarm::native::stack_guard(lua)?,
         lua.globals().get::<Option<Table>>("coroutine")?,
         MAX_NESTED,
     ))
 }
 
-const GUARDED: &str = r#"
+static GUARDED: Precompiled = Precompiled::new(
+    "=mlua-isle",
+    r#"
 local guard, coroutine, max_nested = ...
 local type, error, setmetatable = type, error, setmetatable
 local function guarded(t, name)
@@ -142,4 +146,5 @@ coroutine.wrap = function(...)
         return wrapped(counted_resume(co, ...))
     end
 end
-"#;
+"#,
+);

@@ -10,6 +10,7 @@ mod coroutine;
 #[cfg(feature = "luajit")]
 pub(crate) mod cstack;
 mod job;
+pub(crate) mod precompiled;
 #[cfg(feature = "async")]
 mod suspend;
 #[cfg(feature = "async")]
@@ -55,6 +56,42 @@ impl Drop for Vm {
     }
 }
 
+/// A Lua state with `libs` open (in mlua's safe mode unless `unsafe_libs`:
+/// the host chose that with `unsafe_std_libs`, whose docs say what it
+/// gives Lua code), its garbage collector stopped.
+///
+/// Stopped, because everything a VM allocates before `init` lives as long
+/// as the VM: the incremental steps Lua takes while the libraries open and
+/// the crate installs its functions only mark what stays (about a tenth of
+/// a VM's start, and of every recycled pool VM's). On PUC-Rio Lua the
+/// libraries open after the stop, as `Lua::new_with` would open them
+/// (LuaJIT's mlua stops the collector for them itself); restarting it
+/// before `init` is the caller's job.
+fn new_lua(libs: mlua::StdLib, unsafe_libs: bool) -> mlua::Result<Lua> {
+    let new = |libs| {
+        if unsafe_libs {
+            Ok(crate::interrupt::alarm::new_lua_with_unsafe_libs(
+                libs,
+                LuaOptions::new(),
+            ))
+        } else {
+            Lua::new_with(libs, LuaOptions::new())
+        }
+    };
+    // `debug` in safe mode: `new_with`'s own refusal, worded as it words it.
+    let later = cfg!(not(any(feature = "luajit", feature = "luau")))
+        && (unsafe_libs || !libs.contains(mlua::StdLib::DEBUG));
+    if !later {
+        let lua = new(libs)?;
+        lua.gc_stop();
+        return Ok(lua);
+    }
+    let lua = new(mlua::StdLib::NONE)?;
+    lua.gc_stop();
+    lua.load_std_libs(libs)?;
+    Ok(lua)
+}
+
 impl Vm {
     /// Creates the VM, installs the hook and runs `init`. Must be called on
     /// the thread that will own the VM; marks that thread as `owner`'s.
@@ -69,13 +106,7 @@ impl Vm {
         // Lua's pcall/xpcall stay (they can yield; on 5.1, ours replace
         // them): interrupt/catchers.rs wraps them so a Rust panic they catch is raised
         // again, never swallowed.
-        let lua = if config.unsafe_libs {
-            // The host chose this with `unsafe_std_libs`, whose docs say
-            // what it gives Lua code.
-            crate::interrupt::alarm::new_lua_with_unsafe_libs(config.std_libs, LuaOptions::new())
-        } else {
-            Lua::new_with(config.std_libs, LuaOptions::new()).map_err(init_error)?
-        };
+        let lua = new_lua(config.std_libs, config.unsafe_libs).map_err(init_error)?;
         crate::sandbox::print::install(&lua, &config.print, config.sandbox).map_err(init_error)?;
         #[cfg(feature = "luajit")]
         crate::vm::cstack::install(
@@ -90,6 +121,7 @@ impl Vm {
         let interrupt = Interrupt::install(&lua, config.hook(), abort).map_err(init_error)?;
         #[cfg(feature = "lua55")]
         crate::interrupt::alarm::cap_string_rep(&lua).map_err(init_error)?;
+        lua.gc_restart(); // stopped by `new_lua`
         if let Some(limit) = config.memory_limit {
             lua.set_memory_limit(limit).map_err(init_error)?;
         }

@@ -174,7 +174,9 @@ pub(super) fn tracked_resume_close(
 #[cfg(not(all(unix, not(feature = "luau"))))]
 pub(super) fn tracked_wrap_with(
     _lua: &mlua::Lua,
-    _wrap_error: &mlua::Function,
+    _check: &mlua::Function,
+    _close: Option<&mlua::Function>,
+    _stopping: &mlua::Function,
 ) -> mlua::Result<mlua::Function> {
     unreachable!("alarms are not supported here")
 }

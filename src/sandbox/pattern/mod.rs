@@ -53,6 +53,7 @@ use std::sync::Arc;
 use mlua::{Function, IntoLuaMulti, Lua, LuaString, MultiValue, Table, Value};
 
 use crate::sandbox::room::{self, MEMORY_ERROR};
+use crate::vm::precompiled::Precompiled;
 
 mod args;
 mod budget;
@@ -119,7 +120,7 @@ struct Tags {
 
 /// The Lua side of the string functions: tail calls around the Rust ones,
 /// so errors and positions are placed as Lua's own functions place them.
-const GLUE: &str = include_str!("glue.lua");
+static GLUE: Precompiled = Precompiled::new("=mlua-isle patterns", include_str!("glue.lua"));
 
 fn install_ctx(lua: &Lua, string: &Table, ctx: Arc<PatternCtx>) -> mlua::Result<()> {
     // Arc, not Rc: `Tags` is Send + Sync when mlua's `send` feature is on,
@@ -144,7 +145,7 @@ fn install_ctx(lua: &Lua, string: &Table, ctx: Arc<PatternCtx>) -> mlua::Result<
     let gsub_rs = rust(gsub)?;
     let error: Function = lua.globals().get("error")?;
     let (find, match_, gmatch, gsub): (Function, Function, Function, Function) =
-        lua.load(GLUE).set_name("=mlua-isle patterns").call((
+        GLUE.load(lua)?.call((
             tags.err.clone(),
             tags.go.clone(),
             tags.call.clone(),

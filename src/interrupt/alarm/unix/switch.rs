@@ -134,8 +134,7 @@ unsafe extern "C-unwind" fn tracked_close(state: *mut lua_State) -> c_int {
 }
 
 /// `coroutine.wrap`: creates the coroutine (as `coroutine.create` does)
-/// and returns [`wrapped`] over it; upvalue 1: the Lua function raising
-/// a wrapped coroutine's error (see `interrupt/catchers.rs`).
+/// and returns [`wrapped`] over it; upvalue 1: [`raise_wrap_error`].
 unsafe extern "C-unwind" fn tracked_wrap(state: *mut lua_State) -> c_int {
     // SAFETY: `state` is the calling Lua thread. The argument check
     // raises Lua's usual error; `lua_newthread` raises only on memory
@@ -152,7 +151,7 @@ unsafe extern "C-unwind" fn tracked_wrap(state: *mut lua_State) -> c_int {
 }
 
 /// The function `coroutine.wrap` returns; upvalues: the coroutine, and
-/// the Lua function raising its errors.
+/// [`raise_wrap_error`].
 unsafe extern "C-unwind" fn wrapped(state: *mut lua_State) -> c_int {
     // SAFETY: upvalue 1 is the coroutine, which the closure keeps alive;
     // inserting it as argument 1 makes the frame a `resume` call.
@@ -188,8 +187,8 @@ unsafe extern "C-unwind" fn wrapped(state: *mut lua_State) -> c_int {
 /// # Safety
 /// Called from [`wrapped`] with `n` results of a failed resume on top.
 unsafe fn raise_wrapped(state: *mut lua_State, n: c_int) -> c_int {
-    // SAFETY: upvalue 2 is a Lua function taking (coroutine, error) that
-    // raises; `lua_error` after it only in case it returned.
+    // SAFETY: upvalue 2 is `raise_wrap_error`, which takes (coroutine,
+    // error) and raises; `lua_error` after it only in case it returned.
     unsafe {
         if ffi::lua_toboolean(state, -n) != 0 {
             return n - 1;
@@ -199,6 +198,84 @@ unsafe fn raise_wrapped(state: *mut lua_State, n: c_int) -> c_int {
         ffi::lua_pushvalue(state, -3);
         ffi::lua_call(state, 2, 0);
         ffi::lua_error(state)
+    }
+}
+
+/// Raises a wrapped coroutine's error as Lua's `coroutine.wrap` does
+/// (from 5.4 on, a coroutine that died by it is closed first, and its
+/// `__close` handlers may replace the error; a string gets the position of
+/// the wrapped function's caller; Lua's memory error is raised as is,
+/// which keeps it a memory error), after handing it to the interruption
+/// check. Called by [`raise_wrapped`] with (coroutine, error). Upvalues:
+/// the check, the tracked `coroutine.close` (nil before 5.4), the function
+/// telling whether the request is stopping, and Lua's memory error
+/// message.
+///
+/// A C function rather than Lua code, so that a VM's start has no chunk to
+/// load for it (a closure, six upvalues and a prototype with its debug
+/// information: ~0.9 KiB of every VM's heap).
+unsafe extern "C-unwind" fn raise_wrap_error(state: *mut lua_State) -> c_int {
+    // SAFETY: called by `raise_wrapped` with the coroutine (argument 1,
+    // kept alive by the calling closure) and the error; the upvalues are
+    // as set by `tracked_wrap_with`. The calls may raise (the check raises
+    // the interruption): this frame owns nothing. Six stack slots at most,
+    // of the `LUA_MINSTACK` a C function gets.
+    unsafe {
+        let co = ffi::lua_tothread(state, 1);
+        // A coroutine killed by the interruption is not closed (see
+        // `guard_close` in `interrupt/catchers.rs`).
+        if ffi::lua_isnil(state, ffi::lua_upvalueindex(2)) == 0 && is_dead(state, co) {
+            ffi::lua_pushvalue(state, ffi::lua_upvalueindex(3));
+            ffi::lua_call(state, 0, 1);
+            let stopping = ffi::lua_toboolean(state, -1) != 0;
+            ffi::lua_settop(state, 2);
+            if !stopping {
+                ffi::lua_pushvalue(state, ffi::lua_upvalueindex(2));
+                ffi::lua_pushvalue(state, 1);
+                ffi::lua_call(state, 1, 2);
+                if ffi::lua_toboolean(state, -2) == 0 {
+                    ffi::lua_copy(state, -1, 2); // the error `__close` left
+                }
+                ffi::lua_settop(state, 2);
+            }
+        }
+        ffi::lua_pushvalue(state, ffi::lua_upvalueindex(1));
+        ffi::lua_pushvalue(state, 2);
+        ffi::lua_call(state, 1, 0);
+        ffi::lua_settop(state, 2);
+        // A string gets the position of the wrapped function's caller:
+        // level 0 is this function, 1 the function `coroutine.wrap`
+        // returned (a C function: no position), 2 its caller.
+        if ffi::lua_rawequal(state, 2, ffi::lua_upvalueindex(4)) == 0
+            && ffi::lua_type(state, 2) == ffi::LUA_TSTRING
+        {
+            ffi::luaL_where(state, 2);
+            ffi::lua_pushvalue(state, 2);
+            ffi::lua_concat(state, 2);
+        }
+        ffi::lua_error(state)
+    }
+}
+
+/// `coroutine.status(co) == "dead"`, seen from `state` (Lua's `auxstatus`).
+///
+/// # Safety
+/// `co` is null or a live Lua thread of `state`'s VM.
+unsafe fn is_dead(state: *mut lua_State, co: *mut lua_State) -> bool {
+    if co.is_null() || co == state {
+        return false; // running
+    }
+    // SAFETY: `co` is live (above); `lua_getstack` only reads its call
+    // info into `ar`, a zeroed plain C struct.
+    unsafe {
+        match ffi::lua_status(co) {
+            ffi::LUA_YIELD => false,
+            ffi::LUA_OK => {
+                let mut ar: ffi::lua_Debug = std::mem::zeroed();
+                ffi::lua_getstack(co, 0, &mut ar) == 0 && ffi::lua_gettop(co) == 0
+            }
+            _ => true,
+        }
     }
 }
 
@@ -281,13 +358,26 @@ pub(crate) fn tracked_resume_close(
     Ok((closure(lua, tracked_resume, check)?, close))
 }
 
-/// The tracked `coroutine.wrap`, given the Lua function that raises a
-/// wrapped coroutine's error (called with the coroutine and the error).
+/// The tracked `coroutine.wrap`, given the interruption check, the
+/// tracked `coroutine.close` (5.4 on) and the function telling whether the
+/// request is stopping, for [`raise_wrap_error`].
 pub(crate) fn tracked_wrap_with(
     lua: &mlua::Lua,
-    wrap_error: &mlua::Function,
+    check: &mlua::Function,
+    close: Option<&mlua::Function>,
+    stopping: &mlua::Function,
 ) -> mlua::Result<mlua::Function> {
-    closure(lua, tracked_wrap, wrap_error)
+    let upvalues = (check, close, stopping, crate::sandbox::room::MEMORY_ERROR);
+    // SAFETY: `raise_wrap_error` and `tracked_wrap` uphold Lua's C
+    // function contract with these upvalues (four, then the first closure);
+    // `exec_raw` pushes the four, and the outer closure replaces them as
+    // the one result.
+    unsafe {
+        lua.exec_raw::<mlua::Function>(upvalues, |state| {
+            ffi::lua_pushcclosure(state, raise_wrap_error, 4);
+            ffi::lua_pushcclosure(state, tracked_wrap, 1);
+        })
+    }
 }
 
 /// From the hook, with nothing to stop: removes the hook from the Lua
