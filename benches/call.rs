@@ -316,6 +316,10 @@ fn stuck_isle() -> StuckIsle {
 /// back (releases the callback; the C call ends) before the next one.
 fn cancel_stuck(s: &StuckIsle, where_: Stuck) -> Duration {
     use std::sync::atomic::Ordering;
+    // A release left over from a request stopped before it reached
+    // `spin_in_rust` (the stop landed right after `started()`) would let
+    // this one return at once.
+    s.release.store(false, Ordering::SeqCst);
     let task = match where_ {
         Stuck::RustCallback => s.isle.spawn_eval::<()>("started() spin_in_rust()"),
         Stuck::CCall => {
