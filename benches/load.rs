@@ -27,15 +27,6 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use mlua::{Function, Lua};
 use mlua_isle::{IslePool, Task};
 
-const SCRIPT: &str = r#"
-function spin(n)
-    local x = 0
-    for i = 1, n do x = x + i % 7 end
-    return x
-end
-function add(a, b) return a + b end
-"#;
-
 fn workers() -> usize {
     thread::available_parallelism().map_or(2, |n| n.get())
 }
@@ -43,7 +34,7 @@ fn workers() -> usize {
 fn pool() -> IslePool {
     IslePool::builder()
         .workers(workers())
-        .init(|lua| lua.load(SCRIPT).exec())
+        .init(|lua| lua.load(common::SCRIPT).exec())
         .build()
         .unwrap()
 }
@@ -105,7 +96,7 @@ impl PlainThreads {
                 let (tx, rx) = crossbeam_channel::unbounded::<crossbeam_channel::Sender<i64>>();
                 thread::spawn(move || {
                     let lua = Lua::new();
-                    lua.load(SCRIPT).exec().unwrap();
+                    lua.load(common::SCRIPT).exec().unwrap();
                     let add: Function = lua.globals().get("add").unwrap();
                     for reply in rx {
                         let _ = reply.send(add.call::<i64>((1, 2)).unwrap());
@@ -303,28 +294,6 @@ fn many_keys(c: &mut Criterion) {
 // ---------------------------------------------------------------------------
 // Open-loop tail.
 
-/// A plain `Lua` running `SCRIPT`.
-fn plain_lua() -> Lua {
-    let lua = Lua::new();
-    lua.load(SCRIPT).exec().unwrap();
-    lua
-}
-
-/// The `spin` argument that takes about `target`, and the time it takes.
-fn calibrate(target: Duration) -> (i64, Duration) {
-    let lua = plain_lua();
-    let spin: Function = lua.globals().get("spin").unwrap();
-    let n = 100_000i64;
-    let per = common::per_op(5, 20, || {
-        spin.call::<i64>(n).unwrap();
-    });
-    let arg = ((target.as_secs_f64() / per.as_secs_f64()) * n as f64).max(1.0) as i64;
-    let took = common::per_op(5, 200, || {
-        spin.call::<i64>(arg).unwrap();
-    });
-    (arg, took)
-}
-
 /// Something that runs `spin(arg)` for a submitter and lets a collector
 /// wait for the answer.
 trait Server: Sync {
@@ -358,7 +327,7 @@ impl Server for Rayon {
             let x = LUA.with(|l| {
                 let mut l = l.borrow_mut();
                 let (_, spin) = l.get_or_insert_with(|| {
-                    let lua = plain_lua();
+                    let lua = common::plain_lua();
                     let f: Function = lua.globals().get("spin").unwrap();
                     (lua, f)
                 });
@@ -475,7 +444,7 @@ fn open_loop_tail(c: &mut Criterion) {
             .build()
             .unwrap(),
     );
-    let (arg, took) = calibrate(Duration::from_micros(50));
+    let (arg, took) = common::calibrate(Duration::from_micros(50));
     // Capacity: what the baseline gets through when it is never idle (a
     // burst submitted at once), median of 5; loads are fractions of it.
     let median = |f: &dyn Fn() -> f64| {

@@ -28,34 +28,6 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use mlua::{Function, Lua};
 use mlua_isle::{Isle, IslePool, Task};
 
-/// `spin(n)`: n iterations of arithmetic; `add(a, b)`: the tiny job.
-const SCRIPT: &str = r#"
-function spin(n)
-    local x = 0
-    for i = 1, n do x = x + i % 7 end
-    return x
-end
-function add(a, b) return a + b end
-"#;
-
-/// A plain `Lua` (no hook, as our VMs run until a request must stop).
-fn plain_lua() -> Lua {
-    let lua = Lua::new();
-    lua.load(SCRIPT).exec().unwrap();
-    lua
-}
-
-/// The `spin` argument that takes about `target`.
-fn calibrate(target: Duration) -> i64 {
-    let lua = plain_lua();
-    let spin: Function = lua.globals().get("spin").unwrap();
-    let n = 100_000i64;
-    let per = common::per_op(5, 20, || {
-        spin.call::<i64>(n).unwrap();
-    });
-    ((target.as_secs_f64() / per.as_secs_f64()) * n as f64).max(1.0) as i64
-}
-
 fn workers() -> usize {
     num_cpus()
 }
@@ -77,7 +49,7 @@ fn skewed(n: usize, short: i64, long: i64) -> Vec<i64> {
 }
 
 fn serial(jobs: &[i64]) -> Duration {
-    let lua = plain_lua();
+    let lua = common::plain_lua();
     let spin: Function = lua.globals().get("spin").unwrap();
     let start = Instant::now();
     for &j in jobs {
@@ -97,7 +69,7 @@ fn parallel(jobs: &[i64]) -> Duration {
             .map(|k| {
                 let (ready, go) = (&ready, &go);
                 scope.spawn(move || {
-                    let lua = plain_lua();
+                    let lua = common::plain_lua();
                     let spin: Function = lua.globals().get("spin").unwrap();
                     ready.wait();
                     go.wait();
@@ -131,7 +103,7 @@ fn run_rayon(pool: &rayon::ThreadPool, jobs: &[i64]) -> Duration {
             LUA.with(|l| {
                 let mut l = l.borrow_mut();
                 let (_, spin) = l.get_or_insert_with(|| {
-                    let lua = plain_lua();
+                    let lua = common::plain_lua();
                     let f: Function = lua.globals().get("spin").unwrap();
                     (lua, f)
                 });
@@ -189,11 +161,11 @@ fn setup() -> Setup {
     Setup {
         pool: IslePool::builder()
             .workers(n)
-            .init(|lua| lua.load(SCRIPT).exec())
+            .init(|lua| lua.load(common::SCRIPT).exec())
             .build()
             .unwrap(),
         isles: (0..n)
-            .map(|_| Isle::spawn(|lua| lua.load(SCRIPT).exec()).unwrap())
+            .map(|_| Isle::spawn(|lua| lua.load(common::SCRIPT).exec()).unwrap())
             .collect(),
         rayon: rayon::ThreadPoolBuilder::new()
             .num_threads(n)
@@ -269,7 +241,7 @@ fn workload(c: &mut Criterion, s: &Setup, name: &str, jobs: &[i64]) {
 
 fn uniform_and_skewed(c: &mut Criterion) {
     let s = setup();
-    let short = calibrate(Duration::from_micros(50));
+    let (short, _) = common::calibrate(Duration::from_micros(50));
     let long = short * 100;
     workload(c, &s, "uniform", &uniform(2_000, short));
     workload(c, &s, "skewed", &skewed(1_000, short, long));
@@ -312,7 +284,7 @@ fn tiny_rayon(pool: &rayon::ThreadPool, n: usize) -> f64 {
             LUA.with(|l| {
                 let mut l = l.borrow_mut();
                 let (_, add) = l.get_or_insert_with(|| {
-                    let lua = plain_lua();
+                    let lua = common::plain_lua();
                     let f: Function = lua.globals().get("add").unwrap();
                     (lua, f)
                 });

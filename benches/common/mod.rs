@@ -5,6 +5,43 @@
 
 use std::time::{Duration, Instant};
 
+use mlua::{Function, Lua};
+
+/// The pool benches' Lua: `spin(n)`, n iterations of arithmetic (a job of
+/// a chosen length); `add(a, b)`, the tiny request.
+pub const SCRIPT: &str = r#"
+function spin(n)
+    local x = 0
+    for i = 1, n do x = x + i % 7 end
+    return x
+end
+function add(a, b) return a + b end
+"#;
+
+/// A plain `Lua` (no hook, as our VMs run until a request must stop) with
+/// `SCRIPT` loaded.
+pub fn plain_lua() -> Lua {
+    let lua = Lua::new();
+    lua.load(SCRIPT).exec().unwrap();
+    lua
+}
+
+/// The `spin` argument that takes about `target` in plain mlua, and the
+/// time it then takes.
+pub fn calibrate(target: Duration) -> (i64, Duration) {
+    let lua = plain_lua();
+    let spin: Function = lua.globals().get("spin").unwrap();
+    let n = 100_000i64;
+    let per = per_op(5, 20, || {
+        spin.call::<i64>(n).unwrap();
+    });
+    let arg = ((target.as_secs_f64() / per.as_secs_f64()) * n as f64).max(1.0) as i64;
+    let took = per_op(5, 200, || {
+        spin.call::<i64>(arg).unwrap();
+    });
+    (arg, took)
+}
+
 /// True under `cargo bench` (criterion gets `--bench`); false when
 /// `cargo test` runs the bench once as a smoke test, where the summaries
 /// are skipped.
