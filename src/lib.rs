@@ -62,7 +62,7 @@
 //!
 //! With the `async` feature, a request can wait for Rust futures without
 //! holding its VM. Register async functions with mlua's
-//! [`Lua::create_async_function`](mlua::Lua::create_async_function) (in
+//! [`Lua::create_async_function`](https://docs.rs/mlua/0.12/mlua/struct.Lua.html#method.create_async_function) (in
 //! `init`, say); Lua code calls them like any function:
 //!
 //! ```

@@ -5,7 +5,7 @@ mod common;
 
 use common::front::{fronts, Fronts};
 use common::PATIENCE;
-use mlua_isle::{Isle, IsleError, IslePool};
+use mlua_isle::{Isle, IsleError};
 
 const MB: usize = 1 << 20;
 
@@ -114,7 +114,7 @@ fn a_budget_smaller_than_the_hook_interval_is_still_enforced() {
 #[test]
 #[cfg(not(feature = "luau"))] // no instruction count: max_instructions is refused
 fn the_pool_enforces_the_budget_on_every_vm() {
-    let pool = IslePool::builder()
+    let pool = mlua_isle::IslePool::builder()
         .workers(2)
         .max_instructions(50_000)
         .build()

@@ -10,7 +10,9 @@ use mlua::Lua;
 use super::alarm;
 use super::errors::is_memory_error;
 use super::hook::Interrupt;
+#[cfg(any(feature = "lua54", feature = "lua55"))]
 use crate::sandbox::room::MEMORY_ERROR;
+#[cfg(not(any(feature = "lua52", feature = "lua53")))]
 use crate::vm::precompiled::Precompiled;
 
 /// The guarded `coroutine.close` and `wrap` (see [`guard_close`]).
