@@ -17,8 +17,9 @@
 //! another caller) needs. That matters most for work only one VM may run (a
 //! session's requests): when a caller's requests alternate between two VMs
 //! on a 2-core machine, the caller and both VM threads want a core, and
-//! with 5 µs of spinning before the first yield, 1,000 session keys ran at
-//! a tenth of the speed of unkeyed work (benches/load.rs). When no other
+//! with 5 µs of spinning before the first yield, 1,000 session keys from
+//! one blocking caller ran at 0.14x the speed of unkeyed work; yielding
+//! from the start more than doubled that (benches/load.rs). When no other
 //! thread wants the core, a yield returns at once.
 //!
 //! Under loom (see `src/sync/mod.rs`), which models no time and would never see
