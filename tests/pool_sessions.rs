@@ -424,6 +424,38 @@ fn a_busy_session_does_not_expire() {
     pool.shutdown().unwrap();
 }
 
+/// Sessions are stamped idle when their last request ends, not when a
+/// request is submitted: what keeps a session with a request waiting in its
+/// VM's queue (here, past the idle timeout, behind another session's
+/// blocked request) from expiring is the count of its pending requests.
+#[test]
+fn a_session_with_a_request_queued_past_the_idle_timeout_does_not_expire() {
+    let idle_timeout = Duration::from_millis(20);
+    let pool = IslePool::builder()
+        .workers(1)
+        .session_idle_timeout(idle_timeout)
+        .build()
+        .unwrap();
+    let blocker = pool.session("blocker");
+    let waiting = pool.session("waiting");
+    waiting.eval::<()>("x = 1").unwrap();
+    let (gate, block) = gate();
+    let held = blocker.spawn_exec(move |_, _| {
+        block.block();
+        Ok(())
+    });
+    gate.wait_started();
+    let queued = waiting.spawn_eval::<Option<i64>>("return x");
+    // Time passing is the point: the queued request's session has been idle
+    // (no request running) for several timeouts when the VM gets to it, and
+    // the VM sweeps for idle sessions between requests.
+    std::thread::sleep(5 * idle_timeout);
+    gate.release();
+    held.wait().unwrap();
+    assert_eq!(queued.wait(), Ok(Some(1)));
+    pool.shutdown().unwrap();
+}
+
 #[test]
 fn sessions_without_an_idle_timeout_stay_open() {
     let pool = pool(2);
