@@ -121,6 +121,7 @@ impl IslePoolBuilder {
             injector: Injector::new(),
             stealers: locals.iter().map(Deque::stealer).collect(),
             pinned: (0..n).map(|_| Injector::new()).collect(),
+            fair: (0..n).map(|_| CachePadded::default()).collect(),
             sleep,
             life: life.clone(),
             sessions: Sessions::new(n),

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use crossbeam_deque::{Injector, Steal, Stealer, Worker as Deque};
 use crossbeam_utils::CachePadded;
 
+use super::fair::FairSlot;
 use super::metrics::{PoolMetrics, StripedCounter, WorkerCounters};
 use super::session::{Binding, Sessions};
 use super::sleep::Sleep;
@@ -38,8 +39,11 @@ pub(super) struct Shared {
     pub(super) injector: Injector<Job>,
     /// Thieves' ends of the workers' deques.
     pub(super) stealers: Box<[Stealer<Job>]>,
-    /// Each worker's session/broadcast queue.
+    /// Each worker's session/broadcast queue: where submitters put it.
     pub(super) pinned: Box<[Injector<Pinned>]>,
+    /// Each worker's session work, moved from `pinned` and served fairly
+    /// across keys (see `fair.rs`).
+    pub(super) fair: Box<[CachePadded<FairSlot>]>,
     pub(super) sleep: Sleep,
     /// Shutdown flags, slot generations and VM interrupts (see `host`).
     pub(super) life: Arc<Lifecycle>,
@@ -98,14 +102,23 @@ impl Shared {
     /// worker: `stealers[w]` still names the stuck one's deque) takes one
     /// job at a time from the global queue (`batch` false), so no job waits
     /// where only it can run it.
+    ///
+    /// Pinned work is taken fairly across session keys (`fair.rs`);
+    /// `generation` is the worker's, which must report each session item it
+    /// takes as done (`FairSlot::done`) before it looks for work again.
     pub(super) fn find(
         &self,
         w: usize,
         local: &Deque<Job>,
         pinned_first: bool,
         batch: bool,
+        generation: u64,
     ) -> Option<Found> {
-        let pinned = || steal_one(|| self.pinned[w].steal()).map(Found::Pinned);
+        let pinned = || {
+            self.fair[w]
+                .next(&self.pinned[w], generation)
+                .map(Found::Pinned)
+        };
         let own = || local.pop().map(Found::Unkeyed);
         let first = if pinned_first {
             pinned().or_else(own)
@@ -159,6 +172,7 @@ impl Shared {
     /// True if worker `w` could find anything to do.
     pub(super) fn has_work(&self, w: usize, local: &Deque<Job>) -> bool {
         !self.pinned[w].is_empty()
+            || self.fair[w].len() > 0
             || !local.is_empty()
             || !self.injector.is_empty()
             || self.stealers.iter().any(|s| !s.is_empty())
@@ -179,8 +193,11 @@ impl Shared {
                 discard(job);
             }
         }
-        for (q, counters) in iter::zip(self.pinned.iter(), self.counters.iter()) {
-            while let Some(p) = steal_one(|| q.steal()) {
+        for ((q, fair), counters) in
+            iter::zip(self.pinned.iter(), self.fair.iter()).zip(self.counters.iter())
+        {
+            let queued = fair.take_all().into_iter();
+            for p in queued.chain(iter::from_fn(|| steal_one(|| q.steal()))) {
                 match p {
                     Pinned::Session(_, job) => discard(job),
                     Pinned::Broadcast(job) => job.abandon(IsleError::Shutdown),
@@ -192,10 +209,14 @@ impl Shared {
         }
     }
 
+    /// Requests (and session closes) waiting in worker `w`'s own queues.
+    pub(super) fn queued_on(&self, w: usize) -> usize {
+        self.stealers[w].len() + self.pinned[w].len() + self.fair[w].len()
+    }
+
     pub(super) fn metrics(&self) -> PoolMetrics {
-        let workers = iter::zip(self.counters.iter(), self.stealers.iter())
-            .zip(self.pinned.iter())
-            .map(|((c, s), p)| c.snapshot(s.len() + p.len()))
+        let workers = (0..self.workers())
+            .map(|w| self.counters[w].snapshot(self.queued_on(w)))
             .collect();
         PoolMetrics {
             workers,
@@ -210,7 +231,7 @@ impl Shared {
 }
 
 /// Steals one item, retrying while the queue says `Retry`.
-fn steal_one<T>(mut steal: impl FnMut() -> Steal<T>) -> Option<T> {
+pub(super) fn steal_one<T>(mut steal: impl FnMut() -> Steal<T>) -> Option<T> {
     loop {
         match steal() {
             Steal::Success(t) => return Some(t),
