@@ -74,6 +74,38 @@ fn a_quiet_key_waits_for_at_most_one_request_of_each_busy_key() {
 }
 
 #[test]
+fn fifo_sessions_serves_a_vms_session_work_in_arrival_order() {
+    within("first come, first served", || {
+        let pool = IslePool::builder()
+            .workers(1)
+            .fifo_sessions(true)
+            .build()
+            .unwrap();
+        let log = Log::default();
+        let (g, block) = gate();
+        let held = pool.spawn_exec(move |_| {
+            block.block();
+            Ok(())
+        });
+        g.wait_started();
+        let tasks: Vec<_> = [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("a", 3), ("c", 0)]
+            .into_iter()
+            .map(|(k, n)| logged(&pool, &log, k, n))
+            .collect();
+        g.release();
+        held.wait().unwrap();
+        for t in tasks {
+            t.wait().unwrap();
+        }
+        assert_eq!(
+            *log.lock(),
+            [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("a", 3), ("c", 0)]
+        );
+        pool.shutdown().unwrap();
+    });
+}
+
+#[test]
 fn a_key_arriving_behind_a_flood_runs_after_the_request_that_is_running() {
     within("a late key overtakes a backlog", || {
         let pool = one_vm();

@@ -64,6 +64,8 @@ pub(super) struct Shared {
     pub(super) recycle_above: Option<usize>,
     /// Zero point of session `last_used` stamps.
     pub(super) epoch: Instant,
+    /// `fifo_sessions`: pinned work is taken in arrival order, not fairly.
+    pub(super) fifo_sessions: bool,
 }
 
 impl Shared {
@@ -115,9 +117,13 @@ impl Shared {
         generation: u64,
     ) -> Option<Found> {
         let pinned = || {
-            self.fair[w]
-                .next(&self.pinned[w], generation)
-                .map(Found::Pinned)
+            if self.fifo_sessions {
+                steal_one(|| self.pinned[w].steal()).map(Found::Pinned)
+            } else {
+                self.fair[w]
+                    .next(&self.pinned[w], generation)
+                    .map(Found::Pinned)
+            }
         };
         let own = || local.pop().map(Found::Unkeyed);
         let first = if pinned_first {

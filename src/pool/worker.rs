@@ -171,7 +171,7 @@ impl Worker {
     /// been dealt with, after running for `ran` (unless this worker was
     /// replaced meanwhile: the queue is its replacement's).
     fn served_key(&self, id: u64, ran: Duration) {
-        if self.is_current() {
+        if !self.shared.fifo_sessions && self.is_current() {
             self.shared.fair[self.index].done(id, self.generation, ran);
         }
     }
