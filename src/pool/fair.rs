@@ -69,13 +69,7 @@ impl FairSlot {
         if self.len() == 0 && intake.is_empty() {
             return None;
         }
-        self.with(|fair| {
-            fair.fill(intake);
-            if let Some(id) = fair.returning.take() {
-                fair.ring.push_back(id);
-            }
-            fair.pop(generation)
-        })
+        self.with(|fair| fair.next(intake, generation))
     }
 
     /// The request (or close) of key `id` that `generation` took has ended
@@ -153,6 +147,27 @@ struct KeyQueue {
 }
 
 impl Fair {
+    fn next(&mut self, intake: &Injector<Pinned>, generation: u64) -> Option<Pinned> {
+        if self.keys.is_empty() && self.in_service.is_none() && self.barrier.is_none() {
+            // Nothing held, and most often one item waiting: it is served
+            // at once, without a queue of its own.
+            let item = steal_one(|| intake.steal())?;
+            match item {
+                Pinned::Broadcast(job) => return Some(Pinned::Broadcast(job)),
+                _ if intake.is_empty() => {
+                    self.in_service = Some((key_of(&item), generation));
+                    return Some(item);
+                }
+                _ => self.push(item),
+            }
+        }
+        self.fill(intake);
+        if let Some(id) = self.returning.take() {
+            self.ring.push_back(id);
+        }
+        self.pop(generation)
+    }
+
     /// Takes everything from `intake`, up to a broadcast.
     fn fill(&mut self, intake: &Injector<Pinned>) {
         while self.barrier.is_none() {
@@ -165,11 +180,7 @@ impl Fair {
     }
 
     fn push(&mut self, item: Pinned) {
-        let id = match &item {
-            Pinned::Session(binding, _) => binding.id,
-            Pinned::Close(id) => *id,
-            Pinned::Broadcast(_) => unreachable!("a broadcast is a barrier, not a key's"),
-        };
+        let id = key_of(&item);
         self.len += 1;
         if let Some(q) = self.keys.get_mut(&id) {
             // Queued already: in the ring, being served or returning.
@@ -187,7 +198,11 @@ impl Fair {
                 seen,
             },
         );
-        self.ring.push_back(id);
+        // The key being served (taken by the shortcut in `next`, with no
+        // queue) joins the ring when it is done, not before.
+        if self.in_service.map(|(key, _)| key) != Some(id) {
+            self.ring.push_back(id);
+        }
     }
 
     /// The next key's oldest item (see the module docs), or the broadcast
@@ -265,6 +280,15 @@ impl Fair {
             q.seen = self.clock;
             self.returning = Some(id);
         }
+    }
+}
+
+/// The session an item belongs to.
+fn key_of(item: &Pinned) -> u64 {
+    match item {
+        Pinned::Session(binding, _) => binding.id,
+        Pinned::Close(id) => *id,
+        Pinned::Broadcast(_) => unreachable!("a broadcast is a barrier, not a key's"),
     }
 }
 
@@ -366,6 +390,22 @@ mod tests {
             panic!("key 1 first");
         };
         queue(&intake, 2, 1);
+        slot.done(1, 7, Duration::from_micros(1));
+        let order = serve(&slot, &intake, |_| Duration::from_micros(1));
+        assert_eq!(order, [2, 1, 1]);
+    }
+
+    #[test]
+    fn a_lone_request_taken_at_once_still_lets_later_arrivals_first() {
+        let (slot, intake) = (FairSlot::default(), Injector::new());
+        // One item, nothing held: the shortcut.
+        queue(&intake, 1, 1);
+        assert!(matches!(slot.next(&intake, 7), Some(Pinned::Close(1))));
+        assert_eq!(slot.len(), 0);
+        // While it runs, more of key 1 and one of key 2.
+        queue(&intake, 1, 2);
+        queue(&intake, 2, 1);
+        assert!(slot.next(&intake, 7).is_none(), "key 1 is still running");
         slot.done(1, 7, Duration::from_micros(1));
         let order = serve(&slot, &intake, |_| Duration::from_micros(1));
         assert_eq!(order, [2, 1, 1]);
