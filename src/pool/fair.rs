@@ -47,6 +47,14 @@ use crate::vm::Job;
 /// and free one.
 const SPARE_QUEUES: usize = 64;
 
+/// A spare queue is kept only if it is this small (a flood's long queue is
+/// freed).
+const SPARE_CAPACITY: usize = 16;
+
+/// Room for this many keys with queued work is kept once they are served;
+/// beyond it, the table is freed when the last is.
+const KEEP_KEYS: usize = 1024;
+
 /// One worker's fair queue, and the count of what it holds (read without
 /// the lock: by the worker when deciding whether to sleep, and by metrics).
 #[derive(Default)]
@@ -269,9 +277,14 @@ impl Fair {
         };
         if q.items.is_empty() {
             if let Some(q) = self.keys.remove(&id) {
-                if self.spare.len() < SPARE_QUEUES {
+                if self.spare.len() < SPARE_QUEUES && q.items.capacity() <= SPARE_CAPACITY {
                     self.spare.push(q.items);
                 }
+            }
+            if self.keys.is_empty() && self.keys.capacity() > KEEP_KEYS {
+                // A burst of many keys is over: give its memory back.
+                self.keys = HashMap::default();
+                self.ring = VecDeque::new();
             }
         } else {
             q.deficit = q
