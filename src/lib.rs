@@ -176,6 +176,7 @@ mod sync;
 mod vm;
 
 pub use error::{IsleError, LuaError, LuaErrorKind};
+pub use host::reserve::{Permit, Reserve};
 pub use interrupt::current_token;
 pub use isle::{Isle, IsleBuilder};
 pub use pool::{IslePool, IslePoolBuilder, PoolMetrics, Session, SessionKey, WorkerMetrics};
