@@ -223,7 +223,6 @@ fn requests_resolved_before_they_are_queued_hold_no_room() {
 
 // ===== Waiting for room: `try_reserve`, `reserve_timeout`, `reserve` =====
 
-
 /// A `blocked_pool` whose queue is full: `capacity` requests wait in it
 /// (each `return i`).
 fn full_pool(capacity: usize) -> (IslePool, Gate, Task<()>, Vec<Task<i64>>) {
@@ -516,11 +515,18 @@ fn a_session_permit_runs_in_the_session() {
     });
     waiting(&pool, 1);
     g.release();
-    assert_eq!(within("the permit runs", move || waiter.join().unwrap()), Ok(()));
+    assert_eq!(
+        within("the permit runs", move || waiter.join().unwrap()),
+        Ok(())
+    );
     blocker.wait().unwrap();
     queued.wait().unwrap();
     assert_eq!(s.eval::<i64>("x"), Ok(2));
-    assert_eq!(pool.eval::<Option<i64>>("x"), Ok(None), "not a shared global");
+    assert_eq!(
+        pool.eval::<Option<i64>>("x"),
+        Ok(None),
+        "not a shared global"
+    );
     let permit = s.try_reserve().unwrap();
     assert_eq!(permit.spawn_eval::<i64>("x * 10").wait(), Ok(20));
     pool.shutdown().unwrap();
@@ -570,5 +576,8 @@ fn a_zero_capacity_is_refused_at_build() {
         .queue_capacity(0)
         .build()
         .unwrap_err();
-    assert!(matches!(&err, IsleError::Init(m) if m.contains("queue_capacity")), "{err}");
+    assert!(
+        matches!(&err, IsleError::Init(m) if m.contains("queue_capacity")),
+        "{err}"
+    );
 }

@@ -30,10 +30,10 @@ use std::time::Instant;
 
 use crossbeam_utils::CachePadded;
 
+use super::room::Admission;
 use super::spin::{spin_hot, spin_until, spun_out};
 use super::Reason;
 use crate::sync::{fence, AtomicBool, AtomicU32, AtomicU8, Condvar, Mutex, Ordering};
-use super::room::Admission;
 use crate::IsleError;
 
 thread_local! {
