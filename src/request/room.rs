@@ -187,7 +187,7 @@ impl Room {
 
     /// Room taken now (requests queued, permits unused, room handed to
     /// waiters not yet woken).
-    #[cfg(any(test, mlua_isle_loom))]
+    #[cfg(all(test, mlua_isle_loom))]
     pub(crate) fn taken(&self) -> usize {
         self.state.load(Ordering::Relaxed) & !WAITERS
     }
