@@ -79,11 +79,12 @@ pub(crate) enum Refused {
 }
 
 impl Room {
-    /// A room for `capacity` requests (at least 1).
+    /// A room for `capacity` requests (at least 1; more than half the
+    /// address space counts as unbounded in practice, and is clamped).
     pub(crate) fn new(capacity: usize) -> Arc<Room> {
-        assert!(capacity > 0 && capacity < WAITERS, "capacity out of range");
+        debug_assert!(capacity > 0, "checked by the builders");
         Arc::new(Room {
-            capacity,
+            capacity: capacity.min(WAITERS - 1),
             state: CachePadded::new(AtomicUsize::new(0)),
             queue: Mutex::new(Queue {
                 waiters: VecDeque::new(),
@@ -189,6 +190,7 @@ impl Room {
     /// waiters not yet woken).
     #[cfg(all(test, mlua_isle_loom))]
     pub(crate) fn taken(&self) -> usize {
+        // ORDERING: Relaxed: read by tests after joins, which order it.
         self.state.load(Ordering::Relaxed) & !WAITERS
     }
 
