@@ -134,7 +134,7 @@ fn refused(r: Refused) -> IsleError {
 /// meanwhile). It resolves [`IsleError::Shutdown`] if its isle or pool
 /// shuts down first; it never resolves `QueueFull`. Runtime-agnostic: any
 /// executor, or [`futures::executor::block_on`](https://docs.rs/futures),
-/// can drive it.
+/// can drive it. Polling it again after it resolved panics, as futures may.
 #[must_use = "futures do nothing unless polled; dropping it gives up the wait"]
 pub struct Reserve<F> {
     /// Taken when it resolves.
