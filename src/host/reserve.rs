@@ -2,15 +2,17 @@
 //! `reserve_deadline` and `reserve` on every front-end, and the
 //! [`Permit`] they give, which submits one request into the room taken.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use super::submit::{Submit, Work};
 use crate::request::owner::on_owner_thread;
-use crate::request::{Acquire, Admission, Refused};
+use crate::request::{Acquire, Admission, Refused, Room};
 use crate::{IsleError, Task};
 
 /// Room for one request in a bounded queue, taken ahead of the request.
@@ -89,10 +91,11 @@ pub(crate) fn try_reserve<F: Submit + Clone>(front: &F) -> Result<Permit<F>, Isl
     if front.is_closed() {
         return Err(IsleError::Shutdown);
     }
-    let admission = match front.room() {
-        None => Admission::none(),
-        Some(room) => room.try_acquire().ok_or(IsleError::QueueFull)?,
-    };
+    let mut admission = Admission::none();
+    for room in rooms(front).into_iter().flatten() {
+        // On failure, room taken in the first is given back.
+        admission = admission.and(room.try_acquire().ok_or(IsleError::QueueFull)?);
+    }
     Ok(Permit {
         front: front.clone(),
         admission,
@@ -111,14 +114,20 @@ pub(crate) fn reserve_until<F: Submit + Clone>(
     if front.is_closed() {
         return Err(IsleError::Shutdown);
     }
-    let admission = match front.room() {
-        None => Admission::none(),
-        Some(room) => room.acquire_until(deadline).map_err(refused)?,
-    };
+    let mut admission = Admission::none();
+    for room in rooms(front).into_iter().flatten() {
+        admission = admission.and(room.acquire_until(deadline).map_err(refused)?);
+    }
     Ok(Permit {
         front: front.clone(),
         admission,
     })
+}
+
+/// The rooms a request of `front` takes, in order: a session's own, then
+/// the queue's.
+fn rooms<F: Submit>(front: &F) -> [Option<Arc<Room>>; 2] {
+    [front.first_room(), front.room().cloned()]
 }
 
 fn refused(r: Refused) -> IsleError {
@@ -139,8 +148,10 @@ fn refused(r: Refused) -> IsleError {
 pub struct Reserve<F> {
     /// Taken when it resolves.
     front: Option<F>,
-    /// `None` for an unbounded queue.
-    wait: Option<Acquire>,
+    /// The rooms still to wait for, in order (none: an unbounded queue).
+    waits: VecDeque<Acquire>,
+    /// Room had so far.
+    held: Admission,
 }
 
 impl<F> Reserve<F> {
@@ -148,10 +159,15 @@ impl<F> Reserve<F> {
     where
         F: Submit,
     {
-        let wait = front.room().map(|room| Acquire::new(room.clone()));
+        let waits = rooms(&front)
+            .into_iter()
+            .flatten()
+            .map(Acquire::new)
+            .collect();
         Reserve {
             front: Some(front),
-            wait,
+            waits,
+            held: Admission::none(),
         }
     }
 }
@@ -171,12 +187,22 @@ impl<F: Submit + Unpin> Future for Reserve<F> {
         let r = if front.is_closed() {
             Err(IsleError::Shutdown)
         } else {
-            match &mut this.wait {
-                None => Ok(Admission::none()),
-                Some(wait) => match wait.poll_acquire(cx.waker()) {
-                    Poll::Ready(r) => r.map_err(refused),
+            loop {
+                let Some(wait) = this.waits.front_mut() else {
+                    break Ok(std::mem::take(&mut this.held));
+                };
+                match wait.poll_acquire(cx.waker()) {
+                    Poll::Ready(Ok(a)) => {
+                        this.held = std::mem::take(&mut this.held).and(a);
+                        this.waits.pop_front();
+                    }
+                    Poll::Ready(Err(r)) => {
+                        // Room had in a first room goes back now.
+                        this.held = Admission::none();
+                        break Err(refused(r));
+                    }
                     Poll::Pending => return Poll::Pending,
-                },
+                }
             }
         };
         let front = this.front.take().expect("checked above");

@@ -59,6 +59,12 @@ pub(crate) trait Submit {
     /// `queue_capacity` (unbounded).
     fn room(&self) -> Option<&Arc<Room>>;
 
+    /// Room a request takes before the queue's: a session's own, with the
+    /// pool's `session_queue_capacity`. Taken in that order, and both held.
+    fn first_room(&self) -> Option<Arc<Room>> {
+        None
+    }
+
     /// True once shutdown has begun.
     fn is_closed(&self) -> bool;
 

@@ -34,6 +34,7 @@ pub struct IslePoolBuilder {
     recycle_after: Option<u64>,
     recycle_above: Option<usize>,
     fifo_sessions: bool,
+    session_queue_capacity: Option<usize>,
 }
 
 impl IslePoolBuilder {
@@ -66,6 +67,23 @@ impl IslePoolBuilder {
     /// sessions). Default: unbounded; at least 1.
     pub fn queue_capacity(mut self, n: usize) -> Self {
         self.queue_capacity = Some(n);
+        self
+    }
+
+    /// At most `n` requests of one session may wait in its VM's queue; a
+    /// request of that session beyond it resolves [`IsleError::QueueFull`]
+    /// at once, while other sessions' requests are still taken. A request
+    /// counts until it starts, or resolves while queued (as for
+    /// [`queue_capacity`](Self::queue_capacity), which still bounds the
+    /// pool as a whole). A session's [`reserve`](crate::Session::reserve)
+    /// and `reserve_timeout` wait for room in the session's queue, then in
+    /// the pool's. Default: a session is bounded only by `queue_capacity`.
+    ///
+    /// The bound belongs to the session while it is open: a session
+    /// closed (or expired) and opened again starts with an empty count,
+    /// while its old requests still run.
+    pub fn session_queue_capacity(mut self, n: usize) -> Self {
+        self.session_queue_capacity = Some(n);
         self
     }
 
@@ -126,6 +144,10 @@ impl IslePoolBuilder {
         at_least_one("recycle_after", self.recycle_after)?;
         at_least_one("queue_capacity", self.queue_capacity.map(|n| n as u64))?;
         at_least_one(
+            "session_queue_capacity",
+            self.session_queue_capacity.map(|n| n as u64),
+        )?;
+        at_least_one(
             "recycle_when_memory_above",
             self.recycle_above.map(|b| b as u64),
         )?;
@@ -154,6 +176,7 @@ impl IslePoolBuilder {
             discarded: AtomicU64::new(0),
             sessions_expired: AtomicU64::new(0),
             room: self.queue_capacity.map(Room::new),
+            session_capacity: self.session_queue_capacity,
             idle_timeout: self.session_idle_timeout,
             recycle_after: self.recycle_after,
             recycle_above: self.recycle_above,

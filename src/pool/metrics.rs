@@ -98,6 +98,9 @@ pub struct SessionMetrics {
     /// request that awaited a future (the `async` feature), the time until
     /// it first suspended.
     pub run_time: Duration,
+    /// Callers waiting for room in the session's own queue
+    /// (`session_queue_capacity`; see `Session::reserve`).
+    pub waiting_for_room: usize,
 }
 
 /// A session's live counters, kept in its binding; written by its VM's
@@ -139,6 +142,7 @@ impl KeyCounters {
             failed,
             cancelled,
             run_time: Duration::from_nanos(self.run_ns.load(Ordering::Relaxed)),
+            waiting_for_room: 0,
         }
     }
 }

@@ -277,6 +277,20 @@ impl IslePool {
         }
     }
 
+    /// Counts a new request and refuses it: `QueueFull` (a session's own
+    /// queue, or the pool's, is full), or `Shutdown` if the pool is closed.
+    fn refuse(&self, job: Job) {
+        let shared = self.shared();
+        shared.submitted.add(1);
+        if shared.life.is_closed() {
+            shared.discarded.fetch_add(1, Ordering::Relaxed);
+            job.abandon(IsleError::Shutdown);
+        } else {
+            shared.rejected.fetch_add(1, Ordering::Relaxed);
+            job.abandon(IsleError::QueueFull);
+        }
+    }
+
     /// After a push and its wake-up: if every worker has already exited (a
     /// shutdown raced with this submit), resolve what is left in the queues
     /// ourselves.

@@ -30,7 +30,7 @@ use crate::{IsleError, Task};
 /// One binding of a key to a VM. A key closed and used again gets a new
 /// binding (new id, fresh environment).
 ///
-/// One per open session, so kept small: 88 bytes.
+/// One per open session, so kept small: 96 bytes.
 pub(super) struct Binding {
     /// Unique in the pool; names the environment on the worker.
     pub(crate) id: u64,
@@ -46,6 +46,8 @@ pub(super) struct Binding {
     pub(super) lost: AtomicBool,
     /// Its requests and their run time (`SessionMetrics`).
     pub(super) counters: KeyCounters,
+    /// Its own bound on queued requests (`session_queue_capacity`).
+    pub(super) room: Option<Arc<Room>>,
 }
 
 /// A binding in its shard, found by its key (which it holds: the shard
@@ -114,7 +116,21 @@ impl Sessions {
     pub(super) fn metrics(&self, key: &SessionKey) -> Option<SessionMetrics> {
         let shard = self.shard(key).lock();
         let ByKey(b) = shard.get(key)?;
-        Some(b.counters.snapshot(b.worker))
+        let mut m = b.counters.snapshot(b.worker);
+        m.waiting_for_room = b.room.as_ref().map_or(0, |r| r.waiting());
+        Some(m)
+    }
+
+    /// Refuses every caller waiting for room in a session's own queue (the
+    /// pool shuts down).
+    pub(super) fn close_rooms(&self) {
+        for shard in self.shards.iter() {
+            for ByKey(b) in shard.lock().iter() {
+                if let Some(room) = &b.room {
+                    room.close();
+                }
+            }
+        }
     }
 
     /// Marks every session bound to worker `w` lost (its VM was replaced
@@ -148,31 +164,42 @@ impl Sessions {
     }
 }
 
+/// `key`'s binding, made on first use (bound to the least loaded VM).
+fn bind(shared: &Shared, shard: &mut HashSet<ByKey>, key: &SessionKey) -> Arc<Binding> {
+    if let Some(ByKey(b)) = shard.get(key) {
+        return b.clone();
+    }
+    let b = Arc::new(Binding {
+        id: shared.sessions.next_id.fetch_add(1, Ordering::Relaxed),
+        key: key.clone(),
+        worker: least_loaded(shared),
+        pending: AtomicU32::new(0),
+        last_used: AtomicU64::new(0),
+        lost: AtomicBool::new(false),
+        counters: KeyCounters::default(),
+        room: shared.session_capacity.map(Room::new),
+    });
+    shared.counters[b.worker]
+        .sessions
+        .fetch_add(1, Ordering::Relaxed);
+    shard.insert(ByKey(b.clone()));
+    b
+}
+
+/// The room of `key`'s own queue (`session_queue_capacity`), binding the
+/// key if it is not bound; `None` without that option.
+fn key_room(shared: &Shared, key: &SessionKey) -> Option<Arc<Room>> {
+    shared.session_capacity?;
+    let mut shard = shared.sessions.shard(key).lock();
+    bind(shared, &mut shard, key).room.clone()
+}
+
 /// Submits `job` for `key`: binds the key on first use (to the least loaded
 /// VM) and queues the job on that VM.
 fn enqueue(shared: &Shared, key: &SessionKey, job: Job) {
-    let sessions = &shared.sessions;
     let worker = {
-        let mut shard = sessions.shard(key).lock();
-        let binding = match shard.get(key) {
-            Some(ByKey(b)) => b.clone(),
-            None => {
-                let b = Arc::new(Binding {
-                    id: sessions.next_id.fetch_add(1, Ordering::Relaxed),
-                    key: key.clone(),
-                    worker: least_loaded(shared),
-                    pending: AtomicU32::new(0),
-                    last_used: AtomicU64::new(0),
-                    lost: AtomicBool::new(false),
-                    counters: KeyCounters::default(),
-                });
-                shared.counters[b.worker]
-                    .sessions
-                    .fetch_add(1, Ordering::Relaxed);
-                shard.insert(ByKey(b.clone()));
-                b
-            }
-        };
+        let mut shard = shared.sessions.shard(key).lock();
+        let binding = bind(shared, &mut shard, key);
         // Counted only for idle expiry: a session with requests pending is
         // not idle (no stamp here: its idle clock starts when the last of
         // them ends). Without an idle timeout, neither side touches the
@@ -314,12 +341,31 @@ impl Submit for Session {
         self.pool.room()
     }
 
+    fn first_room(&self) -> Option<Arc<Room>> {
+        key_room(self.pool.shared(), &self.key)
+    }
+
     fn is_closed(&self) -> bool {
         self.pool.is_shutdown()
     }
 
     fn enqueue(&self, job: Job, admission: Option<Admission>) {
         let shared = self.pool.shared();
+        // With a session queue capacity and no permit (a permit holds
+        // both): room in the session's own queue first, then in the pool's.
+        let admission = match (admission, self.first_room()) {
+            (None, Some(key)) => {
+                let both = key.try_acquire().and_then(|k| match self.pool.room() {
+                    None => Some(k),
+                    Some(pool) => pool.try_acquire().map(|p| k.and(p)),
+                });
+                if both.is_none() {
+                    return self.pool.refuse(job);
+                }
+                both
+            }
+            (admission, _) => admission,
+        };
         if let Some(job) = self.pool.admit(job, admission) {
             enqueue(shared, &self.key, job);
             self.pool.after_push();

@@ -55,6 +55,8 @@ pub(super) struct Shared {
     pub(super) sessions_expired: AtomicU64,
     /// The room `queue_capacity` gives (`None`: unbounded).
     pub(super) room: Option<Arc<Room>>,
+    /// `session_queue_capacity`: each session's own bound.
+    pub(super) session_capacity: Option<usize>,
     /// `session_idle_timeout`.
     pub(super) idle_timeout: Option<Duration>,
     /// `recycle_after` (requests) and `recycle_when_memory_above` (bytes).

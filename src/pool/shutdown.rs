@@ -50,6 +50,7 @@ impl Queues for Shared {
         if let Some(room) = &self.room {
             room.close();
         }
+        self.sessions.close_rooms();
         self.sleep.wake_all();
     }
 

@@ -387,7 +387,6 @@ impl Admission {
     ///
     /// # Panics
     /// If that is more than two rooms.
-    #[allow(dead_code)] // for the per-key room to come
     pub(crate) fn and(mut self, mut other: Admission) -> Admission {
         for room in other.rooms.iter_mut().filter_map(Option::take) {
             let free = self.rooms.iter_mut().find(|r| r.is_none());
