@@ -10,6 +10,7 @@ use crossbeam_deque::{Injector, Steal, Stealer, Worker as Deque};
 use crossbeam_utils::CachePadded;
 
 use super::metrics::{PoolMetrics, StripedCounter, WorkerCounters};
+use super::reload::{Control, Reloads};
 use super::session::{Binding, Sessions};
 use super::sleep::Sleep;
 use crate::host::Lifecycle;
@@ -40,6 +41,12 @@ pub(super) struct Shared {
     pub(super) stealers: Box<[Stealer<Job>]>,
     /// Each worker's session/broadcast queue.
     pub(super) pinned: Box<[Injector<Pinned>]>,
+    /// Each worker's control queue (reloads): taken before other work.
+    pub(super) control: Box<[Injector<Control>]>,
+    /// The committed reloads and the one in flight.
+    pub(super) reloads: Reloads,
+    /// The version of the code each worker's VM runs (see `reload`).
+    pub(super) versions: Arc<[AtomicU64]>,
     pub(super) sleep: Sleep,
     /// Shutdown flags, slot generations and VM interrupts (see `host`).
     pub(super) life: Arc<Lifecycle>,
@@ -156,9 +163,18 @@ impl Shared {
         !self.injector.is_empty() || self.stealers.iter().any(|s| !s.is_empty())
     }
 
+    /// Work on worker `w`'s control queue, if any.
+    pub(super) fn control(&self, w: usize) -> Option<Control> {
+        if self.control[w].is_empty() {
+            return None;
+        }
+        steal_one(|| self.control[w].steal())
+    }
+
     /// True if worker `w` could find anything to do.
     pub(super) fn has_work(&self, w: usize, local: &Deque<Job>) -> bool {
-        !self.pinned[w].is_empty()
+        !self.control[w].is_empty()
+            || !self.pinned[w].is_empty()
             || !local.is_empty()
             || !self.injector.is_empty()
             || self.stealers.iter().any(|s| !s.is_empty())
@@ -179,6 +195,15 @@ impl Shared {
                 discard(job);
             }
         }
+        for q in self.control.iter() {
+            while let Some(c) = steal_one(|| q.steal()) {
+                match c {
+                    Control::Reload(job) => job.abandon(IsleError::Shutdown),
+                    // Dropped: a rollback's sender goes unsent.
+                    Control::Rollback(..) | Control::Commit(_) => {}
+                }
+            }
+        }
         for (q, counters) in iter::zip(self.pinned.iter(), self.counters.iter()) {
             while let Some(p) = steal_one(|| q.steal()) {
                 match p {
@@ -195,7 +220,9 @@ impl Shared {
     pub(super) fn metrics(&self) -> PoolMetrics {
         let workers = iter::zip(self.counters.iter(), self.stealers.iter())
             .zip(self.pinned.iter())
-            .map(|((c, s), p)| c.snapshot(s.len() + p.len()))
+            .zip(self.versions.iter())
+            // ORDERING: Relaxed: statistics.
+            .map(|(((c, s), p), v)| c.snapshot(s.len() + p.len(), v.load(Ordering::Relaxed)))
             .collect();
         PoolMetrics {
             workers,
@@ -205,6 +232,7 @@ impl Shared {
             submitted: self.submitted.sum(),
             rejected: self.rejected.load(Ordering::Relaxed),
             discarded: self.discarded.load(Ordering::Relaxed),
+            version: self.reloads.version(),
         }
     }
 }
