@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{expect_msg, gate, within, worker_index, GateFn};
+use common::{eventually, expect_msg, gate, within, worker_index, GateFn};
 use mlua_isle::{mlua, IsleError, IslePool, IslePoolBuilder};
 
 /// `VM_ID` (the worker's index) and `which()` (the code's generation) on
@@ -193,6 +193,84 @@ fn a_reload_waits_for_the_running_request_only_not_for_the_queue() {
         for t in queued {
             assert_eq!(t.wait(), Ok(true));
         }
+        pool.shutdown().unwrap();
+    });
+}
+
+#[test]
+fn vms_recycled_while_a_reload_is_in_flight_end_on_its_version() {
+    within("recycling during a reload", || {
+        let (g, gf) = gate();
+        let (ran_tx, ran) = crossbeam_channel::unbounded::<usize>();
+        let pool = builder(2, false)
+            .recycle_after(2)
+            .init(move |lua| {
+                lua.globals().set("VM_ID", worker_index())?;
+                lua.load("function which() return 'v0' end").exec()?;
+                GateFn::register(gf.clone(), lua, "block")
+            })
+            .build()
+            .unwrap();
+        let s = (0..)
+            .map(|i| pool.session(i))
+            .find(|s| s.eval::<usize>("VM_ID") == Ok(1))
+            .unwrap();
+        // VM 1's second request: it recycles when the request ends, with
+        // the reload's job still queued.
+        let blocker = s.spawn_eval::<()>("block()");
+        g.wait_started();
+        let reload = pool.spawn_reload(move |lua| {
+            let _ = ran_tx.send(lua.globals().get::<usize>("VM_ID")?);
+            define("v1")(lua)
+        });
+        assert_eq!(expect_msg(&ran, "the reload on VM 0"), 0);
+        // VM 0 ran it, and now recycles (VM 1 is busy: unkeyed work goes
+        // to VM 0) while the reload waits for VM 1.
+        let before = pool.metrics().workers[0].recycled;
+        for _ in 0..2 {
+            assert_eq!(pool.eval::<i64>("1"), Ok(1));
+        }
+        eventually("VM 0 recycles", || {
+            pool.metrics().workers[0].recycled > before
+        });
+        assert!(!reload.is_finished());
+        g.release();
+        assert_eq!(blocker.wait(), Ok(()));
+        assert_eq!(reload.wait(), Ok(1));
+        assert_eq!(which_everywhere(&pool), vec![Ok("v1".to_string()); 2]);
+        assert_eq!(versions(&pool), vec![1, 1]);
+        assert!(pool.metrics().workers[1].recycled >= 1);
+        pool.shutdown().unwrap();
+    });
+}
+
+#[test]
+fn a_vm_replacing_a_wedged_one_runs_the_committed_reloads() {
+    within("wedged", || {
+        let (g, gf) = gate();
+        let pool = builder(2, false)
+            .stop_grace(Duration::from_millis(20))
+            .init(move |lua| {
+                lua.globals().set("VM_ID", worker_index())?;
+                lua.load("function which() return 'v0' end").exec()?;
+                GateFn::register(gf.clone(), lua, "block")
+            })
+            .build()
+            .unwrap();
+        assert_eq!(pool.reload(define("v1")), Ok(1));
+        // Stuck in a Rust callback past its time limit and the grace.
+        let stuck = pool
+            .session("stuck")
+            .spawn_eval::<()>("block()")
+            .timeout(Duration::from_millis(50));
+        g.wait_started();
+        assert_eq!(stuck.wait(), Err(IsleError::Timeout));
+        eventually("the stuck VM is replaced", || {
+            pool.metrics().workers.iter().any(|w| w.wedged == 1)
+        });
+        assert_eq!(which_everywhere(&pool), vec![Ok("v1".to_string()); 2]);
+        assert_eq!(versions(&pool), vec![1, 1]);
+        g.release();
         pool.shutdown().unwrap();
     });
 }

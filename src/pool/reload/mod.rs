@@ -230,25 +230,24 @@ impl IslePool {
             return Err(IsleError::Shutdown);
         }
         let version = reloads.begin(f.clone());
-        let mut tasks: Vec<Task<()>> = (0..shared.workers())
-            .map(|w| {
-                let f = f.clone();
-                let versions = shared.versions.clone();
-                let (task, job) =
-                    self.inner
-                        .host
-                        .owner
-                        .request(crate::host::submit::exec(move |lua: &Lua| {
+        let mut tasks: Vec<Task<()>> =
+            (0..shared.workers())
+                .map(|w| {
+                    let f = f.clone();
+                    let versions = shared.versions.clone();
+                    let (task, job) = self.inner.host.owner.request(crate::host::submit::exec(
+                        move |lua: &Lua| {
                             undo::apply(lua, version, &*f)?;
                             // ORDERING: Relaxed: the request's completion
                             // (Release) publishes it to the reload's caller.
                             versions[w].store(undo::version(lua), Ordering::Relaxed);
                             Ok(())
-                        }));
-                shared.push_control(w, Control::Reload(job));
-                task
-            })
-            .collect();
+                        },
+                    ));
+                    shared.push_control(w, Control::Reload(job));
+                    task
+                })
+                .collect();
         self.after_push();
         let ran = first_error(&mut tasks).and_then(|()| {
             if still_wanted() {

@@ -30,7 +30,8 @@ struct Applied {
 }
 
 fn applied(lua: &Lua) -> Applied {
-    lua.app_data_ref::<Applied>().map_or_else(Applied::default, |a| *a)
+    lua.app_data_ref::<Applied>()
+        .map_or_else(Applied::default, |a| *a)
 }
 
 fn set_applied(lua: &Lua, a: Applied) {
