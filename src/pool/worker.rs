@@ -183,6 +183,7 @@ impl Worker {
                     job.abandon(IsleError::Shutdown);
                 } else {
                     host.vm.run(job, None, BROADCAST);
+                    self.show_version(host);
                 }
             }
             Control::Rollback(version, ack) => {

@@ -234,15 +234,8 @@ impl IslePool {
             (0..shared.workers())
                 .map(|w| {
                     let f = f.clone();
-                    let versions = shared.versions.clone();
                     let (task, job) = self.inner.host.owner.request(crate::host::submit::exec(
-                        move |lua: &Lua| {
-                            undo::apply(lua, version, &*f)?;
-                            // ORDERING: Relaxed: the request's completion
-                            // (Release) publishes it to the reload's caller.
-                            versions[w].store(undo::version(lua), Ordering::Relaxed);
-                            Ok(())
-                        },
+                        move |lua: &Lua| undo::apply(lua, version, &*f),
                     ));
                     shared.push_control(w, Control::Reload(job));
                     task
@@ -260,6 +253,10 @@ impl IslePool {
             Ok(()) => {
                 reloads.commit();
                 for w in 0..shared.workers() {
+                    // Every slot's VM runs it (see the module docs): shown
+                    // now, not when each worker gets to say so.
+                    // ORDERING: Relaxed: statistics.
+                    shared.versions[w].store(version, Ordering::Relaxed);
                     shared.push_control(w, Control::Commit(version));
                 }
                 self.after_push();
