@@ -25,7 +25,8 @@ pub struct PoolMetrics {
     pub sessions_open: usize,
     /// Sessions closed by `session_idle_timeout`.
     pub sessions_expired: u64,
-    /// Requests submitted (session and unkeyed; not broadcasts).
+    /// Requests submitted (session and unkeyed; not broadcasts, nor
+    /// reloads).
     pub submitted: u64,
     /// Requests refused with `QueueFull`.
     pub rejected: u64,

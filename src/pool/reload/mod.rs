@@ -40,7 +40,7 @@ use parking_lot::Mutex;
 
 use super::shared::Shared;
 use super::IslePool;
-use crate::request::owner::on_owner_thread;
+use crate::request::owner::{blocking_on, on_owner_thread};
 use crate::request::Request;
 use crate::vm::Job;
 use crate::{IsleError, Task};
@@ -163,15 +163,19 @@ impl IslePool {
     /// # Errors
     /// The first error `f` gave on a VM (as for [`exec`](Self::exec)),
     /// after the roll back; [`IsleError::Shutdown`] if the pool has shut
-    /// down (or shuts down meanwhile); [`IsleError::Reentrant`] from one of
-    /// this pool's VM threads.
+    /// down (or, if it may then not finish, shuts down meanwhile);
+    /// [`IsleError::Reentrant`] from one of this pool's VM threads (or from
+    /// an isle's VM thread this pool's requests are waiting for).
     pub fn reload<F>(&self, f: F) -> Result<u64, IsleError>
     where
         F: Fn(&Lua) -> mlua::Result<()> + Send + Sync + 'static,
     {
-        if on_owner_thread(self.inner.host.owner.id) {
+        let owner = self.inner.host.owner.id;
+        if on_owner_thread(owner) {
             return Err(IsleError::Reentrant);
         }
+        // From an isle's VM thread: refused if the pool waits on that isle.
+        let _waiting = blocking_on(owner)?;
         self.run_reload(Arc::new(f), || true)
     }
 
