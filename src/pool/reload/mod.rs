@@ -176,7 +176,10 @@ impl IslePool {
         }
         // From an isle's VM thread: refused if the pool waits on that isle.
         let _waiting = blocking_on(owner)?;
-        self.run_reload(Arc::new(f), || true)
+        self.run_reload(Arc::new(f), |commit| {
+            commit();
+            true
+        })
     }
 
     /// Like [`reload`](Self::reload), but returns at once with a [`Task`]
@@ -199,17 +202,13 @@ impl IslePool {
         let spawned = std::thread::Builder::new()
             .name("mlua-isle-reload".into())
             .spawn(move || {
-                // Still wanted: claims the task (a cancel from now on comes
-                // too late), so it resolves with what the reload did.
-                let claimed = || req.start(0);
-                match pool.run_reload(f, claimed) {
-                    Ok(v) => {
-                        let _ = req.finish(Ok(v));
-                    }
-                    Err(e) => {
-                        req.abandon(e.clone());
-                        let _ = req.finish(Err(e));
-                    }
+                // Commits only if the task is still wanted, in one step
+                // with resolving it: a cancel either comes first (and the
+                // reload rolls back) or finds it resolved.
+                let commit =
+                    |commit: &mut dyn FnMut() -> u64| req.resolve_unstarted(|| Ok(commit()));
+                if let Err(e) = pool.run_reload(f, commit) {
+                    req.abandon(e);
                 }
             });
         if let Err(e) = spawned {
@@ -220,12 +219,13 @@ impl IslePool {
         task
     }
 
-    /// Runs a reload; `still_wanted` is asked once all VMs ran `f`, before
-    /// it commits (false: roll back, resolving `Cancelled`).
+    /// Runs a reload. Once all VMs ran `f`, `decide` is given the commit
+    /// (which returns the version): it runs it and says true, or says false
+    /// (the caller no longer wants it: roll back, resolving `Cancelled`).
     fn run_reload(
         &self,
         f: Arc<ReloadFn>,
-        still_wanted: impl FnOnce() -> bool,
+        decide: impl FnOnce(&mut dyn FnMut() -> u64) -> bool,
     ) -> Result<u64, IsleError> {
         let shared = &*self.inner.shared;
         let reloads = &shared.reloads;
@@ -247,7 +247,17 @@ impl IslePool {
                 .collect();
         self.after_push();
         let ran = first_error(&mut tasks).and_then(|()| {
-            if still_wanted() {
+            let mut commit = || {
+                reloads.commit();
+                for w in 0..shared.workers() {
+                    // Every slot's VM runs it (see the module docs): shown
+                    // now, not when each worker gets to say so.
+                    // ORDERING: Relaxed: statistics.
+                    shared.versions[w].store(version, Ordering::Relaxed);
+                }
+                version
+            };
+            if decide(&mut commit) {
                 Ok(())
             } else {
                 Err(IsleError::Cancelled)
@@ -255,12 +265,7 @@ impl IslePool {
         });
         match ran {
             Ok(()) => {
-                reloads.commit();
                 for w in 0..shared.workers() {
-                    // Every slot's VM runs it (see the module docs): shown
-                    // now, not when each worker gets to say so.
-                    // ORDERING: Relaxed: statistics.
-                    shared.versions[w].store(version, Ordering::Relaxed);
                     shared.push_control(w, Control::Commit(version));
                 }
                 self.after_push();
