@@ -197,50 +197,81 @@ fn a_reload_waits_for_the_running_request_only_not_for_the_queue() {
     });
 }
 
+/// VM 1 is busy with a request after which it recycles, its reload job
+/// queued; VM 0 runs its job, then recycles while the reload waits for VM
+/// 1. With `fail`, the reload fails on VM 1 (a fresh VM 1 too).
+fn recycled_during_a_reload(fail: bool) {
+    let (g, gf) = gate();
+    let (ran_tx, ran) = crossbeam_channel::unbounded::<usize>();
+    let pool = builder(2, false)
+        .recycle_after(2)
+        .init(move |lua| {
+            lua.globals().set("VM_ID", worker_index())?;
+            lua.load("function which() return 'v0' end").exec()?;
+            GateFn::register(gf.clone(), lua, "block")
+        })
+        .build()
+        .unwrap();
+    let s = (0..)
+        .map(|i| pool.session(i))
+        .find(|s| s.eval::<usize>("VM_ID") == Ok(1))
+        .unwrap();
+    // VM 1's second request: it recycles when the request ends, with the
+    // reload's job still queued.
+    let blocker = s.spawn_eval::<()>("block()");
+    g.wait_started();
+    let reload = pool.spawn_reload(move |lua| {
+        let id = lua.globals().get::<usize>("VM_ID")?;
+        let _ = ran_tx.send(id);
+        define("v1")(lua)?;
+        if fail && id == 1 {
+            refuses()?;
+        }
+        Ok(())
+    });
+    assert_eq!(expect_msg(&ran, "the reload on VM 0"), 0);
+    // VM 0 ran it, and now recycles (VM 1 is busy: unkeyed work goes to
+    // VM 0) while the reload waits for VM 1.
+    let before = pool.metrics().workers[0].recycled;
+    for _ in 0..2 {
+        assert_eq!(pool.eval::<i64>("1"), Ok(1));
+    }
+    eventually("VM 0 recycles", || {
+        pool.metrics().workers[0].recycled > before
+    });
+    assert!(!reload.is_finished());
+    g.release();
+    assert_eq!(blocker.wait(), Ok(()));
+    let reloaded = reload.wait();
+    // VM 1 tried to recycle before it took its reload job.
+    let m = pool.metrics();
+    if fail {
+        let err = reloaded.unwrap_err();
+        assert!(is_refusal(&err), "{err:?}");
+        assert_eq!(which_everywhere(&pool), vec![Ok("v0".to_string()); 2]);
+        assert_eq!(versions(&pool), vec![0, 0]);
+        // A fresh VM 1 failed it too: the old one kept serving.
+        assert!(m.workers[1].recycle_failures >= 1, "{m:?}");
+    } else {
+        assert_eq!(reloaded, Ok(1));
+        assert_eq!(which_everywhere(&pool), vec![Ok("v1".to_string()); 2]);
+        assert_eq!(versions(&pool), vec![1, 1]);
+        assert!(m.workers[1].recycled >= 1, "{m:?}");
+    }
+    pool.shutdown().unwrap();
+}
+
 #[test]
 fn vms_recycled_while_a_reload_is_in_flight_end_on_its_version() {
     within("recycling during a reload", || {
-        let (g, gf) = gate();
-        let (ran_tx, ran) = crossbeam_channel::unbounded::<usize>();
-        let pool = builder(2, false)
-            .recycle_after(2)
-            .init(move |lua| {
-                lua.globals().set("VM_ID", worker_index())?;
-                lua.load("function which() return 'v0' end").exec()?;
-                GateFn::register(gf.clone(), lua, "block")
-            })
-            .build()
-            .unwrap();
-        let s = (0..)
-            .map(|i| pool.session(i))
-            .find(|s| s.eval::<usize>("VM_ID") == Ok(1))
-            .unwrap();
-        // VM 1's second request: it recycles when the request ends, with
-        // the reload's job still queued.
-        let blocker = s.spawn_eval::<()>("block()");
-        g.wait_started();
-        let reload = pool.spawn_reload(move |lua| {
-            let _ = ran_tx.send(lua.globals().get::<usize>("VM_ID")?);
-            define("v1")(lua)
-        });
-        assert_eq!(expect_msg(&ran, "the reload on VM 0"), 0);
-        // VM 0 ran it, and now recycles (VM 1 is busy: unkeyed work goes
-        // to VM 0) while the reload waits for VM 1.
-        let before = pool.metrics().workers[0].recycled;
-        for _ in 0..2 {
-            assert_eq!(pool.eval::<i64>("1"), Ok(1));
-        }
-        eventually("VM 0 recycles", || {
-            pool.metrics().workers[0].recycled > before
-        });
-        assert!(!reload.is_finished());
-        g.release();
-        assert_eq!(blocker.wait(), Ok(()));
-        assert_eq!(reload.wait(), Ok(1));
-        assert_eq!(which_everywhere(&pool), vec![Ok("v1".to_string()); 2]);
-        assert_eq!(versions(&pool), vec![1, 1]);
-        assert!(pool.metrics().workers[1].recycled >= 1);
-        pool.shutdown().unwrap();
+        recycled_during_a_reload(false)
+    });
+}
+
+#[test]
+fn vms_recycled_while_a_reload_is_in_flight_roll_back_with_it() {
+    within("recycling during a reload", || {
+        recycled_during_a_reload(true)
     });
 }
 
