@@ -26,6 +26,11 @@
 //! worker), so a VM started before the function was in flight is serving
 //! its slot before that slot's reload job is taken; and one started after
 //! runs the function itself. The same holds for rollbacks.
+//!
+//! A VM stuck inside `f` (a Rust function that does not return) is stopped
+//! by the pool's `default_timeout` and, a grace period later, replaced: by
+//! then the failed reload has been dropped (the caller wakes as soon as one
+//! job fails), so the replacement does not run `f` again.
 
 mod undo;
 
@@ -145,9 +150,14 @@ impl IslePool {
     /// undone. Until the reload ends, VMs where `f` has run serve requests
     /// with it.
     ///
-    /// Like `init`, `f` runs with no time limit on a VM that starts while it
-    /// is in flight or after it committed: it must not hang. The committed
-    /// functions are kept for the life of the pool.
+    /// On a live VM, `f` runs under the pool's `default_timeout` (without
+    /// one, a VM where `f` never returns holds the reload, as it would any
+    /// request). Like `init`, it runs with no time limit on a VM that starts
+    /// while it is in flight or after it committed, so it must not hang;
+    /// and there, as for `init`, a failure is a failure to start (a
+    /// recycled VM then keeps serving, counted in
+    /// [`WorkerMetrics::recycle_failures`](crate::WorkerMetrics::recycle_failures)).
+    /// The committed functions are kept for the life of the pool.
     ///
     /// ```
     /// use mlua_isle::IslePool;
