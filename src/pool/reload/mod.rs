@@ -28,9 +28,11 @@
 //! runs the function itself. The same holds for rollbacks.
 //!
 //! A VM stuck inside `f` (a Rust function that does not return) is stopped
-//! by the pool's `default_timeout` and, a grace period later, replaced: by
-//! then the failed reload has been dropped (the caller wakes as soon as one
-//! job fails), so the replacement does not run `f` again.
+//! by the pool's `default_timeout` and, a grace period later, replaced.
+//! The caller wakes as soon as one job fails and drops the reload, so a
+//! replacement starting a grace period later does not run `f` again (were
+//! the caller's thread held off the CPU all that time, it would, as it
+//! would run a hanging `init`).
 
 mod undo;
 

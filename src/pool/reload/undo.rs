@@ -84,8 +84,9 @@ pub(in crate::pool) fn apply(lua: &Lua, version: u64, f: &ReloadFn) -> mlua::Res
             resume_unwind(panic);
         }
     }
-    let changed = changed(&globals, &before);
-    let record = changed.and_then(|keys| {
+    // The undo record: each changed key, its value before, and in the
+    // sandbox its value in the copy sessions read.
+    let record = changed(&globals, &before).and_then(|keys| {
         let base = crate::sandbox::session_globals(lua)?;
         let record = lua.create_table_with_capacity(keys.len(), 0)?;
         for k in &keys {
@@ -97,6 +98,7 @@ pub(in crate::pool) fn apply(lua: &Lua, version: u64, f: &ReloadFn) -> mlua::Res
             }
             record.raw_push(entry)?;
         }
+        lua.set_named_registry_value(UNDO, &record)?;
         Ok((keys, record))
     });
     let (keys, record) = match record {
@@ -114,9 +116,9 @@ pub(in crate::pool) fn apply(lua: &Lua, version: u64, f: &ReloadFn) -> mlua::Res
     });
     if let Err(e) = adopted {
         restore(lua, &record);
+        forget(lua);
         return Err(e);
     }
-    lua.set_named_registry_value(UNDO, record)?;
     set_applied(
         lua,
         Applied {
