@@ -447,35 +447,56 @@ fn spawn_reload_is_a_task_to_await() {
     });
 }
 
+/// How a `spawn_reload` task is given up before the reload can commit.
+enum GiveUp {
+    Cancel,
+    Timeout,
+}
+
+fn given_up_before_commit(how: GiveUp) {
+    let (g, gf) = gate();
+    let (ran_tx, ran) = crossbeam_channel::unbounded::<()>();
+    let pool = IslePool::builder()
+        .workers(2)
+        .init(move |lua| {
+            lua.load("function which() return 'v0' end").exec()?;
+            GateFn::register(gf.clone(), lua, "block")
+        })
+        .build()
+        .unwrap();
+    let blocker = pool.session("busy").spawn_eval::<()>("block()");
+    g.wait_started();
+    let reload = pool.spawn_reload(move |lua| {
+        let _ = ran_tx.send(());
+        define("v1")(lua)
+    });
+    expect_msg(&ran, "the reload on the idle VM");
+    match how {
+        GiveUp::Cancel => {
+            reload.cancel();
+            assert_eq!(reload.wait(), Err(IsleError::Cancelled));
+        }
+        GiveUp::Timeout => {
+            let reload = reload.timeout(Duration::from_millis(20));
+            assert_eq!(reload.wait(), Err(IsleError::Timeout));
+        }
+    }
+    g.release();
+    assert_eq!(blocker.wait(), Ok(()));
+    // Waits for the given-up one to end: it did not take version 1.
+    assert_eq!(pool.reload(|_| Ok(())), Ok(1));
+    assert_eq!(which_everywhere(&pool), vec![Ok("v0".to_string()); 2]);
+    pool.shutdown().unwrap();
+}
+
 #[test]
 fn a_reload_cancelled_before_it_commits_rolls_back() {
-    within("cancel", || {
-        let (g, gf) = gate();
-        let (ran_tx, ran) = crossbeam_channel::unbounded::<()>();
-        let pool = IslePool::builder()
-            .workers(2)
-            .init(move |lua| {
-                lua.load("function which() return 'v0' end").exec()?;
-                GateFn::register(gf.clone(), lua, "block")
-            })
-            .build()
-            .unwrap();
-        let blocker = pool.session("busy").spawn_eval::<()>("block()");
-        g.wait_started();
-        let reload = pool.spawn_reload(move |lua| {
-            let _ = ran_tx.send(());
-            define("v1")(lua)
-        });
-        expect_msg(&ran, "the reload on the idle VM");
-        reload.cancel();
-        assert_eq!(reload.wait(), Err(IsleError::Cancelled));
-        g.release();
-        assert_eq!(blocker.wait(), Ok(()));
-        // Waits for the cancelled one to end: it did not take version 1.
-        assert_eq!(pool.reload(|_| Ok(())), Ok(1));
-        assert_eq!(which_everywhere(&pool), vec![Ok("v0".to_string()); 2]);
-        pool.shutdown().unwrap();
-    });
+    within("cancel", || given_up_before_commit(GiveUp::Cancel));
+}
+
+#[test]
+fn a_reload_timed_out_before_it_commits_rolls_back() {
+    within("timeout", || given_up_before_commit(GiveUp::Timeout));
 }
 
 #[test]
