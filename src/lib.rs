@@ -178,7 +178,9 @@ mod vm;
 pub use error::{IsleError, LuaError, LuaErrorKind};
 pub use interrupt::current_token;
 pub use isle::{Isle, IsleBuilder};
-pub use pool::{IslePool, IslePoolBuilder, PoolMetrics, Session, SessionKey, WorkerMetrics};
+pub use pool::{
+    IslePool, IslePoolBuilder, PoolMetrics, Session, SessionKey, SessionMetrics, WorkerMetrics,
+};
 pub use request::{CancelToken, Task};
 
 // The README's examples run as doc tests.

@@ -34,6 +34,7 @@ pub struct IslePoolBuilder {
     session_idle_timeout: Option<Duration>,
     recycle_after: Option<u64>,
     recycle_above: Option<usize>,
+    fifo_sessions: bool,
 }
 
 impl IslePoolBuilder {
@@ -62,6 +63,21 @@ impl IslePoolBuilder {
     /// blocks. Default: unbounded.
     pub fn queue_capacity(mut self, n: usize) -> Self {
         self.queue_capacity = Some(n);
+        self
+    }
+
+    /// Serves the session work queued on a VM first come, first served
+    /// (`true`), instead of in turns across sessions (the default).
+    ///
+    /// By default a VM's sessions with queued work take turns, one request
+    /// each, and a session whose requests run long waits more turns (its
+    /// requests' run time is the cost): a tenant that queues thousands of
+    /// requests delays another tenant on the same VM by about one of its
+    /// requests, not by all of them. Each session's own requests still run
+    /// in the order submitted. First come, first served gives up that
+    /// isolation for a strict order across sessions.
+    pub fn fifo_sessions(mut self, on: bool) -> Self {
+        self.fifo_sessions = on;
         self
     }
 
@@ -122,6 +138,7 @@ impl IslePoolBuilder {
             injector: Injector::new(),
             stealers: locals.iter().map(Deque::stealer).collect(),
             pinned: (0..n).map(|_| Injector::new()).collect(),
+            fair: (0..n).map(|_| CachePadded::default()).collect(),
             control: (0..n).map(|_| Injector::new()).collect(),
             reloads: Reloads::default(),
             versions: (0..n).map(|_| AtomicU64::new(0)).collect(),
@@ -141,6 +158,7 @@ impl IslePoolBuilder {
             recycle_after: self.recycle_after,
             recycle_above: self.recycle_above,
             epoch: Instant::now(),
+            fifo_sessions: self.fifo_sessions,
         });
 
         // A VM runs `init`, then the reloads (committed and in flight) as

@@ -77,6 +77,91 @@ pub struct WorkerMetrics {
     pub version: u64,
 }
 
+/// One session's counters, from [`IslePool::session_metrics`](crate::IslePool::session_metrics)
+/// or [`Session::metrics`](crate::Session::metrics).
+///
+/// They count the requests of the session's current binding: closing the
+/// session (or its expiry, or the loss of its VM) starts them afresh with
+/// the next binding. Like the pool's, they are read one by one while the
+/// VM runs; once the session is quiet, `requests == completed + failed +
+/// cancelled`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SessionMetrics {
+    /// The VM (worker index) the session is bound to.
+    pub worker: usize,
+    /// Requests its VM has resolved: ran, failed, or found stopped.
+    pub requests: u64,
+    /// Those that returned a value.
+    pub completed: u64,
+    /// Those that failed: a Lua error, a panic, `NotFound`, the memory
+    /// limit, `SessionLost`.
+    pub failed: u64,
+    /// Those cancelled, timed out or shut down (while queued or running).
+    pub cancelled: u64,
+    /// The VM time its requests took: the session's share of the VM. For a
+    /// request that awaited a future (the `async` feature), the time until
+    /// it first suspended.
+    pub run_time: Duration,
+}
+
+/// A session's live counters, kept in its binding; written by its VM's
+/// worker, read by anyone.
+#[derive(Default)]
+pub(super) struct KeyCounters {
+    completed: AtomicU64,
+    failed: AtomicU64,
+    cancelled: AtomicU64,
+    run_ns: AtomicU64,
+}
+
+impl KeyCounters {
+    /// A request of the session ran for `ran` (before it resolved or
+    /// suspended).
+    pub(super) fn ran(&self, ran: Duration) {
+        // ORDERING: Relaxed: plain statistics, no data hangs on them.
+        self.run_ns
+            .fetch_add(ran.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// A request of the session resolved with `outcome`.
+    pub(super) fn resolved(&self, outcome: Outcome) {
+        // ORDERING: Relaxed: as above.
+        outcome_counter(outcome, &self.completed, &self.failed, &self.cancelled)
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn snapshot(&self, worker: usize) -> SessionMetrics {
+        let (completed, failed, cancelled) = (
+            self.completed.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            self.cancelled.load(Ordering::Relaxed),
+        );
+        SessionMetrics {
+            worker,
+            requests: completed + failed + cancelled,
+            completed,
+            failed,
+            cancelled,
+            run_time: Duration::from_nanos(self.run_ns.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+/// Which of three counters an outcome counts in.
+fn outcome_counter<'a>(
+    outcome: Outcome,
+    completed: &'a AtomicU64,
+    failed: &'a AtomicU64,
+    cancelled: &'a AtomicU64,
+) -> &'a AtomicU64 {
+    match outcome {
+        Outcome::Completed => completed,
+        Outcome::Failed | Outcome::OutOfMemory => failed,
+        Outcome::Cancelled | Outcome::Skipped => cancelled,
+    }
+}
+
 /// The live counters of one worker; written by that worker (and session
 /// binding for `sessions`), read by anyone.
 #[derive(Default)]
@@ -99,12 +184,8 @@ pub(super) struct WorkerCounters {
 impl WorkerCounters {
     pub(super) fn record(&self, outcome: Outcome, busy: Duration) {
         // ORDERING: Relaxed: plain statistics, no data hangs on them.
-        let counter = match outcome {
-            Outcome::Completed => &self.completed,
-            Outcome::Failed | Outcome::OutOfMemory => &self.failed,
-            Outcome::Cancelled | Outcome::Skipped => &self.cancelled,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        outcome_counter(outcome, &self.completed, &self.failed, &self.cancelled)
+            .fetch_add(1, Ordering::Relaxed);
         self.busy_ns
             .fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
     }

@@ -7,7 +7,8 @@
 //! - `sleep.rs`: the sleep/wake protocol;
 //! - `worker.rs`: the worker loop; `envs.rs`: the VM it serves with, and
 //!   the session environments in it;
-//! - `session.rs`: sessions and their binding to VMs;
+//! - `session.rs`: sessions and their binding to VMs; `fair.rs`: serving
+//!   the sessions bound to one VM in turn;
 //! - `shutdown.rs`: graceful, bounded and abortive shutdown;
 //! - `wedge.rs`: replacing a worker stuck in a stopped request;
 //! - `reload/`: versioned code on every VM (`IslePool::reload`);
@@ -15,6 +16,7 @@
 
 mod builder;
 mod envs;
+mod fair;
 mod key;
 mod metrics;
 mod reload;
@@ -33,7 +35,7 @@ use mlua::Lua;
 
 pub use builder::IslePoolBuilder;
 pub use key::SessionKey;
-pub use metrics::{PoolMetrics, WorkerMetrics};
+pub use metrics::{PoolMetrics, SessionMetrics, WorkerMetrics};
 pub use session::Session;
 
 use crate::host::submit::{request_methods, Owner, Submit};
@@ -240,6 +242,13 @@ impl IslePool {
     /// A snapshot of the pool's counters.
     pub fn metrics(&self) -> PoolMetrics {
         self.inner.shared.metrics()
+    }
+
+    /// The counters of the session `key` (requests, failures, the VM time
+    /// they took), or `None` if it is not open. Reading one key takes the
+    /// lock of its shard of the session table, as a request for it does.
+    pub fn session_metrics(&self, key: impl Into<SessionKey>) -> Option<SessionMetrics> {
+        self.inner.shared.sessions.metrics(&key.into())
     }
 
     /// True once [`shutdown`](Self::shutdown) (or

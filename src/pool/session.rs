@@ -18,6 +18,7 @@ use mlua::{Lua, Table};
 use parking_lot::Mutex;
 
 use super::key::SessionKey;
+use super::metrics::{KeyCounters, SessionMetrics};
 use super::shared::{Pinned, Shared};
 use super::IslePool;
 use crate::host::submit::{request_methods, Owner, Submit};
@@ -27,8 +28,7 @@ use crate::{IsleError, Task};
 /// One binding of a key to a VM. A key closed and used again gets a new
 /// binding (new id, fresh environment).
 ///
-/// One per open session, so kept small: with `pending` a `u32` it fits 56
-/// bytes.
+/// One per open session, so kept small: 88 bytes.
 pub(super) struct Binding {
     /// Unique in the pool; names the environment on the worker.
     pub(crate) id: u64,
@@ -42,6 +42,8 @@ pub(super) struct Binding {
     pub(super) last_used: AtomicU64,
     /// Set when the VM holding this session's state was recycled.
     pub(super) lost: AtomicBool,
+    /// Its requests and their run time (`SessionMetrics`).
+    pub(super) counters: KeyCounters,
 }
 
 /// A binding in its shard, found by its key (which it holds: the shard
@@ -106,6 +108,13 @@ impl Sessions {
             .is_some_and(|b| Arc::ptr_eq(&b.0, binding))
     }
 
+    /// The counters of `key`'s session, if it is open.
+    pub(super) fn metrics(&self, key: &SessionKey) -> Option<SessionMetrics> {
+        let shard = self.shard(key).lock();
+        let ByKey(b) = shard.get(key)?;
+        Some(b.counters.snapshot(b.worker))
+    }
+
     /// Marks every session bound to worker `w` lost (its VM was replaced
     /// while wedged) and returns them.
     pub(super) fn mark_lost(&self, w: usize) -> Vec<Arc<Binding>> {
@@ -153,6 +162,7 @@ fn enqueue(shared: &Shared, key: &SessionKey, job: Job) {
                     pending: AtomicU32::new(0),
                     last_used: AtomicU64::new(0),
                     lost: AtomicBool::new(false),
+                    counters: KeyCounters::default(),
                 });
                 shared.counters[b.worker]
                     .sessions
@@ -182,8 +192,7 @@ fn least_loaded(shared: &Shared) -> usize {
     (0..shared.workers())
         .min_by_key(|&w| {
             let c = &shared.counters[w];
-            shared.pinned[w].len()
-                + shared.stealers[w].len()
+            shared.queued_on(w)
                 + usize::from(c.running.load(Ordering::Relaxed))
                 + c.sessions.load(Ordering::Relaxed)
         })
@@ -277,6 +286,12 @@ impl Session {
         Fut: std::future::Future<Output = mlua::Result<T>> + 'static,
     {
         self.spawn(crate::host::submit::exec_env_async(f))
+    }
+
+    /// This session's counters (see [`IslePool::session_metrics`]); `None`
+    /// while it is not open.
+    pub fn metrics(&self) -> Option<SessionMetrics> {
+        self.pool.session_metrics(&self.key)
     }
 
     /// Closes the session (see [`IslePool::close_session`]). Returns whether

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use crossbeam_deque::{Injector, Steal, Stealer, Worker as Deque};
 use crossbeam_utils::CachePadded;
 
+use super::fair::FairSlot;
 use super::metrics::{PoolMetrics, StripedCounter, WorkerCounters};
 use super::reload::{Control, Reloads};
 use super::session::{Binding, Sessions};
@@ -39,8 +40,11 @@ pub(super) struct Shared {
     pub(super) injector: Injector<Job>,
     /// Thieves' ends of the workers' deques.
     pub(super) stealers: Box<[Stealer<Job>]>,
-    /// Each worker's session/broadcast queue.
+    /// Each worker's session/broadcast queue: where submitters put it.
     pub(super) pinned: Box<[Injector<Pinned>]>,
+    /// Each worker's session work, moved from `pinned` and served fairly
+    /// across keys (see `fair.rs`).
+    pub(super) fair: Box<[CachePadded<FairSlot>]>,
     /// Each worker's control queue (reloads): taken before other work.
     pub(super) control: Box<[Injector<Control>]>,
     /// The committed reloads and the one in flight.
@@ -67,6 +71,8 @@ pub(super) struct Shared {
     pub(super) recycle_above: Option<usize>,
     /// Zero point of session `last_used` stamps.
     pub(super) epoch: Instant,
+    /// `fifo_sessions`: pinned work is taken in arrival order, not fairly.
+    pub(super) fifo_sessions: bool,
 }
 
 impl Shared {
@@ -105,14 +111,27 @@ impl Shared {
     /// worker: `stealers[w]` still names the stuck one's deque) takes one
     /// job at a time from the global queue (`batch` false), so no job waits
     /// where only it can run it.
+    ///
+    /// Pinned work is taken fairly across session keys (`fair.rs`);
+    /// `generation` is the worker's, which must report each session item it
+    /// takes as done (`FairSlot::done`) before it looks for work again.
     pub(super) fn find(
         &self,
         w: usize,
         local: &Deque<Job>,
         pinned_first: bool,
         batch: bool,
+        generation: u64,
     ) -> Option<Found> {
-        let pinned = || steal_one(|| self.pinned[w].steal()).map(Found::Pinned);
+        let pinned = || {
+            if self.fifo_sessions {
+                steal_one(|| self.pinned[w].steal()).map(Found::Pinned)
+            } else {
+                self.fair[w]
+                    .next(&self.pinned[w], generation)
+                    .map(Found::Pinned)
+            }
+        };
         let own = || local.pop().map(Found::Unkeyed);
         let first = if pinned_first {
             pinned().or_else(own)
@@ -175,6 +194,7 @@ impl Shared {
     pub(super) fn has_work(&self, w: usize, local: &Deque<Job>) -> bool {
         !self.control[w].is_empty()
             || !self.pinned[w].is_empty()
+            || self.fair[w].len() > 0
             || !local.is_empty()
             || !self.injector.is_empty()
             || self.stealers.iter().any(|s| !s.is_empty())
@@ -204,8 +224,11 @@ impl Shared {
                 }
             }
         }
-        for (q, counters) in iter::zip(self.pinned.iter(), self.counters.iter()) {
-            while let Some(p) = steal_one(|| q.steal()) {
+        for ((q, fair), counters) in
+            iter::zip(self.pinned.iter(), self.fair.iter()).zip(self.counters.iter())
+        {
+            let queued = fair.take_all().into_iter();
+            for p in queued.chain(iter::from_fn(|| steal_one(|| q.steal()))) {
                 match p {
                     Pinned::Session(_, job) => discard(job),
                     Pinned::Broadcast(job) => job.abandon(IsleError::Shutdown),
@@ -217,12 +240,18 @@ impl Shared {
         }
     }
 
+    /// Requests (and session closes) waiting in worker `w`'s own queues.
+    pub(super) fn queued_on(&self, w: usize) -> usize {
+        self.stealers[w].len() + self.pinned[w].len() + self.fair[w].len()
+    }
+
     pub(super) fn metrics(&self) -> PoolMetrics {
-        let workers = iter::zip(self.counters.iter(), self.stealers.iter())
-            .zip(self.pinned.iter())
-            .zip(self.versions.iter())
+        let workers = (0..self.workers())
             // ORDERING: Relaxed: statistics.
-            .map(|(((c, s), p), v)| c.snapshot(s.len() + p.len(), v.load(Ordering::Relaxed)))
+            .map(|w| {
+                let version = self.versions[w].load(Ordering::Relaxed);
+                self.counters[w].snapshot(self.queued_on(w), version)
+            })
             .collect();
         PoolMetrics {
             workers,
@@ -238,7 +267,7 @@ impl Shared {
 }
 
 /// Steals one item, retrying while the queue says `Retry`.
-fn steal_one<T>(mut steal: impl FnMut() -> Steal<T>) -> Option<T> {
+pub(super) fn steal_one<T>(mut steal: impl FnMut() -> Steal<T>) -> Option<T> {
     loop {
         match steal() {
             Steal::Success(t) => return Some(t),

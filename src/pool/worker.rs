@@ -56,6 +56,9 @@ impl Worker {
         });
         let mut host = WorkerVm::new(vm);
         self.show_version(&host);
+        // A replacement for a wedged worker: the session the stuck one was
+        // serving is served again.
+        shared.fair[w].take_over();
         // Sessions whose VM was recycled (or replaced while wedged): they
         // answer `SessionLost` once.
         let sweep_every = shared
@@ -88,7 +91,7 @@ impl Worker {
             pinned_first = !pinned_first;
             let batch = self.batch && host.vm.suspended() == 0;
             let found = if room {
-                shared.find(w, &self.local, pinned_first, batch)
+                shared.find(w, &self.local, pinned_first, batch, self.generation)
             } else {
                 None
             };
@@ -104,7 +107,8 @@ impl Worker {
                         self.run_job(&mut host, job, None, 0);
                     }
                     Found::Pinned(Pinned::Session(binding, job)) => {
-                        self.session_job(&mut host, &binding, job);
+                        let ran = self.session_job(&mut host, &binding, job);
+                        self.served_key(binding.id, ran);
                     }
                     Found::Pinned(Pinned::Broadcast(job)) => {
                         // Not a request of the pool's: not in its metrics.
@@ -122,6 +126,7 @@ impl Worker {
                             Some(env) if env.busy => env.waiting.push_back(Waiting::Close),
                             _ => self.close(&mut host, id, &mut lost),
                         }
+                        self.served_key(id, Duration::ZERO);
                     }
                 }
                 if !self.is_current() {
@@ -205,40 +210,63 @@ impl Worker {
         }
     }
 
+    /// Tells the fair queue that the item of session `id` it gave out has
+    /// been dealt with, after running for `ran` (unless this worker was
+    /// replaced meanwhile: the queue is its replacement's).
+    fn served_key(&self, id: u64, ran: Duration) {
+        if !self.shared.fifo_sessions && self.is_current() {
+            self.shared.fair[self.index].done(id, self.generation, ran);
+        }
+    }
+
     /// A request for a session: it runs now, unless a request of the same
-    /// session is suspended (then it waits behind it, in order).
-    fn session_job(&self, host: &mut WorkerVm, binding: &Arc<Binding>, job: Job) {
+    /// session is suspended (then it waits behind it, in order). Returns how
+    /// long it ran.
+    fn session_job(&self, host: &mut WorkerVm, binding: &Arc<Binding>, job: Job) -> Duration {
         if binding.lost.load(Ordering::Acquire) {
             self.tell_lost(binding, job);
+            binding.counters.resolved(Outcome::Failed);
             self.session_request_done(binding);
-            return;
+            return Duration::ZERO;
         }
         match host.env(binding) {
             Ok(table) => {
                 if let Some(env) = host.envs.get_mut(&binding.id) {
                     if env.busy {
                         env.waiting.push_back(Waiting::Job(job));
-                        return;
+                        return Duration::ZERO;
                     }
                 }
-                self.run_session(host, binding, job, &table);
+                self.run_session(host, binding, job, &table)
             }
             Err(e) => {
                 job.abandon(e);
                 self.shared.counters[self.index].record(Outcome::Failed, Duration::ZERO);
+                binding.counters.resolved(Outcome::Failed);
                 self.session_request_done(binding);
+                Duration::ZERO
             }
         }
     }
 
     /// Runs a session's request in its environment; if it suspends, the
-    /// session is busy until it resolves.
-    fn run_session(&self, host: &mut WorkerVm, binding: &Arc<Binding>, job: Job, table: &Table) {
-        if self.run_job(host, job, Some(table), binding.id).is_some() {
+    /// session is busy until it resolves. Returns how long it ran.
+    fn run_session(
+        &self,
+        host: &mut WorkerVm,
+        binding: &Arc<Binding>,
+        job: Job,
+        table: &Table,
+    ) -> Duration {
+        let (outcome, ran) = self.run_job(host, job, Some(table), binding.id);
+        binding.counters.ran(ran);
+        if let Some(outcome) = outcome {
+            binding.counters.resolved(outcome);
             self.session_request_done(binding);
         } else if let Some(env) = host.envs.get_mut(&binding.id) {
             env.busy = true;
         }
+        ran
     }
 
     /// A session's request has resolved.
@@ -319,6 +347,7 @@ impl Worker {
         };
         env.busy = false;
         let binding = env.binding.clone();
+        binding.counters.resolved(outcome);
         self.session_request_done(&binding);
         // What waited behind it, in order, until one suspends.
         loop {
@@ -375,20 +404,20 @@ impl Worker {
         }
     }
 
-    /// Runs a job; `None` if it suspended (it resolves through
-    /// `resume_woken`, with `tag`).
+    /// Runs a job; its outcome is `None` if it suspended (it resolves
+    /// through `resume_woken`, with `tag`). Returns how long it ran.
     fn run_job(
         &self,
         host: &mut WorkerVm,
         job: Job,
         env: Option<&Table>,
         tag: u64,
-    ) -> Option<Outcome> {
+    ) -> (Option<Outcome>, Duration) {
         let counters = &self.shared.counters[self.index];
         if self.shared.life.is_aborting() {
             job.abandon(IsleError::Shutdown);
             counters.record(Outcome::Cancelled, Duration::ZERO);
-            return Some(Outcome::Cancelled);
+            return (Some(Outcome::Cancelled), Duration::ZERO);
         }
         counters.running.store(true, Ordering::Relaxed);
         let start = Instant::now();
@@ -411,7 +440,7 @@ impl Worker {
                 self.count_suspended(host);
             }
         }
-        outcome
+        (outcome, busy)
     }
 
     /// A request for a session whose state went with a recycled VM: it

@@ -1,0 +1,443 @@
+//! Fair service of the sessions bound to one VM.
+//!
+//! Session work reaches a worker through its pinned queue, first come first
+//! served. Served in that order, a tenant that queues 10,000 requests makes
+//! every other tenant on the VM wait behind all of them. So the worker moves
+//! what arrives into one queue per session (`Fair`), and serves the sessions
+//! with queued work in turn, one request per turn, passing over those that
+//! owe the others time (a deficit round robin whose cost is run time).
+//!
+//! - Every key with queued work is in the ring, once. The worker takes the
+//!   key at the front; if the key owes no time, it runs the key's oldest
+//!   request; else the key goes to the back.
+//! - The key being served is out of the ring until its request ends; then,
+//!   if it has more, it goes to the back, behind the keys whose first
+//!   requests arrived meanwhile. So a quiet key waits for at most the
+//!   running request and one request of each other key with work.
+//! - Time is the cost: a request's run time is charged to its key, and a
+//!   key is credited with the time the VM spent on other keys' requests
+//!   while it waited. A key whose requests take 5 ms beside one whose
+//!   requests take 5 µs runs once per thousand of the other's: both get
+//!   the VM's time, not just its turns. When every key owes time, all are
+//!   credited what the least indebted one owes. Credit is only ever time a
+//!   key waited with work queued, and it buys no more than one request a
+//!   turn.
+//! - A key whose queue empties starts afresh next time: debt is not carried
+//!   between busy periods.
+//! - A broadcast runs after the session work queued before it (its
+//!   contract): arrivals behind it stay in the pinned queue until it has run.
+//!
+//! The state lives in `Shared` behind a lock only its worker takes on its
+//! path (once to find work, once when a session's request ends), so the
+//! fresh worker that replaces a wedged one takes it over as it is.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crossbeam_deque::Injector;
+use parking_lot::Mutex;
+
+use super::shared::{steal_one, Pinned};
+use crate::vm::Job;
+
+/// Queues kept for reuse when a key's queue empties: with many keys each
+/// sending one request at a time, most requests would otherwise allocate
+/// and free one.
+const SPARE_QUEUES: usize = 64;
+
+/// A spare queue is kept only if it is this small (a flood's long queue is
+/// freed).
+const SPARE_CAPACITY: usize = 16;
+
+/// Room for this many keys with queued work is kept once they are served;
+/// beyond it, the table is freed when the last is.
+const KEEP_KEYS: usize = 1024;
+
+/// One worker's fair queue, and the count of what it holds (read without
+/// the lock: by the worker when deciding whether to sleep, and by metrics).
+#[derive(Default)]
+pub(super) struct FairSlot {
+    fair: Mutex<Fair>,
+    len: AtomicUsize,
+}
+
+impl FairSlot {
+    /// Requests (and session closes, and a broadcast) held here.
+    pub(super) fn len(&self) -> usize {
+        // ORDERING: Relaxed: a hint for metrics and an idle check; the
+        // queue itself is read under the lock.
+        self.len.load(Ordering::Relaxed)
+    }
+
+    /// Moves what waits in `intake` here, and takes the next thing to run,
+    /// marking its key as being served by `generation` (the worker's).
+    pub(super) fn next(&self, intake: &Injector<Pinned>, generation: u64) -> Option<Pinned> {
+        if self.len() == 0 && intake.is_empty() {
+            return None;
+        }
+        self.with(|fair| fair.next(intake, generation))
+    }
+
+    /// The request (or close) of key `id` that `generation` took has ended
+    /// after running for `ran`.
+    pub(super) fn done(&self, id: u64, generation: u64, ran: Duration) {
+        self.with(|fair| fair.done(id, generation, ran));
+    }
+
+    /// A fresh worker takes the slot over from a wedged one: the key that
+    /// one was serving is served again (its request was answered already).
+    pub(super) fn take_over(&self) {
+        self.with(|fair| {
+            if let Some((id, generation)) = fair.in_service {
+                fair.done(id, generation, Duration::ZERO);
+            }
+        });
+    }
+
+    /// Everything held, for a pool that has stopped.
+    pub(super) fn take_all(&self) -> Vec<Pinned> {
+        self.with(|fair| {
+            let mut all: Vec<Pinned> = fair
+                .barrier
+                .take()
+                .map(Pinned::Broadcast)
+                .into_iter()
+                .collect();
+            for (_, q) in fair.keys.drain() {
+                all.extend(q.items);
+            }
+            fair.ring.clear();
+            fair.in_service = None;
+            fair.returning = None;
+            fair.len = 0;
+            all
+        })
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut Fair) -> R) -> R {
+        let mut fair = self.fair.lock();
+        let r = f(&mut fair);
+        let len = fair.len + usize::from(fair.barrier.is_some());
+        // ORDERING: Relaxed: see `len`.
+        self.len.store(len, Ordering::Relaxed);
+        r
+    }
+}
+
+#[derive(Default)]
+struct Fair {
+    /// Each key with queued work (or being served), by binding id.
+    keys: HashMap<u64, KeyQueue, BuildHasherDefault<IdHasher>>,
+    /// The keys with queued work that are not being served, in turn order.
+    ring: VecDeque<u64>,
+    /// The key whose request runs, and the worker generation running it.
+    in_service: Option<(u64, u64)>,
+    /// The key served last, with more work: back into the ring after what
+    /// arrived while it ran.
+    returning: Option<u64>,
+    /// A broadcast waiting for the session work queued before it.
+    barrier: Option<Job>,
+    /// Items in the keys' queues.
+    len: usize,
+    /// Nanoseconds of session requests run from this queue, ever.
+    clock: u64,
+    spare: Vec<VecDeque<Pinned>>,
+}
+
+struct KeyQueue {
+    items: VecDeque<Pinned>,
+    /// Nanoseconds of VM time owed to (positive) or by (negative) the key.
+    deficit: i64,
+    /// `clock` when the key was last considered or charged.
+    seen: u64,
+}
+
+impl Fair {
+    fn next(&mut self, intake: &Injector<Pinned>, generation: u64) -> Option<Pinned> {
+        if self.keys.is_empty() && self.in_service.is_none() && self.barrier.is_none() {
+            // Nothing held, and most often one item waiting: it is served
+            // at once, without a queue of its own.
+            let item = steal_one(|| intake.steal())?;
+            match item {
+                Pinned::Broadcast(job) => return Some(Pinned::Broadcast(job)),
+                _ if intake.is_empty() => {
+                    self.in_service = Some((key_of(&item), generation));
+                    return Some(item);
+                }
+                _ => self.push(item),
+            }
+        }
+        self.fill(intake);
+        if let Some(id) = self.returning.take() {
+            self.ring.push_back(id);
+        }
+        self.pop(generation)
+    }
+
+    /// Takes everything from `intake`, up to a broadcast.
+    fn fill(&mut self, intake: &Injector<Pinned>) {
+        while self.barrier.is_none() {
+            match steal_one(|| intake.steal()) {
+                None => return,
+                Some(Pinned::Broadcast(job)) => self.barrier = Some(job),
+                Some(item) => self.push(item),
+            }
+        }
+    }
+
+    fn push(&mut self, item: Pinned) {
+        let id = key_of(&item);
+        self.len += 1;
+        if let Some(q) = self.keys.get_mut(&id) {
+            // Queued already: in the ring, being served or returning.
+            q.items.push_back(item);
+            return;
+        }
+        let mut items = self.spare.pop().unwrap_or_default();
+        items.push_back(item);
+        let seen = self.clock;
+        self.keys.insert(
+            id,
+            KeyQueue {
+                items,
+                deficit: 0,
+                seen,
+            },
+        );
+        // The key being served (taken by the shortcut in `next`, with no
+        // queue) joins the ring when it is done, not before.
+        if self.in_service.map(|(key, _)| key) != Some(id) {
+            self.ring.push_back(id);
+        }
+    }
+
+    /// The next key's oldest item (see the module docs), or the broadcast
+    /// once nothing queued before it is left.
+    fn pop(&mut self, generation: u64) -> Option<Pinned> {
+        if self.in_service.is_some() || self.returning.is_some() {
+            // Not yet told the last one is done (its worker always says so
+            // before it looks for more work; `next` re-rings a returning
+            // key before it pops).
+            return None;
+        }
+        let mut passed = 0;
+        while let Some(&id) = self.ring.front() {
+            let q = self
+                .keys
+                .get_mut(&id)
+                .expect("a key in the ring has a queue");
+            let others = i64::try_from(self.clock - q.seen).unwrap_or(i64::MAX);
+            q.deficit = q.deficit.saturating_add(others);
+            q.seen = self.clock;
+            if q.deficit >= 0 {
+                self.ring.pop_front();
+                let item = q.items.pop_front().expect("a key in the ring has work");
+                self.len -= 1;
+                self.in_service = Some((id, generation));
+                return Some(item);
+            }
+            self.ring.rotate_left(1);
+            passed += 1;
+            if passed >= self.ring.len() {
+                // A whole turn and nobody may run: give every key what the
+                // least indebted one lacks, so it runs next.
+                let lift = self
+                    .ring
+                    .iter()
+                    .map(|id| -self.keys[id].deficit)
+                    .min()
+                    .unwrap_or(0)
+                    .max(0);
+                for id in &self.ring {
+                    if let Some(q) = self.keys.get_mut(id) {
+                        q.deficit += lift;
+                    }
+                }
+                passed = 0;
+            }
+        }
+        if self.keys.is_empty() {
+            self.barrier.take().map(Pinned::Broadcast)
+        } else {
+            None
+        }
+    }
+
+    fn done(&mut self, id: u64, generation: u64, ran: Duration) {
+        if self.in_service != Some((id, generation)) {
+            return;
+        }
+        self.in_service = None;
+        let ran = u64::try_from(ran.as_nanos()).unwrap_or(u64::MAX);
+        self.clock = self.clock.saturating_add(ran);
+        let Some(q) = self.keys.get_mut(&id) else {
+            return;
+        };
+        if q.items.is_empty() {
+            if let Some(q) = self.keys.remove(&id) {
+                if self.spare.len() < SPARE_QUEUES && q.items.capacity() <= SPARE_CAPACITY {
+                    self.spare.push(q.items);
+                }
+            }
+            if self.keys.is_empty() && self.keys.capacity() > KEEP_KEYS {
+                // A burst of many keys is over: give its memory back.
+                self.keys = HashMap::default();
+                self.ring = VecDeque::new();
+            }
+        } else {
+            q.deficit = q
+                .deficit
+                .saturating_sub(i64::try_from(ran).unwrap_or(i64::MAX));
+            q.seen = self.clock;
+            self.returning = Some(id);
+        }
+    }
+}
+
+/// The session an item belongs to.
+fn key_of(item: &Pinned) -> u64 {
+    match item {
+        Pinned::Session(binding, _) => binding.id,
+        Pinned::Close(id) => *id,
+        Pinned::Broadcast(_) => unreachable!("a broadcast is a barrier, not a key's"),
+    }
+}
+
+/// Binding ids are a counter: spread them over the table's bits with one
+/// multiplication (the table uses the top bits as well as the low ones).
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Serves everything queued in `slot`, each item of key `k` running
+    /// for `cost(k)`, and returns the keys in the order served.
+    fn serve(
+        slot: &FairSlot,
+        intake: &Injector<Pinned>,
+        cost: impl Fn(u64) -> Duration,
+    ) -> Vec<u64> {
+        let mut order = Vec::new();
+        while let Some(item) = slot.next(intake, 7) {
+            let Pinned::Close(id) = item else {
+                panic!("only closes are queued here");
+            };
+            order.push(id);
+            slot.done(id, 7, cost(id));
+        }
+        assert_eq!(slot.len(), 0);
+        order
+    }
+
+    fn queue(intake: &Injector<Pinned>, key: u64, n: usize) {
+        for _ in 0..n {
+            intake.push(Pinned::Close(key));
+        }
+    }
+
+    #[test]
+    fn equal_costs_take_plain_turns() {
+        let (slot, intake) = (FairSlot::default(), Injector::new());
+        queue(&intake, 1, 4);
+        queue(&intake, 2, 2);
+        queue(&intake, 3, 1);
+        let order = serve(&slot, &intake, |_| Duration::from_micros(10));
+        assert_eq!(order, [1, 2, 3, 1, 2, 1, 1]);
+    }
+
+    #[test]
+    fn a_key_with_long_requests_gets_time_not_turns() {
+        let (slot, intake) = (FairSlot::default(), Injector::new());
+        queue(&intake, 1, 3);
+        queue(&intake, 2, 3_000);
+        let cost = |k| match k {
+            1 => Duration::from_millis(5),
+            _ => Duration::from_micros(5),
+        };
+        let order = serve(&slot, &intake, cost);
+        let long: Vec<usize> = (0..order.len()).filter(|&i| order[i] == 1).collect();
+        // 5 ms of the short key's requests between the long key's.
+        assert_eq!(long[0], 0);
+        assert_eq!(long[1] - long[0] - 1, 1_000, "{long:?}");
+        assert_eq!(long[2] - long[1] - 1, 1_000, "{long:?}");
+    }
+
+    #[test]
+    fn a_key_owing_time_is_passed_over_until_the_others_have_had_it() {
+        let (slot, intake) = (FairSlot::default(), Injector::new());
+        queue(&intake, 1, 3);
+        queue(&intake, 2, 3);
+        queue(&intake, 3, 1);
+        let cost = |k| Duration::from_millis(if k == 1 { 2 } else { 1 });
+        // 1 runs 2 ms; 2 and 3 run 1 ms each and are even with it; 1 runs
+        // again, and 2 twice for its 2 ms. Alone with debts, each still runs.
+        let order = serve(&slot, &intake, cost);
+        assert_eq!(order, [1, 2, 3, 1, 2, 2, 1]);
+    }
+
+    #[test]
+    fn a_key_arriving_while_another_runs_goes_first() {
+        let (slot, intake) = (FairSlot::default(), Injector::new());
+        queue(&intake, 1, 3);
+        let Some(Pinned::Close(1)) = slot.next(&intake, 7) else {
+            panic!("key 1 first");
+        };
+        queue(&intake, 2, 1);
+        slot.done(1, 7, Duration::from_micros(1));
+        let order = serve(&slot, &intake, |_| Duration::from_micros(1));
+        assert_eq!(order, [2, 1, 1]);
+    }
+
+    #[test]
+    fn a_lone_request_taken_at_once_still_lets_later_arrivals_first() {
+        let (slot, intake) = (FairSlot::default(), Injector::new());
+        // One item, nothing held: the shortcut.
+        queue(&intake, 1, 1);
+        assert!(matches!(slot.next(&intake, 7), Some(Pinned::Close(1))));
+        assert_eq!(slot.len(), 0);
+        // While it runs, more of key 1 and one of key 2.
+        queue(&intake, 1, 2);
+        queue(&intake, 2, 1);
+        assert!(slot.next(&intake, 7).is_none(), "key 1 is still running");
+        slot.done(1, 7, Duration::from_micros(1));
+        let order = serve(&slot, &intake, |_| Duration::from_micros(1));
+        assert_eq!(order, [2, 1, 1]);
+    }
+
+    #[test]
+    fn a_replacement_worker_takes_over_the_key_in_service() {
+        let (slot, intake) = (FairSlot::default(), Injector::new());
+        queue(&intake, 1, 2);
+        assert!(slot.next(&intake, 7).is_some());
+        // Generation 7 is stuck in key 1's request; nothing else is handed
+        // out until it is done or replaced.
+        assert!(slot.next(&intake, 8).is_none());
+        slot.take_over();
+        // The stuck one's late report changes nothing.
+        slot.done(1, 7, Duration::ZERO);
+        assert!(matches!(slot.next(&intake, 8), Some(Pinned::Close(1))));
+        slot.done(1, 8, Duration::ZERO);
+        assert!(slot.next(&intake, 8).is_none());
+        assert_eq!(slot.len(), 0);
+    }
+}
