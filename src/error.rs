@@ -47,9 +47,10 @@ pub enum IsleError {
     #[error("Lua VM initialisation failed: {0}")]
     Init(String),
 
-    /// The queue is full (see the pool's `queue_capacity`); retry later or
-    /// raise the capacity.
-    #[error("request queue is full; retry later or raise queue_capacity")]
+    /// The queue is full (see `queue_capacity` on either builder), or, from
+    /// `reserve_timeout`, stayed full until its deadline. Retry later, wait
+    /// for room (`reserve_timeout`, `reserve`), or raise the capacity.
+    #[error("request queue is full; retry later, wait for room with reserve_timeout/reserve, or raise queue_capacity")]
     QueueFull,
 
     /// `call` named a global function that does not exist (the global is

@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use mlua::Lua;
 
-use crate::host::submit::{request_methods, Owner, Submit};
+use crate::host::reserve::{reserve_methods, Permit};
+use crate::host::submit::{request_methods, take_room, Owner, Submit};
 use crate::host::{Host, Lifecycle, Queues, Spawn, Starting};
 use crate::request::spin::spin_until;
-use crate::request::Cancel;
-use crate::vm::config::{vm_options, VmConfig, VmInit};
+use crate::request::{Admission, Cancel, Room};
+use crate::vm::config::{at_least_one, vm_options, VmConfig, VmInit};
 use crate::vm::{Job, Vm};
 use crate::{IsleError, Task};
 
@@ -46,6 +47,8 @@ struct Inner {
     /// The VM thread's queue, and its receiving end for a replacement VM.
     tx: Sender<Msg>,
     rx: Receiver<Msg>,
+    /// The room `queue_capacity` gives (`None`: unbounded).
+    room: Option<Arc<Room>>,
     /// For replacement VMs.
     config: VmConfig,
     init: Option<Arc<VmInit>>,
@@ -63,10 +66,22 @@ enum Msg {
 pub struct IsleBuilder {
     config: VmConfig,
     init: Option<Arc<VmInit>>,
+    queue_capacity: Option<usize>,
 }
 
 impl IsleBuilder {
     vm_options!();
+
+    /// At most `n` requests may wait in the isle's queue (a request stops
+    /// counting once it starts, or resolves while queued). A request
+    /// beyond that resolves [`IsleError::QueueFull`] at once, and the
+    /// caller never blocks. To wait for room instead, take it first with
+    /// [`Isle::reserve_timeout`] or [`Isle::reserve`]. Default: unbounded;
+    /// at least 1.
+    pub fn queue_capacity(mut self, n: usize) -> Self {
+        self.queue_capacity = Some(n);
+        self
+    }
 
     /// Sets an init closure that can run again: on the first VM and on
     /// every VM that replaces a wedged one (see
@@ -108,7 +123,8 @@ impl IsleBuilder {
     /// [`IsleError::Init`] if `init` returns an error, [`IsleError::Panic`]
     /// if it panics, [`IsleError::Init`] if the thread cannot be spawned, or
     /// for a zero given to an option that counts something
-    /// (`hook_interval`, `max_instructions`, `memory_limit`), naming it. In
+    /// (`hook_interval`, `max_instructions`, `memory_limit`,
+    /// `queue_capacity`), naming it. In
     /// every case the thread is gone when this returns.
     pub fn spawn<F>(self, init: F) -> Result<Isle, IsleError>
     where
@@ -116,6 +132,7 @@ impl IsleBuilder {
     {
         let mut config = self.config;
         config.check()?;
+        at_least_one("queue_capacity", self.queue_capacity.map(|n| n as u64))?;
         config.resolve();
         let owner = Owner::new(&config);
         let id = owner.id;
@@ -135,6 +152,7 @@ impl IsleBuilder {
             host: Host::new(owner, life, vec![thread]),
             tx,
             rx,
+            room: self.queue_capacity.map(Room::new),
             config,
             init: self.init,
             wedged: AtomicU64::new(0),
@@ -302,6 +320,14 @@ impl Isle {
 
     request_methods!(exec);
 
+    reserve_methods!();
+
+    /// Callers waiting for room in the queue now (see
+    /// [`IsleBuilder::queue_capacity`] and [`reserve`](Self::reserve)).
+    pub fn waiting_for_room(&self) -> usize {
+        self.inner.room.as_ref().map_or(0, |r| r.waiting())
+    }
+
     /// Stops accepting requests, lets the queued ones finish, and joins the
     /// VM thread. Blocks until then. Calling it again (or from another
     /// handle) waits for the same shutdown and returns `Ok`.
@@ -348,10 +374,25 @@ impl Submit for Isle {
         &self.inner.host.owner
     }
 
-    fn enqueue(&self, job: Job) {
+    fn room(&self) -> Option<&Arc<Room>> {
+        self.inner.room.as_ref()
+    }
+
+    fn is_closed(&self) -> bool {
+        self.is_shutdown()
+    }
+
+    fn enqueue(&self, job: Job, admission: Option<Admission>) {
         if self.inner.host.life.is_closed() {
             job.abandon(IsleError::Shutdown);
-        } else if let Err(e) = self.inner.tx.send(Msg::Job(job)) {
+            return;
+        }
+        match take_room(self, admission) {
+            None => return job.abandon(IsleError::QueueFull),
+            Some(a) if !a.is_empty() => job.admit(a),
+            Some(_) => {}
+        }
+        if let Err(e) = self.inner.tx.send(Msg::Job(job)) {
             if let Msg::Job(job) = e.into_inner() {
                 job.abandon(IsleError::Shutdown);
             }
@@ -365,6 +406,10 @@ impl Queues for Inner {
     /// The VM thread finishes what is queued before this message (or, once
     /// aborting, resolves it `Shutdown`) and exits.
     fn wake_all(&self) {
+        // Callers waiting for room resolve `Shutdown`.
+        if let Some(room) = &self.room {
+            room.close();
+        }
         let _ = self.tx.send(Msg::Shutdown);
     }
 
@@ -426,11 +471,18 @@ impl fmt::Debug for Isle {
     }
 }
 
+/// A permit of an isle: its request runs on the isle's VM, after the
+/// requests queued before the permit is used.
+impl Permit<Isle> {
+    request_methods!(@exec [self] self);
+}
+
 impl fmt::Debug for IsleBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IsleBuilder")
             .field("config", &self.config)
             .field("init", &self.init.is_some())
+            .field("queue_capacity", &self.queue_capacity)
             .finish()
     }
 }

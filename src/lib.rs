@@ -140,8 +140,9 @@
 //!   synchronise with, replaced by [loom](https://docs.rs/loom)'s models
 //!   under `--cfg mlua_isle_loom` (the README says how to run them).
 //! - `request/`: a request as its caller sees it: the state machine that
-//!   resolves it exactly once, [`Task`], [`CancelToken`], time limits. It
-//!   knows nothing of Lua.
+//!   resolves it exactly once, [`Task`], [`CancelToken`], time limits, and
+//!   the room of a bounded queue with its waiters (`room.rs`). It knows
+//!   nothing of Lua.
 //! - `sandbox/`: the sandbox, with its budgeted pattern matcher (which is
 //!   handed the function that polls for a stop).
 //! - `interrupt/`: how running Lua learns it must stop (the hook and the
@@ -153,7 +154,8 @@
 //!   `clock.rs`).
 //! - `host/`: the VM thread's lifecycle (start, serve, stop with grace,
 //!   replace when wedged), shared by [`Isle`] and each pool worker, and the
-//!   one path every request is built on.
+//!   one path every request is built on (`submit.rs`; `reserve.rs` takes
+//!   room ahead of a request: [`Permit`]).
 //! - `isle.rs` and `pool/`: the front ends.
 //!
 //! A request's path, for `isle.eval(..)`: `host/submit.rs` builds the
@@ -176,6 +178,7 @@ mod sync;
 mod vm;
 
 pub use error::{IsleError, LuaError, LuaErrorKind};
+pub use host::reserve::{Permit, Reserve};
 pub use interrupt::current_token;
 pub use isle::{Isle, IsleBuilder};
 pub use pool::{

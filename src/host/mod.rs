@@ -41,6 +41,7 @@
 //! and the replacement exits unserved: never do two VMs serve one slot.
 
 mod lifecycle;
+pub(crate) mod reserve;
 pub(crate) mod submit;
 mod thread;
 

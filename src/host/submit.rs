@@ -10,7 +10,7 @@ use mlua::{FromLuaMulti, IntoLuaMulti, Lua, Table, Value};
 use crate::request::owner::next_owner_id;
 use crate::request::owner::on_owner_thread;
 use crate::request::timer::Timer;
-use crate::request::Request;
+use crate::request::{Admission, Request, Room};
 use crate::vm::config::VmConfig;
 use crate::vm::{Ctx, Job, Run};
 use crate::{IsleError, Task};
@@ -55,9 +55,18 @@ impl Owner {
 pub(crate) trait Submit {
     fn owner(&self) -> &Owner;
 
+    /// The room of the front-end's queue; `None` without a
+    /// `queue_capacity` (unbounded).
+    fn room(&self) -> Option<&Arc<Room>>;
+
+    /// True once shutdown has begun.
+    fn is_closed(&self) -> bool;
+
     /// Queues `job`, or drops it (it then resolves `Shutdown`) or abandons
-    /// it with another error (`QueueFull`).
-    fn enqueue(&self, job: Job);
+    /// it with another error. With `admission` (a permit's), the job holds
+    /// that room; without, it takes room itself in a bounded queue, and
+    /// resolves `QueueFull` when there is none.
+    fn enqueue(&self, job: Job, admission: Option<Admission>);
 
     /// Builds the request for `work`, queues it, and returns its task.
     fn spawn<T, F>(&self, work: F) -> Task<T>
@@ -65,8 +74,17 @@ pub(crate) trait Submit {
         T: Send + 'static,
         F: FnOnce(&Ctx<'_>) -> Run<T> + Send + 'static,
     {
+        self.spawn_admitted(work, None)
+    }
+
+    /// `spawn`, the request holding `admission` if given (see `enqueue`).
+    fn spawn_admitted<T, F>(&self, work: F, admission: Option<Admission>) -> Task<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Ctx<'_>) -> Run<T> + Send + 'static,
+    {
         let (task, job) = self.owner().request(work);
-        self.enqueue(job);
+        self.enqueue(job, admission);
         task
     }
 
@@ -80,6 +98,17 @@ pub(crate) trait Submit {
             return Err(IsleError::Reentrant);
         }
         self.spawn(work).wait()
+    }
+}
+
+/// The room `job` may hold in `front`'s queue: `admission` if given, else
+/// room taken now (`None`: there is none; `Some` of an empty admission: an
+/// unbounded queue).
+pub(crate) fn take_room(front: &impl Submit, admission: Option<Admission>) -> Option<Admission> {
+    match (admission, front.room()) {
+        (Some(a), _) => Some(a),
+        (None, None) => Some(Admission::none()),
+        (None, Some(room)) => room.try_acquire(),
     }
 }
 
@@ -268,11 +297,24 @@ where
 
 /// The request methods every front-end shares (`eval`, `call` and their
 /// `spawn_*` forms; with `exec`, also `exec`/`spawn_exec` taking `&Lua`).
-/// Each is a thin wrapper over `Submit`. A session's `exec` also gets its
-/// environment, and is written beside it.
+/// Each is a thin wrapper over `Submit` (or, for a `Permit`, its own `run`
+/// and `spawn`). A session's `exec` also gets its environment, and is
+/// written beside it.
+///
+/// `request_methods!(exec)` and `request_methods!()` take `&self`;
+/// `request_methods!(@exec [self] self)` and `(@plain [self] self)` write
+/// them taking `self` (a permit, used up). The receiver is passed in, with
+/// the `self` the bodies use, so that both come from one place (macro
+/// hygiene).
 macro_rules! request_methods {
     (exec) => {
-        crate::host::submit::request_methods!();
+        crate::host::submit::request_methods!(@exec [&self] self);
+    };
+    () => {
+        crate::host::submit::request_methods!(@plain [&self] self);
+    };
+    (@exec [$($recv:tt)+] $s:ident) => {
+        crate::host::submit::request_methods!(@plain [$($recv)+] $s);
 
         /// Runs `f` with the VM on its thread and returns what it returns.
         /// Blocks until it has run.
@@ -281,21 +323,21 @@ macro_rules! request_methods {
         /// The closure's error as [`IsleError::Lua`]; [`IsleError::Panic`] if
         /// it panics (the VM keeps serving); otherwise as for
         /// [`eval`](Self::eval).
-        pub fn exec<T, F>(&self, f: F) -> Result<T, IsleError>
+        pub fn exec<T, F>($($recv)+, f: F) -> Result<T, IsleError>
         where
             T: Send + 'static,
             F: FnOnce(&mlua::Lua) -> mlua::Result<T> + Send + 'static,
         {
-            crate::host::submit::Submit::run(self, crate::host::submit::exec(f))
+            $s.run(crate::host::submit::exec(f))
         }
 
         /// Like [`exec`](Self::exec), but returns at once with a [`Task`].
-        pub fn spawn_exec<T, F>(&self, f: F) -> Task<T>
+        pub fn spawn_exec<T, F>($($recv)+, f: F) -> Task<T>
         where
             T: Send + 'static,
             F: FnOnce(&mlua::Lua) -> mlua::Result<T> + Send + 'static,
         {
-            crate::host::submit::Submit::spawn(self, crate::host::submit::exec(f))
+            $s.spawn(crate::host::submit::exec(f))
         }
 
         /// Runs the async closure `f` on the VM thread and returns at once
@@ -317,16 +359,16 @@ macro_rules! request_methods {
         /// # Ok::<(), mlua_isle::IsleError>(())
         /// ```
         #[cfg(feature = "async")]
-        pub fn spawn_exec_async<T, F, Fut>(&self, f: F) -> Task<T>
+        pub fn spawn_exec_async<T, F, Fut>($($recv)+, f: F) -> Task<T>
         where
             T: Send + 'static,
             F: FnOnce(mlua::Lua) -> Fut + Send + 'static,
             Fut: std::future::Future<Output = mlua::Result<T>> + 'static,
         {
-            crate::host::submit::Submit::spawn(self, crate::host::submit::exec_async(f))
+            $s.spawn(crate::host::submit::exec_async(f))
         }
     };
-    () => {
+    (@plain [$($recv:tt)+] $s:ident) => {
         /// Evaluates a Lua chunk and converts its result to `T`. Blocks until
         /// it has run.
         ///
@@ -338,19 +380,19 @@ macro_rules! request_methods {
         /// [`IsleError::Reentrant`] when called from this VM's own thread;
         /// [`IsleError::Timeout`] past the default time limit;
         /// [`IsleError::Shutdown`] after shutdown.
-        pub fn eval<T>(&self, code: impl Into<String>) -> Result<T, IsleError>
+        pub fn eval<T>($($recv)+, code: impl Into<String>) -> Result<T, IsleError>
         where
             T: mlua::FromLuaMulti + Send + 'static,
         {
-            crate::host::submit::Submit::run(self, crate::host::submit::eval(code.into()))
+            $s.run(crate::host::submit::eval(code.into()))
         }
 
         /// Like [`eval`](Self::eval), but returns at once with a [`Task`].
-        pub fn spawn_eval<T>(&self, code: impl Into<String>) -> Task<T>
+        pub fn spawn_eval<T>($($recv)+, code: impl Into<String>) -> Task<T>
         where
             T: mlua::FromLuaMulti + Send + 'static,
         {
-            crate::host::submit::Submit::spawn(self, crate::host::submit::eval(code.into()))
+            $s.spawn(crate::host::submit::eval(code.into()))
         }
 
         /// Calls the global Lua function `name` with `args` and converts its
@@ -361,26 +403,26 @@ macro_rules! request_methods {
         /// [`IsleError::Lua`] when it fails or is not a function; otherwise
         /// as for [`eval`](Self::eval).
         pub fn call<T>(
-            &self,
+            $($recv)+,
             name: impl Into<String>,
             args: impl mlua::IntoLuaMulti + Send + 'static,
         ) -> Result<T, IsleError>
         where
             T: mlua::FromLuaMulti + Send + 'static,
         {
-            crate::host::submit::Submit::run(self, crate::host::submit::call(name.into(), args))
+            $s.run(crate::host::submit::call(name.into(), args))
         }
 
         /// Like [`call`](Self::call), but returns at once with a [`Task`].
         pub fn spawn_call<T>(
-            &self,
+            $($recv)+,
             name: impl Into<String>,
             args: impl mlua::IntoLuaMulti + Send + 'static,
         ) -> Task<T>
         where
             T: mlua::FromLuaMulti + Send + 'static,
         {
-            crate::host::submit::Submit::spawn(self, crate::host::submit::call(name.into(), args))
+            $s.spawn(crate::host::submit::call(name.into(), args))
         }
     };
 }

@@ -18,7 +18,7 @@ use super::worker::{StartVm, Worker};
 use super::{IslePool, PoolInner};
 use crate::host::submit::Owner;
 use crate::host::{Host, Lifecycle, Queues, Spawn, Starting, VmThread};
-use crate::request::Admission;
+use crate::request::Room;
 use crate::sync::Parker;
 use crate::vm::config::{at_least_one, vm_options, VmConfig, VmInit};
 use crate::vm::{Job, Vm};
@@ -58,9 +58,13 @@ impl IslePoolBuilder {
 
     vm_options!();
 
-    /// At most `n` requests may wait in the pool's queues; a request beyond
-    /// that resolves [`IsleError::QueueFull`] at once, and the caller never
-    /// blocks. Default: unbounded.
+    /// At most `n` requests may wait in the pool's queues (sessions' and
+    /// unkeyed alike; a request stops counting once it starts, or resolves
+    /// while queued). A request beyond that resolves
+    /// [`IsleError::QueueFull`] at once, and the caller never blocks. To
+    /// wait for room instead, take it first with
+    /// [`IslePool::reserve_timeout`] or [`IslePool::reserve`] (also on
+    /// sessions). Default: unbounded; at least 1.
     pub fn queue_capacity(mut self, n: usize) -> Self {
         self.queue_capacity = Some(n);
         self
@@ -114,13 +118,14 @@ impl IslePoolBuilder {
     /// `init` failed (or panicked; the lowest-numbered one, if several
     /// did), or whose thread could not be spawned. `Init` also for a zero
     /// given to an option that counts something (`workers`,
-    /// `recycle_after`, `recycle_when_memory_above`, `hook_interval`,
+    /// `queue_capacity`, `recycle_after`, `recycle_when_memory_above`, `hook_interval`,
     /// `max_instructions`, `memory_limit`), naming it. Workers already
     /// started are stopped and joined before this returns.
     pub fn build(self) -> Result<IslePool, IsleError> {
         let n = self.workers.unwrap_or_else(num_cpus::get);
         at_least_one("workers", Some(n as u64))?;
         at_least_one("recycle_after", self.recycle_after)?;
+        at_least_one("queue_capacity", self.queue_capacity.map(|n| n as u64))?;
         at_least_one(
             "recycle_when_memory_above",
             self.recycle_above.map(|b| b as u64),
@@ -152,8 +157,7 @@ impl IslePoolBuilder {
             rejected: AtomicU64::new(0),
             discarded: AtomicU64::new(0),
             sessions_expired: AtomicU64::new(0),
-            capacity: self.queue_capacity,
-            queued: Admission::default(),
+            room: self.queue_capacity.map(Room::new),
             idle_timeout: self.session_idle_timeout,
             recycle_after: self.recycle_after,
             recycle_above: self.recycle_above,

@@ -28,8 +28,12 @@ pub struct PoolMetrics {
     /// Requests submitted (session and unkeyed; not broadcasts, nor
     /// reloads).
     pub submitted: u64,
-    /// Requests refused with `QueueFull`.
+    /// Requests refused with `QueueFull` (a `reserve_timeout` that gave up
+    /// submitted nothing, and is not counted).
     pub rejected: u64,
+    /// Callers waiting for room in the queue now (`reserve`,
+    /// `reserve_timeout`, `reserve_deadline`).
+    pub waiting_for_room: usize,
     /// Requests the pool resolved `Shutdown` without a worker taking them:
     /// submitted after shutdown began, or still queued when it ended.
     pub discarded: u64,

@@ -38,9 +38,11 @@ pub use key::SessionKey;
 pub use metrics::{PoolMetrics, SessionMetrics, WorkerMetrics};
 pub use session::Session;
 
+use crate::host::reserve::{reserve_methods, Permit};
 use crate::host::submit::{request_methods, Owner, Submit};
 use crate::host::Host;
 use crate::request::owner::on_owner_thread;
+use crate::request::{Admission, Room};
 use crate::vm::Job;
 use crate::{IsleError, Task};
 use builder::Spawner;
@@ -108,6 +110,8 @@ impl IslePool {
     }
 
     request_methods!(exec);
+
+    reserve_methods!();
 
     /// A handle to the session `key` (`&str`, `String`, or any integer).
     /// The key is bound to a VM on its first request, and stays bound until
@@ -266,15 +270,16 @@ impl IslePool {
         &self.inner.shared
     }
 
-    /// Counts a new request and refuses it if the pool is closed or full.
-    fn admit(&self, job: Job) -> Option<Job> {
+    /// Counts a new request and refuses it if the pool is closed or full
+    /// (see `Submit::enqueue` for `admission`).
+    fn admit(&self, job: Job, admission: Option<Admission>) -> Option<Job> {
         let shared = self.shared();
         shared.submitted.add(1);
         if shared.life.is_closed() {
             shared.discarded.fetch_add(1, Ordering::Relaxed);
             job.abandon(IsleError::Shutdown);
             None
-        } else if !shared.admit(&job) {
+        } else if !shared.admit(&job, admission) {
             job.abandon(IsleError::QueueFull);
             None
         } else {
@@ -296,14 +301,27 @@ impl Submit for IslePool {
         &self.inner.host.owner
     }
 
-    fn enqueue(&self, job: Job) {
-        if let Some(job) = self.admit(job) {
+    fn room(&self) -> Option<&Arc<Room>> {
+        self.shared().room.as_ref()
+    }
+
+    fn is_closed(&self) -> bool {
+        self.is_shutdown()
+    }
+
+    fn enqueue(&self, job: Job, admission: Option<Admission>) {
+        if let Some(job) = self.admit(job, admission) {
             let shared = self.shared();
             shared.injector.push(job);
             shared.sleep.wake_any();
             self.after_push();
         }
     }
+}
+
+/// A permit of a pool: its request runs on any free VM.
+impl Permit<IslePool> {
+    request_methods!(@exec [self] self);
 }
 
 impl fmt::Debug for IslePool {

@@ -21,7 +21,9 @@ use super::key::SessionKey;
 use super::metrics::{KeyCounters, SessionMetrics};
 use super::shared::{Pinned, Shared};
 use super::IslePool;
+use crate::host::reserve::{reserve_methods, Permit};
 use crate::host::submit::{request_methods, Owner, Submit};
+use crate::request::{Admission, Room};
 use crate::vm::Job;
 use crate::{IsleError, Task};
 
@@ -252,6 +254,8 @@ impl Session {
 
     request_methods!();
 
+    reserve_methods!();
+
     /// Runs `f` on the session's VM with the session's environment table
     /// (its globals). Blocks until it has run.
     ///
@@ -306,12 +310,60 @@ impl Submit for Session {
         self.pool.owner()
     }
 
-    fn enqueue(&self, job: Job) {
+    fn room(&self) -> Option<&Arc<Room>> {
+        self.pool.room()
+    }
+
+    fn is_closed(&self) -> bool {
+        self.pool.is_shutdown()
+    }
+
+    fn enqueue(&self, job: Job, admission: Option<Admission>) {
         let shared = self.pool.shared();
-        if let Some(job) = self.pool.admit(job) {
+        if let Some(job) = self.pool.admit(job, admission) {
             enqueue(shared, &self.key, job);
             self.pool.after_push();
         }
+    }
+}
+
+/// A permit of a session: its request runs in the session, in order with
+/// the session's other requests (in the order submitted, which for a
+/// permit's request is when the permit is used).
+impl Permit<Session> {
+    request_methods!(@plain [self] self);
+
+    /// Runs `f` on the session's VM with the session's environment table,
+    /// as [`Session::exec`]. Blocks until it has run.
+    ///
+    /// # Errors
+    /// As for [`Session::exec`].
+    pub fn exec<T, F>(self, f: F) -> Result<T, IsleError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Lua, &Table) -> mlua::Result<T> + Send + 'static,
+    {
+        self.run(crate::host::submit::exec_env(f))
+    }
+
+    /// Like [`exec`](Self::exec), but returns at once with a [`Task`].
+    pub fn spawn_exec<T, F>(self, f: F) -> Task<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Lua, &Table) -> mlua::Result<T> + Send + 'static,
+    {
+        self.spawn(crate::host::submit::exec_env(f))
+    }
+
+    /// As [`Session::spawn_exec_async`] (the `async` feature).
+    #[cfg(feature = "async")]
+    pub fn spawn_exec_async<T, F, Fut>(self, f: F) -> Task<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Lua, Table) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = mlua::Result<T>> + 'static,
+    {
+        self.spawn(crate::host::submit::exec_env_async(f))
     }
 }
 

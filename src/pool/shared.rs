@@ -15,7 +15,7 @@ use super::reload::{Control, Reloads};
 use super::session::{Binding, Sessions};
 use super::sleep::Sleep;
 use crate::host::Lifecycle;
-use crate::request::Admission;
+use crate::request::{Admission, Room};
 use crate::vm::Job;
 use crate::IsleError;
 
@@ -60,10 +60,8 @@ pub(super) struct Shared {
     pub(super) rejected: AtomicU64,
     pub(super) discarded: AtomicU64,
     pub(super) sessions_expired: AtomicU64,
-    /// `queue_capacity`, and the number of requests queued against it (kept
-    /// only when a capacity is set).
-    pub(super) capacity: Option<usize>,
-    pub(super) queued: Admission,
+    /// The room `queue_capacity` gives (`None`: unbounded).
+    pub(super) room: Option<Arc<Room>>,
     /// `session_idle_timeout`.
     pub(super) idle_timeout: Option<Duration>,
     /// `recycle_after` (requests) and `recycle_when_memory_above` (bytes).
@@ -85,21 +83,26 @@ impl Shared {
         self.epoch.elapsed().as_nanos() as u64
     }
 
-    /// Counts a request against `queue_capacity`; false if it is full.
-    /// Only live queued requests count: the request gives its room back
-    /// when it starts or resolves (see `Header::admit`), not when a worker
-    /// happens to take it off a queue.
-    pub(super) fn admit(&self, job: &Job) -> bool {
-        let Some(cap) = self.capacity else {
-            return true;
+    /// Counts a request against `queue_capacity`, holding `admission` (a
+    /// permit's room) or room taken now; false if the queue is full. Only
+    /// live queued requests count: the request gives its room back when it
+    /// starts or resolves (see `Header::admit`), not when a worker happens
+    /// to take it off a queue.
+    pub(super) fn admit(&self, job: &Job, admission: Option<Admission>) -> bool {
+        let admission = match (admission, &self.room) {
+            (Some(a), _) => a,
+            (None, None) => return true,
+            (None, Some(room)) => match room.try_acquire() {
+                Some(a) => a,
+                None => {
+                    self.rejected.fetch_add(1, Ordering::Relaxed);
+                    return false;
+                }
+            },
         };
-        // ORDERING: Relaxed: a capacity check, not a synchronisation point.
-        if self.queued.fetch_add(1, Ordering::Relaxed) >= cap {
-            self.queued.fetch_sub(1, Ordering::Relaxed);
-            self.rejected.fetch_add(1, Ordering::Relaxed);
-            return false;
+        if !admission.is_empty() {
+            job.admit(admission);
         }
-        job.admit(&self.queued);
         true
     }
 
@@ -260,6 +263,7 @@ impl Shared {
             sessions_expired: self.sessions_expired.load(Ordering::Relaxed),
             submitted: self.submitted.sum(),
             rejected: self.rejected.load(Ordering::Relaxed),
+            waiting_for_room: self.room.as_ref().map_or(0, |r| r.waiting()),
             discarded: self.discarded.load(Ordering::Relaxed),
             version: self.reloads.version(),
         }

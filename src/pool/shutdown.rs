@@ -46,6 +46,10 @@ impl IslePool {
 
 impl Queues for Shared {
     fn wake_all(&self) {
+        // Callers waiting for room resolve `Shutdown`.
+        if let Some(room) = &self.room {
+            room.close();
+        }
         self.sleep.wake_all();
     }
 

@@ -1,12 +1,14 @@
 //! The request as its caller sees it.
 
 pub(crate) mod owner;
+pub(crate) mod room;
 pub(crate) mod spin;
 mod state;
 mod task;
 pub(crate) mod timer;
 mod token;
 
+pub(crate) use room::{Acquire, Admission, Refused, Room};
 pub(crate) use state::*;
 pub use task::Task;
 pub use token::CancelToken;

@@ -25,15 +25,15 @@
 //!
 //! `state/loom_tests.rs` checks all this under loom (`src/sync/mod.rs`).
 
-use std::sync::Arc;
 use std::task::Waker;
 use std::time::Instant;
 
 use crossbeam_utils::CachePadded;
 
+use super::room::Admission;
 use super::spin::{spin_hot, spin_until, spun_out};
 use super::Reason;
-use crate::sync::{fence, AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Condvar, Mutex, Ordering};
+use crate::sync::{fence, AtomicBool, AtomicU32, AtomicU8, Condvar, Mutex, Ordering};
 use crate::IsleError;
 
 thread_local! {
@@ -83,10 +83,11 @@ pub(crate) struct Header {
     /// `interrupt/alarm`): a stop interrupts the VM through these.
     alarm: AtomicU32,
     raise: Raise,
-    /// Set when the request counts against a pool's `queue_capacity`: the
-    /// count of live queued requests, released once, by whoever takes the
-    /// request out of `QUEUED` (its VM starting it, or a stop resolving it),
-    /// so a request that resolved while queued holds no room.
+    /// Set when the request counts against a `queue_capacity`: the room it
+    /// holds (in up to two rooms: see `room.rs`), given back once, by
+    /// whoever takes the request out of `QUEUED` (its VM starting it, or a
+    /// stop resolving it), so a request that resolved while queued holds
+    /// no room.
     admission: Mutex<Option<Admission>>,
     admitted: AtomicBool,
     /// Set while the request's work waits for a future (the `async`
@@ -97,9 +98,6 @@ pub(crate) struct Header {
     #[cfg(feature = "async")]
     resume: Mutex<Option<Waker>>,
 }
-
-/// A pool's count of live queued requests (see `queue_capacity`).
-pub(crate) type Admission = Arc<CachePadded<AtomicUsize>>;
 
 impl Header {
     pub(crate) fn reason(&self) -> Option<Reason> {
@@ -112,12 +110,12 @@ impl Header {
         self.phase.load(Ordering::Acquire) == DONE
     }
 
-    /// Counts this request in `count` (already incremented for it) until it
+    /// Lets this request hold `admission` (room taken for it) until it
     /// leaves `QUEUED`. Called before the job is queued, so the VM that
     /// starts it sees the flag (the queue publishes it); a stop may race
     /// with this call (a time limit that had passed, say).
-    pub(crate) fn admit(&self, count: &Admission) {
-        *self.admission.lock() = Some(count.clone());
+    pub(crate) fn admit(&self, admission: Admission) {
+        *self.admission.lock() = Some(admission);
         // ORDERING: Release for the VM (see above); the fence below orders
         // it against a racing stop.
         self.admitted.store(true, Ordering::Release);
@@ -144,12 +142,13 @@ impl Header {
         self.release_admission();
     }
 
-    /// Gives back the room this request held in its pool's queue, once.
+    /// Gives back the room this request held in its queue, once.
     fn release_admission(&self) {
+        // ORDERING: Acquire pairs with the Release in `admit`.
         if self.admitted.load(Ordering::Acquire) {
-            if let Some(count) = self.admission.lock().take() {
-                count.fetch_sub(1, Ordering::Relaxed);
-            }
+            // Dropped outside the lock: the room may wake a waiter.
+            let admission = self.admission.lock().take();
+            drop(admission);
         }
     }
 }

@@ -169,10 +169,10 @@ impl Job {
         self.0.run(ctx, interrupt)
     }
 
-    /// Counts the request against a pool's `queue_capacity` while it is
-    /// queued (see `Header::admit`).
-    pub(crate) fn admit(&self, count: &Admission) {
-        self.0.header().admit(count);
+    /// Lets the request hold `admission` (room in a queue with a
+    /// `queue_capacity`) while it is queued (see `Header::admit`).
+    pub(crate) fn admit(&self, admission: Admission) {
+        self.0.header().admit(admission);
     }
 
     /// Resolves the request with `err` without running it (no-op if it

@@ -20,6 +20,7 @@ use loom::sync::Arc;
 use loom::thread;
 
 use super::*;
+use crate::request::Room;
 use crate::sync::check;
 
 /// The preemption bound of these models (see `check`).
@@ -175,25 +176,24 @@ fn loom_poll_take_never_misses_the_wake_up() {
     });
 }
 
-/// A request counted against a pool's queue, and the count.
-fn admitted() -> (Arc<Request<i32>>, Admission) {
+/// A request holding room in two rooms (a pool's and a key's, say), and
+/// the rooms.
+fn admitted() -> (Arc<Request<i32>>, [std::sync::Arc<Room>; 2]) {
     let req = Arc::new(Request::<i32>::new(0, raise_any));
-    let count = Admission::default();
-    // ORDERING: Relaxed, as `Shared::admit`: a count, published to the
-    // other threads by their spawning.
-    count.fetch_add(1, Ordering::Relaxed);
-    req.header().admit(&count);
-    (req, count)
+    let rooms = [Room::new(1), Room::new(1)];
+    let [a, b] = rooms.each_ref().map(|r| r.try_acquire().expect("room"));
+    req.header().admit(a.and(b));
+    (req, rooms)
 }
 
-/// The room a queued request holds is given back exactly once, whoever
-/// takes it out of `QUEUED`: the VM starting it or a stop; or, when the
-/// job is dropped unrun, `abandon` or a stop.
+/// The room a queued request holds, in each of its rooms, is given back
+/// exactly once, whoever takes it out of `QUEUED`: the VM starting it or a
+/// stop; or, when the job is dropped unrun, `abandon` or a stop.
 #[test]
 fn loom_queue_room_is_given_back_once() {
     for runs in [true, false] {
         check(PREEMPTIONS, move || {
-            let (req, count) = admitted();
+            let (req, rooms) = admitted();
             let holder = {
                 let req = req.clone();
                 thread::spawn(move || {
@@ -206,8 +206,9 @@ fn loom_queue_room_is_given_back_once() {
             };
             req.stop(Reason::Cancelled);
             holder.join().unwrap();
-            // ORDERING: Relaxed: the joins order every update before this.
-            assert_eq!(count.load(Ordering::Relaxed), 0, "room not given back once");
+            for room in &rooms {
+                assert_eq!(room.taken(), 0, "room not given back once");
+            }
             assert!(req.try_take().is_some());
         });
     }
@@ -219,14 +220,11 @@ fn loom_queue_room_is_given_back_once() {
 fn loom_a_stop_racing_admit_gives_the_room_back() {
     check(PREEMPTIONS, || {
         let req = Arc::new(Request::<i32>::new(0, raise_any));
-        let count = Admission::default();
+        let room = Room::new(1);
         let stop = spawn_stop(&req, Reason::Timeout);
-        // ORDERING: Relaxed, as `Shared::admit`.
-        count.fetch_add(1, Ordering::Relaxed);
-        req.header().admit(&count);
+        req.header().admit(room.try_acquire().expect("room"));
         stop.join().unwrap();
-        // ORDERING: Relaxed: the join orders every update before this.
-        assert_eq!(count.load(Ordering::Relaxed), 0, "room not given back");
+        assert_eq!(room.taken(), 0, "room not given back");
     });
 }
 
