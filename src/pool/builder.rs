@@ -10,6 +10,7 @@ use crossbeam_utils::CachePadded;
 use mlua::Lua;
 
 use super::metrics::{StripedCounter, WorkerCounters};
+use super::reload::{self, Reloads};
 use super::session::{Binding, Sessions};
 use super::shared::Shared;
 use super::sleep::Sleep;
@@ -165,6 +166,9 @@ impl IslePoolBuilder {
             stealers: locals.iter().map(Deque::stealer).collect(),
             pinned: (0..n).map(|_| Injector::new()).collect(),
             fair: (0..n).map(|_| CachePadded::default()).collect(),
+            control: (0..n).map(|_| Injector::new()).collect(),
+            reloads: Reloads::default(),
+            versions: (0..n).map(|_| AtomicU64::new(0)).collect(),
             sleep,
             life: life.clone(),
             sessions: Sessions::new(n),
@@ -184,9 +188,21 @@ impl IslePoolBuilder {
             fifo_sessions: self.fifo_sessions,
         });
 
+        // A VM runs `init`, then the reloads (committed and in flight) as
+        // they stand when it starts.
         let start_vm: StartVm = {
             let (config, abort) = (config.clone(), life.abort_flag());
-            Arc::new(move || Vm::start(id, &config, abort.clone(), |lua| init(lua)))
+            let shared = shared.clone();
+            Arc::new(move || {
+                let (done, pending) = shared.reloads.snapshot();
+                Vm::start_then(
+                    id,
+                    &config,
+                    abort.clone(),
+                    |lua| init(lua),
+                    |lua| reload::replay(lua, &done, pending.as_ref()),
+                )
+            })
         };
         let spawner = Spawner {
             shared: shared.clone(),

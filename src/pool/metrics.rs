@@ -25,7 +25,8 @@ pub struct PoolMetrics {
     pub sessions_open: usize,
     /// Sessions closed by `session_idle_timeout`.
     pub sessions_expired: u64,
-    /// Requests submitted (session and unkeyed; not broadcasts).
+    /// Requests submitted (session and unkeyed; not broadcasts, nor
+    /// reloads).
     pub submitted: u64,
     /// Requests refused with `QueueFull` (a `reserve_timeout` that gave up
     /// submitted nothing, and is not counted).
@@ -36,6 +37,10 @@ pub struct PoolMetrics {
     /// Requests the pool resolved `Shutdown` without a worker taking them:
     /// submitted after shutdown began, or still queued when it ended.
     pub discarded: u64,
+    /// The committed version of the pool's code: the number of reloads
+    /// that succeeded ([`IslePool::reload`](crate::IslePool::reload); 0:
+    /// `init` alone).
+    pub version: u64,
 }
 
 /// One worker's counters.
@@ -70,6 +75,10 @@ pub struct WorkerMetrics {
     /// Requests suspended on this VM, waiting for a future (the `async`
     /// feature; see `max_suspended`).
     pub suspended: usize,
+    /// The version of the code this worker's VM runs (see
+    /// [`IslePool::reload`](crate::IslePool::reload)): the pool's version,
+    /// or during a reload the one before or the one in flight.
+    pub version: u64,
 }
 
 /// One session's counters, from [`IslePool::session_metrics`](crate::IslePool::session_metrics)
@@ -190,8 +199,8 @@ impl WorkerCounters {
     }
 
     /// The metrics, given the length of the worker's queues (close markers
-    /// included).
-    pub(super) fn snapshot(&self, in_queues: usize) -> WorkerMetrics {
+    /// included) and the version its VM runs.
+    pub(super) fn snapshot(&self, in_queues: usize, version: u64) -> WorkerMetrics {
         WorkerMetrics {
             queued: in_queues.saturating_sub(self.closes_queued.load(Ordering::Relaxed)),
             running: usize::from(self.running.load(Ordering::Relaxed)),
@@ -204,6 +213,7 @@ impl WorkerCounters {
             recycle_failures: self.recycle_failures.load(Ordering::Relaxed),
             wedged: self.wedged.load(Ordering::Relaxed),
             suspended: self.suspended.load(Ordering::Relaxed),
+            version,
         }
     }
 }

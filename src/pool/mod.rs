@@ -11,6 +11,7 @@
 //!   the sessions bound to one VM in turn;
 //! - `shutdown.rs`: graceful, bounded and abortive shutdown;
 //! - `wedge.rs`: replacing a worker stuck in a stopped request;
+//! - `reload/`: versioned code on every VM (`IslePool::reload`);
 //! - `metrics.rs`: counters.
 
 mod builder;
@@ -18,6 +19,7 @@ mod envs;
 mod fair;
 mod key;
 mod metrics;
+mod reload;
 mod session;
 mod shared;
 mod shutdown;
@@ -128,7 +130,15 @@ impl IslePool {
 
     /// Runs `f` once on every VM (after the session work already queued on
     /// it) and returns one result per VM, in worker order. Blocks until all
-    /// have run. Useful to load or reload code everywhere.
+    /// have run.
+    ///
+    /// What `f` leaves in a VM lives as long as that VM: a VM recycled
+    /// ([`recycle_after`](IslePoolBuilder::recycle_after),
+    /// [`recycle_when_memory_above`](IslePoolBuilder::recycle_when_memory_above))
+    /// or replaced (a wedged one) starts from `init` and never sees it, and
+    /// a failure on one VM changes nothing on the others. To load or
+    /// replace code everywhere, for good and all or nothing, use
+    /// [`reload`](Self::reload).
     ///
     /// # Errors
     /// Per VM, inside the `Vec`: as for [`exec`](Self::exec). Every entry is

@@ -11,6 +11,7 @@ use crossbeam_utils::CachePadded;
 
 use super::fair::FairSlot;
 use super::metrics::{PoolMetrics, StripedCounter, WorkerCounters};
+use super::reload::{Control, Reloads};
 use super::session::{Binding, Sessions};
 use super::sleep::Sleep;
 use crate::host::Lifecycle;
@@ -44,6 +45,12 @@ pub(super) struct Shared {
     /// Each worker's session work, moved from `pinned` and served fairly
     /// across keys (see `fair.rs`).
     pub(super) fair: Box<[CachePadded<FairSlot>]>,
+    /// Each worker's control queue (reloads): taken before other work.
+    pub(super) control: Box<[Injector<Control>]>,
+    /// The committed reloads and the one in flight.
+    pub(super) reloads: Reloads,
+    /// The version of the code each worker's VM runs (see `reload`).
+    pub(super) versions: Arc<[AtomicU64]>,
     pub(super) sleep: Sleep,
     /// Shutdown flags, slot generations and VM interrupts (see `host`).
     pub(super) life: Arc<Lifecycle>,
@@ -180,9 +187,18 @@ impl Shared {
         !self.injector.is_empty() || self.stealers.iter().any(|s| !s.is_empty())
     }
 
+    /// Work on worker `w`'s control queue, if any.
+    pub(super) fn control(&self, w: usize) -> Option<Control> {
+        if self.control[w].is_empty() {
+            return None;
+        }
+        steal_one(|| self.control[w].steal())
+    }
+
     /// True if worker `w` could find anything to do.
     pub(super) fn has_work(&self, w: usize, local: &Deque<Job>) -> bool {
-        !self.pinned[w].is_empty()
+        !self.control[w].is_empty()
+            || !self.pinned[w].is_empty()
             || self.fair[w].len() > 0
             || !local.is_empty()
             || !self.injector.is_empty()
@@ -202,6 +218,15 @@ impl Shared {
         for s in self.stealers.iter() {
             while let Some(job) = steal_one(|| s.steal()) {
                 discard(job);
+            }
+        }
+        for q in self.control.iter() {
+            while let Some(c) = steal_one(|| q.steal()) {
+                match c {
+                    Control::Reload(job) => job.abandon(IsleError::Shutdown),
+                    // Dropped: a rollback's sender goes unsent.
+                    Control::Rollback(..) | Control::Commit(_) => {}
+                }
             }
         }
         for ((q, fair), counters) in
@@ -227,7 +252,11 @@ impl Shared {
 
     pub(super) fn metrics(&self) -> PoolMetrics {
         let workers = (0..self.workers())
-            .map(|w| self.counters[w].snapshot(self.queued_on(w)))
+            // ORDERING: Relaxed: statistics.
+            .map(|w| {
+                let version = self.versions[w].load(Ordering::Relaxed);
+                self.counters[w].snapshot(self.queued_on(w), version)
+            })
             .collect();
         PoolMetrics {
             workers,
@@ -238,6 +267,7 @@ impl Shared {
             rejected: self.rejected.load(Ordering::Relaxed),
             waiting_for_room: self.room.as_ref().map_or(0, |r| r.waiting()),
             discarded: self.discarded.load(Ordering::Relaxed),
+            version: self.reloads.version(),
         }
     }
 }

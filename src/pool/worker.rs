@@ -9,6 +9,7 @@ use crossbeam_deque::Worker as Deque;
 use mlua::Table;
 
 use super::envs::{Waiting, WorkerVm};
+use super::reload::{self, Control};
 use super::session::Binding;
 use super::shared::{Found, Pinned, Shared};
 use crate::request::spin::spin_until;
@@ -54,6 +55,7 @@ impl Worker {
             }
         });
         let mut host = WorkerVm::new(vm);
+        self.show_version(&host);
         // A replacement for a wedged worker: the session the stuck one was
         // serving is served again.
         shared.fair[w].take_over();
@@ -71,6 +73,15 @@ impl Worker {
             }
             if shared.life.is_aborting() && host.vm.suspended() > 0 {
                 self.close_suspended(&mut host, &mut lost);
+            }
+            // Reloads: between requests, before any queued work.
+            if let Some(c) = shared.control(w) {
+                self.control(&mut host, c);
+                if !self.is_current() {
+                    self.retire();
+                    return;
+                }
+                continue;
             }
             // Busy: take work, unless the VM holds all the suspended
             // requests it may (then it only polls them, and other workers
@@ -163,8 +174,40 @@ impl Worker {
     /// the pool is closing and nothing holds this worker back.
     fn more(&self, vm: &Vm, room: bool) -> bool {
         vm.has_woken()
+            || !self.shared.control[self.index].is_empty()
             || (room && self.shared.has_work(self.index, &self.local))
             || (self.shared.life.is_closed() && vm.suspended() == 0)
+    }
+
+    /// Work from the control queue (see `reload`). Not requests of the
+    /// pool's: not in its metrics.
+    fn control(&self, host: &mut WorkerVm, c: Control) {
+        match c {
+            Control::Reload(job) => {
+                if self.shared.life.is_aborting() {
+                    job.abandon(IsleError::Shutdown);
+                } else {
+                    host.vm.run(job, None, BROADCAST);
+                    self.show_version(host);
+                }
+            }
+            Control::Rollback(version, ack) => {
+                reload::rollback(host.vm.lua(), version);
+                self.show_version(host);
+                let _ = ack.send(());
+            }
+            Control::Commit(version) => reload::commit(host.vm.lua(), version),
+        }
+    }
+
+    /// Publishes the version of the VM's code (metrics).
+    fn show_version(&self, host: &WorkerVm) {
+        if self.is_current() {
+            // ORDERING: Relaxed: statistics (a rollback's caller learns it
+            // through the acknowledgement that follows).
+            self.shared.versions[self.index]
+                .store(reload::version(host.vm.lua()), Ordering::Relaxed);
+        }
     }
 
     /// Tells the fair queue that the item of session `id` it gave out has
@@ -428,6 +471,7 @@ impl Worker {
             Ok(vm) => {
                 self.shared.life.serve_with(self.index, vm.interrupt());
                 let old = std::mem::replace(host, WorkerVm::new(vm));
+                self.show_version(host);
                 for env in old.envs.into_values() {
                     env.binding.lost.store(true, Ordering::Release);
                     lost.push(env.binding);

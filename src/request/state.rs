@@ -251,6 +251,19 @@ impl<T> Request<T> {
         }
     }
 
+    /// Resolves a request that never started with what `work` gives, run
+    /// after the request is claimed (so no stop can resolve it meanwhile)
+    /// and before its waiters wake. False, and `work` is not run, if it
+    /// was resolved already (stopped).
+    pub(crate) fn resolve_unstarted(&self, work: impl FnOnce() -> Result<T, IsleError>) -> bool {
+        if !self.claim(QUEUED) {
+            return false;
+        }
+        self.header.release_admission();
+        self.resolve(work());
+        true
+    }
+
     pub(crate) fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }

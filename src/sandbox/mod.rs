@@ -84,13 +84,25 @@ use crate::vm::precompiled::Precompiled;
 const SESSION_GLOBALS: &str = "mlua-isle session globals";
 /// Where `apply` keeps Lua's own `setfenv`.
 const SETFENV: &str = "mlua-isle setfenv";
+/// Where `apply` keeps `adopt` (see [`adopt`]).
+const ADOPT: &str = "mlua-isle sandbox adopt";
 
 /// Applies the sandbox to `lua` (see the module docs). `load` refuses
 /// sources longer than `max_source` bytes.
 pub(crate) fn apply(lua: &Lua, max_source: usize) -> mlua::Result<()> {
-    let (base, setfenv): (Table, Option<Function>) = SANDBOX.load(lua)?.call(max_source)?;
+    let (base, setfenv, adopt): (Table, Option<Function>, Function) =
+        SANDBOX.load(lua)?.call(max_source)?;
     lua.set_named_registry_value(SESSION_GLOBALS, base)?;
+    lua.set_named_registry_value(ADOPT, adopt)?;
     lua.set_named_registry_value(SETFENV, setfenv)
+}
+
+/// In a sandboxed VM, the Lua function `adopt(key)`, for a global the host
+/// set after the sandbox (a pool's reload): a table there is replaced by
+/// its read-only view, and the global goes into the copy sessions read
+/// ([`session_globals`]). `None` without the sandbox.
+pub(crate) fn adopt(lua: &Lua) -> mlua::Result<Option<Function>> {
+    lua.named_registry_value(ADOPT)
 }
 
 /// Lua's own `setfenv` (5.1, LuaJIT, Luau), which the sandbox replaces.

@@ -644,5 +644,16 @@ if type(string_mt) == "table" then string_mt.__metatable = false end
 local base = {}
 for k, x in next, G do base[k] = x end
 base._G = nil
+
+-- A global the host set after the sandbox (a pool's reload): a table
+-- becomes a view, as those `init` left do, and sessions read it.
+local function adopt(k)
+    local x = rawget(G, k)
+    if type(x) == "table" and locked[x] == nil and not rawequal(x, G) then
+        x = view(x, type(k) == "string" and k or "(global)", SHARED)
+        rawset(G, k, x)
+    end
+    if k ~= "_G" then base[k] = x end
+end
 -- Lua's own `setfenv` for the session environments' `load` (theirs).
-return base, setfenv
+return base, setfenv, adopt

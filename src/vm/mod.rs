@@ -101,6 +101,19 @@ impl Vm {
         abort: Arc<AtomicBool>,
         init: impl FnOnce(&Lua) -> mlua::Result<()>,
     ) -> Result<Vm, IsleError> {
+        Self::start_then(owner, config, abort, init, |_| Ok(()))
+    }
+
+    /// Like [`start`](Self::start), then runs `then` after the sandbox (a
+    /// pool's reloads: they meet the VM as live VMs do). A failure of
+    /// `then` is a failure to start, as one of `init` is.
+    pub(crate) fn start_then(
+        owner: u64,
+        config: &VmConfig,
+        abort: Arc<AtomicBool>,
+        init: impl FnOnce(&Lua) -> mlua::Result<()>,
+        then: impl FnOnce(&Lua) -> mlua::Result<()>,
+    ) -> Result<Vm, IsleError> {
         crate::request::owner::enter(owner);
         let init_error = |e: mlua::Error| IsleError::Init(IsleError::from_lua(&e).to_string());
         // Lua's pcall/xpcall stay (they can yield; on 5.1, ours replace
@@ -144,7 +157,7 @@ impl Vm {
                 }
                 crate::sandbox::apply(lua, config.max_source)?;
             }
-            Ok(())
+            then(lua)
         };
         match catch_unwind(AssertUnwindSafe(|| init_then_sandbox(&lua))) {
             Ok(Ok(())) => Ok(Vm {
