@@ -165,6 +165,9 @@ impl Sessions {
 }
 
 /// `key`'s binding, made on first use (bound to the least loaded VM).
+// A binding's hash and equality are its key's, which never changes; its
+// atomics are not part of either.
+#[allow(clippy::mutable_key_type)]
 fn bind(shared: &Shared, shard: &mut HashSet<ByKey>, key: &SessionKey) -> Arc<Binding> {
     if let Some(ByKey(b)) = shard.get(key) {
         return b.clone();
