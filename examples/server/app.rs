@@ -24,7 +24,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -159,9 +159,10 @@ impl IntoLua for TenantKv {
 
 // ===== handlers =====
 
-/// `init`: the global `handle`, which every session sees unless it defines
-/// its own, calls this VM's current default handler (kept where
-/// [`install_default`] puts it), then installs `source` as that.
+/// `init`: defines the global `handle`, which every session sees unless it
+/// defines its own, and which calls this VM's current default handler (kept
+/// where [`install_default`] puts it, so a reload reaches sessions, which
+/// see only the globals `init` left); then makes `source` that handler.
 fn init(lua: &Lua, source: &str) -> mlua::Result<()> {
     let current =
         lua.create_function(|lua, ()| lua.named_registry_value::<Function>(DEFAULT_KEY))?;
@@ -261,10 +262,16 @@ impl App {
         let (parts, body) = req.into_parts();
         let body = match Limited::new(body, MAX_BODY).collect().await {
             Ok(body) => body.to_bytes(),
-            Err(e) => {
+            Err(e) if e.is::<LengthLimitError>() => {
                 return text(
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("request body not read: {e} (at most {MAX_BODY} bytes)\n"),
+                    format!("request body too large: at most {MAX_BODY} bytes\n"),
+                )
+            }
+            Err(e) => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    format!("request body not read: {e}\n"),
                 )
             }
         };
@@ -275,7 +282,7 @@ impl App {
                 text(StatusCode::OK, render_metrics(&self.pool.metrics()))
             }
             (&Method::POST, "/reload") => match source(body) {
-                Ok(src) => self.reload(src).await,
+                Ok(src) => self.reload_route(src).await,
                 Err(resp) => resp,
             },
             (_, "/reload") | (_, "/metrics") => text(
@@ -341,21 +348,11 @@ impl App {
         }
     }
 
-    /// `POST /reload`: makes `source` every tenant's default handler, on
-    /// every VM now and in VMs started later.
-    async fn reload(self: Arc<Self>, source: String) -> Response<Full<Bytes>> {
-        let source: Arc<str> = source.into();
-        let app = self.clone();
-        let done = tokio::task::spawn_blocking(move || {
-            let src = source.clone();
-            let results = app.pool.broadcast(move |lua| install_default(lua, &src));
-            let vms = results.len();
-            results.into_iter().collect::<Result<Vec<()>, _>>()?;
-            *app.default_source.lock().unwrap() = source;
-            Ok::<_, IsleError>(vms)
-        })
-        .await
-        .expect("the reload does not panic");
+    /// `POST /reload`, off the runtime's threads (it blocks).
+    async fn reload_route(self: Arc<Self>, source: String) -> Response<Full<Bytes>> {
+        let done = tokio::task::spawn_blocking(move || self.reload(source.into()))
+            .await
+            .expect("the reload does not panic");
         match done {
             Ok(vms) => text(
                 StatusCode::OK,
@@ -363,6 +360,19 @@ impl App {
             ),
             Err(e) => error_response(&e),
         }
+    }
+
+    /// Makes `source` every tenant's default handler, on every VM now and
+    /// (through `init`) in VMs started later. Blocks. Returns the number of
+    /// VMs; if any of them refuses `source`, the error (and VMs started
+    /// later keep the old handler).
+    fn reload(&self, source: Arc<str>) -> Result<usize, IsleError> {
+        let src = source.clone();
+        let results = self.pool.broadcast(move |lua| install_default(lua, &src));
+        let vms = results.len();
+        results.into_iter().collect::<Result<Vec<()>, _>>()?;
+        *self.default_source.lock().unwrap() = source;
+        Ok(vms)
     }
 }
 
