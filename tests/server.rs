@@ -221,7 +221,7 @@ fn a_tenant_cannot_read_another_tenants_keys_or_globals() {
 #[test]
 fn hostile_handlers_get_http_errors_and_the_server_keeps_serving() {
     let config = Config {
-        timeout: Duration::from_millis(500),
+        timeout: Duration::from_secs(1),
         ..Config::default()
     };
     with_server("hostile handlers", config, |addr, _app| async move {
