@@ -341,7 +341,7 @@ impl App {
                     tenant: req.tenant.clone(),
                 };
                 match session.spawn_call::<BString>("handle", (req, kv)).await {
-                    Ok(body) => Response::new(Full::new(Bytes::from(Vec::from(body)))),
+                    Ok(body) => reply(StatusCode::OK, Vec::from(body).into()),
                     Err(e) => error_response(&e),
                 }
             }
@@ -420,8 +420,16 @@ fn error_response(e: &IsleError) -> Response<Full<Bytes>> {
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    reply(status, body.into())
+}
+
+fn reply(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body));
     *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     resp
 }
 
