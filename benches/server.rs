@@ -14,6 +14,9 @@
 #[path = "../examples/server/app.rs"]
 mod app;
 #[allow(dead_code)]
+#[path = "../examples/server/kv.rs"]
+mod kv;
+#[allow(dead_code)]
 #[path = "../examples/server/load.rs"]
 mod load;
 
@@ -21,10 +24,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use app::{App, Config, Kv};
+use app::{App, Config};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
+use kv::Kv;
 use tokio::net::TcpListener;
 
 const CONNECTIONS: usize = 64;

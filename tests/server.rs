@@ -12,6 +12,9 @@ mod common;
 #[path = "../examples/server/app.rs"]
 mod app;
 #[allow(dead_code)]
+#[path = "../examples/server/kv.rs"]
+mod kv;
+#[allow(dead_code)]
 #[path = "../examples/server/load.rs"]
 mod load;
 

@@ -1,8 +1,9 @@
-//! The server of `examples/server`: routes, tenants' Lua handlers, the
-//! key-value store they await, and the HTTP/1 accept loop.
+//! The server of `examples/server`: routes, tenants' Lua handlers and the
+//! HTTP/1 accept loop (the key-value store they await is in `kv.rs`).
 //!
-//! `tests/server.rs` and `benches/server.rs` include this file as it is
-//! (`#[path]`), so they test and measure the server the example runs.
+//! `tests/server.rs` and `benches/server.rs` include this file and `kv.rs`
+//! as they are (`#[path]`), so they test and measure the server the example
+//! runs.
 //!
 //! Routes:
 //! - `POST /t/{tenant}/handler`: the body is Lua source defining
@@ -17,7 +18,6 @@
 //!   the default handler of every tenant (an admin route: guard it in a real
 //!   deployment).
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::future::Future;
@@ -33,6 +33,8 @@ use hyper_util::rt::TokioIo;
 use mlua_isle::mlua::{self, BString, Function, IntoLua, Lua};
 use mlua_isle::{IsleError, IslePool, PoolMetrics};
 use tokio::net::TcpListener;
+
+use crate::kv::{Kv, TenantKv};
 
 /// What every tenant runs until it installs its own handler: a visit
 /// counter kept in the key-value store, and an echo of the request.
@@ -77,83 +79,6 @@ impl Default for Config {
             queue_capacity: 10_000,
             memory_limit: 256 << 20,
         }
-    }
-}
-
-// ===== the key-value store =====
-
-/// An in-memory key-value store, namespaced by tenant, with a simulated
-/// delay on every operation (`tokio::time::sleep`).
-pub struct Kv {
-    delay: Duration,
-    tenants: Mutex<HashMap<String, HashMap<String, String>>>,
-}
-
-impl Kv {
-    /// An empty store whose operations each wait `delay`.
-    pub fn new(delay: Duration) -> Kv {
-        Kv {
-            delay,
-            tenants: Mutex::default(),
-        }
-    }
-
-    /// `tenant`'s value for `key`.
-    pub async fn get(&self, tenant: &str, key: &str) -> Option<String> {
-        self.pause().await;
-        let tenants = self.tenants.lock().unwrap();
-        tenants.get(tenant)?.get(key).cloned()
-    }
-
-    /// Sets `tenant`'s value for `key`.
-    pub async fn put(&self, tenant: &str, key: String, value: String) {
-        self.pause().await;
-        let mut tenants = self.tenants.lock().unwrap();
-        match tenants.get_mut(tenant) {
-            Some(map) => map.insert(key, value),
-            None => tenants
-                .entry(tenant.to_string())
-                .or_default()
-                .insert(key, value),
-        };
-    }
-
-    async fn pause(&self) {
-        if !self.delay.is_zero() {
-            tokio::time::sleep(self.delay).await;
-        }
-    }
-}
-
-/// The `kv` a handler of `tenant` gets: a Lua table with `kv.get(key)` and
-/// `kv.put(key, value)`, async Rust functions bound to `tenant`'s
-/// namespace. The tenant comes from the URL through this value, never from
-/// Lua, so no handler can name another tenant's keys. Made on the VM for
-/// each request.
-struct TenantKv {
-    kv: Arc<Kv>,
-    tenant: Arc<str>,
-}
-
-impl IntoLua for TenantKv {
-    fn into_lua(self, lua: &Lua) -> mlua::Result<mlua::Value> {
-        let table = lua.create_table()?;
-        let (store, name) = (self.kv.clone(), self.tenant.clone());
-        let get = lua.create_async_function(move |_, key: String| {
-            let (store, name) = (store.clone(), name.clone());
-            async move { Ok(store.get(&name, &key).await) }
-        })?;
-        let (store, name) = (self.kv, self.tenant);
-        let put = lua.create_async_function(move |_, (key, value): (String, String)| {
-            let (store, name) = (store.clone(), name.clone());
-            async move {
-                store.put(&name, key, value).await;
-                Ok(())
-            }
-        })?;
-        table.set("get", get)?;
-        table.set("put", put)?;
-        Ok(mlua::Value::Table(table))
     }
 }
 

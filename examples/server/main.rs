@@ -15,6 +15,7 @@
 //! ```
 
 mod app;
+mod kv;
 
 use std::error::Error;
 
