@@ -21,7 +21,7 @@
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -144,14 +144,11 @@ impl IntoLua for LuaRequest {
 
 // ===== the app =====
 
-/// The server's state: the pool of Lua VMs, the store, the default
-/// handler's source.
+/// The server's state: the pool of Lua VMs and the store.
 pub struct App {
     /// The Lua VMs; each tenant is a session.
     pub pool: IslePool,
     kv: Arc<Kv>,
-    /// The default handler's source, for VMs started later (`init`).
-    default_source: Arc<Mutex<Arc<str>>>,
 }
 
 impl App {
@@ -161,8 +158,6 @@ impl App {
     /// # Errors
     /// As for [`IslePoolBuilder::build`](mlua_isle::IslePoolBuilder::build).
     pub fn new(config: &Config) -> Result<Arc<App>, IsleError> {
-        let default_source: Arc<Mutex<Arc<str>>> = Arc::new(Mutex::new(DEFAULT_HANDLER.into()));
-        let source = default_source.clone();
         let pool = IslePool::builder()
             .name("lua")
             .workers(config.workers)
@@ -170,15 +165,11 @@ impl App {
             .default_timeout(config.timeout)
             .queue_capacity(config.queue_capacity)
             .memory_limit(config.memory_limit)
-            .init(move |lua| {
-                let source = source.lock().unwrap().clone();
-                init(lua, &source)
-            })
+            .init(|lua| init(lua, DEFAULT_HANDLER))
             .build()?;
         Ok(Arc::new(App {
             pool,
             kv: Arc::new(Kv::new(config.kv_delay)),
-            default_source,
         }))
     }
 
@@ -275,29 +266,24 @@ impl App {
 
     /// `POST /reload`, off the runtime's threads (it blocks).
     async fn reload_route(self: Arc<Self>, source: String) -> Response<Full<Bytes>> {
-        let done = tokio::task::spawn_blocking(move || self.reload(source.into()))
+        let done = tokio::task::spawn_blocking(move || self.reload(source))
             .await
             .expect("the reload does not panic");
         match done {
-            Ok(vms) => text(
+            Ok(version) => text(
                 StatusCode::OK,
-                format!("default handler reloaded on {vms} VMs\n"),
+                format!("default handler reloaded: version {version}\n"),
             ),
             Err(e) => error_response(&e),
         }
     }
 
     /// Makes `source` every tenant's default handler, on every VM now and
-    /// (through `init`) in VMs started later. Blocks. Returns the number of
-    /// VMs; if any of them refuses `source`, the error (and VMs started
-    /// later keep the old handler).
-    fn reload(&self, source: Arc<str>) -> Result<usize, IsleError> {
-        let src = source.clone();
-        let results = self.pool.broadcast(move |lua| install_default(lua, &src));
-        let vms = results.len();
-        results.into_iter().collect::<Result<Vec<()>, _>>()?;
-        *self.default_source.lock().unwrap() = source;
-        Ok(vms)
+    /// in VMs started later (`pool.reload`). Blocks. Returns the new
+    /// version; if any VM refuses `source`, the error, and every VM keeps
+    /// the old handler.
+    fn reload(&self, source: String) -> Result<u64, IsleError> {
+        self.pool.reload(move |lua| install_default(lua, &source))
     }
 }
 
@@ -309,6 +295,7 @@ pub fn render_metrics(m: &PoolMetrics) -> String {
     let _ = writeln!(out, "requests_queued_unkeyed {}", m.unkeyed_queued);
     let _ = writeln!(out, "sessions_open {}", m.sessions_open);
     let _ = writeln!(out, "sessions_expired {}", m.sessions_expired);
+    let _ = writeln!(out, "code_version {}", m.version);
     for (i, w) in m.workers.iter().enumerate() {
         let _ = writeln!(
             out,
