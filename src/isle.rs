@@ -11,10 +11,11 @@ use mlua::Lua;
 
 use crate::host::submit::{request_methods, Owner, Submit};
 use crate::host::{Host, Lifecycle, Queues, Spawn, Starting};
+use crate::metrics::{IsleCounters, IsleMetrics, Timing};
 use crate::request::spin::spin_until;
 use crate::request::Cancel;
 use crate::vm::config::{vm_options, VmConfig, VmInit};
-use crate::vm::{Job, Vm};
+use crate::vm::{Job, Outcome, Vm};
 use crate::{IsleError, Task};
 
 /// One Lua VM confined to a dedicated thread, reachable from any thread.
@@ -51,6 +52,8 @@ struct Inner {
     init: Option<Arc<VmInit>>,
     /// VMs replaced because they were wedged.
     wedged: AtomicU64,
+    /// Kept by the VM thread (and its replacements).
+    counters: Arc<IsleCounters>,
 }
 
 enum Msg {
@@ -130,7 +133,8 @@ impl IsleBuilder {
                 init(lua)
             }
         };
-        let thread = start(id, &config, &life, &rx, 0, None, first)?.ready()?;
+        let counters = Arc::new(IsleCounters::default());
+        let thread = start(id, &config, &life, (&rx, &counters), 0, None, first)?.ready()?;
         let inner = Arc::new(Inner {
             host: Host::new(owner, life, vec![thread]),
             tx,
@@ -138,6 +142,7 @@ impl IsleBuilder {
             config,
             init: self.init,
             wedged: AtomicU64::new(0),
+            counters,
         });
         let weak: Weak<Inner> = Arc::downgrade(&inner);
         inner.host.owner.timer.on_overdue(Arc::new(move |req| {
@@ -155,13 +160,13 @@ fn start(
     id: u64,
     config: &VmConfig,
     life: &Arc<Lifecycle>,
-    rx: &Receiver<Msg>,
+    (rx, counters): (&Receiver<Msg>, &Arc<IsleCounters>),
     generation: u64,
     go: Option<Receiver<()>>,
     init: impl FnOnce(&Lua) -> mlua::Result<()> + Send + 'static,
 ) -> Result<Starting, IsleError> {
     let (vm_config, abort) = (config.clone(), life.abort_flag());
-    let (serving, rx) = (life.clone(), rx.clone());
+    let (serving, rx, counters) = (life.clone(), rx.clone(), counters.clone());
     let cap = config.max_suspended;
     Spawn {
         slot: 0,
@@ -188,7 +193,7 @@ fn start(
         };
         #[cfg(not(feature = "async"))]
         let wake = crossbeam_channel::never();
-        serve(&vm, (&rx, &wake), &serving, generation, cap);
+        serve(&vm, (&rx, &wake), (&serving, &counters), generation, cap);
     })
 }
 
@@ -202,7 +207,7 @@ fn start(
 fn serve(
     vm: &Vm,
     (rx, wake): (&Receiver<Msg>, &Receiver<()>),
-    life: &Lifecycle,
+    (life, counters): (&Lifecycle, &IsleCounters),
     mine: u64,
     cap: usize,
 ) {
@@ -213,17 +218,18 @@ fn serve(
     // isle); the first request may wait for a wake-up instead.
     let mut idle_spin = false;
     while life.is_current(0, mine) {
+        let resolved = &mut |_, outcome| counters.record(outcome, Duration::ZERO);
         if vm.has_woken() {
-            vm.resume_woken(&mut |_, _| {});
+            vm.resume_woken(resolved);
         }
         while vm.suspended() < cap {
             let Some(job) = backlog.pop_front() else {
                 break;
             };
-            run(vm, life, job);
+            run(vm, life, job, counters);
         }
         if vm.suspended() > 0 && life.is_aborting() {
-            vm.close_suspended(&mut |_, _| {});
+            vm.close_suspended(resolved);
         }
         if closing && vm.suspended() == 0 && backlog.is_empty() {
             break;
@@ -254,7 +260,7 @@ fn serve(
         idle_spin = true;
         match msg {
             Msg::Job(job) if vm.suspended() >= cap || !backlog.is_empty() => backlog.push_back(job),
-            Msg::Job(job) => run(vm, life, job),
+            Msg::Job(job) => run(vm, life, job, counters),
             Msg::Shutdown if vm.suspended() == 0 && backlog.is_empty() => break,
             Msg::Shutdown => closing = true,
         }
@@ -263,14 +269,22 @@ fn serve(
     // queue (see `host`); those held back here resolve now.
     for job in backlog {
         job.abandon(IsleError::Shutdown);
+        counters.record(Outcome::Cancelled, Duration::ZERO);
     }
 }
 
-fn run(vm: &Vm, life: &Lifecycle, job: Job) {
+fn run(vm: &Vm, life: &Lifecycle, job: Job, counters: &IsleCounters) {
     if life.is_aborting() {
         job.abandon(IsleError::Shutdown);
-    } else {
-        vm.run(job, None, 0);
+        counters.record(Outcome::Cancelled, Duration::ZERO);
+        return;
+    }
+    let timing = Timing::start(&job, None, || None::<&str>);
+    let outcome = vm.run(job, None, 0);
+    let busy = timing.finish(outcome, &counters.latency);
+    match outcome {
+        Some(outcome) => counters.record(outcome, busy),
+        None => counters.add_busy(busy),
     }
 }
 
@@ -341,6 +355,21 @@ impl Isle {
     pub fn is_shutdown(&self) -> bool {
         self.inner.host.life.is_closed()
     }
+
+    /// The isle's counters and latency histograms (see [`IsleMetrics`] for
+    /// what they count and when they add up). Takes the histograms' lock
+    /// for a moment, as the VM thread does once per request.
+    ///
+    /// ```
+    /// let isle = mlua_isle::Isle::spawn(|_| Ok(()))?;
+    /// isle.eval::<()>("x = 1")?;
+    /// let m = isle.metrics();
+    /// println!("{} done, run time p99 {:?}", m.completed, m.run_time.p99());
+    /// # Ok::<(), mlua_isle::IsleError>(())
+    /// ```
+    pub fn metrics(&self) -> IsleMetrics {
+        self.inner.counters.snapshot()
+    }
 }
 
 impl Submit for Isle {
@@ -392,7 +421,7 @@ impl Inner {
                     self.host.owner.id,
                     &self.config,
                     &self.host.life,
-                    &self.rx,
+                    (&self.rx, &self.counters),
                     next,
                     Some(go_rx),
                     move |lua| init.map_or(Ok(()), |init| init(lua)),

@@ -169,6 +169,7 @@ mod error;
 mod host;
 mod interrupt;
 mod isle;
+mod metrics;
 mod pool;
 mod request;
 mod sandbox;
@@ -178,6 +179,7 @@ mod vm;
 pub use error::{IsleError, LuaError, LuaErrorKind};
 pub use interrupt::current_token;
 pub use isle::{Isle, IsleBuilder};
+pub use metrics::{IsleMetrics, LatencyHistogram};
 pub use pool::{IslePool, IslePoolBuilder, PoolMetrics, Session, SessionKey, WorkerMetrics};
 pub use request::{CancelToken, Task};
 

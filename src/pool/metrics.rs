@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crossbeam_utils::CachePadded;
 
+use crate::metrics::{LatencyHistogram, LatencyRecorder};
 use crate::vm::Outcome;
 
 /// A snapshot of the pool's counters, from [`IslePool::metrics`](crate::IslePool::metrics).
@@ -14,6 +15,18 @@ use crate::vm::Outcome;
 /// `submitted == rejected + discarded + Σ(completed + failed + cancelled) +
 /// queued + running`, where `queued` counts requests still in a queue (including
 /// cancelled ones that no worker has discarded yet).
+///
+/// The latency histograms (`queue_wait`, `run_time`, here and per worker)
+/// hold one value per request that started running on a worker; once the
+/// pool is quiet (nothing queued, running or suspended), per worker and so
+/// pool-wide: `run_time.count() == queue_wait.count() == completed + failed
+/// + cancelled − (requests resolved before they started)`. Those are the
+/// requests cancelled or timed out while queued, shut down before they
+/// started, and session requests that failed before running (`SessionLost`,
+/// or their environment could not be made). A request that suspends (the
+/// `async` feature) is in the histograms from its first poll, with that
+/// poll's run time (as in `busy`), not its time suspended or later polls;
+/// it is counted in the counters when it resolves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PoolMetrics {
@@ -32,6 +45,10 @@ pub struct PoolMetrics {
     /// Requests the pool resolved `Shutdown` without a worker taking them:
     /// submitted after shutdown began, or still queued when it ended.
     pub discarded: u64,
+    /// Every worker's `queue_wait`, merged.
+    pub queue_wait: LatencyHistogram,
+    /// Every worker's `run_time`, merged.
+    pub run_time: LatencyHistogram,
 }
 
 /// One worker's counters.
@@ -66,6 +83,12 @@ pub struct WorkerMetrics {
     /// Requests suspended on this VM, waiting for a future (the `async`
     /// feature; see `max_suspended`).
     pub suspended: usize,
+    /// For each request that started on this worker: the time from its
+    /// submission to its start (see [`PoolMetrics`] for which requests).
+    pub queue_wait: LatencyHistogram,
+    /// For each request that started on this worker: the time it ran (until
+    /// it resolved, or first suspended).
+    pub run_time: LatencyHistogram,
 }
 
 /// The live counters of one worker; written by that worker (and session
@@ -85,6 +108,7 @@ pub(super) struct WorkerCounters {
     /// so not counted as queued.
     pub(super) closes_queued: AtomicUsize,
     pub(super) suspended: AtomicUsize,
+    pub(super) latency: LatencyRecorder,
 }
 
 impl WorkerCounters {
@@ -103,7 +127,7 @@ impl WorkerCounters {
     /// The metrics, given the length of the worker's queues (close markers
     /// included).
     pub(super) fn snapshot(&self, in_queues: usize) -> WorkerMetrics {
-        WorkerMetrics {
+        let mut m = WorkerMetrics {
             queued: in_queues.saturating_sub(self.closes_queued.load(Ordering::Relaxed)),
             running: usize::from(self.running.load(Ordering::Relaxed)),
             completed: self.completed.load(Ordering::Relaxed),
@@ -115,7 +139,12 @@ impl WorkerCounters {
             recycle_failures: self.recycle_failures.load(Ordering::Relaxed),
             wedged: self.wedged.load(Ordering::Relaxed),
             suspended: self.suspended.load(Ordering::Relaxed),
-        }
+            queue_wait: LatencyHistogram::default(),
+            run_time: LatencyHistogram::default(),
+        };
+        // After the counters: a request is in these before it is counted.
+        (m.queue_wait, m.run_time) = self.latency.snapshot();
+        m
     }
 }
 

@@ -13,6 +13,7 @@ use super::metrics::{PoolMetrics, StripedCounter, WorkerCounters};
 use super::session::{Binding, Sessions};
 use super::sleep::Sleep;
 use crate::host::Lifecycle;
+use crate::metrics::LatencyHistogram;
 use crate::request::Admission;
 use crate::vm::Job;
 use crate::IsleError;
@@ -193,11 +194,18 @@ impl Shared {
     }
 
     pub(super) fn metrics(&self) -> PoolMetrics {
-        let workers = iter::zip(self.counters.iter(), self.stealers.iter())
+        let workers: Vec<_> = iter::zip(self.counters.iter(), self.stealers.iter())
             .zip(self.pinned.iter())
             .map(|((c, s), p)| c.snapshot(s.len() + p.len()))
             .collect();
+        let (mut queue_wait, mut run_time) = Default::default();
+        for w in &workers {
+            LatencyHistogram::merge(&mut queue_wait, &w.queue_wait);
+            LatencyHistogram::merge(&mut run_time, &w.run_time);
+        }
         PoolMetrics {
+            queue_wait,
+            run_time,
             workers,
             unkeyed_queued: self.injector.len(),
             sessions_open: self.sessions.len(),

@@ -11,6 +11,7 @@ use mlua::Table;
 use super::envs::{Waiting, WorkerVm};
 use super::session::Binding;
 use super::shared::{Found, Pinned, Shared};
+use crate::metrics::Timing;
 use crate::request::spin::spin_until;
 use crate::sync::Parker;
 use crate::vm::Vm;
@@ -348,9 +349,10 @@ impl Worker {
             return Some(Outcome::Cancelled);
         }
         counters.running.store(true, Ordering::Relaxed);
-        let start = Instant::now();
+        let key = || host.envs.get(&tag).map(|env| &env.binding.key);
+        let timing = Timing::start(&job, Some(self.index), key);
         let outcome = host.vm.run(job, env, tag);
-        let busy = start.elapsed();
+        let busy = timing.finish(outcome, &counters.latency);
         // Back from a request during which this worker was replaced: the
         // flag is its replacement's now.
         if self.is_current() {

@@ -175,6 +175,12 @@ impl Job {
         self.0.header().admit(count);
     }
 
+    /// The request's owner id and when it was submitted (for its queue wait).
+    pub(crate) fn owner_and_submitted(&self) -> (u64, std::time::Instant) {
+        let header = self.0.header();
+        (header.owner, header.submitted)
+    }
+
     /// Resolves the request with `err` without running it (no-op if it
     /// already started or finished), and drops the work.
     ///

@@ -1,0 +1,91 @@
+//! Timing one request's run on its VM thread: its queue wait (from its
+//! submission to its start) and its run time, recorded once it returns;
+//! with the `tracing` feature, a span around the run.
+
+use std::time::{Duration, Instant};
+
+use super::LatencyRecorder;
+use crate::vm::{Job, Outcome};
+
+/// A request's run, started: see [`Timing::start`].
+pub(crate) struct Timing {
+    start: Instant,
+    submitted: Instant,
+    #[cfg(feature = "tracing")]
+    span: tracing::span::EnteredSpan,
+}
+
+impl Timing {
+    /// Starts timing `job`'s run; with `tracing`, creates and enters its
+    /// span (`worker`: the pool worker's index; `session`: its key, asked
+    /// for only with `tracing`).
+    #[cfg_attr(not(feature = "tracing"), allow(unused_variables))]
+    pub(crate) fn start<K: std::fmt::Display>(
+        job: &Job,
+        worker: Option<usize>,
+        session: impl FnOnce() -> Option<K>,
+    ) -> Timing {
+        let (owner, submitted) = job.owner_and_submitted();
+        let start = Instant::now();
+        Timing {
+            start,
+            submitted,
+            #[cfg(feature = "tracing")]
+            span: span(
+                owner,
+                worker,
+                session(),
+                start.saturating_duration_since(submitted),
+            ),
+        }
+    }
+
+    /// The run returned with `outcome` (`None`: it suspended). Records the
+    /// queue wait and run time unless the request had been resolved while
+    /// queued (`Skipped`: it never ran), and returns the run time.
+    pub(crate) fn finish(self, outcome: Option<Outcome>, latency: &LatencyRecorder) -> Duration {
+        let run = self.start.elapsed();
+        let wait = self.start.saturating_duration_since(self.submitted);
+        if outcome != Some(Outcome::Skipped) {
+            latency.record(wait, run);
+        }
+        #[cfg(feature = "tracing")]
+        {
+            self.span.record("run_time_ns", run.as_nanos() as u64);
+            self.span.record("outcome", outcome_name(outcome));
+        }
+        run
+    }
+}
+
+#[cfg(feature = "tracing")]
+fn span(
+    owner: u64,
+    worker: Option<usize>,
+    session: Option<impl std::fmt::Display>,
+    wait: Duration,
+) -> tracing::span::EnteredSpan {
+    tracing::debug_span!(
+        target: "mlua_isle",
+        "lua_request",
+        owner,
+        worker,
+        session = session.as_ref().map(tracing::field::display),
+        queue_wait_ns = wait.as_nanos() as u64,
+        run_time_ns = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+    )
+    .entered()
+}
+
+#[cfg(feature = "tracing")]
+fn outcome_name(outcome: Option<Outcome>) -> &'static str {
+    match outcome {
+        Some(Outcome::Completed) => "completed",
+        Some(Outcome::Failed) => "failed",
+        Some(Outcome::OutOfMemory) => "out_of_memory",
+        Some(Outcome::Cancelled) => "cancelled",
+        Some(Outcome::Skipped) => "skipped",
+        None => "suspended",
+    }
+}
