@@ -15,9 +15,9 @@ use crate::vm::Outcome;
 /// once may miss it; once the isle is quiet (nothing queued, running or
 /// suspended) they add up:
 ///
-/// `run_time.count() == queue_wait.count() == completed + failed +
-/// cancelled − (requests resolved before they started: cancelled or timed
-/// out while queued, or shut down unstarted)`.
+/// `run_time.count() == queue_wait.count()` is `completed + failed +
+/// cancelled` less the requests resolved before they started (cancelled or
+/// timed out while queued, or shut down unstarted).
 ///
 /// A request that suspends (the `async` feature) is in the histograms from
 /// its first poll, with that poll's run time (as in `busy`); its time

@@ -17,11 +17,11 @@ use crate::vm::Outcome;
 /// cancelled ones that no worker has discarded yet).
 ///
 /// The latency histograms (`queue_wait`, `run_time`, here and per worker)
-/// hold one value per request that started running on a worker; once the
+/// hold one value per request that started running on a worker. Once the
 /// pool is quiet (nothing queued, running or suspended), per worker and so
-/// pool-wide: `run_time.count() == queue_wait.count() == completed + failed
-/// + cancelled − (requests resolved before they started)`. Those are the
-/// requests cancelled or timed out while queued, shut down before they
+/// pool-wide, `run_time.count() == queue_wait.count()` is `completed +
+/// failed + cancelled` less the requests resolved before they started:
+/// those cancelled or timed out while queued, shut down before they
 /// started, and session requests that failed before running (`SessionLost`,
 /// or their environment could not be made). A request that suspends (the
 /// `async` feature) is in the histograms from its first poll, with that
