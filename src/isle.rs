@@ -15,7 +15,7 @@ use crate::metrics::{IsleCounters, IsleMetrics, Timing};
 use crate::request::spin::spin_until;
 use crate::request::Cancel;
 use crate::vm::config::{vm_options, VmConfig, VmInit};
-use crate::vm::{Job, Outcome, Vm};
+use crate::vm::{Job, Vm};
 use crate::{IsleError, Task};
 
 /// One Lua VM confined to a dedicated thread, reachable from any thread.
@@ -218,7 +218,7 @@ fn serve(
     // isle); the first request may wait for a wake-up instead.
     let mut idle_spin = false;
     while life.is_current(0, mine) {
-        let resolved = &mut |_, outcome| counters.record(outcome, Duration::ZERO);
+        let resolved = &mut |_, outcome| counters.resolved(outcome);
         if vm.has_woken() {
             vm.resume_woken(resolved);
         }
@@ -269,23 +269,19 @@ fn serve(
     // queue (see `host`); those held back here resolve now.
     for job in backlog {
         job.abandon(IsleError::Shutdown);
-        counters.record(Outcome::Cancelled, Duration::ZERO);
+        counters.discarded();
     }
 }
 
 fn run(vm: &Vm, life: &Lifecycle, job: Job, counters: &IsleCounters) {
     if life.is_aborting() {
         job.abandon(IsleError::Shutdown);
-        counters.record(Outcome::Cancelled, Duration::ZERO);
+        counters.discarded();
         return;
     }
     let timing = Timing::start(&job, None, || None::<&str>);
     let outcome = vm.run(job, None, 0);
-    let busy = timing.finish(outcome, &counters.latency);
-    match outcome {
-        Some(outcome) => counters.record(outcome, busy),
-        None => counters.add_busy(busy),
-    }
+    timing.finish(outcome, counters);
 }
 
 impl Isle {

@@ -1,10 +1,12 @@
 //! An isle's counters ([`IsleCounters`], kept by its VM thread) and their
 //! snapshot ([`IsleMetrics`], from `Isle::metrics`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::{LatencyHistogram, LatencyRecorder};
+use parking_lot::Mutex;
+
+use super::latency::{started, RunSink};
+use super::LatencyHistogram;
 use crate::vm::Outcome;
 
 /// A snapshot of an isle's counters, from [`Isle::metrics`](crate::Isle::metrics).
@@ -12,8 +14,8 @@ use crate::vm::Outcome;
 /// The counters cover the requests the VM thread took from its queue; the
 /// histograms, those of them that started running (see below). A request
 /// is counted just after its caller has its result, so a snapshot taken at
-/// once may miss it; once the isle is quiet (nothing queued, running or
-/// suspended) they add up:
+/// once may miss it. Counters and histograms are read together, so they
+/// add up in every snapshot (once a suspended request has resolved):
 ///
 /// `run_time.count() == queue_wait.count()` is `completed + failed +
 /// cancelled` less the requests resolved before they started (cancelled or
@@ -23,7 +25,7 @@ use crate::vm::Outcome;
 /// its first poll, with that poll's run time (as in `busy`); its time
 /// suspended and its later polls are not in them. It is counted as
 /// completed, failed or cancelled when it resolves.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct IsleMetrics {
     /// Requests that ran and returned a value.
@@ -43,53 +45,48 @@ pub struct IsleMetrics {
     pub run_time: LatencyHistogram,
 }
 
-/// The live counters of an isle; written by its VM thread, read by anyone.
+/// The live counters of an isle, under one lock with its histograms: the
+/// VM thread takes it once per request, and a snapshot always adds up (but
+/// for requests still running or suspended).
 #[derive(Default)]
 pub(crate) struct IsleCounters {
-    completed: AtomicU64,
-    failed: AtomicU64,
-    cancelled: AtomicU64,
-    busy_ns: AtomicU64,
-    pub(crate) latency: LatencyRecorder,
+    state: Mutex<IsleMetrics>,
 }
 
 impl IsleCounters {
-    /// A request ended with `outcome` after running for `busy`.
-    pub(crate) fn record(&self, outcome: Outcome, busy: Duration) {
-        // ORDERING: Relaxed: plain statistics, no data hangs on them.
-        let counter = match outcome {
-            Outcome::Completed => &self.completed,
-            Outcome::Failed | Outcome::OutOfMemory => &self.failed,
-            Outcome::Cancelled | Outcome::Skipped => &self.cancelled,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        self.add_busy(busy);
+    /// A request the VM thread took up was resolved without a run (`Shutdown`).
+    pub(crate) fn discarded(&self) {
+        self.state.lock().cancelled += 1;
     }
 
-    /// Run time of a request that suspended (it is counted when it resolves).
-    pub(crate) fn add_busy(&self, busy: Duration) {
-        if !busy.is_zero() {
-            // ORDERING: Relaxed, as in `record`.
-            self.busy_ns
-                .fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
-        }
+    /// A suspended request resolved with `outcome`.
+    pub(crate) fn resolved(&self, outcome: Outcome) {
+        count(&mut self.state.lock(), outcome);
     }
 
     pub(crate) fn snapshot(&self) -> IsleMetrics {
-        // ORDERING: Relaxed, as in `record`. The counters first: a request
-        // is in the histograms before it is counted.
-        let completed = self.completed.load(Ordering::Relaxed);
-        let failed = self.failed.load(Ordering::Relaxed);
-        let cancelled = self.cancelled.load(Ordering::Relaxed);
-        let busy = Duration::from_nanos(self.busy_ns.load(Ordering::Relaxed));
-        let (queue_wait, run_time) = self.latency.snapshot();
-        IsleMetrics {
-            completed,
-            failed,
-            cancelled,
-            busy,
-            queue_wait,
-            run_time,
+        self.state.lock().clone()
+    }
+}
+
+impl RunSink for IsleCounters {
+    fn ran(&self, outcome: Option<Outcome>, queue_wait: Duration, run_time: Duration) {
+        let mut m = self.state.lock();
+        if started(outcome) {
+            m.queue_wait.record(queue_wait);
+            m.run_time.record(run_time);
         }
+        m.busy += run_time;
+        if let Some(outcome) = outcome {
+            count(&mut m, outcome);
+        }
+    }
+}
+
+fn count(m: &mut IsleMetrics, outcome: Outcome) {
+    match outcome {
+        Outcome::Completed => m.completed += 1,
+        Outcome::Failed | Outcome::OutOfMemory => m.failed += 1,
+        Outcome::Cancelled | Outcome::Skipped => m.cancelled += 1,
     }
 }

@@ -7,6 +7,8 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 
+use crate::vm::Outcome;
+
 /// Significant decimal digits kept for each value: a value is within 0.1%.
 const SIGFIGS: u8 = 3;
 
@@ -42,7 +44,7 @@ pub struct LatencyHistogram {
 }
 
 impl LatencyHistogram {
-    fn record(&mut self, value: Duration) {
+    pub(super) fn record(&mut self, value: Duration) {
         let hist = self.hist.get_or_insert_with(|| {
             let mut h = Histogram::new(SIGFIGS).expect("3 significant figures are valid");
             h.auto(true);
@@ -179,16 +181,36 @@ pub(crate) struct LatencyRecorder {
 }
 
 impl LatencyRecorder {
-    pub(crate) fn record(&self, queue_wait: Duration, run_time: Duration) {
-        let mut pair = self.pair.lock();
-        pair.0.record(queue_wait);
-        pair.1.record(run_time);
-    }
+    /// (queue wait, run time).
 
     /// (queue wait, run time).
     pub(crate) fn snapshot(&self) -> (LatencyHistogram, LatencyHistogram) {
         self.pair.lock().clone()
     }
+}
+
+impl RunSink for LatencyRecorder {
+    fn ran(&self, outcome: Option<Outcome>, queue_wait: Duration, run_time: Duration) {
+        if started(outcome) {
+            let mut pair = self.pair.lock();
+            pair.0.record(queue_wait);
+            pair.1.record(run_time);
+        }
+    }
+}
+
+/// Where a VM thread records each request it took up: see
+/// [`Timing::finish`](super::Timing::finish).
+pub(crate) trait RunSink {
+    /// A request's run returned with `outcome` (`None`: it suspended),
+    /// after waiting `queue_wait` in the queue and running `run_time`.
+    fn ran(&self, outcome: Option<Outcome>, queue_wait: Duration, run_time: Duration);
+}
+
+/// Whether a request whose run returned `outcome` started: one resolved
+/// while queued (`Skipped`) never ran, and is in no histogram.
+pub(super) fn started(outcome: Option<Outcome>) -> bool {
+    outcome != Some(Outcome::Skipped)
 }
 
 #[cfg(test)]

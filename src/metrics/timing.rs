@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::LatencyRecorder;
+use super::latency::RunSink;
 use crate::vm::{Job, Outcome};
 
 /// A request's run, started: see [`Timing::start`].
@@ -40,15 +40,15 @@ impl Timing {
         }
     }
 
-    /// The run returned with `outcome` (`None`: it suspended). Records the
-    /// queue wait and run time unless the request had been resolved while
-    /// queued (`Skipped`: it never ran), and returns the run time.
-    pub(crate) fn finish(self, outcome: Option<Outcome>, latency: &LatencyRecorder) -> Duration {
+    /// The run returned with `outcome` (`None`: it suspended): hands its
+    /// queue wait and run time to `sink`, and returns the run time.
+    pub(crate) fn finish(self, outcome: Option<Outcome>, sink: &impl RunSink) -> Duration {
         let run = self.start.elapsed();
-        let wait = self.start.saturating_duration_since(self.submitted);
-        if outcome != Some(Outcome::Skipped) {
-            latency.record(wait, run);
-        }
+        sink.ran(
+            outcome,
+            self.start.saturating_duration_since(self.submitted),
+            run,
+        );
         #[cfg(feature = "tracing")]
         {
             self.span.record("run_time_ns", run.as_nanos() as u64);
