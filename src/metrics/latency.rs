@@ -182,8 +182,6 @@ pub(crate) struct LatencyRecorder {
 
 impl LatencyRecorder {
     /// (queue wait, run time).
-
-    /// (queue wait, run time).
     pub(crate) fn snapshot(&self) -> (LatencyHistogram, LatencyHistogram) {
         self.pair.lock().clone()
     }
