@@ -16,17 +16,19 @@ pub(crate) struct Timing {
 }
 
 impl Timing {
-    /// Starts timing `job`'s run; with `tracing`, creates and enters its
-    /// span (`worker`: the pool worker's index; `session`: its key, asked
-    /// for only with `tracing`).
+    /// Starts timing `job`'s run, now or at `at` (the end of the run just
+    /// before, if the VM went straight from it to this one); with `tracing`,
+    /// creates and enters its span (`worker`: the pool worker's index;
+    /// `session`: its key, asked for only with `tracing`).
     #[cfg_attr(not(feature = "tracing"), allow(unused_variables))]
     pub(crate) fn start<K: std::fmt::Display>(
         job: &Job,
+        at: Option<Instant>,
         worker: Option<usize>,
         session: impl FnOnce() -> Option<K>,
     ) -> Timing {
         let (owner, submitted) = job.owner_and_submitted();
-        let start = Instant::now();
+        let start = at.unwrap_or_else(Instant::now);
         Timing {
             start,
             submitted,
@@ -55,6 +57,11 @@ impl Timing {
             self.span.record("outcome", outcome_name(outcome));
         }
         run
+    }
+
+    /// When the run started.
+    pub(crate) fn started(&self) -> Instant {
+        self.start
     }
 }
 

@@ -350,7 +350,7 @@ impl Worker {
         }
         counters.running.store(true, Ordering::Relaxed);
         let key = || host.envs.get(&tag).map(|env| &env.binding.key);
-        let timing = Timing::start(&job, Some(self.index), key);
+        let timing = Timing::start(&job, None, Some(self.index), key);
         let outcome = host.vm.run(job, env, tag);
         let busy = timing.finish(outcome, &counters.latency);
         // Back from a request during which this worker was replaced: the
