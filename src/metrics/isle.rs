@@ -41,7 +41,10 @@ pub struct IsleMetrics {
     /// start on the VM.
     pub queue_wait: LatencyHistogram,
     /// For each request that started: the time it ran on the VM (until it
-    /// resolved, or first suspended).
+    /// resolved, or first suspended). A request the VM took straight after
+    /// the previous one starts when that one ended: its run time includes
+    /// taking it from the queue (a busy isle reads the clock once per
+    /// request).
     pub run_time: LatencyHistogram,
 }
 
