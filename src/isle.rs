@@ -11,7 +11,7 @@ use mlua::Lua;
 
 use crate::host::submit::{request_methods, Owner, Submit};
 use crate::host::{Host, Lifecycle, Queues, Spawn, Starting};
-use crate::metrics::{IsleCounters, IsleMetrics, Timing};
+use crate::metrics::{IsleCounters, IsleMetrics, Pending, Timing};
 use crate::request::spin::spin_until;
 use crate::request::Cancel;
 use crate::vm::config::{vm_options, VmConfig, VmInit};
@@ -220,6 +220,9 @@ fn serve(
     // When the last run ended, while the VM has done nothing else since: a
     // request taken then starts then (see `run`).
     let mut ran_until = None;
+    // Requests run, not yet in `counters`: handed over in batches, and
+    // before the thread sleeps or ends.
+    let mut pending = Pending::default();
     while life.is_current(0, mine) {
         let resolved = &mut |_, outcome| counters.resolved(outcome);
         if vm.has_woken() {
@@ -230,7 +233,7 @@ fn serve(
             let Some(job) = backlog.pop_front() else {
                 break;
             };
-            ran_until = run(vm, life, job, counters, ran_until);
+            ran_until = run(vm, (life, counters), job, &mut pending, ran_until);
         }
         if vm.suspended() > 0 && life.is_aborting() {
             vm.close_suspended(resolved);
@@ -248,6 +251,7 @@ fn serve(
                 if idle_spin && spin_until(|| !rx.is_empty() || vm.has_woken()) && rx.is_empty() {
                     continue;
                 }
+                pending.flush(counters);
                 #[cfg(not(feature = "async"))]
                 let _ = wake;
                 #[cfg(not(feature = "async"))]
@@ -266,11 +270,12 @@ fn serve(
         idle_spin = true;
         match msg {
             Msg::Job(job) if vm.suspended() >= cap || !backlog.is_empty() => backlog.push_back(job),
-            Msg::Job(job) => ran_until = run(vm, life, job, counters, ran_until),
+            Msg::Job(job) => ran_until = run(vm, (life, counters), job, &mut pending, ran_until),
             Msg::Shutdown if vm.suspended() == 0 && backlog.is_empty() => break,
             Msg::Shutdown => closing = true,
         }
     }
+    pending.flush(counters);
     // Jobs that raced past shutdown are resolved by whoever drains the
     // queue (see `host`); those held back here resolve now.
     for job in backlog {
@@ -285,9 +290,9 @@ fn serve(
 /// request's run time then includes taking it from the queue).
 fn run(
     vm: &Vm,
-    life: &Lifecycle,
+    (life, counters): (&Lifecycle, &IsleCounters),
     job: Job,
-    counters: &IsleCounters,
+    pending: &mut Pending,
     ran_until: Option<Instant>,
 ) -> Option<Instant> {
     if life.is_aborting() {
@@ -298,7 +303,7 @@ fn run(
     let timing = Timing::start(&job, ran_until, None, || None::<&str>);
     let start = timing.started();
     let outcome = vm.run(job, None, 0);
-    Some(start + timing.finish(outcome, counters))
+    Some(start + timing.finish(outcome, pending, counters))
 }
 
 impl Isle {
@@ -370,8 +375,9 @@ impl Isle {
     }
 
     /// The isle's counters and latency histograms (see [`IsleMetrics`] for
-    /// what they count and when they add up). Takes the histograms' lock
-    /// for a moment, as the VM thread does once per request.
+    /// what they count and when they add up). Takes the metrics' lock for
+    /// the time of a copy, as the VM thread does once per batch of
+    /// requests.
     ///
     /// ```
     /// let isle = mlua_isle::Isle::spawn(|_| Ok(()))?;

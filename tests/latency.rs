@@ -16,16 +16,23 @@ fn ended(w: &WorkerMetrics) -> u64 {
     w.completed + w.failed + w.cancelled
 }
 
-/// The metrics once the workers have counted `n` ended requests and are
-/// idle (a task resolves just before its worker counts it).
-fn settled(pool: &IslePool, n: u64) -> PoolMetrics {
+/// The metrics once the workers have counted `n` ended requests, are idle,
+/// and their histograms hold `started` requests (a task resolves just
+/// before its worker counts it; a worker hands its histograms a batch of
+/// requests at a time, or all it holds before it sleeps).
+fn settled(pool: &IslePool, n: u64, started: u64) -> PoolMetrics {
     let mut m = pool.metrics();
     let ok = poll_until(|| {
         m = pool.metrics();
         let idle = m.workers.iter().all(|w| w.queued == 0 && w.running == 0);
-        idle && m.unkeyed_queued == 0 && m.workers.iter().map(ended).sum::<u64>() == n
+        idle && m.unkeyed_queued == 0
+            && m.workers.iter().map(ended).sum::<u64>() == n
+            && m.run_time.count() == started
     });
-    assert!(ok, "metrics never settled at {n} ended requests: {m:#?}");
+    assert!(
+        ok,
+        "metrics never settled at {n} ended requests, {started} started: {m:#?}"
+    );
     m
 }
 
@@ -129,9 +136,8 @@ fn pool_histograms_add_up_to_the_counters() {
         looping.cancel();
         assert_eq!(looping.wait(), Err(IsleError::Cancelled));
 
-        let m = settled(&pool, 52);
+        let m = settled(&pool, 52, 49);
         let session_worker = m.workers.iter().position(|w| w.sessions == 1).unwrap();
-        // Exactly: the histograms are written before the counters.
         let unstarted = |i: usize| if i == session_worker { 3 } else { 0 };
         for (i, w) in m.workers.iter().enumerate() {
             assert_eq!(
@@ -160,7 +166,8 @@ fn pool_histograms_add_up_to_the_counters() {
         assert_eq!(counted, 5, "{m:#?}");
         // Broadcasts are not requests: not in the histograms either.
         pool.broadcast(|_| Ok(()));
-        assert_eq!(pool.metrics().run_time.count(), 49);
+        assert_eq!(pool.eval::<i64>("1"), Ok(1));
+        settled(&pool, 53, 50);
         pool.shutdown().unwrap();
     });
 }
@@ -251,7 +258,7 @@ fn a_held_request_shows_its_run_time_and_the_one_behind_it_its_wait() {
             },
             || pool.spawn_eval("1"),
         );
-        let m = settled(&pool, 2);
+        let m = settled(&pool, 2, 2);
         for (run, wait) in [
             (&m.run_time, &m.queue_wait),
             (&m.workers[0].run_time, &m.workers[0].queue_wait),
@@ -334,7 +341,7 @@ fn a_suspended_request_is_in_the_histograms_once() {
             open(l);
         }
         assert_eq!((a.wait(), b.wait()), (Ok(1), Ok(1)));
-        let (i, p) = (isle_settled(&isle, 1), settled(&pool, 1));
+        let (i, p) = (isle_settled(&isle, 1), settled(&pool, 1, 1));
         assert_eq!(
             (i.completed, i.run_time.count(), i.queue_wait.count()),
             (1, 1, 1)

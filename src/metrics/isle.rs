@@ -6,16 +6,19 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use super::latency::{started, RunSink};
+use super::pending::Sample;
 use super::LatencyHistogram;
 use crate::vm::Outcome;
 
 /// A snapshot of an isle's counters, from [`Isle::metrics`](crate::Isle::metrics).
 ///
 /// The counters cover the requests the VM thread took from its queue; the
-/// histograms, those of them that started running (see below). A request
-/// is counted just after its caller has its result, so a snapshot taken at
-/// once may miss it. Counters and histograms are read together, so they
-/// add up in every snapshot (once a suspended request has resolved):
+/// histograms, those of them that started running (see below). The VM
+/// thread hands them over 32 requests at a time, and all it holds before
+/// it sleeps (it spins ~50 µs first): a snapshot may lack the latest 31
+/// requests of a busy isle, and is complete once the isle has been idle
+/// for a moment. Counters and histograms are read together, so they add
+/// up in every snapshot (once a suspended request has resolved):
 ///
 /// `run_time.count() == queue_wait.count()` is `completed + failed +
 /// cancelled` less the requests resolved before they started (cancelled or
@@ -49,8 +52,8 @@ pub struct IsleMetrics {
 }
 
 /// The live counters of an isle, under one lock with its histograms: the
-/// VM thread takes it once per request, and a snapshot always adds up (but
-/// for requests still running or suspended).
+/// VM thread takes it once per batch of requests (see `Pending`), and a
+/// snapshot always adds up.
 #[derive(Default)]
 pub(crate) struct IsleCounters {
     state: Mutex<IsleMetrics>,
@@ -73,15 +76,17 @@ impl IsleCounters {
 }
 
 impl RunSink for IsleCounters {
-    fn ran(&self, outcome: Option<Outcome>, queue_wait: Duration, run_time: Duration) {
+    fn ran(&self, samples: &[Sample]) {
         let mut m = self.state.lock();
-        if started(outcome) {
-            m.queue_wait.record(queue_wait);
-            m.run_time.record(run_time);
-        }
-        m.busy += run_time;
-        if let Some(outcome) = outcome {
-            count(&mut m, outcome);
+        for s in samples {
+            if started(s.outcome) {
+                m.queue_wait.record(s.queue_wait);
+                m.run_time.record(s.run_time);
+            }
+            m.busy += s.run_time;
+            if let Some(outcome) = s.outcome {
+                count(&mut m, outcome);
+            }
         }
     }
 }

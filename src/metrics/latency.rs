@@ -7,6 +7,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 
+use super::pending::Sample;
 use crate::vm::Outcome;
 
 /// Significant decimal digits kept for each value: a value is within 0.1%.
@@ -170,10 +171,10 @@ impl fmt::Debug for LatencyHistogram {
 }
 
 /// The queue-wait and run-time histograms of one VM thread: written by
-/// that thread once per request, read by `metrics()`.
+/// that thread a batch of requests at a time (see `Pending`), read by
+/// `metrics()`.
 ///
-/// One lock for both values, taken once per request and uncontended but
-/// for a reader: a snapshot sees both histograms at the same request
+/// One lock for both histograms: a snapshot sees both at the same request
 /// boundary, and no value is lost.
 #[derive(Default)]
 pub(crate) struct LatencyRecorder {
@@ -188,21 +189,19 @@ impl LatencyRecorder {
 }
 
 impl RunSink for LatencyRecorder {
-    fn ran(&self, outcome: Option<Outcome>, queue_wait: Duration, run_time: Duration) {
-        if started(outcome) {
-            let mut pair = self.pair.lock();
-            pair.0.record(queue_wait);
-            pair.1.record(run_time);
+    fn ran(&self, samples: &[Sample]) {
+        let mut pair = self.pair.lock();
+        for s in samples.iter().filter(|s| started(s.outcome)) {
+            pair.0.record(s.queue_wait);
+            pair.1.record(s.run_time);
         }
     }
 }
 
-/// Where a VM thread records each request it took up: see
-/// [`Timing::finish`](super::Timing::finish).
+/// Where a VM thread's samples go: see [`Pending`](super::Pending).
 pub(crate) trait RunSink {
-    /// A request's run returned with `outcome` (`None`: it suspended),
-    /// after waiting `queue_wait` in the queue and running `run_time`.
-    fn ran(&self, outcome: Option<Outcome>, queue_wait: Duration, run_time: Duration);
+    /// Records requests whose runs returned (under one lock).
+    fn ran(&self, samples: &[Sample]);
 }
 
 /// Whether a request whose run returned `outcome` started: one resolved

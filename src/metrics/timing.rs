@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use super::latency::RunSink;
+use super::pending::{Pending, Sample};
 use crate::vm::{Job, Outcome};
 
 /// A request's run, started: see [`Timing::start`].
@@ -42,15 +43,22 @@ impl Timing {
         }
     }
 
-    /// The run returned with `outcome` (`None`: it suspended): hands its
-    /// queue wait and run time to `sink`, and returns the run time.
-    pub(crate) fn finish(self, outcome: Option<Outcome>, sink: &impl RunSink) -> Duration {
+    /// The run returned with `outcome` (`None`: it suspended): adds its
+    /// queue wait and run time to `pending` (bound for `sink`), and
+    /// returns the run time.
+    pub(crate) fn finish(
+        self,
+        outcome: Option<Outcome>,
+        pending: &mut Pending,
+        sink: &impl RunSink,
+    ) -> Duration {
         let run = self.start.elapsed();
-        sink.ran(
+        let sample = Sample {
             outcome,
-            self.start.saturating_duration_since(self.submitted),
-            run,
-        );
+            queue_wait: self.start.saturating_duration_since(self.submitted),
+            run_time: run,
+        };
+        pending.push(sample, sink);
         #[cfg(feature = "tracing")]
         {
             self.span.record("run_time_ns", run.as_nanos() as u64);
