@@ -6,12 +6,11 @@ use std::time::{Duration, Instant};
 
 use super::latency::RunSink;
 use super::pending::{Pending, Sample};
-use crate::vm::{Job, Outcome};
+use crate::vm::{take_started, Job, Outcome};
 
 /// A request's run, started: see [`Timing::start`].
 pub(crate) struct Timing {
     start: Instant,
-    submitted: Instant,
     #[cfg(feature = "tracing")]
     span: tracing::span::EnteredSpan,
 }
@@ -28,18 +27,17 @@ impl Timing {
         worker: Option<usize>,
         session: impl FnOnce() -> Option<K>,
     ) -> Timing {
-        let (owner, submitted) = job.owner_and_submitted();
         let start = at.unwrap_or_else(Instant::now);
+        #[cfg(feature = "tracing")]
+        let span = {
+            let (owner, submitted) = job.owner_and_submitted();
+            let wait = start.saturating_duration_since(submitted);
+            span(owner, worker, session(), wait)
+        };
         Timing {
             start,
-            submitted,
             #[cfg(feature = "tracing")]
-            span: span(
-                owner,
-                worker,
-                session(),
-                start.saturating_duration_since(submitted),
-            ),
+            span,
         }
     }
 
@@ -53,9 +51,12 @@ impl Timing {
         sink: &impl RunSink,
     ) -> Duration {
         let run = self.start.elapsed();
+        // `None` only for a request that never started (`Skipped`), which
+        // no histogram takes.
+        let submitted = take_started().unwrap_or(self.start);
         let sample = Sample {
             outcome,
-            queue_wait: self.start.saturating_duration_since(self.submitted),
+            queue_wait: self.start.saturating_duration_since(submitted),
             run_time: run,
         };
         pending.push(sample, sink);
