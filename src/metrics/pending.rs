@@ -44,3 +44,38 @@ impl Pending {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::*;
+
+    /// Remembers the size of each batch it is handed.
+    #[derive(Default)]
+    struct Batches(RefCell<Vec<usize>>);
+
+    impl RunSink for Batches {
+        fn ran(&self, samples: &[Sample]) {
+            self.0.borrow_mut().push(samples.len());
+        }
+    }
+
+    #[test]
+    fn samples_go_over_a_batch_at_a_time_and_on_flush() {
+        let sink = Batches::default();
+        let mut pending = Pending::default();
+        let sample = Sample {
+            outcome: Some(Outcome::Completed),
+            queue_wait: Duration::from_micros(1),
+            run_time: Duration::from_micros(2),
+        };
+        for _ in 0..BATCH + 3 {
+            pending.push(sample, &sink);
+        }
+        assert_eq!(*sink.0.borrow(), [BATCH]);
+        pending.flush(&sink);
+        pending.flush(&sink); // nothing left: no empty batch
+        assert_eq!(*sink.0.borrow(), [BATCH, 3]);
+    }
+}
