@@ -12,6 +12,7 @@ use mlua::Lua;
 use crate::host::reserve::{reserve_methods, Permit};
 use crate::host::submit::{request_methods, take_room, Owner, Submit};
 use crate::host::{Host, Lifecycle, Queues, Spawn, Starting};
+use crate::metrics::{IsleCounters, IsleMetrics, Pending, Timing};
 use crate::request::spin::spin_until;
 use crate::request::{Admission, Cancel, Room};
 use crate::vm::config::{at_least_one, vm_options, VmConfig, VmInit};
@@ -54,6 +55,8 @@ struct Inner {
     init: Option<Arc<VmInit>>,
     /// VMs replaced because they were wedged.
     wedged: AtomicU64,
+    /// Kept by the VM thread (and its replacements).
+    counters: Arc<IsleCounters>,
 }
 
 enum Msg {
@@ -147,7 +150,8 @@ impl IsleBuilder {
                 init(lua)
             }
         };
-        let thread = start(id, &config, &life, &rx, 0, None, first)?.ready()?;
+        let counters = Arc::new(IsleCounters::default());
+        let thread = start(id, &config, &life, (&rx, &counters), 0, None, first)?.ready()?;
         let inner = Arc::new(Inner {
             host: Host::new(owner, life, vec![thread]),
             tx,
@@ -156,6 +160,7 @@ impl IsleBuilder {
             config,
             init: self.init,
             wedged: AtomicU64::new(0),
+            counters,
         });
         let weak: Weak<Inner> = Arc::downgrade(&inner);
         inner.host.owner.timer.on_overdue(Arc::new(move |req| {
@@ -173,13 +178,13 @@ fn start(
     id: u64,
     config: &VmConfig,
     life: &Arc<Lifecycle>,
-    rx: &Receiver<Msg>,
+    (rx, counters): (&Receiver<Msg>, &Arc<IsleCounters>),
     generation: u64,
     go: Option<Receiver<()>>,
     init: impl FnOnce(&Lua) -> mlua::Result<()> + Send + 'static,
 ) -> Result<Starting, IsleError> {
     let (vm_config, abort) = (config.clone(), life.abort_flag());
-    let (serving, rx) = (life.clone(), rx.clone());
+    let (serving, rx, counters) = (life.clone(), rx.clone(), counters.clone());
     let cap = config.max_suspended;
     Spawn {
         slot: 0,
@@ -206,7 +211,7 @@ fn start(
         };
         #[cfg(not(feature = "async"))]
         let wake = crossbeam_channel::never();
-        serve(&vm, (&rx, &wake), &serving, generation, cap);
+        serve(&vm, (&rx, &wake), (&serving, &counters), generation, cap);
     })
 }
 
@@ -220,7 +225,7 @@ fn start(
 fn serve(
     vm: &Vm,
     (rx, wake): (&Receiver<Msg>, &Receiver<()>),
-    life: &Lifecycle,
+    (life, counters): (&Lifecycle, &IsleCounters),
     mine: u64,
     cap: usize,
 ) {
@@ -230,18 +235,27 @@ fn serve(
     // would share its cores with each new one spinning (50 µs of CPU per
     // isle); the first request may wait for a wake-up instead.
     let mut idle_spin = false;
+    // When the last run ended, while the VM has done nothing else since: a
+    // request taken then starts then (see `run`).
+    let mut ran_until = None;
+    // Requests run, not yet in `counters`: handed over in batches, and
+    // before the thread sleeps or ends.
+    let mut pending = Pending::default();
     while life.is_current(0, mine) {
+        let resolved = &mut |_, outcome| counters.resolved(outcome);
         if vm.has_woken() {
-            vm.resume_woken(&mut |_, _| {});
+            vm.resume_woken(resolved);
+            ran_until = None;
         }
         while vm.suspended() < cap {
             let Some(job) = backlog.pop_front() else {
                 break;
             };
-            run(vm, life, job);
+            ran_until = run(vm, (life, counters), job, &mut pending, ran_until);
         }
         if vm.suspended() > 0 && life.is_aborting() {
-            vm.close_suspended(&mut |_, _| {});
+            vm.close_suspended(resolved);
+            ran_until = None;
         }
         if closing && vm.suspended() == 0 && backlog.is_empty() {
             break;
@@ -251,9 +265,11 @@ fn serve(
         let msg = match rx.try_recv() {
             Ok(msg) => msg,
             Err(_) => {
+                ran_until = None;
                 if idle_spin && spin_until(|| !rx.is_empty() || vm.has_woken()) && rx.is_empty() {
                     continue;
                 }
+                pending.flush(counters);
                 #[cfg(not(feature = "async"))]
                 let _ = wake;
                 #[cfg(not(feature = "async"))]
@@ -272,24 +288,40 @@ fn serve(
         idle_spin = true;
         match msg {
             Msg::Job(job) if vm.suspended() >= cap || !backlog.is_empty() => backlog.push_back(job),
-            Msg::Job(job) => run(vm, life, job),
+            Msg::Job(job) => ran_until = run(vm, (life, counters), job, &mut pending, ran_until),
             Msg::Shutdown if vm.suspended() == 0 && backlog.is_empty() => break,
             Msg::Shutdown => closing = true,
         }
     }
+    pending.flush(counters);
     // Jobs that raced past shutdown are resolved by whoever drains the
     // queue (see `host`); those held back here resolve now.
     for job in backlog {
         job.abandon(IsleError::Shutdown);
+        counters.discarded();
     }
 }
 
-fn run(vm: &Vm, life: &Lifecycle, job: Job) {
+/// Runs `job` and returns when it ended. `ran_until`: the VM went straight
+/// from the run that ended then to this one, so that is when this one
+/// starts: a busy VM reads the clock once per request, not twice (a
+/// request's run time then includes taking it from the queue).
+fn run(
+    vm: &Vm,
+    (life, counters): (&Lifecycle, &IsleCounters),
+    job: Job,
+    pending: &mut Pending,
+    ran_until: Option<Instant>,
+) -> Option<Instant> {
     if life.is_aborting() {
         job.abandon(IsleError::Shutdown);
-    } else {
-        vm.run(job, None, 0);
+        counters.discarded();
+        return None;
     }
+    let timing = Timing::start(&job, ran_until, None, || None::<&str>);
+    let start = timing.started();
+    let outcome = vm.run(job, None, 0);
+    Some(start + timing.finish(outcome, pending, counters))
 }
 
 impl Isle {
@@ -367,6 +399,22 @@ impl Isle {
     pub fn is_shutdown(&self) -> bool {
         self.inner.host.life.is_closed()
     }
+
+    /// The isle's counters and latency histograms (see [`IsleMetrics`] for
+    /// what they count and when they add up). Takes the metrics' lock for
+    /// the time of a copy, as the VM thread does once per batch of
+    /// requests.
+    ///
+    /// ```
+    /// let isle = mlua_isle::Isle::spawn(|_| Ok(()))?;
+    /// isle.eval::<()>("x = 1")?;
+    /// let m = isle.metrics();
+    /// println!("{} done, run time p99 {:?}", m.completed, m.run_time.p99());
+    /// # Ok::<(), mlua_isle::IsleError>(())
+    /// ```
+    pub fn metrics(&self) -> IsleMetrics {
+        self.inner.counters.snapshot()
+    }
 }
 
 impl Submit for Isle {
@@ -437,7 +485,7 @@ impl Inner {
                     self.host.owner.id,
                     &self.config,
                     &self.host.life,
-                    &self.rx,
+                    (&self.rx, &self.counters),
                     next,
                     Some(go_rx),
                     move |lua| init.map_or(Ok(()), |init| init(lua)),

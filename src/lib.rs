@@ -171,6 +171,7 @@ mod error;
 mod host;
 mod interrupt;
 mod isle;
+mod metrics;
 mod pool;
 mod request;
 mod sandbox;
@@ -181,6 +182,7 @@ pub use error::{IsleError, LuaError, LuaErrorKind};
 pub use host::reserve::{Permit, Reserve};
 pub use interrupt::current_token;
 pub use isle::{Isle, IsleBuilder};
+pub use metrics::{IsleMetrics, LatencyHistogram};
 pub use pool::{
     IslePool, IslePoolBuilder, PoolMetrics, Session, SessionKey, SessionMetrics, WorkerMetrics,
 };

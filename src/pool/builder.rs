@@ -295,6 +295,7 @@ impl Spawner {
             generation,
             batch,
             max_suspended: self.config.max_suspended,
+            pending: Default::default(),
         };
         Spawn {
             slot: index,

@@ -15,6 +15,7 @@ use super::reload::{Control, Reloads};
 use super::session::{Binding, Sessions};
 use super::sleep::Sleep;
 use crate::host::Lifecycle;
+use crate::metrics::LatencyHistogram;
 use crate::request::{Admission, Room};
 use crate::vm::Job;
 use crate::IsleError;
@@ -251,14 +252,21 @@ impl Shared {
     }
 
     pub(super) fn metrics(&self) -> PoolMetrics {
-        let workers = (0..self.workers())
+        let workers: Vec<_> = (0..self.workers())
             // ORDERING: Relaxed: statistics.
             .map(|w| {
                 let version = self.versions[w].load(Ordering::Relaxed);
                 self.counters[w].snapshot(self.queued_on(w), version)
             })
             .collect();
+        let (mut queue_wait, mut run_time) = Default::default();
+        for w in &workers {
+            LatencyHistogram::merge(&mut queue_wait, &w.queue_wait);
+            LatencyHistogram::merge(&mut run_time, &w.run_time);
+        }
         PoolMetrics {
+            queue_wait,
+            run_time,
             workers,
             unkeyed_queued: self.injector.len(),
             sessions_open: self.sessions.len(),

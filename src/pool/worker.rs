@@ -1,6 +1,7 @@
 //! A pool worker: one VM thread taking work from its queues, stealing when
 //! idle, sleeping when there is nothing anywhere.
 
+use std::cell::RefCell;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,6 +13,7 @@ use super::envs::{Waiting, WorkerVm};
 use super::reload::{self, Control};
 use super::session::Binding;
 use super::shared::{Found, Pinned, Shared};
+use crate::metrics::{Pending, Timing};
 use crate::request::spin::spin_until;
 use crate::sync::Parker;
 use crate::vm::Vm;
@@ -38,6 +40,9 @@ pub(super) struct Worker {
     pub(super) batch: bool,
     /// Requests the VM may hold suspended (`max_suspended`).
     pub(super) max_suspended: usize,
+    /// Latency samples not yet in this worker's metrics (flushed before
+    /// the worker sleeps or ends).
+    pub(super) pending: RefCell<Pending>,
 }
 
 impl Worker {
@@ -132,6 +137,7 @@ impl Worker {
                 if !self.is_current() {
                     // Found wedged and replaced while in that request: the
                     // slot is another thread's now.
+                    self.pending.borrow_mut().flush(&shared.counters[w].latency);
                     self.retire();
                     return;
                 }
@@ -151,6 +157,7 @@ impl Worker {
             // Idle (or at the cap of suspended requests).
             let stopping = || shared.life.is_closed();
             if stopping() && host.vm.suspended() == 0 && !shared.has_work(w, &self.local) {
+                self.pending.borrow_mut().flush(&shared.counters[w].latency);
                 break;
             }
             if spin_until(|| self.more(&host.vm, room)) {
@@ -162,6 +169,7 @@ impl Worker {
                     next_sweep = Instant::now() + every;
                 }
             }
+            self.pending.borrow_mut().flush(&shared.counters[w].latency);
             let timeout = sweep_every.filter(|_| !host.envs.is_empty() || !lost.is_empty());
             shared
                 .sleep
@@ -420,9 +428,10 @@ impl Worker {
             return (Some(Outcome::Cancelled), Duration::ZERO);
         }
         counters.running.store(true, Ordering::Relaxed);
-        let start = Instant::now();
+        let key = || host.envs.get(&tag).map(|env| &env.binding.key);
+        let timing = Timing::start(&job, None, Some(self.index), key);
         let outcome = host.vm.run(job, env, tag);
-        let busy = start.elapsed();
+        let busy = timing.finish(outcome, &mut self.pending.borrow_mut(), &counters.latency);
         // Back from a request during which this worker was replaced: the
         // flag is its replacement's now.
         if self.is_current() {

@@ -27,7 +27,7 @@ use crate::interrupt::Interrupt;
 use crate::vm::chunk::ChunkCache;
 use crate::vm::config::VmConfig;
 use crate::IsleError;
-pub(crate) use job::{Ctx, Job, Outcome, Run};
+pub(crate) use job::{take_started, Ctx, Job, Outcome, Run};
 
 /// A VM living on the current thread.
 pub(crate) struct Vm {
