@@ -357,6 +357,17 @@ fn reload_replaces_every_tenants_default_handler_and_metrics_count_requests() {
             for w in 0..app.pool.workers() {
                 assert!(metrics.contains(&format!("vm{w} queued ")), "{metrics}");
             }
+            // The histograms: every request that ran is in them (they may
+            // lag the counters while a VM is busy; here all have run).
+            let ran: u64 = metrics
+                .lines()
+                .find_map(|l| l.strip_prefix("run_time count "))
+                .and_then(|l| l.split(' ').next())
+                .unwrap_or_else(|| panic!("no run_time in:\n{metrics}"))
+                .parse()
+                .unwrap();
+            assert!((1..=10).contains(&ran), "{metrics}");
+            assert!(metrics.contains("queue_wait count "), "{metrics}");
         },
     );
 }

@@ -296,6 +296,18 @@ pub fn render_metrics(m: &PoolMetrics) -> String {
     let _ = writeln!(out, "sessions_open {}", m.sessions_open);
     let _ = writeln!(out, "sessions_expired {}", m.sessions_expired);
     let _ = writeln!(out, "code_version {}", m.version);
+    for (name, h) in [("queue_wait", &m.queue_wait), ("run_time", &m.run_time)] {
+        let _ = writeln!(
+            out,
+            "{name} count {} p50_us {} p90_us {} p99_us {} p999_us {} max_us {}",
+            h.count(),
+            h.p50().as_micros(),
+            h.p90().as_micros(),
+            h.p99().as_micros(),
+            h.p999().as_micros(),
+            h.max().as_micros(),
+        );
+    }
     for (i, w) in m.workers.iter().enumerate() {
         let _ = writeln!(
             out,
