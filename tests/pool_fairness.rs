@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{gate, within};
+use common::{gate, hold_pool, hold_session, within};
 use mlua_isle::{IsleError, IslePool, Task};
 use parking_lot::Mutex;
 
@@ -38,13 +38,8 @@ fn a_quiet_key_waits_for_at_most_one_request_of_each_busy_key() {
     within("fair order across keys", || {
         let pool = one_vm();
         let log = Log::default();
-        let (g, block) = gate();
         // Hold the VM while the backlog builds up.
-        let held = pool.spawn_exec(move |_| {
-            block.block();
-            Ok(())
-        });
-        g.wait_started();
+        let (g, held) = hold_pool(&pool);
         let mut tasks = Vec::new();
         for (key, n) in [("a", 500), ("b", 20), ("c", 1), ("d", 1)] {
             for i in 0..n {
@@ -82,12 +77,7 @@ fn fifo_sessions_serves_a_vms_session_work_in_arrival_order() {
             .build()
             .unwrap();
         let log = Log::default();
-        let (g, block) = gate();
-        let held = pool.spawn_exec(move |_| {
-            block.block();
-            Ok(())
-        });
-        g.wait_started();
+        let (g, held) = hold_pool(&pool);
         let tasks: Vec<_> = [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("a", 3), ("c", 0)]
             .into_iter()
             .map(|(k, n)| logged(&pool, &log, k, n))
@@ -110,13 +100,8 @@ fn a_key_arriving_behind_a_flood_runs_after_the_request_that_is_running() {
     within("a late key overtakes a backlog", || {
         let pool = one_vm();
         let log = Log::default();
-        let (g, block) = gate();
         // The flooding tenant's own first request holds the VM.
-        let held = pool.session("flood").spawn_exec(move |_, _| {
-            block.block();
-            Ok(())
-        });
-        g.wait_started();
+        let (g, held) = hold_session(&pool.session("flood"));
         let flood: Vec<_> = (0..2_000)
             .map(|i| logged(&pool, &log, "flood", i))
             .collect();
@@ -213,12 +198,7 @@ fn session_metrics_count_one_keys_requests_failures_and_run_time() {
             ));
         }
         // One cancelled while queued behind a held request.
-        let (g, block) = gate();
-        let held = s.spawn_exec(move |_, _| {
-            block.block();
-            Ok(())
-        });
-        g.wait_started();
+        let (g, held) = hold_session(&s);
         let held_since = Instant::now();
         let cancelled = s.spawn_eval::<()>("x = 2");
         cancelled.cancel();
@@ -252,12 +232,7 @@ fn session_metrics_count_one_keys_requests_failures_and_run_time() {
 fn the_vms_queue_counts_session_work_held_for_fair_service() {
     within("queued includes the fair queue", || {
         let pool = one_vm();
-        let (g, block) = gate();
-        let held = pool.spawn_exec(move |_| {
-            block.block();
-            Ok(())
-        });
-        g.wait_started();
+        let (g, held) = hold_pool(&pool);
         let tasks: Vec<_> = (0..6)
             .map(|i| pool.session(i % 3).spawn_eval::<()>(""))
             .collect();

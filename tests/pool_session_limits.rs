@@ -6,7 +6,7 @@ mod common;
 use std::future::Future;
 use std::time::Duration;
 
-use common::{eventually, gate, within, Gate};
+use common::{eventually, gate, hold_pool, within};
 use mlua_isle::{IsleError, IslePool, Session, Task};
 
 fn pool(cap: usize) -> IslePool {
@@ -15,17 +15,6 @@ fn pool(cap: usize) -> IslePool {
         .session_queue_capacity(cap)
         .build()
         .unwrap()
-}
-
-/// Holds the pool's only VM with an unkeyed request until released.
-fn hold(pool: &IslePool) -> (Gate, Task<()>) {
-    let (g, block) = gate();
-    let held = pool.spawn_exec(move |_| {
-        block.block();
-        Ok(())
-    });
-    g.wait_started();
-    (g, held)
 }
 
 fn queue(s: &Session, n: usize) -> Vec<Task<i64>> {
@@ -38,7 +27,7 @@ fn queue(s: &Session, n: usize) -> Vec<Task<i64>> {
 fn past_its_capacity_a_session_alone_gets_queue_full() {
     within("per-session capacity", || {
         let pool = pool(3);
-        let (g, held) = hold(&pool);
+        let (g, held) = hold_pool(&pool);
         let a = pool.session("a");
         let queued = queue(&a, 3);
         let mut over = a.spawn_eval::<i64>("return 99");
@@ -87,7 +76,7 @@ fn a_running_request_does_not_count_against_its_sessions_queue() {
 fn a_request_cancelled_while_queued_gives_its_sessions_room_back() {
     within("cancel frees room", || {
         let pool = pool(2);
-        let (g, held) = hold(&pool);
+        let (g, held) = hold_pool(&pool);
         let a = pool.session("a");
         let mut queued = queue(&a, 2);
         assert_eq!(
@@ -110,7 +99,7 @@ fn a_request_cancelled_while_queued_gives_its_sessions_room_back() {
 fn a_sessions_reserve_waits_for_room_in_its_own_queue() {
     within("reserve waits for the session's room", || {
         let pool = pool(1);
-        let (g, held) = hold(&pool);
+        let (g, held) = hold_pool(&pool);
         let a = pool.session("a");
         let first = a.spawn_eval::<i64>("return 1");
         // Full for this session (not for the pool): a short wait gives up.
@@ -178,7 +167,7 @@ fn a_session_permit_holds_room_in_both_queues() {
 fn async_reserve_on_a_session_waits_for_its_room_and_can_be_dropped() {
     within("async reserve on a full session", || {
         let pool = pool(1);
-        let (g, held) = hold(&pool);
+        let (g, held) = hold_pool(&pool);
         let a = pool.session("a");
         let first = a.spawn_eval::<i64>("return 1");
         let mut waiting = Box::pin(a.reserve());
@@ -212,7 +201,7 @@ fn async_reserve_on_a_session_waits_for_its_room_and_can_be_dropped() {
 fn shutdown_resolves_callers_waiting_for_a_sessions_room() {
     within("shutdown wakes session waiters", || {
         let pool = pool(1);
-        let (g, held) = hold(&pool);
+        let (g, held) = hold_pool(&pool);
         let a = pool.session("a");
         let first = a.spawn_eval::<i64>("return 1");
         let waiter = {

@@ -80,6 +80,30 @@ impl GateFn {
     }
 }
 
+/// Holds `pool`'s VM (any free one) with an unkeyed request until the gate
+/// is released; returns once the request runs.
+pub fn hold_pool(pool: &mlua_isle::IslePool) -> (Gate, mlua_isle::Task<()>) {
+    let (g, block) = gate();
+    let held = pool.spawn_exec(move |_| {
+        block.block();
+        Ok(())
+    });
+    g.wait_started();
+    (g, held)
+}
+
+/// Holds the VM of `session` with a request of that session until the gate
+/// is released; returns once the request runs.
+pub fn hold_session(session: &mlua_isle::Session) -> (Gate, mlua_isle::Task<()>) {
+    let (g, block) = gate();
+    let held = session.spawn_exec(move |_, _| {
+        block.block();
+        Ok(())
+    });
+    g.wait_started();
+    (g, held)
+}
+
 /// Registers the Lua function `name()`, which sends one message on `tx`, so
 /// Lua code can say "I am running now".
 pub fn register_signal(lua: &Lua, name: &str, tx: Sender<()>) -> mlua::Result<()> {
