@@ -1,0 +1,319 @@
+#![cfg(feature = "async")]
+//! A stop reaches Lua code that runs on a Lua thread mlua made for Rust's
+//! async API (the `async` feature): `Function::call_async`,
+//! `Thread::into_async`, and Lua code called that way by an async Rust
+//! function Lua awaited. A cancel or a time limit interrupts such a loop,
+//! including inside a coroutine it started, and the VM is not wedged: it
+//! keeps its state and serves the next request (no replacement VM, no
+//! `SessionLost`).
+//!
+//! Every loop first calls `started()`, which reports on a channel; the test
+//! then cancels the request, or gives it a time limit that has passed
+//! (counted from submission), so the stop always lands while the loop runs.
+
+mod common;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use common::front::{each_kind, Kind};
+use common::{expect_msg, register_signal, within};
+use crossbeam_channel::Receiver;
+use mlua_isle::mlua::{self, Function, Lua};
+use mlua_isle::{Isle, IsleError, IslePool, Session, Task};
+
+/// The Lua side every VM gets.
+const LUA: &str = r#"
+    function spin() started() while true do end end
+    function spin_in_coroutine()
+        local co = coroutine.create(spin)
+        return coroutine.resume(co)
+    end
+    function spin_in_wrap() coroutine.wrap(spin)() end
+    function spin_after_await() yield_now() spin() end
+    function awaits_spin() await_lua(spin) end
+    function awaits_spin_in_thread() await_thread(spin_in_coroutine) end
+"#;
+
+/// A future that is pending once (waking itself), then ready: the request
+/// awaiting it suspends once and is polled again.
+struct YieldNow(bool);
+
+impl Future for YieldNow {
+    type Output = mlua::Result<()>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if self.0 {
+            return Poll::Ready(Ok(()));
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+/// Installs `started()`, the async Rust functions and [`LUA`].
+fn install(lua: &Lua, started: crossbeam_channel::Sender<()>) -> mlua::Result<()> {
+    register_signal(lua, "started", started)?;
+    // Awaits a Lua function through `call_async`: a Lua thread of mlua's.
+    let await_lua =
+        lua.create_async_function(|_, f: Function| async move { f.call_async::<()>(()).await })?;
+    lua.globals().set("await_lua", await_lua)?;
+    // Awaits a Lua function as a coroutine of its own (`into_async`).
+    let await_thread = lua.create_async_function(|lua, f: Function| async move {
+        lua.create_thread(f)?.into_async::<()>(())?.await
+    })?;
+    lua.globals().set("await_thread", await_thread)?;
+    let yield_now = lua.create_async_function(|_, ()| YieldNow(false))?;
+    lua.globals().set("yield_now", yield_now)?;
+    lua.load(LUA).set_name("=async_stop").exec()
+}
+
+/// An isle, a one-worker pool (unkeyed work), or a session on one: with one
+/// VM, the request after a stop runs on the VM that was stopped, unless
+/// it was wedged and replaced.
+enum F {
+    Isle(Isle),
+    Pool(IslePool),
+    Session(IslePool, Session),
+}
+
+fn front(kind: Kind, sandbox: bool) -> (F, Receiver<()>) {
+    let (tx, started) = crossbeam_channel::unbounded();
+    let init = move |lua: &Lua| install(lua, tx.clone());
+    let front = match kind {
+        Kind::Isle => F::Isle(
+            Isle::builder()
+                .sandbox(sandbox)
+                .init(init)
+                .build()
+                .expect("the isle starts"),
+        ),
+        kind => {
+            let pool = IslePool::builder()
+                .workers(1)
+                .sandbox(sandbox)
+                .init(init)
+                .build()
+                .expect("the pool starts");
+            if kind == Kind::Pool {
+                F::Pool(pool)
+            } else {
+                let session = pool.session("tenant");
+                F::Session(pool, session)
+            }
+        }
+    };
+    (front, started)
+}
+
+impl F {
+    fn spawn_eval<T: mlua::FromLuaMulti + Send + 'static>(&self, code: &str) -> Task<T> {
+        match self {
+            F::Isle(i) => i.spawn_eval(code),
+            F::Pool(p) => p.spawn_eval(code),
+            F::Session(_, s) => s.spawn_eval(code),
+        }
+    }
+
+    fn eval<T: mlua::FromLuaMulti + Send + 'static>(&self, code: &str) -> Result<T, IsleError> {
+        let task = self.spawn_eval(code);
+        within("a request resolves", move || task.wait())
+    }
+
+    fn spawn_exec_async<T, G, Fut>(&self, f: G) -> Task<T>
+    where
+        T: Send + 'static,
+        G: FnOnce(Lua) -> Fut + Send + 'static,
+        Fut: Future<Output = mlua::Result<T>> + 'static,
+    {
+        match self {
+            F::Isle(i) => i.spawn_exec_async(f),
+            F::Pool(p) => p.spawn_exec_async(f),
+            F::Session(_, s) => s.spawn_exec_async(move |lua, _env| f(lua)),
+        }
+    }
+
+    /// VMs replaced because they did not let go of a stopped request.
+    fn wedged(&self) -> u64 {
+        match self {
+            F::Isle(i) => i.wedged(),
+            F::Pool(p) | F::Session(p, _) => p.metrics().workers.iter().map(|w| w.wedged).sum(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Stop {
+    Cancel,
+    Timeout,
+}
+
+const STOPS: [Stop; 2] = [Stop::Cancel, Stop::Timeout];
+
+/// Runs a request made by `spawn` (whose Lua code calls `started()`, then
+/// loops forever), stops it once it loops, and checks it resolves with the
+/// stop and the VM lets go of it: the next request runs on the same VM
+/// (it sees a global set before) and no VM was wedged.
+fn stops(kind: Kind, sandbox: bool, what: &str, spawn: impl Fn(&F) -> Task<()>) {
+    for stop in STOPS {
+        eprintln!("--- {what}: {stop:?} on the {kind:?} front (sandbox: {sandbox})");
+        let (front, started) = front(kind, sandbox);
+        front.eval::<()>("marker = 7").expect("sets the marker");
+        let task = spawn(&front);
+        expect_msg(&started, "the loop starts");
+        let (task, want) = match stop {
+            Stop::Cancel => {
+                task.cancel();
+                (task, IsleError::Cancelled)
+            }
+            // Counted from submission: it has passed.
+            Stop::Timeout => (task.timeout(Duration::ZERO), IsleError::Timeout),
+        };
+        let got = within("the stopped request resolves", move || task.wait());
+        assert_eq!(got, Err(want), "{what}: {stop:?} on {kind:?}");
+        assert_eq!(
+            front.eval::<Option<i64>>("return marker"),
+            Ok(Some(7)),
+            "{what}: {stop:?} on {kind:?}: the VM was replaced"
+        );
+        assert_eq!(front.wedged(), 0, "{what}: {stop:?} on {kind:?}: wedged");
+        // The VM is still whole: coroutines, awaits and Lua threads of
+        // mlua's work as before.
+        let t = front.spawn_exec_async(|lua| async move {
+            let f: Function = lua
+                .load("return function(x) yield_now() return x + 1 end")
+                .eval()?;
+            let n = f.call_async::<i64>(41).await?;
+            assert_eq!(n, 42);
+            Ok(())
+        });
+        assert_eq!(
+            within("an async request after the stop", move || t.wait()),
+            Ok(())
+        );
+    }
+}
+
+fn each_front(body: impl Fn(Kind, bool)) {
+    each_kind(|kind| body(kind, false));
+    each_kind(|kind| body(kind, true));
+}
+
+/// `spawn_exec_async` awaiting `call_async` of the global Lua function `name`.
+fn call_async_of(name: &'static str) -> impl Fn(&F) -> Task<()> {
+    move |front| {
+        front.spawn_exec_async(move |lua| async move {
+            lua.globals()
+                .get::<Function>(name)?
+                .call_async::<()>(())
+                .await
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Lua run by Rust through `Function::call_async` and `Thread::into_async`.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_loop_run_by_call_async_is_stopped() {
+    each_front(|kind, sandbox| stops(kind, sandbox, "call_async", call_async_of("spin")));
+}
+
+#[test]
+fn a_loop_in_a_coroutine_of_a_call_async_function_is_stopped() {
+    each_front(|kind, sandbox| {
+        stops(
+            kind,
+            sandbox,
+            "coroutine.resume",
+            call_async_of("spin_in_coroutine"),
+        );
+        stops(
+            kind,
+            sandbox,
+            "coroutine.wrap",
+            call_async_of("spin_in_wrap"),
+        );
+    });
+}
+
+#[test]
+fn a_loop_after_an_await_in_a_call_async_function_is_stopped() {
+    each_front(|kind, sandbox| {
+        stops(
+            kind,
+            sandbox,
+            "after an await",
+            call_async_of("spin_after_await"),
+        )
+    });
+}
+
+#[test]
+fn a_loop_run_by_thread_into_async_is_stopped() {
+    each_front(|kind, sandbox| {
+        stops(kind, sandbox, "into_async", |front| {
+            front.spawn_exec_async(|lua| async move {
+                let spin: Function = lua.globals().get("spin")?;
+                lua.create_thread(spin)?.into_async::<()>(())?.await
+            })
+        });
+        stops(kind, sandbox, "into_async, a coroutine", |front| {
+            front.spawn_exec_async(|lua| async move {
+                let f: Function = lua.globals().get("spin_in_coroutine")?;
+                lua.create_thread(f)?.into_async::<()>(())?.await
+            })
+        });
+    });
+}
+
+#[test]
+fn a_loop_run_by_call_async_after_a_plain_call_is_stopped() {
+    // A synchronous call first (the main state runs Lua), then the loop
+    // on a Lua thread of mlua's.
+    each_front(|kind, sandbox| {
+        stops(kind, sandbox, "call, then call_async", |front| {
+            front.spawn_exec_async(|lua| async move {
+                let spin: Function = lua.globals().get("spin")?;
+                lua.load("return 1").eval::<i64>()?;
+                spin.call_async::<()>(()).await
+            })
+        })
+    });
+}
+
+// ---------------------------------------------------------------------------
+// Lua called by an async Rust function that Lua awaited.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_loop_in_lua_called_by_an_awaited_async_function_is_stopped() {
+    each_front(|kind, sandbox| {
+        stops(kind, sandbox, "eval: await_lua(spin)", |front| {
+            front.spawn_eval("await_lua(spin)")
+        });
+        stops(
+            kind,
+            sandbox,
+            "eval: await_thread(spin_in_coroutine)",
+            |front| front.spawn_eval("await_thread(spin_in_coroutine)"),
+        );
+        // Rust -> call_async -> Lua -> async Rust -> call_async -> Lua.
+        stops(
+            kind,
+            sandbox,
+            "call_async: await_lua(spin)",
+            call_async_of("awaits_spin"),
+        );
+        stops(
+            kind,
+            sandbox,
+            "call_async: await_thread(spin_in_coroutine)",
+            call_async_of("awaits_spin_in_thread"),
+        );
+    });
+}
