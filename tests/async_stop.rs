@@ -19,7 +19,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use common::front::{each_kind, Kind};
-use common::{expect_msg, register_signal, within};
+use common::{expect_msg, register_signal, within, Rng};
 use crossbeam_channel::Receiver;
 use mlua_isle::mlua::{self, Function, Lua};
 use mlua_isle::{Isle, IsleError, IslePool, Session, Task};
@@ -35,6 +35,29 @@ const LUA: &str = r#"
     function spin_after_await() yield_now() spin() end
     function awaits_spin() await_lua(spin) end
     function awaits_spin_in_thread() await_thread(spin_in_coroutine) end
+    -- Returns at once, after a coroutine switch of its own.
+    function quick()
+        local co = coroutine.create(function() coroutine.yield() end)
+        coroutine.resume(co)
+        return 1
+    end
+    function quick_then_spin()
+        await_lua(quick)
+        await_thread(quick)
+        pcall(collectgarbage, "collect")
+        spin()
+    end
+    -- Lua threads of every kind, some left suspended, then a loop of
+    -- `n` steps that returns `n`.
+    function mixed(n)
+        await_lua(quick)
+        local co = coroutine.wrap(function() await_lua(quick) coroutine.yield() end)
+        co()
+        yield_now()
+        local x = 0
+        for i = 1, n do x = x + 1 end
+        return x
+    end
 "#;
 
 /// A future that is pending once (waking itself), then ready: the request
@@ -80,21 +103,49 @@ enum F {
     Session(IslePool, Session),
 }
 
-fn front(kind: Kind, sandbox: bool) -> (F, Receiver<()>) {
+/// How the VM is built: by default (the hook armed on demand), in sandbox
+/// mode, with the hook ticking all the time, or with an instruction
+/// budget (which needs the hook ticking).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Plain,
+    Sandbox,
+    Permanent,
+    Budget,
+}
+
+/// The modes every stop test runs in.
+const MODES: [Mode; 3] = [Mode::Plain, Mode::Sandbox, Mode::Permanent];
+
+/// The budget of [`Mode::Budget`]: ample for everything but a loop that
+/// never ends.
+const BUDGET: u64 = 2_000_000;
+
+macro_rules! configure {
+    ($builder:expr, $mode:expr) => {{
+        let b = $builder
+            .sandbox($mode == Mode::Sandbox)
+            .permanent_hook($mode == Mode::Permanent);
+        if $mode == Mode::Budget {
+            b.max_instructions(BUDGET)
+        } else {
+            b
+        }
+    }};
+}
+
+fn front(kind: Kind, mode: Mode) -> (F, Receiver<()>) {
     let (tx, started) = crossbeam_channel::unbounded();
     let init = move |lua: &Lua| install(lua, tx.clone());
     let front = match kind {
         Kind::Isle => F::Isle(
-            Isle::builder()
-                .sandbox(sandbox)
+            configure!(Isle::builder(), mode)
                 .init(init)
                 .build()
                 .expect("the isle starts"),
         ),
         kind => {
-            let pool = IslePool::builder()
-                .workers(1)
-                .sandbox(sandbox)
+            let pool = configure!(IslePool::builder().workers(1), mode)
                 .init(init)
                 .build()
                 .expect("the pool starts");
@@ -157,10 +208,10 @@ const STOPS: [Stop; 2] = [Stop::Cancel, Stop::Timeout];
 /// loops forever), stops it once it loops, and checks it resolves with the
 /// stop and the VM lets go of it: the next request runs on the same VM
 /// (it sees a global set before) and no VM was wedged.
-fn stops(kind: Kind, sandbox: bool, what: &str, spawn: impl Fn(&F) -> Task<()>) {
+fn stops(kind: Kind, mode: Mode, what: &str, spawn: impl Fn(&F) -> Task<()>) {
     for stop in STOPS {
-        eprintln!("--- {what}: {stop:?} on the {kind:?} front (sandbox: {sandbox})");
-        let (front, started) = front(kind, sandbox);
+        eprintln!("--- {what}: {stop:?} on the {kind:?} front ({mode:?})");
+        let (front, started) = front(kind, mode);
         front.eval::<()>("marker = 7").expect("sets the marker");
         let task = spawn(&front);
         expect_msg(&started, "the loop starts");
@@ -197,9 +248,10 @@ fn stops(kind: Kind, sandbox: bool, what: &str, spawn: impl Fn(&F) -> Task<()>) 
     }
 }
 
-fn each_front(body: impl Fn(Kind, bool)) {
-    each_kind(|kind| body(kind, false));
-    each_kind(|kind| body(kind, true));
+fn each_front(body: impl Fn(Kind, Mode)) {
+    for mode in MODES {
+        each_kind(|kind| body(kind, mode));
+    }
 }
 
 /// `spawn_exec_async` awaiting `call_async` of the global Lua function `name`.
@@ -220,33 +272,28 @@ fn call_async_of(name: &'static str) -> impl Fn(&F) -> Task<()> {
 
 #[test]
 fn a_loop_run_by_call_async_is_stopped() {
-    each_front(|kind, sandbox| stops(kind, sandbox, "call_async", call_async_of("spin")));
+    each_front(|kind, mode| stops(kind, mode, "call_async", call_async_of("spin")));
 }
 
 #[test]
 fn a_loop_in_a_coroutine_of_a_call_async_function_is_stopped() {
-    each_front(|kind, sandbox| {
+    each_front(|kind, mode| {
         stops(
             kind,
-            sandbox,
+            mode,
             "coroutine.resume",
             call_async_of("spin_in_coroutine"),
         );
-        stops(
-            kind,
-            sandbox,
-            "coroutine.wrap",
-            call_async_of("spin_in_wrap"),
-        );
+        stops(kind, mode, "coroutine.wrap", call_async_of("spin_in_wrap"));
     });
 }
 
 #[test]
 fn a_loop_after_an_await_in_a_call_async_function_is_stopped() {
-    each_front(|kind, sandbox| {
+    each_front(|kind, mode| {
         stops(
             kind,
-            sandbox,
+            mode,
             "after an await",
             call_async_of("spin_after_await"),
         )
@@ -255,14 +302,14 @@ fn a_loop_after_an_await_in_a_call_async_function_is_stopped() {
 
 #[test]
 fn a_loop_run_by_thread_into_async_is_stopped() {
-    each_front(|kind, sandbox| {
-        stops(kind, sandbox, "into_async", |front| {
+    each_front(|kind, mode| {
+        stops(kind, mode, "into_async", |front| {
             front.spawn_exec_async(|lua| async move {
                 let spin: Function = lua.globals().get("spin")?;
                 lua.create_thread(spin)?.into_async::<()>(())?.await
             })
         });
-        stops(kind, sandbox, "into_async, a coroutine", |front| {
+        stops(kind, mode, "into_async, a coroutine", |front| {
             front.spawn_exec_async(|lua| async move {
                 let f: Function = lua.globals().get("spin_in_coroutine")?;
                 lua.create_thread(f)?.into_async::<()>(())?.await
@@ -275,8 +322,8 @@ fn a_loop_run_by_thread_into_async_is_stopped() {
 fn a_loop_run_by_call_async_after_a_plain_call_is_stopped() {
     // A synchronous call first (the main state runs Lua), then the loop
     // on a Lua thread of mlua's.
-    each_front(|kind, sandbox| {
-        stops(kind, sandbox, "call, then call_async", |front| {
+    each_front(|kind, mode| {
+        stops(kind, mode, "call, then call_async", |front| {
             front.spawn_exec_async(|lua| async move {
                 let spin: Function = lua.globals().get("spin")?;
                 lua.load("return 1").eval::<i64>()?;
@@ -286,34 +333,126 @@ fn a_loop_run_by_call_async_after_a_plain_call_is_stopped() {
     });
 }
 
+#[test]
+fn an_instruction_limit_stops_a_loop_run_by_call_async() {
+    each_kind(|kind| {
+        let (front, started) = front(kind, Mode::Budget);
+        front.eval::<()>("marker = 7").expect("sets the marker");
+        for (what, task) in [
+            ("call_async", call_async_of("spin")(&front)),
+            ("await_lua", front.spawn_eval("await_lua(spin)")),
+            ("into_async", call_async_of("awaits_spin_in_thread")(&front)),
+        ] {
+            expect_msg(&started, "the loop starts");
+            let got = within("the request resolves", move || task.wait());
+            assert_eq!(got, Err(IsleError::InstructionLimit), "{what} on {kind:?}");
+            assert_eq!(front.eval::<Option<i64>>("return marker"), Ok(Some(7)));
+            assert_eq!(front.wedged(), 0, "{what} on {kind:?}: wedged");
+        }
+    });
+}
+
 // ---------------------------------------------------------------------------
 // Lua called by an async Rust function that Lua awaited.
 // ---------------------------------------------------------------------------
 
 #[test]
 fn a_loop_in_lua_called_by_an_awaited_async_function_is_stopped() {
-    each_front(|kind, sandbox| {
-        stops(kind, sandbox, "eval: await_lua(spin)", |front| {
+    each_front(|kind, mode| {
+        stops(kind, mode, "eval: await_lua(spin)", |front| {
             front.spawn_eval("await_lua(spin)")
         });
         stops(
             kind,
-            sandbox,
+            mode,
             "eval: await_thread(spin_in_coroutine)",
             |front| front.spawn_eval("await_thread(spin_in_coroutine)"),
         );
         // Rust -> call_async -> Lua -> async Rust -> call_async -> Lua.
         stops(
             kind,
-            sandbox,
+            mode,
             "call_async: await_lua(spin)",
             call_async_of("awaits_spin"),
         );
         stops(
             kind,
-            sandbox,
+            mode,
             "call_async: await_thread(spin_in_coroutine)",
             call_async_of("awaits_spin_in_thread"),
         );
     });
+}
+
+// ---------------------------------------------------------------------------
+// Lua threads resumed from Rust that have returned: mlua tells nothing
+// when they do, and the code that resumed them runs on.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_loop_after_lua_threads_resumed_from_rust_returned_is_stopped() {
+    each_front(|kind, mode| {
+        stops(kind, mode, "call_async returned, then call", |front| {
+            front.spawn_exec_async(|lua| async move {
+                let quick: Function = lua.globals().get("quick")?;
+                for _ in 0..3 {
+                    quick.call_async::<()>(()).await?;
+                }
+                lua.create_thread(quick)?.into_async::<()>(())?.await?;
+                lua.gc_collect()?;
+                lua.globals().get::<Function>("spin")?.call::<()>(())
+            })
+        });
+        stops(kind, mode, "eval: awaits returned, then spin", |front| {
+            front.spawn_eval("quick_then_spin()")
+        });
+        stops(
+            kind,
+            mode,
+            "call_async: awaits returned, then spin",
+            call_async_of("quick_then_spin"),
+        );
+    });
+}
+
+/// Requests mixing every kind of Lua thread, cancelled at random instants:
+/// each resolves with its value or `Cancelled`, and the VM is never wedged.
+#[test]
+fn cancels_at_random_instants_in_call_async_code_leave_the_vm_serving() {
+    for mode in [Mode::Plain, Mode::Permanent] {
+        each_kind(|kind| random_cancels(kind, mode));
+    }
+}
+
+fn random_cancels(kind: Kind, mode: Mode) {
+    {
+        let (front, _started) = front(kind, mode);
+        front.eval::<()>("marker = 7").expect("sets the marker");
+        let mut rng = Rng::new(0xca11_a5c0);
+        for i in 0..300u64 {
+            let n = rng.below(200_000) as i64;
+            let task: Task<i64> = if i % 2 == 0 {
+                front.spawn_eval(&format!("return mixed({n})"))
+            } else {
+                front.spawn_exec_async(move |lua| async move {
+                    let mixed: Function = lua.globals().get("mixed")?;
+                    mixed.call_async::<i64>(n).await
+                })
+            };
+            if rng.below(4) != 0 {
+                let until = std::time::Instant::now() + Duration::from_micros(rng.below(500));
+                while std::time::Instant::now() < until {
+                    std::hint::spin_loop();
+                }
+                task.cancel();
+            }
+            match within("a request resolves", move || task.wait()) {
+                Ok(got) => assert_eq!(got, n, "request {i} on {kind:?}"),
+                Err(IsleError::Cancelled) => {}
+                Err(e) => panic!("request {i} on {kind:?}: {e:?}"),
+            }
+        }
+        assert_eq!(front.eval::<Option<i64>>("return marker"), Ok(Some(7)));
+        assert_eq!(front.wedged(), 0, "{kind:?} {mode:?}: wedged");
+    }
 }

@@ -141,19 +141,18 @@ impl Interrupt {
         }
         #[cfg(not(feature = "luau"))]
         if this.on_demand.is_some() {
-            lua.remove_hook(); // armed on demand only
-                               // A coroutine a Rust callback resumes (mlua's `Thread::resume`)
-                               // passes no tracked switch: it ticks instead.
+            // Armed on demand only.
+            lua.remove_hook();
+            // A Lua thread resumed from Rust (mlua's `Thread` API, which
+            // `Function::call_async` uses) passes no tracked switch: mlua's
+            // resume event records it instead.
             #[cfg(unix)]
-            lua.set_thread_event_callback(
-                mlua::thread::ThreadTriggers::ON_RESUME,
-                move |_, event| {
-                    if let mlua::thread::ThreadEvent::Resume(thread) = event {
-                        alarm::hook_resumed_from_rust(&thread, interval);
-                    }
-                    Ok(())
-                },
-            );
+            lua.set_thread_event_callback(mlua::thread::ThreadTriggers::ON_RESUME, |_, event| {
+                match event {
+                    mlua::thread::ThreadEvent::Resume(thread) => alarm::resumed_from_rust(thread),
+                    _ => Ok(()),
+                }
+            });
         }
         super::catchers::install_wrappers(lua, &this, config.binary_chunks)?;
         lua.set_app_data(this.clone());

@@ -123,7 +123,7 @@ mod unix;
 
 #[cfg(all(unix, not(feature = "luau")))]
 pub(crate) use unix::{
-    begin, bind, disarm_main, disarm_running, hook_resumed_from_rust, rearm_running,
+    begin, bind, disarm_main, disarm_running, rearm_running, resumed_from_rust,
     tracked_resume_close, tracked_wrap_with, unbind,
 };
 
@@ -195,6 +195,29 @@ pub(crate) use protected::cap_string_rep;
     feature = "lua55"
 ))]
 pub(crate) use protected::install_catchers;
+
+/// The Lua thread running now on this OS thread: the one whose Rust
+/// function (or hook) we are in, or the main state outside Lua code.
+///
+/// Not `Lua::current_thread()`: for a Lua thread mlua made to run
+/// `Function::call_async`, that answers the thread `call_async` was called
+/// from (mlua's "thread ownership"), so a hook would be set, or taken away,
+/// on a thread that is not running while the one running loops on.
+#[cfg(not(feature = "luau"))]
+pub(crate) fn running_state(lua: &mlua::Lua) -> *mut mlua::ffi::lua_State {
+    let mut state = std::ptr::null_mut();
+    // SAFETY: `exec_raw` runs the closure as a C function called
+    // (protected) on the Lua thread `lua` runs now, passing it that thread;
+    // the closure only copies the pointer, and the stack is left as found.
+    let found = unsafe { lua.exec_raw::<()>((), |s| state = s) };
+    if found.is_ok() && !state.is_null() {
+        state
+    } else {
+        // Only if Lua had no stack slot left for the call: the owner mlua
+        // reports is the running thread but for `call_async`'s.
+        lua.current_thread().to_pointer() as *mut mlua::ffi::lua_State
+    }
+}
 
 /// A VM opening `libs` in mlua's unsafe mode (`debug`, `ffi`, C modules),
 /// for the host's `unsafe_std_libs`. Here only because this is the crate's

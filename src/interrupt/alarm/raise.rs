@@ -40,7 +40,7 @@ const MESSAGE: &std::ffi::CStr = c"mlua-isle: the request must stop";
 /// and on every one after, until [`end_raising`]. `count` is the count
 /// the hook ticks at on this VM.
 pub(crate) fn raise_from_next_instruction(lua: &mlua::Lua, count: u32) {
-    let state = lua.current_thread().to_pointer() as *mut lua_State;
+    let state = super::running_state(lua);
     STOPPING.set(true);
     // SAFETY: `state` is the Lua thread running on this OS thread (we
     // are called from its hook or from a function it called), alive
@@ -84,7 +84,7 @@ pub(crate) fn set_tick(lua: &mlua::Lua, tick: &mlua::Function) -> mlua::Result<(
 /// Sets [`tick_hook`] on the Lua thread running now (the main state,
 /// outside requests), ticking every `every` instructions.
 pub(crate) fn tick_every(lua: &mlua::Lua, every: u32) {
-    let state = lua.current_thread().to_pointer() as *mut lua_State;
+    let state = super::running_state(lua);
     let every = c_int::try_from(every).unwrap_or(c_int::MAX).max(1);
     // SAFETY: `state` is a live thread of `lua`, used on its own OS
     // thread; `lua_sethook` only stores its hook fields.

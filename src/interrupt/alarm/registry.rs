@@ -147,6 +147,7 @@ impl Drop for Registration {
         SLOT.with(|s| {
             s.armed.store(std::ptr::null_mut(), Ordering::SeqCst);
             s.running.store(std::ptr::null_mut(), Ordering::SeqCst);
+            s.resumed_len.store(0, Ordering::SeqCst);
             s.main.store(std::ptr::null_mut(), Ordering::SeqCst);
             s.hook.store(0, Ordering::SeqCst);
         });
@@ -220,7 +221,21 @@ pub(super) struct SignalSlot {
     /// The hook function to arm (mlua's global hook trampoline), as an
     /// address; 0 until `bind`. Unused on Luau.
     pub(super) hook: std::sync::atomic::AtomicUsize,
+    /// The Lua threads resumed from Rust (mlua's `Thread` API: `resume`,
+    /// `into_async`, `Function::call_async`) that may still be running,
+    /// innermost last, in `resumed[..resumed_len]`; `backs[i]` is the state
+    /// recorded as running when `resumed[i]` was resumed. Each is kept
+    /// alive while listed (`unix::switch`). Unused on Luau.
+    pub(super) resumed: [std::sync::atomic::AtomicPtr<mlua::ffi::lua_State>; RESUMED],
+    pub(super) backs: [std::sync::atomic::AtomicPtr<mlua::ffi::lua_State>; RESUMED],
+    pub(super) resumed_len: std::sync::atomic::AtomicUsize,
 }
+
+/// How many Lua threads resumed from Rust can run nested at once on one
+/// VM thread (each resumes the next from a Rust function it called). Lua
+/// refuses to nest resumes deeper than its C-call limit (200) anyway; 32
+/// keeps the slot small, as every thread of the process has one.
+pub(super) const RESUMED: usize = 32;
 
 thread_local! {
     // Const-initialised and without a destructor: reading it from a signal
@@ -231,6 +246,9 @@ thread_local! {
             running: std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()),
             main: std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()),
             hook: std::sync::atomic::AtomicUsize::new(0),
+            resumed: [const { std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()) }; RESUMED],
+            backs: [const { std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()) }; RESUMED],
+            resumed_len: std::sync::atomic::AtomicUsize::new(0),
         }
     };
 }
