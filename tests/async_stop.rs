@@ -15,6 +15,7 @@ mod common;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -60,6 +61,31 @@ const LUA: &str = r#"
     end
 "#;
 
+/// Lua 5.4 and 5.5: a function that reports `started()`, then awaits
+/// forever with a `<close>` variable whose handler reports `started()`
+/// again and loops.
+#[cfg(any(feature = "lua54", feature = "lua55"))]
+const CLOSE_LOOPS: &str = r#"
+    function close_loops()
+        local x <close> = setmetatable({}, { __close = function() started() while true do end end })
+        started()
+        forever()
+    end
+    function awaits_close_loops() await_lua(close_loops) end
+"#;
+
+/// How many futures of `forever()` were dropped (in this process).
+static FOREVER_DROPPED: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts its drop in [`FOREVER_DROPPED`].
+struct CountsDrop;
+
+impl Drop for CountsDrop {
+    fn drop(&mut self) {
+        FOREVER_DROPPED.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
 /// A future that is pending once (waking itself), then ready: the request
 /// awaiting it suspends once and is polled again.
 struct YieldNow(bool);
@@ -91,7 +117,15 @@ fn install(lua: &Lua, started: crossbeam_channel::Sender<()>) -> mlua::Result<()
     lua.globals().set("await_thread", await_thread)?;
     let yield_now = lua.create_async_function(|_, ()| YieldNow(false))?;
     lua.globals().set("yield_now", yield_now)?;
-    lua.load(LUA).set_name("=async_stop").exec()
+    let forever = lua.create_async_function(|_, ()| async {
+        let _guard = CountsDrop;
+        std::future::pending::<mlua::Result<()>>().await
+    })?;
+    lua.globals().set("forever", forever)?;
+    lua.load(LUA).set_name("=async_stop").exec()?;
+    #[cfg(any(feature = "lua54", feature = "lua55"))]
+    lua.load(CLOSE_LOOPS).set_name("=async_stop").exec()?;
+    Ok(())
 }
 
 /// An isle, a one-worker pool (unkeyed work), or a session on one: with one
@@ -107,6 +141,7 @@ enum F {
 /// mode, with the hook ticking all the time, or with an instruction
 /// budget (which needs the hook ticking).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "luau", allow(dead_code))]
 enum Mode {
     Plain,
     Sandbox,
@@ -119,6 +154,7 @@ const MODES: [Mode; 3] = [Mode::Plain, Mode::Sandbox, Mode::Permanent];
 
 /// The budget of [`Mode::Budget`]: ample for everything but a loop that
 /// never ends.
+#[cfg_attr(feature = "luau", allow(dead_code))]
 const BUDGET: u64 = 2_000_000;
 
 macro_rules! configure {
@@ -333,6 +369,8 @@ fn a_loop_run_by_call_async_after_a_plain_call_is_stopped() {
     });
 }
 
+/// Not on Luau, which has no instruction budget.
+#[cfg(not(feature = "luau"))]
 #[test]
 fn an_instruction_limit_stops_a_loop_run_by_call_async() {
     each_kind(|kind| {
@@ -455,4 +493,57 @@ fn random_cancels(kind: Kind, mode: Mode) {
         assert_eq!(front.eval::<Option<i64>>("return marker"), Ok(Some(7)));
         assert_eq!(front.wedged(), 0, "{kind:?} {mode:?}: wedged");
     }
+}
+
+// ---------------------------------------------------------------------------
+// `<close>` handlers of a Lua thread whose `call_async` future a stop drops
+// (Lua 5.4, 5.5): mlua closes the thread as it drops the future.
+// ---------------------------------------------------------------------------
+
+#[cfg(any(feature = "lua54", feature = "lua55"))]
+#[test]
+fn a_close_handler_that_loops_in_a_dropped_call_async_is_stopped() {
+    // A child process: a handler that is not stopped spins a core forever.
+    common::in_child(
+        "a_close_handler_that_loops_in_a_dropped_call_async_is_stopped",
+        || {
+            for mode in MODES {
+                each_kind(|kind| {
+                    for (what, spawn) in [
+                        ("call_async", call_async_of("close_loops")),
+                        ("nested", call_async_of("awaits_close_loops")),
+                    ] {
+                        for stop in STOPS {
+                            eprintln!("--- {what}: {stop:?} on {kind:?} ({mode:?})");
+                            let (front, started) = front(kind, mode);
+                            front.eval::<()>("marker = 7").expect("sets the marker");
+                            let dropped = FOREVER_DROPPED.load(Ordering::SeqCst);
+                            let task = spawn(&front);
+                            expect_msg(&started, "the function awaits");
+                            let (task, want) = match stop {
+                                Stop::Cancel => {
+                                    task.cancel();
+                                    (task, IsleError::Cancelled)
+                                }
+                                Stop::Timeout => (task.timeout(Duration::ZERO), IsleError::Timeout),
+                            };
+                            let got = within("the stopped request resolves", move || task.wait());
+                            assert_eq!(got, Err(want), "{what}: {stop:?} on {kind:?}");
+                            expect_msg(&started, "the close handler runs");
+                            // The future was dropped by the stop, before
+                            // the thread was closed (not left to Lua's
+                            // collector).
+                            assert_eq!(FOREVER_DROPPED.load(Ordering::SeqCst), dropped + 1);
+                            assert_eq!(
+                                front.eval::<Option<i64>>("return marker"),
+                                Ok(Some(7)),
+                                "{what}: {stop:?} on {kind:?} ({mode:?}): the VM was replaced"
+                            );
+                            assert_eq!(front.wedged(), 0);
+                        }
+                    }
+                });
+            }
+        },
+    );
 }

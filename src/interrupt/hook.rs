@@ -147,12 +147,17 @@ impl Interrupt {
             // `Function::call_async` uses) passes no tracked switch: mlua's
             // resume event records it instead.
             #[cfg(unix)]
-            lua.set_thread_event_callback(mlua::thread::ThreadTriggers::ON_RESUME, |_, event| {
-                match event {
+            lua.set_thread_event_callback(
+                mlua::thread::ThreadTriggers::ON_RESUME | mlua::thread::ThreadTriggers::ON_YIELD,
+                move |_, event| match event {
                     mlua::thread::ThreadEvent::Resume(thread) => alarm::resumed_from_rust(thread),
+                    mlua::thread::ThreadEvent::Yield(thread) => {
+                        alarm::yielded_to_rust(&thread, interval);
+                        Ok(())
+                    }
                     _ => Ok(()),
-                }
-            });
+                },
+            );
         }
         super::catchers::install_wrappers(lua, &this, config.binary_chunks)?;
         lua.set_app_data(this.clone());

@@ -124,7 +124,7 @@ mod unix;
 #[cfg(all(unix, not(feature = "luau")))]
 pub(crate) use unix::{
     begin, bind, disarm_main, disarm_running, rearm_running, resumed_from_rust,
-    tracked_resume_close, tracked_wrap_with, unbind,
+    tracked_resume_close, tracked_wrap_with, unbind, yielded_to_rust,
 };
 
 #[cfg(all(unix, not(feature = "luau"), feature = "async"))]

@@ -444,6 +444,12 @@ pub(crate) fn resumed_from_rust(thread: mlua::Thread) -> mlua::Result<()> {
         return Ok(());
     }
     prune();
+    // SAFETY: `state` is alive (`thread` holds it) and about to be
+    // resumed, not running; `lua_sethook` only stores its hook fields.
+    // It runs with no hook, like any tracked thread: the hook a yield
+    // gave it ([`yielded_to_rust`]) goes (`switch_to` arms it again if
+    // the request must stop).
+    unsafe { ffi::lua_sethook(state, None, 0, 0) };
     let listed = SLOT.with(|s| {
         // ORDERING: SeqCst, as every field the signal handler reads: it
         // runs on this thread, and must see an entry written before the
@@ -469,6 +475,34 @@ pub(crate) fn resumed_from_rust(thread: mlua::Thread) -> mlua::Result<()> {
     // which first records another state as running (see `prune`).
     unsafe { switch_to(state) };
     Ok(())
+}
+
+/// A Lua thread resumed from Rust has yielded back to it (mlua's yield
+/// event): it is forgotten, and gets the VM's hook, ticking every `count`
+/// instructions, for the Lua code mlua may run on it with no resume event:
+/// when a pending `call_async` future is dropped, mlua resumes the thread
+/// to drop the inner future, then closes it, running its `__close`
+/// handlers (Lua 5.4 on). A stop reaches them through that hook. Resumed
+/// with an event, it runs hook-free again ([`resumed_from_rust`]).
+pub(crate) fn yielded_to_rust(thread: &mlua::Thread, count: u32) {
+    let state = thread.to_pointer() as *mut lua_State;
+    #[cfg(feature = "async")]
+    if DRIVEN.get() == state {
+        return; // a request's own coroutine: closed by `vm/coroutine.rs`
+    }
+    prune();
+    let count = c_int::try_from(count).unwrap_or(c_int::MAX).max(1);
+    let hook = SLOT.with(|s| s.hook.load(Ordering::SeqCst));
+    if hook == 0 || state.is_null() {
+        return;
+    }
+    // SAFETY: `hook` is a `lua_Hook` address (see `bind`); `state` is
+    // alive (`thread` holds it) and suspended; `lua_sethook` only stores
+    // its hook fields.
+    unsafe {
+        let hook: ffi::lua_Hook = std::mem::transmute(hook);
+        ffi::lua_sethook(state, Some(hook), ffi::LUA_MASKCOUNT, count);
+    }
 }
 
 /// Whether the Lua thread `state` is running, or is resuming another
