@@ -72,6 +72,10 @@ const CLOSE_LOOPS: &str = r#"
         forever()
     end
     function awaits_close_loops() await_lua(close_loops) end
+    function fails_close_loops()
+        local x <close> = setmetatable({}, { __close = function() started() while true do end end })
+        error("fails")
+    end
 "#;
 
 /// How many futures of `forever()` were dropped (in this process).
@@ -541,6 +545,41 @@ fn a_close_handler_that_loops_in_a_dropped_call_async_is_stopped() {
                             );
                             assert_eq!(front.wedged(), 0);
                         }
+                    }
+                });
+            }
+        },
+    );
+}
+
+/// A Lua thread of `call_async` that died of an error keeps its `<close>`
+/// variables open until mlua closes it, when its future is dropped: a stop
+/// reaches a handler that loops then, whether other Lua threads were
+/// resumed from Rust in between or not.
+#[cfg(any(feature = "lua54", feature = "lua55"))]
+#[test]
+fn a_close_handler_that_loops_in_a_failed_call_async_thread_is_stopped() {
+    common::in_child(
+        "a_close_handler_that_loops_in_a_failed_call_async_thread_is_stopped",
+        || {
+            for mode in MODES {
+                each_kind(|kind| {
+                    for others in [false, true] {
+                        stops(kind, mode, &format!("failed, others: {others}"), |front| {
+                            front.spawn_exec_async(move |lua| async move {
+                                let fails: Function = lua.globals().get("fails_close_loops")?;
+                                let mut failed = Box::pin(fails.call_async::<()>(()));
+                                let r = failed.as_mut().await;
+                                assert!(r.is_err(), "{r:?}");
+                                if others {
+                                    let quick: Function = lua.globals().get("quick")?;
+                                    quick.call_async::<()>(()).await?;
+                                    lua.create_thread(quick)?.into_async::<()>(())?.await?;
+                                }
+                                drop(failed); // closes the thread: the handler loops
+                                Ok(())
+                            })
+                        });
                     }
                 });
             }

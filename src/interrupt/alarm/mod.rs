@@ -28,11 +28,32 @@
 //! switch, they check `armed` themselves and arm the new state if it is set:
 //! a signal that landed just before the switch armed the state being left.
 //!
-//! Coroutines resumed by Rust code through mlua's `Thread` API are not
-//! tracked: mlua's thread event callback (`ON_RESUME`, set by `interrupt/hook.rs`)
-//! gives each the VM's hook before it runs, ticking every `hook_interval`
-//! instructions ([`hook_resumed_from_rust`]), so those stay cancellable, at
-//! the old price.
+//! Lua threads resumed by Rust code through mlua's `Thread` API
+//! (`Thread::resume`, `Thread::into_async`, and `Function::call_async`,
+//! which runs the function on a thread of its own) pass through none of
+//! those functions. mlua's thread event callback (set by
+//! `interrupt/hook.rs`) tells of each such resume before it happens
+//! ([`resumed_from_rust`]): the thread is recorded as running, and listed
+//! in the `SignalSlot` with the state it was resumed from, so it runs
+//! hook-free like any tracked coroutine. mlua tells of no return from such
+//! a resume (only of a yield), so listed threads are forgotten lazily, at
+//! the next switch we see, once they are no longer running or resuming
+//! another (`prune`); until then the signal arms every listed thread and
+//! every state one was resumed from, one of which is the one running.
+//! A listed thread let go while suspended (it yielded back to Rust:
+//! [`yielded_to_rust`]) or dead of an error gets the VM's ticking hook, for
+//! the Lua code mlua may run on it with no event (dropping a pending
+//! `call_async` future resumes its thread, then closes it, running its
+//! `__close` handlers); resumed with an event, it is hook-free again.
+//! Dropping a stopped suspended request's futures runs under the stop
+//! machinery on Lua 5.4 and 5.5, where the interruption never raises in
+//! mlua's wrapper of an async function (`mod raise`), which must get to
+//! drop the future it holds.
+//!
+//! `Lua::current_thread()` is not the running thread either: for a thread
+//! `call_async` made, mlua answers the thread that called `call_async`.
+//! [`running_state`] asks Lua itself, so the hook is set (or taken away) on
+//! the thread that runs.
 //!
 //! # The handshake with a stopping thread
 //!
@@ -62,7 +83,16 @@
 //!   resumer's state is recorded again as soon as that call returns, which
 //!   it always does: given a coroutine, Lua's resume and close (5.2–5.5)
 //!   return their errors instead of raising them (Lua 5.1's resume raises
-//!   some, which is why 5.1 is not supported here).
+//!   some, which is why 5.1 is not supported here). A thread resumed from
+//!   Rust is held (a `Thread` handle) while it is listed, and while it is
+//!   the one recorded as running: it stops being recorded before it is
+//!   let go. The state each was resumed from is the main state, a
+//!   request's coroutine (during its poll, which forgets what it listed
+//!   when it ends), a coroutine of a tracked switch (which forgets what
+//!   was listed while it ran when it returns: those threads have all
+//!   stopped running) or a listed thread below (let go after the entries
+//!   above it). `unbind`, `begin` and the end of a request forget them
+//!   all.
 //! - **The signal reaches a live thread.** `raise` sends it while holding
 //!   the alarm's thread lock; a VM thread clears its id under that lock
 //!   before it exits, so the `pthread_t` is valid whenever it is used.

@@ -433,8 +433,9 @@ thread_local! {
 /// returned. Like any tracked coroutine, it runs with no hook until a stop
 /// arms it.
 ///
-/// Errors if `RESUMED` of them would be running nested at once.
-pub(crate) fn resumed_from_rust(thread: mlua::Thread) -> mlua::Result<()> {
+/// `count` is the VM's `hook_interval`. Errors if `RESUMED` of them would
+/// be running nested at once.
+pub(crate) fn resumed_from_rust(thread: mlua::Thread, count: u32) -> mlua::Result<()> {
     let state = thread.to_pointer() as *mut lua_State;
     #[cfg(feature = "async")]
     if DRIVEN.get() == state {
@@ -443,11 +444,12 @@ pub(crate) fn resumed_from_rust(thread: mlua::Thread) -> mlua::Result<()> {
     if state.is_null() {
         return Ok(());
     }
+    set_every(count);
     prune();
     // SAFETY: `state` is alive (`thread` holds it) and about to be
     // resumed, not running; `lua_sethook` only stores its hook fields.
-    // It runs with no hook, like any tracked thread: the hook a yield
-    // gave it ([`yielded_to_rust`]) goes (`switch_to` arms it again if
+    // It runs with no hook, like any tracked thread: the hook it got when
+    // let go ([`tick_if_left_open`]) goes (`switch_to` arms it again if
     // the request must stop).
     unsafe { ffi::lua_sethook(state, None, 0, 0) };
     let listed = SLOT.with(|s| {
@@ -478,30 +480,51 @@ pub(crate) fn resumed_from_rust(thread: mlua::Thread) -> mlua::Result<()> {
 }
 
 /// A Lua thread resumed from Rust has yielded back to it (mlua's yield
-/// event): it is forgotten, and gets the VM's hook, ticking every `count`
-/// instructions, for the Lua code mlua may run on it with no resume event:
-/// when a pending `call_async` future is dropped, mlua resumes the thread
-/// to drop the inner future, then closes it, running its `__close`
-/// handlers (Lua 5.4 on). A stop reaches them through that hook. Resumed
-/// with an event, it runs hook-free again ([`resumed_from_rust`]).
+/// event): it is forgotten now ([`prune`]), and keeps a ticking hook
+/// ([`tick_if_left_open`]). `count` is the VM's `hook_interval`.
 pub(crate) fn yielded_to_rust(thread: &mlua::Thread, count: u32) {
     let state = thread.to_pointer() as *mut lua_State;
     #[cfg(feature = "async")]
     if DRIVEN.get() == state {
         return; // a request's own coroutine: closed by `vm/coroutine.rs`
     }
+    let _ = state;
+    set_every(count);
     prune();
-    let count = c_int::try_from(count).unwrap_or(c_int::MAX).max(1);
-    let hook = SLOT.with(|s| s.hook.load(Ordering::SeqCst));
-    if hook == 0 || state.is_null() {
+}
+
+fn set_every(count: u32) {
+    EVERY.set(c_int::try_from(count).unwrap_or(c_int::MAX).max(1));
+}
+
+thread_local! {
+    /// The count [`tick_if_left_open`] gives: the VM's `hook_interval`.
+    static EVERY: std::cell::Cell<c_int> = const { std::cell::Cell::new(1000) };
+}
+
+/// A listed thread let go while suspended, or dead of an error: mlua may
+/// still run Lua code on it with no resume event (dropping a pending
+/// `call_async` future resumes its thread to drop the inner future, then
+/// closes it; closing runs the `__close` handlers left open, Lua 5.4 on).
+/// It gets the VM's hook, ticking every `hook_interval` instructions, so
+/// that a stop reaches that code; resumed with an event, it runs hook-free
+/// again ([`resumed_from_rust`]).
+///
+/// # Safety
+/// `state` is a live Lua thread of this thread's VM, not running.
+unsafe fn tick_if_left_open(state: *mut lua_State, hook: usize) {
+    if hook == 0 {
         return;
     }
-    // SAFETY: `hook` is a `lua_Hook` address (see `bind`); `state` is
-    // alive (`thread` holds it) and suspended; `lua_sethook` only stores
-    // its hook fields.
+    // SAFETY: the caller guarantees `state`; `lua_status` reads it;
+    // `hook` is a `lua_Hook` address (see `bind`); `lua_sethook` only
+    // stores its hook fields.
     unsafe {
+        if ffi::lua_status(state) == ffi::LUA_OK {
+            return; // finished (nothing left open) or never started
+        }
         let hook: ffi::lua_Hook = std::mem::transmute(hook);
-        ffi::lua_sethook(state, Some(hook), ffi::LUA_MASKCOUNT, count);
+        ffi::lua_sethook(state, Some(hook), ffi::LUA_MASKCOUNT, EVERY.get());
     }
 }
 
@@ -552,6 +575,11 @@ fn prune() {
         }
         s.resumed_len.store(keep, Ordering::SeqCst);
         compiler_fence(Ordering::SeqCst);
+        let hook = s.hook.load(Ordering::SeqCst);
+        for i in keep..len {
+            // SAFETY: still held (dropped below), and not running.
+            unsafe { tick_if_left_open(s.resumed[i].load(Ordering::SeqCst), hook) };
+        }
         HELD.with(|held| held.borrow_mut().truncate(keep));
     });
 }
@@ -563,7 +591,27 @@ fn forget_resumed() {
     // ORDERING: as in `prune`. `HELD` holds exactly the listed threads,
     // so with none listed there is nothing to drop (the common case: a
     // request that resumed no Lua thread from Rust).
-    let listed = SLOT.with(|s| s.resumed_len.swap(0, Ordering::SeqCst));
+    let listed = SLOT.with(|s| {
+        let len = s.resumed_len.load(Ordering::SeqCst).min(RESUMED);
+        if len == 0 {
+            return 0;
+        }
+        // A listed thread recorded as running gives way to the main
+        // state (alive as long as the VM) before it is let go.
+        let running = s.running.load(Ordering::SeqCst);
+        if (0..len).any(|i| s.resumed[i].load(Ordering::SeqCst) == running) {
+            s.running
+                .store(s.main.load(Ordering::SeqCst), Ordering::SeqCst);
+        }
+        s.resumed_len.store(0, Ordering::SeqCst);
+        compiler_fence(Ordering::SeqCst);
+        let hook = s.hook.load(Ordering::SeqCst);
+        for i in 0..len {
+            // SAFETY: still held (dropped below); no Lua code runs now.
+            unsafe { tick_if_left_open(s.resumed[i].load(Ordering::SeqCst), hook) };
+        }
+        len
+    });
     if listed == 0 {
         return;
     }
@@ -626,7 +674,7 @@ thread_local! {
 /// Runs `resume`, which resumes `thread`, a request's own coroutine (the
 /// `async` feature: `vm/coroutine.rs` polls requests as coroutines),
 /// recording the switch to it and back as the tracked functions do. mlua's
-/// resume event then leaves the thread alone ([`hook_resumed_from_rust`]):
+/// resume event then leaves the thread alone ([`resumed_from_rust`]):
 /// a signal arms it like any tracked coroutine, and it runs hook-free.
 #[cfg(feature = "async")]
 pub(crate) fn on_coroutine<R>(thread: &mlua::Thread, resume: impl FnOnce() -> R) -> R {
