@@ -446,13 +446,20 @@ pub(crate) fn resumed_from_rust(thread: mlua::Thread, count: u32) -> mlua::Resul
     }
     set_every(count);
     prune();
-    // SAFETY: `state` is alive (`thread` holds it) and about to be
-    // resumed, not running; `lua_sethook` only stores its hook fields.
-    // It runs with no hook, like any tracked thread: the hook it got when
-    // let go ([`tick_if_left_open`]) goes (`switch_to` arms it again if
-    // the request must stop).
-    unsafe { ffi::lua_sethook(state, None, 0, 0) };
     let listed = SLOT.with(|s| {
+        // It runs with no hook, like any tracked thread: the VM's hook,
+        // which it got when let go ([`tick_if_left_open`]), goes
+        // (`switch_to` arms it again if the request must stop). A hook of
+        // the host's (`Thread::set_hook`) stays.
+        let hook = s.hook.load(Ordering::SeqCst);
+        // SAFETY: `state` is alive (`thread` holds it) and about to be
+        // resumed, not running; `lua_gethook` and `lua_sethook` read and
+        // store its hook fields.
+        unsafe {
+            if ffi::lua_gethook(state).is_some_and(|h| h as usize == hook) {
+                ffi::lua_sethook(state, None, 0, 0);
+            }
+        }
         // ORDERING: SeqCst, as every field the signal handler reads: it
         // runs on this thread, and must see an entry written before the
         // length that covers it.
@@ -520,8 +527,10 @@ unsafe fn tick_if_left_open(state: *mut lua_State, hook: usize) {
     // `hook` is a `lua_Hook` address (see `bind`); `lua_sethook` only
     // stores its hook fields.
     unsafe {
-        if ffi::lua_status(state) == ffi::LUA_OK {
-            return; // finished (nothing left open) or never started
+        if ffi::lua_status(state) == ffi::LUA_OK || ffi::lua_gethook(state).is_some() {
+            // Finished (nothing left open) or never started; or it has a
+            // hook already (ours, or the host's: it stays).
+            return;
         }
         let hook: ffi::lua_Hook = std::mem::transmute(hook);
         ffi::lua_sethook(state, Some(hook), ffi::LUA_MASKCOUNT, EVERY.get());
