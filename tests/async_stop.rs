@@ -36,6 +36,15 @@ const LUA: &str = r#"
     function spin_after_await() yield_now() spin() end
     function awaits_spin() await_lua(spin) end
     function awaits_spin_in_thread() await_thread(spin_in_coroutine) end
+    -- `n` Lua threads of `call_async`, each resumed while the one before
+    -- runs; returns `n`, or spins in the innermost.
+    function nest(n, spin_there)
+        if n == 0 then
+            if spin_there then spin() end
+            return 0
+        end
+        return nest_async(n - 1, spin_there) + 1
+    end
     -- Returns at once, after a coroutine switch of its own.
     function quick()
         local co = coroutine.create(function() coroutine.yield() end)
@@ -119,6 +128,12 @@ fn install(lua: &Lua, started: crossbeam_channel::Sender<()>) -> mlua::Result<()
         lua.create_thread(f)?.into_async::<()>(())?.await
     })?;
     lua.globals().set("await_thread", await_thread)?;
+    // Calls `nest(n)` through `call_async`, from Lua: `nest` nests them.
+    let nest_async = lua.create_async_function(|lua, (n, spin): (i64, bool)| async move {
+        let nest: Function = lua.globals().get("nest")?;
+        nest.call_async::<i64>((n, spin)).await
+    })?;
+    lua.globals().set("nest_async", nest_async)?;
     let yield_now = lua.create_async_function(|_, ()| YieldNow(false))?;
     lua.globals().set("yield_now", yield_now)?;
     let forever = lua.create_async_function(|_, ()| async {
@@ -585,4 +600,18 @@ fn a_close_handler_that_loops_in_a_failed_call_async_thread_is_stopped() {
             }
         },
     );
+}
+
+/// Lua threads of `call_async` nested deep: each is tracked, and a loop in
+/// the innermost is stopped.
+#[test]
+fn a_loop_in_deeply_nested_call_async_threads_is_stopped() {
+    each_front(|kind, mode| {
+        let (front, _started) = front(kind, mode);
+        assert_eq!(front.eval::<i64>("return nest(60)"), Ok(60), "{kind:?}");
+        drop(front);
+        stops(kind, mode, "60 nested", |front| {
+            front.spawn_eval("nest(60, true)")
+        });
+    });
 }

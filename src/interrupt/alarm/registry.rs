@@ -131,6 +131,8 @@ impl Registration {
             }
         };
         SLOT.with(|s| {
+            let list = Box::into_raw(Box::new(Resumed::new()));
+            s.resumed.store(list, Ordering::SeqCst);
             s.armed
                 .store(Arc::as_ptr(&alarm) as *mut Alarm, Ordering::SeqCst)
         });
@@ -147,9 +149,15 @@ impl Drop for Registration {
         SLOT.with(|s| {
             s.armed.store(std::ptr::null_mut(), Ordering::SeqCst);
             s.running.store(std::ptr::null_mut(), Ordering::SeqCst);
-            s.resumed_len.store(0, Ordering::SeqCst);
             s.main.store(std::ptr::null_mut(), Ordering::SeqCst);
             s.hook.store(0, Ordering::SeqCst);
+            let list = s.resumed.swap(std::ptr::null_mut(), Ordering::SeqCst);
+            if !list.is_null() {
+                // SAFETY: allocated by `Registration::new` on this thread
+                // with `Box::into_raw`, and no longer reachable: the
+                // pointer is cleared, and the handler ignores the slot.
+                drop(unsafe { Box::from_raw(list) });
+            }
         });
         #[cfg(all(unix, not(feature = "luau")))]
         {
@@ -221,21 +229,51 @@ pub(super) struct SignalSlot {
     /// The hook function to arm (mlua's global hook trampoline), as an
     /// address; 0 until `bind`. Unused on Luau.
     pub(super) hook: std::sync::atomic::AtomicUsize,
-    /// The Lua threads resumed from Rust (mlua's `Thread` API: `resume`,
-    /// `into_async`, `Function::call_async`) that may still be running,
-    /// innermost last, in `resumed[..resumed_len]`; `backs[i]` is the state
-    /// recorded as running when `resumed[i]` was resumed. Each is kept
-    /// alive while listed (`unix::switch`). Unused on Luau.
-    pub(super) resumed: [std::sync::atomic::AtomicPtr<mlua::ffi::lua_State>; RESUMED],
-    pub(super) backs: [std::sync::atomic::AtomicPtr<mlua::ffi::lua_State>; RESUMED],
-    pub(super) resumed_len: std::sync::atomic::AtomicUsize,
+    /// This VM thread's list of the Lua threads resumed from Rust (see
+    /// [`Resumed`]); null on other threads. Unused on Luau.
+    pub(super) resumed: std::sync::atomic::AtomicPtr<Resumed>,
 }
 
-/// How many Lua threads resumed from Rust can run nested at once on one
-/// VM thread (each resumes the next from a Rust function it called). Lua
-/// refuses to nest resumes deeper than its C-call limit (200) anyway; 32
-/// keeps the slot small, as every thread of the process has one.
-pub(super) const RESUMED: usize = 32;
+impl SignalSlot {
+    /// This thread's list of Lua threads resumed from Rust; `None` unless
+    /// it is a registered VM thread.
+    pub(super) fn resumed(&self) -> Option<&Resumed> {
+        let list = self.resumed.load(Ordering::SeqCst);
+        // SAFETY: `list` is null or the list this thread's `Registration`
+        // allocated; its drop (at thread exit, after the VM is gone)
+        // clears the pointer before freeing it, and the signal handler
+        // ignores the slot from the moment `armed` is cleared, before
+        // that. Callers use the list within a call on this thread.
+        unsafe { list.as_ref() }
+    }
+}
+
+/// The Lua threads resumed from Rust (mlua's `Thread` API: `resume`,
+/// `into_async`, `Function::call_async`) that may still be running, on one
+/// VM thread, innermost last, in `threads[..len]`; `backs[i]` is the state
+/// recorded as running when `threads[i]` was resumed. Each is kept alive
+/// while listed (`unix::switch`). On the heap, allocated once per VM
+/// thread: every thread of the process has a `SignalSlot`.
+pub(super) struct Resumed {
+    pub(super) threads: [std::sync::atomic::AtomicPtr<mlua::ffi::lua_State>; RESUMED],
+    pub(super) backs: [std::sync::atomic::AtomicPtr<mlua::ffi::lua_State>; RESUMED],
+    pub(super) len: std::sync::atomic::AtomicUsize,
+}
+
+/// How many Lua threads resumed from Rust can run nested at once on one VM
+/// thread (each resumed from a Rust function the one before called): Lua's
+/// own limit on nested C calls (200, "C stack overflow") comes first.
+pub(super) const RESUMED: usize = 200;
+
+impl Resumed {
+    fn new() -> Resumed {
+        Resumed {
+            threads: [const { std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()) }; RESUMED],
+            backs: [const { std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()) }; RESUMED],
+            len: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+}
 
 thread_local! {
     // Const-initialised and without a destructor: reading it from a signal
@@ -246,9 +284,7 @@ thread_local! {
             running: std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()),
             main: std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()),
             hook: std::sync::atomic::AtomicUsize::new(0),
-            resumed: [const { std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()) }; RESUMED],
-            backs: [const { std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()) }; RESUMED],
-            resumed_len: std::sync::atomic::AtomicUsize::new(0),
+            resumed: std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()),
         }
     };
 }

@@ -138,17 +138,19 @@ unsafe fn arm(state: *mut lua_State, hook: usize) {
 /// while listed) and the states they were resumed from (the main state,
 /// a request's coroutine during its poll, a coroutine of a tracked
 /// switch, or a listed thread, all alive until the entries above them are
-/// dropped: `switch::prune`). Entries are written before `resumed_len`
+/// dropped: `switch::prune`). Entries are written before the list's `len`
 /// grows and dropped after it shrinks.
 unsafe fn arm_recorded(s: &SignalSlot) {
     let hook = s.hook.load(Ordering::SeqCst);
     // SAFETY: the caller guarantees every listed state is alive.
     unsafe {
         arm(s.running.load(Ordering::SeqCst), hook);
-        let listed = s.resumed_len.load(Ordering::SeqCst).min(RESUMED);
-        for i in 0..listed {
-            arm(s.resumed[i].load(Ordering::SeqCst), hook);
-            arm(s.backs[i].load(Ordering::SeqCst), hook);
+        if let Some(r) = s.resumed() {
+            let listed = r.len.load(Ordering::SeqCst).min(RESUMED);
+            for i in 0..listed {
+                arm(r.threads[i].load(Ordering::SeqCst), hook);
+                arm(r.backs[i].load(Ordering::SeqCst), hook);
+            }
         }
     }
 }

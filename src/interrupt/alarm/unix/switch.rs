@@ -402,10 +402,13 @@ pub(crate) fn disarm_running(lua: &mlua::Lua) -> bool {
         if s.running.load(Ordering::SeqCst) == current {
             return true;
         }
-        let listed = s.resumed_len.load(Ordering::SeqCst).min(RESUMED);
+        let Some(r) = s.resumed() else {
+            return false;
+        };
+        let listed = r.len.load(Ordering::SeqCst).min(RESUMED);
         (0..listed).any(|i| {
-            s.resumed[i].load(Ordering::SeqCst) == current
-                || s.backs[i].load(Ordering::SeqCst) == current
+            r.threads[i].load(Ordering::SeqCst) == current
+                || r.backs[i].load(Ordering::SeqCst) == current
         })
     });
     if tracked {
@@ -463,14 +466,17 @@ pub(crate) fn resumed_from_rust(thread: mlua::Thread, count: u32) -> mlua::Resul
         // ORDERING: SeqCst, as every field the signal handler reads: it
         // runs on this thread, and must see an entry written before the
         // length that covers it.
-        let len = s.resumed_len.load(Ordering::SeqCst);
+        let Some(r) = s.resumed() else {
+            return false;
+        };
+        let len = r.len.load(Ordering::SeqCst);
         if len >= RESUMED {
             return false;
         }
         HELD.with(|held| held.borrow_mut().push(thread));
-        s.resumed[len].store(state, Ordering::SeqCst);
-        s.backs[len].store(s.running.load(Ordering::SeqCst), Ordering::SeqCst);
-        s.resumed_len.store(len + 1, Ordering::SeqCst);
+        r.threads[len].store(state, Ordering::SeqCst);
+        r.backs[len].store(s.running.load(Ordering::SeqCst), Ordering::SeqCst);
+        r.len.store(len + 1, Ordering::SeqCst);
         true
     });
     if !listed {
@@ -563,31 +569,34 @@ unsafe fn is_active(state: *mut lua_State) -> bool {
 /// again (or has stopped running itself, and is forgotten next time).
 fn prune() {
     SLOT.with(|s| {
-        let len = s.resumed_len.load(Ordering::SeqCst).min(RESUMED);
+        let Some(r) = s.resumed() else {
+            return;
+        };
+        let len = r.len.load(Ordering::SeqCst).min(RESUMED);
         if len == 0 {
             return;
         }
         let mut keep = len;
         // SAFETY: listed threads are alive (held).
-        while keep > 0 && !unsafe { is_active(s.resumed[keep - 1].load(Ordering::SeqCst)) } {
+        while keep > 0 && !unsafe { is_active(r.threads[keep - 1].load(Ordering::SeqCst)) } {
             keep -= 1;
         }
         if keep == len {
             return;
         }
         let running = s.running.load(Ordering::SeqCst);
-        if (keep..len).any(|i| s.resumed[i].load(Ordering::SeqCst) == running) {
+        if (keep..len).any(|i| r.threads[i].load(Ordering::SeqCst) == running) {
             // ORDERING: SeqCst, as the handler's reads: recorded before the
             // entries stop being listed, and those before they are dropped.
             s.running
-                .store(s.backs[keep].load(Ordering::SeqCst), Ordering::SeqCst);
+                .store(r.backs[keep].load(Ordering::SeqCst), Ordering::SeqCst);
         }
-        s.resumed_len.store(keep, Ordering::SeqCst);
+        r.len.store(keep, Ordering::SeqCst);
         compiler_fence(Ordering::SeqCst);
         let hook = s.hook.load(Ordering::SeqCst);
         for i in keep..len {
             // SAFETY: still held (dropped below), and not running.
-            unsafe { tick_if_left_open(s.resumed[i].load(Ordering::SeqCst), hook) };
+            unsafe { tick_if_left_open(r.threads[i].load(Ordering::SeqCst), hook) };
         }
         HELD.with(|held| held.borrow_mut().truncate(keep));
     });
@@ -601,23 +610,26 @@ fn forget_resumed() {
     // so with none listed there is nothing to drop (the common case: a
     // request that resumed no Lua thread from Rust).
     let listed = SLOT.with(|s| {
-        let len = s.resumed_len.load(Ordering::SeqCst).min(RESUMED);
+        let Some(r) = s.resumed() else {
+            return 0;
+        };
+        let len = r.len.load(Ordering::SeqCst).min(RESUMED);
         if len == 0 {
             return 0;
         }
         // A listed thread recorded as running gives way to the main
         // state (alive as long as the VM) before it is let go.
         let running = s.running.load(Ordering::SeqCst);
-        if (0..len).any(|i| s.resumed[i].load(Ordering::SeqCst) == running) {
+        if (0..len).any(|i| r.threads[i].load(Ordering::SeqCst) == running) {
             s.running
                 .store(s.main.load(Ordering::SeqCst), Ordering::SeqCst);
         }
-        s.resumed_len.store(0, Ordering::SeqCst);
+        r.len.store(0, Ordering::SeqCst);
         compiler_fence(Ordering::SeqCst);
         let hook = s.hook.load(Ordering::SeqCst);
         for i in 0..len {
             // SAFETY: still held (dropped below); no Lua code runs now.
-            unsafe { tick_if_left_open(s.resumed[i].load(Ordering::SeqCst), hook) };
+            unsafe { tick_if_left_open(r.threads[i].load(Ordering::SeqCst), hook) };
         }
         len
     });
