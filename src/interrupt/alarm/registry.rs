@@ -131,8 +131,12 @@ impl Registration {
             }
         };
         SLOT.with(|s| {
-            let list = Box::into_raw(Box::new(Resumed::new()));
-            s.resumed.store(list, Ordering::SeqCst);
+            // ORDERING: SeqCst, as every field of the slot: only this
+            // thread and its signal handler read it; the list is in place
+            // before `armed` makes the handler look at the slot.
+            #[cfg(all(unix, not(feature = "luau")))]
+            s.resumed
+                .store(Box::into_raw(Box::new(Resumed::new())), Ordering::SeqCst);
             s.armed
                 .store(Arc::as_ptr(&alarm) as *mut Alarm, Ordering::SeqCst)
         });
@@ -151,6 +155,8 @@ impl Drop for Registration {
             s.running.store(std::ptr::null_mut(), Ordering::SeqCst);
             s.main.store(std::ptr::null_mut(), Ordering::SeqCst);
             s.hook.store(0, Ordering::SeqCst);
+            // ORDERING: SeqCst, after `armed` is cleared (above): the
+            // handler no longer looks at the slot.
             let list = s.resumed.swap(std::ptr::null_mut(), Ordering::SeqCst);
             if !list.is_null() {
                 // SAFETY: allocated by `Registration::new` on this thread
@@ -230,14 +236,18 @@ pub(super) struct SignalSlot {
     /// address; 0 until `bind`. Unused on Luau.
     pub(super) hook: std::sync::atomic::AtomicUsize,
     /// This VM thread's list of the Lua threads resumed from Rust (see
-    /// [`Resumed`]); null on other threads. Unused on Luau.
+    /// [`Resumed`]); null on other threads, and on Luau.
     pub(super) resumed: std::sync::atomic::AtomicPtr<Resumed>,
 }
 
+// Only the Unix signal machinery uses the list.
+#[cfg_attr(not(all(unix, not(feature = "luau"))), allow(dead_code))]
 impl SignalSlot {
     /// This thread's list of Lua threads resumed from Rust; `None` unless
     /// it is a registered VM thread.
     pub(super) fn resumed(&self) -> Option<&Resumed> {
+        // ORDERING: SeqCst, as every field of the slot (written and read
+        // by this thread and its signal handler only).
         let list = self.resumed.load(Ordering::SeqCst);
         // SAFETY: `list` is null or the list this thread's `Registration`
         // allocated; its drop (at thread exit, after the VM is gone)
@@ -265,6 +275,7 @@ pub(super) struct Resumed {
 /// own limit on nested C calls (200, "C stack overflow") comes first.
 pub(super) const RESUMED: usize = 200;
 
+#[cfg_attr(not(all(unix, not(feature = "luau"))), allow(dead_code))]
 impl Resumed {
     fn new() -> Resumed {
         Resumed {

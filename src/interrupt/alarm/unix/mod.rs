@@ -141,6 +141,9 @@ unsafe fn arm(state: *mut lua_State, hook: usize) {
 /// dropped: `switch::prune`). Entries are written before the list's `len`
 /// grows and dropped after it shrinks.
 unsafe fn arm_recorded(s: &SignalSlot) {
+    // ORDERING: SeqCst, as every read of the slot here: written by this
+    // thread only, which the handler interrupts; what matters is program
+    // order (entries before `len`), which SeqCst keeps from the compiler.
     let hook = s.hook.load(Ordering::SeqCst);
     // SAFETY: the caller guarantees every listed state is alive.
     unsafe {

@@ -398,6 +398,8 @@ pub(crate) fn tracked_wrap_with(
 /// or listed as resumed from Rust or resumed from). Returns whether it did.
 pub(crate) fn disarm_running(lua: &mlua::Lua) -> bool {
     let current = crate::interrupt::alarm::running_state(lua);
+    // ORDERING: SeqCst, as every access to the slot (this thread's, and
+    // its signal handler's).
     let tracked = SLOT.with(|s| {
         if s.running.load(Ordering::SeqCst) == current {
             return true;
