@@ -249,9 +249,9 @@ impl App {
                 )
             }
             _ => {
-                // A call, not an `exec_async` closure awaiting
-                // `Function::call_async`: Lua code run by the request
-                // itself is what a time limit can stop.
+                // A session call of `handle` (an `exec_async` closure
+                // awaiting `Function::call_async` would be stopped by the
+                // time limit just the same).
                 let kv = TenantKv {
                     kv: self.kv.clone(),
                     tenant: req.tenant.clone(),

@@ -141,17 +141,23 @@ impl Interrupt {
         }
         #[cfg(not(feature = "luau"))]
         if this.on_demand.is_some() {
-            lua.remove_hook(); // armed on demand only
-                               // A coroutine a Rust callback resumes (mlua's `Thread::resume`)
-                               // passes no tracked switch: it ticks instead.
+            // Armed on demand only.
+            lua.remove_hook();
+            // A Lua thread resumed from Rust (mlua's `Thread` API, which
+            // `Function::call_async` uses) passes no tracked switch: mlua's
+            // resume event records it instead.
             #[cfg(unix)]
             lua.set_thread_event_callback(
-                mlua::thread::ThreadTriggers::ON_RESUME,
-                move |_, event| {
-                    if let mlua::thread::ThreadEvent::Resume(thread) = event {
-                        alarm::hook_resumed_from_rust(&thread, interval);
+                mlua::thread::ThreadTriggers::ON_RESUME | mlua::thread::ThreadTriggers::ON_YIELD,
+                move |_, event| match event {
+                    mlua::thread::ThreadEvent::Resume(thread) => {
+                        alarm::resumed_from_rust(thread, interval)
                     }
-                    Ok(())
+                    mlua::thread::ThreadEvent::Yield(thread) => {
+                        alarm::yielded_to_rust(&thread, interval);
+                        Ok(())
+                    }
+                    _ => Ok(()),
                 },
             );
         }
@@ -316,7 +322,8 @@ impl Interrupt {
     /// entered: a suspended request's futures are dropped now, by resuming
     /// mlua's wrapper, which must not be interrupted (see `vm/coroutine.rs`).
     /// A stop may have fired in the poll that suspended it (the hook ticks
-    /// before the instruction that yields).
+    /// before the instruction that yields). Not used on Lua 5.4 and 5.5,
+    /// where the interruption never raises in that wrapper (`alarm::raise`).
     #[cfg(feature = "async")]
     pub(crate) fn quiet(&self) {
         #[cfg(any(feature = "lua54", feature = "lua55"))]

@@ -4,8 +4,9 @@
 //! global hook, or on Lua 5.4 and 5.5 a C hook of ours (`interrupt/alarm`,
 //! `tick_hook`) that calls the same tick from a C frame of its own (mlua's
 //! trampoline moves values on the running function's frame, across its
-//! to-be-closed variables). Coroutines resumed from Rust through mlua's
-//! `Thread::resume` get it when resumed (mlua's `ON_RESUME` thread event).
+//! to-be-closed variables). Lua threads resumed from Rust through mlua's
+//! `Thread` API (`resume`, `into_async`, `Function::call_async`) are
+//! tracked through mlua's thread events (see `alarm`).
 //! It runs in one of the three modes the crate docs describe ("Stopping
 //! running Lua"): armed on demand, where the hook is removed from the main
 //! state right away and `alarm/` arms it when a stop comes (a tick with

@@ -28,11 +28,32 @@
 //! switch, they check `armed` themselves and arm the new state if it is set:
 //! a signal that landed just before the switch armed the state being left.
 //!
-//! Coroutines resumed by Rust code through mlua's `Thread` API are not
-//! tracked: mlua's thread event callback (`ON_RESUME`, set by `interrupt/hook.rs`)
-//! gives each the VM's hook before it runs, ticking every `hook_interval`
-//! instructions ([`hook_resumed_from_rust`]), so those stay cancellable, at
-//! the old price.
+//! Lua threads resumed by Rust code through mlua's `Thread` API
+//! (`Thread::resume`, `Thread::into_async`, and `Function::call_async`,
+//! which runs the function on a thread of its own) pass through none of
+//! those functions. mlua's thread event callback (set by
+//! `interrupt/hook.rs`) tells of each such resume before it happens
+//! ([`resumed_from_rust`]): the thread is recorded as running, and listed
+//! in the `SignalSlot` with the state it was resumed from, so it runs
+//! hook-free like any tracked coroutine. mlua tells of no return from such
+//! a resume (only of a yield), so listed threads are forgotten lazily, at
+//! the next switch we see, once they are no longer running or resuming
+//! another (`prune`); until then the signal arms every listed thread and
+//! every state one was resumed from, one of which is the one running.
+//! A listed thread let go while suspended (it yielded back to Rust:
+//! [`yielded_to_rust`]) or dead of an error gets the VM's ticking hook, for
+//! the Lua code mlua may run on it with no event (dropping a pending
+//! `call_async` future resumes its thread, then closes it, running its
+//! `__close` handlers); resumed with an event, it is hook-free again.
+//! Dropping a stopped suspended request's futures runs under the stop
+//! machinery on Lua 5.4 and 5.5, where the interruption never raises in
+//! mlua's wrapper of an async function (`mod raise`), which must get to
+//! drop the future it holds.
+//!
+//! `Lua::current_thread()` is not the running thread either: for a thread
+//! `call_async` made, mlua answers the thread that called `call_async`.
+//! [`running_state`] asks Lua itself, so the hook is set (or taken away) on
+//! the thread that runs.
 //!
 //! # The handshake with a stopping thread
 //!
@@ -62,7 +83,16 @@
 //!   resumer's state is recorded again as soon as that call returns, which
 //!   it always does: given a coroutine, Lua's resume and close (5.2–5.5)
 //!   return their errors instead of raising them (Lua 5.1's resume raises
-//!   some, which is why 5.1 is not supported here).
+//!   some, which is why 5.1 is not supported here). A thread resumed from
+//!   Rust is held (a `Thread` handle) while it is listed, and while it is
+//!   the one recorded as running: it stops being recorded before it is
+//!   let go. The state each was resumed from is the main state, a
+//!   request's coroutine (during its poll, which forgets what it listed
+//!   when it ends), a coroutine of a tracked switch (which forgets what
+//!   was listed while it ran when it returns: those threads have all
+//!   stopped running) or a listed thread below (let go after the entries
+//!   above it). `unbind`, `begin` and the end of a request forget them
+//!   all.
 //! - **The signal reaches a live thread.** `raise` sends it while holding
 //!   the alarm's thread lock; a VM thread clears its id under that lock
 //!   before it exits, so the `pthread_t` is valid whenever it is used.
@@ -123,8 +153,8 @@ mod unix;
 
 #[cfg(all(unix, not(feature = "luau")))]
 pub(crate) use unix::{
-    begin, bind, disarm_main, disarm_running, hook_resumed_from_rust, rearm_running,
-    tracked_resume_close, tracked_wrap_with, unbind,
+    begin, bind, disarm_main, disarm_running, rearm_running, resumed_from_rust,
+    tracked_resume_close, tracked_wrap_with, unbind, yielded_to_rust,
 };
 
 #[cfg(all(unix, not(feature = "luau"), feature = "async"))]
@@ -195,6 +225,29 @@ pub(crate) use protected::cap_string_rep;
     feature = "lua55"
 ))]
 pub(crate) use protected::install_catchers;
+
+/// The Lua thread running now on this OS thread: the one whose Rust
+/// function (or hook) we are in, or the main state outside Lua code.
+///
+/// Not `Lua::current_thread()`: for a Lua thread mlua made to run
+/// `Function::call_async`, that answers the thread `call_async` was called
+/// from (mlua's "thread ownership"), so a hook would be set, or taken away,
+/// on a thread that is not running while the one running loops on.
+#[cfg(not(feature = "luau"))]
+pub(crate) fn running_state(lua: &mlua::Lua) -> *mut mlua::ffi::lua_State {
+    let mut state = std::ptr::null_mut();
+    // SAFETY: `exec_raw` runs the closure as a C function called
+    // (protected) on the Lua thread `lua` runs now, passing it that thread;
+    // the closure only copies the pointer, and the stack is left as found.
+    let found = unsafe { lua.exec_raw::<()>((), |s| state = s) };
+    if found.is_ok() && !state.is_null() {
+        state
+    } else {
+        // Only if Lua had no stack slot left for the call: the owner mlua
+        // reports is the running thread but for `call_async`'s.
+        lua.current_thread().to_pointer() as *mut mlua::ffi::lua_State
+    }
+}
 
 /// A VM opening `libs` in mlua's unsafe mode (`debug`, `ffi`, C modules),
 /// for the host's `unsafe_std_libs`. Here only because this is the crate's

@@ -40,7 +40,7 @@ const MESSAGE: &std::ffi::CStr = c"mlua-isle: the request must stop";
 /// and on every one after, until [`end_raising`]. `count` is the count
 /// the hook ticks at on this VM.
 pub(crate) fn raise_from_next_instruction(lua: &mlua::Lua, count: u32) {
-    let state = lua.current_thread().to_pointer() as *mut lua_State;
+    let state = super::running_state(lua);
     STOPPING.set(true);
     // SAFETY: `state` is the Lua thread running on this OS thread (we
     // are called from its hook or from a function it called), alive
@@ -84,7 +84,7 @@ pub(crate) fn set_tick(lua: &mlua::Lua, tick: &mlua::Function) -> mlua::Result<(
 /// Sets [`tick_hook`] on the Lua thread running now (the main state,
 /// outside requests), ticking every `every` instructions.
 pub(crate) fn tick_every(lua: &mlua::Lua, every: u32) {
-    let state = lua.current_thread().to_pointer() as *mut lua_State;
+    let state = super::running_state(lua);
     let every = c_int::try_from(every).unwrap_or(c_int::MAX).max(1);
     // SAFETY: `state` is a live thread of `lua`, used on its own OS
     // thread; `lua_sethook` only stores its hook fields.
@@ -123,6 +123,14 @@ unsafe extern "C-unwind" fn tick_hook(state: *mut lua_State, _ar: *mut lua_Debug
 /// nothing is stopping (see the module docs).
 unsafe extern "C-unwind" fn raise_hook(state: *mut lua_State, _ar: *mut lua_Debug) {
     if STOPPING.get() {
+        // SAFETY: `state` is the running thread, in its hook.
+        if unsafe { in_async_wrapper(state) } {
+            // mlua's wrapper of an async Rust function runs: resumed
+            // to drop its future, it must get to do so. It runs a few
+            // instructions, then a Rust call (the drop) or a yield; the
+            // hook stays, and raises in the first other function.
+            return;
+        }
         // SAFETY: a hook may push a value (Lua keeps LUA_MINSTACK free
         // slots for it) and raise an error, which unwinds only Lua's
         // own C frames (`luaD_hook`, the interpreter) to the nearest
@@ -143,5 +151,31 @@ unsafe extern "C-unwind" fn raise_hook(state: *mut lua_State, _ar: *mut lua_Debu
             let hook: ffi::lua_Hook = std::mem::transmute(hook);
             ffi::lua_sethook(state, Some(hook), ffi::LUA_MASKCOUNT, count.max(1));
         }
+    }
+}
+
+/// True if the Lua function running on `state` is mlua's wrapper of an
+/// async Rust function (the `async` feature), by its chunk name, as mlua
+/// itself recognises it.
+///
+/// # Safety
+/// `state` is the running Lua thread, called from its hook.
+unsafe fn in_async_wrapper(state: *mut lua_State) -> bool {
+    #[cfg(feature = "async")]
+    // SAFETY: in a hook, level 0 is the running function; `lua_getstack`
+    // and `lua_getinfo` only read its call info into `ar`, a zeroed plain
+    // C struct, and `ar.source` points into its prototype, alive while it
+    // runs.
+    unsafe {
+        let mut ar: lua_Debug = std::mem::zeroed();
+        ffi::lua_getstack(state, 0, &mut ar) != 0
+            && ffi::lua_getinfo(state, c"S".as_ptr(), &mut ar) != 0
+            && !ar.source.is_null()
+            && std::ffi::CStr::from_ptr(ar.source) == c"=__mlua_async_poll"
+    }
+    #[cfg(not(feature = "async"))]
+    {
+        let _ = state;
+        false
     }
 }

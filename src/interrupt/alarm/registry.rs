@@ -131,6 +131,12 @@ impl Registration {
             }
         };
         SLOT.with(|s| {
+            // ORDERING: SeqCst, as every field of the slot: only this
+            // thread and its signal handler read it; the list is in place
+            // before `armed` makes the handler look at the slot.
+            #[cfg(all(unix, not(feature = "luau")))]
+            s.resumed
+                .store(Box::into_raw(Box::new(Resumed::new())), Ordering::SeqCst);
             s.armed
                 .store(Arc::as_ptr(&alarm) as *mut Alarm, Ordering::SeqCst)
         });
@@ -149,6 +155,15 @@ impl Drop for Registration {
             s.running.store(std::ptr::null_mut(), Ordering::SeqCst);
             s.main.store(std::ptr::null_mut(), Ordering::SeqCst);
             s.hook.store(0, Ordering::SeqCst);
+            // ORDERING: SeqCst, after `armed` is cleared (above): the
+            // handler no longer looks at the slot.
+            let list = s.resumed.swap(std::ptr::null_mut(), Ordering::SeqCst);
+            if !list.is_null() {
+                // SAFETY: allocated by `Registration::new` on this thread
+                // with `Box::into_raw`, and no longer reachable: the
+                // pointer is cleared, and the handler ignores the slot.
+                drop(unsafe { Box::from_raw(list) });
+            }
         });
         #[cfg(all(unix, not(feature = "luau")))]
         {
@@ -220,6 +235,55 @@ pub(super) struct SignalSlot {
     /// The hook function to arm (mlua's global hook trampoline), as an
     /// address; 0 until `bind`. Unused on Luau.
     pub(super) hook: std::sync::atomic::AtomicUsize,
+    /// This VM thread's list of the Lua threads resumed from Rust (see
+    /// [`Resumed`]); null on other threads, and on Luau.
+    pub(super) resumed: std::sync::atomic::AtomicPtr<Resumed>,
+}
+
+// Only the Unix signal machinery uses the list.
+#[cfg_attr(not(all(unix, not(feature = "luau"))), allow(dead_code))]
+impl SignalSlot {
+    /// This thread's list of Lua threads resumed from Rust; `None` unless
+    /// it is a registered VM thread.
+    pub(super) fn resumed(&self) -> Option<&Resumed> {
+        // ORDERING: SeqCst, as every field of the slot (written and read
+        // by this thread and its signal handler only).
+        let list = self.resumed.load(Ordering::SeqCst);
+        // SAFETY: `list` is null or the list this thread's `Registration`
+        // allocated; its drop (at thread exit, after the VM is gone)
+        // clears the pointer before freeing it, and the signal handler
+        // ignores the slot from the moment `armed` is cleared, before
+        // that. Callers use the list within a call on this thread.
+        unsafe { list.as_ref() }
+    }
+}
+
+/// The Lua threads resumed from Rust (mlua's `Thread` API: `resume`,
+/// `into_async`, `Function::call_async`) that may still be running, on one
+/// VM thread, innermost last, in `threads[..len]`; `backs[i]` is the state
+/// recorded as running when `threads[i]` was resumed. Each is kept alive
+/// while listed (`unix::switch`). On the heap, allocated once per VM
+/// thread: every thread of the process has a `SignalSlot`.
+pub(super) struct Resumed {
+    pub(super) threads: [std::sync::atomic::AtomicPtr<mlua::ffi::lua_State>; RESUMED],
+    pub(super) backs: [std::sync::atomic::AtomicPtr<mlua::ffi::lua_State>; RESUMED],
+    pub(super) len: std::sync::atomic::AtomicUsize,
+}
+
+/// How many Lua threads resumed from Rust can run nested at once on one VM
+/// thread (each resumed from a Rust function the one before called): Lua's
+/// own limit on nested C calls (200, "C stack overflow") comes first.
+pub(super) const RESUMED: usize = 200;
+
+#[cfg_attr(not(all(unix, not(feature = "luau"))), allow(dead_code))]
+impl Resumed {
+    fn new() -> Resumed {
+        Resumed {
+            threads: [const { std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()) }; RESUMED],
+            backs: [const { std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()) }; RESUMED],
+            len: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
 }
 
 thread_local! {
@@ -231,6 +295,7 @@ thread_local! {
             running: std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()),
             main: std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()),
             hook: std::sync::atomic::AtomicUsize::new(0),
+            resumed: std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()),
         }
     };
 }

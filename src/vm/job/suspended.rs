@@ -12,6 +12,10 @@ use super::*;
 /// dies on its VM thread.
 pub(crate) type Work<T> = Pin<Box<dyn Future<Output = Result<T, IsleError>>>>;
 
+/// Whether a stopped suspended request's futures are dropped under the
+/// stop machinery (see `Waiting::stop`).
+const DROP_UNDER_STOP: bool = cfg!(any(feature = "lua54", feature = "lua55"));
+
 /// A suspended request, kept by its VM.
 pub(crate) struct Paused(Box<dyn Resume>);
 
@@ -131,10 +135,26 @@ impl<T: Send + 'static> Resume for Waiting<T> {
             .reason()
             .unwrap_or(crate::request::Reason::Shutdown);
         self.token.stop(reason);
-        // Its futures (its work's, its children's) first, with no
-        // request current: a hook tick must not interrupt mlua's
-        // wrapper while it drops one (`vm/coroutine.rs`).
-        interrupt.quiet();
+        let arm = || {
+            let _ = interrupt.prepare();
+            interrupt.enter_again(&self.token, self.executed);
+            Interrupt::arm_stop(interrupt, lua);
+        };
+        // Its futures (its work's, its children's) first. Dropping a
+        // pending future resumes mlua's wrapper of its async function,
+        // which must get to drop it (`vm/coroutine.rs`); on Lua 5.4 and
+        // 5.5 the stop never raises in that wrapper (`alarm::raise`), so
+        // they are dropped under the stop machinery: mlua closes the Lua
+        // threads of pending `call_async` futures as it drops them, and
+        // their `__close` handlers are interrupted. Elsewhere a tick could
+        // raise in the wrapper, so no request is current; those Lua
+        // versions have no `__close` handlers.
+        if DROP_UNDER_STOP {
+            arm();
+        } else {
+            interrupt.quiet();
+        }
+        let here = DROP_UNDER_STOP.then(|| self.req.running_here());
         let work = self.work.take();
         let children = &mut self.children;
         let dropped = catch_unwind(AssertUnwindSafe(move || {
@@ -145,10 +165,10 @@ impl<T: Send + 'static> Resume for Waiting<T> {
         drop(dropped);
         // Then, under the stop machinery, what Lua code is left to run:
         // the coroutines' `__close` handlers.
-        let _ = interrupt.prepare();
-        interrupt.enter_again(&self.token, self.executed);
-        Interrupt::arm_stop(interrupt, lua);
-        let here = self.req.running_here();
+        if !DROP_UNDER_STOP {
+            arm();
+        }
+        let here = here.unwrap_or_else(|| self.req.running_here());
         let dropped = catch_unwind(AssertUnwindSafe(crate::vm::coroutine::close_terminated));
         drop(here);
         interrupt.leave();

@@ -7,7 +7,7 @@ use std::sync::Once;
 
 use mlua::ffi::{self, lua_State};
 
-use super::{VmAddrs, SLOT};
+use super::{SignalSlot, VmAddrs, RESUMED, SLOT};
 
 /// The signal used to reach a VM thread. `SIGURG` is ignored by default,
 /// so a stray one never kills the process, and is rarely used by
@@ -73,11 +73,10 @@ extern "C" fn on_signal(sig: c_int, info: *mut libc::siginfo_t, context: *mut li
         }
         // SAFETY: as above: the registration outlives the pointer.
         if unsafe { &*alarm }.armed.load(Ordering::SeqCst) {
-            let running = s.running.load(Ordering::SeqCst);
-            // SAFETY: `running` is null or the state running on this
-            // thread (see `switch_to`), alive while recorded; `arm` is
-            // what `lua_sethook`'s documentation allows in a signal.
-            unsafe { arm(running, s.hook.load(Ordering::SeqCst)) };
+            // SAFETY: every state the slot lists is alive while listed
+            // (see `arm_recorded`); `arm` is what `lua_sethook`'s
+            // documentation allows in a signal.
+            unsafe { arm_recorded(s) };
         }
         true
     });
@@ -124,6 +123,39 @@ unsafe fn arm(state: *mut lua_State, hook: usize) {
     // SAFETY: the caller guarantees `state`; `lua_sethook` may run in a
     // signal handler interrupting any code of this thread.
     unsafe { ffi::lua_sethook(state, Some(hook), ffi::LUA_MASKCOUNT, 1) };
+}
+
+/// Arms every state that may be running on this thread: the one recorded
+/// as running, and each Lua thread resumed from Rust that is listed, with
+/// the state it was resumed from. One of them runs: a thread resumed from
+/// Rust may have finished (mlua tells of no return), and then the one it
+/// was resumed from runs again. Arming one that does not run costs a tick
+/// when it next runs.
+///
+/// # Safety
+/// `s` is this thread's slot. Every state it lists is alive: `running`
+/// (see `switch_to`), the listed threads (kept alive by `switch::HELD`
+/// while listed) and the states they were resumed from (the main state,
+/// a request's coroutine during its poll, a coroutine of a tracked
+/// switch, or a listed thread, all alive until the entries above them are
+/// dropped: `switch::prune`). Entries are written before the list's `len`
+/// grows and dropped after it shrinks.
+unsafe fn arm_recorded(s: &SignalSlot) {
+    // ORDERING: SeqCst, as every read of the slot here: written by this
+    // thread only, which the handler interrupts; what matters is program
+    // order (entries before `len`), which SeqCst keeps from the compiler.
+    let hook = s.hook.load(Ordering::SeqCst);
+    // SAFETY: the caller guarantees every listed state is alive.
+    unsafe {
+        arm(s.running.load(Ordering::SeqCst), hook);
+        if let Some(r) = s.resumed() {
+            let listed = r.len.load(Ordering::SeqCst).min(RESUMED);
+            for i in 0..listed {
+                arm(r.threads[i].load(Ordering::SeqCst), hook);
+                arm(r.backs[i].load(Ordering::SeqCst), hook);
+            }
+        }
+    }
 }
 
 /// Records that `state` runs from now on, and arms it if the running

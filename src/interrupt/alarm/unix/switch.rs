@@ -2,7 +2,7 @@
 //! binding a VM to its thread.
 
 use std::ffi::c_int;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{compiler_fence, Ordering};
 
 use mlua::ffi::{self, lua_State};
 
@@ -11,6 +11,7 @@ use super::*;
 /// Before a request of `vm` runs: records its main state as running
 /// (and it as the VM of this thread: a pool may have replaced it).
 pub(crate) fn begin(vm: &VmAddrs) {
+    forget_resumed();
     // ORDERING: Relaxed: only this thread (and its signal handler, which
     // runs on it) reads these; `switch_to`'s compiler fence orders them
     // before the state is recorded as running.
@@ -45,9 +46,21 @@ unsafe fn resume_on(state: *mut lua_State, co: *mut lua_State) -> c_int {
     unsafe {
         switch_to(co);
         let results = original_resume()(state);
-        switch_to(state);
+        switch_back(state);
         results
     }
+}
+
+/// Records that `state` runs again, after a coroutine it resumed (or
+/// closed) returned: first forgets the threads resumed from Rust while
+/// that coroutine ran, which have all stopped running (see [`prune`]).
+///
+/// # Safety
+/// As for [`switch_to`].
+unsafe fn switch_back(state: *mut lua_State) {
+    prune();
+    // SAFETY: the caller guarantees `state`.
+    unsafe { switch_to(state) };
 }
 
 /// When the `n` results on top start with `false`, hands the error
@@ -127,7 +140,7 @@ unsafe extern "C-unwind" fn tracked_close(state: *mut lua_State) -> c_int {
     unsafe {
         switch_to(co);
         let n = original(state);
-        switch_to(state);
+        switch_back(state);
         check_failure(state, n, 1);
         n
     }
@@ -381,75 +394,285 @@ pub(crate) fn tracked_wrap_with(
 }
 
 /// From the hook, with nothing to stop: removes the hook from the Lua
-/// thread running now, if it is the one recorded (a thread this module
-/// tracks: one resumed from Rust through mlua keeps the hook mlua gave
-/// it). Returns whether it did.
+/// thread running now, if this module armed it (it is recorded as running,
+/// or listed as resumed from Rust or resumed from). Returns whether it did.
 pub(crate) fn disarm_running(lua: &mlua::Lua) -> bool {
-    let current = lua.current_thread().to_pointer() as *mut lua_State;
-    let tracked = SLOT.with(|s| s.running.load(Ordering::SeqCst) == current);
+    let current = crate::interrupt::alarm::running_state(lua);
+    // ORDERING: SeqCst, as every access to the slot (this thread's, and
+    // its signal handler's).
+    let tracked = SLOT.with(|s| {
+        if s.running.load(Ordering::SeqCst) == current {
+            return true;
+        }
+        let Some(r) = s.resumed() else {
+            return false;
+        };
+        let listed = r.len.load(Ordering::SeqCst).min(RESUMED);
+        (0..listed).any(|i| {
+            r.threads[i].load(Ordering::SeqCst) == current
+                || r.backs[i].load(Ordering::SeqCst) == current
+        })
+    });
     if tracked {
-        lua.remove_hook();
+        // SAFETY: `current` is the Lua thread running this hook, alive
+        // while it runs; `lua_sethook` only stores its hook fields.
+        unsafe { ffi::lua_sethook(current, None, 0, 0) };
     }
     tracked
 }
 
+thread_local! {
+    /// The Lua threads listed in the slot's `resumed`, in the same order:
+    /// holding them keeps their states alive while the signal handler may
+    /// arm them.
+    static HELD: std::cell::RefCell<Vec<mlua::Thread>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// A Lua thread about to be resumed from Rust (mlua's `Thread::resume`,
-/// in a callback of the host's): the tracked switches never see it, so
-/// a signal would arm its resumer, not it. It gets the VM's hook instead,
-/// ticking every `count` instructions, as threads mlua creates do.
-pub(crate) fn hook_resumed_from_rust(thread: &mlua::Thread, count: u32) {
+/// `Thread::into_async`, `Function::call_async`; mlua's resume event): the
+/// tracked switches never see it, so it is recorded here as running, and
+/// listed, with the state it is resumed from, until it is known to have
+/// stopped running. mlua tells nothing when such a resume returns, so a
+/// listed thread is forgotten later ([`prune`]); until then a signal arms
+/// the states it was resumed from too, one of which runs again if it has
+/// returned. Like any tracked coroutine, it runs with no hook until a stop
+/// arms it.
+///
+/// `count` is the VM's `hook_interval`. Errors if `RESUMED` of them would
+/// be running nested at once.
+pub(crate) fn resumed_from_rust(thread: mlua::Thread, count: u32) -> mlua::Result<()> {
     let state = thread.to_pointer() as *mut lua_State;
     #[cfg(feature = "async")]
     if DRIVEN.get() == state {
-        return; // a request's own coroutine: its switch is tracked
+        return Ok(()); // a request's own coroutine: its switch is tracked
     }
-    let count = c_int::try_from(count).unwrap_or(c_int::MAX);
-    SLOT.with(|s| {
+    if state.is_null() {
+        return Ok(());
+    }
+    set_every(count);
+    prune();
+    let listed = SLOT.with(|s| {
+        // It runs with no hook, like any tracked thread: the VM's hook,
+        // which it got when let go ([`tick_if_left_open`]), goes
+        // (`switch_to` arms it again if the request must stop). A hook of
+        // the host's (`Thread::set_hook`) stays.
         let hook = s.hook.load(Ordering::SeqCst);
-        if hook == 0 || state.is_null() {
-            return;
-        }
-        // SAFETY: `hook` is a `lua_Hook` address (see `bind`); `state`
-        // is a live thread of this thread's VM (the caller holds it),
-        // about to be resumed; `lua_gethook` and `lua_sethook` read and
+        // SAFETY: `state` is alive (`thread` holds it) and about to be
+        // resumed, not running; `lua_gethook` and `lua_sethook` read and
         // store its hook fields.
         unsafe {
-            if ffi::lua_gethook(state).is_none() {
-                let hook: ffi::lua_Hook = std::mem::transmute(hook);
-                ffi::lua_sethook(state, Some(hook), ffi::LUA_MASKCOUNT, count);
+            if ffi::lua_gethook(state).is_some_and(|h| h as usize == hook) {
+                ffi::lua_sethook(state, None, 0, 0);
             }
         }
+        // ORDERING: SeqCst, as every field the signal handler reads: it
+        // runs on this thread, and must see an entry written before the
+        // length that covers it.
+        let Some(r) = s.resumed() else {
+            return false;
+        };
+        let len = r.len.load(Ordering::SeqCst);
+        if len >= RESUMED {
+            return false;
+        }
+        HELD.with(|held| held.borrow_mut().push(thread));
+        r.threads[len].store(state, Ordering::SeqCst);
+        r.backs[len].store(s.running.load(Ordering::SeqCst), Ordering::SeqCst);
+        r.len.store(len + 1, Ordering::SeqCst);
+        true
+    });
+    if !listed {
+        return Err(mlua::Error::runtime(format!(
+            "mlua-isle: more than {RESUMED} Lua threads resumed from Rust \
+             (`Thread::resume`, `call_async`) run nested at once; \
+             nest fewer of them"
+        )));
+    }
+    // SAFETY: `state` is listed, so held alive until it is forgotten,
+    // which first records another state as running (see `prune`).
+    unsafe { switch_to(state) };
+    Ok(())
+}
+
+/// A Lua thread resumed from Rust has yielded back to it (mlua's yield
+/// event): it is forgotten now ([`prune`]), and keeps a ticking hook
+/// ([`tick_if_left_open`]). `count` is the VM's `hook_interval`.
+pub(crate) fn yielded_to_rust(thread: &mlua::Thread, count: u32) {
+    let state = thread.to_pointer() as *mut lua_State;
+    #[cfg(feature = "async")]
+    if DRIVEN.get() == state {
+        return; // a request's own coroutine: closed by `vm/coroutine.rs`
+    }
+    let _ = state;
+    set_every(count);
+    prune();
+}
+
+fn set_every(count: u32) {
+    EVERY.set(c_int::try_from(count).unwrap_or(c_int::MAX).max(1));
+}
+
+thread_local! {
+    /// The count [`tick_if_left_open`] gives: the VM's `hook_interval`.
+    static EVERY: std::cell::Cell<c_int> = const { std::cell::Cell::new(1000) };
+}
+
+/// A listed thread let go while suspended, or dead of an error: mlua may
+/// still run Lua code on it with no resume event (dropping a pending
+/// `call_async` future resumes its thread to drop the inner future, then
+/// closes it; closing runs the `__close` handlers left open, Lua 5.4 on).
+/// It gets the VM's hook, ticking every `hook_interval` instructions, so
+/// that a stop reaches that code; resumed with an event, it runs hook-free
+/// again ([`resumed_from_rust`]).
+///
+/// # Safety
+/// `state` is a live Lua thread of this thread's VM, not running.
+unsafe fn tick_if_left_open(state: *mut lua_State, hook: usize) {
+    if hook == 0 {
+        return;
+    }
+    // SAFETY: the caller guarantees `state`; `lua_status` reads it;
+    // `hook` is a `lua_Hook` address (see `bind`); `lua_sethook` only
+    // stores its hook fields.
+    unsafe {
+        if ffi::lua_status(state) == ffi::LUA_OK || ffi::lua_gethook(state).is_some() {
+            // Finished (nothing left open) or never started; or it has a
+            // hook already (ours, or the host's: it stays).
+            return;
+        }
+        let hook: ffi::lua_Hook = std::mem::transmute(hook);
+        ffi::lua_sethook(state, Some(hook), ffi::LUA_MASKCOUNT, EVERY.get());
+    }
+}
+
+/// Whether the Lua thread `state` is running, or is resuming another
+/// (Lua's "normal"): it has call frames and is not suspended nor dead.
+///
+/// # Safety
+/// `state` is a live Lua thread of this thread's VM.
+unsafe fn is_active(state: *mut lua_State) -> bool {
+    // SAFETY: the caller guarantees `state`; `lua_status` reads its
+    // status, `lua_getstack` only reads its call info into `ar`, a zeroed
+    // plain C struct.
+    unsafe {
+        if ffi::lua_status(state) != ffi::LUA_OK {
+            return false; // suspended, or dead of an error
+        }
+        let mut ar: ffi::lua_Debug = std::mem::zeroed();
+        ffi::lua_getstack(state, 0, &mut ar) != 0
+    }
+}
+
+/// Forgets the listed threads resumed from Rust that have stopped running,
+/// innermost first, until one still runs. Threads resumed nest: one
+/// resumed while another runs returns first, so those still running are
+/// always the outer ones. A forgotten thread recorded as running gives way
+/// to the state the outermost forgotten one was resumed from, which runs
+/// again (or has stopped running itself, and is forgotten next time).
+fn prune() {
+    SLOT.with(|s| {
+        let Some(r) = s.resumed() else {
+            return;
+        };
+        let len = r.len.load(Ordering::SeqCst).min(RESUMED);
+        if len == 0 {
+            return;
+        }
+        let mut keep = len;
+        // SAFETY: listed threads are alive (held).
+        while keep > 0 && !unsafe { is_active(r.threads[keep - 1].load(Ordering::SeqCst)) } {
+            keep -= 1;
+        }
+        if keep == len {
+            return;
+        }
+        let running = s.running.load(Ordering::SeqCst);
+        if (keep..len).any(|i| r.threads[i].load(Ordering::SeqCst) == running) {
+            // ORDERING: SeqCst, as the handler's reads: recorded before the
+            // entries stop being listed, and those before they are dropped.
+            s.running
+                .store(r.backs[keep].load(Ordering::SeqCst), Ordering::SeqCst);
+        }
+        r.len.store(keep, Ordering::SeqCst);
+        compiler_fence(Ordering::SeqCst);
+        let hook = s.hook.load(Ordering::SeqCst);
+        for i in keep..len {
+            // SAFETY: still held (dropped below), and not running.
+            unsafe { tick_if_left_open(r.threads[i].load(Ordering::SeqCst), hook) };
+        }
+        HELD.with(|held| held.borrow_mut().truncate(keep));
     });
 }
 
-/// Arms the recorded running state again (from the hook, which has just
-/// removed itself and found the alarm raised meanwhile).
-pub(crate) fn rearm_running() {
-    SLOT.with(|s| {
-        // SAFETY: `running` is null or the live running state.
-        unsafe {
-            arm(
-                s.running.load(Ordering::SeqCst),
-                s.hook.load(Ordering::SeqCst),
-            )
+/// Forgets every listed thread resumed from Rust: no Lua code runs on
+/// this thread now (between requests, before a request runs, before the
+/// VM is dropped).
+fn forget_resumed() {
+    // ORDERING: as in `prune`. `HELD` holds exactly the listed threads,
+    // so with none listed there is nothing to drop (the common case: a
+    // request that resumed no Lua thread from Rust).
+    let listed = SLOT.with(|s| {
+        let Some(r) = s.resumed() else {
+            return 0;
+        };
+        let len = r.len.load(Ordering::SeqCst).min(RESUMED);
+        if len == 0 {
+            return 0;
         }
+        // A listed thread recorded as running gives way to the main
+        // state (alive as long as the VM) before it is let go.
+        let running = s.running.load(Ordering::SeqCst);
+        if (0..len).any(|i| r.threads[i].load(Ordering::SeqCst) == running) {
+            s.running
+                .store(s.main.load(Ordering::SeqCst), Ordering::SeqCst);
+        }
+        r.len.store(0, Ordering::SeqCst);
+        compiler_fence(Ordering::SeqCst);
+        let hook = s.hook.load(Ordering::SeqCst);
+        for i in 0..len {
+            // SAFETY: still held (dropped below); no Lua code runs now.
+            unsafe { tick_if_left_open(r.threads[i].load(Ordering::SeqCst), hook) };
+        }
+        len
     });
+    if listed == 0 {
+        return;
+    }
+    compiler_fence(Ordering::SeqCst);
+    // Taken out first: dropping a thread must not find `HELD` borrowed.
+    let held = HELD.with(|held| std::mem::take(&mut *held.borrow_mut()));
+    drop(held);
+}
+
+/// Arms the states that may be running again (from the hook, which has
+/// just removed itself and found the alarm raised meanwhile).
+pub(crate) fn rearm_running() {
+    // SAFETY: as in the signal handler: every state the slot lists is
+    // alive while listed.
+    SLOT.with(|s| unsafe { arm_recorded(s) });
 }
 
 /// Forgets `vm` if it is the VM recorded on this thread; called before
 /// it is dropped, so that neither the handler nor a switch can reach its
 /// states any more.
 pub(crate) fn unbind(vm: &VmAddrs) {
-    SLOT.with(|s| {
-        if s.main.load(Ordering::SeqCst) as usize == vm.main {
+    let ours = SLOT.with(|s| {
+        let ours = s.main.load(Ordering::SeqCst) as usize == vm.main;
+        if ours {
             s.running.store(std::ptr::null_mut(), Ordering::SeqCst);
             s.main.store(std::ptr::null_mut(), Ordering::SeqCst);
         }
+        ours
     });
+    if ours {
+        forget_resumed();
+    }
 }
 
-/// Removes the hook from the main state if it is set, between requests.
+/// Removes the hook from the main state if it is set, between requests,
+/// and forgets the threads resumed from Rust during the request.
 pub(crate) fn disarm_main() {
+    forget_resumed();
     SLOT.with(|s| {
         let main = s.main.load(Ordering::SeqCst);
         if main.is_null() {
@@ -474,7 +697,7 @@ thread_local! {
 /// Runs `resume`, which resumes `thread`, a request's own coroutine (the
 /// `async` feature: `vm/coroutine.rs` polls requests as coroutines),
 /// recording the switch to it and back as the tracked functions do. mlua's
-/// resume event then leaves the thread alone ([`hook_resumed_from_rust`]):
+/// resume event then leaves the thread alone ([`resumed_from_rust`]):
 /// a signal arms it like any tracked coroutine, and it runs hook-free.
 #[cfg(feature = "async")]
 pub(crate) fn on_coroutine<R>(thread: &mlua::Thread, resume: impl FnOnce() -> R) -> R {
@@ -486,6 +709,9 @@ pub(crate) fn on_coroutine<R>(thread: &mlua::Thread, resume: impl FnOnce() -> R)
     impl Drop for Back {
         fn drop(&mut self) {
             DRIVEN.set(self.driven);
+            // The threads resumed from Rust while the coroutine ran have
+            // stopped running, and may have been resumed from it.
+            prune();
             if self.before.is_null() {
                 SLOT.with(|s| s.running.store(std::ptr::null_mut(), Ordering::SeqCst));
             } else {
