@@ -33,9 +33,12 @@ use mlua::thread::AsyncThread;
 use mlua::{FromLuaMulti, Function, IntoLuaMulti, LightUserData, Lua, Thread, Value};
 
 use crate::interrupt::alarm;
+#[cfg(not(feature = "lua51"))]
 use crate::vm::precompiled::Precompiled;
 
-/// What runs each request as a coroutine (`request.lua`).
+/// What runs each request as a coroutine (`request.lua`; not on 5.1,
+/// whose `xpcall` takes no arguments).
+#[cfg(not(feature = "lua51"))]
 static REQUEST: Precompiled = Precompiled::new("=mlua-isle request", include_str!("request.lua"));
 
 /// Finished coroutines kept for reuse.
