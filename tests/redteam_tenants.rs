@@ -120,10 +120,10 @@ fn a_hundred_thousand_keys_flooding_one_vm_are_all_served_in_order() {
         let log = log.lock();
         assert_eq!(log.len(), 20_000);
         in_order_per_key(&log);
+        pool.shutdown().unwrap();
         let m = pool.metrics();
         assert_eq!(m.workers[0].queued, 0);
         assert_eq!(m.workers[0].completed, 120_001);
-        pool.shutdown().unwrap();
     });
 }
 
@@ -195,9 +195,13 @@ fn a_key_alternating_long_and_short_requests_does_not_hold_a_quiet_key() {
 fn a_key_that_panics_times_out_and_is_cancelled_mid_turn_does_not_stall_the_vm() {
     within("bad key", || {
         let (started_tx, started_rx) = crossbeam_channel::unbounded();
+        let (spin_tx, spin_rx) = crossbeam_channel::unbounded();
         let pool = IslePool::builder()
             .workers(1)
-            .init(move |lua| common::register_wait_for_cancel(lua, started_tx.clone()))
+            .init(move |lua| {
+                common::register_wait_for_cancel(lua, started_tx.clone())?;
+                common::register_signal(lua, "spinning", spin_tx.clone())
+            })
             .build()
             .unwrap();
         let log = Log::default();
@@ -208,7 +212,7 @@ fn a_key_that_panics_times_out_and_is_cancelled_mid_turn_does_not_stall_the_vm()
         let panicked = bad.spawn_exec(|_, _| -> mlua::Result<()> { panic!("tenant panic") });
         goods.push(logged(&good, &log, "good", 0));
         let timed_out = bad
-            .spawn_eval::<()>("while true do end")
+            .spawn_eval::<()>("spinning() while true do end")
             .timeout(Duration::from_millis(100));
         goods.push(logged(&good, &log, "good", 1));
         let cancelled = bad.spawn_eval::<()>("wait_for_cancel()");
@@ -227,15 +231,31 @@ fn a_key_that_panics_times_out_and_is_cancelled_mid_turn_does_not_stall_the_vm()
             t.wait().unwrap();
         }
         in_order_per_key(&log.lock());
+        // Counted just after each answer is sent: settled soon after.
+        eventually("bad's counters settle", || {
+            bad.metrics().is_some_and(|m| m.requests == 4)
+        });
         let m = bad.metrics().unwrap();
-        assert_eq!(m.requests, 4, "{m:?}");
         assert_eq!(m.completed, 1, "{m:?}");
         assert_eq!(m.failed + m.cancelled, 3, "{m:?}");
-        let gm = good.metrics().unwrap();
-        assert_eq!((gm.requests, gm.completed), (4, 4), "{gm:?}");
+        eventually("good's counters settle", || {
+            good.metrics().is_some_and(|m| m.requests == 4)
+        });
+        assert_eq!(good.metrics().unwrap().completed, 4);
         assert_eq!(bad.eval::<i64>("return 7"), Ok(7));
         pool.shutdown().unwrap();
-        assert_identity(&pool.metrics());
+        let m = pool.metrics();
+        assert_identity(&m);
+        // Every request that started is in the histograms. The one with a
+        // time limit may have timed out while queued (behind the panic,
+        // whose report can be slow to print): then it is not.
+        let w = &m.workers[0];
+        let unstarted = u64::from(spin_rx.try_recv().is_err());
+        assert_eq!(
+            m.run_time.count(),
+            w.completed + w.failed + w.cancelled - unstarted,
+            "{w:?}"
+        );
     });
 }
 
@@ -351,6 +371,11 @@ fn recycling_after_every_request_under_fair_service_resolves_each_request_once()
         let m = pool.metrics();
         assert_identity(&m);
         assert!(m.workers[0].recycled >= 4);
+        // Requests answered `SessionLost` never started: not in the
+        // histograms.
+        let resolved = m.workers[0].completed + m.workers[0].failed + m.workers[0].cancelled;
+        assert_eq!(m.run_time.count(), resolved - 20, "{resolved}");
+        assert_eq!(m.queue_wait.count(), m.run_time.count());
     });
 }
 
@@ -688,10 +713,126 @@ fn dead_queued_requests_give_a_sessions_room_back_among_many_keys() {
         for t in others {
             assert_eq!(t.wait(), Ok(1));
         }
+        eventually("s's counters settle", || {
+            s.metrics().is_some_and(|m| m.requests == 5)
+        });
         let m = s.metrics().unwrap();
-        assert_eq!(m.completed, 3, "{m:?}");
+        assert_eq!((m.completed, m.cancelled), (3, 2), "{m:?}");
         pool.shutdown().unwrap();
+        let m = pool.metrics();
+        assert_identity(&m);
+        // The timed-out and the cancelled request never started.
+        let w = &m.workers[0];
+        assert_eq!(m.run_time.count(), w.completed + w.failed + w.cancelled - 2);
+    });
+}
+
+/// With both bounds on, requests for new keys refused because the pool's
+/// queue is full (or because the pool has shut down) must not leave a
+/// session behind each: a tenant sending a stream of fresh keys at a busy
+/// server would otherwise grow the session table without bound (and skew
+/// where new sessions are bound), with nothing queued.
+#[test]
+#[ignore = "BUG: Session::enqueue binds the key (key_room -> bind) before the pool's room is \
+            checked, so every refused request for a fresh key leaves an open session"]
+fn refused_requests_for_fresh_keys_do_not_open_sessions() {
+    within("ghost sessions", || {
+        let pool = IslePool::builder()
+            .workers(1)
+            .session_queue_capacity(4)
+            .queue_capacity(1)
+            .build()
+            .unwrap();
+        let (g, held) = hold(&pool);
+        let queued = pool.session("real").spawn_eval::<i64>("return 1");
+        for k in 0..1000 {
+            let r = pool
+                .session(format!("ghost{k}"))
+                .spawn_eval::<i64>("return 1")
+                .wait();
+            assert_eq!(r, Err(IsleError::QueueFull));
+        }
+        let open = pool.metrics().sessions_open;
+        g.release();
+        held.wait().unwrap();
+        assert_eq!(queued.wait(), Ok(1));
+        pool.shutdown().unwrap();
+        for k in 0..100 {
+            let r = pool
+                .session(format!("late{k}"))
+                .spawn_eval::<i64>("return 1")
+                .wait();
+            assert_eq!(r, Err(IsleError::Shutdown));
+        }
+        assert_eq!(open, 1, "sessions opened by refused requests");
+        assert!(pool.metrics().sessions_open <= 1);
+    });
+}
+
+/// A permit used after its pool shut down resolves `Shutdown`, and is
+/// counted.
+#[test]
+fn a_permit_used_after_shutdown_resolves_and_is_counted() {
+    within("permit after shutdown", || {
+        let pool = capped(2);
+        let s = pool.session("s");
+        let sp = s.try_reserve().unwrap();
+        let pp = pool.try_reserve().unwrap();
+        pool.shutdown().unwrap();
+        assert_eq!(
+            sp.spawn_eval::<i64>("return 1").wait(),
+            Err(IsleError::Shutdown)
+        );
+        assert_eq!(pp.eval::<i64>("return 1"), Err(IsleError::Shutdown));
+        assert_eq!(s.try_reserve().err(), Some(IsleError::Shutdown));
         assert_identity(&pool.metrics());
+    });
+}
+
+/// An isle with a queue bound: waiters (blocking and async) are woken by
+/// shutdown, and its histograms count exactly the requests that started.
+#[test]
+fn an_isles_waiters_wake_on_shutdown_and_its_histograms_count_started_requests() {
+    within("isle", || {
+        let (g, gf) = gate();
+        let isle = mlua_isle::Isle::builder()
+            .queue_capacity(2)
+            .init(move |lua| GateFn::register(gf.clone(), lua, "block"))
+            .build()
+            .unwrap();
+        let held = isle.spawn_eval::<()>("block()");
+        g.wait_started();
+        let a = isle.spawn_eval::<i64>("return 1");
+        let b = isle.spawn_eval::<i64>("return 2");
+        b.cancel();
+        let c = isle.spawn_eval::<i64>("return 3");
+        assert_eq!(isle.try_reserve().err(), Some(IsleError::QueueFull));
+        let waiter = {
+            let isle = isle.clone();
+            std::thread::spawn(move || isle.reserve_timeout(common::PATIENCE * 2).map(drop))
+        };
+        let async_waiter = {
+            let isle = isle.clone();
+            std::thread::spawn(move || futures::executor::block_on(isle.reserve()).map(drop))
+        };
+        eventually("two waiters", || isle.waiting_for_room() == 2);
+        let stopper = {
+            let isle = isle.clone();
+            std::thread::spawn(move || isle.shutdown())
+        };
+        assert_eq!(waiter.join().unwrap(), Err(IsleError::Shutdown));
+        assert_eq!(async_waiter.join().unwrap(), Err(IsleError::Shutdown));
+        g.release();
+        let _ = stopper.join().unwrap();
+        held.wait().unwrap();
+        assert_eq!(a.wait(), Ok(1));
+        assert_eq!(b.wait(), Err(IsleError::Cancelled));
+        assert_eq!(c.wait(), Ok(3));
+        let m = isle.metrics();
+        let resolved = m.completed + m.failed + m.cancelled;
+        // The cancelled request never started.
+        assert_eq!(m.run_time.count(), resolved - 1, "{m:?}");
+        assert_eq!(m.queue_wait.count(), m.run_time.count());
     });
 }
 
@@ -780,6 +921,23 @@ fn counters_and_histograms_add_up_after_tenant_chaos() {
                 assert_eq!(sm.requests, sm.completed + sm.failed + sm.cancelled);
             }
         }
+    });
+}
+
+/// Not a tenant control, found on the way: `wait` on a task whose result
+/// `wait_timeout` handed out already should answer with an error, not
+/// panic with "entered unreachable code".
+#[test]
+#[ignore = "BUG (minor, API): Task::wait after wait_timeout took the result panics \
+            (src/request/task.rs:61, unreachable!)"]
+fn wait_after_wait_timeout_took_the_result_does_not_panic() {
+    within("wait twice", || {
+        let pool = one_vm();
+        let mut t = pool.spawn_eval::<i64>("return 1");
+        assert_eq!(t.wait_timeout(common::PATIENCE), Some(Ok(1)));
+        let again = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| t.wait()));
+        assert!(again.is_ok(), "wait() panicked");
+        pool.shutdown().unwrap();
     });
 }
 
@@ -1186,12 +1344,63 @@ mod suspended {
                 )
                 .unwrap();
             let computed = Duration::from_nanos(computed as u64);
+            eventually("counted", || s.metrics().is_some_and(|m| m.requests == 1));
             let m = s.metrics().unwrap();
             assert!(
                 m.run_time >= computed,
                 "the session computed for {computed:?} after resuming, and was charged {:?}",
                 m.run_time
             );
+            pool.shutdown().unwrap();
+        });
+    }
+
+    /// A worker wedged (in another session's Rust callback) while a
+    /// session's request is suspended on it, with a request of that
+    /// session waiting behind: once the replacement has taken over, both
+    /// still resolve, without waiting for the stuck thread to come back.
+    /// (The suspended one does, `Shutdown`, from `hand_over_if_running`.)
+    #[test]
+    #[ignore = "BUG: a request waiting behind a suspended one (env.waiting of the stuck \
+                thread's WorkerVm) does not resolve while the wedged thread stays stuck"]
+    fn suspended_requests_on_a_wedged_worker_resolve_after_its_replacement() {
+        within("suspended on a wedged worker", || {
+            let (g, gf) = gate();
+            let pool = IslePool::builder()
+                .workers(1)
+                .stop_grace(Duration::from_millis(20))
+                .init(move |lua| GateFn::register(gf.clone(), lua, "block"))
+                .build()
+                .unwrap();
+            let s = pool.session("parked");
+            let (tx, rx) = oneshot::channel::<()>();
+            let mut parked = s.spawn_exec_async(move |_, _| async move {
+                let _ = rx.await;
+                Ok(1i64)
+            });
+            eventually("parked", || pool.metrics().workers[0].suspended == 1);
+            let mut behind = s.spawn_eval::<i64>("return 2");
+            eventually("moved behind it", || pool.metrics().workers[0].queued == 0);
+            let stuck = pool
+                .session("stuck")
+                .spawn_eval::<()>("block()")
+                .timeout(Duration::from_millis(50));
+            g.wait_started();
+            assert_eq!(stuck.wait(), Err(IsleError::Timeout));
+            eventually("replaced", || pool.metrics().workers[0].wedged == 1);
+            let _ = tx.send(());
+            // A hang check, not a timing one: far longer than either needs.
+            let p = parked.wait_timeout(Duration::from_secs(3));
+            let b = behind.wait_timeout(Duration::from_secs(2));
+            g.release();
+            if p.is_none() {
+                let _ = parked.wait();
+            }
+            if b.is_none() {
+                let _ = behind.wait();
+            }
+            assert!(p.is_some(), "the suspended request never resolved");
+            assert!(b.is_some(), "the request behind it never resolved");
             pool.shutdown().unwrap();
         });
     }
