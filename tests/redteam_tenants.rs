@@ -1515,15 +1515,12 @@ mod suspended {
 
     /// A worker wedged inside a *resumed* poll (not a first run) is
     /// replaced; when the stuck thread gets back, it must leave the slot
-    /// to its replacement. It goes on to take the slot's session work
-    /// instead (no `is_current` check after `resume_woken`): the request
-    /// runs on the stale VM, and the fair queue stays marked as serving
-    /// it for a generation that will never report, so the key's later
-    /// requests hang.
+    /// to its replacement. (It used to go on to take the slot's session
+    /// work, with no `is_current` check after `resume_woken`: the request
+    /// ran on the stale VM, and the fair queue stayed marked as serving it
+    /// for a generation that never reports, so the key's later requests
+    /// hung.)
     #[test]
-    #[ignore = "BUG: after a resumed poll the worker loop takes work without checking \
-                is_current (worker.rs, loop top): a replaced thread runs the slot's session \
-                work on its stale VM and leaves the fair queue in service forever"]
     fn a_thread_wedged_in_a_resumed_poll_leaves_the_slots_session_work_alone() {
         within("wedged in a resumed poll", || {
             let (late, late_fn) = gate();
@@ -1557,12 +1554,10 @@ mod suspended {
     }
 
     /// As above, with a reload queued: the stuck thread, back from the
-    /// resumed poll, must not run the slot's reload on its stale VM (then
-    /// the reload commits, and the VM serving the slot never ran it).
+    /// resumed poll, must not run the slot's reload on its stale VM (it
+    /// used to: the reload committed, and the VM serving the slot never
+    /// ran it).
     #[test]
-    #[ignore = "BUG: after a resumed poll the worker loop takes the control queue without \
-                checking is_current: a replaced thread runs the slot's reload on its stale VM \
-                and the live VM never gets it"]
     fn a_thread_wedged_in_a_resumed_poll_does_not_take_the_slots_reload() {
         within("reload vs wedged in a resumed poll", || {
             let (late, late_fn) = gate();
