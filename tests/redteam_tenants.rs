@@ -1343,11 +1343,9 @@ mod suspended {
 
     /// `shutdown_timeout` stops a suspended session request with plain
     /// requests of the same session waiting behind it: they resolve
-    /// `Shutdown`, and the pool's counters still add up.
+    /// `Shutdown`, and the pool's counters still add up. (They used to be
+    /// abandoned uncounted, in `Worker::resolved`.)
     #[test]
-    #[ignore = "BUG: requests abandoned behind a stopped suspended request are not counted \
-                (Worker::resolved, the is_aborting branch), so submitted != rejected + \
-                discarded + resolved"]
     fn requests_waiting_behind_a_stopped_suspension_are_counted() {
         within("counts after abort", || {
             let pool = one_vm();

@@ -380,13 +380,10 @@ impl Worker {
                     return;
                 }
                 Some(Waiting::Job(job)) => {
+                    // Aborting, `run_job` resolves it `Shutdown` unrun, and
+                    // counts it (pool and session) like any other.
                     let table = env.table.clone();
-                    if self.shared.life.is_aborting() {
-                        job.abandon(IsleError::Shutdown);
-                        self.session_request_done(&binding);
-                    } else {
-                        self.run_session(host, &binding, job, &table);
-                    }
+                    self.run_session(host, &binding, job, &table);
                 }
             }
         }
