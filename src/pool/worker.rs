@@ -75,6 +75,14 @@ impl Worker {
             // Suspended requests whose futures woke (the `async` feature).
             if host.vm.has_woken() {
                 self.resume_woken(&mut host, &mut lost);
+                if !self.is_current() {
+                    // Found wedged in a resumed poll and replaced: the slot
+                    // (its queues, its fair queue, its reloads) is another
+                    // thread's now.
+                    self.pending.borrow_mut().flush(&shared.counters[w].latency);
+                    self.retire();
+                    return;
+                }
             }
             if shared.life.is_aborting() && host.vm.suspended() > 0 {
                 self.close_suspended(&mut host, &mut lost);
@@ -372,13 +380,10 @@ impl Worker {
                     return;
                 }
                 Some(Waiting::Job(job)) => {
+                    // Aborting, `run_job` resolves it `Shutdown` unrun, and
+                    // counts it (pool and session) like any other.
                     let table = env.table.clone();
-                    if self.shared.life.is_aborting() {
-                        job.abandon(IsleError::Shutdown);
-                        self.session_request_done(&binding);
-                    } else {
-                        self.run_session(host, &binding, job, &table);
-                    }
+                    self.run_session(host, &binding, job, &table);
                 }
             }
         }
