@@ -747,8 +747,6 @@ fn dead_queued_requests_give_a_sessions_room_back_among_many_keys() {
 /// server would otherwise grow the session table without bound (and skew
 /// where new sessions are bound), with nothing queued.
 #[test]
-#[ignore = "BUG: Session::enqueue binds the key (key_room -> bind) before the pool's room is \
-            checked, so every refused request for a fresh key leaves an open session"]
 fn refused_requests_for_fresh_keys_do_not_open_sessions() {
     within("ghost sessions", || {
         let pool = IslePool::builder()

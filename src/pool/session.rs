@@ -355,19 +355,26 @@ impl Submit for Session {
     fn enqueue(&self, job: Job, admission: Option<Admission>) {
         let shared = self.pool.shared();
         // With a session queue capacity and no permit (a permit holds
-        // both): room in the session's own queue first, then in the pool's.
-        let admission = match (admission, self.first_room()) {
-            (None, Some(key)) => {
-                let both = key.try_acquire().and_then(|k| match self.pool.room() {
-                    None => Some(k),
-                    Some(pool) => pool.try_acquire().map(|p| k.and(p)),
-                });
-                if both.is_none() {
+        // both): room in the pool's queue, then in the session's own. In
+        // that order so that a request refused by a full pool (or one shut
+        // down) does not open its session.
+        let admission = match admission {
+            None if shared.session_capacity.is_some() => {
+                if self.pool.is_shutdown() {
                     return self.pool.refuse(job);
                 }
-                both
+                let pool = match self.pool.room().map(|r| r.try_acquire()) {
+                    None => Admission::none(),
+                    Some(Some(a)) => a,
+                    Some(None) => return self.pool.refuse(job),
+                };
+                // Refused here, the pool's room goes back with `pool`.
+                let Some(key) = self.first_room().and_then(|r| r.try_acquire()) else {
+                    return self.pool.refuse(job);
+                };
+                Some(key.and(pool))
             }
-            (admission, _) => admission,
+            admission => admission,
         };
         if let Some(job) = self.pool.admit(job, admission) {
             enqueue(shared, &self.key, job);
