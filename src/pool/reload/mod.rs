@@ -188,7 +188,7 @@ impl IslePool {
         }
         // From an isle's VM thread: refused if the pool waits on that isle.
         let _waiting = blocking_on(owner)?;
-        self.run_reload(Arc::new(f), |commit| {
+        self.run_reload(Arc::new(f), || true, |commit| {
             commit();
             true
         })
@@ -219,7 +219,9 @@ impl IslePool {
                 // reload rolls back) or finds it resolved.
                 let commit =
                     |commit: &mut dyn FnMut() -> u64| req.resolve_unstarted(|| Ok(commit()));
-                if let Err(e) = pool.run_reload(f, commit) {
+                // A task dropped or cancelled before its turn never runs.
+                let wanted = || !req.header().is_done();
+                if let Err(e) = pool.run_reload(f, wanted, commit) {
                     req.abandon(e);
                 }
             });
@@ -231,12 +233,15 @@ impl IslePool {
         task
     }
 
-    /// Runs a reload. Once all VMs ran `f`, `decide` is given the commit
-    /// (which returns the version): it runs it and says true, or says false
-    /// (the caller no longer wants it: roll back, resolving `Cancelled`).
+    /// Runs a reload, if its turn comes while it is still `wanted` (checked
+    /// once the reloads before it are done). Once all VMs ran `f`, `decide`
+    /// is given the commit (which returns the version): it runs it and says
+    /// true, or says false (the caller no longer wants it: roll back,
+    /// resolving `Cancelled`).
     fn run_reload(
         &self,
         f: Arc<ReloadFn>,
+        wanted: impl Fn() -> bool,
         decide: impl FnOnce(&mut dyn FnMut() -> u64) -> bool,
     ) -> Result<u64, IsleError> {
         let shared = &*self.inner.shared;
@@ -244,6 +249,9 @@ impl IslePool {
         let _one_at_a_time = reloads.serial.lock();
         if shared.life.is_closed() {
             return Err(IsleError::Shutdown);
+        }
+        if !wanted() {
+            return Err(IsleError::Cancelled);
         }
         let version = reloads.begin(f.clone());
         let mut tasks: Vec<Task<()>> =
