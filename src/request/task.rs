@@ -55,10 +55,17 @@ impl<T: Send + 'static> Task<T> {
     /// the task is gone, which cancels the request: to keep it, use
     /// [`wait_timeout`](Self::wait_timeout) (which leaves the task in place)
     /// or [`detach`](Self::detach).
+    ///
+    /// # Panics
+    /// If the result was handed out already (by `wait_timeout`,
+    /// `wait_deadline` or `try_result`), as a future polled after it
+    /// returned `Ready` may.
     pub fn wait(mut self) -> Result<T, IsleError> {
         match self.wait_until(None) {
             Some(r) => r,
-            None => unreachable!("a wait without deadline returns a result"),
+            None => panic!(
+                "Task::wait called after the task's result was handed out (by wait_timeout, wait_deadline or try_result)"
+            ),
         }
     }
 
