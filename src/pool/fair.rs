@@ -24,6 +24,11 @@
 //!   turn.
 //! - A key whose queue empties starts afresh next time: debt is not carried
 //!   between busy periods.
+//! - A key whose request is suspended (the `async` feature) leaves the ring
+//!   until that request resolves; its later items wait in its queue, in
+//!   order (counted as queued, but not as work the VM could take), then
+//!   take turns like any others. A replacement for a wedged worker lets
+//!   them go: the stuck VM's suspended requests were answered already.
 //! - A broadcast runs after the session work queued before it (its
 //!   contract): arrivals behind it stay in the pinned queue until it has run.
 //!
@@ -55,43 +60,73 @@ const SPARE_CAPACITY: usize = 16;
 /// beyond it, the table is freed when the last is.
 const KEEP_KEYS: usize = 1024;
 
-/// One worker's fair queue, and the count of what it holds (read without
-/// the lock: by the worker when deciding whether to sleep, and by metrics).
+/// One worker's fair queue, and counts of what it holds (read without the
+/// lock: by the worker when deciding whether to sleep, and by metrics).
 #[derive(Default)]
 pub(super) struct FairSlot {
     fair: Mutex<Fair>,
+    /// What `next` could hand out (items not held behind a suspended
+    /// request, and a broadcast).
+    ready: AtomicUsize,
+    /// Everything held.
     len: AtomicUsize,
 }
 
 impl FairSlot {
-    /// Requests (and session closes, and a broadcast) held here.
+    /// Requests (and session closes, and a broadcast) held here, including
+    /// those waiting behind a suspended request of their session.
     pub(super) fn len(&self) -> usize {
-        // ORDERING: Relaxed: a hint for metrics and an idle check; the
-        // queue itself is read under the lock.
+        // ORDERING: Relaxed: a hint for metrics; the queue itself is read
+        // under the lock.
         self.len.load(Ordering::Relaxed)
+    }
+
+    /// What `next` could hand out now: the worker has work here.
+    pub(super) fn ready(&self) -> usize {
+        // ORDERING: Relaxed: an idle check, made again under the sleep
+        // protocol; the queue itself is read under the lock.
+        self.ready.load(Ordering::Relaxed)
     }
 
     /// Moves what waits in `intake` here, and takes the next thing to run,
     /// marking its key as being served by `generation` (the worker's).
     pub(super) fn next(&self, intake: &Injector<Pinned>, generation: u64) -> Option<Pinned> {
-        if self.len() == 0 && intake.is_empty() {
+        if self.ready() == 0 && intake.is_empty() {
             return None;
         }
         self.with(|fair| fair.next(intake, generation))
     }
 
     /// The request (or close) of key `id` that `generation` took has ended
-    /// after running for `ran`.
-    pub(super) fn done(&self, id: u64, generation: u64, ran: Duration) {
-        self.with(|fair| fair.done(id, generation, ran));
+    /// after running for `ran`, or has `suspended` (the `async` feature):
+    /// then the key's later items wait here until [`resume`](Self::resume).
+    pub(super) fn done(&self, id: u64, generation: u64, ran: Duration, suspended: bool) {
+        self.with(|fair| fair.done(id, generation, ran, suspended));
+    }
+
+    /// The suspended request of key `id` has resolved: its later items take
+    /// turns again.
+    pub(super) fn resume(&self, id: u64) {
+        self.with(|fair| fair.resume(id));
     }
 
     /// A fresh worker takes the slot over from a wedged one: the key that
-    /// one was serving is served again (its request was answered already).
+    /// one was serving is served again (its request was answered already),
+    /// and so are keys whose suspended requests the stuck VM held (they
+    /// were answered when it was replaced).
     pub(super) fn take_over(&self) {
         self.with(|fair| {
             if let Some((id, generation)) = fair.in_service {
-                fair.done(id, generation, Duration::ZERO);
+                fair.done(id, generation, Duration::ZERO, false);
+            }
+            let busy: Vec<u64> = fair
+                .keys
+                .iter()
+                .filter(|(_, q)| q.busy)
+                .map(|(&id, _)| id)
+                .collect();
+            for id in busy {
+                fair.resume(id);
             }
         });
     }
@@ -112,6 +147,7 @@ impl FairSlot {
             fair.in_service = None;
             fair.returning = None;
             fair.len = 0;
+            fair.held = 0;
             all
         })
     }
@@ -119,9 +155,11 @@ impl FairSlot {
     fn with<R>(&self, f: impl FnOnce(&mut Fair) -> R) -> R {
         let mut fair = self.fair.lock();
         let r = f(&mut fair);
-        let len = fair.len + usize::from(fair.barrier.is_some());
-        // ORDERING: Relaxed: see `len`.
-        self.len.store(len, Ordering::Relaxed);
+        let barrier = usize::from(fair.barrier.is_some());
+        // ORDERING: Relaxed: see `len` and `ready`.
+        self.len.store(fair.len + barrier, Ordering::Relaxed);
+        self.ready
+            .store(fair.len - fair.held + barrier, Ordering::Relaxed);
         r
     }
 }
@@ -141,6 +179,8 @@ struct Fair {
     barrier: Option<Job>,
     /// Items in the keys' queues.
     len: usize,
+    /// Of those, items of keys whose request is suspended (`busy`).
+    held: usize,
     /// Nanoseconds of session requests run from this queue, ever.
     clock: u64,
     spare: Vec<VecDeque<Pinned>>,
@@ -152,6 +192,9 @@ struct KeyQueue {
     deficit: i64,
     /// `clock` when the key was last considered or charged.
     seen: u64,
+    /// A request of the key is suspended (the `async` feature): the key is
+    /// out of the ring, its items wait, in order, until it resolves.
+    busy: bool,
 }
 
 impl Fair {
@@ -191,8 +234,10 @@ impl Fair {
         let id = key_of(&item);
         self.len += 1;
         if let Some(q) = self.keys.get_mut(&id) {
-            // Queued already: in the ring, being served or returning.
+            // Queued already: in the ring, being served, returning, or
+            // held behind its suspended request.
             q.items.push_back(item);
+            self.held += usize::from(q.busy);
             return;
         }
         let mut items = self.spare.pop().unwrap_or_default();
@@ -204,6 +249,7 @@ impl Fair {
                 items,
                 deficit: 0,
                 seen,
+                busy: false,
             },
         );
         // The key being served (taken by the shortcut in `next`, with no
@@ -258,20 +304,40 @@ impl Fair {
                 passed = 0;
             }
         }
-        if self.keys.is_empty() {
+        // Items held behind a suspended request are not waited for (nor is
+        // the request): they run when it resolves.
+        if self.len == self.held {
             self.barrier.take().map(Pinned::Broadcast)
         } else {
             None
         }
     }
 
-    fn done(&mut self, id: u64, generation: u64, ran: Duration) {
+    fn done(&mut self, id: u64, generation: u64, ran: Duration, suspended: bool) {
         if self.in_service != Some((id, generation)) {
             return;
         }
         self.in_service = None;
         let ran = u64::try_from(ran.as_nanos()).unwrap_or(u64::MAX);
         self.clock = self.clock.saturating_add(ran);
+        if suspended {
+            // Kept out of the ring, with or without items, until `resume`.
+            let seen = self.clock;
+            let spare = &mut self.spare;
+            let q = self.keys.entry(id).or_insert_with(|| KeyQueue {
+                items: spare.pop().unwrap_or_default(),
+                deficit: 0,
+                seen,
+                busy: false,
+            });
+            q.busy = true;
+            self.held += q.items.len();
+            q.deficit = q
+                .deficit
+                .saturating_sub(i64::try_from(ran).unwrap_or(i64::MAX));
+            q.seen = self.clock;
+            return;
+        }
         let Some(q) = self.keys.get_mut(&id) else {
             return;
         };
@@ -292,6 +358,28 @@ impl Fair {
                 .saturating_sub(i64::try_from(ran).unwrap_or(i64::MAX));
             q.seen = self.clock;
             self.returning = Some(id);
+        }
+    }
+}
+
+impl Fair {
+    fn resume(&mut self, id: u64) {
+        let Some(q) = self.keys.get_mut(&id) else {
+            return;
+        };
+        if !q.busy {
+            return;
+        }
+        q.busy = false;
+        self.held -= q.items.len();
+        if q.items.is_empty() {
+            if let Some(q) = self.keys.remove(&id) {
+                if self.spare.len() < SPARE_QUEUES && q.items.capacity() <= SPARE_CAPACITY {
+                    self.spare.push(q.items);
+                }
+            }
+        } else {
+            self.ring.push_back(id);
         }
     }
 }
@@ -343,7 +431,7 @@ mod tests {
                 panic!("only closes are queued here");
             };
             order.push(id);
-            slot.done(id, 7, cost(id));
+            slot.done(id, 7, cost(id), false);
         }
         assert_eq!(slot.len(), 0);
         order
@@ -403,7 +491,7 @@ mod tests {
             panic!("key 1 first");
         };
         queue(&intake, 2, 1);
-        slot.done(1, 7, Duration::from_micros(1));
+        slot.done(1, 7, Duration::from_micros(1), false);
         let order = serve(&slot, &intake, |_| Duration::from_micros(1));
         assert_eq!(order, [2, 1, 1]);
     }
@@ -419,9 +507,40 @@ mod tests {
         queue(&intake, 1, 2);
         queue(&intake, 2, 1);
         assert!(slot.next(&intake, 7).is_none(), "key 1 is still running");
-        slot.done(1, 7, Duration::from_micros(1));
+        slot.done(1, 7, Duration::from_micros(1), false);
         let order = serve(&slot, &intake, |_| Duration::from_micros(1));
         assert_eq!(order, [2, 1, 1]);
+    }
+
+    #[test]
+    fn a_suspended_key_holds_its_items_back_until_it_resumes() {
+        let (slot, intake) = (FairSlot::default(), Injector::new());
+        queue(&intake, 1, 1);
+        assert!(matches!(slot.next(&intake, 7), Some(Pinned::Close(1))));
+        // Key 1's request suspends; more of it, and key 2, arrive.
+        slot.done(1, 7, Duration::from_micros(1), true);
+        queue(&intake, 1, 2);
+        queue(&intake, 2, 1);
+        assert!(matches!(slot.next(&intake, 7), Some(Pinned::Close(2))));
+        slot.done(2, 7, Duration::from_micros(1), false);
+        // Key 1's two are held: counted, but nothing to hand out.
+        assert!(slot.next(&intake, 7).is_none());
+        assert_eq!((slot.len(), slot.ready()), (2, 0));
+        slot.resume(1);
+        assert_eq!(slot.ready(), 2);
+        assert_eq!(serve(&slot, &intake, |_| Duration::from_micros(1)), [1, 1]);
+    }
+
+    #[test]
+    fn a_replacement_releases_keys_suspended_on_the_stuck_vm() {
+        let (slot, intake) = (FairSlot::default(), Injector::new());
+        queue(&intake, 1, 1);
+        assert!(slot.next(&intake, 7).is_some());
+        slot.done(1, 7, Duration::ZERO, true);
+        queue(&intake, 1, 1);
+        assert!(slot.next(&intake, 7).is_none());
+        slot.take_over();
+        assert_eq!(serve(&slot, &intake, |_| Duration::ZERO), [1]);
     }
 
     #[test]
@@ -434,9 +553,9 @@ mod tests {
         assert!(slot.next(&intake, 8).is_none());
         slot.take_over();
         // The stuck one's late report changes nothing.
-        slot.done(1, 7, Duration::ZERO);
+        slot.done(1, 7, Duration::ZERO, false);
         assert!(matches!(slot.next(&intake, 8), Some(Pinned::Close(1))));
-        slot.done(1, 8, Duration::ZERO);
+        slot.done(1, 8, Duration::ZERO, false);
         assert!(slot.next(&intake, 8).is_none());
         assert_eq!(slot.len(), 0);
     }

@@ -200,7 +200,7 @@ impl Shared {
     pub(super) fn has_work(&self, w: usize, local: &Deque<Job>) -> bool {
         !self.control[w].is_empty()
             || !self.pinned[w].is_empty()
-            || self.fair[w].len() > 0
+            || self.fair[w].ready() > 0
             || !local.is_empty()
             || !self.injector.is_empty()
             || self.stealers.iter().any(|s| !s.is_empty())

@@ -120,8 +120,8 @@ impl Worker {
                         self.run_job(&mut host, job, None, 0);
                     }
                     Found::Pinned(Pinned::Session(binding, job)) => {
-                        let ran = self.session_job(&mut host, &binding, job);
-                        self.served_key(binding.id, ran);
+                        let (ran, suspended) = self.session_job(&mut host, &binding, job);
+                        self.served_key(binding.id, ran, suspended);
                     }
                     Found::Pinned(Pinned::Broadcast(job)) => {
                         // Not a request of the pool's: not in its metrics.
@@ -139,7 +139,7 @@ impl Worker {
                             Some(env) if env.busy => env.waiting.push_back(Waiting::Close),
                             _ => self.close(&mut host, id, &mut lost),
                         }
-                        self.served_key(id, Duration::ZERO);
+                        self.served_key(id, Duration::ZERO, false);
                     }
                 }
                 if !self.is_current() {
@@ -227,30 +227,38 @@ impl Worker {
     }
 
     /// Tells the fair queue that the item of session `id` it gave out has
-    /// been dealt with, after running for `ran` (unless this worker was
-    /// replaced meanwhile: the queue is its replacement's).
-    fn served_key(&self, id: u64, ran: Duration) {
+    /// been dealt with, after running for `ran`, or that it `suspended`
+    /// (unless this worker was replaced meanwhile: the queue is its
+    /// replacement's).
+    fn served_key(&self, id: u64, ran: Duration, suspended: bool) {
         if !self.shared.fifo_sessions && self.is_current() {
-            self.shared.fair[self.index].done(id, self.generation, ran);
+            self.shared.fair[self.index].done(id, self.generation, ran, suspended);
         }
     }
 
     /// A request for a session: it runs now, unless a request of the same
-    /// session is suspended (then it waits behind it, in order). Returns how
-    /// long it ran.
-    fn session_job(&self, host: &mut WorkerVm, binding: &Arc<Binding>, job: Job) -> Duration {
+    /// session is suspended (then it waits behind it, in order: in the fair
+    /// queue, which holds the session's items back meanwhile; with
+    /// `fifo_sessions`, here). Returns how long it ran, and whether it
+    /// suspended.
+    fn session_job(
+        &self,
+        host: &mut WorkerVm,
+        binding: &Arc<Binding>,
+        job: Job,
+    ) -> (Duration, bool) {
         if binding.lost.load(Ordering::Acquire) {
             self.tell_lost(binding, job);
             binding.counters.resolved(Outcome::Failed);
             self.session_request_done(binding);
-            return Duration::ZERO;
+            return (Duration::ZERO, false);
         }
         match host.env(binding) {
             Ok(table) => {
                 if let Some(env) = host.envs.get_mut(&binding.id) {
                     if env.busy {
                         env.waiting.push_back(Waiting::Job(job));
-                        return Duration::ZERO;
+                        return (Duration::ZERO, false);
                     }
                 }
                 self.run_session(host, binding, job, &table)
@@ -260,20 +268,21 @@ impl Worker {
                 self.shared.counters[self.index].record(Outcome::Failed, Duration::ZERO);
                 binding.counters.resolved(Outcome::Failed);
                 self.session_request_done(binding);
-                Duration::ZERO
+                (Duration::ZERO, false)
             }
         }
     }
 
     /// Runs a session's request in its environment; if it suspends, the
-    /// session is busy until it resolves. Returns how long it ran.
+    /// session is busy until it resolves. Returns how long it ran, and
+    /// whether it suspended.
     fn run_session(
         &self,
         host: &mut WorkerVm,
         binding: &Arc<Binding>,
         job: Job,
         table: &Table,
-    ) -> Duration {
+    ) -> (Duration, bool) {
         let (outcome, ran) = self.run_job(host, job, Some(table), binding.id);
         binding.counters.ran(ran);
         if let Some(outcome) = outcome {
@@ -282,7 +291,7 @@ impl Worker {
         } else if let Some(env) = host.envs.get_mut(&binding.id) {
             env.busy = true;
         }
-        ran
+        (ran, outcome.is_none())
     }
 
     /// A session's request has resolved.
@@ -357,6 +366,11 @@ impl Worker {
         host.served += 1;
         if tag == 0 {
             return;
+        }
+        // The session's next items take turns again (`fifo_sessions`: they
+        // wait below, in `env.waiting`).
+        if !self.shared.fifo_sessions && self.is_current() {
+            self.shared.fair[self.index].resume(tag);
         }
         let Some(env) = host.envs.get_mut(&tag) else {
             return;

@@ -188,10 +188,14 @@ impl IslePool {
         }
         // From an isle's VM thread: refused if the pool waits on that isle.
         let _waiting = blocking_on(owner)?;
-        self.run_reload(Arc::new(f), || true, |commit| {
-            commit();
-            true
-        })
+        self.run_reload(
+            Arc::new(f),
+            || true,
+            |commit| {
+                commit();
+                true
+            },
+        )
     }
 
     /// Like [`reload`](Self::reload), but returns at once with a [`Task`]
