@@ -244,7 +244,7 @@ fn serve(
     while life.is_current(0, mine) {
         let resolved = &mut |_, outcome| counters.resolved(outcome);
         if vm.has_woken() {
-            vm.resume_woken(resolved);
+            vm.resume_woken(&mut |_, _| {}, resolved);
             ran_until = None;
         }
         while vm.suspended() < cap {

@@ -104,6 +104,21 @@ impl FairSlot {
         self.with(|fair| fair.done(id, generation, ran, suspended));
     }
 
+    /// The suspended request of key `id` ran a later poll for `ran`: the
+    /// key's cost, as a request's first run is.
+    pub(super) fn charge(&self, id: u64, ran: Duration) {
+        self.with(|fair| {
+            let ran = u64::try_from(ran.as_nanos()).unwrap_or(u64::MAX);
+            fair.clock = fair.clock.saturating_add(ran);
+            if let Some(q) = fair.keys.get_mut(&id) {
+                q.deficit = q
+                    .deficit
+                    .saturating_sub(i64::try_from(ran).unwrap_or(i64::MAX));
+                q.seen = fair.clock;
+            }
+        });
+    }
+
     /// The suspended request of key `id` has resolved: its later items take
     /// turns again.
     pub(super) fn resume(&self, id: u64) {

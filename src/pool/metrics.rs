@@ -28,8 +28,9 @@ use crate::vm::Outcome;
 /// started, and session requests that failed before running (`SessionLost`,
 /// or their environment could not be made). A request that suspends (the
 /// `async` feature) is in the histograms from its first poll, with that
-/// poll's run time (as in `busy`), not its time suspended or later polls;
-/// it is counted in the counters when it resolves.
+/// poll's run time, not its time suspended or later polls (which count in
+/// `busy` and in its session's `run_time`); it is counted in the counters
+/// when it resolves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PoolMetrics {
@@ -130,8 +131,8 @@ pub struct SessionMetrics {
     /// Those cancelled, timed out or shut down (while queued or running).
     pub cancelled: u64,
     /// The VM time its requests took: the session's share of the VM. For a
-    /// request that awaited a future (the `async` feature), the time until
-    /// it first suspended.
+    /// request that awaited futures (the `async` feature), the time its
+    /// polls ran, not the time it was suspended.
     pub run_time: Duration,
     /// Callers waiting for room in the session's own queue
     /// (`session_queue_capacity`; see `Session::reserve`).

@@ -326,7 +326,43 @@ impl Worker {
 
     /// Polls the suspended requests that woke, and finishes what resolved.
     fn resume_woken(&self, host: &mut WorkerVm, lost: &mut Vec<Arc<Binding>>) {
-        self.settle(host, lost, Vm::resume_woken);
+        let mut polls = Vec::new();
+        let mut resolved = Vec::new();
+        host.vm.resume_woken(
+            &mut |tag, ran| polls.push((tag, ran)),
+            &mut |tag, outcome| resolved.push((tag, outcome)),
+        );
+        // Charged before the sessions resume: the time of a request's
+        // later polls is its session's cost too.
+        for (tag, ran) in polls {
+            self.charge(host, tag, ran);
+        }
+        for (tag, outcome) in resolved {
+            self.resolved(host, tag, outcome, lost);
+        }
+        self.count_suspended(host);
+    }
+
+    /// A suspended request (of the session `tag`, if not 0) ran a poll for
+    /// `ran`: the worker's busy time, the session's run time and its cost
+    /// in the fair queue.
+    fn charge(&self, host: &WorkerVm, tag: u64, ran: Duration) {
+        if tag == BROADCAST {
+            return;
+        }
+        // ORDERING: Relaxed: statistics.
+        self.shared.counters[self.index]
+            .busy_ns
+            .fetch_add(ran.as_nanos() as u64, Ordering::Relaxed);
+        if tag == 0 {
+            return;
+        }
+        if let Some(env) = host.envs.get(&tag) {
+            env.binding.counters.ran(ran);
+        }
+        if !self.shared.fifo_sessions && self.is_current() {
+            self.shared.fair[self.index].charge(tag, ran);
+        }
     }
 
     /// Stops every suspended request (the pool is aborting).
@@ -334,8 +370,8 @@ impl Worker {
         self.settle(host, lost, Vm::close_suspended);
     }
 
-    /// Runs `step` over the VM's suspended requests, then finishes each
-    /// that resolved.
+    /// Runs `step` over the VM's suspended requests (stopping them), then
+    /// finishes each that resolved.
     fn settle(
         &self,
         host: &mut WorkerVm,

@@ -225,20 +225,27 @@ impl Vm {
         }
     }
 
-    /// Polls the suspended requests whose futures woke; `done` gets the
-    /// tag and outcome of each that resolved.
-    pub(crate) fn resume_woken(&self, done: &mut dyn FnMut(u64, Outcome)) {
+    /// Polls the suspended requests whose futures woke; `ran` gets the tag
+    /// of each and how long its poll ran (before `done`, if it resolved),
+    /// `done` the tag and outcome of each that resolved.
+    pub(crate) fn resume_woken(
+        &self,
+        ran: &mut dyn FnMut(u64, std::time::Duration),
+        done: &mut dyn FnMut(u64, Outcome),
+    ) {
         #[cfg(feature = "async")]
         for slot in self.suspension.woken() {
             let Some((mut paused, tag, waker)) = self.suspension.unpark(slot) else {
                 continue; // resolved since (a stale wake-up)
             };
+            let start = std::time::Instant::now();
             let polled = catch_unwind(AssertUnwindSafe(|| {
                 let r = paused.poll(&self.lua, &self.interrupt, &waker);
                 coroutine::close_terminated();
                 r
             }));
             self.interrupt.reset(&self.lua, &self.interrupt);
+            ran(tag, start.elapsed());
             match polled {
                 Ok(None) => self.suspension.park(slot, paused, tag),
                 Ok(Some(outcome)) => self.resolved(slot, tag, outcome, done),
@@ -251,7 +258,7 @@ impl Vm {
                 }
             }
         }
-        let _ = done;
+        let _ = (ran, done);
     }
 
     /// Stops every suspended request (`Shutdown`) and drops its work:
