@@ -98,6 +98,13 @@ impl IslePoolBuilder {
     /// requests, not by all of them. Each session's own requests still run
     /// in the order submitted. First come, first served gives up that
     /// isolation for a strict order across sessions.
+    ///
+    /// One more difference, with the `async` feature: first come, first
+    /// served, the requests of a session queued behind its suspended
+    /// request wait in the worker thread itself. If that worker is wedged
+    /// and replaced, they resolve only once the stuck thread gets back
+    /// (fairly served, they wait in the pool's queue, and the replacement
+    /// answers them `SessionLost`).
     pub fn fifo_sessions(mut self, on: bool) -> Self {
         self.fifo_sessions = on;
         self
