@@ -181,7 +181,8 @@ impl FairSlot {
 
 #[derive(Default)]
 struct Fair {
-    /// Each key with queued work (or being served), by binding id.
+    /// Each key with queued work, being served, or with a request
+    /// suspended (`busy`), by binding id.
     keys: HashMap<u64, KeyQueue, BuildHasherDefault<IdHasher>>,
     /// The keys with queued work that are not being served, in turn order.
     ring: VecDeque<u64>,
