@@ -235,3 +235,40 @@ fn a_zero_session_queue_capacity_is_refused_at_build() {
         "{err:?}"
     );
 }
+
+/// Lua 5.1 and Luau: mlua's references live on one Lua stack of 8,000
+/// slots, and a session's environment is one. Past that, a new session's
+/// request fails with a Lua error (as does other work needing a new
+/// reference); the VM stays sound, and closing sessions makes room.
+#[cfg(any(feature = "lua51", feature = "luau"))]
+#[test]
+fn past_the_lua_stack_new_sessions_fail_until_sessions_close() {
+    within("sessions past the stack", || {
+        let pool = IslePool::builder().workers(1).build().unwrap();
+        let mut opened = 0;
+        let err = loop {
+            match pool.session(opened).eval::<()>("x = 1") {
+                Ok(()) => opened += 1,
+                Err(e) => break e,
+            }
+            assert!(opened < 20_000, "no limit reached");
+        };
+        // Where the last slot goes decides which error says so: making the
+        // session's environment (ours: it names sessions) or compiling its
+        // chunk (mlua's).
+        assert!(
+            matches!(&err, IsleError::Lua(e)
+                if e.message().contains("open sessions") || e.message().contains("out of Lua stack")),
+            "{err:?}"
+        );
+        assert!(opened > 1_000, "{opened}");
+        // Full, the VM fails what needs a new reference; closing sessions
+        // gives them back.
+        for k in 0..100 {
+            assert!(pool.close_session(k));
+        }
+        assert_eq!(pool.eval::<i64>("return 2"), Ok(2));
+        assert_eq!(pool.session(opened).eval::<i64>("return 3"), Ok(3));
+        pool.shutdown().unwrap();
+    });
+}
