@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{eventually, gate, within, Flag, GateFn};
+use common::{eventually, gate, hold_pool, within, Flag, GateFn};
 use mlua_isle::{mlua, IsleError, IslePool, PoolMetrics, Session, Task};
 use parking_lot::Mutex;
 
@@ -79,17 +79,6 @@ fn assert_identity(m: &PoolMetrics) {
     );
 }
 
-/// Holds the pool's only VM in an unkeyed request until released.
-fn hold(pool: &IslePool) -> (common::Gate, Task<()>) {
-    let (g, block) = gate();
-    let held = pool.spawn_exec(move |_| {
-        block.block();
-        Ok(())
-    });
-    g.wait_started();
-    (g, held)
-}
-
 // ---------------------------------------------------------------------
 // Fair service
 // ---------------------------------------------------------------------
@@ -115,7 +104,7 @@ fn a_hundred_thousand_keys_flooding_one_vm_are_all_served_in_order() {
     within("100k keys", || {
         let pool = one_vm();
         let log = Log::default();
-        let (g, held) = hold(&pool);
+        let (g, held) = hold_pool(&pool);
         let count = Arc::new(AtomicUsize::new(0));
         let total = ONE_SHOT_KEYS as usize + 20_000;
         let mut tasks = Vec::with_capacity(total);
@@ -166,7 +155,7 @@ fn a_key_alternating_long_and_short_requests_does_not_hold_a_quiet_key() {
             .build()
             .unwrap();
         let log = Log::default();
-        let (g, held) = hold(&pool);
+        let (g, held) = hold_pool(&pool);
         let (a, b) = (pool.session("alt"), pool.session("short"));
         let mut tasks = Vec::new();
         for i in 0..40 {
@@ -229,7 +218,7 @@ fn a_key_that_panics_times_out_and_is_cancelled_mid_turn_does_not_stall_the_vm()
             .build()
             .unwrap();
         let log = Log::default();
-        let (g, held) = hold(&pool);
+        let (g, held) = hold_pool(&pool);
         let bad = pool.session("bad");
         let good = pool.session("good");
         let mut goods = Vec::new();
@@ -365,7 +354,7 @@ fn recycling_after_every_request_under_fair_service_resolves_each_request_once()
             .recycle_after(1)
             .build()
             .unwrap();
-        let (g, held) = hold(&pool);
+        let (g, held) = hold_pool(&pool);
         let keys = ["a", "b", "c", "d"];
         let tasks: Vec<(usize, Task<i64>)> = (0..6)
             .flat_map(|_| keys.iter().enumerate())
@@ -458,7 +447,7 @@ fn a_broadcast_behind_many_keys_runs_after_their_queued_work() {
     within("broadcast barrier", || {
         let pool = one_vm();
         let log = Log::default();
-        let (g, held) = hold(&pool);
+        let (g, held) = hold_pool(&pool);
         let mut before = Vec::new();
         for i in 0..30 {
             for key in ["a", "b", "c"] {
@@ -606,7 +595,7 @@ fn shutdown_wakes_every_waiter_for_a_sessions_room_and_the_pools() {
             .queue_capacity(2)
             .build()
             .unwrap();
-        let (g, held) = hold(&pool);
+        let (g, held) = hold_pool(&pool);
         let s = pool.session("s");
         let queued = s.spawn_eval::<i64>("return 1");
         let other = pool.session("o").spawn_eval::<i64>("return 2");
@@ -649,7 +638,7 @@ fn shutdown_wakes_every_waiter_for_a_sessions_room_and_the_pools() {
 fn permits_dropped_or_used_on_other_threads_give_their_room_back() {
     within("permits across threads", || {
         let pool = capped(1);
-        let (g, held) = hold(&pool);
+        let (g, held) = hold_pool(&pool);
         let s = pool.session("s");
         let permit = s.try_reserve().unwrap();
         assert_eq!(s.try_reserve().err(), Some(IsleError::QueueFull));
@@ -685,7 +674,7 @@ fn permits_dropped_or_used_on_other_threads_give_their_room_back() {
 fn a_permit_outliving_its_session_does_not_overfill_the_next_one() {
     within("stale permit", || {
         let pool = capped(1);
-        let (g, held) = hold(&pool);
+        let (g, held) = hold_pool(&pool);
         let s = pool.session("s");
         let permit = s.try_reserve().unwrap();
         assert!(s.close());
@@ -711,7 +700,7 @@ fn a_permit_outliving_its_session_does_not_overfill_the_next_one() {
 fn dead_queued_requests_give_a_sessions_room_back_among_many_keys() {
     within("dead requests", || {
         let pool = capped(3);
-        let (g, held) = hold(&pool);
+        let (g, held) = hold_pool(&pool);
         let s = pool.session("s");
         let mut others = Vec::new();
         let a = s.spawn_eval::<i64>("return 1");
@@ -769,7 +758,7 @@ fn refused_requests_for_fresh_keys_do_not_open_sessions() {
             .queue_capacity(1)
             .build()
             .unwrap();
-        let (g, held) = hold(&pool);
+        let (g, held) = hold_pool(&pool);
         let queued = pool.session("real").spawn_eval::<i64>("return 1");
         for k in 0..1000 {
             let r = pool
@@ -1335,7 +1324,7 @@ mod suspended {
         within("order with suspensions", || {
             let pool = one_vm();
             let log = Log::default();
-            let (g, held) = hold(&pool);
+            let (g, held) = hold_pool(&pool);
             let mut tasks = Vec::new();
             for i in 0..60 {
                 for key in ["a", "b", "c"] {
