@@ -236,11 +236,11 @@ fn a_zero_session_queue_capacity_is_refused_at_build() {
     );
 }
 
-/// Lua 5.1 and Luau: mlua's references live on one Lua stack of 8,000
+/// Lua 5.1, LuaJIT and Luau: mlua's references live on one Lua stack of 8,000
 /// slots, and a session's environment is one. Past that, a new session's
 /// request fails with a Lua error (as does other work needing a new
 /// reference); the VM stays sound, and closing sessions makes room.
-#[cfg(any(feature = "lua51", feature = "luau"))]
+#[cfg(any(feature = "lua51", feature = "luau", feature = "luajit"))]
 #[test]
 fn past_the_lua_stack_new_sessions_fail_until_sessions_close() {
     within("sessions past the stack", || {
@@ -262,6 +262,7 @@ fn past_the_lua_stack_new_sessions_fail_until_sessions_close() {
             "{err:?}"
         );
         assert!(opened > 1_000, "{opened}");
+        eprintln!("sessions opened before the stack ran out: {opened}");
         // Full, the VM fails what needs a new reference; closing sessions
         // gives them back.
         for k in 0..100 {
