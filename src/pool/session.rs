@@ -173,6 +173,7 @@ fn bind(shared: &Shared, shard: &mut HashSet<ByKey>, key: &SessionKey) -> Arc<Bi
         return b.clone();
     }
     let b = Arc::new(Binding {
+        // ORDERING: Relaxed: a unique number; nothing is published by it.
         id: shared.sessions.next_id.fetch_add(1, Ordering::Relaxed),
         key: key.clone(),
         worker: least_loaded(shared),
@@ -182,6 +183,7 @@ fn bind(shared: &Shared, shard: &mut HashSet<ByKey>, key: &SessionKey) -> Arc<Bi
         counters: KeyCounters::default(),
         room: shared.session_capacity.map(Room::new),
     });
+    // ORDERING: Relaxed: a count for metrics and `least_loaded`'s guess.
     shared.counters[b.worker]
         .sessions
         .fetch_add(1, Ordering::Relaxed);
