@@ -236,11 +236,11 @@ fn a_zero_session_queue_capacity_is_refused_at_build() {
     );
 }
 
-/// Lua 5.1, LuaJIT and Luau: mlua's references live on one Lua stack of 8,000
+/// Lua 5.1 and LuaJIT: mlua's references live on one Lua stack of 8,000
 /// slots, and a session's environment is one. Past that, a new session's
 /// request fails with a Lua error (as does other work needing a new
 /// reference); the VM stays sound, and closing sessions makes room.
-#[cfg(any(feature = "lua51", feature = "luau", feature = "luajit"))]
+#[cfg(any(feature = "lua51", feature = "luajit"))]
 #[test]
 fn past_the_lua_stack_new_sessions_fail_until_sessions_close() {
     within("sessions past the stack", || {

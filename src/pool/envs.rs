@@ -89,11 +89,11 @@ impl WorkerVm {
             .and_then(|f| f.call::<Table>(()))
             .map_err(|e| match e {
                 // Each open session holds one of mlua's references, which
-                // live on a Lua stack: 8,000 slots on Lua 5.1, LuaJIT and
-                // Luau, a million on 5.2+.
+                // live on a Lua stack: 8,000 slots on Lua 5.1 and LuaJIT,
+                // a million on 5.2+.
                 mlua::Error::StackError => IsleError::from_lua(&mlua::Error::runtime(
                     "this VM holds as many open sessions as its Lua stack allows \
-                     (about 8,000 on Lua 5.1, LuaJIT and Luau): close idle \
+                     (about 8,000 on Lua 5.1 and LuaJIT): close idle \
                      sessions (close_session, session_idle_timeout) or add workers",
                 )),
                 e => IsleError::from_lua(&e),
