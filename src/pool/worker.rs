@@ -10,6 +10,7 @@ use crossbeam_deque::Worker as Deque;
 use mlua::Table;
 
 use super::envs::{Waiting, WorkerVm};
+use super::fair::FairSlot;
 use super::reload::{self, Control};
 use super::session::Binding;
 use super::shared::{Found, Pinned, Shared};
@@ -79,7 +80,6 @@ impl Worker {
                     // Found wedged in a resumed poll and replaced: the slot
                     // (its queues, its fair queue, its reloads) is another
                     // thread's now.
-                    self.pending.borrow_mut().flush(&shared.counters[w].latency);
                     self.retire();
                     return;
                 }
@@ -145,7 +145,6 @@ impl Worker {
                 if !self.is_current() {
                     // Found wedged and replaced while in that request: the
                     // slot is another thread's now.
-                    self.pending.borrow_mut().flush(&shared.counters[w].latency);
                     self.retire();
                     return;
                 }
@@ -165,7 +164,7 @@ impl Worker {
             // Idle (or at the cap of suspended requests).
             let stopping = || shared.life.is_closed();
             if stopping() && host.vm.suspended() == 0 && !shared.has_work(w, &self.local) {
-                self.pending.borrow_mut().flush(&shared.counters[w].latency);
+                self.flush_latency();
                 break;
             }
             if spin_until(|| self.more(&host.vm, room)) {
@@ -177,7 +176,7 @@ impl Worker {
                     next_sweep = Instant::now() + every;
                 }
             }
-            self.pending.borrow_mut().flush(&shared.counters[w].latency);
+            self.flush_latency();
             let timeout = sweep_every.filter(|_| !host.envs.is_empty() || !lost.is_empty());
             shared
                 .sleep
@@ -231,9 +230,22 @@ impl Worker {
     /// (unless this worker was replaced meanwhile: the queue is its
     /// replacement's).
     fn served_key(&self, id: u64, ran: Duration, suspended: bool) {
-        if !self.shared.fifo_sessions && self.is_current() {
-            self.shared.fair[self.index].done(id, self.generation, ran, suspended);
+        if let Some(fair) = self.fair() {
+            fair.done(id, self.generation, ran, suspended);
         }
+    }
+
+    /// This slot's fair queue, if sessions are served fairly and the slot
+    /// is still this worker's.
+    fn fair(&self) -> Option<&FairSlot> {
+        (!self.shared.fifo_sessions && self.is_current()).then(|| &*self.shared.fair[self.index])
+    }
+
+    /// Hands the latency samples not yet recorded to the slot's metrics.
+    fn flush_latency(&self) {
+        self.pending
+            .borrow_mut()
+            .flush(&self.shared.counters[self.index].latency);
     }
 
     /// A request for a session: it runs now, unless a request of the same
@@ -360,8 +372,8 @@ impl Worker {
         if let Some(env) = host.envs.get(&tag) {
             env.binding.counters.ran(ran);
         }
-        if !self.shared.fifo_sessions && self.is_current() {
-            self.shared.fair[self.index].charge(tag, ran);
+        if let Some(fair) = self.fair() {
+            fair.charge(tag, ran);
         }
     }
 
@@ -405,8 +417,8 @@ impl Worker {
         }
         // The session's next items take turns again (`fifo_sessions`: they
         // wait below, in `env.waiting`).
-        if !self.shared.fifo_sessions && self.is_current() {
-            self.shared.fair[self.index].resume(tag);
+        if let Some(fair) = self.fair() {
+            fair.resume(tag);
         }
         let Some(env) = host.envs.get_mut(&tag) else {
             return;
@@ -454,6 +466,8 @@ impl Worker {
     /// goes back to the global queue. The VM is dropped with the worker.
     fn retire(&self) {
         let shared = &*self.shared;
+        // What it ran still counts in its slot's metrics.
+        self.flush_latency();
         let mut moved = false;
         while let Some(job) = self.local.pop() {
             shared.injector.push(job);
