@@ -81,6 +81,13 @@ pub enum IsleError {
     #[error("the session's Lua VM was recycled; its state is gone")]
     SessionLost,
 
+    /// The Lua value a [`LuaHandle`](crate::LuaHandle) refers to is gone:
+    /// the VM holding it was recycled or replaced, or (a session's handle)
+    /// its session was closed, expired or lost. The message says which.
+    /// Make the value again.
+    #[error("{0}")]
+    HandleLost(String),
+
     /// A VM did not let go of a stopped request within its grace period
     /// (see `stop_grace`): it is stuck in Rust or C code. Returned by
     /// `shutdown_timeout` (the stuck thread was detached, not joined); the

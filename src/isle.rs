@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use mlua::Lua;
 
+use crate::handle::route::{home_cell, set_home, Home, HomeCell, Place};
 use crate::host::reserve::{reserve_methods, Permit};
 use crate::host::submit::{request_methods, take_room, Owner, Submit};
 use crate::host::{Host, Lifecycle, Queues, Spawn, Starting};
@@ -57,6 +58,8 @@ struct Inner {
     wedged: AtomicU64,
     /// Kept by the VM thread (and its replacements).
     counters: Arc<IsleCounters>,
+    /// This isle, for the `LuaHandle`s its VMs make.
+    home: HomeCell,
 }
 
 enum Msg {
@@ -151,7 +154,8 @@ impl IsleBuilder {
             }
         };
         let counters = Arc::new(IsleCounters::default());
-        let thread = start(id, &config, &life, (&rx, &counters), 0, None, first)?.ready()?;
+        let home = home_cell();
+        let thread = start(id, &config, &life, (&rx, &counters, &home), 0, None, first)?.ready()?;
         let inner = Arc::new(Inner {
             host: Host::new(owner, life, vec![thread]),
             tx,
@@ -161,7 +165,10 @@ impl IsleBuilder {
             init: self.init,
             wedged: AtomicU64::new(0),
             counters,
+            home,
         });
+        let home: Weak<dyn Home> = Arc::downgrade(&inner) as Weak<Inner>;
+        let _ = inner.home.set(home);
         let weak: Weak<Inner> = Arc::downgrade(&inner);
         inner.host.owner.timer.on_overdue(Arc::new(move |req| {
             if let Some(inner) = weak.upgrade() {
@@ -178,13 +185,14 @@ fn start(
     id: u64,
     config: &VmConfig,
     life: &Arc<Lifecycle>,
-    (rx, counters): (&Receiver<Msg>, &Arc<IsleCounters>),
+    (rx, counters, home): (&Receiver<Msg>, &Arc<IsleCounters>, &HomeCell),
     generation: u64,
     go: Option<Receiver<()>>,
     init: impl FnOnce(&Lua) -> mlua::Result<()> + Send + 'static,
 ) -> Result<Starting, IsleError> {
     let (vm_config, abort) = (config.clone(), life.abort_flag());
     let (serving, rx, counters) = (life.clone(), rx.clone(), counters.clone());
+    let home = home.clone();
     let cap = config.max_suspended;
     Spawn {
         slot: 0,
@@ -197,6 +205,7 @@ fn start(
         go,
     }
     .spawn(life, config, "", move |vm, _| {
+        set_home(vm.lua(), &home, None);
         // A suspended request's wake-up (the `async` feature) comes on a
         // channel of its own: the request queue must still disconnect
         // when the isle's last handle goes. Without `async` nothing wakes
@@ -450,6 +459,16 @@ impl Submit for Isle {
     }
 }
 
+impl Home for Inner {
+    fn owner(&self) -> &Owner {
+        &self.host.owner
+    }
+
+    fn send(self: Arc<Self>, job: Job, _: &Place) {
+        Isle { inner: self }.enqueue(job, None);
+    }
+}
+
 impl Queues for Inner {
     /// The VM thread finishes what is queued before this message (or, once
     /// aborting, resolves it `Shutdown`) and exits.
@@ -485,7 +504,7 @@ impl Inner {
                     self.host.owner.id,
                     &self.config,
                     &self.host.life,
-                    (&self.rx, &self.counters),
+                    (&self.rx, &self.counters, &self.home),
                     next,
                     Some(go_rx),
                     move |lua| init.map_or(Ok(()), |init| init(lua)),

@@ -168,6 +168,7 @@
 #![deny(unsafe_code)]
 
 mod error;
+mod handle;
 mod host;
 mod interrupt;
 mod isle;
@@ -179,6 +180,7 @@ mod sync;
 mod vm;
 
 pub use error::{IsleError, LuaError, LuaErrorKind};
+pub use handle::LuaHandle;
 pub use host::reserve::{Permit, Reserve};
 pub use interrupt::current_token;
 pub use isle::{Isle, IsleBuilder};

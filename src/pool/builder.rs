@@ -193,6 +193,7 @@ impl IslePoolBuilder {
             recycle_above: self.recycle_above,
             epoch: Instant::now(),
             fifo_sessions: self.fifo_sessions,
+            home: crate::handle::route::home_cell(),
         });
 
         // A VM runs `init`, then the reloads (committed and in flight) as
@@ -250,6 +251,9 @@ impl IslePoolBuilder {
             shared,
             spawner,
         });
+        let home: std::sync::Weak<dyn crate::handle::route::Home> =
+            Arc::downgrade(&inner) as std::sync::Weak<PoolInner>;
+        let _ = inner.shared.home.set(home);
         let weak = Arc::downgrade(&inner);
         inner.host.owner.timer.on_overdue(Arc::new(move |req| {
             if let Some(inner) = weak.upgrade() {

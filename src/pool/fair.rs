@@ -31,6 +31,8 @@
 //!   them go: the stuck VM's suspended requests were answered already.
 //! - A broadcast runs after the session work queued before it (its
 //!   contract): arrivals behind it stay in the pinned queue until it has run.
+//!   A `LuaHandle`'s request for a value of this VM made by unkeyed work
+//!   (`Pinned::Direct`) is served the same way.
 //!
 //! The state lives in `Shared` behind a lock only its worker takes on its
 //! path (once to find work, once when a session's request ends), so the
@@ -45,7 +47,6 @@ use crossbeam_deque::Injector;
 use parking_lot::Mutex;
 
 use super::shared::{steal_one, Pinned};
-use crate::vm::Job;
 
 /// Queues kept for reuse when a key's queue empties: with many keys each
 /// sending one request at a time, most requests would otherwise allocate
@@ -149,12 +150,7 @@ impl FairSlot {
     /// Everything held, for a pool that has stopped.
     pub(super) fn take_all(&self) -> Vec<Pinned> {
         self.with(|fair| {
-            let mut all: Vec<Pinned> = fair
-                .barrier
-                .take()
-                .map(Pinned::Broadcast)
-                .into_iter()
-                .collect();
+            let mut all: Vec<Pinned> = fair.barrier.take().into_iter().collect();
             for (_, q) in fair.keys.drain() {
                 all.extend(q.items);
             }
@@ -191,8 +187,9 @@ struct Fair {
     /// The key served last, with more work: back into the ring after what
     /// arrived while it ran.
     returning: Option<u64>,
-    /// A broadcast waiting for the session work queued before it.
-    barrier: Option<Job>,
+    /// A broadcast (or a handle's request, `Pinned::Direct`) waiting for
+    /// the session work queued before it.
+    barrier: Option<Pinned>,
     /// Items in the keys' queues.
     len: usize,
     /// Of those, items of keys whose request is suspended (`busy`).
@@ -220,7 +217,7 @@ impl Fair {
             // at once, without a queue of its own.
             let item = steal_one(|| intake.steal())?;
             match item {
-                Pinned::Broadcast(job) => return Some(Pinned::Broadcast(job)),
+                b @ (Pinned::Broadcast(_) | Pinned::Direct(_)) => return Some(b),
                 _ if intake.is_empty() => {
                     self.in_service = Some((key_of(&item), generation));
                     return Some(item);
@@ -240,7 +237,7 @@ impl Fair {
         while self.barrier.is_none() {
             match steal_one(|| intake.steal()) {
                 None => return,
-                Some(Pinned::Broadcast(job)) => self.barrier = Some(job),
+                Some(b @ (Pinned::Broadcast(_) | Pinned::Direct(_))) => self.barrier = Some(b),
                 Some(item) => self.push(item),
             }
         }
@@ -323,7 +320,7 @@ impl Fair {
         // Items held behind a suspended request are not waited for (nor is
         // the request): they run when it resolves.
         if self.len == self.held {
-            self.barrier.take().map(Pinned::Broadcast)
+            self.barrier.take()
         } else {
             None
         }
@@ -405,7 +402,9 @@ fn key_of(item: &Pinned) -> u64 {
     match item {
         Pinned::Session(binding, _) => binding.id,
         Pinned::Close(id) => *id,
-        Pinned::Broadcast(_) => unreachable!("a broadcast is a barrier, not a key's"),
+        Pinned::Broadcast(_) | Pinned::Direct(_) => {
+            unreachable!("a broadcast is a barrier, not a key's")
+        }
     }
 }
 

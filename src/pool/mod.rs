@@ -20,7 +20,7 @@ mod fair;
 mod key;
 mod metrics;
 mod reload;
-mod session;
+pub(crate) mod session;
 mod shared;
 mod shutdown;
 mod sleep;
@@ -38,6 +38,7 @@ pub use key::SessionKey;
 pub use metrics::{PoolMetrics, SessionMetrics, WorkerMetrics};
 pub use session::Session;
 
+use crate::handle::route::{Home, Place};
 use crate::host::reserve::{reserve_methods, Permit};
 use crate::host::submit::{request_methods, Owner, Submit};
 use crate::host::Host;
@@ -329,6 +330,28 @@ impl Submit for IslePool {
             shared.injector.push(job);
             shared.sleep.wake_any();
             self.after_push();
+        }
+    }
+}
+
+impl Home for PoolInner {
+    fn owner(&self) -> &Owner {
+        &self.host.owner
+    }
+
+    fn send(self: Arc<Self>, job: Job, place: &Place) {
+        let pool = IslePool { inner: self };
+        match place {
+            Place::Isle => pool.enqueue(job, None),
+            Place::Worker(w) => {
+                if let Some(job) = pool.admit(job, None) {
+                    let shared = pool.shared();
+                    shared.pinned[*w].push(Pinned::Direct(job));
+                    shared.sleep.wake(*w);
+                    pool.after_push();
+                }
+            }
+            Place::Session(binding) => session::send(pool, binding, job),
         }
     }
 }

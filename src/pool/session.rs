@@ -31,11 +31,11 @@ use crate::{IsleError, Task};
 /// binding (new id, fresh environment).
 ///
 /// One per open session, so kept small: 96 bytes.
-pub(super) struct Binding {
+pub(crate) struct Binding {
     /// Unique in the pool; names the environment on the worker.
     pub(crate) id: u64,
-    pub(super) key: SessionKey,
-    pub(super) worker: usize,
+    pub(crate) key: SessionKey,
+    pub(crate) worker: usize,
     /// Requests queued or running; changed under the shard lock (up) and by
     /// the worker (down). Kept only with a `session_idle_timeout`.
     pub(super) pending: AtomicU32,
@@ -219,6 +219,27 @@ fn enqueue(shared: &Shared, key: &SessionKey, job: Job) {
         w
     };
     shared.sleep.wake(worker);
+}
+
+/// Queues a `LuaHandle`'s request for a value `binding`'s session holds:
+/// as a request of that session, unless the session is gone (its VM
+/// recycled or replaced, or the session closed), which resolves it
+/// `HandleLost` at once. A session closed after this check is found out by
+/// the request itself (its key binds afresh: another session).
+pub(super) fn send(pool: IslePool, binding: &Arc<Binding>, job: Job) {
+    let shared = pool.shared();
+    let key = &binding.key;
+    // ORDERING: Acquire, as the worker reads it (`session_job`).
+    let gone = if binding.lost.load(Ordering::Acquire) {
+        format!("the Lua VM holding this value (of session `{key}`) was recycled or replaced")
+    } else if !shared.sessions.is_bound(binding) {
+        format!("the session `{key}` holding this value was closed (or expired)")
+    } else {
+        return Session::new(pool, key.clone()).enqueue(job, None);
+    };
+    job.abandon(IsleError::HandleLost(format!(
+        "{gone}; its value is gone: make the value again"
+    )));
 }
 
 /// The VM with the least work: queued + running requests + bound sessions.

@@ -28,6 +28,9 @@ pub(super) enum Pinned {
     Broadcast(Job),
     /// Drop the environment of this session (by binding id).
     Close(u64),
+    /// A request for a value this VM holds (a `LuaHandle`'s, made by
+    /// unkeyed work): served as a broadcast is, but counted as a request.
+    Direct(Job),
 }
 
 /// What a worker found to do.
@@ -74,6 +77,8 @@ pub(super) struct Shared {
     pub(super) epoch: Instant,
     /// `fifo_sessions`: pinned work is taken in arrival order, not fairly.
     pub(super) fifo_sessions: bool,
+    /// The pool, for the `LuaHandle`s its VMs make.
+    pub(super) home: crate::handle::route::HomeCell,
 }
 
 impl Shared {
@@ -236,7 +241,7 @@ impl Shared {
             let queued = fair.take_all().into_iter();
             for p in queued.chain(iter::from_fn(|| steal_one(|| q.steal()))) {
                 match p {
-                    Pinned::Session(_, job) => discard(job),
+                    Pinned::Session(_, job) | Pinned::Direct(job) => discard(job),
                     Pinned::Broadcast(job) => job.abandon(IsleError::Shutdown),
                     Pinned::Close(_) => {
                         counters.closes_queued.fetch_sub(1, Ordering::Relaxed);

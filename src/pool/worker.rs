@@ -60,6 +60,7 @@ impl Worker {
                 shared.sleep.wake(w);
             }
         });
+        crate::handle::route::set_home(vm.lua(), &shared.home, Some(w));
         let mut host = WorkerVm::new(vm);
         self.show_version(&host);
         // A replacement for a wedged worker: the session the stuck one was
@@ -122,6 +123,9 @@ impl Worker {
                     Found::Pinned(Pinned::Session(binding, job)) => {
                         let (ran, suspended) = self.session_job(&mut host, &binding, job);
                         self.served_key(binding.id, ran, suspended);
+                    }
+                    Found::Pinned(Pinned::Direct(job)) => {
+                        self.run_job(&mut host, job, None, 0);
                     }
                     Found::Pinned(Pinned::Broadcast(job)) => {
                         // Not a request of the pool's: not in its metrics.
@@ -295,7 +299,10 @@ impl Worker {
         job: Job,
         table: &Table,
     ) -> (Duration, bool) {
+        // The session a `LuaHandle` made by this request belongs to.
+        let session = crate::handle::route::in_session(Some(binding.clone()));
         let (outcome, ran) = self.run_job(host, job, Some(table), binding.id);
+        drop(session);
         binding.counters.ran(ran);
         if let Some(outcome) = outcome {
             binding.counters.resolved(outcome);
@@ -547,6 +554,7 @@ impl Worker {
         let counters = &self.shared.counters[self.index];
         match (self.restart)() {
             Ok(vm) => {
+                crate::handle::route::set_home(vm.lua(), &self.shared.home, Some(self.index));
                 self.shared.life.serve_with(self.index, vm.interrupt());
                 let old = std::mem::replace(host, WorkerVm::new(vm));
                 self.show_version(host);

@@ -328,6 +328,7 @@ where
                     work: Some(future),
                     children,
                     executed,
+                    session: crate::handle::route::current_session(),
                 };
                 suspended::park(waiting, interrupted, ctx, interrupt)
             }

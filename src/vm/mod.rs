@@ -42,6 +42,8 @@ pub(crate) struct Vm {
     chunks: ChunkCache,
     lua: Lua,
     interrupt: Arc<Interrupt>,
+    /// Raised when a `LuaHandle` to a value of this VM is dropped.
+    released: Arc<AtomicBool>,
     memory_limit: Option<usize>,
     /// Bytes in use right after the last full collection (with a limit).
     live: Cell<usize>,
@@ -120,6 +122,7 @@ impl Vm {
         // them): interrupt/catchers.rs wraps them so a Rust panic they catch is raised
         // again, never swallowed.
         let lua = new_lua(config.std_libs, config.unsafe_libs).map_err(init_error)?;
+        let released = crate::handle::route::tag(&lua, owner);
         crate::sandbox::print::install(&lua, &config.print, config.sandbox).map_err(init_error)?;
         #[cfg(feature = "luajit")]
         crate::vm::cstack::install(
@@ -169,6 +172,7 @@ impl Vm {
                 live: Cell::new(lua.used_memory()),
                 lua,
                 interrupt,
+                released,
                 memory_limit: config.memory_limit,
             }),
             Ok(Err(e)) => Err(init_error(e)),
@@ -188,6 +192,7 @@ impl Vm {
     // Without `async`, `Ran` has one variant.
     #[cfg_attr(not(feature = "async"), allow(clippy::infallible_destructuring_match))]
     pub(crate) fn run(&self, job: Job, env: Option<&Table>, tag: u64) -> Option<Outcome> {
+        crate::handle::route::expire_released(&self.lua, &self.released);
         #[cfg(feature = "async")]
         let (slot, waker) = self.suspension.reserve();
         let ctx = Ctx {

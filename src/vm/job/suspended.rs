@@ -33,6 +33,9 @@ pub(super) struct Waiting<T> {
     pub(super) children: crate::vm::tasks::Children,
     /// Instructions run so far, for `max_instructions`.
     pub(super) executed: u64,
+    /// The session whose request this is (pool workers), named again
+    /// around each poll: a `LuaHandle` made then belongs to it.
+    pub(super) session: Option<Arc<crate::pool::session::Binding>>,
 }
 
 impl Paused {
@@ -85,6 +88,7 @@ impl<T: Send + 'static> Resume for Waiting<T> {
         interrupt.enter_again(&self.token, self.executed);
         let here = self.req.running_here();
         let children = &mut self.children;
+        let session = crate::handle::route::in_session(self.session.take());
         let out = catch_unwind(AssertUnwindSafe(|| {
             let mut cx = Context::from_waker(waker);
             let mut polled = work.as_mut().poll(&mut cx);
@@ -102,6 +106,7 @@ impl<T: Send + 'static> Resume for Waiting<T> {
             }
             polled
         }));
+        self.session = session.leave();
         drop(here);
         self.executed = interrupt.executed();
         let mut garbage: Garbage<T> = (None, None);

@@ -1,0 +1,593 @@
+//! `LuaHandle`: a `Send + Sync` handle to one Lua value (a function, a
+//! table, a userdata) that remembers the VM (and session) holding it, and
+//! reaches it through the same request path as every other request.
+
+pub(crate) mod route;
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use mlua::{
+    FromLua, FromLuaMulti, Function, IntoLua, IntoLuaMulti, Lua, MultiValue, ObjectLike,
+    RegistryKey, Value,
+};
+
+use crate::host::submit::Work;
+use crate::request::owner::{next_owner_id, on_owner_thread};
+use crate::request::timer::Timer;
+use crate::request::Request;
+use crate::vm::{Ctx, Run};
+use crate::{IsleError, SessionKey, Task};
+use route::{Home, Place, VmTag};
+
+/// A handle to a Lua function, table or userdata living in an isle's or
+/// pool's VM: `Send + Sync + Clone`, usable from any thread.
+///
+/// `mlua::Function` and `mlua::Table` cannot leave their VM's thread; a
+/// `LuaHandle` can. A request returns one like any other value (it
+/// implements [`mlua::FromLua`], so also inside tuples, `Vec`s and
+/// `Option`s); in an `exec` closure, make one with
+/// `LuaHandle::from_lua(value, lua)`. Its requests then run where the value
+/// lives:
+///
+/// - made by an [`Isle`](crate::Isle): on that isle's VM;
+/// - made by a pool's unkeyed request: on the same worker VM (queued on
+///   that worker like a [`broadcast`](crate::IslePool::broadcast): after
+///   the session work already queued on it, never stolen by another
+///   worker);
+/// - made by a [`Session`](crate::Session)'s request: as a request of that
+///   session, in order with its other requests, in its environment.
+///
+/// The requests are those of the crate's other handles (tasks, time
+/// limits, cancel, queue capacity, metrics, [`IsleError::Reentrant`] on the
+/// VM's own thread): [`call`](Self::call) (a table or userdata with a
+/// `__call` metamethod is callable too), [`get`](Self::get) (a field,
+/// `__index` honoured), [`call_method`](Self::call_method) (`obj:name(...)`)
+/// and [`exec`](Self::exec) for anything else, each with a `spawn_*` form.
+///
+/// Passed as an argument (`isle.call::<i64>("apply", (f.clone(), 3))`), a
+/// handle becomes its value again, on its own VM (and, for a session's
+/// handle, in that session's requests only); anywhere else the request
+/// fails with an [`IsleError::Lua`] of kind
+/// [`Conversion`](crate::LuaErrorKind::Conversion) saying where it belongs.
+///
+/// ```
+/// use mlua_isle::{Isle, LuaHandle};
+///
+/// let isle = Isle::spawn(|lua| {
+///     lua.load("function apply(f, x) return f(x) end").exec()
+/// })?;
+/// let double: LuaHandle = isle.eval("return function(x) return x * 2 end")?;
+/// assert_eq!(double.call::<i64>(21)?, 42);
+///
+/// // Any thread, any number of clones (one Lua reference between them).
+/// let d = double.clone();
+/// let n = std::thread::spawn(move || d.call::<i64>(5)).join().unwrap()?;
+/// assert_eq!(n, 10);
+///
+/// // Back into Lua as an argument, on its own VM.
+/// assert_eq!(isle.call::<i64>("apply", (double.clone(), 4))?, 8);
+///
+/// // Tables: fields and methods.
+/// let counter: LuaHandle = isle.eval(
+///     "return { n = 0, add = function(self, k) self.n = self.n + k; return self.n end }",
+/// )?;
+/// counter.call_method::<i64>("add", 5)?;
+/// assert_eq!(counter.get::<i64>("n")?, 5);
+/// # Ok::<(), mlua_isle::IsleError>(())
+/// ```
+///
+/// # Lifetime
+///
+/// The value stays alive (in its VM's registry) while any clone of the
+/// handle does; the VM frees it before its next request after the last
+/// clone is dropped (from any thread). A handle does not keep its isle or
+/// pool alive: once the owner is shut down or its last handle dropped,
+/// requests resolve [`IsleError::Shutdown`]. A value is gone when its VM
+/// is: after the pool recycled that VM
+/// ([`recycle_after`](crate::IslePoolBuilder::recycle_after),
+/// [`recycle_when_memory_above`](crate::IslePoolBuilder::recycle_when_memory_above)),
+/// after a wedged VM was replaced, or (a session's handle) after its
+/// session was closed, expired or lost; requests then resolve
+/// [`IsleError::HandleLost`].
+///
+/// # What a handle gives access to
+///
+/// A handle is the value itself, not a copy: a table reached through it is
+/// the VM's table. [`call`](Self::call), [`get`](Self::get) and
+/// [`call_method`](Self::call_method) reach it as Lua code would, through
+/// its metamethods; the handle offers no way to write. A handle to one of
+/// the sandbox's read-only views (a library table such as `string`, or a
+/// table `init` put in the globals, as request code sees them) reads
+/// through the view, and a write into the view from [`exec`](Self::exec)
+/// (`Table::set`) is refused as Lua code's is. But `exec` hands the raw
+/// value to Rust code, which can do whatever mlua allows with it
+/// (`raw_set`, `set_metatable`, ...): the sandbox guards against Lua code,
+/// and Rust code holding a handle is the host's own. Tenants cannot use a
+/// handle across sessions: a session's handle, passed as an argument to
+/// any other session's (or unkeyed) request, is refused.
+#[derive(Clone)]
+pub struct LuaHandle {
+    held: Arc<Held>,
+}
+
+/// What the clones of one handle share.
+struct Held {
+    /// Taken in `Drop`, before the VM is told (see `route::expire_released`).
+    key: Option<RegistryKey>,
+    /// The Lua type of the value.
+    kind: &'static str,
+    /// The VM incarnation holding it, and its owner.
+    vm: u64,
+    owner: u64,
+    /// Raised on drop: the VM frees the value.
+    released: Arc<AtomicBool>,
+    home: Weak<dyn Home>,
+    place: Place,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        drop(self.key.take());
+        // ORDERING: Release: the key queued above is visible to the VM that
+        // sees the flag (see `route::expire_released`).
+        self.released.store(true, Ordering::Release);
+    }
+}
+
+/// How a handle's value is asked for: by its own request, or as an
+/// argument to any request.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Use {
+    Own,
+    Argument,
+}
+
+impl Held {
+    /// The value, on the VM thread running a request for it (or taking it
+    /// as an argument).
+    fn value(&self, lua: &Lua, use_: Use) -> mlua::Result<Value> {
+        let (id, owner, worker) = match lua.app_data_ref::<VmTag>() {
+            Some(t) => (t.id, t.owner, t.home.as_ref().and_then(|h| h.1)),
+            None => (0, 0, None),
+        };
+        if id != self.vm {
+            let same_slot = owner == self.owner
+                && match &self.place {
+                    Place::Isle => true,
+                    Place::Worker(w) => worker == Some(*w),
+                    Place::Session(b) => worker == Some(b.worker),
+                };
+            if use_ == Use::Own || same_slot {
+                return Err(lost(self.vm_gone()));
+            }
+            return Err(self.foreign(
+                "it belongs to another Lua VM; pass it only to requests of the isle, \
+                 pool worker or session that made it, or make the value again there",
+            ));
+        }
+        if let Place::Session(b) = &self.place {
+            match crate::handle::route::current_session() {
+                Some(s) if s.id == b.id => {}
+                Some(s) if use_ == Use::Own || s.key == b.key => {
+                    return Err(lost(self.session_gone()));
+                }
+                _ => {
+                    return Err(self.foreign(&format!(
+                        "it belongs to session `{}`; pass it only to that session's requests",
+                        b.key
+                    )))
+                }
+            }
+        }
+        let Some(key) = &self.key else {
+            unreachable!("a live handle has its key")
+        };
+        lua.registry_value(key)
+    }
+
+    fn vm_gone(&self) -> String {
+        let whose = match &self.place {
+            Place::Session(b) => format!(" (session `{}`)", b.key),
+            _ => String::new(),
+        };
+        format!(
+            "the Lua VM holding this {}{whose} was recycled or replaced; its value is gone: \
+             make the value again",
+            self.kind
+        )
+    }
+
+    fn session_gone(&self) -> String {
+        let key = match &self.place {
+            Place::Session(b) => b.key.to_string(),
+            _ => String::new(),
+        };
+        format!(
+            "the session `{key}` holding this {} was closed (or expired); its value is gone: \
+             make the value again",
+            self.kind
+        )
+    }
+
+    fn foreign(&self, why: &str) -> mlua::Error {
+        mlua::Error::FromLuaConversionError {
+            from: self.kind,
+            to: "an argument from LuaHandle".to_string(),
+            message: Some(why.to_string()),
+        }
+    }
+}
+
+fn lost(message: String) -> mlua::Error {
+    mlua::Error::external(IsleError::HandleLost(message))
+}
+
+/// A value a handle cannot hold, or a VM that cannot make one.
+fn not_held(from: &'static str, message: String) -> mlua::Error {
+    mlua::Error::FromLuaConversionError {
+        from,
+        to: "LuaHandle".to_string(),
+        message: Some(message),
+    }
+}
+
+impl FromLua for LuaHandle {
+    /// Makes a handle to `value` (a function, table or userdata) on an
+    /// isle's or pool's VM, inside a request: the handle remembers the VM,
+    /// and the session if a session's request made it.
+    fn from_lua(value: Value, lua: &Lua) -> mlua::Result<LuaHandle> {
+        let kind = value.type_name();
+        match &value {
+            Value::Function(_) | Value::Table(_) | Value::UserData(_) => {}
+            Value::Nil => {
+                return Err(not_held(
+                    kind,
+                    "expected a function, table or userdata, got nil".to_string(),
+                ))
+            }
+            Value::Thread(_) => {
+                return Err(not_held(
+                    kind,
+                    "a coroutine belongs to the request that made it; return a function instead"
+                        .to_string(),
+                ))
+            }
+            _ => {
+                return Err(not_held(
+                    kind,
+                    format!(
+                        "a handle holds a function, table or userdata; take a {kind} as a plain \
+                         Rust type"
+                    ),
+                ))
+            }
+        }
+        let (vm, owner, released, home, worker) = {
+            let tag = lua.app_data_ref::<VmTag>();
+            let Some(tag) = tag else {
+                return Err(not_held(
+                    kind,
+                    "this Lua state is not an isle's or pool's VM".to_string(),
+                ));
+            };
+            let Some((home, worker)) = tag.home.as_ref().and_then(|(c, w)| Some((c.get()?, *w)))
+            else {
+                return Err(not_held(
+                    kind,
+                    "the VM is still starting (in `init`); make handles in requests".to_string(),
+                ));
+            };
+            (tag.id, tag.owner, tag.released.clone(), home.clone(), worker)
+        };
+        let place = match route::current_session() {
+            Some(b) => Place::Session(b),
+            None => worker.map_or(Place::Isle, Place::Worker),
+        };
+        let key = lua.create_registry_value(value)?;
+        Ok(LuaHandle {
+            held: Arc::new(Held {
+                key: Some(key),
+                kind,
+                vm,
+                owner,
+                released,
+                home,
+                place,
+            }),
+        })
+    }
+}
+
+impl IntoLua for LuaHandle {
+    /// The value again, on its own VM (in its own session, for a session's
+    /// handle); elsewhere a conversion error saying where it belongs, or
+    /// [`IsleError::HandleLost`] if its VM or session is gone.
+    fn into_lua(self, lua: &Lua) -> mlua::Result<Value> {
+        self.held.value(lua, Use::Argument)
+    }
+}
+
+/// Converts an error of a handle's request.
+fn request_error(lua: &Lua) -> impl Fn(mlua::Error) -> IsleError + '_ {
+    move |e| crate::interrupt::request_error(lua, &e)
+}
+
+/// `f` and the arguments to call it with: `value` itself if a function, or
+/// its `__call` metamethod with `value` in front.
+fn callable(lua: &Lua, value: Value, args: impl IntoLuaMulti) -> mlua::Result<(Function, MultiValue)> {
+    let call = match &value {
+        Value::Function(f) => return Ok((f.clone(), args.into_lua_multi(lua)?)),
+        Value::Table(t) => match t.metatable() {
+            Some(mt) => mt.raw_get::<Value>("__call")?,
+            None => Value::Nil,
+        },
+        Value::UserData(ud) => match ud.metatable() {
+            Ok(mt) => mt.get::<Value>("__call")?,
+            Err(_) => Value::Nil,
+        },
+        _ => Value::Nil,
+    };
+    let Value::Function(call) = call else {
+        return Err(mlua::Error::runtime(format!(
+            "this handle holds a {} that is not callable (no __call metamethod)",
+            value.type_name()
+        )));
+    };
+    let mut args = args.into_lua_multi(lua)?;
+    args.push_front(value);
+    Ok((call, args))
+}
+
+/// Reads `value[key]` (metamethods honoured).
+fn field<T: FromLua>(value: &Value, key: impl IntoLua) -> mlua::Result<T> {
+    match value {
+        Value::Table(t) => ObjectLike::get(t, key),
+        Value::UserData(ud) => ObjectLike::get(ud, key),
+        other => Err(mlua::Error::runtime(format!(
+            "this handle holds a {}, which has no fields",
+            other.type_name()
+        ))),
+    }
+}
+
+impl LuaHandle {
+    /// The Lua type of the value: `"function"`, `"table"` or `"userdata"`.
+    pub fn type_name(&self) -> &'static str {
+        self.held.kind
+    }
+
+    /// The session whose request made the handle (its requests run in that
+    /// session), if a session's did.
+    pub fn session(&self) -> Option<&SessionKey> {
+        match &self.held.place {
+            Place::Session(b) => Some(&b.key),
+            _ => None,
+        }
+    }
+
+    /// Calls the value with `args` and converts its result to `T`. Blocks
+    /// until it has run. A table or userdata is called through its
+    /// `__call` metamethod.
+    ///
+    /// # Errors
+    /// [`IsleError::Lua`] when the call fails or the value is not callable;
+    /// [`IsleError::HandleLost`] when its VM or session is gone;
+    /// [`IsleError::Shutdown`] once its isle or pool has shut down (or was
+    /// dropped); [`IsleError::Reentrant`] on its VM's own thread; otherwise
+    /// as for [`Isle::eval`](crate::Isle::eval).
+    pub fn call<T>(&self, args: impl IntoLuaMulti + Send + 'static) -> Result<T, IsleError>
+    where
+        T: FromLuaMulti + Send + 'static,
+    {
+        self.run(self.call_work(args))
+    }
+
+    /// Like [`call`](Self::call), but returns at once with a [`Task`].
+    pub fn spawn_call<T>(&self, args: impl IntoLuaMulti + Send + 'static) -> Task<T>
+    where
+        T: FromLuaMulti + Send + 'static,
+    {
+        self.spawn(self.call_work(args))
+    }
+
+    /// Reads the field `key` of the value (a table or userdata; `__index`
+    /// honoured) and converts it to `T`. Blocks until it has run.
+    ///
+    /// # Errors
+    /// As for [`call`](Self::call); [`IsleError::Lua`] of kind
+    /// [`Conversion`](crate::LuaErrorKind::Conversion) when the field does
+    /// not convert to `T`.
+    pub fn get<T>(&self, key: impl IntoLua + Send + 'static) -> Result<T, IsleError>
+    where
+        T: FromLua + Send + 'static,
+    {
+        self.run(self.get_work(key))
+    }
+
+    /// Like [`get`](Self::get), but returns at once with a [`Task`].
+    pub fn spawn_get<T>(&self, key: impl IntoLua + Send + 'static) -> Task<T>
+    where
+        T: FromLua + Send + 'static,
+    {
+        self.spawn(self.get_work(key))
+    }
+
+    /// Calls the method `name` of the value with `args`, as Lua's
+    /// `value:name(args)` (the value first; the method found through
+    /// `__index` too). Blocks until it has run.
+    ///
+    /// # Errors
+    /// As for [`call`](Self::call); [`IsleError::Lua`] when the value has
+    /// no such method.
+    pub fn call_method<T>(
+        &self,
+        name: impl Into<String>,
+        args: impl IntoLuaMulti + Send + 'static,
+    ) -> Result<T, IsleError>
+    where
+        T: FromLuaMulti + Send + 'static,
+    {
+        self.run(self.method_work(name.into(), args))
+    }
+
+    /// Like [`call_method`](Self::call_method), but returns at once with a
+    /// [`Task`].
+    pub fn spawn_call_method<T>(
+        &self,
+        name: impl Into<String>,
+        args: impl IntoLuaMulti + Send + 'static,
+    ) -> Task<T>
+    where
+        T: FromLuaMulti + Send + 'static,
+    {
+        self.spawn(self.method_work(name.into(), args))
+    }
+
+    /// Runs `f` on the value's VM with the VM and the value, and returns
+    /// what it returns. Blocks until it has run. For a session's handle,
+    /// the request is the session's (its environment is not passed: use
+    /// [`Session::exec`](crate::Session::exec) for it).
+    ///
+    /// # Errors
+    /// The closure's error as [`IsleError::Lua`]; [`IsleError::Panic`] if
+    /// it panics; otherwise as for [`call`](Self::call).
+    pub fn exec<T, F>(&self, f: F) -> Result<T, IsleError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Lua, &Value) -> mlua::Result<T> + Send + 'static,
+    {
+        self.run(self.exec_work(f))
+    }
+
+    /// Like [`exec`](Self::exec), but returns at once with a [`Task`].
+    pub fn spawn_exec<T, F>(&self, f: F) -> Task<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Lua, &Value) -> mlua::Result<T> + Send + 'static,
+    {
+        self.spawn(self.exec_work(f))
+    }
+
+    /// Work run with the value, on its VM.
+    fn with_value<T, F>(&self, f: F) -> impl Work<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Ctx<'_>, Value) -> Run<T> + Send + 'static,
+    {
+        let held = self.held.clone();
+        move |ctx: &Ctx<'_>| match held.value(ctx.lua, Use::Own) {
+            Ok(value) => f(ctx, value),
+            Err(e) => Run::Done(Err(request_error(ctx.lua)(e))),
+        }
+    }
+
+    fn call_work<A, T>(&self, args: A) -> impl Work<T>
+    where
+        A: IntoLuaMulti + Send + 'static,
+        T: FromLuaMulti + Send + 'static,
+    {
+        self.with_value(move |ctx, value| match callable(ctx.lua, value, args) {
+            Ok((f, args)) => ctx.call(&f, args),
+            Err(e) => Run::Done(Err(request_error(ctx.lua)(e))),
+        })
+    }
+
+    fn get_work<K, T>(&self, key: K) -> impl Work<T>
+    where
+        K: IntoLua + Send + 'static,
+        T: FromLua + Send + 'static,
+    {
+        self.with_value(move |ctx, value| {
+            Run::Done(field(&value, key).map_err(request_error(ctx.lua)))
+        })
+    }
+
+    fn method_work<A, T>(&self, name: String, args: A) -> impl Work<T>
+    where
+        A: IntoLuaMulti + Send + 'static,
+        T: FromLuaMulti + Send + 'static,
+    {
+        self.with_value(move |ctx, value| {
+            let method = field::<Value>(&value, name.as_str()).and_then(|m| match m {
+                Value::Nil => Err(mlua::Error::runtime(format!(
+                    "this {} has no method `{name}` (the field is nil)",
+                    value.type_name()
+                ))),
+                m => callable(ctx.lua, m, ()).map(|(f, _)| f),
+            });
+            let call = method.and_then(|f| {
+                let mut args = args.into_lua_multi(ctx.lua)?;
+                args.push_front(value);
+                Ok((f, args))
+            });
+            match call {
+                Ok((f, args)) => ctx.call(&f, args),
+                Err(e) => Run::Done(Err(request_error(ctx.lua)(e))),
+            }
+        })
+    }
+
+    fn exec_work<T, F>(&self, f: F) -> impl Work<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Lua, &Value) -> mlua::Result<T> + Send + 'static,
+    {
+        self.with_value(move |ctx, value| {
+            Run::Done(f(ctx.lua, &value).map_err(request_error(ctx.lua)))
+        })
+    }
+
+    /// Queues `work` where the value lives.
+    fn spawn<T: Send + 'static>(&self, work: impl Work<T>) -> Task<T> {
+        let Some(home) = self.held.home.upgrade() else {
+            return resolved(IsleError::Shutdown);
+        };
+        let (task, job) = home.owner().request(work);
+        home.send(job, &self.held.place);
+        task
+    }
+
+    /// `spawn` + `wait`, refusing at once on the value's own VM thread.
+    fn run<T: Send + 'static>(&self, work: impl Work<T>) -> Result<T, IsleError> {
+        if on_owner_thread(self.held.owner) {
+            return Err(IsleError::Reentrant);
+        }
+        self.spawn(work).wait()
+    }
+}
+
+/// A task resolved at once with `err` (its owner is gone).
+fn resolved<T: Send + 'static>(err: IsleError) -> Task<T> {
+    // An owner of its own, no thread's: waiting on it is never reentrant.
+    static NOBODY: OnceLock<(u64, Timer)> = OnceLock::new();
+    let (owner, timer) = NOBODY.get_or_init(|| {
+        let id = next_owner_id();
+        (
+            id,
+            Timer::new("mlua-isle-handle".to_string(), id, Duration::ZERO),
+        )
+    });
+    let req = Arc::new(Request::new(*owner, crate::interrupt::alarm::raise));
+    req.abandon(err);
+    Task::new(req, timer.clone())
+}
+
+impl fmt::Debug for LuaHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("LuaHandle");
+        d.field("type", &self.held.kind).field("vm", &self.held.vm);
+        match &self.held.place {
+            Place::Isle => {}
+            Place::Worker(w) => {
+                d.field("worker", w);
+            }
+            Place::Session(b) => {
+                d.field("session", &b.key);
+            }
+        }
+        d.finish()
+    }
+}

@@ -1,0 +1,135 @@
+//! Where a handle's value lives, and how its requests get back there.
+//!
+//! - Every VM incarnation gets a unique id when it is built, kept in its
+//!   app data ([`VmTag`]) with its owner's id, the owner itself (weakly, as
+//!   a [`Home`] that can queue a job at a [`Place`]) and the pool worker it
+//!   serves, if any. Set once per VM: a request pays nothing for it.
+//! - A pool worker running a session's request names that session in a
+//!   thread-local ([`in_session`]) for the time of the run (and of each
+//!   later poll of the request, if it suspends: `vm/job/suspended.rs`
+//!   carries it across). Unkeyed work and isles never touch it.
+//! - A handle's `Drop` raises its VM's `released` flag; the VM frees the
+//!   values of dropped handles before its next request (`Vm::run`), and
+//!   reads nothing else while none were dropped.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+
+use mlua::Lua;
+
+use crate::host::submit::Owner;
+use crate::pool::session::Binding;
+use crate::vm::Job;
+
+/// An isle or pool, as a handle's requests see it: it can queue a job at
+/// a place.
+pub(crate) trait Home: Send + Sync {
+    fn owner(&self) -> &Owner;
+
+    /// Queues `job` to run at `place` (or resolves it with why it cannot).
+    fn send(self: Arc<Self>, job: Job, place: &Place);
+}
+
+/// Where in its owner a value lives.
+#[derive(Clone)]
+pub(crate) enum Place {
+    /// An isle's VM.
+    Isle,
+    /// A pool worker's VM (unkeyed work made it).
+    Worker(usize),
+    /// A pool session (its binding: a key closed and opened again is
+    /// another binding).
+    Session(Arc<Binding>),
+}
+
+/// An owner's [`Home`], set once the owner exists (its VMs start before).
+pub(crate) type HomeCell = Arc<OnceLock<Weak<dyn Home>>>;
+
+/// A new, unset [`HomeCell`].
+pub(crate) fn home_cell() -> HomeCell {
+    Arc::new(OnceLock::new())
+}
+
+/// What a VM incarnation knows of itself (in its app data).
+pub(crate) struct VmTag {
+    pub(crate) id: u64,
+    /// The isle's or pool's id.
+    pub(crate) owner: u64,
+    /// Raised when a handle to one of this VM's values is dropped.
+    pub(crate) released: Arc<AtomicBool>,
+    /// Set by the front-end once the VM serves it.
+    pub(crate) home: Option<(HomeCell, Option<usize>)>,
+}
+
+/// Gives the VM `lua` (of `owner`) its unique id; returns its `released`
+/// flag.
+pub(crate) fn tag(lua: &Lua, owner: u64) -> Arc<AtomicBool> {
+    static NEXT_VM: AtomicU64 = AtomicU64::new(1);
+    // ORDERING: Relaxed: a unique number; nothing is published by it.
+    let id = NEXT_VM.fetch_add(1, Ordering::Relaxed);
+    let released = Arc::new(AtomicBool::new(false));
+    lua.set_app_data(VmTag {
+        id,
+        owner,
+        released: released.clone(),
+        home: None,
+    });
+    released
+}
+
+/// The VM `lua` serves `home` (as pool worker `worker`, if given).
+pub(crate) fn set_home(lua: &Lua, home: &HomeCell, worker: Option<usize>) {
+    if let Some(mut tag) = lua.app_data_mut::<VmTag>() {
+        tag.home = Some((home.clone(), worker));
+    }
+}
+
+/// Frees the values of dropped handles if any were dropped since the last
+/// call: between requests, on the VM thread.
+pub(crate) fn expire_released(lua: &Lua, released: &AtomicBool) {
+    // ORDERING: a Relaxed look first (the common case: nothing dropped);
+    // Acquire on the swap pairs with the handle's Release store, so the
+    // registry key its drop queued is on mlua's list (under mlua's own
+    // lock, too).
+    if released.load(Ordering::Relaxed) && released.swap(false, Ordering::Acquire) {
+        lua.expire_registry_values();
+    }
+}
+
+thread_local! {
+    /// The session whose request runs on this thread now, if any.
+    static SESSION: RefCell<Option<Arc<Binding>>> = const { RefCell::new(None) };
+}
+
+/// The session whose request runs on this thread now.
+pub(crate) fn current_session() -> Option<Arc<Binding>> {
+    SESSION.with_borrow(Clone::clone)
+}
+
+/// Names `session` as the one whose request runs here, until the guard
+/// is dropped (or [`InSession::leave`]).
+pub(crate) fn in_session(session: Option<Arc<Binding>>) -> InSession {
+    InSession(Some(SESSION.replace(session)))
+}
+
+/// Restores the session named before [`in_session`].
+pub(crate) struct InSession(Option<Option<Arc<Binding>>>);
+
+#[cfg(feature = "async")]
+impl InSession {
+    /// Restores the session named before, and gives back the one named by
+    /// [`in_session`].
+    pub(crate) fn leave(mut self) -> Option<Arc<Binding>> {
+        let before = self.0.take().flatten();
+        SESSION.replace(before)
+    }
+}
+
+impl Drop for InSession {
+    fn drop(&mut self) {
+        if let Some(before) = self.0.take() {
+            SESSION.set(before);
+        }
+    }
+}
