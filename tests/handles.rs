@@ -14,7 +14,8 @@ use mlua_isle::{Isle, IsleError, IslePool, LuaErrorKind, LuaHandle};
 const DOUBLE: &str = "return function(x) return x * 2 end";
 
 fn conversion(e: &IsleError) -> bool {
-    e.as_lua().is_some_and(|l| l.kind() == LuaErrorKind::Conversion)
+    e.as_lua()
+        .is_some_and(|l| l.kind() == LuaErrorKind::Conversion)
 }
 
 fn isle() -> Isle {
@@ -22,10 +23,14 @@ fn isle() -> Isle {
 }
 
 /// A pool whose VMs each have a distinct global `vm`.
-fn pool(workers: usize, build: impl FnOnce(mlua_isle::IslePoolBuilder) -> mlua_isle::IslePoolBuilder) -> IslePool {
+fn pool(
+    workers: usize,
+    build: impl FnOnce(mlua_isle::IslePoolBuilder) -> mlua_isle::IslePoolBuilder,
+) -> IslePool {
     static NEXT: AtomicI64 = AtomicI64::new(1);
     build(IslePool::builder().workers(workers).init(|lua| {
-        lua.globals().set("vm", NEXT.fetch_add(1, Ordering::Relaxed))?;
+        lua.globals()
+            .set("vm", NEXT.fetch_add(1, Ordering::Relaxed))?;
         lua.load("function apply(f, x) return f(x) end").exec()
     }))
     .build()
@@ -49,7 +54,10 @@ fn an_isle_returns_a_handle_that_calls_its_function() {
     assert_eq!(f.call::<i64>(21), Ok(42));
     assert_eq!(f.spawn_call::<i64>(5).wait(), Ok(10));
     let debug = format!("{f:?}");
-    assert!(debug.contains("LuaHandle") && debug.contains("function"), "{debug}");
+    assert!(
+        debug.contains("LuaHandle") && debug.contains("function"),
+        "{debug}"
+    );
     // Counted as the isle's requests.
     let before = isle.metrics().completed;
     f.call::<i64>(1).unwrap();
@@ -98,7 +106,10 @@ fn tables_give_fields_methods_and_call_through_metamethods() {
     assert_eq!(obj.spawn_get::<i64>("n").wait(), Ok(6));
     assert_eq!(obj.call::<String>(7), Ok("called with 7".into())); // __call
     let missing = obj.call_method::<()>("nope", ()).unwrap_err();
-    assert!(missing.to_string().contains("no method `nope`"), "{missing}");
+    assert!(
+        missing.to_string().contains("no method `nope`"),
+        "{missing}"
+    );
     let plain: LuaHandle = isle.eval("return {}").unwrap();
     let e = plain.call::<()>(()).unwrap_err();
     assert!(e.to_string().contains("not callable"), "{e}");
@@ -111,7 +122,9 @@ fn tables_give_fields_methods_and_call_through_metamethods() {
 #[test]
 fn handles_come_in_tuples_vecs_and_from_exec() {
     let isle = isle();
-    let (a, b): (LuaHandle, LuaHandle) = isle.eval("return function() return 1 end, {x = 2}").unwrap();
+    let (a, b): (LuaHandle, LuaHandle) = isle
+        .eval("return function() return 1 end, {x = 2}")
+        .unwrap();
     assert_eq!(a.call::<i64>(()), Ok(1));
     assert_eq!(b.get::<i64>("x"), Ok(2));
     let all: Vec<LuaHandle> = isle
@@ -142,7 +155,10 @@ fn values_a_handle_cannot_hold_are_conversion_errors_naming_it() {
         let e = isle.eval::<LuaHandle>(code).unwrap_err();
         assert!(conversion(&e), "{code}: {e:?}");
         let msg = e.to_string();
-        assert!(msg.contains("LuaHandle") && msg.contains(what), "{code}: {msg}");
+        assert!(
+            msg.contains("LuaHandle") && msg.contains(what),
+            "{code}: {msg}"
+        );
     }
     // Outside a request's VM (a plain Lua).
     let lua = Lua::new();
@@ -181,12 +197,20 @@ fn a_blocking_call_on_its_own_vm_thread_is_reentrant() {
 #[test]
 fn a_looping_call_is_stopped_by_cancel_and_time_limits() {
     let isle = isle();
-    let spin: LuaHandle = isle.eval("return function() while true do end end").unwrap();
+    let spin: LuaHandle = isle
+        .eval("return function() while true do end end")
+        .unwrap();
     let t = spin.spawn_call::<()>(());
     t.cancel();
-    assert_eq!(within("cancel", move || t.wait()), Err(IsleError::Cancelled));
+    assert_eq!(
+        within("cancel", move || t.wait()),
+        Err(IsleError::Cancelled)
+    );
     let t = spin.spawn_call::<()>(()).timeout(Duration::from_millis(20));
-    assert_eq!(within("time limit", move || t.wait()), Err(IsleError::Timeout));
+    assert_eq!(
+        within("time limit", move || t.wait()),
+        Err(IsleError::Timeout)
+    );
     assert_eq!(isle.eval::<i64>("3"), Ok(3));
 }
 
@@ -217,10 +241,16 @@ fn dropping_a_handle_gives_its_memory_back() {
     assert!(held > base + 1_000_000, "base {base}, held {held}");
     let copy = big.clone();
     drop(big);
-    assert!(used_memory(&isle) > base + 1_000_000, "freed with a clone alive");
+    assert!(
+        used_memory(&isle) > base + 1_000_000,
+        "freed with a clone alive"
+    );
     drop(copy);
     let after = used_memory(&isle);
-    assert!(after < base + 200_000, "base {base}, held {held}, after {after}");
+    assert!(
+        after < base + 200_000,
+        "base {base}, held {held}, after {after}"
+    );
 }
 
 #[test]
@@ -372,13 +402,16 @@ fn a_session_handle_runs_as_a_request_of_its_session_in_order() {
     }
     assert_eq!(seen.wait(), Ok(5));
     // Its own session takes it as an argument.
-    let apply: i64 = s
-        .call("apply", (inc.clone(), ()))
-        .unwrap();
+    let apply: i64 = s.call("apply", (inc.clone(), ())).unwrap();
     assert_eq!(apply, 6);
     // Exec runs in the session too: the handle made there is the session's.
-    let nested = inc.exec(|lua, _| lua.load("return {}").eval::<LuaHandle>()).unwrap();
-    assert_eq!(nested.session().map(|k| k.to_string()), Some("alice".into()));
+    let nested = inc
+        .exec(|lua, _| lua.load("return {}").eval::<LuaHandle>())
+        .unwrap();
+    assert_eq!(
+        nested.session().map(|k| k.to_string()),
+        Some("alice".into())
+    );
 }
 
 #[test]
@@ -455,7 +488,10 @@ fn an_isle_handle_whose_vm_was_replaced_is_lost() {
     let stuck = isle.spawn_call::<()>("block", ());
     g.wait_started();
     stuck.cancel();
-    assert_eq!(within("the stop", move || stuck.wait()), Err(IsleError::Cancelled));
+    assert_eq!(
+        within("the stop", move || stuck.wait()),
+        Err(IsleError::Cancelled)
+    );
     eventually("the VM is replaced", || isle.wedged() == 1);
     let e = f.call::<i64>(1).unwrap_err();
     assert!(matches!(e, IsleError::HandleLost(_)), "{e:?}");
@@ -503,7 +539,9 @@ mod suspended {
         assert_eq!(f.session().map(|k| k.to_string()), Some("later".into()));
         assert_eq!(f.call::<String>(()), Ok("later".into()));
         // Unkeyed: the worker's.
-        let g: LuaHandle = pool.eval("yield_once(); return function() return 1 end").unwrap();
+        let g: LuaHandle = pool
+            .eval("yield_once(); return function() return 1 end")
+            .unwrap();
         assert_eq!(g.session(), None);
         assert_eq!(g.call::<i64>(()), Ok(1));
         // A handle's call that suspends.

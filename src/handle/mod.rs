@@ -280,7 +280,13 @@ impl FromLua for LuaHandle {
                     "the VM is still starting (in `init`); make handles in requests".to_string(),
                 ));
             };
-            (tag.id, tag.owner, tag.released.clone(), home.clone(), worker)
+            (
+                tag.id,
+                tag.owner,
+                tag.released.clone(),
+                home.clone(),
+                worker,
+            )
         };
         let place = match route::current_session() {
             Some(b) => Place::Session(b),
@@ -317,7 +323,11 @@ fn request_error(lua: &Lua) -> impl Fn(mlua::Error) -> IsleError + '_ {
 
 /// `f` and the arguments to call it with: `value` itself if a function, or
 /// its `__call` metamethod with `value` in front.
-fn callable(lua: &Lua, value: Value, args: impl IntoLuaMulti) -> mlua::Result<(Function, MultiValue)> {
+fn callable(
+    lua: &Lua,
+    value: Value,
+    args: impl IntoLuaMulti,
+) -> mlua::Result<(Function, MultiValue)> {
     let call = match &value {
         Value::Function(f) => return Ok((f.clone(), args.into_lua_multi(lua)?)),
         Value::Table(t) => match t.metatable() {
