@@ -157,6 +157,9 @@
 //!   one path every request is built on (`submit.rs`; `reserve.rs` takes
 //!   room ahead of a request: [`Permit`]).
 //! - `isle.rs` and `pool/`: the front ends.
+//! - `handle/`: [`LuaHandle`], a value that stays on its VM, whose requests
+//!   go back through the front end (isle, pool worker or session) that made
+//!   it; `route.rs` says how a VM knows where it is.
 //!
 //! A request's path, for `isle.eval(..)`: `host/submit.rs` builds the
 //! request (`request/state.rs`), its [`Task`] (`request/task.rs`) and the job
