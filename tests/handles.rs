@@ -150,7 +150,7 @@ fn values_a_handle_cannot_hold_are_conversion_errors_naming_it() {
         ("return nil", "nil"),
         ("return 5", "integer"),
         ("return 'x'", "string"),
-        ("return coroutine.create(print)", "coroutine"),
+        ("return coroutine.create(function() end)", "coroutine"),
     ] {
         let e = isle.eval::<LuaHandle>(code).unwrap_err();
         assert!(conversion(&e), "{code}: {e:?}");

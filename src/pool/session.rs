@@ -225,7 +225,9 @@ fn enqueue(shared: &Shared, key: &SessionKey, job: Job) {
 /// as a request of that session, unless the session is gone (its VM
 /// recycled or replaced, or the session closed), which resolves it
 /// `HandleLost` at once. A session closed after this check is found out by
-/// the request itself (its key binds afresh: another session).
+/// the request itself (its key binds afresh: another session); one whose
+/// VM is recycled after it resolves `SessionLost`, as the session's next
+/// request would.
 pub(super) fn send(pool: IslePool, binding: &Arc<Binding>, job: Job) {
     let shared = pool.shared();
     let key = &binding.key;
