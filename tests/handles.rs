@@ -215,6 +215,38 @@ fn a_looping_call_is_stopped_by_cancel_and_time_limits() {
 }
 
 #[test]
+fn a_full_queue_refuses_a_handles_request() {
+    let isle = Isle::builder().queue_capacity(1).spawn(|_| Ok(())).unwrap();
+    let f: LuaHandle = isle.eval(DOUBLE).unwrap();
+    let (g, block) = gate();
+    let held = isle.spawn_exec(move |_| {
+        block.block();
+        Ok(())
+    });
+    g.wait_started();
+    let queued = f.spawn_call::<i64>(1);
+    assert_eq!(f.spawn_call::<i64>(2).wait(), Err(IsleError::QueueFull));
+    g.release();
+    within("the held request", move || held.wait()).unwrap();
+    assert_eq!(queued.wait(), Ok(2));
+
+    // A pool worker's handle: the pool's queue capacity.
+    let pool = pool(1, |b| b.queue_capacity(1));
+    let f: LuaHandle = pool.eval(DOUBLE).unwrap();
+    let (g, block) = gate();
+    let held = pool.spawn_exec(move |_| {
+        block.block();
+        Ok(())
+    });
+    g.wait_started();
+    let queued = f.spawn_call::<i64>(1);
+    assert_eq!(f.spawn_call::<i64>(2).wait(), Err(IsleError::QueueFull));
+    g.release();
+    within("the held request", move || held.wait()).unwrap();
+    assert_eq!(queued.wait(), Ok(2));
+}
+
+#[test]
 fn a_handle_does_not_keep_its_isle_alive() {
     let isle = Isle::builder().name("hnd-drop").spawn(|_| Ok(())).unwrap();
     let f: LuaHandle = isle.eval(DOUBLE).unwrap();
