@@ -119,6 +119,32 @@ fn tables_give_fields_methods_and_call_through_metamethods() {
     assert_eq!(n, 6);
 }
 
+struct Meter(i64);
+
+impl mlua::UserData for Meter {
+    fn add_fields<F: mlua::UserDataFields<Self>>(fields: &mut F) {
+        fields.add_field_method_get("reading", |_, m| Ok(m.0));
+    }
+
+    fn add_methods<M: mlua::UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method_mut("add", |_, m, k: i64| {
+            m.0 += k;
+            Ok(m.0)
+        });
+        methods.add_meta_method(mlua::MetaMethod::Call, |_, m, x: i64| Ok(m.0 * x));
+    }
+}
+
+#[test]
+fn userdata_give_fields_methods_and_call_through_metamethods() {
+    let isle = Isle::spawn(|lua| lua.globals().set("meter", Meter(2))).unwrap();
+    let meter: LuaHandle = isle.eval("meter").unwrap();
+    assert_eq!(meter.type_name(), "userdata");
+    assert_eq!(meter.get::<i64>("reading"), Ok(2));
+    assert_eq!(meter.call_method::<i64>("add", 3), Ok(5));
+    assert_eq!(meter.call::<i64>(10), Ok(50)); // __call
+}
+
 #[test]
 fn handles_come_in_tuples_vecs_and_from_exec() {
     let isle = isle();

@@ -29,8 +29,8 @@ use route::{Home, Place, VmTag};
 /// `LuaHandle` can. A request returns one like any other value (it
 /// implements [`mlua::FromLua`], so also inside tuples, `Vec`s and
 /// `Option`s); in an `exec` closure, make one with
-/// `LuaHandle::from_lua(value, lua)`. Its requests then run where the value
-/// lives:
+/// `LuaHandle::from_lua(value, lua)` (not in `init`: the VM does not serve
+/// anyone yet). Its requests then run where the value lives:
 ///
 /// - made by an [`Isle`](crate::Isle): on that isle's VM;
 /// - made by a pool's unkeyed request: on the same worker VM (queued on
