@@ -280,6 +280,8 @@ fn a_handle_does_not_keep_its_isle_alive() {
     assert!(thread_gone("hnd-drop"), "the VM thread still runs");
     assert_eq!(f.call::<i64>(1), Err(IsleError::Shutdown));
     assert_eq!(f.spawn_call::<i64>(1).wait(), Err(IsleError::Shutdown));
+    let limited = f.spawn_call::<i64>(1).timeout(Duration::from_secs(60));
+    assert_eq!(limited.wait(), Err(IsleError::Shutdown));
 
     let isle = self::isle();
     let f: LuaHandle = isle.eval(DOUBLE).unwrap();

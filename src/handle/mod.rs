@@ -573,12 +573,13 @@ impl LuaHandle {
 fn resolved<T: Send + 'static>(err: IsleError) -> Task<T> {
     // An owner of its own, no thread's: waiting on it is never reentrant.
     static NOBODY: OnceLock<(u64, Timer)> = OnceLock::new();
+    // Its timer is stopped: a time limit set on such a task starts no
+    // thread (the task has resolved anyway).
     let (owner, timer) = NOBODY.get_or_init(|| {
         let id = next_owner_id();
-        (
-            id,
-            Timer::new("mlua-isle-handle".to_string(), id, Duration::ZERO),
-        )
+        let timer = Timer::new("mlua-isle-handle".to_string(), id, Duration::ZERO);
+        timer.shutdown();
+        (id, timer)
     });
     let req = Arc::new(Request::new(*owner, crate::interrupt::alarm::raise));
     req.abandon(err);
