@@ -82,8 +82,9 @@ use route::{Home, Place, VmTag};
 /// # Lifetime
 ///
 /// The value stays alive (in its VM's registry) while any clone of the
-/// handle does; the VM frees it before its next request after the last
-/// clone is dropped (from any thread). A handle does not keep its isle or
+/// handle does, and counts toward its VM's memory (`memory_limit`,
+/// `recycle_when_memory_above`); the VM frees it before its next request
+/// after the last clone is dropped (from any thread, its own included). A handle does not keep its isle or
 /// pool alive: once the owner is shut down or its last handle dropped,
 /// requests resolve [`IsleError::Shutdown`]. A value is gone when its VM
 /// is: after the pool recycled that VM
