@@ -216,7 +216,7 @@ impl Held {
     fn foreign(&self, why: &str) -> mlua::Error {
         mlua::Error::FromLuaConversionError {
             from: self.kind,
-            to: "an argument from LuaHandle".to_string(),
+            to: "an argument here (from a LuaHandle)".to_string(),
             message: Some(why.to_string()),
         }
     }
