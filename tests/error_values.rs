@@ -22,7 +22,10 @@ fn lua_error<T: std::fmt::Debug>(r: Result<T, IsleError>) -> LuaError {
 /// The raised value of `r`'s Lua error, which must have one.
 fn raised<T: std::fmt::Debug>(r: Result<T, IsleError>) -> (LuaError, ErrorValue) {
     let e = lua_error(r);
-    let v = e.value().cloned().unwrap_or_else(|| panic!("no value kept: {e:?}"));
+    let v = e
+        .value()
+        .cloned()
+        .unwrap_or_else(|| panic!("no value kept: {e:?}"));
     (e, v)
 }
 
@@ -42,7 +45,8 @@ fn code_42(v: &ErrorValue) {
 fn init_paths(lua: &Lua) -> mlua::Result<()> {
     let via_rust = lua.create_function(|_, f: Function| f.call::<()>(()))?;
     lua.globals().set("via_rust", via_rust)?;
-    lua.load("function fail() error({ code = 42, msg = 'no' }) end").exec()
+    lua.load("function fail() error({ code = 42, msg = 'no' }) end")
+        .exec()
 }
 
 #[test]
@@ -88,7 +92,12 @@ fn the_value_survives_every_path_out_of_the_request() {
     });
 }
 
-#[cfg(any(feature = "lua53", feature = "lua54", feature = "lua55", feature = "luajit"))]
+#[cfg(any(
+    feature = "lua53",
+    feature = "lua54",
+    feature = "lua55",
+    feature = "luajit"
+))]
 #[test]
 fn assert_with_a_table_keeps_it() {
     within("assert", || {
@@ -140,7 +149,10 @@ fn scalars_nil_and_false_are_kept() {
             assert!(lua_error(r).value().is_none());
         } else {
             let (e, v) = raised(r);
-            assert_eq!((e.message(), v.as_scalar()), ("42", Some(&Scalar::Integer(42))));
+            assert_eq!(
+                (e.message(), v.as_scalar()),
+                ("42", Some(&Scalar::Integer(42)))
+            );
         }
     });
 }
@@ -170,9 +182,8 @@ fn a_swallowed_value_is_not_blamed_for_a_later_error() {
             // Nor is another request's, even if its text is the message.
             let fails = "local t = nil; t.x = 1";
             let message = lua_error(front.eval::<()>(fails)).message().to_string();
-            let fake = format!(
-                "setmetatable({{}}, {{ __tostring = function() return {message:?} end }})"
-            );
+            let fake =
+                format!("setmetatable({{}}, {{ __tostring = function() return {message:?} end }})");
             let swallow = format!("return (pcall(error, {fake}))");
             assert_eq!(front.eval::<bool>(&swallow), Ok(false), "{front}");
             let e = lua_error(front.eval::<()>(fails));
@@ -205,9 +216,9 @@ fn nested_tables_are_left_out_of_the_fields() {
 fn a_table_with_a_million_fields_is_read_within_bounds() {
     within("a million fields", || {
         let isle = Isle::spawn(|_| Ok(())).unwrap();
-        let (e, v) = raised(isle.eval::<()>(
-            "local t = {} for i = 1, 1000000 do t['k' .. i] = i end error(t)",
-        ));
+        let (e, v) = raised(
+            isle.eval::<()>("local t = {} for i = 1, 1000000 do t['k' .. i] = i end error(t)"),
+        );
         assert!(v.fields().len() <= 64, "{}", v.fields().len());
         assert!(v.is_truncated() && !v.is_complete());
         assert!(e.message().len() < 4096, "{}", e.message().len());
@@ -219,9 +230,9 @@ fn a_table_with_a_million_fields_is_read_within_bounds() {
 fn huge_strings_are_cut() {
     within("huge strings", || {
         let isle = Isle::spawn(|_| Ok(())).unwrap();
-        let (_, v) = raised(isle.eval::<()>(
-            "local s = string.rep('x', 1 << 24) error({ [s] = s, msg = s })",
-        ));
+        let (_, v) = raised(
+            isle.eval::<()>("local s = string.rep('x', 1 << 24) error({ [s] = s, msg = s })"),
+        );
         assert!(v.is_truncated());
         for (k, s) in v.fields() {
             if let FieldKey::Name(k) = k {
@@ -422,7 +433,10 @@ mod with_serde {
         within("serde bounds", || {
             let isle = Isle::spawn(|_| Ok(())).unwrap();
             let (_, v) = raised(isle.eval::<()>("local t = { a = 1 } t.self = t error(t)"));
-            assert_eq!(*v.serde_value(), serde_json::json!({ "a": 1, "self": "<cycle>" }));
+            assert_eq!(
+                *v.serde_value(),
+                serde_json::json!({ "a": 1, "self": "<cycle>" })
+            );
             assert!(v.is_truncated());
             let (_, v) = raised(isle.eval::<()>(
                 "local t = {} local c = t for i = 1, 100000 do c.n = {} c = c.n end error(t)",
@@ -435,9 +449,9 @@ mod with_serde {
             }
             assert!(depth <= 8, "{depth}");
             assert_eq!(*at, serde_json::json!("<too deep>"));
-            let (_, v) = raised(isle.eval::<()>(
-                "local t = {} for i = 1, 1000000 do t[i] = { i } end error(t)",
-            ));
+            let (_, v) = raised(
+                isle.eval::<()>("local t = {} for i = 1, 1000000 do t[i] = { i } end error(t)"),
+            );
             assert!(v.is_truncated());
             let (_, v) = raised(isle.eval::<()>("error({ f = print, [true] = 1 })"));
             assert_eq!(*v.serde_value(), serde_json::json!({ "f": "<function>" }));

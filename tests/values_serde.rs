@@ -128,10 +128,8 @@ fn sandboxed_tenants_get_tables_of_their_own() {
         let isle = Isle::builder()
             .sandbox(true)
             .spawn(|lua| {
-                lua.load(
-                    "function keep(c) c.hosts[1] = 'changed'; c.port = 1; return c end",
-                )
-                .exec()
+                lua.load("function keep(c) c.hosts[1] = 'changed'; c.port = 1; return c end")
+                    .exec()
             })
             .unwrap();
         let back = isle.call::<Serde<Config>>("keep", Serde(config())).unwrap();
@@ -147,7 +145,10 @@ fn failed_conversions_name_the_type() {
         fronts()
             .init(|lua| lua.load("function echo(...) return ... end").exec())
             .each(|front| {
-                conversion_naming(front.eval::<Serde<Config>>("return { port = 'http' }"), "Config");
+                conversion_naming(
+                    front.eval::<Serde<Config>>("return { port = 'http' }"),
+                    "Config",
+                );
                 conversion_naming(front.eval::<Serde<Config>>("return 42"), "Config");
                 conversion_naming(front.eval::<Serde<Mode>>("return 'Sideways'"), "Mode");
                 conversion_naming(front.eval::<Serde<Vec<u8>>>("return { print }"), "Vec<u8>");
@@ -156,7 +157,10 @@ fn failed_conversions_name_the_type() {
                     "Vec<u8>",
                 );
                 // An argument that fails to serialize.
-                conversion_naming(front.call::<()>("echo", Serde(Unserializable)), "Unserializable");
+                conversion_naming(
+                    front.call::<()>("echo", Serde(Unserializable)),
+                    "Unserializable",
+                );
                 assert_eq!(front.eval::<i64>("return 1"), Ok(1), "{front}");
             });
     });

@@ -30,7 +30,10 @@ use crate::LuaError;
 /// that raised it (`None`: outside a request). Weak: it compares the
 /// request, and keeps none of it alive.
 #[derive(Default)]
-struct Raised(RefCell<Option<(Value, Option<Weak<dyn Cancel>>)>>);
+struct Raised(RefCell<Option<Kept>>);
+
+/// A raised value, and the request that raised it.
+type Kept = (Value, Option<Weak<dyn Cancel>>);
 
 /// Installs our `error` and `assert`, and the slot they record in.
 pub(super) fn install(lua: &Lua, interrupt: &Arc<Interrupt>) -> mlua::Result<()> {
