@@ -165,8 +165,8 @@ impl LuaError {
         self.traceback.as_deref()
     }
 
-    /// The value the request raised (`error(value)`, `assert(false,
-    /// value)`), read on the VM: see [`ErrorValue`]. Kept however the error
+    /// The value the request raised (`error(value)`; from Lua 5.3 on,
+    /// `assert(false, value)` too), read on the VM: see [`ErrorValue`]. Kept however the error
     /// travelled out of the request: from `eval` or `call`, through Lua or
     /// Rust functions, coroutines, `pcall` and `error(e)` again.
     ///
@@ -371,5 +371,7 @@ mod tests {
         fn check<E: std::error::Error + Send + Sync + 'static>() {}
         check::<IsleError>();
         check::<LuaError>();
+        fn value<V: Send + Sync + Clone + Eq + fmt::Debug + 'static>() {}
+        value::<crate::ErrorValue>();
     }
 }

@@ -9,8 +9,8 @@ pub(crate) use read::read;
 
 use std::fmt;
 
-/// The value a failing request raised with `error(value)` (or
-/// `assert(false, value)`), when it was not a string: a table, `nil`, a
+/// The value a failing request raised with `error(value)` (or, from Lua
+/// 5.3 on, `assert(false, value)`), when it was not a string: a table, `nil`, a
 /// boolean, a number, a function, a userdata ... Read on the VM, owned,
 /// `Send + Sync`: see [`LuaError::value`](crate::LuaError::value).
 ///

@@ -72,11 +72,12 @@ fn tostring(lua: &Lua, v: &Value) -> mlua::Result<String> {
 }
 
 /// A table whose `tostring` is its address: no `__tostring`, no `__name`
-/// (read raw: the metatable as it is, whatever `__metatable` says).
+/// (which Luau's `tostring` does not read), read raw: the metatable as it
+/// is, whatever `__metatable` says.
 fn is_plain(t: &Table) -> bool {
+    let unset = |mt: &Table, key| matches!(mt.raw_get::<Value>(key), Ok(Value::Nil));
     t.metatable().is_none_or(|mt| {
-        matches!(mt.raw_get::<Value>("__tostring"), Ok(Value::Nil))
-            && matches!(mt.raw_get::<Value>("__name"), Ok(Value::Nil))
+        unset(&mt, "__tostring") && (cfg!(feature = "luau") || unset(&mt, "__name"))
     })
 }
 

@@ -62,15 +62,12 @@ unsafe extern "C-unwind" fn error(state: *mut lua_State) -> c_int {
 }
 
 /// Lua's `assert(v [, message, ...])` on the backends where it raises any
-/// message as it is (5.3 on, LuaJIT): what it raises goes through
-/// [`error`] (5.3's own calls `luaB_error` the same way; LuaJIT's places a
-/// string at its caller, as `luaL_where(1)` does).
-#[cfg(any(
-    feature = "lua53",
-    feature = "lua54",
-    feature = "lua55",
-    feature = "luajit"
-))]
+/// message as it is and is a plain C function (5.3 on): what it raises
+/// goes through [`error`], as Lua's own calls `luaB_error`. (LuaJIT's
+/// raises any message too, but is a fast function of its interpreter,
+/// which a C function in its place would slow down in every passing
+/// `assert`: it stays, and a value it raises is not kept.)
+#[cfg(any(feature = "lua53", feature = "lua54", feature = "lua55"))]
 unsafe extern "C-unwind" fn assert(state: *mut lua_State) -> c_int {
     // SAFETY: as for `error`; we push one value before calling it as a
     // tail, which leaves it one argument, as `luaB_assert` does.
@@ -111,12 +108,7 @@ pub(crate) fn install(lua: &mlua::Lua, record: &mlua::Function) -> mlua::Result<
     {
         globals.raw_set("error", closure(lua, error, record)?)?;
     }
-    #[cfg(any(
-        feature = "lua53",
-        feature = "lua54",
-        feature = "lua55",
-        feature = "luajit"
-    ))]
+    #[cfg(any(feature = "lua53", feature = "lua54", feature = "lua55"))]
     if globals
         .raw_get::<Option<mlua::Function>>("assert")?
         .is_some()
