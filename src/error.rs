@@ -166,9 +166,10 @@ impl LuaError {
     }
 
     /// The value the request raised (`error(value)`; from Lua 5.3 on,
-    /// `assert(false, value)` too), read on the VM: see [`ErrorValue`]. Kept however the error
-    /// travelled out of the request: from `eval` or `call`, through Lua or
-    /// Rust functions, coroutines, `pcall` and `error(e)` again.
+    /// `assert(false, value)` too), read on the VM: see [`ErrorValue`].
+    /// Kept however the error travelled out of the request: from `eval` or
+    /// `call`, through Lua or Rust functions, coroutines, `pcall` and
+    /// `error(e)` again.
     ///
     /// `None` when the raised value was a string (the message is all there
     /// is; on Lua 5.1, LuaJIT and Luau a number too, which `error` turns
