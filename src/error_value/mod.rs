@@ -23,7 +23,7 @@ use std::fmt;
 ///   integer key and a scalar value (`boolean`, number, string), read raw
 ///   (neither `__index` nor `__pairs` is consulted), at most 64 of them,
 ///   each string at most 256 bytes, sorted by key;
-/// - with the `serde` feature, [`serde_value`](Self::serde_value): the
+/// - with the `serde` feature, `serde_value`: the
 ///   whole value as JSON-like data (see there).
 ///
 /// [`is_truncated`](Self::is_truncated) says whether a bound cut anything.

@@ -9,7 +9,9 @@
 //! [`request_error`](super::request_error), [`attach`] takes the kept
 //! value and keeps it with the error if it is this request's and mlua's
 //! message is its text: a value raised then swallowed by a `pcall` is not
-//! mistaken for the cause of a later, different error. Errors pass
+//! mistaken for the cause of a later, different error (unless the script
+//! made its `__tostring` say that error's message: then the script's own
+//! value is blamed, in its own request). Errors pass
 //! through `request_error` whatever path they took (a plain call, a
 //! request's coroutine, a Rust callback, `coroutine.wrap`, a `pcall`
 //! followed by `error(e)`), and the value is the same object however often
