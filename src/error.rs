@@ -7,6 +7,8 @@
 use std::any::Any;
 use std::fmt;
 
+use crate::ErrorValue;
+
 /// Why a request failed.
 ///
 /// Every request resolves exactly once, with its value or with one of these.
@@ -143,12 +145,14 @@ pub enum LuaErrorKind {
 /// A Lua error, owned and readable without the VM.
 ///
 /// The message keeps Lua's position prefix (`chunk:line:`); the traceback,
-/// when Lua produced one, is kept apart.
+/// when Lua produced one, is kept apart; so is the value the script raised,
+/// when it was not a string ([`value`](Self::value)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LuaError {
     kind: LuaErrorKind,
     message: String,
     traceback: Option<String>,
+    value: Option<Box<ErrorValue>>,
 }
 
 impl LuaError {
@@ -167,9 +171,50 @@ impl LuaError {
     pub fn traceback(&self) -> Option<&str> {
         self.traceback.as_deref()
     }
+
+    /// The value the request raised (`error(value)`; from Lua 5.3 on,
+    /// `assert(false, value)` too), read on the VM: see [`ErrorValue`].
+    /// Kept however the error travelled out of the request: from `eval` or
+    /// `call`, through Lua or Rust functions, coroutines, `pcall` and
+    /// `error(e)` again.
+    ///
+    /// `None` when the raised value was a string (the message is all there
+    /// is; on Lua 5.1, LuaJIT and Luau a number too, which `error` turns
+    /// into a string), when the error was not raised by a script (a syntax
+    /// error, a conversion, a Rust function's error), or when the value's
+    /// `__tostring` failed or gave a different text than when the error
+    /// was raised. Errors of `init` and of a pool's `reload` keep none.
+    ///
+    /// Raising a plain table (one without `__tostring` or `__name`) also
+    /// makes the [`message`](Self::message) readable: its scalar fields,
+    /// `{code = 42, msg = "no"}`, instead of Lua's `table: 0x…`.
+    pub fn value(&self) -> Option<&ErrorValue> {
+        self.value.as_deref()
+    }
 }
 
 impl LuaError {
+    /// A Lua error of `kind` with `message` and nothing else.
+    #[cfg_attr(not(feature = "serde"), allow(dead_code))]
+    pub(crate) fn new(kind: LuaErrorKind, message: String) -> LuaError {
+        LuaError {
+            kind,
+            message,
+            traceback: None,
+            value: None,
+        }
+    }
+
+    /// Keeps `value`, the raised value this error's message was made of;
+    /// for a plain table, `message` becomes `prefix` followed by its
+    /// fields (for anything else, mlua's message is the value's text).
+    pub(crate) fn set_value(&mut self, prefix: &str, value: ErrorValue) {
+        if value.plain_table {
+            self.message = format!("{prefix}{}", value.render());
+        }
+        self.value = Some(Box::new(value));
+    }
+
     pub(crate) fn with_kind(mut self, kind: LuaErrorKind) -> LuaError {
         self.kind = kind;
         self
@@ -231,6 +276,7 @@ impl IsleError {
                 kind,
                 message,
                 traceback,
+                value: None,
             })
         };
         match err {
@@ -252,6 +298,11 @@ impl IsleError {
             mlua::Error::MemoryError(m) => IsleError::MemoryLimit(m.clone()),
             mlua::Error::FromLuaConversionError { .. } | mlua::Error::BadArgument { .. } => {
                 lua(LuaErrorKind::Conversion, &err.to_string())
+            }
+            // mlua's serde conversions (the `serde` feature, `Serde<T>`).
+            #[cfg(feature = "serde")]
+            mlua::Error::SerializeError(m) | mlua::Error::DeserializeError(m) => {
+                lua(LuaErrorKind::Conversion, m)
             }
             mlua::Error::CallbackError { traceback, cause } => {
                 // A Rust callback failed; report its root cause with the Lua
@@ -328,5 +379,7 @@ mod tests {
         fn check<E: std::error::Error + Send + Sync + 'static>() {}
         check::<IsleError>();
         check::<LuaError>();
+        fn value<V: Send + Sync + Clone + Eq + fmt::Debug + 'static>() {}
+        value::<crate::ErrorValue>();
     }
 }

@@ -171,6 +171,7 @@
 #![deny(unsafe_code)]
 
 mod error;
+mod error_value;
 mod handle;
 mod host;
 mod interrupt;
@@ -180,9 +181,12 @@ mod pool;
 mod request;
 mod sandbox;
 mod sync;
+#[cfg(feature = "serde")]
+mod typed;
 mod vm;
 
 pub use error::{IsleError, LuaError, LuaErrorKind};
+pub use error_value::{ErrorValue, FieldKey, Scalar};
 pub use handle::LuaHandle;
 pub use host::reserve::{Permit, Reserve};
 pub use interrupt::current_token;
@@ -192,6 +196,8 @@ pub use pool::{
     IslePool, IslePoolBuilder, PoolMetrics, Session, SessionKey, SessionMetrics, WorkerMetrics,
 };
 pub use request::{CancelToken, Task};
+#[cfg(feature = "serde")]
+pub use typed::Serde;
 
 // The README's examples run as doc tests.
 #[cfg(doctest)]

@@ -8,7 +8,7 @@ use mlua::Lua;
 
 use crate::request::CancelToken;
 use crate::sandbox::room::MEMORY_ERROR;
-use crate::IsleError;
+use crate::{IsleError, LuaErrorKind};
 
 use super::hook::Interrupt;
 
@@ -35,10 +35,23 @@ pub(super) fn is_memory_error(v: &mlua::Value) -> bool {
 /// `IsleError::from_lua`), or caught by one of our wrapped catchers
 /// (`pcall`, `xpcall`, `coroutine.resume`/`wrap`/`close`, `load`'s reader)
 /// before the request failed with another error.
+///
+/// A runtime error keeps the value the script raised, when it was not a
+/// string (`interrupt/raised.rs`).
 pub(crate) fn request_error(lua: &Lua, err: &mlua::Error) -> IsleError {
     match IsleError::from_lua(err) {
-        IsleError::Lua(e) if ran_out_of_memory(lua) => IsleError::MemoryLimit(e.message().into()),
-        other => other,
+        IsleError::Lua(e) if ran_out_of_memory(lua) => {
+            super::raised::forget(lua);
+            IsleError::MemoryLimit(e.message().into())
+        }
+        IsleError::Lua(mut e) if e.kind() == LuaErrorKind::Runtime => {
+            super::raised::attach(lua, &mut e);
+            IsleError::Lua(e)
+        }
+        other => {
+            super::raised::forget(lua);
+            other
+        }
     }
 }
 

@@ -161,6 +161,8 @@ impl Interrupt {
                 },
             );
         }
+        // Before the catchers, which raise again with the `error` they find.
+        super::raised::install(lua, &this)?;
         super::catchers::install_wrappers(lua, &this, config.binary_chunks)?;
         lua.set_app_data(this.clone());
         Ok(this)

@@ -52,6 +52,7 @@ pub(crate) mod alarm;
 mod catchers;
 mod errors;
 mod hook;
+mod raised;
 
 pub use errors::current_token;
 pub(crate) use errors::request_error;

@@ -102,6 +102,11 @@ impl CancelToken {
         std::ptr::addr_eq(Arc::as_ptr(&self.req), Arc::as_ptr(req))
     }
 
+    /// True if this is the token of the request `req` points to.
+    pub(crate) fn is(&self, req: &std::sync::Weak<dyn Cancel>) -> bool {
+        std::ptr::addr_eq(Arc::as_ptr(&self.req), req.as_ptr())
+    }
+
     pub(crate) fn downgrade(&self) -> std::sync::Weak<dyn Cancel> {
         Arc::downgrade(&self.req)
     }

@@ -132,6 +132,9 @@ pub(crate) mod native;
 mod registry;
 pub(crate) use registry::*;
 
+mod raising;
+pub(crate) use raising::install as install_raising;
+
 #[cfg(any(feature = "lua54", feature = "lua55"))]
 mod raise;
 #[cfg(any(feature = "lua54", feature = "lua55"))]
