@@ -33,6 +33,9 @@ pub(super) struct Waiting<T> {
     pub(super) children: crate::vm::tasks::Children,
     /// Instructions run so far, for `max_instructions`.
     pub(super) executed: u64,
+    /// Where its prints go if the host captures them: current around
+    /// every poll of its work and children, and while they are dropped.
+    pub(super) capture: Option<std::rc::Rc<Capture>>,
 }
 
 impl Paused {
@@ -85,6 +88,7 @@ impl<T: Send + 'static> Resume for Waiting<T> {
         interrupt.enter_again(&self.token, self.executed);
         let here = self.req.running_here();
         let children = &mut self.children;
+        crate::sandbox::print::set_current(self.capture.take());
         let out = catch_unwind(AssertUnwindSafe(|| {
             let mut cx = Context::from_waker(waker);
             let mut polled = work.as_mut().poll(&mut cx);
@@ -103,6 +107,7 @@ impl<T: Send + 'static> Resume for Waiting<T> {
             polled
         }));
         drop(here);
+        self.capture = crate::sandbox::print::take_current();
         self.executed = interrupt.executed();
         let mut garbage: Garbage<T> = (None, None);
         let result = match out {
@@ -121,7 +126,8 @@ impl<T: Send + 'static> Resume for Waiting<T> {
         // closed) before resolving.
         self.work = None;
         let result = caught(result, &mut garbage);
-        Some(settle(&self.req, result, interrupted, garbage))
+        let outcome = settle(&self.req, result, interrupted, garbage);
+        Some(outcome.judged(self.capture.as_deref()))
     }
 
     /// Drops the work of a request that must stop, inside the stop
@@ -135,6 +141,8 @@ impl<T: Send + 'static> Resume for Waiting<T> {
             .reason()
             .unwrap_or(crate::request::Reason::Shutdown);
         self.token.stop(reason);
+        // What it prints while it stops is its own (and kept by nobody).
+        crate::sandbox::print::set_current(self.capture.take());
         let arm = || {
             let _ = interrupt.prepare();
             interrupt.enter_again(&self.token, self.executed);
@@ -172,6 +180,7 @@ impl<T: Send + 'static> Resume for Waiting<T> {
         let dropped = catch_unwind(AssertUnwindSafe(crate::vm::coroutine::close_terminated));
         drop(here);
         interrupt.leave();
+        self.capture = crate::sandbox::print::take_current();
         drop(dropped);
         let reason = self.req.header().reason().unwrap_or(reason);
         settle(&self.req, Err(reason.error()), true, (None, None))
