@@ -155,7 +155,8 @@
 //! - `host/`: the VM thread's lifecycle (start, serve, stop with grace,
 //!   replace when wedged), shared by [`Isle`] and each pool worker, and the
 //!   one path every request is built on (`submit.rs`; `reserve.rs` takes
-//!   room ahead of a request: [`Permit`]).
+//!   room ahead of a request: [`Permit`]; `capture.rs` captures what a
+//!   request prints: [`PrintCapture`]).
 //! - `isle.rs` and `pool/`: the front ends.
 //!
 //! A request's path, for `isle.eval(..)`: `host/submit.rs` builds the

@@ -148,7 +148,10 @@ fn lines_come_back_with_the_result_formatted_as_print_writes_them() {
             )
             .unwrap();
         assert_eq!(out.result, Ok(42));
-        assert_eq!(out.lines, lines(&["1\tnil\tx\ttrue\t2.5\tT", "", "a\tb\tsecond"]));
+        assert_eq!(
+            out.lines,
+            lines(&["1\tnil\tx\ttrue\t2.5\tT", "", "a\tb\tsecond"])
+        );
         assert!(!out.truncated);
         #[cfg(any(feature = "lua53", feature = "lua54", feature = "lua55"))]
         {
@@ -160,7 +163,11 @@ fn lines_come_back_with_the_result_formatted_as_print_writes_them() {
         // Bytes that are not UTF-8, as `print_to` gets them.
         let out = front.eval::<()>("print('a\\255b')").unwrap();
         assert_eq!(out.lines, lines(&["a\u{FFFD}b"]));
-        assert_eq!(drained(sink), Vec::<String>::new(), "captured lines reached the sink");
+        assert_eq!(
+            drained(sink),
+            Vec::<String>::new(),
+            "captured lines reached the sink"
+        );
     });
 }
 
@@ -217,9 +224,15 @@ fn errors_of_the_request_are_its_result_with_the_lines_before_them() {
             out.result
         );
         // A conversion error is the request's too.
-        let out = front.eval::<i64>("print('returning a table') return {}").unwrap();
+        let out = front
+            .eval::<i64>("print('returning a table') return {}")
+            .unwrap();
         assert_eq!(out.lines, lines(&["returning a table"]));
-        assert!(matches!(&out.result, Err(IsleError::Lua(_))), "{:?}", out.result);
+        assert!(
+            matches!(&out.result, Err(IsleError::Lua(_))),
+            "{:?}",
+            out.result
+        );
         assert!(out.into_result().is_err());
         // As is a syntax error (nothing printed).
         let out = front.eval::<()>("print(").unwrap();
@@ -231,9 +244,16 @@ fn errors_of_the_request_are_its_result_with_the_lines_before_them() {
 #[test]
 fn a_failed_result_counts_as_failed_in_the_metrics() {
     common::within("metrics", || {
-        let pool = IslePool::builder().workers(1).discard_print().build().unwrap();
+        let pool = IslePool::builder()
+            .workers(1)
+            .discard_print()
+            .build()
+            .unwrap();
         let before = pool.metrics().workers[0].clone();
-        let out = pool.capture_print().eval::<()>("print('x') error('no')").unwrap();
+        let out = pool
+            .capture_print()
+            .eval::<()>("print('x') error('no')")
+            .unwrap();
         assert!(out.result.is_err());
         pool.capture_print().eval::<()>("print('y')").unwrap();
         let s = pool.session("s");
@@ -264,15 +284,27 @@ fn a_panic_in_exec_is_the_result_with_the_lines_before_it() {
         );
         // A panic of a Rust function Lua called, likewise.
         isle.exec(|lua| {
-            let f = lua.create_function(|_, ()| -> mlua::Result<()> { panic!("callback panics") })?;
+            let f =
+                lua.create_function(|_, ()| -> mlua::Result<()> { panic!("callback panics") })?;
             lua.globals().set("boom", f)
         })
         .unwrap();
-        let out = isle.capture_print().eval::<()>("print('calling') boom()").unwrap();
+        let out = isle
+            .capture_print()
+            .eval::<()>("print('calling') boom()")
+            .unwrap();
         assert_eq!(out.lines, lines(&["calling"]));
-        assert!(matches!(&out.result, Err(IsleError::Panic(_))), "{:?}", out.result);
+        assert!(
+            matches!(&out.result, Err(IsleError::Panic(_))),
+            "{:?}",
+            out.result
+        );
         // The session's exec, with its environment.
-        let pool = IslePool::builder().workers(1).discard_print().build().unwrap();
+        let pool = IslePool::builder()
+            .workers(1)
+            .discard_print()
+            .build()
+            .unwrap();
         let out = pool
             .session("s")
             .capture_print()
@@ -283,7 +315,10 @@ fn a_panic_in_exec_is_the_result_with_the_lines_before_it() {
                 env.get::<i64>("x")
             })
             .unwrap();
-        assert_eq!((out.result, out.lines), (Ok(5), lines(&["in the session\t5"])));
+        assert_eq!(
+            (out.result, out.lines),
+            (Ok(5), lines(&["in the session\t5"]))
+        );
         assert_eq!(isle.eval::<i64>("1 + 1"), Ok(2));
     });
 }
@@ -304,7 +339,16 @@ fn every_way_of_calling_print_is_captured() {
         out.result.unwrap();
         assert_eq!(
             out.lines,
-            lines(&["pcall", "wrap", "in a coroutine", "a", "b", "local", "inner", "outer"])
+            lines(&[
+                "pcall",
+                "wrap",
+                "in a coroutine",
+                "a",
+                "b",
+                "local",
+                "inner",
+                "outer"
+            ])
         );
         assert_eq!(drained(sink), Vec::<String>::new());
     });
@@ -358,7 +402,10 @@ fn lines_are_kept_up_to_the_limit_then_truncated() {
         let out = front
             .eval::<i64>("local s = string.rep('x', 1e6) for i = 1, 2000 do print(s) end return 1")
             .unwrap();
-        assert_eq!((out.result, out.lines.len(), out.truncated), (Ok(1), 0, true));
+        assert_eq!(
+            (out.result, out.lines.len(), out.truncated),
+            (Ok(1), 0, true)
+        );
         assert_eq!(drained(sink), Vec::<String>::new());
     });
 }
@@ -414,7 +461,10 @@ fn a_running_capture_cancelled_mid_run() {
         assert_eq!(task.wait(), Err(IsleError::Cancelled));
         isle.eval::<()>("print('next')").unwrap();
         assert_eq!(common::expect_msg(&sink, "the next line"), "next");
-        assert!(sink.try_recv().is_err(), "a cancelled capture's lines leaked");
+        assert!(
+            sink.try_recv().is_err(),
+            "a cancelled capture's lines leaked"
+        );
     });
 }
 
@@ -444,7 +494,10 @@ fn print_kept_by_one_request_prints_for_the_request_that_calls_it() {
         let out = b.capture_print().eval::<()>("shared_later()").unwrap();
         assert_eq!(out.lines, lines(&["from a"]), "the caller's lines");
         b.eval::<()>("shared_later()").unwrap();
-        assert_eq!(common::expect_msg(&sink, "the uncaptured call's line"), "from a");
+        assert_eq!(
+            common::expect_msg(&sink, "the uncaptured call's line"),
+            "from a"
+        );
     });
 }
 
@@ -466,7 +519,8 @@ fn tenants_cannot_redirect_each_others_prints_in_the_sandbox() {
         )
         .unwrap();
         // Unkeyed work may rebind the VM's globals; sessions never see it.
-        pool.eval::<()>("print = function() error('stolen') end").unwrap();
+        pool.eval::<()>("print = function() error('stolen') end")
+            .unwrap();
         let out = b.capture_print().eval::<()>("print('mine')").unwrap();
         assert_eq!((out.result, out.lines), (Ok(()), lines(&["mine"])));
         assert_eq!(a.eval::<i64>("#seen"), Ok(0));
@@ -518,7 +572,11 @@ fn a_capture_from_the_vms_own_thread_is_reentrant() {
 #[test]
 fn queue_full_is_the_error_not_a_result() {
     common::within("queue full", || {
-        let pool = IslePool::builder().workers(1).queue_capacity(1).build().unwrap();
+        let pool = IslePool::builder()
+            .workers(1)
+            .queue_capacity(1)
+            .build()
+            .unwrap();
         let (gate, held) = common::hold_pool(&pool);
         let queued = pool.spawn_eval::<()>("return");
         let refused = pool.capture_print().eval::<()>("print('x')");
@@ -606,10 +664,8 @@ mod suspended {
                     init(lua)?;
                     let turn = std::sync::Arc::new(turn::Turn::default());
                     let (get, set) = (turn.clone(), turn);
-                    lua.globals().set(
-                        "get_turn",
-                        lua.create_function(move |_, ()| Ok(get.get()))?,
-                    )?;
+                    lua.globals()
+                        .set("get_turn", lua.create_function(move |_, ()| Ok(get.get()))?)?;
                     lua.globals().set(
                         "set_turn",
                         lua.create_function(move |_, t: String| {
@@ -631,12 +687,24 @@ mod suspended {
                      return '{me}'"
                 )
             };
-            let a = pool.session("a").capture_print().spawn_eval::<String>(script("a", "b"));
-            let b = pool.session("b").capture_print().spawn_eval::<String>(script("b", "a"));
+            let a = pool
+                .session("a")
+                .capture_print()
+                .spawn_eval::<String>(script("a", "b"));
+            let b = pool
+                .session("b")
+                .capture_print()
+                .spawn_eval::<String>(script("b", "a"));
             let a = a.wait().unwrap();
             let b = b.wait().unwrap();
-            assert_eq!((a.result, a.lines), (Ok("a".into()), lines(&["a1", "a2", "a3"])));
-            assert_eq!((b.result, b.lines), (Ok("b".into()), lines(&["b1", "b2", "b3"])));
+            assert_eq!(
+                (a.result, a.lines),
+                (Ok("a".into()), lines(&["a1", "a2", "a3"]))
+            );
+            assert_eq!(
+                (b.result, b.lines),
+                (Ok("b".into()), lines(&["b1", "b2", "b3"]))
+            );
         });
     }
 
@@ -712,8 +780,14 @@ mod suspended {
             assert_eq!(task.wait(), Err(IsleError::Cancelled));
             isle.eval::<()>("print('next')").unwrap();
             assert_eq!(common::expect_msg(&sink, "the next line"), "next");
-            assert!(sink.try_recv().is_err(), "a cancelled capture's lines leaked");
-            let out = isle.capture_print().eval::<i64>("yield() print('ok') return 3").unwrap();
+            assert!(
+                sink.try_recv().is_err(),
+                "a cancelled capture's lines leaked"
+            );
+            let out = isle
+                .capture_print()
+                .eval::<i64>("yield() print('ok') return 3")
+                .unwrap();
             assert_eq!((out.result, out.lines), (Ok(3), lines(&["ok"])));
         });
     }

@@ -10,8 +10,8 @@ use mlua::{FromLuaMulti, Function, IntoLuaMulti, Lua, Table};
 
 use super::chunk::ChunkCache;
 use crate::interrupt::Interrupt;
-use crate::sandbox::print::{Capture, Ended};
 use crate::request::{Admission, CancelToken, Header, Request};
+use crate::sandbox::print::{Capture, Ended};
 use crate::IsleError;
 
 #[cfg(feature = "async")]
