@@ -108,6 +108,10 @@ impl<T> Printed<T> {
 /// [sandbox](crate::IsleBuilder::sandbox) lets Lua code set no `__gc`, so
 /// there only the host's own finalizers can print into a request.
 ///
+/// What is captured is what the crate's `print` writes: a `print` that
+/// `init` puts in its place is captured only as far as it calls the one
+/// it replaced.
+///
 /// A script can only stop its own lines from being captured: by replacing
 /// `print` where it reads it (in a session, its own environment; unkeyed
 /// work shares the VM's globals, so there it replaces `print` for all

@@ -10,14 +10,20 @@
 //! capture current on the VM thread (see [`CURRENT`]). Where `print` stays
 //! Lua's own (`Default` outside the sandbox), ours calls Lua's C `print`
 //! unless a capture is current, so uncaptured output is byte for byte what
-//! it was (also its order with `io.write`, which shares C's stdout buffer).
+//! it was (also its order with `io.write`, which shares C's stdout
+//! buffer). On Lua 5.2-5.5 ours is then a C function running Lua's on its
+//! own frame (`interrupt/alarm/protected/print.rs`): to Lua code it is
+//! Lua's `print` (a C function, its errors and tracebacks Lua's). On Lua
+//! 5.1, LuaJIT and Luau it is written in Lua (one more frame in a
+//! traceback taken inside a `__tostring` it calls; `string.dump` accepts
+//! it).
 
 use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use mlua::{Lua, Table, Value};
+use mlua::{Function, Lua, Table, Value};
 
 use crate::vm::precompiled::Precompiled;
 
@@ -68,12 +74,17 @@ pub(crate) fn set_current(capture: Option<Rc<Capture>>) {
     CURRENT.set(capture);
 }
 
-/// True if a capture is current.
-fn capturing() -> bool {
-    let capture = CURRENT.take();
-    let some = capture.is_some();
-    CURRENT.set(capture);
-    some
+/// True if a capture is current (never while the thread's locals are
+/// being destroyed: a VM dropped then may still run finalizers).
+pub(crate) fn capturing() -> bool {
+    CURRENT
+        .try_with(|c| {
+            let capture = c.take();
+            let some = capture.is_some();
+            c.set(capture);
+            some
+        })
+        .unwrap_or(false)
 }
 
 /// The current capture (a clone of the `Rc`: what `print` runs may print
@@ -216,24 +227,42 @@ pub(crate) fn install(lua: &Lua, print: &Print, sandbox: bool) -> mlua::Result<(
         }
         Ok(())
     })?;
-    let capturing = match keep_own {
-        true => Some(lua.create_function(|_, ()| Ok(capturing()))?),
-        false => None,
-    };
-    PRINT.load(lua)?.call((emit, capturing))
+    let globals = lua.globals();
+    if !keep_own {
+        let ours: Function = PRINT.load(lua)?.call((emit, Value::Nil, Value::Nil))?;
+        return globals.set("print", ours);
+    }
+    let own: Function = globals.get("print")?;
+    // Lua 5.2-5.5: a C function running Lua's `print` on its own frame
+    // (`interrupt/alarm/protected`), indistinguishable from it.
+    let c_print = cfg!(any(
+        feature = "lua52",
+        feature = "lua53",
+        feature = "lua54",
+        feature = "lua55"
+    ));
+    if c_print {
+        let captured: Function = PRINT.load(lua)?.call((emit.clone(), Value::Nil, Value::Nil))?;
+        if let Some(c_print) = crate::interrupt::alarm::print_over(lua, own.clone(), captured)? {
+            return globals.set("print", c_print);
+        }
+    }
+    // Elsewhere, ours in Lua, calling Lua's unless something captures.
+    let capturing = lua.create_function(|_, ()| Ok(capturing()))?;
+    let ours: Function = PRINT.load(lua)?.call((emit, capturing, own))?;
+    globals.set("print", ours)
 }
 
 /// Lua's `print`, formatting as it does (`tostring` of each argument, so
 /// `__tostring` and `__name` count and their errors are raised; tabs
-/// between), with the line handed to `emit`. With `capturing`, Lua's own
-/// `print` stays what is called unless a capture is current.
+/// between), with the line handed to `emit`. Given `capturing` and Lua's
+/// own `print`, it calls that one unless a capture is current.
 static PRINT: Precompiled = Precompiled::new(
     "=mlua-isle",
     r##"
-local emit, capturing = ...
+local emit, capturing, own = ...
 local tostring, select = tostring, select
-local own = capturing and print
-print = function(...)
+return function(...)
     if own and not capturing() then return own(...) end
     local n = select("#", ...)
     local parts = { ... }

@@ -225,6 +225,29 @@ pub(crate) use protected::cap_string_rep;
     feature = "lua55"
 ))]
 pub(crate) use protected::install_catchers;
+#[cfg(any(
+    feature = "lua52",
+    feature = "lua53",
+    feature = "lua54",
+    feature = "lua55"
+))]
+pub(crate) use protected::print_over;
+
+/// Lua 5.1, LuaJIT, Luau: no C `print` of ours (`sandbox/print.rs`
+/// keeps one written in Lua).
+#[cfg(not(any(
+    feature = "lua52",
+    feature = "lua53",
+    feature = "lua54",
+    feature = "lua55"
+)))]
+pub(crate) fn print_over(
+    _lua: &mlua::Lua,
+    _original: mlua::Function,
+    _captured: mlua::Function,
+) -> mlua::Result<Option<mlua::Function>> {
+    Ok(None)
+}
 
 /// The Lua thread running now on this OS thread: the one whose Rust
 /// function (or hook) we are in, or the main state outside Lua code.
