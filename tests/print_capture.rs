@@ -13,7 +13,20 @@ use mlua_isle::{Isle, IsleError, IslePool, Printed, Session, Task};
 
 use common::front::{each_kind, Kind};
 
-/// One front, its uncaptured prints going to a channel (`print_to`).
+/// Where uncaptured prints go.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    /// `print_to` a channel.
+    Sink,
+    /// `print_to` a channel, in the sandbox.
+    Sandbox,
+    /// Lua's own `print` (stdout): nothing reaches the channel.
+    Stdout,
+}
+
+const MODES: [Mode; 3] = [Mode::Sink, Mode::Sandbox, Mode::Stdout];
+
+/// One front, its uncaptured prints going where `Mode` says.
 enum Front {
     Isle(Isle),
     Pool(IslePool),
@@ -23,27 +36,28 @@ enum Front {
 type Init = fn(&Lua) -> mlua::Result<()>;
 
 impl Front {
-    fn new(kind: Kind, sandbox: bool, init: Init) -> (Front, Receiver<String>) {
+    fn new(kind: Kind, mode: Mode, init: Init) -> (Front, Receiver<String>) {
         let (tx, rx) = crossbeam_channel::unbounded::<String>();
         let sink = move |line: &str| {
             let _ = tx.send(line.to_string());
         };
+        let sandbox = mode == Mode::Sandbox;
         let front = match kind {
-            Kind::Isle => Front::Isle(
-                Isle::builder()
-                    .sandbox(sandbox)
-                    .print_to(sink)
-                    .spawn(init)
-                    .unwrap(),
-            ),
+            Kind::Isle => {
+                let builder = Isle::builder().sandbox(sandbox);
+                let builder = match mode {
+                    Mode::Stdout => builder,
+                    _ => builder.print_to(sink),
+                };
+                Front::Isle(builder.spawn(init).unwrap())
+            }
             Kind::Pool | Kind::Session => {
-                let pool = IslePool::builder()
-                    .workers(1)
-                    .sandbox(sandbox)
-                    .print_to(sink)
-                    .init(init)
-                    .build()
-                    .unwrap();
+                let builder = IslePool::builder().workers(1).sandbox(sandbox).init(init);
+                let builder = match mode {
+                    Mode::Stdout => builder,
+                    _ => builder.print_to(sink),
+                };
+                let pool = builder.build().unwrap();
                 match kind {
                     Kind::Pool => Front::Pool(pool),
                     _ => {
@@ -110,17 +124,26 @@ impl Front {
     }
 }
 
-/// Runs `body` on every front, sandboxed and not.
-fn each_front(what: &'static str, init: Init, body: fn(&Front, &Receiver<String>, bool)) {
+/// Runs `body` on every front, in every mode.
+fn each_front(what: &'static str, init: Init, body: fn(&Front, &Receiver<String>, Mode)) {
     common::within(what, move || {
         each_kind(|kind| {
-            for sandbox in [false, true] {
-                eprintln!("    sandbox: {sandbox}");
-                let (front, sink) = Front::new(kind, sandbox, init);
-                body(&front, &sink, sandbox);
+            for mode in MODES {
+                eprintln!("    mode: {mode:?}");
+                let (front, sink) = Front::new(kind, mode, init);
+                body(&front, &sink, mode);
             }
         })
     });
+}
+
+/// The sink got `expected` (uncaptured lines), or nothing in `Stdout`
+/// mode.
+fn assert_sink(sink: &Receiver<String>, mode: Mode, expected: &[&str]) {
+    match mode {
+        Mode::Stdout => assert_eq!(drained(sink), Vec::<String>::new()),
+        _ => assert_eq!(drained(sink), lines(expected)),
+    }
 }
 
 fn no_init(_: &Lua) -> mlua::Result<()> {
@@ -177,13 +200,13 @@ fn uncaptured_requests_and_init_print_where_they_did() {
         lua.load("print('from init') function add(a, b) print('adding', a, b) return a + b end")
             .exec()
     }
-    each_front("uncaptured", init, |front, sink, _| {
-        assert_eq!(drained(sink), lines(&["from init"]));
+    each_front("uncaptured", init, |front, sink, mode| {
+        assert_sink(sink, mode, &["from init"]);
         front.plain::<()>("print('plain 1')").unwrap();
         let out = front.call::<i64>("add", (40, 2)).unwrap();
         assert_eq!((out.result, out.lines), (Ok(42), lines(&["adding\t40\t2"])));
         front.plain::<()>("print('plain 2')").unwrap();
-        assert_eq!(drained(sink), lines(&["plain 1", "plain 2"]));
+        assert_sink(sink, mode, &["plain 1", "plain 2"]);
     });
 }
 
@@ -200,6 +223,18 @@ fn uncaptured_default_print_is_lua_own_outside_the_sandbox() {
         .unwrap();
         isle.eval::<()>("print('to stdout (expected in the test output)')")
             .unwrap();
+        // Lua 5.2-5.5: it is a C function, as Lua's is (5.1, LuaJIT and
+        // Luau get one written in Lua).
+        #[cfg(any(
+            feature = "lua52",
+            feature = "lua53",
+            feature = "lua54",
+            feature = "lua55"
+        ))]
+        assert_eq!(
+            isle.eval::<bool>("return (pcall(string.dump, print))"),
+            Ok(false)
+        );
         let out = isle.capture_print().eval::<()>("saved('caught')").unwrap();
         assert_eq!(out.lines, lines(&["caught"]));
         // A `__tostring` error is raised as Lua raises it, captured or not.
@@ -412,7 +447,7 @@ fn lines_are_kept_up_to_the_limit_then_truncated() {
 
 #[test]
 fn a_runaway_printer_is_stopped_by_its_time_limit() {
-    each_front("runaway printer", no_init, |front, sink, _| {
+    each_front("runaway printer", no_init, |front, sink, mode| {
         let task = front
             .spawn_eval::<()>("while true do print(string.rep('x', 1e6)) end")
             .timeout(Duration::from_millis(50));
@@ -423,20 +458,20 @@ fn a_runaway_printer_is_stopped_by_its_time_limit() {
         assert_eq!(task.wait(), Err(IsleError::Timeout));
         assert_eq!(drained(sink), Vec::<String>::new());
         front.plain::<()>("print('plain')").unwrap();
-        assert_eq!(drained(sink), lines(&["plain"]));
+        assert_sink(sink, mode, &["plain"]);
     });
 }
 
 #[test]
 fn a_cancelled_capture_resolves_cancelled_once_and_the_vm_prints_as_before() {
-    each_front("cancel", no_init, |front, sink, _| {
+    each_front("cancel", no_init, |front, sink, mode| {
         let task = front.spawn_eval::<()>("print('spinning') while true do print('more') end");
         // Running: cancel it (a cancel while queued never runs it; either
         // way it resolves Cancelled, once).
         task.cancel();
         assert_eq!(task.wait(), Err(IsleError::Cancelled));
         front.plain::<()>("print('next')").unwrap();
-        assert_eq!(drained(sink), lines(&["next"]));
+        assert_sink(sink, mode, &["next"]);
         let out = front.eval::<i64>("print('captured') return 2").unwrap();
         assert_eq!((out.result, out.lines), (Ok(2), lines(&["captured"])));
     });
@@ -536,7 +571,12 @@ fn tenants_cannot_redirect_each_others_prints_in_the_sandbox() {
 }
 
 // Tables get finalizers from Lua 5.2 on (Luau has none).
-#[cfg(any(feature = "lua52", feature = "lua53", feature = "lua54", feature = "lua55"))]
+#[cfg(any(
+    feature = "lua52",
+    feature = "lua53",
+    feature = "lua54",
+    feature = "lua55"
+))]
 #[test]
 fn finalizers_print_into_the_request_that_is_running() {
     common::within("__gc", || {

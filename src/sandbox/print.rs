@@ -242,7 +242,9 @@ pub(crate) fn install(lua: &Lua, print: &Print, sandbox: bool) -> mlua::Result<(
         feature = "lua55"
     ));
     if c_print {
-        let captured: Function = PRINT.load(lua)?.call((emit.clone(), Value::Nil, Value::Nil))?;
+        let captured: Function = PRINT
+            .load(lua)?
+            .call((emit.clone(), Value::Nil, Value::Nil))?;
         if let Some(c_print) = crate::interrupt::alarm::print_over(lua, own.clone(), captured)? {
             return globals.set("print", c_print);
         }

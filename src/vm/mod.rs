@@ -199,12 +199,13 @@ impl Vm {
             #[cfg(feature = "async")]
             waker: &waker,
         };
-        let ran = catch_unwind(AssertUnwindSafe(|| job.run(&ctx, &self.interrupt)))
-            .unwrap_or_else(|_| {
+        let ran = catch_unwind(AssertUnwindSafe(|| job.run(&ctx, &self.interrupt))).unwrap_or_else(
+            |_| {
                 // No print capture outlives its request, even so.
                 crate::sandbox::print::take_current();
                 job::Ran::Done(Outcome::Failed)
-            });
+            },
+        );
         self.interrupt.reset(&self.lua, &self.interrupt);
         let outcome = match ran {
             job::Ran::Done(outcome) => outcome,
