@@ -192,7 +192,12 @@ where
     T: Send + 'static,
 {
     move |ctx| {
+        let prepared = crate::sandbox::print::prepare(ctx.lua);
         let capture = Capture::begin(limit);
+        if let Err(e) = prepared {
+            let e = crate::interrupt::request_error(ctx.lua, &e);
+            return Run::Done(printed(ctx.lua, &capture, Err(e)));
+        }
         match catch_unwind(AssertUnwindSafe(|| work(ctx))) {
             Ok(Run::Done(result)) => Run::Done(printed(ctx.lua, &capture, result)),
             Err(payload) => Run::Done(printed(ctx.lua, &capture, Err(panicked(payload)))),

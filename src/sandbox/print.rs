@@ -197,28 +197,30 @@ fn join(parts: &Table, n: i64) -> mlua::Result<Vec<u8>> {
     Ok(line)
 }
 
-/// Installs our `print` (see the module docs). Runs before `init` and
-/// before `vm/cstack.rs` guards `print`.
-pub(crate) fn install(lua: &Lua, print: &Print, sandbox: bool) -> mlua::Result<()> {
-    // `None`: Lua's own `print`, when nothing captures.
-    let sink = match print {
-        Print::Default if !sandbox => None,
-        Print::Default | Print::Discard => Some(None),
-        Print::To(sink) => Some(Some(sink.clone())),
-    };
-    let keep_own = sink.is_none();
+/// Where uncaptured lines go.
+#[derive(Clone)]
+enum Out {
+    /// Lua's own `print` gets them (this is only a fallback: see `emit`).
+    Own,
+    Nowhere,
+    Sink(Sink),
+}
+
+/// The Rust end of our `print`: the line goes to the current capture, or
+/// where `out` says.
+fn emit(lua: &Lua, out: Out) -> mlua::Result<Function> {
     // Joins the parts here rather than with `table.concat`: the host may
     // not open the table library (`std_libs`).
-    let emit = lua.create_function(move |_, (parts, n): (Table, i64)| {
+    lua.create_function(move |_, (parts, n): (Table, i64)| {
         if let Some(capture) = current() {
             return capture.push(&parts, n);
         }
-        match &sink {
-            Some(Some(sink)) => sink(&String::from_utf8_lossy(&join(&parts, n)?)),
-            Some(None) => {}
+        match &out {
+            Out::Sink(sink) => sink(&String::from_utf8_lossy(&join(&parts, n)?)),
+            Out::Nowhere => {}
             // Lua's own `print` is called when nothing captures; should a
             // capture end in between, the line still reaches stdout.
-            None => {
+            Out::Own => {
                 use std::io::Write;
                 let mut line = join(&parts, n)?;
                 line.push(b'\n');
@@ -226,33 +228,64 @@ pub(crate) fn install(lua: &Lua, print: &Print, sandbox: bool) -> mlua::Result<(
             }
         }
         Ok(())
-    })?;
+    })
+}
+
+/// Set as app data where `print` is our C function over Lua's: the
+/// crate's `print` it calls while a capture is current is made at the
+/// first capture ([`prepare`]), so VMs that never capture do not pay for
+/// it. True once made.
+struct Lazy(Cell<bool>);
+
+/// Installs our `print` (see the module docs). Runs before `init` and
+/// before `vm/cstack.rs` guards `print`.
+pub(crate) fn install(lua: &Lua, print: &Print, sandbox: bool) -> mlua::Result<()> {
+    let out = match print {
+        Print::Default if !sandbox => Out::Own,
+        Print::Default | Print::Discard => Out::Nowhere,
+        Print::To(sink) => Out::Sink(sink.clone()),
+    };
     let globals = lua.globals();
-    if !keep_own {
-        let ours: Function = PRINT.load(lua)?.call((emit, Value::Nil, Value::Nil))?;
+    let Out::Own = out else {
+        let ours: Function = PRINT.load(lua)?.call(emit(lua, out)?)?;
         return globals.set("print", ours);
-    }
+    };
     let own: Function = globals.get("print")?;
     // Lua 5.2-5.5: a C function running Lua's `print` on its own frame
     // (`interrupt/alarm/protected`), indistinguishable from it.
-    let c_print = cfg!(any(
-        feature = "lua52",
-        feature = "lua53",
-        feature = "lua54",
-        feature = "lua55"
-    ));
-    if c_print {
-        let captured: Function = PRINT
-            .load(lua)?
-            .call((emit.clone(), Value::Nil, Value::Nil))?;
-        if let Some(c_print) = crate::interrupt::alarm::print_over(lua, own.clone(), captured)? {
-            return globals.set("print", c_print);
-        }
+    if let Some(c_print) = crate::interrupt::alarm::print_over(lua, &own)? {
+        lua.set_app_data(Lazy(Cell::new(false)));
+        return globals.set("print", c_print);
     }
     // Elsewhere, ours in Lua, calling Lua's unless something captures.
     let capturing = lua.create_function(|_, ()| Ok(capturing()))?;
-    let ours: Function = PRINT.load(lua)?.call((emit, capturing, own))?;
+    let ours: Function = PRINT
+        .load(lua)?
+        .call((emit(lua, Out::Own)?, capturing, own))?;
     globals.set("print", ours)
+}
+
+/// Where the C `print` of `interrupt/alarm/protected` finds the crate's
+/// `print`, for captured requests.
+pub(crate) const CAPTURED_PRINT: &std::ffi::CStr = c"mlua-isle captured print";
+
+/// Before a captured request runs on `lua`: makes what its `print` needs
+/// (see [`Lazy`]); nothing to do after the first time.
+pub(crate) fn prepare(lua: &Lua) -> mlua::Result<()> {
+    let made = match lua.app_data_ref::<Lazy>() {
+        Some(lazy) => lazy.0.get(),
+        None => return Ok(()),
+    };
+    if made {
+        return Ok(());
+    }
+    let ours: Function = PRINT.load(lua)?.call(emit(lua, Out::Own)?)?;
+    let key = CAPTURED_PRINT.to_str().unwrap_or_default();
+    lua.set_named_registry_value(key, ours)?;
+    if let Some(lazy) = lua.app_data_ref::<Lazy>() {
+        lazy.0.set(true);
+    }
+    Ok(())
 }
 
 /// Lua's `print`, formatting as it does (`tostring` of each argument, so

@@ -243,8 +243,7 @@ pub(crate) use protected::print_over;
 )))]
 pub(crate) fn print_over(
     _lua: &mlua::Lua,
-    _original: mlua::Function,
-    _captured: mlua::Function,
+    _original: &mlua::Function,
 ) -> mlua::Result<Option<mlua::Function>> {
     Ok(None)
 }
