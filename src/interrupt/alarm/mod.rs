@@ -119,7 +119,8 @@
 //!   the next instruction (`mod raise`);
 //! - Lua 5.2–5.5's catchers as C functions, invisible to Lua code:
 //!   `pcall`, `xpcall`, `load`, `loadfile`, `dofile` and the untracked
-//!   `coroutine.resume` (`mod protected`, which argues its own soundness);
+//!   `coroutine.resume` (`mod protected`, which argues its own soundness),
+//!   and there too `print` where it stays Lua's own (`sandbox/print.rs`);
 //! - `new_lua_with_unsafe_libs`, for the host's `unsafe_std_libs`.
 
 // Luau has no hooks to arm: only the alarm, its interrupt (`mod luau`),
