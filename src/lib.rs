@@ -155,7 +155,8 @@
 //! - `host/`: the VM thread's lifecycle (start, serve, stop with grace,
 //!   replace when wedged), shared by [`Isle`] and each pool worker, and the
 //!   one path every request is built on (`submit.rs`; `reserve.rs` takes
-//!   room ahead of a request: [`Permit`]).
+//!   room ahead of a request: [`Permit`]; `capture.rs` captures what a
+//!   request prints: [`PrintCapture`]).
 //! - `isle.rs` and `pool/`: the front ends.
 //! - `handle/`: [`LuaHandle`], a value that stays on its VM, whose requests
 //!   go back through the front end (isle, pool worker or session) that made
@@ -188,6 +189,7 @@ mod vm;
 pub use error::{IsleError, LuaError, LuaErrorKind};
 pub use error_value::{ErrorValue, FieldKey, Scalar};
 pub use handle::LuaHandle;
+pub use host::capture::{PrintCapture, Printed};
 pub use host::reserve::{Permit, Reserve};
 pub use interrupt::current_token;
 pub use isle::{Isle, IsleBuilder};

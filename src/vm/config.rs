@@ -369,7 +369,9 @@ macro_rules! vm_options {
         /// writes to stdout, except in the [`sandbox`](Self::sandbox),
         /// where it writes nowhere (a script could otherwise block the VM
         /// on a full stdout pipe); see also
-        /// [`discard_print`](Self::discard_print).
+        /// [`discard_print`](Self::discard_print). The lines of a request
+        /// made through `capture_print()` go to that request instead (see
+        /// [`PrintCapture`](crate::PrintCapture)).
         pub fn print_to(mut self, sink: impl Fn(&str) + Send + Sync + 'static) -> Self {
             self.config.print = crate::sandbox::print::Print::To(std::sync::Arc::new(sink));
             self

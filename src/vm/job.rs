@@ -11,6 +11,7 @@ use mlua::{FromLuaMulti, Function, IntoLuaMulti, Lua, Table};
 use super::chunk::ChunkCache;
 use crate::interrupt::Interrupt;
 use crate::request::{Admission, CancelToken, Header, Request};
+use crate::sandbox::print::{Capture, Ended};
 use crate::IsleError;
 
 #[cfg(feature = "async")]
@@ -132,6 +133,17 @@ impl Outcome {
             }
             Err(IsleError::MemoryLimit(_)) => Outcome::OutOfMemory,
             Err(_) => Outcome::Failed,
+        }
+    }
+
+    /// The outcome of a request whose prints were captured
+    /// (`host/capture.rs`): it resolves with a value holding its work's
+    /// result, which counts.
+    pub(super) fn judged(self, capture: Option<&Capture>) -> Outcome {
+        match (self, capture.map(Capture::ended)) {
+            (Outcome::Completed, Some(Ended::Failed)) => Outcome::Failed,
+            (Outcome::Completed, Some(Ended::OutOfMemory)) => Outcome::OutOfMemory,
+            (outcome, _) => outcome,
         }
     }
 }
@@ -317,6 +329,9 @@ where
             run
         }));
         drop(here);
+        // Its prints' capture, if the work made one (current until now,
+        // so that the children's prints are the request's too).
+        let capture = crate::sandbox::print::take_current();
         match out {
             #[cfg(feature = "async")]
             Ok(Run::Wait(future)) => {
@@ -329,12 +344,14 @@ where
                     children,
                     executed,
                     session: crate::handle::route::current_session(),
+                    capture,
                 };
                 suspended::park(waiting, interrupted, ctx, interrupt)
             }
             Ok(Run::Done(result)) => {
                 let interrupted = interrupt.leave();
-                Ran::Done(settle(req, result, interrupted, garbage))
+                let outcome = settle(req, result, interrupted, garbage);
+                Ran::Done(outcome.judged(capture.as_deref()))
             }
             Err(payload) => {
                 #[cfg(feature = "async")]

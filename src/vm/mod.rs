@@ -204,8 +204,13 @@ impl Vm {
             #[cfg(feature = "async")]
             waker: &waker,
         };
-        let ran = catch_unwind(AssertUnwindSafe(|| job.run(&ctx, &self.interrupt)))
-            .unwrap_or(job::Ran::Done(Outcome::Failed));
+        let ran = catch_unwind(AssertUnwindSafe(|| job.run(&ctx, &self.interrupt))).unwrap_or_else(
+            |_| {
+                // No print capture outlives its request, even so.
+                crate::sandbox::print::take_current();
+                job::Ran::Done(Outcome::Failed)
+            },
+        );
         self.interrupt.reset(&self.lua, &self.interrupt);
         let outcome = match ran {
             job::Ran::Done(outcome) => outcome,
@@ -258,6 +263,7 @@ impl Vm {
                     // A panic outside the work's own poll (a waker, a
                     // result's drop): the request has resolved or is
                     // resolved now.
+                    crate::sandbox::print::take_current();
                     let outcome = self.stop_paused(paused);
                     self.resolved(slot, tag, outcome, done);
                 }
@@ -286,7 +292,10 @@ impl Vm {
             coroutine::close_terminated();
             outcome
         }))
-        .unwrap_or(Outcome::Cancelled);
+        .unwrap_or_else(|_| {
+            crate::sandbox::print::take_current();
+            Outcome::Cancelled
+        });
         self.interrupt.reset(&self.lua, &self.interrupt);
         outcome
     }

@@ -119,7 +119,8 @@
 //!   the next instruction (`mod raise`);
 //! - Lua 5.2–5.5's catchers as C functions, invisible to Lua code:
 //!   `pcall`, `xpcall`, `load`, `loadfile`, `dofile` and the untracked
-//!   `coroutine.resume` (`mod protected`, which argues its own soundness);
+//!   `coroutine.resume` (`mod protected`, which argues its own soundness),
+//!   and there too `print` where it stays Lua's own (`sandbox/print.rs`);
 //! - `new_lua_with_unsafe_libs`, for the host's `unsafe_std_libs`.
 
 // Luau has no hooks to arm: only the alarm, its interrupt (`mod luau`),
@@ -228,6 +229,28 @@ pub(crate) use protected::cap_string_rep;
     feature = "lua55"
 ))]
 pub(crate) use protected::install_catchers;
+#[cfg(any(
+    feature = "lua52",
+    feature = "lua53",
+    feature = "lua54",
+    feature = "lua55"
+))]
+pub(crate) use protected::print_over;
+
+/// Lua 5.1, LuaJIT, Luau: no C `print` of ours (`sandbox/print.rs`
+/// keeps one written in Lua).
+#[cfg(not(any(
+    feature = "lua52",
+    feature = "lua53",
+    feature = "lua54",
+    feature = "lua55"
+)))]
+pub(crate) fn print_over(
+    _lua: &mlua::Lua,
+    _original: &mlua::Function,
+) -> mlua::Result<Option<mlua::Function>> {
+    Ok(None)
+}
 
 /// The Lua thread running now on this OS thread: the one whose Rust
 /// function (or hook) we are in, or the main state outside Lua code.

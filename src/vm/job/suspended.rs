@@ -36,6 +36,9 @@ pub(super) struct Waiting<T> {
     /// The session whose request this is (pool workers), named again
     /// around each poll: a `LuaHandle` made then belongs to it.
     pub(super) session: Option<Arc<crate::pool::session::Binding>>,
+    /// Where its prints go if the host captures them: current around
+    /// every poll of its work and children, and while they are dropped.
+    pub(super) capture: Option<std::rc::Rc<Capture>>,
 }
 
 impl Paused {
@@ -89,6 +92,7 @@ impl<T: Send + 'static> Resume for Waiting<T> {
         let here = self.req.running_here();
         let children = &mut self.children;
         let session = crate::handle::route::in_session(self.session.take());
+        crate::sandbox::print::set_current(self.capture.take());
         let out = catch_unwind(AssertUnwindSafe(|| {
             let mut cx = Context::from_waker(waker);
             let mut polled = work.as_mut().poll(&mut cx);
@@ -108,6 +112,7 @@ impl<T: Send + 'static> Resume for Waiting<T> {
         }));
         self.session = session.leave();
         drop(here);
+        self.capture = crate::sandbox::print::take_current();
         self.executed = interrupt.executed();
         let mut garbage: Garbage<T> = (None, None);
         let result = match out {
@@ -126,7 +131,8 @@ impl<T: Send + 'static> Resume for Waiting<T> {
         // closed) before resolving.
         self.work = None;
         let result = caught(result, &mut garbage);
-        Some(settle(&self.req, result, interrupted, garbage))
+        let outcome = settle(&self.req, result, interrupted, garbage);
+        Some(outcome.judged(self.capture.as_deref()))
     }
 
     /// Drops the work of a request that must stop, inside the stop
@@ -140,6 +146,8 @@ impl<T: Send + 'static> Resume for Waiting<T> {
             .reason()
             .unwrap_or(crate::request::Reason::Shutdown);
         self.token.stop(reason);
+        // What it prints while it stops is its own (and kept by nobody).
+        crate::sandbox::print::set_current(self.capture.take());
         let arm = || {
             let _ = interrupt.prepare();
             interrupt.enter_again(&self.token, self.executed);
@@ -177,6 +185,7 @@ impl<T: Send + 'static> Resume for Waiting<T> {
         let dropped = catch_unwind(AssertUnwindSafe(crate::vm::coroutine::close_terminated));
         drop(here);
         interrupt.leave();
+        self.capture = crate::sandbox::print::take_current();
         drop(dropped);
         let reason = self.req.header().reason().unwrap_or(reason);
         settle(&self.req, Err(reason.error()), true, (None, None))

@@ -13,7 +13,7 @@ use super::*;
 /// # Safety
 /// From one of this module's closures made by [`closure`], whose
 /// original was checked to be a C function without upvalues.
-unsafe fn original(state: *mut lua_State) -> c_int {
+pub(super) unsafe fn original(state: *mut lua_State) -> c_int {
     // SAFETY: the caller guarantees the upvalue; `luaL_checkstack`
     // raises "stack overflow" where Lua would refuse a C call.
     unsafe {

@@ -25,6 +25,8 @@
 //! - `dofile`: Lua's, loading text only, yieldable (`lua_callk`).
 //! - `coroutine.resume` where switches are not tracked: Lua's, called on
 //!   our frame, with a failed resume's error value given to the check.
+//! - `print`, where Lua's own stays (`sandbox/print.rs`): Lua's, called on
+//!   our frame, or, while a request's prints are captured, the crate's.
 //!
 //! # Why this is sound
 //!
@@ -51,9 +53,11 @@
 
 mod load;
 mod pcall;
+mod print;
 
 use load::*;
 use pcall::*;
+pub(crate) use print::print_over;
 use std::ffi::c_int;
 
 use mlua::ffi::{self, lua_State};
