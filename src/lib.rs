@@ -179,6 +179,7 @@ mod sync;
 mod vm;
 
 pub use error::{IsleError, LuaError, LuaErrorKind};
+pub use host::chunk::Chunk;
 pub use host::reserve::{Permit, Reserve};
 pub use interrupt::current_token;
 pub use isle::{Isle, IsleBuilder};

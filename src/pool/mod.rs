@@ -177,8 +177,8 @@ impl IslePool {
         tasks.into_iter().map(Task::wait).collect()
     }
 
-    /// Calls the global function `name` once per input, spread over the
-    /// VMs, and returns one result per input, in input order. Blocks until
+    /// Calls the function `name` (a global, or a path as
+    /// [`call`](Self::call) takes) once per input, spread over the VMs, and returns one result per input, in input order. Blocks until
     /// all are done.
     ///
     /// For many small calls this is much faster than one request each: the
