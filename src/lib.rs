@@ -140,9 +140,9 @@
 //!   synchronise with, replaced by [loom](https://docs.rs/loom)'s models
 //!   under `--cfg mlua_isle_loom` (the README says how to run them).
 //! - `request/`: a request as its caller sees it: the state machine that
-//!   resolves it exactly once, [`Task`], [`CancelToken`], time limits, and
-//!   the room of a bounded queue with its waiters (`room.rs`). It knows
-//!   nothing of Lua.
+//!   resolves it exactly once, [`Task`], [`CancelToken`], time limits, the
+//!   room of a bounded queue with its waiters (`room.rs`), and the source
+//!   an `eval` sends ([`Chunk`]). It knows nothing of Lua.
 //! - `sandbox/`: the sandbox, with its budgeted pattern matcher (which is
 //!   handed the function that polls for a stop).
 //! - `interrupt/`: how running Lua learns it must stop (the hook and the
@@ -154,8 +154,9 @@
 //!   `clock.rs`).
 //! - `host/`: the VM thread's lifecycle (start, serve, stop with grace,
 //!   replace when wedged), shared by [`Isle`] and each pool worker, and the
-//!   one path every request is built on (`submit.rs`; `reserve.rs` takes
-//!   room ahead of a request: [`Permit`]).
+//!   one path every request is built on (`submit.rs`; `call_path.rs`
+//!   resolves what `call` names; `reserve.rs` takes room ahead of a
+//!   request: [`Permit`]).
 //! - `isle.rs` and `pool/`: the front ends.
 //!
 //! A request's path, for `isle.eval(..)`: `host/submit.rs` builds the
@@ -179,7 +180,6 @@ mod sync;
 mod vm;
 
 pub use error::{IsleError, LuaError, LuaErrorKind};
-pub use host::chunk::Chunk;
 pub use host::reserve::{Permit, Reserve};
 pub use interrupt::current_token;
 pub use isle::{Isle, IsleBuilder};
@@ -187,7 +187,7 @@ pub use metrics::{IsleMetrics, LatencyHistogram};
 pub use pool::{
     IslePool, IslePoolBuilder, PoolMetrics, Session, SessionKey, SessionMetrics, WorkerMetrics,
 };
-pub use request::{CancelToken, Task};
+pub use request::{CancelToken, Chunk, Task};
 
 // The README's examples run as doc tests.
 #[cfg(doctest)]

@@ -41,7 +41,6 @@
 //! and the replacement exits unserved: never do two VMs serve one slot.
 
 mod call_path;
-pub(crate) mod chunk;
 mod lifecycle;
 pub(crate) mod reserve;
 pub(crate) mod submit;

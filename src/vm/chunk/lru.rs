@@ -78,7 +78,7 @@ impl Lru {
         if entry.env_id != env_id
             || !(std::sync::Arc::ptr_eq(entry.chunk.shared_source(), chunk.shared_source())
                 || entry.chunk.source() == chunk.source())
-            || entry.chunk.lua_name() != chunk.lua_name()
+            || entry.chunk.given_name() != chunk.given_name()
         {
             return None;
         }

@@ -123,7 +123,7 @@ impl ChunkCache {
         }
         let env_id = env.map_or(0, |t| t.to_pointer() as usize);
         // One hash per request, shared by the lookup and the insert.
-        let hash = self.hasher.hash_one((env_id, name, code));
+        let hash = self.hasher.hash_one((env_id, chunk.given_name(), code));
         let cached = self.lru.borrow_mut().get(hash, env_id, chunk);
         if let Some(function) = cached {
             reset_env(lua, env, &function);

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 /// The name Lua gets for a chunk that was not named: errors read
 /// `eval:LINE: message`.
-pub(crate) const DEFAULT_NAME: &str = "=eval";
+const DEFAULT_NAME: &str = "=eval";
 
 /// Lua source for [`eval`](crate::Isle::eval) and its siblings, with the
 /// name its errors and tracebacks give it.
@@ -79,6 +79,12 @@ impl Chunk {
         self.name.as_deref().unwrap_or(DEFAULT_NAME)
     }
 
+    /// The name if one was given (`None`: the default), for the cache's
+    /// hash: an unnamed chunk hashes no name bytes.
+    pub(crate) fn given_name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
     /// The source, shared (the cache keeps it without a copy).
     pub(crate) fn shared_source(&self) -> &Arc<str> {
         &self.source
@@ -97,7 +103,8 @@ fn lua_name(name: &str) -> Option<String> {
     let mut out = String::with_capacity(prefix.len() + rest.len());
     out.push_str(prefix);
     out.extend(rest.chars().map(|c| if c.is_control() { '?' } else { c }));
-    Some(out)
+    // The default spelled out is the default (one cache entry).
+    (out != DEFAULT_NAME).then_some(out)
 }
 
 impl fmt::Debug for Chunk {
@@ -173,6 +180,7 @@ mod tests {
         assert_eq!(Chunk::new("1").name("a\nb\0c\r").lua_name(), "=a?b?c?");
         // Renaming back to the default.
         assert_eq!(Chunk::new("1").name("x").name("").lua_name(), "=eval");
+        assert_eq!(Chunk::new("1").name("eval"), Chunk::new("1"));
     }
 
     #[test]
