@@ -521,3 +521,61 @@ fn a_looping_index_on_the_path_is_stopped_by_cancel_and_time_limit() {
         });
     });
 }
+
+// ===== suspended requests (the `async` feature) =====
+
+/// A future that is pending once (after waking itself), then ready.
+#[cfg(feature = "async")]
+struct YieldOnce(bool);
+
+#[cfg(feature = "async")]
+impl std::future::Future for YieldOnce {
+    type Output = ();
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    }
+}
+
+#[cfg(feature = "async")]
+#[test]
+fn arguments_and_paths_reach_requests_that_suspend() {
+    let init = |lua: &Lua| {
+        lua.globals().set(
+            "later",
+            lua.create_async_function(|_, x: i64| async move {
+                YieldOnce(false).await;
+                Ok(x)
+            })?,
+        )?;
+        lua.load(
+            "box = { k = 10 } function box:add(x) return self.k + later(x) end \
+             called = setmetatable({}, { __call = function(self, x) return later(x) * 2 end })",
+        )
+        .exec()
+    };
+    let pool = IslePool::builder().workers(2).init(init).build().unwrap();
+    within("suspended requests with arguments and paths", move || {
+        assert_eq!(pool.eval_with::<i64>("later(...) + 1", 1), Ok(2));
+        assert_eq!(pool.call::<i64>("box:add", 5), Ok(15));
+        assert_eq!(pool.call::<i64>("called", 4), Ok(8));
+        // A batch goes on as one future after its first suspended input:
+        // each later input still gets the object, or the callable, first.
+        assert_eq!(
+            pool.map::<i64, i64>("box:add", 1..=6),
+            (11..=16).map(Ok).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            pool.map::<i64, i64>("called", 1..=6),
+            (1..=6).map(|x| Ok(x * 2)).collect::<Vec<_>>()
+        );
+        pool.shutdown().unwrap();
+    });
+}
