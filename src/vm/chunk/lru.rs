@@ -46,7 +46,7 @@ pub(super) struct Lru {
     newest: usize,
     /// Least recently used slot, or `NIL`.
     oldest: usize,
-    /// Total source bytes of the entries.
+    /// Total bytes of the entries' sources and names.
     bytes: usize,
 }
 

@@ -18,8 +18,8 @@
 //! entry exists), the chunk's name and the source text. Arguments are not
 //! part of the key: `eval_with` calls the same compiled function with them
 //! (the chunk sees them as `...`). Least recently used entries go first
-//! when a bound is reached: a number of entries, and a total of source bytes
-//! (so huge sources do not pin memory).
+//! when a bound is reached: a number of entries, and a total of source (and
+//! name) bytes (so huge sources do not pin memory).
 
 use std::cell::RefCell;
 use std::collections::hash_map::RandomState;
