@@ -63,6 +63,34 @@ fn arguments_are_the_chunks_dots() {
     });
 }
 
+#[test]
+fn a_permit_takes_arguments_and_paths_too() {
+    let isle = Isle::spawn(|_| Ok(())).unwrap();
+    let pool = IslePool::builder().workers(1).build().unwrap();
+    let s = pool.session("p");
+    assert_eq!(
+        isle.try_reserve().unwrap().eval_with::<i64>("... + 1", 1),
+        Ok(2)
+    );
+    assert_eq!(
+        pool.try_reserve().unwrap().eval_with::<i64>("... + 1", 2),
+        Ok(3)
+    );
+    assert_eq!(
+        s.try_reserve()
+            .unwrap()
+            .spawn_eval_with::<i64>("... + 1", 3)
+            .wait(),
+        Ok(4)
+    );
+    assert_eq!(
+        s.try_reserve().unwrap().call::<String>("string.upper", "p"),
+        Ok("P".into())
+    );
+    isle.shutdown().unwrap();
+    pool.shutdown().unwrap();
+}
+
 /// `chunk_id()`: the address of the Lua function that called it (a
 /// compiled chunk). Each function is kept alive, so no two distinct
 /// functions ever share an address.
@@ -295,8 +323,8 @@ fn call_takes_dotted_paths_and_methods() {
             "{front}"
         );
         assert_eq!(
-            front.call::<String>("greeting:rep", (2, "-")),
-            Ok("hi-hi".into()),
+            front.call::<String>("greeting:sub", (2, 2)),
+            Ok("i".into()),
             "{front}"
         );
         // Userdata: a method, and its `__call`.
