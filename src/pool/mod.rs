@@ -178,8 +178,9 @@ impl IslePool {
     }
 
     /// Calls the function `name` (a global, or a path as
-    /// [`call`](Self::call) takes) once per input, spread over the VMs, and returns one result per input, in input order. Blocks until
-    /// all are done.
+    /// [`call`](Self::call) takes it) once per input, spread over the VMs,
+    /// and returns one result per input, in input order. Blocks until all
+    /// are done.
     ///
     /// For many small calls this is much faster than one request each: the
     /// inputs travel in batches (a few per VM, so idle VMs can steal), and
