@@ -20,7 +20,7 @@ const DEFAULT_NAME: &str = "=eval";
 /// - `@path` names a file: errors read `path:LINE:` (Lua shortens a long
 ///   path from the left, `...ut/checkout.lua:3:`);
 /// - `=label` is used as it is: errors read `label:LINE:` (Lua cuts a long
-///   label at about 60 bytes);
+///   label: at about 60 bytes on PUC Lua and LuaJIT);
 /// - a name with neither prefix is taken as a label (`"checkout"` is
 ///   `"=checkout"`), so that errors read `checkout:LINE:` rather than Lua's
 ///   `[string "checkout"]:LINE:`;
