@@ -9,6 +9,18 @@
 //!   (the floor: running it, no compile, no hop).
 //!
 //! Target: the cached eval ≥ 5x faster than the uncached one.
+//!
+//! `eval_args`: a cached `eval_with` whose chunk takes its input as `...`
+//! against a cached `eval` of the same chunk with the input written in
+//! (same shape, same work), for a tiny chunk and for the pricing script
+//! (its customer as two arguments).
+//!
+//! - `tiny_eval_with_args` / `tiny_eval_no_args`: `local a, b = ...` with
+//!   `(1, 2)`, against `local a, b = 1, 2`;
+//! - `script_eval_with_args` / `script_eval_no_args`: the pricing script
+//!   with `("gold", 12)`, against the same with the values in the source.
+//!
+//! Target: with arguments ≤ 1.2x without.
 
 mod common;
 
@@ -16,7 +28,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use mlua::{Function, Lua};
-use mlua_isle::Isle;
+use mlua_isle::{Chunk, Isle};
 
 /// A pricing script as an application might keep it: helpers, a rules
 /// table, then one pass over an order. Most of its lines are definitions,
@@ -80,6 +92,21 @@ local total = subtotal * (1 - discount_rate(order.customer)) + shipping(subtotal
 return round2(total)
 "#;
 
+/// `SCRIPT` taking its customer as arguments, or (`args: false`) with the
+/// same values written in: the same shape either way.
+fn script_with_customer(args: bool) -> String {
+    let head = match args {
+        true => "local tier, orders = ...\n",
+        false => "local tier, orders = \"gold\", 12\n",
+    };
+    let body = SCRIPT.replace(
+        "customer = { tier = \"gold\", orders = 12 }",
+        "customer = { tier = tier, orders = orders }",
+    );
+    assert_ne!(body, SCRIPT, "the script's customer line moved");
+    format!("{head}{body}")
+}
+
 fn isle(entries: usize) -> Isle {
     Isle::builder()
         .chunk_cache(entries)
@@ -140,11 +167,83 @@ fn repeated_eval(c: &mut Criterion) {
     uncached.shutdown().unwrap();
 }
 
+fn eval_args(c: &mut Criterion) {
+    let isle = isle(64);
+    const TINY_ARGS: &str = "local a, b = ... return a + b";
+    const TINY: &str = "local a, b = 1, 2 return a + b";
+    // Made once, as a caller evaluating it often would: no copy per request.
+    let (script_args, script) = (
+        Chunk::new(script_with_customer(true)),
+        Chunk::new(script_with_customer(false)),
+    );
+    assert_eq!(isle.eval_with::<i64>(TINY_ARGS, (1, 2)).unwrap(), 3);
+    assert_eq!(isle.eval::<i64>(TINY).unwrap(), 3);
+    let expected = isle.eval::<f64>(SCRIPT).unwrap();
+    assert_eq!(
+        isle.eval_with::<f64>(&script_args, ("gold", 12)).unwrap(),
+        expected
+    );
+    assert_eq!(isle.eval::<f64>(&script).unwrap(), expected);
+
+    let mut g = c.benchmark_group("eval_args");
+    g.bench_function("tiny_eval_with_args", |b| {
+        b.iter(|| isle.eval_with::<i64>(TINY_ARGS, (1, 2)).unwrap())
+    });
+    g.bench_function("tiny_eval_no_args", |b| {
+        b.iter(|| isle.eval::<i64>(TINY).unwrap())
+    });
+    g.bench_function("script_eval_with_args", |b| {
+        b.iter(|| isle.eval_with::<f64>(&script_args, ("gold", 12)).unwrap())
+    });
+    g.bench_function("script_eval_no_args", |b| {
+        b.iter(|| isle.eval::<f64>(&script).unwrap())
+    });
+    g.finish();
+    if !common::benching() {
+        return;
+    }
+
+    let tiny = common::interleaved(
+        15,
+        20_000,
+        || {
+            isle.eval_with::<i64>(TINY_ARGS, (1, 2)).unwrap();
+        },
+        || {
+            isle.eval::<i64>(TINY).unwrap();
+        },
+    );
+    common::report("tiny eval_with (1, 2)", &tiny, "eval, values in source");
+    let priced = common::interleaved(
+        15,
+        2_000,
+        || {
+            isle.eval_with::<f64>(&script_args, ("gold", 12)).unwrap();
+        },
+        || {
+            isle.eval::<f64>(&script).unwrap();
+        },
+    );
+    common::report(
+        "script eval_with (gold, 12)",
+        &priced,
+        "eval, values in source",
+    );
+    for (what, p) in [("tiny", &tiny), ("script", &priced)] {
+        println!(
+            "summary: {:<40} {:>10.2}x   (target <= 1.2x; with / without arguments, median of the per-round ratios)",
+            format!("{what}: cached eval with arguments"),
+            p.ratio()
+        );
+    }
+    isle.shutdown().unwrap();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = repeated_eval
+    targets = repeated_eval, eval_args
 }
 criterion_main!(benches);

@@ -55,9 +55,11 @@ pub enum IsleError {
     #[error("request queue is full; retry later, wait for room with reserve_timeout/reserve, or raise queue_capacity")]
     QueueFull,
 
-    /// `call` named a global function that does not exist (the global is
-    /// `nil`).
-    #[error("no global Lua function named `{0}`")]
+    /// `call` (or `map`) named a function that does not exist: a name on
+    /// its path is `nil`. Holds the path up to and including that name (the
+    /// whole name for a plain global: `"add"`; `"string.nope"`; `"obj"` for
+    /// `"obj:get"` when `obj` itself is `nil`).
+    #[error("no Lua function at `{0}`: it is nil (call takes a global function, a path `a.b.c`, or a method `obj:name`)")]
     NotFound(String),
 
     /// A blocking call was made from the VM's own thread (for example from an

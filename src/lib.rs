@@ -140,9 +140,9 @@
 //!   synchronise with, replaced by [loom](https://docs.rs/loom)'s models
 //!   under `--cfg mlua_isle_loom` (the README says how to run them).
 //! - `request/`: a request as its caller sees it: the state machine that
-//!   resolves it exactly once, [`Task`], [`CancelToken`], time limits, and
-//!   the room of a bounded queue with its waiters (`room.rs`). It knows
-//!   nothing of Lua.
+//!   resolves it exactly once, [`Task`], [`CancelToken`], time limits, the
+//!   room of a bounded queue with its waiters (`room.rs`), and the source
+//!   an `eval` sends ([`Chunk`]). It knows nothing of Lua.
 //! - `sandbox/`: the sandbox, with its budgeted pattern matcher (which is
 //!   handed the function that polls for a stop).
 //! - `interrupt/`: how running Lua learns it must stop (the hook and the
@@ -154,9 +154,10 @@
 //!   `clock.rs`).
 //! - `host/`: the VM thread's lifecycle (start, serve, stop with grace,
 //!   replace when wedged), shared by [`Isle`] and each pool worker, and the
-//!   one path every request is built on (`submit.rs`; `reserve.rs` takes
-//!   room ahead of a request: [`Permit`]; `capture.rs` captures what a
-//!   request prints: [`PrintCapture`]).
+//!   one path every request is built on (`submit.rs`; `call_path.rs`
+//!   resolves what `call` names; `reserve.rs` takes room ahead of a
+//!   request: [`Permit`]; `capture.rs` captures what a request prints:
+//!   [`PrintCapture`]).
 //! - `isle.rs` and `pool/`: the front ends.
 //! - `handle/`: [`LuaHandle`], a value that stays on its VM, whose requests
 //!   go back through the front end (isle, pool worker or session) that made
@@ -197,7 +198,7 @@ pub use metrics::{IsleMetrics, LatencyHistogram};
 pub use pool::{
     IslePool, IslePoolBuilder, PoolMetrics, Session, SessionKey, SessionMetrics, WorkerMetrics,
 };
-pub use request::{CancelToken, Task};
+pub use request::{CancelToken, Chunk, Task};
 #[cfg(feature = "serde")]
 pub use typed::Serde;
 

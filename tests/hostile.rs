@@ -59,7 +59,7 @@ impl Target {
     /// `PATIENCE`.
     fn eval<T: FromLuaMulti + Send + 'static>(
         &self,
-        code: impl Into<String>,
+        code: impl Into<mlua_isle::Chunk>,
     ) -> Result<T, IsleError> {
         let mut task = match self {
             Target::Isle(isle) => isle.spawn_eval(code),

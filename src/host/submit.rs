@@ -5,15 +5,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mlua::{FromLuaMulti, IntoLuaMulti, Lua, Table, Value};
+use mlua::{FromLuaMulti, IntoLuaMulti, Lua, Table};
 
+use crate::host::call_path;
 use crate::request::owner::next_owner_id;
 use crate::request::owner::on_owner_thread;
 use crate::request::timer::Timer;
 use crate::request::{Admission, Request, Room};
 use crate::vm::config::VmConfig;
 use crate::vm::{Ctx, Job, Run};
-use crate::{IsleError, Task};
+use crate::{Chunk, IsleError, Task};
 
 /// What every request of one isle or pool shares.
 pub(crate) struct Owner {
@@ -129,49 +130,35 @@ fn lua_err(lua: &Lua) -> impl Fn(mlua::Error) -> IsleError + '_ {
 pub(crate) trait Work<T>: FnOnce(&Ctx<'_>) -> Run<T> + Send + 'static {}
 impl<T, F: FnOnce(&Ctx<'_>) -> Run<T> + Send + 'static> Work<T> for F {}
 
-/// Work for `eval`: the source runs as an expression if it parses as one,
-/// else as a block (`"1 + 1"` and `"return 1 + 1"` both give 2). A source
-/// this VM compiled before for the same environment is not compiled again.
-pub(crate) fn eval<T>(code: String) -> impl Work<T>
-where
-    T: FromLuaMulti + Send + 'static,
-{
-    move |ctx| match ctx.chunks.load(ctx.lua, ctx.env, &code) {
-        Ok(function) => ctx.call(&function, ()),
-        Err(e) => Run::Done(Err(e)),
-    }
-}
-
-/// Looks the global function `name` up (in the session environment,
-/// falling back to globals).
-fn global_function(ctx: &Ctx<'_>, name: &str) -> Result<mlua::Function, IsleError> {
-    match ctx
-        .with_scope(|scope| scope.get::<Value>(name))
-        .map_err(lua_err(ctx.lua))?
-    {
-        Value::Nil => Err(IsleError::NotFound(name.to_string())),
-        Value::Function(f) => Ok(f),
-        other => Err(IsleError::from_lua(&mlua::Error::runtime(format!(
-            "global `{name}` is not a function (it is a value of type {})",
-            other.type_name()
-        )))),
-    }
-}
-
-/// Work for `call`: looks `name` up (in the session environment, falling
-/// back to globals) and calls it.
-pub(crate) fn call<A, T>(name: String, args: A) -> impl Work<T>
+/// Work for `eval` and `eval_with`: the source runs as an expression if it
+/// parses as one, else as a block (`"1 + 1"` and `"return 1 + 1"` both give
+/// 2), with `args` as its `...`. A chunk (source and name) this VM compiled
+/// before for the same environment is not compiled again, whatever the
+/// arguments.
+pub(crate) fn eval<A, T>(chunk: Chunk, args: A) -> impl Work<T>
 where
     A: IntoLuaMulti + Send + 'static,
     T: FromLuaMulti + Send + 'static,
 {
-    move |ctx| match global_function(ctx, &name) {
-        Ok(f) => ctx.call(&f, args),
+    move |ctx| match ctx.chunks.load(ctx.lua, ctx.env, &chunk) {
+        Ok(function) => ctx.call(&function, args),
         Err(e) => Run::Done(Err(e)),
     }
 }
 
-/// Work for one batch of `map`: looks `name` up once and calls it with
+/// Work for `call`: resolves `path` (see `call_path`) and calls it.
+pub(crate) fn call<A, T>(path: String, args: A) -> impl Work<T>
+where
+    A: IntoLuaMulti + Send + 'static,
+    T: FromLuaMulti + Send + 'static,
+{
+    move |ctx| match call_path::resolve(ctx, &path) {
+        Ok(target) => target.call(ctx, args),
+        Err(e) => Run::Done(Err(e)),
+    }
+}
+
+/// Work for one batch of `map`: resolves `path` once and calls it with
 /// each input, in order. A Lua error fails that input only; once the
 /// request must stop (cancel, time limit, shutdown), the batch ends and the
 /// whole request resolves with that reason.
@@ -181,7 +168,7 @@ where
     allow(clippy::while_let_on_iterator, clippy::infallible_destructuring_match)
 )]
 pub(crate) fn call_each<A, T>(
-    name: Arc<str>,
+    path: Arc<str>,
     inputs: Vec<A>,
 ) -> impl Work<Vec<Result<T, IsleError>>>
 where
@@ -189,8 +176,8 @@ where
     T: FromLuaMulti + Send + 'static,
 {
     move |ctx| {
-        let f = match global_function(ctx, &name) {
-            Ok(f) => f,
+        let target = match call_path::resolve(ctx, &path) {
+            Ok(target) => target,
             Err(e) => return Run::Done(Err(e)),
         };
         let token = crate::interrupt::current_token(ctx.lua);
@@ -200,7 +187,7 @@ where
         let mut out = Vec::with_capacity(inputs.len());
         let mut inputs = inputs.into_iter();
         while let Some(args) = inputs.next() {
-            let r = match ctx.call::<T>(&f, args) {
+            let r = match target.call::<A, T>(ctx, args) {
                 Run::Done(r) => r,
                 // An input waits for a future: the rest of the batch goes
                 // on as one future, input after input.
@@ -208,6 +195,7 @@ where
                 Run::Wait(first) => {
                     let (lua, coroutines) = (ctx.lua.clone(), ctx.coroutines.clone());
                     let err = move |e: mlua::Error| crate::interrupt::request_error(&lua, &e);
+                    let lua = ctx.lua.clone();
                     return ctx.wait(Box::pin(async move {
                         let r = first.await;
                         if stopped(&r) {
@@ -215,7 +203,14 @@ where
                         }
                         out.push(r);
                         for args in inputs {
-                            let r = match coroutines.call::<T>(&f, args) {
+                            let f = target.function();
+                            let call = match target.is_plain() {
+                                true => coroutines.call::<T>(f, args),
+                                false => target
+                                    .args(&lua, args)
+                                    .and_then(|args| coroutines.call::<T>(f, args)),
+                            };
+                            let r = match call {
                                 Ok(call) => call.await.map_err(&err),
                                 Err(e) => Err(err(e)),
                             };
@@ -301,8 +296,8 @@ where
     }
 }
 
-/// The request methods every front-end shares (`eval`, `call` and their
-/// `spawn_*` forms; with `exec`, also `exec`/`spawn_exec` taking `&Lua`).
+/// The request methods every front-end shares (`eval`, `eval_with`, `call`
+/// and their `spawn_*` forms; with `exec`, also `exec`/`spawn_exec` taking `&Lua`).
 /// Each is a thin wrapper over `Submit` (or, for a `Permit`, its own `run`
 /// and `spawn`). A session's `exec` also gets its environment, and is
 /// written beside it.
@@ -379,56 +374,115 @@ macro_rules! request_methods {
         /// it has run.
         ///
         /// The source may be an expression (`"1 + 1"`) or a block
-        /// (`"return 1 + 1"`). Errors carry the position as `eval:LINE:`.
+        /// (`"return 1 + 1"`): a `&str`, a `String`, or a
+        /// [`Chunk`](crate::Chunk) that names it. Errors carry the position
+        /// as `eval:LINE:`, or under the chunk's name. A chunk evaluated
+        /// before on the same VM (and environment) is not compiled again.
         ///
         /// # Errors
         /// [`IsleError::Lua`] for syntax, runtime and conversion errors;
         /// [`IsleError::Reentrant`] when called from this VM's own thread;
         /// [`IsleError::Timeout`] past the default time limit;
         /// [`IsleError::Shutdown`] after shutdown.
-        pub fn eval<T>($($recv)+, code: impl Into<String>) -> Result<T, IsleError>
+        pub fn eval<T>($($recv)+, chunk: impl Into<crate::Chunk>) -> Result<T, IsleError>
         where
             T: mlua::FromLuaMulti + Send + 'static,
         {
-            $s.run(crate::host::submit::eval(code.into()))
+            $s.run(crate::host::submit::eval(chunk.into(), ()))
         }
 
         /// Like [`eval`](Self::eval), but returns at once with a [`Task`].
-        pub fn spawn_eval<T>($($recv)+, code: impl Into<String>) -> Task<T>
+        pub fn spawn_eval<T>($($recv)+, chunk: impl Into<crate::Chunk>) -> Task<T>
         where
             T: mlua::FromLuaMulti + Send + 'static,
         {
-            $s.spawn(crate::host::submit::eval(code.into()))
+            $s.spawn(crate::host::submit::eval(chunk.into(), ()))
         }
 
-        /// Calls the global Lua function `name` with `args` and converts its
-        /// result to `T`. Blocks until it has run.
+        /// Evaluates a Lua chunk with arguments, which it sees as `...`, and
+        /// converts its result to `T`. Blocks until it has run.
+        ///
+        /// Arguments are data, never source: pass input this way rather than
+        /// pasting it into the source. The chunk is compiled once per VM and
+        /// shares its cache entry with a plain [`eval`](Self::eval) of the
+        /// same source and name, whatever the arguments.
+        ///
+        /// ```
+        /// let isle = mlua_isle::Isle::spawn(|_| Ok(()))?;
+        /// assert_eq!(isle.eval_with::<i64>("... * 2", 21)?, 42);
+        /// let (a, b): (i64, String) = isle.eval_with("local n, s = ... return n + 1, s:upper()", (1, "x"))?;
+        /// assert_eq!((a, b.as_str()), (2, "X"));
+        /// # Ok::<(), mlua_isle::IsleError>(())
+        /// ```
         ///
         /// # Errors
-        /// [`IsleError::NotFound`] when no such global exists;
-        /// [`IsleError::Lua`] when it fails or is not a function; otherwise
-        /// as for [`eval`](Self::eval).
-        pub fn call<T>(
+        /// As for [`eval`](Self::eval); an argument that cannot be converted
+        /// to Lua is an [`IsleError::Lua`] of kind
+        /// [`Conversion`](crate::LuaErrorKind::Conversion).
+        pub fn eval_with<T>(
             $($recv)+,
-            name: impl Into<String>,
+            chunk: impl Into<crate::Chunk>,
             args: impl mlua::IntoLuaMulti + Send + 'static,
         ) -> Result<T, IsleError>
         where
             T: mlua::FromLuaMulti + Send + 'static,
         {
-            $s.run(crate::host::submit::call(name.into(), args))
+            $s.run(crate::host::submit::eval(chunk.into(), args))
         }
 
-        /// Like [`call`](Self::call), but returns at once with a [`Task`].
-        pub fn spawn_call<T>(
+        /// Like [`eval_with`](Self::eval_with), but returns at once with a
+        /// [`Task`].
+        pub fn spawn_eval_with<T>(
             $($recv)+,
-            name: impl Into<String>,
+            chunk: impl Into<crate::Chunk>,
             args: impl mlua::IntoLuaMulti + Send + 'static,
         ) -> Task<T>
         where
             T: mlua::FromLuaMulti + Send + 'static,
         {
-            $s.spawn(crate::host::submit::call(name.into(), args))
+            $s.spawn(crate::host::submit::eval(chunk.into(), args))
+        }
+
+        /// Calls a Lua function with `args` and converts its result to `T`.
+        /// Blocks until it has run.
+        ///
+        /// `path` names a global function (`"add"`), or a path to one:
+        /// `"string.upper"`, `"a.b.c"` (each name after the first indexes
+        /// the value before it, `__index` honoured), or a method,
+        /// `"obj:get"` / `"a.b:get"` (the object is passed first, as Lua's
+        /// `:` does). The first name is a global (in a session, its
+        /// environment first). The target may also be a table or userdata
+        /// with a `__call` metamethod, called as Lua would
+        /// (`__call(t, args...)`; a `__call` that is itself callable is
+        /// followed, up to 8 levels).
+        ///
+        /// # Errors
+        /// [`IsleError::NotFound`] when a name on the path is `nil` (it
+        /// holds the path up to that name); [`IsleError::Lua`] when the path
+        /// is not well formed, a value midway cannot be indexed, the target
+        /// is not callable, or the call fails; otherwise as for
+        /// [`eval`](Self::eval).
+        pub fn call<T>(
+            $($recv)+,
+            path: impl Into<String>,
+            args: impl mlua::IntoLuaMulti + Send + 'static,
+        ) -> Result<T, IsleError>
+        where
+            T: mlua::FromLuaMulti + Send + 'static,
+        {
+            $s.run(crate::host::submit::call(path.into(), args))
+        }
+
+        /// Like [`call`](Self::call), but returns at once with a [`Task`].
+        pub fn spawn_call<T>(
+            $($recv)+,
+            path: impl Into<String>,
+            args: impl mlua::IntoLuaMulti + Send + 'static,
+        ) -> Task<T>
+        where
+            T: mlua::FromLuaMulti + Send + 'static,
+        {
+            $s.spawn(crate::host::submit::call(path.into(), args))
         }
     };
 }

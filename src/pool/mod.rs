@@ -178,9 +178,10 @@ impl IslePool {
         tasks.into_iter().map(Task::wait).collect()
     }
 
-    /// Calls the global function `name` once per input, spread over the
-    /// VMs, and returns one result per input, in input order. Blocks until
-    /// all are done.
+    /// Calls the function `name` (a global, or a path as
+    /// [`call`](Self::call) takes it) once per input, spread over the VMs,
+    /// and returns one result per input, in input order. Blocks until all
+    /// are done.
     ///
     /// For many small calls this is much faster than one request each: the
     /// inputs travel in batches (a few per VM, so idle VMs can steal), and

@@ -1,5 +1,6 @@
 //! The request as its caller sees it.
 
+mod chunk;
 pub(crate) mod owner;
 pub(crate) mod room;
 pub(crate) mod spin;
@@ -8,6 +9,7 @@ mod task;
 pub(crate) mod timer;
 mod token;
 
+pub use chunk::Chunk;
 pub(crate) use room::{Acquire, Admission, Refused, Room};
 pub(crate) use state::*;
 pub use task::Task;

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mlua_isle::mlua::{self, FromLuaMulti, IntoLuaMulti, Lua};
-use mlua_isle::{Isle, IsleError, IslePool, Session, Task};
+use mlua_isle::{Chunk, Isle, IsleError, IslePool, Session, Task};
 
 type Init = Arc<dyn Fn(&Lua) -> mlua::Result<()> + Send + Sync>;
 
@@ -219,7 +219,7 @@ impl Front {
         full
     }
 
-    pub fn eval<T>(&self, code: impl Into<String>) -> Result<T, IsleError>
+    pub fn eval<T>(&self, code: impl Into<Chunk>) -> Result<T, IsleError>
     where
         T: FromLuaMulti + Send + 'static,
     {
@@ -230,7 +230,7 @@ impl Front {
         }
     }
 
-    pub fn spawn_eval<T>(&self, code: impl Into<String>) -> Task<T>
+    pub fn spawn_eval<T>(&self, code: impl Into<Chunk>) -> Task<T>
     where
         T: FromLuaMulti + Send + 'static,
     {
@@ -238,6 +238,36 @@ impl Front {
             Handle::Isle(i) => i.spawn_eval(code),
             Handle::Pool(p) => p.spawn_eval(code),
             Handle::Session(_, s) => s.spawn_eval(code),
+        }
+    }
+
+    pub fn eval_with<T>(
+        &self,
+        code: impl Into<Chunk>,
+        args: impl IntoLuaMulti + Send + 'static,
+    ) -> Result<T, IsleError>
+    where
+        T: FromLuaMulti + Send + 'static,
+    {
+        match &self.handle {
+            Handle::Isle(i) => i.eval_with(code, args),
+            Handle::Pool(p) => p.eval_with(code, args),
+            Handle::Session(_, s) => s.eval_with(code, args),
+        }
+    }
+
+    pub fn spawn_eval_with<T>(
+        &self,
+        code: impl Into<Chunk>,
+        args: impl IntoLuaMulti + Send + 'static,
+    ) -> Task<T>
+    where
+        T: FromLuaMulti + Send + 'static,
+    {
+        match &self.handle {
+            Handle::Isle(i) => i.spawn_eval_with(code, args),
+            Handle::Pool(p) => p.spawn_eval_with(code, args),
+            Handle::Session(_, s) => s.spawn_eval_with(code, args),
         }
     }
 

@@ -7,9 +7,11 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 use mlua::{Function, Table};
 
+use crate::Chunk;
+
 /// One cached chunk.
 pub(super) struct Entry {
-    /// Hash of `(env_id, source)`.
+    /// Hash of `(env_id, name, source)`.
     pub(super) hash: u64,
     /// Identity of the environment (its table's address; 0 for the
     /// globals).
@@ -18,8 +20,16 @@ pub(super) struct Entry {
     /// table while this entry exists. (The function holds it too, as
     /// `_ENV`; this does not depend on that.)
     pub(super) _env: Option<Table>,
-    pub(super) source: Box<str>,
+    /// The source and its name (shared with the caller's `Chunk`).
+    pub(super) chunk: Chunk,
     pub(super) function: Function,
+}
+
+impl Entry {
+    /// Bytes the entry counts against the cache's bound.
+    fn bytes(&self) -> usize {
+        self.chunk.source().len() + self.chunk.lua_name().len()
+    }
 }
 
 /// No slot.
@@ -36,7 +46,7 @@ pub(super) struct Lru {
     newest: usize,
     /// Least recently used slot, or `NIL`.
     oldest: usize,
-    /// Total source bytes of the entries.
+    /// Total bytes of the entries' sources and names.
     bytes: usize,
 }
 
@@ -60,12 +70,16 @@ impl Default for Lru {
 }
 
 impl Lru {
-    /// The function cached for exactly `(env_id, code)`, now the most
+    /// The function cached for exactly `(env_id, chunk)`, now the most
     /// recently used.
-    pub(super) fn get(&mut self, hash: u64, env_id: usize, code: &str) -> Option<Function> {
+    pub(super) fn get(&mut self, hash: u64, env_id: usize, chunk: &Chunk) -> Option<Function> {
         let i = *self.index.get(&hash)?;
         let entry = &self.slots[i].entry;
-        if entry.env_id != env_id || *entry.source != *code {
+        if entry.env_id != env_id
+            || !(std::sync::Arc::ptr_eq(entry.chunk.shared_source(), chunk.shared_source())
+                || entry.chunk.source() == chunk.source())
+            || entry.chunk.given_name() != chunk.given_name()
+        {
             return None;
         }
         let function = entry.function.clone();
@@ -82,7 +96,7 @@ impl Lru {
         }
         let i = self.slots.len();
         self.index.insert(entry.hash, i);
-        self.bytes += entry.source.len();
+        self.bytes += entry.bytes();
         self.slots.push(Node {
             entry,
             newer: NIL,
@@ -110,7 +124,7 @@ impl Lru {
         self.unlink(i);
         let slot = self.slots.swap_remove(i);
         self.index.remove(&slot.entry.hash);
-        self.bytes -= slot.entry.source.len();
+        self.bytes -= slot.entry.bytes();
         if i < self.slots.len() {
             // The slot that was last is now at `i`: point its neighbours
             // and its index entry there.
@@ -179,10 +193,7 @@ impl Lru {
         assert_eq!(seen, self.index.len());
         assert_eq!(
             self.bytes,
-            self.slots
-                .iter()
-                .map(|s| s.entry.source.len())
-                .sum::<usize>()
+            self.slots.iter().map(|s| s.entry.bytes()).sum::<usize>()
         );
     }
 }

@@ -15,9 +15,11 @@
 //! The cache lives on the VM thread only (`RefCell`, no locks). Entries are
 //! keyed by the environment the chunk runs in (the globals, or a session's
 //! table, which the entry holds so its identity is never reused while the
-//! entry exists) and the source text. Least recently used entries go first
-//! when a bound is reached: a number of entries, and a total of source bytes
-//! (so huge sources do not pin memory).
+//! entry exists), the chunk's name and the source text. Arguments are not
+//! part of the key: `eval_with` calls the same compiled function with them
+//! (the chunk sees them as `...`). Least recently used entries go first
+//! when a bound is reached: a number of entries, and a total of source (and
+//! name) bytes (so huge sources do not pin memory).
 
 use std::cell::RefCell;
 use std::collections::hash_map::RandomState;
@@ -25,14 +27,11 @@ use std::hash::BuildHasher;
 
 use mlua::{Function, Lua, Table};
 
-use crate::{IsleError, LuaErrorKind};
+use crate::{Chunk, IsleError, LuaErrorKind};
 
 mod lru;
 
 use lru::{Entry, Lru};
-
-/// Chunk name used for `eval` sources: errors read `eval:LINE: message`.
-const EVAL_CHUNK: &str = "=eval";
 
 /// Source bytes a cache holds at most (an eighth of the memory limit, if
 /// that is lower). The compiled code an entry pins takes Lua memory of the
@@ -40,17 +39,18 @@ const EVAL_CHUNK: &str = "=eval";
 const MAX_BYTES: usize = 1 << 20;
 
 /// Compiles `code` as `eval` runs it: as an expression if it parses as one
-/// (as Lua's REPL does), else as a block.
+/// (as Lua's REPL does), else as a block; named `name` (as Lua takes it,
+/// with its `@` or `=`). Either way the chunk's arguments are its `...`.
 ///
 /// # Errors
 /// Whatever Lua says about the source (a syntax error, or its parser running
 /// out of C stack on deeply nested source) is of kind `Syntax`; running out
 /// of memory stays `MemoryLimit`.
-fn compile(lua: &Lua, env: Option<&Table>, code: &str) -> Result<Function, IsleError> {
+fn compile(lua: &Lua, env: Option<&Table>, name: &str, code: &str) -> Result<Function, IsleError> {
     let compile = |source: &str| {
         let chunk = lua
             .load(source)
-            .set_name(EVAL_CHUNK)
+            .set_name(name)
             .set_mode(mlua::chunk::ChunkMode::Text);
         match env {
             Some(env) => chunk.set_environment(env.clone()),
@@ -60,7 +60,8 @@ fn compile(lua: &Lua, env: Option<&Table>, code: &str) -> Result<Function, IsleE
     };
     // LuaJIT tail-calls C functions too, so `return error('x')` would lose
     // the caller's position ("eval:1:"): there the expression is an
-    // argument of an identity function instead, keeping all its values.
+    // argument of an identity function instead, keeping all its values (a
+    // `...` in it is still the chunk's own: it is not inside the function).
     #[cfg(feature = "luajit")]
     let expression = format!("return (function(...) return ... end)({code}\n)");
     #[cfg(not(feature = "luajit"))]
@@ -105,7 +106,7 @@ impl ChunkCache {
         }
     }
 
-    /// The compiled function of `code` running in `env` (the globals when
+    /// The compiled function of `chunk` running in `env` (the globals when
     /// `None`): the cached one, or a fresh compile, cached if it succeeds.
     ///
     /// # Errors
@@ -114,25 +115,26 @@ impl ChunkCache {
         &self,
         lua: &Lua,
         env: Option<&Table>,
-        code: &str,
+        chunk: &Chunk,
     ) -> Result<Function, IsleError> {
+        let (code, name) = (chunk.source(), chunk.lua_name());
         if self.max_entries == 0 || code.len() > self.max_source || code.contains("_ENV") {
-            return compile(lua, env, code);
+            return compile(lua, env, name, code);
         }
         let env_id = env.map_or(0, |t| t.to_pointer() as usize);
         // One hash per request, shared by the lookup and the insert.
-        let hash = self.hasher.hash_one((env_id, code));
-        let cached = self.lru.borrow_mut().get(hash, env_id, code);
+        let hash = self.hasher.hash_one((env_id, chunk.given_name(), code));
+        let cached = self.lru.borrow_mut().get(hash, env_id, chunk);
         if let Some(function) = cached {
             reset_env(lua, env, &function);
             return Ok(function);
         }
-        let function = compile(lua, env, code)?;
+        let function = compile(lua, env, name, code)?;
         let entry = Entry {
             hash,
             env_id,
             _env: env.cloned(),
-            source: code.into(),
+            chunk: chunk.clone(),
             function: function.clone(),
         };
         self.lru
@@ -177,6 +179,10 @@ fn reset_env(_: &Lua, _: Option<&Table>, _: &Function) {}
 mod tests {
     use super::*;
 
+    fn c(source: &str) -> Chunk {
+        Chunk::new(source)
+    }
+
     fn same(a: &Function, b: &Function) -> bool {
         a.to_pointer() == b.to_pointer()
     }
@@ -185,12 +191,16 @@ mod tests {
     fn a_second_load_reuses_the_compiled_function() {
         let lua = Lua::new();
         let cache = ChunkCache::new(4, None);
-        let a = cache.load(&lua, None, "local t = {} return #t").unwrap();
-        let b = cache.load(&lua, None, "local t = {} return #t").unwrap();
+        let a = cache
+            .load(&lua, None, &c("local t = {} return #t"))
+            .unwrap();
+        let b = cache
+            .load(&lua, None, &c("local t = {} return #t"))
+            .unwrap();
         assert!(same(&a, &b));
-        let c = cache.load(&lua, None, "1 + 1").unwrap();
-        assert!(same(&c, &cache.load(&lua, None, "1 + 1").unwrap()));
-        assert_eq!(c.call::<i64>(()).unwrap(), 2);
+        let two = cache.load(&lua, None, &c("1 + 1")).unwrap();
+        assert!(same(&two, &cache.load(&lua, None, &c("1 + 1")).unwrap()));
+        assert_eq!(two.call::<i64>(()).unwrap(), 2);
         assert_eq!(cache.len(), 2);
     }
 
@@ -199,29 +209,55 @@ mod tests {
         let lua = Lua::new();
         let cache = ChunkCache::new(4, None);
         let env = lua.create_table().unwrap();
-        let plain = cache.load(&lua, None, "return x").unwrap();
-        let scoped = cache.load(&lua, Some(&env), "return x").unwrap();
+        let plain = cache.load(&lua, None, &c("return x")).unwrap();
+        let scoped = cache.load(&lua, Some(&env), &c("return x")).unwrap();
         assert!(!same(&plain, &scoped));
         assert!(same(
             &scoped,
-            &cache.load(&lua, Some(&env), "return x").unwrap()
+            &cache.load(&lua, Some(&env), &c("return x")).unwrap()
         ));
         cache.forget_env(&env);
         assert_eq!(cache.len(), 1);
-        assert!(same(&plain, &cache.load(&lua, None, "return x").unwrap()));
+        assert!(same(
+            &plain,
+            &cache.load(&lua, None, &c("return x")).unwrap()
+        ));
+    }
+
+    #[test]
+    fn each_name_has_its_own_entry_and_arguments_are_dots() {
+        let lua = Lua::new();
+        let cache = ChunkCache::new(4, None);
+        let src = "... * 2";
+        let plain = cache.load(&lua, None, &c(src)).unwrap();
+        let named = cache.load(&lua, None, &c(src).name("@f.lua")).unwrap();
+        assert!(!same(&plain, &named));
+        assert!(same(
+            &named,
+            &cache.load(&lua, None, &c(src).name("@f.lua")).unwrap()
+        ));
+        assert_eq!(plain.call::<i64>(21).unwrap(), 42);
+        assert_eq!(named.call::<i64>(4).unwrap(), 8);
+        let err = cache
+            .load(&lua, None, &c("local x = ...\nerror('no')").name("@f.lua"))
+            .unwrap()
+            .call::<()>(())
+            .unwrap_err();
+        assert!(err.to_string().contains("f.lua:2: no"), "{err}");
+        assert_eq!(cache.len(), 3);
     }
 
     #[test]
     fn the_least_recently_used_goes_first() {
         let lua = Lua::new();
         let cache = ChunkCache::new(2, None);
-        let a = cache.load(&lua, None, "'a'").unwrap();
-        let b = cache.load(&lua, None, "'b'").unwrap();
-        cache.load(&lua, None, "'a'").unwrap(); // a is now newer than b
-        cache.load(&lua, None, "'c'").unwrap(); // evicts b
+        let a = cache.load(&lua, None, &c("'a'")).unwrap();
+        let b = cache.load(&lua, None, &c("'b'")).unwrap();
+        cache.load(&lua, None, &c("'a'")).unwrap(); // a is now newer than b
+        cache.load(&lua, None, &c("'c'")).unwrap(); // evicts b
         assert_eq!(cache.len(), 2);
-        assert!(same(&a, &cache.load(&lua, None, "'a'").unwrap()));
-        assert!(!same(&b, &cache.load(&lua, None, "'b'").unwrap()));
+        assert!(same(&a, &cache.load(&lua, None, &c("'a'")).unwrap()));
+        assert!(!same(&b, &cache.load(&lua, None, &c("'b'")).unwrap()));
     }
 
     #[test]
@@ -230,12 +266,12 @@ mod tests {
         // 64 KiB limit: 8 KiB of source in all, 2 KiB per source.
         let cache = ChunkCache::new(100, Some(64 << 10));
         let long = format!("return '{}'", "x".repeat(3000));
-        let a = cache.load(&lua, None, &long).unwrap();
-        assert!(!same(&a, &cache.load(&lua, None, &long).unwrap()));
+        let a = cache.load(&lua, None, &c(&long)).unwrap();
+        assert!(!same(&a, &cache.load(&lua, None, &c(&long)).unwrap()));
         assert_eq!(cache.len(), 0);
         for i in 0..10 {
             let src = format!("return '{}'", i.to_string().repeat(1500));
-            cache.load(&lua, None, &src).unwrap();
+            cache.load(&lua, None, &c(&src)).unwrap();
         }
         assert_eq!(cache.len(), 5);
         assert!(cache.lru.borrow().bytes() <= 8 << 10);
@@ -250,7 +286,7 @@ mod tests {
             for (k, env) in envs.iter().enumerate() {
                 for j in 0..2 {
                     let src = format!("return {k} * 10 + {j}");
-                    let f = cache.load(&lua, Some(env), &src).unwrap();
+                    let f = cache.load(&lua, Some(env), &c(&src)).unwrap();
                     assert_eq!(f.call::<i64>(()).unwrap(), k as i64 * 10 + j);
                 }
             }
@@ -268,7 +304,7 @@ mod tests {
                    setfenv(1, setmetatable({ marker = true }, { __index = _G })) \
                    return 'fresh'";
         for _ in 0..3 {
-            let f = cache.load(&lua, None, src).unwrap();
+            let f = cache.load(&lua, None, &c(src)).unwrap();
             assert_eq!(f.call::<String>(()).unwrap(), "fresh");
         }
         assert_eq!(cache.len(), 1);
@@ -278,11 +314,13 @@ mod tests {
     fn sources_naming_env_and_errors_are_not_cached() {
         let lua = Lua::new();
         let cache = ChunkCache::new(4, None);
-        cache.load(&lua, None, "local e = _ENV return 1").unwrap();
-        assert!(cache.load(&lua, None, "x = = 1").is_err());
+        cache
+            .load(&lua, None, &c("local e = _ENV return 1"))
+            .unwrap();
+        assert!(cache.load(&lua, None, &c("x = = 1")).is_err());
         assert_eq!(cache.len(), 0);
         let off = ChunkCache::new(0, None);
-        off.load(&lua, None, "1").unwrap();
+        off.load(&lua, None, &c("1")).unwrap();
         assert_eq!(off.len(), 0);
     }
 }
