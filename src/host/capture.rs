@@ -283,7 +283,7 @@ where
 // ===== The request methods =====
 
 /// The request methods of a `PrintCapture`, as the front's (see
-/// `request_methods!`): `plain` gives `eval` and `call` and their `spawn_*`
+/// `request_methods!`): `plain` gives `eval`, `eval_with` and `call` and their `spawn_*`
 /// forms; `exec` adds `exec` and its forms taking `&Lua`. Each is a line:
 /// the front's work, handed to `run` or `spawn`, which capture it.
 macro_rules! capture_methods {
@@ -294,47 +294,77 @@ macro_rules! capture_methods {
         /// # Errors
         /// When the request did not run to its end (see [`PrintCapture`]);
         /// its own errors are in [`Printed::result`].
-        pub fn eval<T>(&self, code: impl Into<String>) -> Result<Printed<T>, IsleError>
+        pub fn eval<T>(&self, chunk: impl Into<crate::Chunk>) -> Result<Printed<T>, IsleError>
         where
             T: mlua::FromLuaMulti + Send + 'static,
         {
-            self.run(submit::eval(code.into()))
+            self.run(submit::eval(chunk.into(), ()))
         }
 
         /// Like [`eval`](Self::eval), but returns at once with a [`Task`].
-        pub fn spawn_eval<T>(&self, code: impl Into<String>) -> Task<Printed<T>>
+        pub fn spawn_eval<T>(&self, chunk: impl Into<crate::Chunk>) -> Task<Printed<T>>
         where
             T: mlua::FromLuaMulti + Send + 'static,
         {
-            self.spawn(submit::eval(code.into()))
+            self.spawn(submit::eval(chunk.into(), ()))
         }
 
-        /// Calls the global Lua function `name` as the front's `call`
-        /// does, capturing its prints. Blocks until it has run.
+        /// Evaluates a Lua chunk with `args` (seen as `...`), as the
+        /// front's `eval_with` does, capturing its prints. Blocks until it
+        /// has run.
         ///
         /// # Errors
         /// As for [`eval`](Self::eval).
-        pub fn call<T>(
+        pub fn eval_with<T>(
             &self,
-            name: impl Into<String>,
+            chunk: impl Into<crate::Chunk>,
             args: impl mlua::IntoLuaMulti + Send + 'static,
         ) -> Result<Printed<T>, IsleError>
         where
             T: mlua::FromLuaMulti + Send + 'static,
         {
-            self.run(submit::call(name.into(), args))
+            self.run(submit::eval(chunk.into(), args))
         }
 
-        /// Like [`call`](Self::call), but returns at once with a [`Task`].
-        pub fn spawn_call<T>(
+        /// Like [`eval_with`](Self::eval_with), but returns at once with a
+        /// [`Task`].
+        pub fn spawn_eval_with<T>(
             &self,
-            name: impl Into<String>,
+            chunk: impl Into<crate::Chunk>,
             args: impl mlua::IntoLuaMulti + Send + 'static,
         ) -> Task<Printed<T>>
         where
             T: mlua::FromLuaMulti + Send + 'static,
         {
-            self.spawn(submit::call(name.into(), args))
+            self.spawn(submit::eval(chunk.into(), args))
+        }
+
+        /// Calls what `path` names (a global, `a.b.c`, `obj:method`) as
+        /// the front's `call` does, capturing its prints. Blocks until it has run.
+        ///
+        /// # Errors
+        /// As for [`eval`](Self::eval).
+        pub fn call<T>(
+            &self,
+            path: impl Into<String>,
+            args: impl mlua::IntoLuaMulti + Send + 'static,
+        ) -> Result<Printed<T>, IsleError>
+        where
+            T: mlua::FromLuaMulti + Send + 'static,
+        {
+            self.run(submit::call(path.into(), args))
+        }
+
+        /// Like [`call`](Self::call), but returns at once with a [`Task`].
+        pub fn spawn_call<T>(
+            &self,
+            path: impl Into<String>,
+            args: impl mlua::IntoLuaMulti + Send + 'static,
+        ) -> Task<Printed<T>>
+        where
+            T: mlua::FromLuaMulti + Send + 'static,
+        {
+            self.spawn(submit::call(path.into(), args))
         }
     };
     (exec) => {
