@@ -112,7 +112,7 @@ fn tables_give_fields_methods_and_call_through_metamethods() {
     );
     let plain: LuaHandle = isle.eval("return {}").unwrap();
     let e = plain.call::<()>(()).unwrap_err();
-    assert!(e.to_string().contains("not callable"), "{e}");
+    assert!(e.to_string().contains("is not a function"), "{e}");
     let n = obj
         .exec(|_, v| v.as_table().unwrap().raw_get::<i64>("n"))
         .unwrap();

@@ -9,11 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
-use mlua::{
-    FromLua, FromLuaMulti, Function, IntoLua, IntoLuaMulti, Lua, MultiValue, ObjectLike,
-    RegistryKey, Value,
-};
+use mlua::{FromLua, FromLuaMulti, IntoLua, IntoLuaMulti, Lua, ObjectLike, RegistryKey, Value};
 
+use crate::host::call_path::callable;
 use crate::host::submit::Work;
 use crate::request::owner::{next_owner_id, on_owner_thread};
 use crate::request::timer::Timer;
@@ -322,36 +320,6 @@ fn request_error(lua: &Lua) -> impl Fn(mlua::Error) -> IsleError + '_ {
     move |e| crate::interrupt::request_error(lua, &e)
 }
 
-/// `f` and the arguments to call it with: `value` itself if a function, or
-/// its `__call` metamethod with `value` in front.
-fn callable(
-    lua: &Lua,
-    value: Value,
-    args: impl IntoLuaMulti,
-) -> mlua::Result<(Function, MultiValue)> {
-    let call = match &value {
-        Value::Function(f) => return Ok((f.clone(), args.into_lua_multi(lua)?)),
-        Value::Table(t) => match t.metatable() {
-            Some(mt) => mt.raw_get::<Value>("__call")?,
-            None => Value::Nil,
-        },
-        Value::UserData(ud) => match ud.metatable() {
-            Ok(mt) => mt.get::<Value>("__call")?,
-            Err(_) => Value::Nil,
-        },
-        _ => Value::Nil,
-    };
-    let Value::Function(call) = call else {
-        return Err(mlua::Error::runtime(format!(
-            "this handle holds a {} that is not callable (no __call metamethod)",
-            value.type_name()
-        )));
-    };
-    let mut args = args.into_lua_multi(lua)?;
-    args.push_front(value);
-    Ok((call, args))
-}
-
 /// Reads `value[key]` (metamethods honoured).
 fn field<T: FromLua>(value: &Value, key: impl IntoLua) -> mlua::Result<T> {
     match value {
@@ -500,9 +468,11 @@ impl LuaHandle {
         A: IntoLuaMulti + Send + 'static,
         T: FromLuaMulti + Send + 'static,
     {
-        self.with_value(move |ctx, value| match callable(ctx.lua, value, args) {
-            Ok((f, args)) => ctx.call(&f, args),
-            Err(e) => Run::Done(Err(request_error(ctx.lua)(e))),
+        self.with_value(move |ctx, value| {
+            match callable(ctx.lua, &"the handle's value", value, Vec::new()) {
+                Ok(target) => target.call(ctx, args),
+                Err(e) => Run::Done(Err(e)),
+            }
         })
     }
 
@@ -522,21 +492,17 @@ impl LuaHandle {
         T: FromLuaMulti + Send + 'static,
     {
         self.with_value(move |ctx, value| {
-            let method = field::<Value>(&value, name.as_str()).and_then(|m| match m {
-                Value::Nil => Err(mlua::Error::runtime(format!(
+            let method = match field::<Value>(&value, name.as_str()) {
+                Ok(Value::Nil) => Err(IsleError::from_lua(&mlua::Error::runtime(format!(
                     "this {} has no method `{name}` (the field is nil)",
                     value.type_name()
-                ))),
-                m => callable(ctx.lua, m, ()).map(|(f, _)| f),
-            });
-            let call = method.and_then(|f| {
-                let mut args = args.into_lua_multi(ctx.lua)?;
-                args.push_front(value);
-                Ok((f, args))
-            });
-            match call {
-                Ok((f, args)) => ctx.call(&f, args),
-                Err(e) => Run::Done(Err(request_error(ctx.lua)(e))),
+                )))),
+                Ok(m) => callable(ctx.lua, &format_args!("method `{name}`"), m, vec![value]),
+                Err(e) => Err(request_error(ctx.lua)(e)),
+            };
+            match method {
+                Ok(target) => target.call(ctx, args),
+                Err(e) => Run::Done(Err(e)),
             }
         })
     }

@@ -87,7 +87,7 @@ pub(crate) fn resolve(ctx: &Ctx<'_>, path: &str) -> Result<Target, IsleError> {
                 function,
                 before: Vec::new(),
             }),
-            other => callable(ctx.lua, path, other, Vec::new()),
+            other => callable(ctx.lua, &Named(path), other, Vec::new()),
         };
     }
     let (dotted, method) = parse(path)?;
@@ -117,7 +117,7 @@ pub(crate) fn resolve(ctx: &Ctx<'_>, path: &str) -> Result<Target, IsleError> {
         before.push(value);
         value = function;
     }
-    callable(ctx.lua, path, value, before)
+    callable(ctx.lua, &Named(path), value, before)
 }
 
 /// Splits a path with a `.` or `:` into its dotted part and its method.
@@ -184,10 +184,13 @@ fn lua_type(value: &Value) -> &'static str {
     }
 }
 
-/// Follows `__call` from `value` to a function.
-fn callable(
+/// The target that calls `value` (with `before` passed first): `value`
+/// itself if a function, else its `__call` metamethod with `value` in
+/// front, followed through at most [`MAX_CALL_CHAIN`] callables. `what`
+/// names the value in errors (`call path \`a.b\``, `global \`f\``, ...).
+pub(crate) fn callable(
     lua: &Lua,
-    path: &str,
+    what: &dyn std::fmt::Display,
     mut value: Value,
     mut before: Vec<Value>,
 ) -> Result<Target, IsleError> {
@@ -203,26 +206,30 @@ fn callable(
             _ => Value::Nil,
         };
         if next.is_nil() {
-            return Err(lua_error(
-                if before.is_empty() && !path.contains(['.', ':']) {
-                    format!(
-                    "global `{path}` is not a function (it is a {}, without a `__call` metamethod)",
-                    lua_type(&value)
-                )
-                } else {
-                    format!(
-                    "call path `{path}`: not a function (it is a {}, without a `__call` metamethod)",
-                    lua_type(&value)
-                )
-                },
-            ));
+            return Err(lua_error(format!(
+                "{what} is not a function (it is a {}, without a `__call` metamethod)",
+                lua_type(&value)
+            )));
         }
         before.insert(0, std::mem::replace(&mut value, next));
     }
     Err(lua_error(format!(
-        "call path `{path}`: more than {MAX_CALL_CHAIN} `__call` metamethods, each a callable value: \
+        "{what}: more than {MAX_CALL_CHAIN} `__call` metamethods, each a callable value: \
          give the function itself"
     )))
+}
+
+/// How `callable` names `path` in its errors.
+struct Named<'a>(&'a str);
+
+impl std::fmt::Display for Named<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.contains(['.', ':']) {
+            write!(f, "call path `{}`", self.0)
+        } else {
+            write!(f, "global `{}`", self.0)
+        }
+    }
 }
 
 /// The field `key` of `value`'s metatable (read raw, as Lua reads

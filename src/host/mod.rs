@@ -40,7 +40,7 @@
 //! A VM that got back while its replacement was starting keeps its slot,
 //! and the replacement exits unserved: never do two VMs serve one slot.
 
-mod call_path;
+pub(crate) mod call_path;
 pub(crate) mod capture;
 mod lifecycle;
 pub(crate) mod reserve;
