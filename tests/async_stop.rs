@@ -14,9 +14,7 @@
 mod common;
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use common::front::{each_kind, Kind};
@@ -99,23 +97,6 @@ impl Drop for CountsDrop {
     }
 }
 
-/// A future that is pending once (waking itself), then ready: the request
-/// awaiting it suspends once and is polled again.
-struct YieldNow(bool);
-
-impl Future for YieldNow {
-    type Output = mlua::Result<()>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if self.0 {
-            return Poll::Ready(Ok(()));
-        }
-        self.0 = true;
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    }
-}
-
 /// Installs `started()`, the async Rust functions and [`LUA`].
 fn install(lua: &Lua, started: crossbeam_channel::Sender<()>) -> mlua::Result<()> {
     register_signal(lua, "started", started)?;
@@ -134,7 +115,10 @@ fn install(lua: &Lua, started: crossbeam_channel::Sender<()>) -> mlua::Result<()
         nest.call_async::<i64>((n, spin)).await
     })?;
     lua.globals().set("nest_async", nest_async)?;
-    let yield_now = lua.create_async_function(|_, ()| YieldNow(false))?;
+    let yield_now = lua.create_async_function(|_, ()| async {
+        common::yield_once().await;
+        Ok(())
+    })?;
     lua.globals().set("yield_now", yield_now)?;
     let forever = lua.create_async_function(|_, ()| async {
         let _guard = CountsDrop;

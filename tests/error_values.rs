@@ -352,29 +352,11 @@ fn userdata_and_sandbox_views_are_read_safely() {
 #[cfg(feature = "async")]
 #[test]
 fn the_value_survives_a_suspended_request() {
-    use std::future::Future;
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-
-    /// Pending once (waking itself), then ready.
-    struct YieldOnce(bool);
-    impl Future for YieldOnce {
-        type Output = ();
-        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-            if self.0 {
-                return Poll::Ready(());
-            }
-            self.0 = true;
-            cx.waker().wake_by_ref();
-            Poll::Pending
-        }
-    }
-
     within("suspended", || {
         fronts()
             .init(|lua| {
                 let pause = lua.create_async_function(|_, ()| async {
-                    YieldOnce(false).await;
+                    common::yield_once().await;
                     Ok(())
                 })?;
                 lua.globals().set("pause", pause)?;

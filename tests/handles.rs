@@ -563,23 +563,6 @@ fn an_isle_handle_whose_vm_was_replaced_is_lost() {
 #[cfg(feature = "async")]
 mod suspended {
     use super::*;
-    use std::future::Future;
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-
-    struct YieldOnce(bool);
-
-    impl Future for YieldOnce {
-        type Output = ();
-        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-            if self.0 {
-                return Poll::Ready(());
-            }
-            self.0 = true;
-            cx.waker().wake_by_ref();
-            Poll::Pending
-        }
-    }
 
     #[test]
     fn a_handle_made_after_a_session_request_suspended_is_the_sessions() {
@@ -587,7 +570,7 @@ mod suspended {
             .workers(1)
             .init(|lua| {
                 let y = lua.create_async_function(|_, ()| async move {
-                    YieldOnce(false).await;
+                    common::yield_once().await;
                     Ok(())
                 })?;
                 lua.globals().set("yield_once", y)

@@ -632,29 +632,10 @@ fn queue_full_is_the_error_not_a_result() {
 #[cfg(feature = "async")]
 mod suspended {
     use super::*;
-    use std::future::Future;
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-
-    /// Pending once (waking itself), then ready: a request that awaits it
-    /// suspends, and the VM serves others before polling it again.
-    struct YieldOnce(bool);
-
-    impl Future for YieldOnce {
-        type Output = ();
-        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-            if self.0 {
-                return Poll::Ready(());
-            }
-            self.0 = true;
-            cx.waker().wake_by_ref();
-            Poll::Pending
-        }
-    }
 
     fn init(lua: &Lua) -> mlua::Result<()> {
         let f = lua.create_async_function(|_, ()| async {
-            YieldOnce(false).await;
+            common::yield_once().await;
             Ok(())
         })?;
         lua.globals().set("yield", f)?;
@@ -842,7 +823,7 @@ mod suspended {
                 .capture_print()
                 .spawn_exec_async(|lua: Lua| async move {
                     lua.load("print('one')").exec()?;
-                    YieldOnce(false).await;
+                    common::yield_once().await;
                     lua.load("print('two')").exec()?;
                     Ok(2)
                 })

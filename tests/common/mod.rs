@@ -374,3 +374,28 @@ pub fn in_child(name: &str, body: impl FnOnce()) {
         "the child process did not run `{name}`:\n{stdout}\n{stderr}"
     );
 }
+
+/// A future that is pending once (waking itself), then ready: a request
+/// awaiting it suspends once, the VM serves others, then polls it again.
+pub fn yield_once() -> YieldOnce {
+    YieldOnce(false)
+}
+
+/// See [`yield_once`].
+pub struct YieldOnce(bool);
+
+impl std::future::Future for YieldOnce {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    }
+}
