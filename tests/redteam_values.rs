@@ -120,7 +120,9 @@ fn a_swallowed_value_is_never_blamed_on_another_tenant() {
             .eval("local t = { secret = 'A' } pcall(error, t) return tostring(t)")
             .unwrap();
         // B fails with exactly the text of A's table.
-        let e = b.eval_with::<()>("error((...), 0)", text.clone()).unwrap_err();
+        let e = b
+            .eval_with::<()>("error((...), 0)", text.clone())
+            .unwrap_err();
         let lua = e.as_lua().unwrap();
         assert_eq!(lua.message(), text);
         assert!(lua.value().is_none(), "B got A's value: {:?}", lua.value());
@@ -308,12 +310,16 @@ fn a_tenants_lines_never_land_in_another_tenants_capture() {
 fn capture_and_shutdown_timeout_resolve() {
     within("capture + shutdown_timeout", || {
         let isle = Isle::spawn(|_| Ok(())).unwrap();
-        let t = isle.capture_print().spawn_eval::<()>("print('x') while true do end");
+        let t = isle
+            .capture_print()
+            .spawn_eval::<()>("print('x') while true do end");
         let _ = isle.shutdown_timeout(Duration::from_millis(50));
         assert!(t.wait().is_err());
         let pool = IslePool::builder().workers(1).build().unwrap();
         let s = pool.session("t");
-        let t = s.capture_print().spawn_eval::<()>("print('x') while true do end");
+        let t = s
+            .capture_print()
+            .spawn_eval::<()>("print('x') while true do end");
         let q = s.capture_print().spawn_eval::<()>("print('queued')");
         let _ = pool.shutdown_timeout(Duration::from_millis(50));
         assert!(t.wait().is_err());
@@ -394,9 +400,17 @@ fn a_cached_chunk_runs_in_the_requesting_tenants_environment() {
         a.eval::<()>("secret = 'A'").unwrap();
         let named = Chunk::new("return secret").name("@shared.lua");
         for _ in 0..3 {
-            assert_eq!(a.eval::<Option<String>>("return secret").unwrap().as_deref(), Some("A"));
+            assert_eq!(
+                a.eval::<Option<String>>("return secret")
+                    .unwrap()
+                    .as_deref(),
+                Some("A")
+            );
             assert_eq!(b.eval::<Option<String>>("return secret").unwrap(), None);
-            assert_eq!(a.eval::<Option<String>>(&named).unwrap().as_deref(), Some("A"));
+            assert_eq!(
+                a.eval::<Option<String>>(&named).unwrap().as_deref(),
+                Some("A")
+            );
             assert_eq!(b.eval::<Option<String>>(&named).unwrap(), None);
             assert_eq!(pool.eval::<Option<String>>(&named).unwrap(), None);
         }
@@ -420,12 +434,18 @@ fn a_handle_to_a_read_only_view_writes_nothing_shared() {
         let string: LuaHandle = a.eval("return string").unwrap();
         // Written through Lua's own means, as a tenant would.
         for (what, r) in [
-            ("rawset", a.call::<()>("rawset", (string.clone(), "upper", 1))),
+            (
+                "rawset",
+                a.call::<()>("rawset", (string.clone(), "upper", 1)),
+            ),
             (
                 "setmetatable",
                 a.call::<()>("setmetatable", (string.clone(), ())),
             ),
-            ("apply", a.eval_with::<()>("local s = ... s.upper = 1", string.clone())),
+            (
+                "apply",
+                a.eval_with::<()>("local s = ... s.upper = 1", string.clone()),
+            ),
         ] {
             let _ = (what, r);
         }
@@ -462,7 +482,9 @@ fn a_handles_requests_resolve_when_its_session_closes_or_pool_shuts_down() {
         for i in 0..50 {
             let pool = IslePool::builder().workers(2).build().unwrap();
             let s = pool.session("s");
-            let h: LuaHandle = s.eval("return function() for i = 1, 1e4 do end return 1 end").unwrap();
+            let h: LuaHandle = s
+                .eval("return function() for i = 1, 1e4 do end return 1 end")
+                .unwrap();
             let tasks: Vec<_> = (0..8).map(|_| h.spawn_call::<i64>(())).collect();
             let captured = s.capture_print().spawn_call::<()>("print", "x");
             if i % 2 == 0 {
@@ -473,17 +495,144 @@ fn a_handles_requests_resolve_when_its_session_closes_or_pool_shuts_down() {
             let late = h.spawn_call::<i64>(());
             for t in tasks {
                 match t.wait() {
-                    Ok(1) | Err(IsleError::HandleLost(_) | IsleError::Shutdown | IsleError::SessionLost) => {}
+                    Ok(1)
+                    | Err(
+                        IsleError::HandleLost(_) | IsleError::Shutdown | IsleError::SessionLost,
+                    ) => {}
                     other => panic!("round {i}: {other:?}"),
                 }
             }
             let _ = captured.wait();
             match late.wait() {
-                Ok(1) | Err(IsleError::HandleLost(_) | IsleError::Shutdown | IsleError::SessionLost) => {}
+                Ok(1)
+                | Err(IsleError::HandleLost(_) | IsleError::Shutdown | IsleError::SessionLost) => {}
                 other => panic!("round {i}, late: {other:?}"),
             }
             drop(pool);
             assert!(h.call::<i64>(()).is_err());
         }
     });
+}
+
+// ===== serde: deep, cyclic and huge values, both ways =====
+
+/// A value nested `self.0` sequences deep, made as it is serialized (no
+/// deep Rust value to drop afterwards).
+#[cfg(feature = "serde")]
+struct Deep(usize);
+
+#[cfg(feature = "serde")]
+impl serde::Serialize for Deep {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(1))?;
+        if self.0 > 0 {
+            seq.serialize_element(&Deep(self.0 - 1))?;
+        }
+        seq.end()
+    }
+}
+
+#[cfg(feature = "serde")]
+#[test]
+fn a_deep_rust_value_going_in_fails_cleanly() {
+    in_child("a_deep_rust_value_going_in_fails_cleanly", || {
+        within("deep serde argument", || {
+            let isle = Isle::builder()
+                .memory_limit(64 << 20)
+                .spawn(|_| Ok(()))
+                .unwrap();
+            let r = isle.eval_with::<bool>(
+                "return type(...) == 'table'",
+                mlua_isle::Serde(Deep(1_000_000)),
+            );
+            assert!(r.is_err(), "{r:?}");
+            assert_eq!(isle.eval::<i64>("return 1").unwrap(), 1);
+        });
+    });
+}
+
+#[cfg(feature = "serde")]
+#[test]
+fn a_deep_or_cyclic_lua_value_coming_out_fails_cleanly() {
+    in_child(
+        "a_deep_or_cyclic_lua_value_coming_out_fails_cleanly",
+        || {
+            within("deep serde result", || {
+                use serde::de::IgnoredAny;
+                let isle = Isle::builder()
+                    .memory_limit(64 << 20)
+                    .spawn(|_| Ok(()))
+                    .unwrap();
+                let r = isle.eval::<mlua_isle::Serde<IgnoredAny>>(
+                    "local t = {} for i = 1, 1e6 do t = { t } end return t",
+                );
+                assert!(r.is_err(), "a million levels deep: {:?}", r.map(|_| ()));
+                let r = isle.eval::<mlua_isle::Serde<IgnoredAny>>("local t = {} t.t = t return t");
+                assert!(r.is_err(), "a cycle: {:?}", r.map(|_| ()));
+                assert_eq!(isle.eval::<i64>("return 1").unwrap(), 1);
+            });
+        },
+    );
+}
+
+#[cfg(feature = "serde")]
+#[test]
+fn serde_arguments_share_nothing_between_requests() {
+    within("serde arguments", || {
+        let pool = one_sandboxed_vm();
+        let a = pool.session("a");
+        let b = pool.session("b");
+        let none: bool = a
+            .eval_with(
+                "return getmetatable(...) == nil",
+                mlua_isle::Serde(vec![1, 2]),
+            )
+            .unwrap();
+        assert!(none, "an array argument has a metatable");
+        let empty: bool = a
+            .eval_with(
+                "return getmetatable(...) == nil",
+                mlua_isle::Serde(Vec::<i64>::new()),
+            )
+            .unwrap();
+        assert!(empty, "an empty array argument has a metatable");
+        let _ = a.eval_with::<()>(
+            "local t = ... setmetatable(t, { __index = function() return 'A' end })",
+            mlua_isle::Serde(Vec::<i64>::new()),
+        );
+        let leaked: Option<String> = b
+            .eval_with("return (...).x", mlua_isle::Serde(Vec::<i64>::new()))
+            .unwrap();
+        assert_eq!(leaked, None);
+    });
+}
+
+/// Bytes of Rust memory a result took: one Lua string referenced many
+/// times is copied each time.
+#[test]
+#[ignore = "BUG: a request's result converted to Rust (eval::<Vec<String>>, Serde<T>) copies \
+            a string once per reference: a script under a 32 MiB memory_limit returns one \
+            1 MiB string 200 times and the host allocates 200 MiB (any count: gigabytes) \
+            outside the limit. Needs a byte budget in the conversion (mlua's FromLua has none)."]
+fn a_result_converted_to_rust_stays_within_the_memory_limit() {
+    in_child(
+        "a_result_converted_to_rust_stays_within_the_memory_limit",
+        || {
+            within("huge result", || {
+                let isle = Isle::builder()
+                    .memory_limit(32 << 20)
+                    .spawn(|_| Ok(()))
+                    .unwrap();
+                let src = "local s = string.rep('x', 1 << 20) local t = {} \
+                           for i = 1, 200 do t[i] = s end return t";
+                let r = isle.eval::<Vec<String>>(src);
+                let bytes: usize = r.iter().flatten().map(String::len).sum();
+                assert!(
+                    bytes <= 32 << 20,
+                    "{bytes} bytes of result past a 32 MiB limit"
+                );
+            });
+        },
+    );
 }
