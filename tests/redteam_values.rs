@@ -636,3 +636,150 @@ fn a_result_converted_to_rust_stays_within_the_memory_limit() {
         },
     );
 }
+
+// ===== async: suspended requests interleaved on one VM =====
+
+/// Pending once, then ready (it wakes itself).
+#[cfg(feature = "async")]
+struct YieldOnce(bool);
+
+#[cfg(feature = "async")]
+impl std::future::Future for YieldOnce {
+    type Output = ();
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    }
+}
+
+/// An isle whose async `wait(name)` reports `name` on the returned
+/// channel, then stays pending until the test raises `name`.
+#[cfg(feature = "async")]
+fn waiting_isle() -> (
+    Isle,
+    Arc<parking_lot::Mutex<std::collections::HashSet<String>>>,
+    crossbeam_channel::Receiver<String>,
+) {
+    let raised = Arc::new(parking_lot::Mutex::new(std::collections::HashSet::new()));
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let flags = raised.clone();
+    let isle = Isle::spawn(move |lua| {
+        let wait = lua.create_async_function(move |_, name: String| {
+            let flags = flags.clone();
+            let _ = tx.send(name.clone());
+            async move {
+                while !flags.lock().contains(&name) {
+                    YieldOnce(false).await;
+                }
+                Ok(())
+            }
+        })?;
+        lua.globals().set("wait", wait)
+    })
+    .unwrap();
+    (isle, raised, rx)
+}
+
+#[cfg(feature = "async")]
+#[test]
+fn interleaved_suspended_requests_keep_their_own_lines_and_values() {
+    within("interleaved captures and error values", || {
+        use mlua_isle::Scalar;
+        let (isle, raised, started) = waiting_isle();
+        let a = isle.capture_print().spawn_eval::<()>(
+            "print('A1') local t = { who = 'A' } pcall(error, t) wait('a') \
+             print('A2') error(t)",
+        );
+        assert_eq!(common::expect_msg(&started, "a waits"), "a");
+        let b = isle.capture_print().spawn_eval::<()>(
+            "print('B1') pcall(error, { who = 'B0' }) wait('b') print('B2') \
+             error({ who = 'B' })",
+        );
+        assert_eq!(common::expect_msg(&started, "b waits"), "b");
+        // A string error of a third request while both hold a kept value.
+        let c = isle
+            .capture_print()
+            .eval::<()>("print('C') error('c', 0)")
+            .unwrap();
+        assert_eq!(c.lines, ["C"]);
+        let ce = c.result.unwrap_err();
+        assert!(ce.as_lua().unwrap().value().is_none(), "{ce:?}");
+        raised.lock().insert("a".into());
+        let a = a.wait().unwrap();
+        raised.lock().insert("b".into());
+        let b = b.wait().unwrap();
+        assert_eq!(a.lines, ["A1", "A2"]);
+        assert_eq!(b.lines, ["B1", "B2"]);
+        let av = a.result.unwrap_err();
+        let bv = b.result.unwrap_err();
+        let who = |e: &IsleError| {
+            e.as_lua()
+                .and_then(|l| l.value())
+                .and_then(|v| v.field("who").cloned())
+        };
+        assert_eq!(who(&av), Some(Scalar::String("A".into())), "{av:?}");
+        assert_eq!(who(&bv), Some(Scalar::String("B".into())), "{bv:?}");
+    });
+}
+
+#[cfg(feature = "async")]
+#[test]
+fn every_new_request_kind_resolves_when_cancelled_while_suspended() {
+    within("cancel suspended", || {
+        let (isle, _raised, started) = waiting_isle();
+        let f: LuaHandle = isle
+            .eval("return function(...) wait('h') return ... end")
+            .unwrap();
+        let t: LuaHandle = isle
+            .eval("return { m = function() wait('g') end }")
+            .unwrap();
+        fn check<T: std::fmt::Debug + Send + 'static>(
+            started: &crossbeam_channel::Receiver<String>,
+            what: &str,
+            name: &str,
+            task: mlua_isle::Task<T>,
+        ) {
+            assert_eq!(common::expect_msg(started, what), name);
+            task.cancel();
+            let r = task.wait();
+            assert!(matches!(r, Err(IsleError::Cancelled)), "{what}: {r:?}");
+        }
+        let s = &started;
+        check(
+            s,
+            "eval_with",
+            "e",
+            isle.spawn_eval_with::<()>("wait('e') return ...", 1),
+        );
+        check(s, "handle call", "h", f.spawn_call::<()>(1));
+        // (`get` cannot suspend: an `__index` called from Rust cannot yield, as
+        // README's "What does not" says of metamethods called from C.)
+        check(s, "method", "g", t.spawn_call_method::<()>("m", ()));
+        let captured = isle
+            .capture_print()
+            .spawn_eval_with::<()>("print(...) wait('c')", 1);
+        assert_eq!(common::expect_msg(&started, "captured"), "c");
+        captured.cancel();
+        assert_eq!(captured.wait(), Err(IsleError::Cancelled));
+        // Timed out while suspended, and a task dropped while suspended.
+        let timed = f.spawn_call::<()>(2).timeout(Duration::from_millis(20));
+        assert_eq!(common::expect_msg(&started, "timed"), "h");
+        assert_eq!(timed.wait(), Err(IsleError::Timeout));
+        let dropped = f.spawn_call::<()>(3);
+        assert_eq!(common::expect_msg(&started, "dropped"), "h");
+        drop(dropped);
+        // The VM serves on.
+        assert!(
+            f.get::<Option<i64>>("x").is_err(),
+            "a function has no fields"
+        );
+        assert_eq!(isle.eval_with::<i64>("return ...", 9).unwrap(), 9);
+    });
+}
