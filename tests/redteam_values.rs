@@ -352,6 +352,15 @@ fn a_million_arguments_give_an_error_not_a_crash() {
             // As one table: the memory limit counts it.
             let r = isle.eval_with::<i64>("return #...", vec![String::from("x"); 10_000_000]);
             assert!(matches!(r, Err(IsleError::MemoryLimit(_))), "{r:?}");
+            // One huge string, and (serde) a huge sequence.
+            let r = isle.eval_with::<usize>("return #...", "x".repeat(100 << 20));
+            assert!(matches!(r, Err(IsleError::MemoryLimit(_))), "{r:?}");
+            #[cfg(feature = "serde")]
+            {
+                let r =
+                    isle.eval_with::<usize>("return #...", mlua_isle::Serde(vec![0u8; 10_000_000]));
+                assert!(matches!(r, Err(IsleError::MemoryLimit(_))), "{r:?}");
+            }
             assert_eq!(isle.eval_with::<i64>("return ...", 5).unwrap(), 5);
         });
     });
