@@ -125,23 +125,31 @@ impl<T: DeserializeOwned> FromLua for Serde<T> {
         let from = lua_type_name(&value);
         lua.from_value_with::<T>(value, from_lua_options())
             .map(Serde)
-            .map_err(|e| mlua::Error::FromLuaConversionError {
-                from,
-                to: type_name::<T>().to_string(),
-                message: Some(cause(&e)),
+            .map_err(|e| match e {
+                // The VM's memory limit, not a value that did not fit.
+                e @ mlua::Error::MemoryError(_) => e,
+                e => mlua::Error::FromLuaConversionError {
+                    from,
+                    to: type_name::<T>().to_string(),
+                    message: Some(cause(&e)),
+                },
             })
     }
 }
 
 impl<T: Serialize> IntoLua for Serde<T> {
     fn into_lua(self, lua: &Lua) -> mlua::Result<Value> {
-        lua.to_value_with(&self.0, to_lua_options()).map_err(|e| {
-            mlua::Error::SerializeError(format!(
-                "error converting {} to a Lua value ({})",
-                type_name::<T>(),
-                cause(&e)
-            ))
-        })
+        lua.to_value_with(&self.0, to_lua_options())
+            .map_err(|e| match e {
+                // The VM's memory limit (`MemoryLimit`), not a value that
+                // did not fit.
+                e @ mlua::Error::MemoryError(_) => e,
+                e => mlua::Error::SerializeError(format!(
+                    "error converting {} to a Lua value ({})",
+                    type_name::<T>(),
+                    cause(&e)
+                )),
+            })
     }
 }
 
