@@ -74,7 +74,10 @@ use serde::Serialize;
 /// [`IsleError::Lua`](crate::IsleError::Lua) of kind
 /// [`Conversion`](crate::LuaErrorKind::Conversion), whose message names
 /// the Rust type and what did not fit (serde's words, e.g. ``missing field
-/// `port` `` or `invalid type: string "http", expected u16`).
+/// `port` `` or `invalid type: string "http", expected u16`). An argument
+/// too big for the VM's [`memory_limit`](crate::IsleBuilder::memory_limit)
+/// fails with [`IsleError::MemoryLimit`](crate::IsleError::MemoryLimit),
+/// as any value would.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Serde<T>(pub T);
 
