@@ -807,3 +807,81 @@ fn every_new_request_kind_resolves_when_cancelled_while_suspended() {
         assert_eq!(isle.eval_with::<i64>("return ...", 9).unwrap(), 9);
     });
 }
+
+#[test]
+fn every_new_request_kind_keeps_its_raised_value() {
+    within("raised values on every path", || {
+        use mlua_isle::Scalar;
+        let pool = one_sandboxed_vm();
+        let s = pool.session("s");
+        s.eval::<()>("obj = { fail = function(self, n) error({ code = n }) end }")
+            .unwrap();
+        let code = |r: Result<(), IsleError>| {
+            let e = r.unwrap_err();
+            e.as_lua()
+                .and_then(|l| l.value())
+                .and_then(|v| v.field("code").cloned())
+        };
+        assert_eq!(code(s.call("obj:fail", 1)), Some(Scalar::Integer(1)));
+        assert_eq!(
+            code(s.eval_with("error({ code = ... })", 2)),
+            Some(Scalar::Integer(2))
+        );
+        let h: LuaHandle = s.eval("return obj").unwrap();
+        assert_eq!(code(h.call_method("fail", 3)), Some(Scalar::Integer(3)));
+        let f: LuaHandle = s
+            .eval("return function(n) error({ code = n }) end")
+            .unwrap();
+        assert_eq!(code(f.call(4)), Some(Scalar::Integer(4)));
+        let out = s
+            .capture_print()
+            .eval_with::<()>("print('x') error({ code = ... })", 5)
+            .unwrap();
+        assert_eq!(out.lines, ["x"]);
+        assert_eq!(code(out.result), Some(Scalar::Integer(5)));
+        let named = Chunk::new("error({ code = ... })").name("@t.lua");
+        assert_eq!(code(pool.eval_with(&named, 6)), Some(Scalar::Integer(6)));
+    });
+}
+
+#[test]
+fn every_new_request_kind_resolves_when_cancelled_while_queued() {
+    within("cancel queued", || {
+        let isle = Isle::spawn(|_| Ok(())).unwrap();
+        let f: LuaHandle = isle.eval("return function() return 1 end").unwrap();
+        let t: LuaHandle = isle
+            .eval("return { x = 1, m = function() return 1 end }")
+            .unwrap();
+        let (g, block) = common::gate();
+        let held = isle.spawn_exec(move |_| {
+            block.block();
+            Ok(())
+        });
+        g.wait_started();
+        let a = isle.spawn_eval_with::<i64>("return ...", 1);
+        let b = isle
+            .capture_print()
+            .spawn_eval_with::<i64>("print(...) return ...", 1);
+        let c = f.spawn_call::<i64>(());
+        let d = t.spawn_get::<i64>("x");
+        let e = t.spawn_call_method::<i64>("m", ());
+        let p = isle.spawn_call::<String>("string.upper", "x");
+        let q = isle.spawn_eval_with::<i64>("return ...", 1);
+        drop(q);
+        for cancel in [a.cancel_token(), b.cancel_token(), c.cancel_token()] {
+            cancel.cancel();
+        }
+        d.cancel();
+        e.cancel();
+        p.cancel();
+        g.release();
+        held.wait().unwrap();
+        assert_eq!(a.wait(), Err(IsleError::Cancelled));
+        assert_eq!(b.wait(), Err(IsleError::Cancelled));
+        assert_eq!(c.wait(), Err(IsleError::Cancelled));
+        assert_eq!(d.wait(), Err(IsleError::Cancelled));
+        assert_eq!(e.wait(), Err(IsleError::Cancelled));
+        assert_eq!(p.wait(), Err(IsleError::Cancelled));
+        assert_eq!(f.call::<i64>(()).unwrap(), 1);
+    });
+}
