@@ -363,8 +363,14 @@ fn a_million_arguments_give_an_error_not_a_crash() {
             let r = isle.eval_with::<i64>("return #...", vec![String::from("x"); 10_000_000]);
             assert!(matches!(r, Err(IsleError::MemoryLimit(_))), "{r:?}");
             // One huge string, and (serde) a huge sequence.
+            // (Lua 5.5: mlua hands a `String` over as an external string,
+            // the host's own bytes, which Lua's allocator never counts.)
             let r = isle.eval_with::<usize>("return #...", "x".repeat(100 << 20));
-            assert!(matches!(r, Err(IsleError::MemoryLimit(_))), "{r:?}");
+            if cfg!(feature = "lua55") {
+                assert!(matches!(r, Ok(104_857_600)), "{r:?}");
+            } else {
+                assert!(matches!(r, Err(IsleError::MemoryLimit(_))), "{r:?}");
+            }
             #[cfg(feature = "serde")]
             {
                 let r =
