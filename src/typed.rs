@@ -74,7 +74,10 @@ use serde::Serialize;
 /// [`IsleError::Lua`](crate::IsleError::Lua) of kind
 /// [`Conversion`](crate::LuaErrorKind::Conversion), whose message names
 /// the Rust type and what did not fit (serde's words, e.g. ``missing field
-/// `port` `` or `invalid type: string "http", expected u16`).
+/// `port` `` or `invalid type: string "http", expected u16`). An argument
+/// too big for the VM's [`memory_limit`](crate::IsleBuilder::memory_limit)
+/// fails with [`IsleError::MemoryLimit`](crate::IsleError::MemoryLimit),
+/// as any value would.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Serde<T>(pub T);
 
@@ -125,23 +128,31 @@ impl<T: DeserializeOwned> FromLua for Serde<T> {
         let from = lua_type_name(&value);
         lua.from_value_with::<T>(value, from_lua_options())
             .map(Serde)
-            .map_err(|e| mlua::Error::FromLuaConversionError {
-                from,
-                to: type_name::<T>().to_string(),
-                message: Some(cause(&e)),
+            .map_err(|e| match e {
+                // The VM's memory limit, not a value that did not fit.
+                e @ mlua::Error::MemoryError(_) => e,
+                e => mlua::Error::FromLuaConversionError {
+                    from,
+                    to: type_name::<T>().to_string(),
+                    message: Some(cause(&e)),
+                },
             })
     }
 }
 
 impl<T: Serialize> IntoLua for Serde<T> {
     fn into_lua(self, lua: &Lua) -> mlua::Result<Value> {
-        lua.to_value_with(&self.0, to_lua_options()).map_err(|e| {
-            mlua::Error::SerializeError(format!(
-                "error converting {} to a Lua value ({})",
-                type_name::<T>(),
-                cause(&e)
-            ))
-        })
+        lua.to_value_with(&self.0, to_lua_options())
+            .map_err(|e| match e {
+                // The VM's memory limit (`MemoryLimit`), not a value that
+                // did not fit.
+                e @ mlua::Error::MemoryError(_) => e,
+                e => mlua::Error::SerializeError(format!(
+                    "error converting {} to a Lua value ({})",
+                    type_name::<T>(),
+                    cause(&e)
+                )),
+            })
     }
 }
 

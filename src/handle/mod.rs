@@ -106,7 +106,8 @@ use route::{Home, Place, VmTag};
 /// (`raw_set`, `set_metatable`, ...): the sandbox guards against Lua code,
 /// and Rust code holding a handle is the host's own. Tenants cannot use a
 /// handle across sessions: a session's handle, passed as an argument to
-/// any other session's (or unkeyed) request, is refused.
+/// any other session's (or unkeyed) request, is refused, and so is a
+/// handle made by unkeyed work passed to a session's request.
 #[derive(Clone)]
 pub struct LuaHandle {
     held: Arc<Held>,
@@ -166,6 +167,18 @@ impl Held {
                 "it belongs to another Lua VM; pass it only to requests of the isle, \
                  pool worker or session that made it, or make the value again there",
             ));
+        }
+        // Unkeyed work's value (a closure over the VM's globals, the
+        // globals themselves) would give a session's code what every
+        // unkeyed request shares; and it could reach a session only when
+        // that session happens to live on the same worker.
+        if let (Place::Worker(_), Use::Argument) = (&self.place, use_) {
+            if crate::handle::route::in_a_session() {
+                return Err(self.foreign(
+                    "it was made by unkeyed work; pass it only to unkeyed requests of the \
+                     pool worker that made it, not to a session's",
+                ));
+            }
         }
         if let Place::Session(b) = &self.place {
             match crate::handle::route::current_session() {

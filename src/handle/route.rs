@@ -107,6 +107,11 @@ pub(crate) fn current_session() -> Option<Arc<Binding>> {
     SESSION.with_borrow(Clone::clone)
 }
 
+/// True if a session's request runs on this thread now.
+pub(crate) fn in_a_session() -> bool {
+    SESSION.with_borrow(Option::is_some)
+}
+
 /// Names `session` as the one whose request runs here, until the guard
 /// is dropped (or [`InSession::leave`]).
 pub(crate) fn in_session(session: Option<Arc<Binding>>) -> InSession {

@@ -182,6 +182,25 @@ impl Capture {
     }
 }
 
+/// Raises Lua's memory error unless the line `parts[1..=n]` fits under the
+/// VM's memory limit: it is joined in Rust memory, which the limit does not
+/// see, and one string printed many times in a line (`print(s, s, s, ..)`)
+/// would make it many times what the VM holds. Lua code building that line
+/// (`table.concat`) fails the same way. Its size is known before anything
+/// is copied.
+fn joinable(lua: &Lua, parts: &Table, n: i64) -> mlua::Result<()> {
+    let mut size = n.max(1) as usize; // its newline and tabs
+    for i in 1..=n {
+        if let Value::String(s) = parts.raw_get::<Value>(i)? {
+            size = size.saturating_add(s.as_bytes().len());
+        }
+    }
+    if super::room::fits(lua, size) {
+        return Ok(());
+    }
+    Err(mlua::Error::MemoryError(super::room::MEMORY_ERROR.into()))
+}
+
 /// The line `parts[1..=n]`, tab separated, as bytes.
 fn join(parts: &Table, n: i64) -> mlua::Result<Vec<u8>> {
     let mut line = Vec::new();
@@ -211,9 +230,12 @@ enum Out {
 fn emit(lua: &Lua, out: Out) -> mlua::Result<Function> {
     // Joins the parts here rather than with `table.concat`: the host may
     // not open the table library (`std_libs`).
-    lua.create_function(move |_, (parts, n): (Table, i64)| {
+    lua.create_function(move |lua, (parts, n): (Table, i64)| {
         if let Some(capture) = current() {
             return capture.push(&parts, n);
+        }
+        if !matches!(out, Out::Nowhere) {
+            joinable(lua, &parts, n)?;
         }
         match &out {
             Out::Sink(sink) => sink(&String::from_utf8_lossy(&join(&parts, n)?)),

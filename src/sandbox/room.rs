@@ -17,7 +17,6 @@ pub(crate) const MEMORY_ERROR: &str = "not enough memory";
 
 /// The VM's memory limit, if it has one. (mlua 0.12 has no getter: the
 /// limit is read by setting it and putting it back, two stores.)
-#[cfg_attr(not(any(feature = "lua54", feature = "lua55")), allow(dead_code))]
 pub(super) fn limit(lua: &Lua) -> Option<usize> {
     let limit = lua.set_memory_limit(0).ok()?;
     let _ = lua.set_memory_limit(limit);
@@ -26,7 +25,6 @@ pub(super) fn limit(lua: &Lua) -> Option<usize> {
 
 /// Whether `bytes` more, held outside the VM's allocator, fit under its
 /// memory limit beside what the VM uses now.
-#[cfg_attr(not(any(feature = "lua54", feature = "lua55")), allow(dead_code))]
 pub(super) fn fits(lua: &Lua, bytes: usize) -> bool {
     match limit(lua) {
         Some(limit) => lua

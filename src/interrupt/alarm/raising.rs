@@ -35,6 +35,25 @@ unsafe fn is_message(state: *mut lua_State, idx: c_int) -> bool {
     }
 }
 
+/// The `level` argument of `error`, read as the backend's own `error`
+/// reads it: on Luau with Luau's own `luaL_optinteger`, which truncates
+/// (`error(m, 1e300)` raises `m`), where mlua's compatible one refuses a
+/// number that is not an exact integer with an argument error.
+///
+/// # Safety
+/// As for [`error`], which calls it.
+unsafe fn level(state: *mut lua_State) -> i64 {
+    // SAFETY: reads argument 2 of a C function's frame, or raises Lua's
+    // argument error through it, as `luaB_error` does.
+    unsafe {
+        #[cfg(feature = "luau")]
+        return i64::from(ffi::luaL_optinteger_(state, 2, 1));
+        #[cfg(not(feature = "luau"))]
+        #[allow(clippy::unnecessary_cast)] // `isize` on Lua 5.1 and LuaJIT
+        return ffi::luaL_optinteger(state, 2, 1) as i64;
+    }
+}
+
 /// Lua's `error(value [, level])` (`luaB_error`, the same on every
 /// backend but for [`is_message`]), recording a non-message first.
 unsafe extern "C-unwind" fn error(state: *mut lua_State) -> c_int {
@@ -44,7 +63,7 @@ unsafe extern "C-unwind" fn error(state: *mut lua_State) -> c_int {
     // nothing, or raises (a memory error) through this frame, which owns
     // nothing; `lua_error` does not return.
     unsafe {
-        let level = ffi::luaL_optinteger(state, 2, 1);
+        let level = level(state);
         ffi::lua_settop(state, 1);
         if is_message(state, 1) {
             if level > 0 {
@@ -83,16 +102,23 @@ unsafe extern "C-unwind" fn assert(state: *mut lua_State) -> c_int {
     }
 }
 
-/// Our C function `f` closed over `record`.
+/// Our C function `f` closed over `record`. On Luau it carries `name`,
+/// which Luau's argument errors quote (`bad argument #2 to 'error'`), as
+/// they do for its own; elsewhere Lua finds the name from the call.
 fn closure(
     lua: &mlua::Lua,
     f: ffi::lua_CFunction,
+    name: &'static std::ffi::CStr,
     record: &mlua::Function,
 ) -> mlua::Result<mlua::Function> {
+    let _ = name;
     // SAFETY: `exec_raw` pushes `record`; the closure replaces it as the
-    // one result; `f` reads it as upvalue [`RECORD`].
+    // one result; `f` reads it as upvalue [`RECORD`]. `name` is static.
     unsafe {
         lua.exec_raw::<mlua::Function>(record, |state| {
+            #[cfg(feature = "luau")]
+            ffi::lua_pushcclosured(state, f, name.as_ptr(), 1);
+            #[cfg(not(feature = "luau"))]
             ffi::lua_pushcclosure(state, f, 1);
         })
     }
@@ -106,14 +132,14 @@ pub(crate) fn install(lua: &mlua::Lua, record: &mlua::Function) -> mlua::Result<
         .raw_get::<Option<mlua::Function>>("error")?
         .is_some()
     {
-        globals.raw_set("error", closure(lua, error, record)?)?;
+        globals.raw_set("error", closure(lua, error, c"error", record)?)?;
     }
     #[cfg(any(feature = "lua53", feature = "lua54", feature = "lua55"))]
     if globals
         .raw_get::<Option<mlua::Function>>("assert")?
         .is_some()
     {
-        globals.raw_set("assert", closure(lua, assert, record)?)?;
+        globals.raw_set("assert", closure(lua, assert, c"assert", record)?)?;
     }
     Ok(())
 }
