@@ -68,7 +68,8 @@ impl ErrorValue {
 
     /// The value's `tostring`, as Lua's `tostring` gives it (its
     /// `__tostring`, or its `__name`), run in the request, under its stop
-    /// machinery. If `__tostring` fails, the text says so.
+    /// machinery. (A value whose `__tostring` fails is not kept at all:
+    /// see [`LuaError::value`](crate::LuaError::value).)
     pub fn text(&self) -> &str {
         &self.text
     }
