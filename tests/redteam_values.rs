@@ -916,12 +916,6 @@ fn every_new_request_kind_resolves_when_cancelled_while_queued() {
 /// tenant A that raises a value during B's request.
 #[test]
 #[cfg(any(feature = "lua54", feature = "lua55"))]
-#[ignore = "BUG (low: outside the sandbox only, whose scripts are trusted): a `__gc` finalizer \
-            of session A that raises a table during B's request is recorded as B's \
-            (interrupt/raised.rs takes the running request's token), and a string error does \
-            not clear the kept value; so B's later `error('boom')` carries A's table when its \
-            `__tostring` says 'boom'. Fix: clear the slot when a string is raised, or record \
-            nothing while a finalizer runs."]
 fn a_finalizers_raised_value_is_not_blamed_on_the_request_it_ran_in() {
     within("finalizer's value", || {
         let pool = IslePool::builder().workers(1).build().unwrap();
