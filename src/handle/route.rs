@@ -4,15 +4,14 @@
 //!   app data ([`VmTag`]) with its owner's id, the owner itself (weakly, as
 //!   a [`Home`] that can queue a job at a [`Place`]) and the pool worker it
 //!   serves, if any. Set once per VM: a request pays nothing for it.
-//! - A pool worker running a session's request names that session in a
-//!   thread-local ([`in_session`]) for the time of the run (and of each
-//!   later poll of the request, if it suspends: `vm/job/suspended.rs`
-//!   carries it across). Unkeyed work and isles never touch it.
+//! - A pool worker running a session's request hands the session to the
+//!   VM with it, which keeps it current in the request's scope
+//!   (`vm/scope.rs`) for the time of the run and of each later poll of
+//!   the request, if it suspends.
 //! - A handle's `Drop` raises its VM's `released` flag; the VM frees the
 //!   values of dropped handles before its next request (`Vm::run`), and
 //!   reads nothing else while none were dropped.
 
-use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
@@ -97,44 +96,12 @@ pub(crate) fn expire_released(lua: &Lua, released: &AtomicBool) {
     }
 }
 
-thread_local! {
-    /// The session whose request runs on this thread now, if any.
-    static SESSION: RefCell<Option<Arc<Binding>>> = const { RefCell::new(None) };
-}
-
-/// The session whose request runs on this thread now.
+/// The session whose request runs on this thread now (`vm/scope.rs`).
 pub(crate) fn current_session() -> Option<Arc<Binding>> {
-    SESSION.with_borrow(Clone::clone)
+    crate::vm::scope::session().and_then(|s| s.downcast::<Binding>().ok())
 }
 
 /// True if a session's request runs on this thread now.
 pub(crate) fn in_a_session() -> bool {
-    SESSION.with_borrow(Option::is_some)
-}
-
-/// Names `session` as the one whose request runs here, until the guard
-/// is dropped (or [`InSession::leave`]).
-pub(crate) fn in_session(session: Option<Arc<Binding>>) -> InSession {
-    InSession(Some(SESSION.replace(session)))
-}
-
-/// Restores the session named before [`in_session`].
-pub(crate) struct InSession(Option<Option<Arc<Binding>>>);
-
-#[cfg(feature = "async")]
-impl InSession {
-    /// Restores the session named before, and gives back the one named by
-    /// [`in_session`].
-    pub(crate) fn leave(mut self) -> Option<Arc<Binding>> {
-        let before = self.0.take().flatten();
-        SESSION.replace(before)
-    }
-}
-
-impl Drop for InSession {
-    fn drop(&mut self) {
-        if let Some(before) = self.0.take() {
-            SESSION.set(before);
-        }
-    }
+    crate::vm::scope::in_session()
 }

@@ -299,10 +299,10 @@ impl Worker {
         job: Job,
         table: &Table,
     ) -> (Duration, bool) {
-        // The session a `LuaHandle` made by this request belongs to.
-        let session = crate::handle::route::in_session(Some(binding.clone()));
-        let (outcome, ran) = self.run_job(host, job, Some(table), binding.id);
-        drop(session);
+        // The session is the request's: a `LuaHandle` made by it belongs
+        // to the session (`vm/scope.rs`).
+        let session = Some((table, binding.clone() as crate::vm::scope::SessionTag));
+        let (outcome, ran) = self.run_job(host, job, session, binding.id);
         binding.counters.ran(ran);
         if let Some(outcome) = outcome {
             binding.counters.resolved(outcome);
@@ -494,7 +494,7 @@ impl Worker {
         &self,
         host: &mut WorkerVm,
         job: Job,
-        env: Option<&Table>,
+        session: Option<(&Table, crate::vm::scope::SessionTag)>,
         tag: u64,
     ) -> (Option<Outcome>, Duration) {
         let counters = &self.shared.counters[self.index];
@@ -506,7 +506,7 @@ impl Worker {
         counters.running.store(true, Ordering::Relaxed);
         let key = || host.envs.get(&tag).map(|env| &env.binding.key);
         let timing = Timing::start(&job, None, Some(self.index), key);
-        let outcome = host.vm.run(job, env, tag);
+        let outcome = host.vm.run(job, session, tag);
         let busy = timing.finish(outcome, &mut self.pending.borrow_mut(), &counters.latency);
         // Back from a request during which this worker was replaced: the
         // flag is its replacement's now.

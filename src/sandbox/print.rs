@@ -54,24 +54,20 @@ impl fmt::Debug for Print {
 
 thread_local! {
     /// The capture of the request running on this thread, if the host
-    /// captures its prints. Set by the request's work when it starts
-    /// (`Capture::begin`) and by `vm/job.rs` around every later poll of it
-    /// and of its `task.spawn` children; taken back after each, so between
-    /// requests (init, reloads, the collector's finalizers after a request)
-    /// there is none. A `Cell` of an `Rc`: `take` and `set`, no borrow flag,
-    /// no allocation; a request that is not captured pays one access to it
-    /// per run.
+    /// captures its prints: part of the request's scope (`vm/scope.rs`),
+    /// kept here, below the VM layer, for `print` to read. Set by the
+    /// request's work when it starts (`Capture::begin`), and swapped in
+    /// and out with the rest of its scope around its run and every later
+    /// poll, so between requests (init, reloads, the collector's
+    /// finalizers after a request) there is none. A `Cell` of an `Rc`:
+    /// `take` and `set`, no borrow flag, no allocation.
     static CURRENT: Cell<Option<Rc<Capture>>> = const { Cell::new(None) };
 }
 
-/// Takes the current capture away (the request's run or poll is over).
-pub(crate) fn take_current() -> Option<Rc<Capture>> {
-    CURRENT.take()
-}
-
-/// Makes `capture` current (the request is about to be polled again).
-pub(crate) fn set_current(capture: Option<Rc<Capture>>) {
-    CURRENT.set(capture);
+/// Makes `capture` current, and returns the one current before (a
+/// request's scope is entered or left: `vm/scope.rs`).
+pub(crate) fn replace_current(capture: Option<Rc<Capture>>) -> Option<Rc<Capture>> {
+    CURRENT.replace(capture)
 }
 
 /// True if a capture is current (never while the thread's locals are
@@ -90,10 +86,15 @@ pub(crate) fn capturing() -> bool {
 /// The current capture (a clone of the `Rc`: what `print` runs may print
 /// again while it is held).
 fn current() -> Option<Rc<Capture>> {
-    let capture = CURRENT.take();
-    let copy = capture.clone();
-    CURRENT.set(capture);
-    copy
+    CURRENT
+        .try_with(|c| {
+            let capture = c.take();
+            let copy = capture.clone();
+            c.set(capture);
+            copy
+        })
+        .ok()
+        .flatten()
 }
 
 /// How a captured request's work ended, for the pool's metrics: a request
@@ -134,7 +135,7 @@ impl Capture {
             closed: Cell::new(false),
             ended: Cell::new(Ended::Running),
         });
-        set_current(Some(capture.clone()));
+        replace_current(Some(capture.clone()));
         capture
     }
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use mlua::{FromLuaMulti, Function, IntoLuaMulti, Lua, Table};
 
 use super::chunk::ChunkCache;
+use super::scope::{self, Scope};
 use crate::interrupt::Interrupt;
 use crate::request::{Admission, CancelToken, Header, Request};
 use crate::sandbox::print::{Capture, Ended};
@@ -22,6 +23,8 @@ pub(crate) struct Ctx<'a> {
     pub(crate) lua: &'a Lua,
     /// The session's environment, for session work; `None` for plain work.
     pub(crate) env: Option<&'a Table>,
+    /// The session, for session work (see `scope.rs`).
+    pub(crate) session: Option<super::scope::SessionTag>,
     /// The VM's compiled `eval` chunks.
     pub(crate) chunks: &'a ChunkCache,
     /// The VM's request coroutines, and the waker that takes this request
@@ -309,6 +312,10 @@ where
         let token = CancelToken::of(req.clone());
         interrupt.enter(&token);
         let here = req.running_here();
+        let entered = scope::enter(Scope {
+            session: ctx.session.clone(),
+            capture: None,
+        });
         // Children `task.spawn` made (the `async` feature) belong to the
         // request: polled with it while it waits, dropped when it ends.
         #[cfg(feature = "async")]
@@ -329,9 +336,10 @@ where
             run
         }));
         drop(here);
-        // Its prints' capture, if the work made one (current until now,
-        // so that the children's prints are the request's too).
-        let capture = crate::sandbox::print::take_current();
+        // Its scope, with its prints' capture if the work made one
+        // (current until now, so that the children's prints are the
+        // request's too).
+        let scope = entered.leave();
         match out {
             #[cfg(feature = "async")]
             Ok(Run::Wait(future)) => {
@@ -343,15 +351,14 @@ where
                     work: Some(future),
                     children,
                     executed,
-                    session: crate::handle::route::current_session(),
-                    capture,
+                    scope,
                 };
                 suspended::park(waiting, interrupted, ctx, interrupt)
             }
             Ok(Run::Done(result)) => {
                 let interrupted = interrupt.leave();
                 let outcome = settle(req, result, interrupted, garbage);
-                Ran::Done(outcome.judged(capture.as_deref()))
+                Ran::Done(outcome.judged(scope.capture.as_deref()))
             }
             Err(payload) => {
                 #[cfg(feature = "async")]

@@ -11,6 +11,7 @@ mod coroutine;
 pub(crate) mod cstack;
 mod job;
 pub(crate) mod precompiled;
+pub(crate) mod scope;
 #[cfg(feature = "async")]
 mod suspend;
 #[cfg(feature = "async")]
@@ -191,26 +192,28 @@ impl Vm {
     /// has its result already.
     // Without `async`, `Ran` has one variant.
     #[cfg_attr(not(feature = "async"), allow(clippy::infallible_destructuring_match))]
-    pub(crate) fn run(&self, job: Job, env: Option<&Table>, tag: u64) -> Option<Outcome> {
+    pub(crate) fn run(
+        &self,
+        job: Job,
+        session: Option<(&Table, scope::SessionTag)>,
+        tag: u64,
+    ) -> Option<Outcome> {
         crate::handle::route::expire_released(&self.lua, &self.released);
         #[cfg(feature = "async")]
         let (slot, waker) = self.suspension.reserve();
+        let (env, session) = session.unzip();
         let ctx = Ctx {
             lua: &self.lua,
             env,
+            session,
             chunks: &self.chunks,
             #[cfg(feature = "async")]
             coroutines: &self.coroutines,
             #[cfg(feature = "async")]
             waker: &waker,
         };
-        let ran = catch_unwind(AssertUnwindSafe(|| job.run(&ctx, &self.interrupt))).unwrap_or_else(
-            |_| {
-                // No print capture outlives its request, even so.
-                crate::sandbox::print::take_current();
-                job::Ran::Done(Outcome::Failed)
-            },
-        );
+        let ran = catch_unwind(AssertUnwindSafe(|| job.run(&ctx, &self.interrupt)))
+            .unwrap_or(job::Ran::Done(Outcome::Failed));
         self.interrupt.reset(&self.lua, &self.interrupt);
         let outcome = match ran {
             job::Ran::Done(outcome) => outcome,
@@ -263,7 +266,6 @@ impl Vm {
                     // A panic outside the work's own poll (a waker, a
                     // result's drop): the request has resolved or is
                     // resolved now.
-                    crate::sandbox::print::take_current();
                     let outcome = self.stop_paused(paused);
                     self.resolved(slot, tag, outcome, done);
                 }
@@ -292,10 +294,7 @@ impl Vm {
             coroutine::close_terminated();
             outcome
         }))
-        .unwrap_or_else(|_| {
-            crate::sandbox::print::take_current();
-            Outcome::Cancelled
-        });
+        .unwrap_or(Outcome::Cancelled);
         self.interrupt.reset(&self.lua, &self.interrupt);
         outcome
     }

@@ -33,12 +33,9 @@ pub(super) struct Waiting<T> {
     pub(super) children: crate::vm::tasks::Children,
     /// Instructions run so far, for `max_instructions`.
     pub(super) executed: u64,
-    /// The session whose request this is (pool workers), named again
-    /// around each poll: a `LuaHandle` made then belongs to it.
-    pub(super) session: Option<Arc<crate::pool::session::Binding>>,
-    /// Where its prints go if the host captures them: current around
+    /// Its session and print capture (`vm/scope.rs`): current around
     /// every poll of its work and children, and while they are dropped.
-    pub(super) capture: Option<std::rc::Rc<Capture>>,
+    pub(super) scope: Scope,
 }
 
 impl Paused {
@@ -91,8 +88,7 @@ impl<T: Send + 'static> Resume for Waiting<T> {
         interrupt.enter_again(&self.token, self.executed);
         let here = self.req.running_here();
         let children = &mut self.children;
-        let session = crate::handle::route::in_session(self.session.take());
-        crate::sandbox::print::set_current(self.capture.take());
+        let entered = scope::enter(std::mem::take(&mut self.scope));
         let out = catch_unwind(AssertUnwindSafe(|| {
             let mut cx = Context::from_waker(waker);
             let mut polled = work.as_mut().poll(&mut cx);
@@ -110,9 +106,8 @@ impl<T: Send + 'static> Resume for Waiting<T> {
             }
             polled
         }));
-        self.session = session.leave();
+        self.scope = entered.leave();
         drop(here);
-        self.capture = crate::sandbox::print::take_current();
         self.executed = interrupt.executed();
         let mut garbage: Garbage<T> = (None, None);
         let result = match out {
@@ -132,7 +127,7 @@ impl<T: Send + 'static> Resume for Waiting<T> {
         self.work = None;
         let result = caught(result, &mut garbage);
         let outcome = settle(&self.req, result, interrupted, garbage);
-        Some(outcome.judged(self.capture.as_deref()))
+        Some(outcome.judged(self.scope.capture.as_deref()))
     }
 
     /// Drops the work of a request that must stop, inside the stop
@@ -147,7 +142,7 @@ impl<T: Send + 'static> Resume for Waiting<T> {
             .unwrap_or(crate::request::Reason::Shutdown);
         self.token.stop(reason);
         // What it prints while it stops is its own (and kept by nobody).
-        crate::sandbox::print::set_current(self.capture.take());
+        let entered = scope::enter(std::mem::take(&mut self.scope));
         let arm = || {
             let _ = interrupt.prepare();
             interrupt.enter_again(&self.token, self.executed);
@@ -185,7 +180,7 @@ impl<T: Send + 'static> Resume for Waiting<T> {
         let dropped = catch_unwind(AssertUnwindSafe(crate::vm::coroutine::close_terminated));
         drop(here);
         interrupt.leave();
-        self.capture = crate::sandbox::print::take_current();
+        self.scope = entered.leave();
         drop(dropped);
         let reason = self.req.header().reason().unwrap_or(reason);
         settle(&self.req, Err(reason.error()), true, (None, None))
