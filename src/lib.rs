@@ -144,11 +144,14 @@
 //!   room of a bounded queue with its waiters (`room.rs`), and the source
 //!   an `eval` sends ([`Chunk`]). It knows nothing of Lua.
 //! - `sandbox/`: the sandbox, with its budgeted pattern matcher (which is
-//!   handed the function that polls for a stop).
+//!   handed the function that polls for a stop), and `print` (where its
+//!   lines go, a request's capture among them: `print.rs`).
 //! - `interrupt/`: how running Lua learns it must stop (the hook and the
 //!   catchers); its `alarm/` holds all of the crate's `unsafe` code.
 //! - `vm/`: one VM as its thread sees it: creation, options, the job that
-//!   runs a request, the compiled-chunk cache. With `async`: requests as
+//!   runs a request, the compiled-chunk cache, the request's scope (its
+//!   session and print capture, current around its run and every poll:
+//!   `scope.rs`). With `async`: requests as
 //!   coroutines (`coroutine.rs`), the suspended ones and their wakers
 //!   (`suspend.rs`, `job/suspended.rs`), the `task` library (`tasks.rs`,
 //!   `clock.rs`).
@@ -161,7 +164,13 @@
 //! - `isle.rs` and `pool/`: the front ends.
 //! - `handle/`: [`LuaHandle`], a value that stays on its VM, whose requests
 //!   go back through the front end (isle, pool worker or session) that made
-//!   it; `route.rs` says how a VM knows where it is.
+//!   it. It sits beside the front ends rather than above them: each gives
+//!   its VMs a way back to it (`route.rs`: a VM's identity and home), the
+//!   one place they call into it.
+//!
+//! Beside the layers: `error.rs` ([`IsleError`]), `error_value/` (a raised
+//! value read on the VM: [`ErrorValue`]) and, with `serde`, `typed.rs`
+//! (`Serde`).
 //!
 //! A request's path, for `isle.eval(..)`: `host/submit.rs` builds the
 //! request (`request/state.rs`), its [`Task`] (`request/task.rs`) and the job
