@@ -130,7 +130,7 @@ fn syntax_errors_are_syntax_errors_with_their_position() {
 fn error_with_a_table_is_a_runtime_error() {
     for t in Target::both(None) {
         // A plain table has no message: its fields make one, and the
-        // table is kept (tests/error_values.rs).
+        // table is kept (tests/values/error_values.rs).
         let e = lua_error(t.eval::<()>("error({code = 42})"), LuaErrorKind::Runtime);
         assert_eq!(e.message(), "{code = 42}", "{e:?}");
         assert!(e.value().is_some(), "{e:?}");

@@ -341,6 +341,13 @@ pub fn in_child(name: &str, body: impl FnOnce()) {
         body();
         return;
     }
+    // The test's full name (`module::name` in a binary of modules): the
+    // test harness names the thread running a test after it.
+    let current = std::thread::current();
+    let name = current
+        .name()
+        .filter(|full| full.ends_with(name))
+        .unwrap_or(name);
     let child = std::process::Command::new(std::env::current_exe().unwrap())
         .args([name, "--exact", "--include-ignored", "--test-threads=1"])
         .env(CHILD, "1")

@@ -7,7 +7,7 @@
 //! `#[ignore]`d with the reason, so the branch stays green until it is
 //! fixed.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! every front, and conversions that fail naming the Rust type.
 #![cfg(feature = "serde")]
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

@@ -2,7 +2,7 @@
 //! message and traceback, however the error left the request, readable
 //! without the VM, and bounded whatever a hostile script raises.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! `call` of paths (`string.upper`, `a.b.c`, `obj:get`) and callable values,
 //! on every front (isle, unkeyed pool, session).
 
-mod common;
+use crate::common;
 
 use std::cell::RefCell;
 use std::time::Duration;

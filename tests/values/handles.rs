@@ -2,7 +2,7 @@
 //! (and session), are called and read through the request path, and are
 //! released when dropped.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! the sandbox and out of it; and only that request's lines, however Lua
 //! code calls `print`.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
