@@ -186,6 +186,10 @@ impl LuaError {
     /// error, a conversion, a Rust function's error), or when the value's
     /// `__tostring` failed or gave a different text than when the error
     /// was raised. Errors of `init` and of a pool's `reload` keep none.
+    /// A value raised by a `__gc` finalizer is never kept on Lua 5.4 and
+    /// 5.5; on Lua 5.1 and LuaJIT, outside the sandbox (which lets scripts
+    /// set no finalizer), one that raises while another request runs can
+    /// be kept as that request's.
     ///
     /// Raising a plain table (one without `__tostring` or `__name`) also
     /// makes the [`message`](Self::message) readable: its scalar fields,

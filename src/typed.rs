@@ -125,7 +125,7 @@ fn from_lua_options() -> DeserializeOptions {
 
 impl<T: DeserializeOwned> FromLua for Serde<T> {
     fn from_lua(value: Value, lua: &Lua) -> mlua::Result<Self> {
-        let from = lua_type_name(&value);
+        let from = crate::vm::lua_type(&value);
         lua.from_value_with::<T>(value, from_lua_options())
             .map(Serde)
             .map_err(|e| match e {
@@ -153,14 +153,6 @@ impl<T: Serialize> IntoLua for Serde<T> {
                     cause(&e)
                 )),
             })
-    }
-}
-
-/// Lua's name for the type of `v` (`number` for integers too).
-fn lua_type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Integer(_) | Value::Number(_) => "number",
-        other => other.type_name(),
     }
 }
 

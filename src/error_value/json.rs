@@ -5,7 +5,7 @@ use mlua::{Table, Value};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Number, Value as Json};
 
-use super::read::{lossy, type_name, MAX_STRING};
+use super::read::{lossy, MAX_STRING};
 use super::ErrorValue;
 use crate::{IsleError, LuaError, LuaErrorKind};
 
@@ -92,7 +92,7 @@ impl Walk {
             Value::Number(n) => Number::from_f64(*n).map_or(Json::Null, Json::Number),
             Value::String(s) => Json::String(lossy(s, MAX_STRING, &mut self.truncated)),
             Value::Table(t) => self.table(t),
-            other => Json::String(format!("<{}>", type_name(other))),
+            other => Json::String(format!("<{}>", crate::vm::lua_type(other))),
         }
     }
 

@@ -18,11 +18,12 @@ use std::fmt;
 ///
 /// - [`type_name`](Self::type_name): Lua's `type()` of the value;
 /// - [`text`](Self::text): its `tostring`, as Lua's `tostring` gives it
-///   (`__tostring`, `__name`), at most 1 KiB;
+///   (`__tostring`, `__name`), cut at 1 KiB (then ending in `…`);
 /// - [`fields`](Self::fields), for a table: its entries with a string or
 ///   integer key and a scalar value (`boolean`, number, string), read raw
 ///   (neither `__index` nor `__pairs` is consulted), at most 64 of them,
-///   each string at most 256 bytes, sorted by key;
+///   each string cut at 256 bytes (a cut inside a character ends in
+///   `…`), sorted by key;
 /// - with the `serde` feature, `serde_value`: the
 ///   whole value as JSON-like data (see there).
 ///

@@ -37,7 +37,7 @@ pub(crate) fn read(lua: &Lua, value: &Value) -> (ErrorValue, Option<String>) {
     #[cfg(feature = "serde")]
     let json = super::json::to_json(value, &mut truncated);
     let value = ErrorValue {
-        type_name: type_name(value),
+        type_name: crate::vm::lua_type(value),
         text,
         scalar: scalar(value, usize::MAX, &mut truncated),
         fields,
@@ -48,15 +48,6 @@ pub(crate) fn read(lua: &Lua, value: &Value) -> (ErrorValue, Option<String>) {
         json,
     };
     (value, full.ok())
-}
-
-/// Lua's `type()` of `v`.
-pub(super) fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Integer(_) | Value::Number(_) => "number",
-        Value::LightUserData(_) | Value::UserData(_) | Value::Error(_) => "userdata",
-        other => other.type_name(),
-    }
 }
 
 /// Lua's `tostring` of `v`: numbers as Lua writes them, the rest through

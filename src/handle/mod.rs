@@ -12,7 +12,7 @@ use std::time::Duration;
 use mlua::{FromLua, FromLuaMulti, IntoLua, IntoLuaMulti, Lua, ObjectLike, Value};
 
 use crate::host::call_path::callable;
-use crate::host::submit::Work;
+use crate::host::submit::{lua_err, Work};
 use crate::request::owner::{next_owner_id, on_owner_thread};
 use crate::request::timer::Timer;
 use crate::request::Request;
@@ -112,11 +112,6 @@ use route::Place;
 #[derive(Clone)]
 pub struct LuaHandle {
     held: Arc<Held>,
-}
-
-/// Converts an error of a handle's request.
-fn request_error(lua: &Lua) -> impl Fn(mlua::Error) -> IsleError + '_ {
-    move |e| crate::interrupt::request_error(lua, &e)
 }
 
 /// Reads `value[key]` (metamethods honoured).
@@ -258,7 +253,7 @@ impl LuaHandle {
         let held = self.held.clone();
         move |ctx: &Ctx<'_>| match held.value(ctx.lua, Use::Own) {
             Ok(value) => f(ctx, value),
-            Err(e) => Run::Done(Err(request_error(ctx.lua)(e))),
+            Err(e) => Run::Done(Err(lua_err(ctx.lua)(e))),
         }
     }
 
@@ -280,9 +275,7 @@ impl LuaHandle {
         K: IntoLua + Send + 'static,
         T: FromLua + Send + 'static,
     {
-        self.with_value(move |ctx, value| {
-            Run::Done(field(&value, key).map_err(request_error(ctx.lua)))
-        })
+        self.with_value(move |ctx, value| Run::Done(field(&value, key).map_err(lua_err(ctx.lua))))
     }
 
     fn method_work<A, T>(&self, name: String, args: A) -> impl Work<T>
@@ -297,7 +290,7 @@ impl LuaHandle {
                     value.type_name()
                 )))),
                 Ok(m) => callable(ctx.lua, &format_args!("method `{name}`"), m, vec![value]),
-                Err(e) => Err(request_error(ctx.lua)(e)),
+                Err(e) => Err(lua_err(ctx.lua)(e)),
             };
             match method {
                 Ok(target) => target.call(ctx, args),
@@ -311,9 +304,7 @@ impl LuaHandle {
         T: Send + 'static,
         F: FnOnce(&Lua, &Value) -> mlua::Result<T> + Send + 'static,
     {
-        self.with_value(move |ctx, value| {
-            Run::Done(f(ctx.lua, &value).map_err(request_error(ctx.lua)))
-        })
+        self.with_value(move |ctx, value| Run::Done(f(ctx.lua, &value).map_err(lua_err(ctx.lua))))
     }
 
     /// Queues `work` where the value lives.

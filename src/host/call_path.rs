@@ -12,7 +12,7 @@
 
 use mlua::{Function, IntoLuaMulti, Lua, MultiValue, ObjectLike, Value};
 
-use crate::vm::{Ctx, Run};
+use crate::vm::{lua_type, Ctx, Run};
 use crate::IsleError;
 
 /// `__call` metamethods followed at most, one through the next (a
@@ -174,14 +174,6 @@ fn not_indexable(path: &str, at: &str, value: &Value, name: &str) -> IsleError {
         "call path `{path}`: `{at}` is a {}, not a table: cannot look `{name}` up in it",
         lua_type(value)
     ))
-}
-
-/// The type's name as Lua's `type` says it.
-fn lua_type(value: &Value) -> &'static str {
-    match value {
-        Value::Integer(_) | Value::Number(_) => "number",
-        other => other.type_name(),
-    }
 }
 
 /// The target that calls `value` (with `before` passed first): `value`

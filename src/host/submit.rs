@@ -121,7 +121,7 @@ pub(crate) fn take_room(front: &impl Submit, admission: Option<Admission>) -> Op
 
 /// Converts the error a request's work ended with (see
 /// `hook::request_error`).
-fn lua_err(lua: &Lua) -> impl Fn(mlua::Error) -> IsleError + '_ {
+pub(crate) fn lua_err(lua: &Lua) -> impl Fn(mlua::Error) -> IsleError + '_ {
     move |e| crate::interrupt::request_error(lua, &e)
 }
 

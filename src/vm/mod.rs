@@ -30,6 +30,18 @@ use crate::vm::config::VmConfig;
 use crate::IsleError;
 pub(crate) use job::{take_started, Ctx, Job, Outcome, Run};
 
+/// Lua's `type()` of `v`: `number` for integers too, `userdata` for light
+/// userdata and mlua's error values.
+pub(crate) fn lua_type(v: &mlua::Value) -> &'static str {
+    match v {
+        mlua::Value::Integer(_) | mlua::Value::Number(_) => "number",
+        mlua::Value::LightUserData(_) | mlua::Value::UserData(_) | mlua::Value::Error(_) => {
+            "userdata"
+        }
+        other => other.type_name(),
+    }
+}
+
 /// A VM living on the current thread.
 pub(crate) struct Vm {
     /// Requests waiting for a future, and the coroutines requests run as
