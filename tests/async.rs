@@ -94,25 +94,6 @@ impl Drop for Guard {
     }
 }
 
-/// A future that is pending once (after waking itself), then ready: a real
-/// suspension, woken from the VM thread itself.
-struct YieldOnce(bool);
-
-impl Future for YieldOnce {
-    type Output = ();
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<()> {
-        if self.0 {
-            return std::task::Poll::Ready(());
-        }
-        self.0 = true;
-        cx.waker().wake_by_ref();
-        std::task::Poll::Pending
-    }
-}
-
 impl Hub {
     /// Waits until the test releases `key`; reports "parked" first.
     fn park(&self, key: String) -> impl Future<Output = mlua::Result<()>> + 'static {
@@ -185,7 +166,7 @@ impl Hub {
         g.set(
             "yield_once",
             lua.create_async_function(|_, ()| async move {
-                YieldOnce(false).await;
+                common::yield_once().await;
                 Ok(())
             })?,
         )?;
@@ -980,7 +961,7 @@ fn an_async_function_can_poll_its_token_and_give_up() {
             let token = current_token(&lua).expect("a token");
             let mut n = 0;
             loop {
-                YieldOnce(false).await;
+                common::yield_once().await;
                 n += 1;
                 if token.is_cancelled() || n > 1_000_000_000 {
                     return Ok(n);

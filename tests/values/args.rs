@@ -552,26 +552,6 @@ fn a_looping_index_on_the_path_is_stopped_by_cancel_and_time_limit() {
 
 // ===== suspended requests (the `async` feature) =====
 
-/// A future that is pending once (after waking itself), then ready.
-#[cfg(feature = "async")]
-struct YieldOnce(bool);
-
-#[cfg(feature = "async")]
-impl std::future::Future for YieldOnce {
-    type Output = ();
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<()> {
-        if self.0 {
-            return std::task::Poll::Ready(());
-        }
-        self.0 = true;
-        cx.waker().wake_by_ref();
-        std::task::Poll::Pending
-    }
-}
-
 #[cfg(feature = "async")]
 #[test]
 fn arguments_and_paths_reach_requests_that_suspend() {
@@ -579,7 +559,7 @@ fn arguments_and_paths_reach_requests_that_suspend() {
         lua.globals().set(
             "later",
             lua.create_async_function(|_, x: i64| async move {
-                YieldOnce(false).await;
+                common::yield_once().await;
                 Ok(x)
             })?,
         )?;

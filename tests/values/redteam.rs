@@ -689,26 +689,6 @@ fn a_result_converted_to_rust_stays_within_the_memory_limit() {
 
 // ===== async: suspended requests interleaved on one VM =====
 
-/// Pending once, then ready (it wakes itself).
-#[cfg(feature = "async")]
-struct YieldOnce(bool);
-
-#[cfg(feature = "async")]
-impl std::future::Future for YieldOnce {
-    type Output = ();
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<()> {
-        if self.0 {
-            return std::task::Poll::Ready(());
-        }
-        self.0 = true;
-        cx.waker().wake_by_ref();
-        std::task::Poll::Pending
-    }
-}
-
 /// An isle whose async `wait(name)` reports `name` on the returned
 /// channel, then stays pending until the test raises `name`.
 #[cfg(feature = "async")]
@@ -726,7 +706,7 @@ fn waiting_isle() -> (
             let _ = tx.send(name.clone());
             async move {
                 while !flags.lock().contains(&name) {
-                    YieldOnce(false).await;
+                    common::yield_once().await;
                 }
                 Ok(())
             }
