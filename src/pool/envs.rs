@@ -1,11 +1,12 @@
 //! The VM a worker serves with, and the session environments living in it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::hash_map::Entry;
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use mlua::{Function, Lua, Table};
 
-use super::session::Binding;
+use super::session::{Binding, ById};
 use crate::vm::precompiled::Precompiled;
 use crate::vm::{Job, Vm};
 use crate::IsleError;
@@ -61,7 +62,7 @@ pub(super) enum Waiting {
 pub(super) struct WorkerVm {
     pub(super) vm: Vm,
     /// Session environments by binding id.
-    pub(super) envs: HashMap<u64, Env>,
+    pub(super) envs: ById<Env>,
     make_env: EnvFactory,
     /// Requests run since this VM started.
     pub(super) served: u64,
@@ -72,17 +73,18 @@ impl WorkerVm {
         let make_env = EnvFactory::Parts(env_parts(&vm));
         WorkerVm {
             vm,
-            envs: HashMap::new(),
+            envs: ById::default(),
             make_env,
             served: 0,
         }
     }
 
     /// The environment of `binding`, created on its first request.
-    pub(super) fn env(&mut self, binding: &Arc<Binding>) -> Result<Table, IsleError> {
-        if let Some(env) = self.envs.get(&binding.id) {
-            return Ok(env.table.clone());
-        }
+    pub(super) fn env(&mut self, binding: &Arc<Binding>) -> Result<&mut Env, IsleError> {
+        let vacant = match self.envs.entry(binding.id) {
+            Entry::Occupied(env) => return Ok(env.into_mut()),
+            Entry::Vacant(vacant) => vacant,
+        };
         let table = self
             .make_env
             .function(self.vm.lua())
@@ -98,16 +100,12 @@ impl WorkerVm {
                 )),
                 e => IsleError::from_lua(&e),
             })?;
-        self.envs.insert(
-            binding.id,
-            Env {
-                binding: binding.clone(),
-                table: table.clone(),
-                busy: false,
-                waiting: Queue::default(),
-            },
-        );
-        Ok(table)
+        Ok(vacant.insert(Env {
+            binding: binding.clone(),
+            table,
+            busy: false,
+            waiting: Queue::default(),
+        }))
     }
 }
 

@@ -38,14 +38,14 @@
 //! path (once to find work, once when a session's request ends), so the
 //! fresh worker that replaces a wedged one takes it over as it is.
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crossbeam_deque::Injector;
 use parking_lot::Mutex;
 
+use super::session::ById;
 use super::shared::{steal_one, Pinned};
 
 /// Queues kept for reuse when a key's queue empties: with many keys each
@@ -179,7 +179,7 @@ impl FairSlot {
 struct Fair {
     /// Each key with queued work, being served, or with a request
     /// suspended (`busy`), by binding id.
-    keys: HashMap<u64, KeyQueue, BuildHasherDefault<IdHasher>>,
+    keys: ById<KeyQueue>,
     /// The keys with queued work that are not being served, in turn order.
     ring: VecDeque<u64>,
     /// The key whose request runs, and the worker generation running it.
@@ -362,7 +362,7 @@ impl Fair {
             }
             if self.keys.is_empty() && self.keys.capacity() > KEEP_KEYS {
                 // A burst of many keys is over: give its memory back.
-                self.keys = HashMap::default();
+                self.keys = ById::default();
                 self.ring = VecDeque::new();
             }
         } else {
@@ -405,27 +405,6 @@ fn key_of(item: &Pinned) -> u64 {
         Pinned::Broadcast(_) | Pinned::Direct(_) => {
             unreachable!("a broadcast is a barrier, not a key's")
         }
-    }
-}
-
-/// Binding ids are a counter: spread them over the table's bits with one
-/// multiplication (the table uses the top bits as well as the low ones).
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }
 }
 

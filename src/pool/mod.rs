@@ -126,7 +126,8 @@ impl IslePool {
     /// a fresh session (possibly on another VM). Returns whether it was open.
     /// Never blocks on the VM.
     pub fn close_session(&self, key: impl Into<SessionKey>) -> bool {
-        session::close(&self.inner.shared, &key.into())
+        let shared = &self.inner.shared;
+        session::close(shared, &shared.sessions.hashed(key.into()))
     }
 
     /// Runs `f` once on every VM (after the session work already queued on
@@ -254,7 +255,8 @@ impl IslePool {
     /// they took), or `None` if it is not open. Reading one key takes the
     /// lock of its shard of the session table, as a request for it does.
     pub fn session_metrics(&self, key: impl Into<SessionKey>) -> Option<SessionMetrics> {
-        self.inner.shared.sessions.metrics(&key.into())
+        let sessions = &self.inner.shared.sessions;
+        sessions.metrics(&sessions.hashed(key.into()))
     }
 
     /// True once [`shutdown`](Self::shutdown) (or

@@ -7,9 +7,9 @@
 //! `Close`, in that order; a request after the close binds afresh.
 
 use std::borrow::Borrow;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -30,11 +30,13 @@ use crate::{IsleError, Task};
 /// One binding of a key to a VM. A key closed and used again gets a new
 /// binding (new id, fresh environment).
 ///
-/// One per open session, so kept small: 96 bytes.
+/// One per open session, so kept small: 104 bytes.
 pub(crate) struct Binding {
     /// Unique in the pool; names the environment on the worker.
     pub(crate) id: u64,
     pub(crate) key: SessionKey,
+    /// The key's hash in this pool (see [`Probe`]).
+    hash: u64,
     pub(crate) worker: usize,
     /// Requests queued or running; changed under the shard lock (up) and by
     /// the worker (down). Kept only with a `session_idle_timeout`.
@@ -50,19 +52,78 @@ pub(crate) struct Binding {
     pub(super) room: Option<Arc<Room>>,
 }
 
+/// A map by binding id (environments, fair queues).
+pub(super) type ById<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
+
+/// Binding ids are a counter: spread them over the table's bits with one
+/// multiplication (the table uses the top bits as well as the low ones).
+#[derive(Default)]
+pub(super) struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
 /// A binding in its shard, found by its key (which it holds: the shard
 /// does not store it again).
 struct ByKey(Arc<Binding>);
 
-impl Borrow<SessionKey> for ByKey {
-    fn borrow(&self) -> &SessionKey {
-        &self.0.key
+/// What a shard finds a binding by: a key with its hash in this pool.
+///
+/// The hash (SipHash with the pool's random seed, so keys a tenant picks
+/// cannot be made to collide) is computed once: when a [`Session`] handle
+/// is made, or a binding. A request then costs its shard no hashing: the
+/// shards' tables use the stored hash as it is.
+trait Probe {
+    fn hash(&self) -> u64;
+    fn key(&self) -> &SessionKey;
+}
+
+impl Hash for dyn Probe + '_ {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(Probe::hash(self));
     }
 }
 
+impl PartialEq for dyn Probe + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        Probe::hash(self) == Probe::hash(other) && self.key() == other.key()
+    }
+}
+
+impl Eq for dyn Probe + '_ {}
+
+impl Probe for Binding {
+    fn hash(&self) -> u64 {
+        self.hash
+    }
+    fn key(&self) -> &SessionKey {
+        &self.key
+    }
+}
+
+impl<'a> Borrow<dyn Probe + 'a> for ByKey {
+    fn borrow(&self) -> &(dyn Probe + 'a) {
+        &*self.0
+    }
+}
+
+// As `dyn Probe`'s, which `Borrow` requires.
 impl Hash for ByKey {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        self.0.key.hash(state);
+        state.write_u64(self.0.hash);
     }
 }
 
@@ -74,7 +135,26 @@ impl PartialEq for ByKey {
 
 impl Eq for ByKey {}
 
-type Shard = Mutex<HashSet<ByKey>>;
+/// A key and its hash in one pool: what a [`Session`] handle holds.
+#[derive(Clone)]
+pub(super) struct HashedKey {
+    hash: u64,
+    key: SessionKey,
+}
+
+impl Probe for HashedKey {
+    fn hash(&self) -> u64 {
+        self.hash
+    }
+    fn key(&self) -> &SessionKey {
+        &self.key
+    }
+}
+
+/// Hashes already mixed (SipHash): used as they are.
+type Prehashed = BuildHasherDefault<IdHasher>;
+
+type Shard = Mutex<HashSet<ByKey, Prehashed>>;
 
 /// The open sessions, sharded by key.
 pub(super) struct Sessions {
@@ -88,15 +168,26 @@ impl Sessions {
         let shards = (workers * 8).next_power_of_two().max(16);
         Sessions {
             shards: (0..shards)
-                .map(|_| CachePadded::new(Mutex::new(HashSet::new())))
+                .map(|_| CachePadded::new(Mutex::new(HashSet::default())))
                 .collect(),
             hasher: RandomState::new(),
             next_id: AtomicU64::new(1),
         }
     }
 
-    fn shard(&self, key: &SessionKey) -> &Shard {
-        let i = self.hasher.hash_one(key) as usize & (self.shards.len() - 1);
+    /// `key` with its hash in this pool.
+    pub(super) fn hashed(&self, key: SessionKey) -> HashedKey {
+        HashedKey {
+            hash: self.hasher.hash_one(&key),
+            key,
+        }
+    }
+
+    /// The shard of `key`: picked by the top bits of its hash (the shard's
+    /// table starts from the low ones).
+    fn shard(&self, key: &dyn Probe) -> &Shard {
+        let bits = self.shards.len().trailing_zeros();
+        let i = key.hash().checked_shr(64 - bits).unwrap_or(0) as usize;
         &self.shards[i]
     }
 
@@ -106,16 +197,17 @@ impl Sessions {
 
     /// True while `binding` is its key's current binding.
     pub(super) fn is_bound(&self, binding: &Arc<Binding>) -> bool {
-        self.shard(&binding.key)
+        let probe: &dyn Probe = &**binding;
+        self.shard(probe)
             .lock()
-            .get(&binding.key)
+            .get(probe)
             .is_some_and(|b| Arc::ptr_eq(&b.0, binding))
     }
 
     /// The counters of `key`'s session, if it is open.
-    pub(super) fn metrics(&self, key: &SessionKey) -> Option<SessionMetrics> {
+    pub(super) fn metrics(&self, key: &HashedKey) -> Option<SessionMetrics> {
         let shard = self.shard(key).lock();
-        let ByKey(b) = shard.get(key)?;
+        let ByKey(b) = shard.get(key as &dyn Probe)?;
         let mut m = b.counters.snapshot(b.worker);
         m.waiting_for_room = b.room.as_ref().map_or(0, |r| r.waiting());
         Some(m)
@@ -153,10 +245,11 @@ impl Sessions {
         binding: &Arc<Binding>,
         still: impl FnOnce(&Binding) -> bool,
     ) -> bool {
-        let mut shard = self.shard(&binding.key).lock();
-        match shard.get(&binding.key) {
+        let probe: &dyn Probe = &**binding;
+        let mut shard = self.shard(probe).lock();
+        match shard.get(probe) {
             Some(ByKey(b)) if Arc::ptr_eq(b, binding) && still(b) => {
-                shard.remove(&binding.key);
+                shard.remove(probe);
                 true
             }
             _ => false,
@@ -168,14 +261,15 @@ impl Sessions {
 // A binding's hash and equality are its key's, which never changes; its
 // atomics are not part of either.
 #[allow(clippy::mutable_key_type)]
-fn bind(shared: &Shared, shard: &mut HashSet<ByKey>, key: &SessionKey) -> Arc<Binding> {
-    if let Some(ByKey(b)) = shard.get(key) {
+fn bind(shared: &Shared, shard: &mut HashSet<ByKey, Prehashed>, key: &HashedKey) -> Arc<Binding> {
+    if let Some(ByKey(b)) = shard.get(key as &dyn Probe) {
         return b.clone();
     }
     let b = Arc::new(Binding {
         // ORDERING: Relaxed: a unique number; nothing is published by it.
         id: shared.sessions.next_id.fetch_add(1, Ordering::Relaxed),
-        key: key.clone(),
+        key: key.key.clone(),
+        hash: key.hash,
         worker: least_loaded(shared),
         pending: AtomicU32::new(0),
         last_used: AtomicU64::new(0),
@@ -193,7 +287,7 @@ fn bind(shared: &Shared, shard: &mut HashSet<ByKey>, key: &SessionKey) -> Arc<Bi
 
 /// The room of `key`'s own queue (`session_queue_capacity`), binding the
 /// key if it is not bound; `None` without that option.
-fn key_room(shared: &Shared, key: &SessionKey) -> Option<Arc<Room>> {
+fn key_room(shared: &Shared, key: &HashedKey) -> Option<Arc<Room>> {
     shared.session_capacity?;
     let mut shard = shared.sessions.shard(key).lock();
     bind(shared, &mut shard, key).room.clone()
@@ -201,7 +295,7 @@ fn key_room(shared: &Shared, key: &SessionKey) -> Option<Arc<Room>> {
 
 /// Submits `job` for `key`: binds the key on first use (to the least loaded
 /// VM) and queues the job on that VM.
-fn enqueue(shared: &Shared, key: &SessionKey, job: Job) {
+fn enqueue(shared: &Shared, key: &HashedKey, job: Job) {
     let worker = {
         let mut shard = shared.sessions.shard(key).lock();
         let binding = bind(shared, &mut shard, key);
@@ -237,7 +331,11 @@ pub(super) fn send(pool: IslePool, binding: &Arc<Binding>, job: Job) {
     } else if !shared.sessions.is_bound(binding) {
         format!("the session `{key}` holding this value was closed (or expired)")
     } else {
-        return Session::new(pool, key.clone()).enqueue(job, None);
+        let key = HashedKey {
+            hash: binding.hash,
+            key: key.clone(),
+        };
+        return Session { pool, key }.enqueue(job, None);
     };
     job.abandon(IsleError::HandleLost(format!(
         "{gone}; its value is gone: make the value again"
@@ -258,10 +356,10 @@ fn least_loaded(shared: &Shared) -> usize {
 
 /// Closes `key`'s session if open: its VM drops the environment after the
 /// session's already-queued requests. Returns whether it was open.
-pub(super) fn close(shared: &Shared, key: &SessionKey) -> bool {
+pub(super) fn close(shared: &Shared, key: &HashedKey) -> bool {
     let worker = {
         let mut shard = shared.sessions.shard(key).lock();
-        let Some(ByKey(binding)) = shard.take(key) else {
+        let Some(ByKey(binding)) = shard.take(key as &dyn Probe) else {
             return false;
         };
         shared.counters[binding.worker]
@@ -294,17 +392,18 @@ pub(super) fn close(shared: &Shared, key: &SessionKey) -> bool {
 #[derive(Clone)]
 pub struct Session {
     pool: IslePool,
-    key: SessionKey,
+    key: HashedKey,
 }
 
 impl Session {
     pub(super) fn new(pool: IslePool, key: SessionKey) -> Session {
+        let key = pool.shared().sessions.hashed(key);
         Session { pool, key }
     }
 
     /// The session's key.
     pub fn key(&self) -> &SessionKey {
-        &self.key
+        &self.key.key
     }
 
     request_methods!();
@@ -350,13 +449,13 @@ impl Session {
     /// This session's counters (see [`IslePool::session_metrics`]); `None`
     /// while it is not open.
     pub fn metrics(&self) -> Option<SessionMetrics> {
-        self.pool.session_metrics(&self.key)
+        self.pool.shared().sessions.metrics(&self.key)
     }
 
     /// Closes the session (see [`IslePool::close_session`]). Returns whether
     /// it was open.
     pub fn close(&self) -> bool {
-        self.pool.close_session(&self.key)
+        close(self.pool.shared(), &self.key)
     }
 }
 
@@ -450,6 +549,8 @@ impl Permit<Session> {
 
 impl fmt::Debug for Session {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Session").field("key", &self.key).finish()
+        f.debug_struct("Session")
+            .field("key", &self.key.key)
+            .finish()
     }
 }

@@ -270,13 +270,12 @@ impl Worker {
             return (Duration::ZERO, false);
         }
         match host.env(binding) {
-            Ok(table) => {
-                if let Some(env) = host.envs.get_mut(&binding.id) {
-                    if env.busy {
-                        env.waiting.push_back(Waiting::Job(job));
-                        return (Duration::ZERO, false);
-                    }
-                }
+            Ok(env) if env.busy => {
+                env.waiting.push_back(Waiting::Job(job));
+                (Duration::ZERO, false)
+            }
+            Ok(env) => {
+                let table = env.table.clone();
                 self.run_session(host, binding, job, &table)
             }
             Err(e) => {
