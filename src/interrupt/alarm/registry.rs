@@ -320,3 +320,29 @@ thread_local! {
         }
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_resumed_list_comes_with_the_first_resume_from_rust() {
+        if !SUPPORTED {
+            return;
+        }
+        std::thread::spawn(|| {
+            // Not a VM thread: no list, and none is made.
+            SLOT.with(|s| assert!(s.resumed_or_new().is_none()));
+            let _alarm = this_thread().expect("arming on demand is supported");
+            SLOT.with(|s| {
+                assert!(s.resumed().is_none(), "registering allocates no list");
+                let list: *const Resumed = s.resumed_or_new().expect("a VM thread");
+                assert_eq!(s.resumed().map(|r| r as *const Resumed), Some(list));
+                let again: *const Resumed = s.resumed_or_new().expect("a VM thread");
+                assert_eq!(again, list, "one list per thread");
+            });
+        })
+        .join()
+        .unwrap();
+    }
+}
