@@ -40,8 +40,10 @@ const HIGHEST_NS: u64 = 3_600 * 1_000_000_000;
 /// ```
 #[derive(Clone, Default)]
 pub struct LatencyHistogram {
-    /// `None` until the first value: an idle VM allocates nothing.
-    hist: Option<Histogram<u64>>,
+    /// `None` until the first value: an idle VM allocates nothing. Boxed,
+    /// so that an idle VM's metrics hold a pointer, not a histogram's
+    /// 90-odd bytes (two per VM, in every isle and pool worker).
+    hist: Option<Box<Histogram<u64>>>,
 }
 
 impl LatencyHistogram {
@@ -49,7 +51,7 @@ impl LatencyHistogram {
         let hist = self.hist.get_or_insert_with(|| {
             let mut h = Histogram::new(SIGFIGS).expect("3 significant figures are valid");
             h.auto(true);
-            h
+            Box::new(h)
         });
         let ns = u64::try_from(value.as_nanos())
             .unwrap_or(u64::MAX)
@@ -63,7 +65,7 @@ impl LatencyHistogram {
 
     /// How many durations it holds.
     pub fn count(&self) -> u64 {
-        self.hist.as_ref().map_or(0, Histogram::len)
+        self.hist.as_ref().map_or(0, |h| h.len())
     }
 
     /// True if it holds none.
@@ -129,7 +131,7 @@ impl LatencyHistogram {
             Some(mine) => {
                 // Same precision, auto-resizing: cannot fail. Value by
                 // value otherwise, so no count is lost.
-                if mine.add(theirs).is_err() {
+                if mine.add(&**theirs).is_err() {
                     for v in theirs.iter_recorded() {
                         mine.saturating_record_n(v.value_iterated_to(), v.count_at_value());
                     }

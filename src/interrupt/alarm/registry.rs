@@ -130,13 +130,12 @@ impl Registration {
                 }
             }
         };
+        // The list of Lua threads resumed from Rust comes with the first
+        // of them (`SignalSlot::resumed_or_new`): most VMs never resume
+        // one, and it is 3 KiB of every VM's resident memory.
         SLOT.with(|s| {
             // ORDERING: SeqCst, as every field of the slot: only this
-            // thread and its signal handler read it; the list is in place
-            // before `armed` makes the handler look at the slot.
-            #[cfg(all(unix, not(feature = "luau")))]
-            s.resumed
-                .store(Box::into_raw(Box::new(Resumed::new())), Ordering::SeqCst);
+            // thread and its signal handler read it.
             s.armed
                 .store(Arc::as_ptr(&alarm) as *mut Alarm, Ordering::SeqCst)
         });
@@ -159,8 +158,8 @@ impl Drop for Registration {
             // handler no longer looks at the slot.
             let list = s.resumed.swap(std::ptr::null_mut(), Ordering::SeqCst);
             if !list.is_null() {
-                // SAFETY: allocated by `Registration::new` on this thread
-                // with `Box::into_raw`, and no longer reachable: the
+                // SAFETY: allocated by `SignalSlot::resumed_or_new` on this
+                // thread with `Box::into_raw`, and no longer reachable: the
                 // pointer is cleared, and the handler ignores the slot.
                 drop(unsafe { Box::from_raw(list) });
             }
@@ -244,17 +243,38 @@ pub(super) struct SignalSlot {
 #[cfg_attr(not(all(unix, not(feature = "luau"))), allow(dead_code))]
 impl SignalSlot {
     /// This thread's list of Lua threads resumed from Rust; `None` unless
-    /// it is a registered VM thread.
+    /// it is a registered VM thread that has resumed one (none listed).
     pub(super) fn resumed(&self) -> Option<&Resumed> {
         // ORDERING: SeqCst, as every field of the slot (written and read
         // by this thread and its signal handler only).
         let list = self.resumed.load(Ordering::SeqCst);
-        // SAFETY: `list` is null or the list this thread's `Registration`
-        // allocated; its drop (at thread exit, after the VM is gone)
+        // SAFETY: `list` is null or the list `resumed_or_new` allocated on
+        // this thread while it was registered; its `Registration`'s drop (at thread exit, after the VM is gone)
         // clears the pointer before freeing it, and the signal handler
         // ignores the slot from the moment `armed` is cleared, before
         // that. Callers use the list within a call on this thread.
         unsafe { list.as_ref() }
+    }
+
+    /// This thread's list of Lua threads resumed from Rust, allocated
+    /// now if it has none yet; `None` unless it is a registered VM
+    /// thread. Called by this thread only, outside its signal handler.
+    pub(super) fn resumed_or_new(&self) -> Option<&Resumed> {
+        if let Some(list) = self.resumed() {
+            return Some(list);
+        }
+        // ORDERING: SeqCst, as every field of the slot.
+        if self.armed.load(Ordering::SeqCst).is_null() {
+            return None;
+        }
+        let list = Box::into_raw(Box::new(Resumed::new()));
+        // ORDERING: SeqCst, as every field of the slot: the list is whole
+        // before the handler, which reads the pointer with SeqCst on this
+        // same thread, can see it.
+        self.resumed.store(list, Ordering::SeqCst);
+        // SAFETY: just allocated, and freed only by this thread's
+        // `Registration` drop, at its exit (see `resumed`).
+        Some(unsafe { &*list })
     }
 }
 
@@ -263,7 +283,8 @@ impl SignalSlot {
 /// VM thread, innermost last, in `threads[..len]`; `backs[i]` is the state
 /// recorded as running when `threads[i]` was resumed. Each is kept alive
 /// while listed (`unix::switch`). On the heap, allocated once per VM
-/// thread: every thread of the process has a `SignalSlot`.
+/// thread, by the first such resume on it (most VM threads never have
+/// one): every thread of the process has a `SignalSlot`.
 pub(super) struct Resumed {
     pub(super) threads: [std::sync::atomic::AtomicPtr<mlua::ffi::lua_State>; RESUMED],
     pub(super) backs: [std::sync::atomic::AtomicPtr<mlua::ffi::lua_State>; RESUMED],
@@ -298,4 +319,30 @@ thread_local! {
             resumed: std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()),
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_resumed_list_comes_with_the_first_resume_from_rust() {
+        if !SUPPORTED {
+            return;
+        }
+        std::thread::spawn(|| {
+            // Not a VM thread: no list, and none is made.
+            SLOT.with(|s| assert!(s.resumed_or_new().is_none()));
+            let _alarm = this_thread().expect("arming on demand is supported");
+            SLOT.with(|s| {
+                assert!(s.resumed().is_none(), "registering allocates no list");
+                let list: *const Resumed = s.resumed_or_new().expect("a VM thread");
+                assert_eq!(s.resumed().map(|r| r as *const Resumed), Some(list));
+                let again: *const Resumed = s.resumed_or_new().expect("a VM thread");
+                assert_eq!(again, list, "one list per thread");
+            });
+        })
+        .join()
+        .unwrap();
+    }
 }

@@ -468,7 +468,7 @@ pub(crate) fn resumed_from_rust(thread: mlua::Thread, count: u32) -> mlua::Resul
         // ORDERING: SeqCst, as every field the signal handler reads: it
         // runs on this thread, and must see an entry written before the
         // length that covers it.
-        let Some(r) = s.resumed() else {
+        let Some(r) = s.resumed_or_new() else {
             return false;
         };
         let len = r.len.load(Ordering::SeqCst);
