@@ -249,10 +249,11 @@ impl SignalSlot {
         // by this thread and its signal handler only).
         let list = self.resumed.load(Ordering::SeqCst);
         // SAFETY: `list` is null or the list `resumed_or_new` allocated on
-        // this thread while it was registered; its `Registration`'s drop (at thread exit, after the VM is gone)
-        // clears the pointer before freeing it, and the signal handler
-        // ignores the slot from the moment `armed` is cleared, before
-        // that. Callers use the list within a call on this thread.
+        // this thread while it was registered; its `Registration`'s drop
+        // (at thread exit, after the VM is gone) clears the pointer before
+        // freeing it, and the signal handler ignores the slot from the
+        // moment `armed` is cleared, before that. Callers use the list
+        // within a call on this thread.
         unsafe { list.as_ref() }
     }
 
