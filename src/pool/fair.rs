@@ -232,9 +232,12 @@ impl Fair {
         self.pop(generation)
     }
 
-    /// Takes everything from `intake`, up to a broadcast.
+    /// Takes everything from `intake`, up to a broadcast. Looks before it
+    /// steals: a steal from an empty queue costs a `SeqCst` fence. An item
+    /// pushed meanwhile is taken by the next call (its push woke this
+    /// worker, or will).
     fn fill(&mut self, intake: &Injector<Pinned>) {
-        while self.barrier.is_none() {
+        while self.barrier.is_none() && !intake.is_empty() {
             match steal_one(|| intake.steal()) {
                 None => return,
                 Some(b @ (Pinned::Broadcast(_) | Pinned::Direct(_))) => self.barrier = Some(b),
