@@ -275,7 +275,13 @@ impl LuaHandle {
         K: IntoLua + Send + 'static,
         T: FromLua + Send + 'static,
     {
-        self.with_value(move |ctx, value| Run::Done(field(&value, key).map_err(lua_err(ctx.lua))))
+        self.with_value(move |ctx, value| {
+            Run::Done(
+                field::<Value>(&value, key)
+                    .map_err(lua_err(ctx.lua))
+                    .and_then(|v| ctx.convert(v)),
+            )
+        })
     }
 
     fn method_work<A, T>(&self, name: String, args: A) -> impl Work<T>

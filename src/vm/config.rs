@@ -271,6 +271,14 @@ macro_rules! vm_options {
         /// request starts with about three quarters of that room free.
         /// Garbage a request makes itself still counts against it; leave
         /// headroom above what one request needs.
+        ///
+        /// A request's results are converted to Rust within the limit too:
+        /// conversions copy each reference to a string or table again (one
+        /// string returned 200 times as a `Vec<String>` is 200 copies), so
+        /// results are measured that way first, and refused with
+        /// `MemoryLimit` past the limit. Handles (`LuaHandle`) copy nothing
+        /// and are not measured; what `exec` closures convert themselves is
+        /// their own.
         pub fn memory_limit(mut self, bytes: usize) -> Self {
             self.config.memory_limit = Some(bytes);
             self

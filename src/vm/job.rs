@@ -6,7 +6,7 @@ use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use mlua::{FromLuaMulti, Function, IntoLuaMulti, Lua, Table};
+use mlua::{FromLuaMulti, Function, IntoLuaMulti, Lua, MultiValue, Table};
 
 use super::chunk::ChunkCache;
 use super::scope::{self, Scope};
@@ -27,6 +27,8 @@ pub(crate) struct Ctx<'a> {
     pub(crate) session: Option<super::scope::SessionTag>,
     /// The VM's compiled `eval` chunks.
     pub(crate) chunks: &'a ChunkCache,
+    /// The VM's memory limit: results are converted within it.
+    pub(crate) memory_limit: Option<usize>,
     /// The VM's request coroutines, and the waker that takes this request
     /// up again if it suspends (the `async` feature).
     #[cfg(feature = "async")]
@@ -47,16 +49,50 @@ impl Ctx<'_> {
 
     /// Calls `f` with `args` for the request. With the `async` feature, as
     /// a coroutine polled once here: if an async Rust function it calls is
-    /// pending, the request suspends (`Run::Wait`).
+    /// pending, the request suspends (`Run::Wait`). With a memory limit, the
+    /// results are converted within it (see `result.rs`).
     pub(crate) fn call<T>(&self, f: &Function, args: impl IntoLuaMulti) -> Run<T>
     where
         T: FromLuaMulti + 'static,
     {
+        match super::result::limit_for::<T>(self.memory_limit) {
+            None => self.call_then(f, args, |_, r: T| Ok(r)),
+            Some(limit) => self.call_then(f, args, move |lua, r: MultiValue| {
+                super::result::convert(lua, r, limit)
+            }),
+        }
+    }
+
+    /// Converts one value the request produced (within the memory limit,
+    /// as [`call`](Self::call) does).
+    pub(crate) fn convert<T: mlua::FromLua + 'static>(
+        &self,
+        value: mlua::Value,
+    ) -> Result<T, IsleError> {
+        match super::result::limit_for::<T>(self.memory_limit) {
+            Some(limit) => super::result::convert_one(self.lua, value, limit),
+            None => T::from_lua(value, self.lua)
+                .map_err(|e| crate::interrupt::request_error(self.lua, &e)),
+        }
+    }
+
+    /// [`call`](Self::call), with the results as `R`, then `then` on them.
+    fn call_then<R, T>(
+        &self,
+        f: &Function,
+        args: impl IntoLuaMulti,
+        then: impl FnOnce(&Lua, R) -> Result<T, IsleError> + 'static,
+    ) -> Run<T>
+    where
+        R: FromLuaMulti + 'static,
+        T: 'static,
+    {
         #[cfg(not(feature = "async"))]
         {
             Run::Done(
-                f.call::<T>(args)
-                    .map_err(|e| crate::interrupt::request_error(self.lua, &e)),
+                f.call::<R>(args)
+                    .map_err(|e| crate::interrupt::request_error(self.lua, &e))
+                    .and_then(|r| then(self.lua, r)),
             )
         }
         #[cfg(feature = "async")]
@@ -64,14 +100,17 @@ impl Ctx<'_> {
             use std::future::Future;
             use std::task::{Context, Poll};
             let lua = self.lua.clone();
-            let err = move |e: mlua::Error| crate::interrupt::request_error(&lua, &e);
-            let mut call = match self.coroutines.call::<T>(f, args) {
+            let finish = move |r: mlua::Result<R>| {
+                r.map_err(|e| crate::interrupt::request_error(&lua, &e))
+                    .and_then(|r| then(&lua, r))
+            };
+            let mut call = match self.coroutines.call::<R>(f, args) {
                 Ok(call) => call,
-                Err(e) => return Run::Done(Err(err(e))),
+                Err(e) => return Run::Done(finish(Err(e))),
             };
             match std::pin::Pin::new(&mut call).poll(&mut Context::from_waker(self.waker)) {
-                Poll::Ready(r) => Run::Done(r.map_err(err)),
-                Poll::Pending => Run::Wait(Box::pin(async move { call.await.map_err(err) })),
+                Poll::Ready(r) => Run::Done(finish(r)),
+                Poll::Pending => Run::Wait(Box::pin(async move { finish(call.await) })),
             }
         }
     }

@@ -11,6 +11,7 @@ mod coroutine;
 pub(crate) mod cstack;
 mod job;
 pub(crate) mod precompiled;
+pub(crate) mod result;
 pub(crate) mod scope;
 #[cfg(feature = "async")]
 mod suspend;
@@ -219,6 +220,7 @@ impl Vm {
             env,
             session,
             chunks: &self.chunks,
+            memory_limit: self.memory_limit,
             #[cfg(feature = "async")]
             coroutines: &self.coroutines,
             #[cfg(feature = "async")]
