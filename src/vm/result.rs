@@ -16,6 +16,9 @@
 //! only sharing can exceed it. It reads tables raw (no `__index`, `__pairs`
 //! or any other Lua code runs), stops at the limit, and follows tables 64
 //! deep, a table inside itself not at all (no conversion copies a cycle).
+//! No hook reaches it, so it looks every few thousand values whether its
+//! request was stopped, and ends: under a large limit, a result shared
+//! deeply enough could take seconds to walk.
 //! It measures every value a request returns, also one the Rust type then
 //! ignores (a second value where one is asked for): the type is not known
 //! here, only whether it is a handle.
@@ -56,10 +59,9 @@ pub(crate) fn convert<T: FromLuaMulti>(
     values: MultiValue,
     limit: usize,
 ) -> Result<T, IsleError> {
-    let mut left = limit;
-    let mut path = Vec::new();
-    if !values.iter().all(|v| measure(v, &mut left, &mut path)) {
-        return Err(too_big(limit));
+    let mut walk = Walk::new(lua, limit);
+    for value in values.iter() {
+        walk.value(value)?;
     }
     T::from_lua_multi(values, lua).map_err(|e| crate::interrupt::request_error(lua, &e))
 }
@@ -70,48 +72,82 @@ pub(crate) fn convert_one<T: FromLua>(
     value: Value,
     limit: usize,
 ) -> Result<T, IsleError> {
-    let mut left = limit;
-    if !measure(&value, &mut left, &mut Vec::new()) {
-        return Err(too_big(limit));
-    }
+    Walk::new(lua, limit).value(&value)?;
     T::from_lua(value, lua).map_err(|e| crate::interrupt::request_error(lua, &e))
 }
 
-/// Takes what converting `value` copies from `left`; false once that is
-/// more than was left. `path`: the tables being measured, outermost first.
-fn measure(value: &Value, left: &mut usize, path: &mut Vec<*const std::ffi::c_void>) -> bool {
-    let cost = match value {
-        Value::String(s) => STRING.saturating_add(s.as_bytes().len()),
-        _ => VALUE,
-    };
-    let Some(rest) = left.checked_sub(cost) else {
-        return false;
-    };
-    *left = rest;
-    match value {
-        Value::Table(t) => measure_table(t, left, path),
-        _ => true,
-    }
+/// How often the walk looks whether its request was stopped: a result
+/// shared enough to take a large limit's worth of visits takes seconds to
+/// walk, and a stop must end it.
+const CHECK_EVERY: usize = 4096;
+
+/// A walk over results, taking what converting each value copies from
+/// what is left of the limit.
+struct Walk<'a> {
+    lua: &'a Lua,
+    limit: usize,
+    left: usize,
+    /// The tables being walked, outermost first.
+    path: Vec<*const std::ffi::c_void>,
+    visits: usize,
 }
 
-fn measure_table(table: &Table, left: &mut usize, path: &mut Vec<*const std::ffi::c_void>) -> bool {
-    let me = table.to_pointer();
-    if path.len() >= DEEPEST || path.contains(&me) {
-        return true;
-    }
-    path.push(me);
-    let mut fits = true;
-    // Raw (`for_each` runs no metamethod); an error ends the walk early.
-    let _ = table.for_each::<Value, Value>(|key, value| {
-        if measure(&key, left, path) && measure(&value, left, path) {
-            Ok(())
-        } else {
-            fits = false;
-            Err(mlua::Error::runtime("past the limit"))
+impl<'a> Walk<'a> {
+    fn new(lua: &'a Lua, limit: usize) -> Self {
+        Walk {
+            lua,
+            limit,
+            left: limit,
+            path: Vec::new(),
+            visits: 0,
         }
-    });
-    path.pop();
-    fits
+    }
+
+    fn value(&mut self, value: &Value) -> Result<(), IsleError> {
+        let cost = match value {
+            Value::String(s) => STRING.saturating_add(s.as_bytes().len()),
+            _ => VALUE,
+        };
+        self.left = self
+            .left
+            .checked_sub(cost)
+            .ok_or_else(|| too_big(self.limit))?;
+        self.visits += 1;
+        if self.visits.is_multiple_of(CHECK_EVERY) {
+            self.check_stop()?;
+        }
+        match value {
+            Value::Table(t) => self.table(t),
+            _ => Ok(()),
+        }
+    }
+
+    fn table(&mut self, table: &Table) -> Result<(), IsleError> {
+        let me = table.to_pointer();
+        if self.path.len() >= DEEPEST || self.path.contains(&me) {
+            return Ok(());
+        }
+        self.path.push(me);
+        let mut ended = Ok(());
+        // Raw (`for_each` runs no metamethod); an error ends it early.
+        let _ = table.for_each::<Value, Value>(|key, value| {
+            ended = self.value(&key).and_then(|()| self.value(&value));
+            match ended {
+                Ok(()) => Ok(()),
+                Err(_) => Err(mlua::Error::runtime("the walk ended")),
+            }
+        });
+        self.path.pop();
+        ended
+    }
+
+    /// The request's stop, if it was stopped (its caller has the answer).
+    fn check_stop(&self) -> Result<(), IsleError> {
+        match crate::interrupt::current_token(self.lua) {
+            Some(token) if token.is_cancelled() => Err(IsleError::Cancelled),
+            _ => Ok(()),
+        }
+    }
 }
 
 fn too_big(limit: usize) -> IsleError {

@@ -772,6 +772,33 @@ fn pool_results_stay_within_the_memory_limit() {
     });
 }
 
+/// A result shared so deeply that measuring it would take forever (a
+/// chain of 60 tables, each holding the next twice: 2^60 references) under
+/// a limit it never reaches: a time limit stops the walk, and the VM keeps
+/// its state (it was not left stuck and replaced).
+#[test]
+fn a_stop_ends_the_measure_of_a_result() {
+    in_child("redteam::a_stop_ends_the_measure_of_a_result", || {
+        within("the measure stops", || {
+            let isle = Isle::builder()
+                .memory_limit(1 << 40)
+                .stop_grace(Duration::from_secs(3600))
+                .spawn(|lua| lua.load("marker = 7").exec())
+                .unwrap();
+            let r = isle
+                .spawn_eval::<()>("local n = {} for i = 1, 60 do n = { n, n } end return n")
+                .timeout(Duration::from_millis(50))
+                .wait();
+            assert_eq!(r, Err(IsleError::Timeout));
+            assert_eq!(
+                isle.eval::<i64>("return marker"),
+                Ok(7),
+                "the same VM serves on"
+            );
+        });
+    });
+}
+
 /// What Lua held once always converts: a result as big as a good part of
 /// the limit, many distinct values, a table inside itself (which no
 /// conversion copies), results a conversion ignores, and handles (which
