@@ -668,9 +668,6 @@ fn permits_dropped_or_used_on_other_threads_give_their_room_back() {
 /// request binds the session afresh, and that fresh session's own bound
 /// still holds (the stale permit's room is not the new session's).
 #[test]
-#[ignore = "BUG (minor): a permit of a closed session queues into the next binding of its \
-            key without taking that binding's room, so the new session exceeds \
-            session_queue_capacity"]
 fn a_permit_outliving_its_session_does_not_overfill_the_next_one() {
     within("stale permit", || {
         let pool = capped(1);

@@ -498,6 +498,24 @@ impl Submit for Session {
                 };
                 Some(key.and(pool))
             }
+            // A permit holds room in its session's queue as it was bound
+            // when the permit was taken. Closed since (its key bound
+            // afresh), the request needs room in the fresh session's queue
+            // instead: the stale room goes back.
+            Some(held) if shared.session_capacity.is_some() => {
+                let Some(current) = self.first_room() else {
+                    return self.pool.refuse(job);
+                };
+                if held.holds(&current) {
+                    Some(held)
+                } else {
+                    let held = held.keep_only(self.pool.room());
+                    let Some(key) = current.try_acquire() else {
+                        return self.pool.refuse(job);
+                    };
+                    Some(held.and(key))
+                }
+            }
             admission => admission,
         };
         if let Some(job) = self.pool.admit(job, admission) {

@@ -383,6 +383,26 @@ impl Admission {
         self.rooms.iter().all(Option::is_none)
     }
 
+    /// True if it holds room in `room`.
+    pub(crate) fn holds(&self, room: &Arc<Room>) -> bool {
+        self.rooms.iter().flatten().any(|r| Arc::ptr_eq(r, room))
+    }
+
+    /// Gives back every room it holds but `keep`'s.
+    pub(crate) fn keep_only(mut self, keep: Option<&Arc<Room>>) -> Admission {
+        for slot in &mut self.rooms {
+            if slot
+                .as_ref()
+                .is_some_and(|r| keep.is_none_or(|k| !Arc::ptr_eq(r, k)))
+            {
+                if let Some(room) = slot.take() {
+                    room.release();
+                }
+            }
+        }
+        self
+    }
+
     /// This room and `other`'s, held together (released together).
     ///
     /// # Panics
