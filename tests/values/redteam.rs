@@ -799,6 +799,52 @@ fn a_stop_ends_the_measure_of_a_result() {
     });
 }
 
+/// The stop lets mlua's wrapper of an async function run while it drops a
+/// stopped request's future, and knows the wrapper by its chunk name, which
+/// any chunk can take: a loop in a chunk named like it is still stopped by
+/// an instruction budget, a time limit and a cancel, and the VM serves on.
+#[test]
+fn a_chunk_named_like_mluas_async_wrapper_is_still_stopped() {
+    in_child(
+        "redteam::a_chunk_named_like_mluas_async_wrapper_is_still_stopped",
+        || {
+            within("the forged wrapper is stopped", || {
+                let forged = "local f = load('local x = 0 while true do x = x + 1 end', \
+                              '=__mlua_async_poll') return f()";
+                for sandbox in [false, true] {
+                    let isle = Isle::builder()
+                        .sandbox(sandbox)
+                        .max_instructions(1_000_000)
+                        .stop_grace(Duration::from_secs(3600))
+                        .spawn(|lua| lua.load("marker = 7").exec())
+                        .unwrap();
+                    assert_eq!(isle.eval::<()>(forged), Err(IsleError::InstructionLimit));
+                    let plain = Isle::builder()
+                        .sandbox(sandbox)
+                        .stop_grace(Duration::from_secs(3600))
+                        .spawn(|lua| lua.load("marker = 7").exec())
+                        .unwrap();
+                    let r = plain
+                        .spawn_eval::<()>(forged)
+                        .timeout(Duration::from_millis(20))
+                        .wait();
+                    assert_eq!(r, Err(IsleError::Timeout));
+                    let task = plain.spawn_eval::<()>(forged);
+                    task.cancel();
+                    assert_eq!(task.wait(), Err(IsleError::Cancelled));
+                    for vm in [&isle, &plain] {
+                        assert_eq!(
+                            vm.eval::<i64>("return marker"),
+                            Ok(7),
+                            "the same VM serves on"
+                        );
+                    }
+                }
+            });
+        },
+    );
+}
+
 /// What Lua held once always converts: a result as big as a good part of
 /// the limit, many distinct values, a table inside itself (which no
 /// conversion copies), results a conversion ignores, and handles (which

@@ -26,10 +26,20 @@ use mlua::ffi::{self, lua_Debug, lua_State};
 thread_local! {
     /// True while this VM thread's request must stop.
     static STOPPING: Cell<bool> = const { Cell::new(false) };
+    /// How many more instructions of mlua's async wrapper may run while
+    /// stopping (see [`WRAPPER_BUDGET`]).
+    static WRAPPER_LEFT: Cell<u32> = const { Cell::new(0) };
     /// The VM's hook function (as an address) and the count to give a
     /// thread whose `raise_hook` finds nothing to stop.
     static RESTORE: Cell<(usize, c_int)> = const { Cell::new((0, 0)) };
 }
+
+/// Instructions of mlua's wrapper of an async function that `raise_hook`
+/// lets run in one stop (it needs a few per future it drops). The wrapper
+/// is known by its chunk name, which any chunk can take (`load(src,
+/// "=__mlua_async_poll")`): without a bound, a loop in such a chunk would
+/// never be stopped (cancel, time limits, `max_instructions`).
+const WRAPPER_BUDGET: u32 = 100_000;
 
 /// The message of the error `raise_hook` raises (the request resolves
 /// with its stop reason, whatever the error says).
@@ -41,7 +51,11 @@ const MESSAGE: &std::ffi::CStr = c"mlua-isle: the request must stop";
 /// the hook ticks at on this VM.
 pub(crate) fn raise_from_next_instruction(lua: &mlua::Lua, count: u32) {
     let state = super::running_state(lua);
-    STOPPING.set(true);
+    // Once per stop: a call while stopping (from a Rust function the
+    // stopped code called) must not renew the wrapper's budget.
+    if !STOPPING.replace(true) {
+        WRAPPER_LEFT.set(WRAPPER_BUDGET);
+    }
     // SAFETY: `state` is the Lua thread running on this OS thread (we
     // are called from its hook or from a function it called), alive
     // while it runs; `lua_gethook` and `lua_sethook` only read and
@@ -124,11 +138,13 @@ unsafe extern "C-unwind" fn tick_hook(state: *mut lua_State, _ar: *mut lua_Debug
 unsafe extern "C-unwind" fn raise_hook(state: *mut lua_State, _ar: *mut lua_Debug) {
     if STOPPING.get() {
         // SAFETY: `state` is the running thread, in its hook.
-        if unsafe { in_async_wrapper(state) } {
+        if WRAPPER_LEFT.get() > 0 && unsafe { in_async_wrapper(state) } {
             // mlua's wrapper of an async Rust function runs: resumed
             // to drop its future, it must get to do so. It runs a few
             // instructions, then a Rust call (the drop) or a yield; the
-            // hook stays, and raises in the first other function.
+            // hook stays, and raises in the first other function, or
+            // here once the budget is spent (a chunk that took its name).
+            WRAPPER_LEFT.set(WRAPPER_LEFT.get() - 1);
             return;
         }
         // SAFETY: a hook may push a value (Lua keeps LUA_MINSTACK free
