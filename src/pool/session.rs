@@ -151,7 +151,7 @@ impl Probe for HashedKey {
     }
 }
 
-/// Hashes already mixed (SipHash): used as they are.
+/// Hashes already mixed (SipHash): `IdHasher` only multiplies them.
 type Prehashed = BuildHasherDefault<IdHasher>;
 
 type Shard = Mutex<HashSet<ByKey, Prehashed>>;
