@@ -2,7 +2,7 @@
 //! or when a request leaves it above `recycle_when_memory_above`; sessions
 //! it held are told with `SessionLost`, never silently reset.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

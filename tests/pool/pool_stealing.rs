@@ -2,7 +2,7 @@
 //! holds back work another VM could do, whether that work was queued before
 //! or after the long request, and session work is never stolen.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -2,7 +2,7 @@
 //! counters: a tenant that floods its VM does not make the others on it
 //! wait behind its backlog.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -5,7 +5,7 @@
 //! task resolves, and no thread outlives the pool. (What an isle, a pool and
 //! a session share is tested on every front in `shutdown.rs`.)
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! `broadcast`: runs once on every VM, after the work already queued there,
 //! and returns one result per VM in worker order.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

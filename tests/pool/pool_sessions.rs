@@ -2,7 +2,7 @@
 //! order, in the session's own global environment (reads fall back to the
 //! globals `init` set up); closing or idling a session drops its state.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

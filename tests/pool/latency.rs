@@ -2,7 +2,7 @@
 //! and an isle: they count exactly the requests that started, and their
 //! values are at least the time a request was seen to wait or run.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

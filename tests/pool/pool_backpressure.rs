@@ -2,7 +2,7 @@
 //! once, without blocking the caller; accepted requests still run; the space
 //! comes back as the queue drains.
 
-mod common;
+use crate::common;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};

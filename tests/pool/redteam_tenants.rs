@@ -5,7 +5,7 @@
 //! Each test guards one claim. Those that found a bug are `#[ignore]`d
 //! with the reason, so the branch stays green until it is fixed.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

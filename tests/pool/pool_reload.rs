@@ -1,7 +1,7 @@
 //! `reload`: versioned code on every VM now and every VM started later,
 //! run between requests, all or nothing.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -1,6 +1,6 @@
 //! `metrics()`: after a known workload the counters add up.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

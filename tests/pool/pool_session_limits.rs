@@ -1,7 +1,7 @@
 //! `session_queue_capacity`: one session's own bound on its queued
 //! requests. Beyond it that session alone gets `QueueFull`.
 
-mod common;
+use crate::common;
 
 use std::future::Future;
 use std::time::Duration;

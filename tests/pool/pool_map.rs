@@ -1,6 +1,6 @@
 //! `IslePool::map`: one global function over many inputs, in batches.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! construction guard (a failing or panicking `init` stops and joins the
 //! workers already started, and the error names the worker).
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 //! nothing. (What isles, pools and sessions share is tested on every front
 //! in `requests.rs`, `panics.rs` and `reentrant.rs`.)
 
-mod common;
+use crate::common;
 
 use common::within;
 use mlua_isle::{IsleError, IslePool, Task};
