@@ -2,7 +2,7 @@
 //! `Panic(message)`; Lua cannot swallow them, and the VM keeps serving (on
 //! every front end: an isle, a pool, a session).
 
-mod common;
+use crate::common;
 
 use common::front::{fronts, Front, Fronts};
 use mlua_isle::mlua::{self, Lua};

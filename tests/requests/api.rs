@@ -2,7 +2,8 @@
 //! `is_cancellation` recognises, and the pool's counterparts of `Isle`'s
 //! methods.
 
-mod common;
+#[cfg_attr(feature = "luau", allow(unused_imports))] // used by one test, not on Luau
+use crate::common;
 
 use mlua_isle::{Isle, IsleError, IslePool};
 

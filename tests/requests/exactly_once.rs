@@ -3,7 +3,7 @@
 //! observed task must resolve exactly once with a result its fate allows,
 //! and the isle must still answer afterwards.
 
-mod common;
+use crate::common;
 
 use common::{eventually, within, Rng};
 

@@ -1,7 +1,7 @@
 //! The VM thread's lifecycle shared by `Isle` and the pool: a last handle
 //! dropped on a VM thread, and a wedged VM whose replacement cannot start.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 //! joins; nothing hangs, every task resolves, and no thread is left.
 //! (Pools with several workers: `pool_shutdown.rs`.)
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};

@@ -2,7 +2,7 @@
 //! once; `try_reserve`, `reserve_timeout` and `reserve` take room ahead of
 //! a request, waiting for it, as on a pool.
 
-mod common;
+use crate::common;
 
 use std::future::Future;
 use std::task::{Context, Poll, Waker};

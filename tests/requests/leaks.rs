@@ -9,7 +9,7 @@
 //! Values are counted by a [`Ledger`]; Rust drops each value at most once,
 //! so "created == dropped" means "each dropped exactly once".
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

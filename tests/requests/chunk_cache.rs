@@ -3,7 +3,7 @@
 //! environment, the same errors, still cancellable), whether the chunk is
 //! cached, evicted, or the cache is off.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,7 @@
 //! Requests and their results: `eval`, `call`, `exec`, the errors they give,
 //! init, and the builder's thread options.
 
-mod common;
+use crate::common;
 
 use std::thread;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! Spawning from there is allowed. Isles waiting on each other in a ring are
 //! refused too.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! `Task<T>`: waiting, polling, detaching, dropping, and awaiting.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
