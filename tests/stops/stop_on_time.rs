@@ -8,7 +8,7 @@
 //! and every wait runs under a watchdog (`within`), so a hang fails the
 //! test. Tests whose VM spins in C code forever run in a child process.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

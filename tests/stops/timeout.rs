@@ -4,7 +4,7 @@
 //! No timing is asserted: a limit that fires late makes a test slow, never
 //! wrong, and every wait that could hang runs under a watchdog.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -11,7 +11,7 @@
 //! cancels at random instants, where every request resolves as allowed and
 //! the VMs keep serving.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

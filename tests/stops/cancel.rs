@@ -3,7 +3,7 @@
 //! (coroutines, pcall, xpcall handlers, library callbacks) and cannot
 //! swallow the cancel; the VM, and a session's state, stay usable.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -4,9 +4,8 @@
 //!
 //! Every request is waited for under a watchdog: a wedged VM fails the
 //! test instead of hanging it.
-#![cfg(any(feature = "lua54", feature = "lua55"))]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
