@@ -3,7 +3,7 @@
 //! refuses to write through views, and C loops over absurd ranges stay
 //! stoppable.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -374,7 +374,8 @@ fn sandboxed_print_does_not_write_stdout() {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
-            "child_prints_a_lot_in_the_sandbox",
+            // Its full name in this binary (tests/hostile/main.rs).
+            "isolation::child_prints_a_lot_in_the_sandbox",
             "--nocapture",
             "--test-threads=1",
         ])

@@ -2,7 +2,11 @@
 //! the collector cannot be stopped, finalizers are refused; on an isle and
 //! on pool sessions.
 
-mod common;
+#[cfg_attr(
+    not(any(feature = "lua54", feature = "lua55", feature = "luau")),
+    allow(unused_imports)
+)] // used by one test, on these backends
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! Per-VM memory limits, per-request instruction budgets, and text-only
 //! chunks, on every front end (an isle, a pool, a session).
 
-mod common;
+use crate::common;
 
 use common::front::{fronts, Fronts};
 use common::PATIENCE;

@@ -1,7 +1,7 @@
 //! Lua code behaves in an isle as in plain mlua: what our wrappers add
 //! (text-only chunks, interruption checks) narrows nothing else.
 
-mod common;
+use crate::common;
 
 /// `load`'s mode is narrowed to text, never replaced: a caller's `'b'`
 /// still refuses text, as Lua does.

@@ -4,7 +4,7 @@
 //! runs in a sandboxed isle and in plain mlua (same backend); only the
 //! sandbox's documented refusals may differ.
 
-mod common;
+use crate::common;
 
 use mlua_isle::mlua::Lua;
 use mlua_isle::Isle;

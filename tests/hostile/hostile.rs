@@ -7,7 +7,7 @@
 //! stalling the run. A script that could abort the process runs in a child
 //! process (see `isolated`), so an abort fails one test, not the binary.
 
-mod common;
+use crate::common;
 
 use common::{in_child, PATIENCE};
 use mlua_isle::mlua::{self, BString, FromLuaMulti};
