@@ -1,4 +1,3 @@
-#![cfg(feature = "async")]
 //! The contracts, with suspended requests (the `async` feature): a request
 //! awaiting a pending future lets its VM serve others; every stop (cancel,
 //! time limits, dropping the task, shutdown, dropping the front) resolves
@@ -10,7 +9,7 @@
 //! that key; a drop guard inside its future reports when the future is
 //! dropped unreleased. Nothing here is synchronised by sleeping or by time.
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;

@@ -1,4 +1,3 @@
-#![cfg(feature = "async")]
 //! A stop reaches Lua code that runs on a Lua thread mlua made for Rust's
 //! async API (the `async` feature): `Function::call_async`,
 //! `Thread::into_async`, and Lua code called that way by an async Rust
@@ -11,7 +10,7 @@
 //! then cancels the request, or gives it a time limit that has passed
 //! (counted from submission), so the stop always lands while the loop runs.
 
-mod common;
+use crate::common;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};

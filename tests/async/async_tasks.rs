@@ -1,9 +1,8 @@
 //! The Lua `task` library (`task_library(true)`, the `async` feature):
 //! `task.sleep`, `task.spawn` with `:join()` and `:cancel()`, and children
 //! that belong to the request that spawned them.
-#![cfg(feature = "async")]
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
