@@ -54,7 +54,7 @@
 //! function raised (`eval:1: bad argument #1 to 'rep' (string expected, got
 //! no value)`); errors raised further in (a comparator, a metamethod) pass
 //! unchanged, and missing arguments stay "no value". The differences left
-//! (`tests/sandbox_errors.rs` compares with plain Lua): a function called
+//! (`tests/hostile/sandbox_errors.rs` compares with plain Lua): a function called
 //! under another name (`local r = string.rep; r()`) is named as the library
 //! names it; a replacement tail-called (`return string.rep()`) places the
 //! error at the caller's caller, as a Lua function would; the sandbox's

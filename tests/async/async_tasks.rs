@@ -1,0 +1,193 @@
+//! The Lua `task` library (`task_library(true)`, the `async` feature):
+//! `task.sleep`, `task.spawn` with `:join()` and `:cancel()`, and children
+//! that belong to the request that spawned them.
+
+use crate::common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use common::within;
+use mlua_isle::{IsleError, IslePool};
+
+/// A pool with the task library and `wait_for(name)`: an async function
+/// that is pending until the test opens that gate (`open(name)` from Lua
+/// or [`Gates::open`] from the test); `entered()` counts callers waiting.
+struct Gates {
+    pool: IslePool,
+    open: Arc<parking_lot::Mutex<std::collections::HashMap<String, bool>>>,
+    wakers: Arc<parking_lot::Mutex<Vec<std::task::Waker>>>,
+    waiting: Arc<AtomicUsize>,
+}
+
+impl Gates {
+    fn new(workers: usize) -> Gates {
+        let open: Arc<parking_lot::Mutex<std::collections::HashMap<String, bool>>> = Arc::default();
+        let wakers: Arc<parking_lot::Mutex<Vec<std::task::Waker>>> = Arc::default();
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let (o, w, n) = (open.clone(), wakers.clone(), waiting.clone());
+        let pool = IslePool::builder()
+            .workers(workers)
+            .task_library(true)
+            .init(move |lua| {
+                let (o, w, n) = (o.clone(), w.clone(), n.clone());
+                let wait_for = lua.create_async_function(move |_, name: String| {
+                    let (o, w, n) = (o.clone(), w.clone(), n.clone());
+                    n.fetch_add(1, Ordering::SeqCst);
+                    // Counts the future out when it ends or is dropped.
+                    let guard = Leave(n);
+                    async move {
+                        let _guard = guard;
+                        std::future::poll_fn(|cx| {
+                            if o.lock().get(&name).copied().unwrap_or(false) {
+                                std::task::Poll::Ready(())
+                            } else {
+                                w.lock().push(cx.waker().clone());
+                                std::task::Poll::Pending
+                            }
+                        })
+                        .await;
+                        Ok(name)
+                    }
+                })?;
+                lua.globals().set("wait_for", wait_for)
+            })
+            .build()
+            .unwrap();
+        Gates {
+            pool,
+            open,
+            wakers,
+            waiting,
+        }
+    }
+
+    fn open(&self, name: &str) {
+        self.open.lock().insert(name.to_string(), true);
+        for w in self.wakers.lock().drain(..) {
+            w.wake();
+        }
+    }
+}
+
+struct Leave(Arc<AtomicUsize>);
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn sleep_suspends_and_returns() {
+    let g = Gates::new(1);
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            g.pool
+                .spawn_eval::<i64>(format!("task.sleep(0.01) return {i}"))
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        assert_eq!(within("a sleeping request", move || t.wait()), Ok(i as i64));
+    }
+    let e = g.pool.eval::<()>("task.sleep(-1)").unwrap_err();
+    assert!(e.to_string().contains("seconds must be"), "{e}");
+}
+
+#[test]
+fn spawned_children_run_at_once_and_join_in_order() {
+    let g = Gates::new(1);
+    let t = g.pool.spawn_eval::<(String, String)>(
+        "local a = task.spawn(wait_for, 'a') local b = task.spawn(wait_for, 'b')
+         return a:join(), b:join()",
+    );
+    // Both children wait at the same time, inside one request.
+    assert!(common::poll_until(|| g.waiting.load(Ordering::SeqCst) == 2));
+    g.open("b");
+    g.open("a");
+    assert_eq!(
+        within("joining two children", move || t.wait()),
+        Ok(("a".to_string(), "b".to_string()))
+    );
+}
+
+#[test]
+fn join_raises_the_childs_error_and_an_unjoined_failure_fails_the_request() {
+    let g = Gates::new(1);
+    let e = g
+        .pool
+        .eval::<()>("local t = task.spawn(function() error('child broke') end) t:join()")
+        .unwrap_err();
+    assert!(e.to_string().contains("child broke"), "{e}");
+    // Never joined: its error is not lost.
+    let e = g
+        .pool
+        .eval::<()>(
+            "task.spawn(function() error('forgotten child broke') end) task.sleep(0.001) return",
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("forgotten child broke"), "{e}");
+    // Joined twice: the second join says so.
+    let e = g
+        .pool
+        .eval::<()>("local t = task.spawn(function() return 1 end) t:join() t:join()")
+        .unwrap_err();
+    assert!(e.to_string().contains("joined already"), "{e}");
+}
+
+#[test]
+fn children_end_with_their_request() {
+    let g = Gates::new(1);
+    // The request returns while its child still waits: the child is
+    // cancelled, not left behind.
+    g.pool
+        .eval::<()>("task.spawn(wait_for, 'never') task.sleep(0.001)")
+        .unwrap();
+    assert!(common::poll_until(|| g.waiting.load(Ordering::SeqCst) == 0));
+    // Cancelling the request cancels its children.
+    let t = g
+        .pool
+        .spawn_eval::<()>("local c = task.spawn(wait_for, 'x') c:join()");
+    assert!(common::poll_until(|| g.waiting.load(Ordering::SeqCst) == 1));
+    t.cancel();
+    assert_eq!(
+        within("a cancelled parent", move || t.wait()),
+        Err(IsleError::Cancelled)
+    );
+    // The child's future was dropped with its parent.
+    assert!(common::poll_until(|| g.waiting.load(Ordering::SeqCst) == 0));
+    assert_eq!(g.pool.eval::<i64>("1 + 1"), Ok(2));
+}
+
+#[test]
+fn a_cancelled_child_cannot_be_joined() {
+    let g = Gates::new(1);
+    let e = g
+        .pool
+        .eval::<()>("local c = task.spawn(wait_for, 'y') c:cancel() task.sleep(0.001) c:join()")
+        .unwrap_err();
+    assert!(e.to_string().contains("cancelled"), "{e}");
+}
+
+#[test]
+fn the_task_library_works_in_the_sandbox_and_is_read_only() {
+    let isle = mlua_isle::Isle::builder()
+        .sandbox(true)
+        .task_library(true)
+        .build()
+        .unwrap();
+    let r: i64 = isle
+        .eval(
+            "local t = task.spawn(function(x) task.sleep(0) return x * 2 end, 21) return t:join()",
+        )
+        .unwrap();
+    assert_eq!(r, 42);
+    assert!(isle.eval::<()>("task.sleep = nil").is_err());
+    assert!(isle.eval::<()>("task.spawn = print").is_err());
+}
+
+#[test]
+fn there_is_no_task_global_unless_asked_for() {
+    let isle = mlua_isle::Isle::builder().build().unwrap();
+    assert_eq!(isle.eval::<bool>("task == nil"), Ok(true));
+}

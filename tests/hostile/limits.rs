@@ -1,0 +1,300 @@
+//! Per-VM memory limits, per-request instruction budgets, and text-only
+//! chunks, on every front end (an isle, a pool, a session).
+
+use crate::common;
+
+use common::front::{fronts, Fronts};
+use common::PATIENCE;
+use mlua_isle::{Isle, IsleError};
+
+const MB: usize = 1 << 20;
+
+/// Fronts whose VMs may use 4 MiB.
+fn limited() -> Fronts {
+    fronts().memory_limit(4 * MB)
+}
+
+#[test]
+fn a_request_past_the_memory_limit_fails_and_the_vm_recovers() {
+    limited().each(|front| {
+        front.eval::<()>("kept = 'state'").unwrap();
+        let r = front.eval::<()>("local t = {} for i = 1, 1e8 do t[i] = i end");
+        assert!(matches!(r, Err(IsleError::MemoryLimit(_))), "{r:?} {front}");
+        // The garbage is gone and the next requests run normally.
+        let used: usize = front.exec(|lua| Ok(lua.used_memory())).unwrap();
+        assert!(used < 2 * MB, "still holding {used} bytes {front}");
+        assert_eq!(
+            front.eval::<i64>("local t = {} for i = 1, 1000 do t[i] = i end return #t"),
+            Ok(1000)
+        );
+        // The state set before survives the failed request.
+        assert_eq!(front.eval::<String>("kept"), Ok("state".to_string()));
+    });
+}
+
+#[test]
+fn a_huge_string_rep_is_a_memory_limit_error() {
+    limited().each(|front| {
+        let r = front.eval::<usize>("return #string.rep('x', 1e9)");
+        assert!(matches!(r, Err(IsleError::MemoryLimit(_))), "{r:?} {front}");
+        assert_eq!(front.eval::<usize>("#string.rep('x', 1000)"), Ok(1000));
+    });
+}
+
+#[test]
+fn lua_code_may_catch_its_own_memory_error() {
+    limited().each(|front| {
+        let r = front.eval::<bool>("local ok = pcall(string.rep, 'x', 1e9) return ok");
+        assert_eq!(r, Ok(false), "{front}");
+    });
+}
+
+#[test]
+fn init_runs_under_the_memory_limit() {
+    let r = Isle::builder()
+        .memory_limit(MB)
+        .spawn(|lua| lua.load("big = string.rep('x', 4 * 1024 * 1024)").exec());
+    assert!(matches!(r, Err(IsleError::Init(_))), "{r:?}");
+}
+
+#[test]
+#[cfg(not(feature = "luau"))] // no instruction count: max_instructions is refused
+fn a_request_past_its_instruction_budget_fails() {
+    fronts().max_instructions(100_000).each(|front| {
+        assert_eq!(
+            front.eval::<()>("while true do end"),
+            Err(IsleError::InstructionLimit),
+            "{front}"
+        );
+        // Inside coroutines and pcall loops too.
+        assert_eq!(
+            front.eval::<()>(
+                "coroutine.wrap(function() while true do pcall(function() end) end end)()"
+            ),
+            Err(IsleError::InstructionLimit),
+            "{front}"
+        );
+        assert_eq!(
+            front.eval::<i64>("local n = 0 for i = 1, 100 do n = n + i end return n"),
+            Ok(5050)
+        );
+    });
+}
+
+#[test]
+#[cfg(not(feature = "luau"))] // no instruction count: max_instructions is refused
+fn the_instruction_budget_is_per_request() {
+    fronts().max_instructions(100_000).each(|front| {
+        // Each run uses about half the budget; together they would exceed it.
+        for _ in 0..10 {
+            assert_eq!(
+                front.eval::<i64>("local n = 0 for i = 1, 10000 do n = n + 1 end return n"),
+                Ok(10_000),
+                "{front}"
+            );
+        }
+    });
+}
+
+#[test]
+#[cfg(not(feature = "luau"))] // no instruction count: max_instructions is refused
+fn a_budget_smaller_than_the_hook_interval_is_still_enforced() {
+    let isle = Isle::builder()
+        .hook_interval(10_000)
+        .max_instructions(50)
+        .spawn(|_| Ok(()))
+        .unwrap();
+    assert_eq!(
+        isle.eval::<()>("for i = 1, 1000 do end"),
+        Err(IsleError::InstructionLimit)
+    );
+    assert_eq!(isle.eval::<i64>("1 + 1"), Ok(2));
+}
+
+#[test]
+#[cfg(not(feature = "luau"))] // no instruction count: max_instructions is refused
+fn the_pool_enforces_the_budget_on_every_vm() {
+    let pool = mlua_isle::IslePool::builder()
+        .workers(2)
+        .max_instructions(50_000)
+        .build()
+        .unwrap();
+    let r = pool.broadcast(|lua| lua.load("while true do end").exec());
+    assert_eq!(r, vec![Err(IsleError::InstructionLimit); 2]);
+    assert_eq!(
+        pool.session(1).eval::<()>("while true do end"),
+        Err(IsleError::InstructionLimit)
+    );
+    assert_eq!(pool.eval::<i64>("2 * 21"), Ok(42));
+}
+
+#[test]
+#[cfg(not(feature = "luau"))] // Luau: no `load`, `string.dump` or binary chunks
+fn eval_refuses_binary_chunks() {
+    let isle = Isle::spawn(|_| Ok(())).unwrap();
+    let r = isle.eval::<()>("\x1bLua");
+    match r {
+        Err(IsleError::Lua(e)) => assert!(e.message().contains("binary"), "{e:?}"),
+        other => panic!("expected a Lua error, got {other:?}"),
+    }
+}
+
+/// `load` of a string: `loadstring` on Lua 5.1, whose `load` takes a
+/// reader function only. (Luau has neither: the tests using it are
+/// compiled out there.)
+#[cfg(not(feature = "luau"))]
+fn load_string(code: &str) -> String {
+    if cfg!(feature = "lua51") {
+        code.replace("load(", "loadstring(")
+    } else {
+        code.to_string()
+    }
+}
+
+#[test]
+#[cfg(not(feature = "luau"))] // Luau: no `load`, `string.dump` or binary chunks
+fn lua_load_refuses_binary_chunks_by_default() {
+    let isle = Isle::spawn(|_| Ok(())).unwrap();
+    let err: String = isle
+        .eval(load_string(
+            "local f, err = load(string.dump(function() return 1 end), 'x', 'b')
+             assert(f == nil)
+             return err",
+        ))
+        .unwrap();
+    // LuaJIT says "attempt to load chunk with wrong mode".
+    assert!(
+        err.contains("binary") || err.contains("wrong mode"),
+        "{err}"
+    );
+    // Text still loads, with or without a mode.
+    assert_eq!(
+        isle.eval::<i64>(load_string("return load('return 7')()")),
+        Ok(7)
+    );
+    assert_eq!(
+        isle.eval::<i64>(load_string("return load('return 8', 'c', 'bt')()")),
+        Ok(8)
+    );
+}
+
+#[test]
+#[cfg(not(feature = "luau"))] // Luau: no `load`, `string.dump` or binary chunks
+fn binary_chunks_load_when_allowed() {
+    let isle = Isle::builder()
+        .allow_binary_chunks(true)
+        .spawn(|_| Ok(()))
+        .unwrap();
+    assert_eq!(
+        isle.eval::<i64>(load_string(
+            "return load(string.dump(function() return 1 end))()"
+        )),
+        Ok(1)
+    );
+}
+
+#[test]
+#[cfg(not(feature = "luau"))] // no instruction count: max_instructions is refused
+fn requests_under_the_budget_are_never_stopped() {
+    // Lua's instruction countdown carries over from one request to the
+    // next; that must not be charged to the next request.
+    let isle = Isle::builder()
+        .max_instructions(1000)
+        .spawn(|_| Ok(()))
+        .unwrap();
+    for _ in 0..200 {
+        assert_eq!(
+            isle.eval::<i64>("local n = 0 for i = 1, 60 do n = n + i end return n"),
+            Ok(1830)
+        );
+    }
+}
+
+#[test]
+#[cfg(feature = "luau")]
+fn luau_refuses_an_instruction_budget_at_spawn() {
+    let r = Isle::builder().max_instructions(1000).spawn(|_| Ok(()));
+    assert!(
+        matches!(&r, Err(IsleError::Init(m)) if m.contains("max_instructions")),
+        "{:?}",
+        r.err()
+    );
+}
+
+/// Runs out of memory (with a limit of a few MiB).
+const GROW: &str = "local t = {} for i = 1, 1e8 do t[i] = i end";
+
+/// Scripts whose memory error travels through catchers and re-raisers
+/// before failing the request.
+#[cfg_attr(feature = "luau", allow(unused_mut))] // no `load`, no `<close>`
+fn out_of_memory_scripts() -> Vec<String> {
+    let mut scripts = vec![
+        format!("coroutine.wrap(function() {GROW} end)()"),
+        format!("coroutine.wrap(function() return #string.rep('x', 1e9) end)()"),
+        format!("local ok, e = coroutine.resume(coroutine.create(function() {GROW} end)) error(e)"),
+        format!("assert(coroutine.resume(coroutine.create(function() {GROW} end)))"),
+        format!("local ok, e = pcall(function() {GROW} end) error(e)"),
+        format!("local ok, e = pcall(function() {GROW} end) error(e, 0)"),
+        format!("local ok, e = pcall(function() {GROW} end) error('gave up: ' .. tostring(e))"),
+        format!(
+            "local ok, e = xpcall(function() {GROW} end, function(m) return 'handled: ' .. tostring(m) end) \
+             error(e)"
+        ),
+        format!(
+            "pcall(coroutine.wrap(function() {GROW} end)) error('failed after running out')"
+        ),
+    ];
+    // Luau has no `load`.
+    #[cfg(not(feature = "luau"))]
+    scripts.push(format!(
+        "local f, e = load(function() {GROW} end) assert(f == nil) error(e)"
+    ));
+    #[cfg(any(feature = "lua54", feature = "lua55"))]
+    scripts.extend([
+        format!("do local x <close> = setmetatable({{}}, {{__close = function() {GROW} end}}) end"),
+        format!(
+            "local co = coroutine.create(function() \
+                 local x <close> = setmetatable({{}}, {{__close = function() {GROW} end}}) \
+                 coroutine.yield() end) \
+             coroutine.resume(co) local ok, e = coroutine.close(co) error(e)"
+        ),
+        format!(
+            "coroutine.wrap(function() \
+                 local x <close> = setmetatable({{}}, {{__close = function(_, e) error(e, 0) end}}) \
+                 {GROW} end)()"
+        ),
+    ]);
+    scripts
+}
+
+#[test]
+fn running_out_of_memory_is_a_memory_limit_error_however_the_error_travels() {
+    for permanent_hook in [false, true] {
+        let isle = Isle::builder()
+            .memory_limit(4 * MB)
+            .permanent_hook(permanent_hook)
+            .spawn(|_| Ok(()))
+            .unwrap();
+        for script in out_of_memory_scripts() {
+            let r = isle
+                .spawn_eval::<()>(script.clone())
+                .wait_timeout(PATIENCE)
+                .expect("the request hung");
+            assert!(
+                matches!(r, Err(IsleError::MemoryLimit(_))),
+                "permanent_hook({permanent_hook}): {script}\n{r:?}"
+            );
+            assert_eq!(isle.eval::<i64>("1 + 1"), Ok(2));
+        }
+        // A caught memory error that the script recovers from is no failure.
+        assert_eq!(
+            isle.eval::<bool>(format!("return (pcall(function() {GROW} end))")),
+            Ok(false)
+        );
+        // A later request is judged on its own.
+        assert!(matches!(
+            isle.eval::<()>("error('unrelated')"),
+            Err(IsleError::Lua(_))
+        ));
+    }
+}
