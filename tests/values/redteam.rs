@@ -804,21 +804,26 @@ fn a_stop_ends_the_measure_of_a_result() {
 /// any chunk can take: a loop in a chunk named like it is still stopped by
 /// an instruction budget, a time limit and a cancel, and the VM serves on.
 #[test]
+#[cfg(not(feature = "luau"))] // Luau's chunks come from its compiler, not `load`
 fn a_chunk_named_like_mluas_async_wrapper_is_still_stopped() {
     in_child(
         "redteam::a_chunk_named_like_mluas_async_wrapper_is_still_stopped",
         || {
             within("the forged wrapper is stopped", || {
-                let forged = "local f = load('local x = 0 while true do x = x + 1 end', \
+                let forged =
+                    "local f = (loadstring or load)('local x = 0 while true do x = x + 1 end', \
                               '=__mlua_async_poll') return f()";
                 for sandbox in [false, true] {
-                    let isle = Isle::builder()
-                        .sandbox(sandbox)
-                        .max_instructions(1_000_000)
-                        .stop_grace(Duration::from_secs(3600))
-                        .spawn(|lua| lua.load("marker = 7").exec())
-                        .unwrap();
-                    assert_eq!(isle.eval::<()>(forged), Err(IsleError::InstructionLimit));
+                    {
+                        let isle = Isle::builder()
+                            .sandbox(sandbox)
+                            .max_instructions(1_000_000)
+                            .stop_grace(Duration::from_secs(3600))
+                            .spawn(|lua| lua.load("marker = 7").exec())
+                            .unwrap();
+                        assert_eq!(isle.eval::<()>(forged), Err(IsleError::InstructionLimit));
+                        assert_eq!(isle.eval::<i64>("return marker"), Ok(7), "the same VM");
+                    }
                     let plain = Isle::builder()
                         .sandbox(sandbox)
                         .stop_grace(Duration::from_secs(3600))
@@ -832,13 +837,7 @@ fn a_chunk_named_like_mluas_async_wrapper_is_still_stopped() {
                     let task = plain.spawn_eval::<()>(forged);
                     task.cancel();
                     assert_eq!(task.wait(), Err(IsleError::Cancelled));
-                    for vm in [&isle, &plain] {
-                        assert_eq!(
-                            vm.eval::<i64>("return marker"),
-                            Ok(7),
-                            "the same VM serves on"
-                        );
-                    }
+                    assert_eq!(plain.eval::<i64>("return marker"), Ok(7), "the same VM");
                 }
             });
         },
@@ -854,9 +853,9 @@ fn results_lua_held_once_still_convert() {
     within("results that fit", || {
         let isle = limited_isle();
         let s = isle
-            .eval::<String>("return string.rep('z', 12 * 1048576)")
+            .eval::<String>("return string.rep('z', 6 * 1048576)")
             .unwrap();
-        assert_eq!(s.len(), 12 << 20);
+        assert_eq!(s.len(), 6 << 20);
         let v = isle
             .eval::<Vec<i64>>("local t = {} for i = 1, 200000 do t[i] = i end return t")
             .unwrap();
