@@ -51,12 +51,6 @@ impl Target {
         &self.function
     }
 
-    /// True if the function takes the caller's arguments as they are.
-    #[cfg(feature = "async")]
-    pub(crate) fn is_plain(&self) -> bool {
-        self.before.is_empty()
-    }
-
     /// The caller's `args`, after the values the target passes first.
     pub(crate) fn args(&self, lua: &Lua, args: impl IntoLuaMulti) -> mlua::Result<MultiValue> {
         let mut all = args.into_lua_multi(lua)?;

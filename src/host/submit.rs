@@ -194,8 +194,9 @@ where
                 #[cfg(feature = "async")]
                 Run::Wait(first) => {
                     let (lua, coroutines) = (ctx.lua.clone(), ctx.coroutines.clone());
-                    let err = move |e: mlua::Error| crate::interrupt::request_error(&lua, &e);
-                    let lua = ctx.lua.clone();
+                    // Each input's results within the memory limit, as
+                    // before the batch suspended.
+                    let limit = ctx.result_limit::<T>();
                     return ctx.wait(Box::pin(async move {
                         let r = first.await;
                         if stopped(&r) {
@@ -204,15 +205,12 @@ where
                         out.push(r);
                         for args in inputs {
                             let f = target.function();
-                            let call = match target.is_plain() {
-                                true => coroutines.call::<T>(f, args),
-                                false => target
-                                    .args(&lua, args)
-                                    .and_then(|args| coroutines.call::<T>(f, args)),
-                            };
-                            let r = match call {
-                                Ok(call) => call.await.map_err(&err),
-                                Err(e) => Err(err(e)),
+                            let r = match target.args(&lua, args) {
+                                Ok(args) => {
+                                    crate::vm::call_later::<T>(&lua, &coroutines, f, args, limit)
+                                        .await
+                                }
+                                Err(e) => Err(crate::interrupt::request_error(&lua, &e)),
                             };
                             if stopped(&r) {
                                 return Err(IsleError::Cancelled); // replaced by the stop reason

@@ -55,7 +55,7 @@ impl Ctx<'_> {
     where
         T: FromLuaMulti + 'static,
     {
-        match super::result::limit_for::<T>(self.memory_limit) {
+        match self.result_limit::<T>() {
             None => self.call_then(f, args, |_, r: T| Ok(r)),
             Some(limit) => self.call_then(f, args, move |lua, r: MultiValue| {
                 super::result::convert(lua, r, limit)
@@ -69,11 +69,17 @@ impl Ctx<'_> {
         &self,
         value: mlua::Value,
     ) -> Result<T, IsleError> {
-        match super::result::limit_for::<T>(self.memory_limit) {
+        match self.result_limit::<T>() {
             Some(limit) => super::result::convert_one(self.lua, value, limit),
             None => T::from_lua(value, self.lua)
                 .map_err(|e| crate::interrupt::request_error(self.lua, &e)),
         }
+    }
+
+    /// The memory limit this request's results are converted within, for
+    /// results of type `T` (see `result.rs`).
+    pub(crate) fn result_limit<T: 'static>(&self) -> Option<usize> {
+        super::result::limit_for::<T>(self.memory_limit)
     }
 
     /// [`call`](Self::call), with the results as `R`, then `then` on them.
@@ -123,6 +129,36 @@ impl Ctx<'_> {
         match future.as_mut().poll(&mut Context::from_waker(self.waker)) {
             Poll::Ready(r) => Run::Done(r),
             Poll::Pending => Run::Wait(future),
+        }
+    }
+}
+
+/// A call through the VM's coroutines, for work that goes on after its
+/// request first suspended (where there is no [`Ctx`]), its results
+/// converted as [`Ctx::call`] converts them: within `limit`, from
+/// [`Ctx::result_limit`].
+#[cfg(feature = "async")]
+pub(crate) async fn call_later<T: FromLuaMulti + 'static>(
+    lua: &Lua,
+    coroutines: &std::rc::Rc<super::coroutine::Coroutines>,
+    f: &Function,
+    args: MultiValue,
+    limit: Option<usize>,
+) -> Result<T, IsleError> {
+    let err = |e: mlua::Error| crate::interrupt::request_error(lua, &e);
+    match limit {
+        None => coroutines
+            .call::<T>(f, args)
+            .map_err(err)?
+            .await
+            .map_err(err),
+        Some(limit) => {
+            let values = coroutines
+                .call::<MultiValue>(f, args)
+                .map_err(err)?
+                .await
+                .map_err(err)?;
+            super::result::convert(lua, values, limit)
         }
     }
 }

@@ -29,6 +29,8 @@ use crate::interrupt::Interrupt;
 use crate::vm::chunk::ChunkCache;
 use crate::vm::config::VmConfig;
 use crate::IsleError;
+#[cfg(feature = "async")]
+pub(crate) use job::call_later;
 pub(crate) use job::{take_started, Ctx, Job, Outcome, Run};
 
 /// Lua's `type()` of `v`: `number` for integers too, `userdata` for light

@@ -844,6 +844,50 @@ fn a_chunk_named_like_mluas_async_wrapper_is_still_stopped() {
     );
 }
 
+/// A `map` batch whose first input waits for a future goes on as one
+/// future: the inputs after it are measured as the first ones are.
+#[cfg(feature = "async")]
+#[test]
+fn map_inputs_after_a_suspension_stay_within_the_memory_limit() {
+    in_child(
+        "redteam::map_inputs_after_a_suspension_stay_within_the_memory_limit",
+        || {
+            within("map after a suspension", || {
+                let pool = IslePool::builder()
+                    .workers(1)
+                    .memory_limit(32 << 20)
+                    .init(|lua| {
+                        let pause = lua.create_async_function(|_, ()| async {
+                            common::yield_once().await;
+                            Ok(())
+                        })?;
+                        lua.globals().set("pause", pause)?;
+                        lua.load(
+                            "local big = string.rep('y', 1048576) \
+                             function many(n) pause() local t = {} \
+                             for i = 1, n do t[i] = big end return t end",
+                        )
+                        .exec()
+                    })
+                    .build()
+                    .unwrap();
+                // One VM takes 4 batches: 8 inputs in batches of 2, each
+                // batch suspending at its first input.
+                let inputs = (0..8).map(|i| if i % 2 == 0 { 1 } else { 300 });
+                let out = pool.map::<i64, Vec<String>>("many", inputs);
+                for (i, r) in out.iter().enumerate() {
+                    if i % 2 == 0 {
+                        assert_eq!(r.as_ref().map(Vec::len), Ok(1), "input {i}");
+                    } else {
+                        let len = r.as_ref().map(Vec::len);
+                        assert!(is_memory_limit(r), "input {i}: {len:?}");
+                    }
+                }
+            });
+        },
+    );
+}
+
 /// What Lua held once always converts: a result as big as a good part of
 /// the limit, many distinct values, a table inside itself (which no
 /// conversion copies), results a conversion ignores, and handles (which
