@@ -276,9 +276,9 @@ macro_rules! vm_options {
         /// conversions copy each reference to a string or table again (one
         /// string returned 200 times as a `Vec<String>` is 200 copies), so
         /// results are measured that way first, and refused with
-        /// `MemoryLimit` past the limit. Handles (`LuaHandle`) copy nothing
-        /// and are not measured; what `exec` closures convert themselves is
-        /// their own.
+        /// `MemoryLimit` past the limit (for `map`, each input's results on
+        /// their own). Handles (`LuaHandle`) copy nothing and are not
+        /// measured; what `exec` closures convert themselves is their own.
         pub fn memory_limit(mut self, bytes: usize) -> Self {
             self.config.memory_limit = Some(bytes);
             self

@@ -22,6 +22,9 @@
 //! It measures every value a request returns, also one the Rust type then
 //! ignores (a second value where one is asked for): the type is not known
 //! here, only whether it is a handle.
+//! A `map` batch's results are measured input by input: each within the
+//! limit (how many inputs there are is the host's choice).
+//!
 //! A request without a memory limit converts as mlua does, and so does a
 //! result converted to handles (`LuaHandle`, `Option<LuaHandle>`,
 //! `Vec<LuaHandle>`), which copy nothing, whatever the value holds.
