@@ -12,8 +12,8 @@
 //! (`MemoryLimit`) past the limit, before anything is copied. The measure
 //! never costs more than Lua itself paid for a value held once (a string
 //! 24 bytes plus its length, any other value 16 bytes, a table the sum of
-//! its keys and values): results that Lua held without sharing always fit;
-//! only sharing can exceed it. It reads tables raw (no `__index`, `__pairs`
+//! its values and of its keys that are strings or tables): results that
+//! Lua held without sharing always fit; only sharing can exceed it. It reads tables raw (no `__index`, `__pairs`
 //! or any other Lua code runs), stops at the limit, and follows tables 64
 //! deep, a table inside itself not at all (no conversion copies a cycle).
 //! No hook reaches it, so it looks every few thousand values whether its
@@ -125,6 +125,16 @@ impl<'a> Walk<'a> {
         }
     }
 
+    /// A key: a number or a boolean costs nothing beyond its entry's value
+    /// (an array's indices are not stored at all, and a `Vec` copies none);
+    /// a string or table key is measured as a value.
+    fn key(&mut self, key: &Value) -> Result<(), IsleError> {
+        match key {
+            Value::Integer(_) | Value::Number(_) | Value::Boolean(_) => Ok(()),
+            _ => self.value(key),
+        }
+    }
+
     fn table(&mut self, table: &Table) -> Result<(), IsleError> {
         let me = table.to_pointer();
         if self.path.len() >= DEEPEST || self.path.contains(&me) {
@@ -134,7 +144,7 @@ impl<'a> Walk<'a> {
         let mut ended = Ok(());
         // Raw (`for_each` runs no metamethod); an error ends it early.
         let _ = table.for_each::<Value, Value>(|key, value| {
-            ended = self.value(&key).and_then(|()| self.value(&value));
+            ended = self.key(&key).and_then(|()| self.value(&value));
             match ended {
                 Ok(()) => Ok(()),
                 Err(_) => Err(mlua::Error::runtime("the walk ended")),
