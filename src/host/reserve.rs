@@ -22,8 +22,12 @@ use crate::{IsleError, Task};
 /// [`Session`](crate::Session) (`F` is the one it came from). Its request
 /// methods (`eval`, `call`, `exec` and their `spawn_*` forms, as on `F`)
 /// use the permit up: the request goes into the room the permit holds, so
-/// it is never refused [`QueueFull`](IsleError::QueueFull). Dropping an
-/// unused permit gives the room back.
+/// it is never refused [`QueueFull`](IsleError::QueueFull). One exception:
+/// a session's permit whose session was closed since holds room in the
+/// closed session's own queue (`session_queue_capacity`); its request then
+/// runs in the key's fresh session and needs room in that one's queue,
+/// and is refused `QueueFull` if there is none. Dropping an unused permit
+/// gives the room back.
 ///
 /// The room counts as taken while the permit is held: hold it briefly, as
 /// a queued request would.

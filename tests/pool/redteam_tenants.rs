@@ -691,6 +691,32 @@ fn a_permit_outliving_its_session_does_not_overfill_the_next_one() {
     });
 }
 
+/// The other way round: the fresh session is full when the stale permit
+/// is used. The permit's request is refused `QueueFull` (its room was the
+/// closed session's), and the room it held comes back: the pool's queue
+/// does not stay one short.
+#[test]
+fn a_permit_outliving_its_session_is_refused_when_the_next_one_is_full() {
+    within("stale permit, full session", || {
+        let pool = capped(1);
+        let (g, held) = hold_pool(&pool);
+        let s = pool.session("s");
+        let permit = s.try_reserve().unwrap();
+        assert!(s.close());
+        let plain = s.spawn_eval::<i64>("return 2");
+        let by_permit = permit.spawn_eval::<i64>("return 1");
+        assert_eq!(by_permit.wait(), Err(IsleError::QueueFull));
+        g.release();
+        held.wait().unwrap();
+        assert_eq!(plain.wait(), Ok(2));
+        // Nothing queued and no permit held: all 100 places are free.
+        let permits: Vec<_> = (0..100).map(|_| pool.try_reserve()).collect();
+        assert!(permits.iter().all(Result::is_ok), "room leaked");
+        drop(permits);
+        pool.shutdown().unwrap();
+    });
+}
+
 /// Cancelled and timed-out queued requests give a session's room back
 /// under fair service, with other keys' work interleaved.
 #[test]
