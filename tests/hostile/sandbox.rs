@@ -266,7 +266,7 @@ const BACKTRACKING: &[&str] = &[
     "return ('a'):rep(40):match(('a?'):rep(40) .. ('a'):rep(40))",
     "string.gsub(('a'):rep(40), ('a?'):rep(40) .. ('a'):rep(40), 'x')",
     "for _ in ('a'):rep(40):gmatch(('a?'):rep(40) .. ('a'):rep(40)) do end",
-    "return ('x'):rep(5000):find(('.-y'):rep(8))",
+    "return ('x'):rep(5000):find(('.-x'):rep(8) .. 'y')",
 ];
 
 #[test]
