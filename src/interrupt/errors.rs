@@ -17,14 +17,16 @@ use super::hook::Interrupt;
 /// that is one.
 pub(super) fn is_memory_error(v: &mlua::Value) -> bool {
     match v {
-        mlua::Value::String(s) => {
-            let s = s.as_bytes();
-            *s == *MEMORY_ERROR.as_bytes()
-                || (cfg!(feature = "lua53") && *s == *b"not enough memory for buffer allocation")
-        }
+        mlua::Value::String(s) => is_memory_message(&s.as_bytes()),
         mlua::Value::Error(e) => matches!(IsleError::from_lua(e), IsleError::MemoryLimit(_)),
         _ => false,
     }
+}
+
+/// Whether a string error value is Lua's memory error message.
+pub(crate) fn is_memory_message(s: &[u8]) -> bool {
+    *s == *MEMORY_ERROR.as_bytes()
+        || (cfg!(feature = "lua53") && *s == *b"not enough memory for buffer allocation")
 }
 
 /// Converts the error a request's work ended with. A request that ran out

@@ -41,12 +41,8 @@ type Kept = (Value, Option<Weak<dyn Cancel>>);
 pub(super) fn install(lua: &Lua, interrupt: &Arc<Interrupt>) -> mlua::Result<()> {
     lua.set_app_data(Raised::default());
     let state = interrupt.clone();
+    // Not called from a finalizer (see `alarm/raising.rs`).
     let record = lua.create_function(move |lua, value: Value| {
-        // A finalizer runs in whatever request the collector interrupts:
-        // what it raises is not that request's (and Lua only warns of it).
-        if in_finalizer(lua) {
-            return Ok(());
-        }
         let by = state.current.lock().as_ref().map(|t| t.downgrade());
         if let Some(raised) = lua.app_data_ref::<Raised>() {
             // mlua's own error objects (a Rust error raised again) are
@@ -59,20 +55,6 @@ pub(super) fn install(lua: &Lua, interrupt: &Arc<Interrupt>) -> mlua::Result<()>
         Ok(())
     })?;
     super::alarm::install_raising(lua, &record)
-}
-
-/// Whether a `__gc` metamethod is on the stack of the running Lua thread
-/// (Lua 5.4 and 5.5 name a finalizer's frame so; elsewhere this finds
-/// none). Walked only when a non-string is raised.
-fn in_finalizer(lua: &Lua) -> bool {
-    (1..)
-        .map_while(|level| {
-            lua.inspect_stack(level, |frame| {
-                let names = frame.names();
-                names.name_what == Some("metamethod") && names.name.as_deref() == Some("__gc")
-            })
-        })
-        .any(|gc| gc)
 }
 
 /// Keeps the value the running request raised with `err`, if it did (see

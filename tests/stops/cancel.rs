@@ -190,6 +190,57 @@ fn xpcall_loops_are_cancelled() {
     );
 }
 
+/// Catchers that fail again and again: a failed `pcall` only looks for a
+/// stop while one may be raised (`alarm/protected`), so these loops spend
+/// their time where the check is skipped. The stop must still land, by
+/// the hook, whatever the raised value.
+const FAILING_CATCHERS: &[&str] = &[
+    "while true do pcall(error, 'x') end",
+    "while true do pcall(error, {}) end",
+    "while true do pcall(error) end",
+    "while true do xpcall(error, function(e) return e end, 42) end",
+    "while true do xpcall(error, function(e) return {e} end, 'x') end",
+    "while true do xpcall(error, error, 'x') end",
+    "local t = setmetatable({}, { __index = function() error({}) end }) \
+     while true do pcall(function() return t.x end) end",
+];
+
+#[test]
+fn loops_of_failing_catchers_are_cancelled() {
+    for code in FAILING_CATCHERS {
+        cancel_while_running(&format!("started(); {code}"));
+    }
+}
+
+#[test]
+fn loops_of_failing_catchers_meet_time_and_instruction_limits() {
+    each_kind(|kind| {
+        for (limit, expected) in [
+            (Some(200_000), IsleError::InstructionLimit),
+            (None, IsleError::Timeout),
+        ] {
+            let mut builder = fronts();
+            if let Some(n) = limit {
+                builder = builder.max_instructions(n);
+            }
+            let front = builder.build(kind);
+            for code in FAILING_CATCHERS {
+                let task = front.spawn_eval::<()>(*code);
+                let task = match limit {
+                    Some(_) => task,
+                    None => task.timeout(std::time::Duration::from_millis(30)),
+                };
+                assert_eq!(
+                    within(code, move || task.wait()),
+                    Err(expected.clone()),
+                    "{code} {front}"
+                );
+                assert_eq!(front.eval::<i64>("1 + 1"), Ok(2), "after {code} {front}");
+            }
+        }
+    });
+}
+
 #[test]
 fn xpcall_cannot_swallow_the_cancel() {
     cancel_while_running(

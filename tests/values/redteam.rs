@@ -1149,25 +1149,37 @@ fn every_new_request_kind_resolves_when_cancelled_while_queued() {
 #[test]
 #[cfg(any(feature = "lua54", feature = "lua55"))]
 fn a_finalizers_raised_value_is_not_blamed_on_the_request_it_ran_in() {
-    within("finalizer's value", || {
-        let pool = IslePool::builder().workers(1).build().unwrap();
-        let a = pool.session("a");
-        let b = pool.session("b");
-        a.eval::<()>(
-            "setmetatable({}, { __gc = function() \
-               error(setmetatable({ planted = 'by A' }, { __tostring = function() return 'boom' end })) \
-             end })",
-        )
-        .unwrap();
-        let e = b
-            .eval::<()>("collectgarbage() collectgarbage() error('boom', 0)")
-            .unwrap_err();
-        let lua = e.as_lua().unwrap();
-        assert_eq!(lua.message(), "boom");
-        assert!(
-            lua.value().is_none(),
-            "A's value on B's error: {:?}",
-            lua.value()
-        );
+    // The value raised by the finalizer itself, by `error` as the
+    // finalizer, and inside a coroutine the finalizer resumes (whose stack
+    // holds no finalizer frame).
+    const PLANTED: &str =
+        "setmetatable({ planted = 'by A' }, { __tostring = function() return 'boom' end })";
+    let finalizers = [
+        format!("function() error({PLANTED}) end"),
+        "error".to_string(),
+        format!("function() coroutine.wrap(function() error({PLANTED}) end)() end"),
+    ];
+    within("finalizer's value", move || {
+        for gc in &finalizers {
+            let pool = IslePool::builder().workers(1).build().unwrap();
+            let a = pool.session("a");
+            let b = pool.session("b");
+            let planted = if gc == "error" {
+                format!("setmetatable({PLANTED}, {{ __gc = error }})")
+            } else {
+                format!("setmetatable({{}}, {{ __gc = {gc} }})")
+            };
+            a.eval::<()>(&planted).unwrap();
+            let e = b
+                .eval::<()>("collectgarbage() collectgarbage() error('boom', 0)")
+                .unwrap_err();
+            let lua = e.as_lua().unwrap();
+            assert_eq!(lua.message(), "boom", "{gc}");
+            assert!(
+                lua.value().is_none(),
+                "A's value on B's error ({gc}): {:?}",
+                lua.value()
+            );
+        }
     });
 }

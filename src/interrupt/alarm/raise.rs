@@ -71,6 +71,13 @@ pub(crate) fn raise_from_next_instruction(lua: &mlua::Lua, count: u32) {
     }
 }
 
+/// Whether this VM thread is stopping a request: every interruption this
+/// module raises is raised while it is (from [`raise_from_next_instruction`]
+/// to [`end_raising`]).
+pub(super) fn stopping() -> bool {
+    STOPPING.get()
+}
+
 /// After a request: `raise_hook` raises no more on this thread.
 pub(crate) fn end_raising() {
     STOPPING.set(false);

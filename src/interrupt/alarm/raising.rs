@@ -54,6 +54,51 @@ unsafe fn level(state: *mut lua_State) -> i64 {
     }
 }
 
+/// Whether a finalizer (`__gc`) runs: it runs in whatever request the
+/// collector interrupts, and what it raises is not that request's (Lua
+/// only warns of it). Known on Lua 5.4 and 5.5 only (elsewhere none is
+/// found, and none is looked for): from 5.4.4 on, the collector answers
+/// -1 inside a finalizer; 1, a running collector, means none runs (before
+/// 5.4.4, a finalizer stopped it). A stopped collector (0) leaves it
+/// unclear: then the stack says, this function's frame included (`__gc =
+/// error`), as Lua names a finalizer's frame.
+///
+/// # Safety
+/// `state` is the running Lua thread, in one of our C functions.
+unsafe fn in_finalizer(state: *mut lua_State) -> bool {
+    #[cfg(any(feature = "lua54", feature = "lua55"))]
+    // SAFETY: `lua_gc` with `LUA_GCISRUNNING` only reads the collector's
+    // state. `lua_getstack` and `lua_getinfo` only read the call infos of
+    // the running thread into `ar`, a zeroed plain C struct; `name` and
+    // `namewhat` point to static or interned strings, alive while read.
+    unsafe {
+        match ffi::lua_gc(state, ffi::LUA_GCISRUNNING) {
+            running if running < 0 => return true,
+            0 => {}
+            _ => return false,
+        }
+        let mut ar: ffi::lua_Debug = std::mem::zeroed();
+        let mut level = 0;
+        while ffi::lua_getstack(state, level, &mut ar) != 0 {
+            if ffi::lua_getinfo(state, c"n".as_ptr(), &mut ar) != 0
+                && !ar.name.is_null()
+                && !ar.namewhat.is_null()
+                && std::ffi::CStr::from_ptr(ar.namewhat) == c"metamethod"
+                && std::ffi::CStr::from_ptr(ar.name) == c"__gc"
+            {
+                return true;
+            }
+            level += 1;
+        }
+        false
+    }
+    #[cfg(not(any(feature = "lua54", feature = "lua55")))]
+    {
+        let _ = state;
+        false
+    }
+}
+
 /// Lua's `error(value [, level])` (`luaB_error`, the same on every
 /// backend but for [`is_message`]), recording a non-message first.
 unsafe extern "C-unwind" fn error(state: *mut lua_State) -> c_int {
@@ -71,7 +116,7 @@ unsafe extern "C-unwind" fn error(state: *mut lua_State) -> c_int {
                 ffi::lua_pushvalue(state, 1);
                 ffi::lua_concat(state, 2);
             }
-        } else {
+        } else if !in_finalizer(state) {
             ffi::lua_pushvalue(state, ffi::lua_upvalueindex(RECORD));
             ffi::lua_pushvalue(state, 1);
             ffi::lua_call(state, 1, 0);

@@ -97,12 +97,62 @@ unsafe fn check(state: *mut lua_State, n: c_int) {
     // SAFETY: as the caller guarantees; the check returns nothing or
     // raises (through our frame, which owns nothing).
     unsafe {
+        if !needs_check(state, n) {
+            return;
+        }
         ffi::lua_pushvalue(state, ffi::lua_upvalueindex(CHECK));
         for _ in 0..n {
             ffi::lua_pushvalue(state, -(n + 1));
         }
         ffi::lua_call(state, n, 0);
     }
+}
+
+/// Whether the check has anything to do with the `n` values on top: a
+/// call into Rust costs more than the rest of a failed `pcall`. It has
+/// nothing to do unless
+/// - an interruption of ours may be on its way ([`may_be_stopping`]),
+/// - a value is a full userdata (mlua's error objects: a Rust error, maybe
+///   a memory error; a Rust panic to resume),
+/// - or a value is Lua's memory error message.
+///
+/// A stop asked for but not raised yet is not raised here then: the hook,
+/// armed by the stop's signal, raises it on its own.
+///
+/// # Safety
+/// At least `n` values on the stack.
+unsafe fn needs_check(state: *mut lua_State, n: c_int) -> bool {
+    if may_be_stopping() {
+        return true;
+    }
+    // SAFETY: as the caller guarantees; `lua_type` and `lua_tolstring`
+    // of a string only read the value (no conversion), and the bytes
+    // live while it is on the stack.
+    (1..=n).any(|i| unsafe {
+        match ffi::lua_type(state, -i) {
+            ffi::LUA_TUSERDATA => true,
+            ffi::LUA_TSTRING => {
+                let mut len = 0;
+                let p = ffi::lua_tolstring(state, -i, &mut len);
+                crate::interrupt::errors::is_memory_message(std::slice::from_raw_parts(
+                    p.cast(),
+                    len,
+                ))
+            }
+            _ => false,
+        }
+    })
+}
+
+/// Whether an interruption of ours may be raised through a catcher now.
+/// Lua 5.4 and 5.5 raise one only while the VM thread is stopping
+/// (`raise::stopping`); on 5.2 and 5.3 it comes through mlua's hook,
+/// unseen from here: always.
+fn may_be_stopping() -> bool {
+    #[cfg(any(feature = "lua54", feature = "lua55"))]
+    return super::raise::stopping();
+    #[cfg(not(any(feature = "lua54", feature = "lua55")))]
+    true
 }
 
 /// Our C function `f` closed over `upvalues`.

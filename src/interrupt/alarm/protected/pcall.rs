@@ -190,12 +190,17 @@ unsafe extern "C-unwind" fn handler(state: *mut lua_State) -> c_int {
         ffi::lua_settop(state, 1);
         ffi::lua_pushvalue(state, 1);
         ffi::lua_replace(state, ffi::lua_upvalueindex(SEEN));
-        ffi::lua_pushvalue(state, ffi::lua_upvalueindex(HANDLER_STOPPING));
-        ffi::lua_call(state, 0, 1);
-        let stopping = ffi::lua_toboolean(state, -1) != 0;
-        ffi::lua_pop(state, 1);
-        if stopping {
-            return 1;
+        // Asked only while a stop may be raised (a stop asked for but not
+        // raised yet lets the handler run, with hooks on: the stop's
+        // signal arms them).
+        if may_be_stopping() {
+            ffi::lua_pushvalue(state, ffi::lua_upvalueindex(HANDLER_STOPPING));
+            ffi::lua_call(state, 0, 1);
+            let stopping = ffi::lua_toboolean(state, -1) != 0;
+            ffi::lua_pop(state, 1);
+            if stopping {
+                return 1;
+            }
         }
         ffi::lua_pushvalue(state, ffi::lua_upvalueindex(USER_HANDLER));
         ffi::lua_insert(state, 1);
