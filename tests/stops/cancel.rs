@@ -219,6 +219,9 @@ fn loops_of_failing_catchers_meet_time_and_instruction_limits() {
             (Some(200_000), IsleError::InstructionLimit),
             (None, IsleError::Timeout),
         ] {
+            if cfg!(feature = "luau") && limit.is_some() {
+                continue; // Luau counts no instructions: no budget there
+            }
             let mut builder = fronts();
             if let Some(n) = limit {
                 builder = builder.max_instructions(n);
