@@ -116,6 +116,21 @@ fn pcall_does_not_swallow_a_panic() {
         assert_eq!(r, Err(IsleError::Panic("kaboom".to_string())), "{front}");
         let r = front.eval::<()>("return select(2, pcall(explode))");
         assert_eq!(r, Err(IsleError::Panic("kaboom".to_string())), "{front}");
+        // A failed catcher skips its check for plain values: a handler that
+        // turns the panic into a string, or a table, must not hide it.
+        for handler in [
+            "tostring",
+            "function(m) return {m} end",
+            "function() return 1 end",
+        ] {
+            let code = format!("xpcall(explode, {handler}); swallowed = true");
+            let r = front.eval::<()>(code.as_str());
+            assert_eq!(
+                r,
+                Err(IsleError::Panic("kaboom".to_string())),
+                "{code} {front}"
+            );
+        }
         assert_eq!(front.eval::<bool>("swallowed == nil"), Ok(true), "{front}");
         assert_still_serving(&front);
     });
