@@ -345,6 +345,11 @@ fn new_keys_bind_to_the_least_loaded_vm() {
     let pool = pool(2);
     let mut per_vm: BTreeMap<usize, usize> = BTreeMap::new();
     for key in 0..20 {
+        // A worker marks itself idle just after its request resolved, and
+        // running work counts as load: bind once the last one has.
+        eventually("the workers are idle", || {
+            pool.metrics().workers.iter().all(|w| w.running == 0)
+        });
         let vm: usize = pool.session(key).eval("return VM_ID").unwrap();
         *per_vm.entry(vm).or_default() += 1;
     }
