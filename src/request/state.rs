@@ -30,7 +30,7 @@ use std::task::Waker;
 use std::time::Instant;
 
 use super::room::Admission;
-use super::spin::{spin_hot, spin_until, spun_out};
+use super::spin::{spin_hot, spin_until};
 use super::Reason;
 use crate::sync::{fence, AtomicBool, AtomicU32, AtomicU8, Condvar, Mutex, Ordering};
 use crate::IsleError;
@@ -294,16 +294,12 @@ impl<T> Request<T> {
     }
 
     /// Blocks until the result is in or `deadline` passes; true if it is in.
-    /// Spins briefly first: a parked thread wakes slowly, and most requests
-    /// finish within microseconds.
+    /// Spins briefly first, whatever the request's state: a parked thread
+    /// wakes slowly, most requests finish within microseconds, and a
+    /// waiter that parks costs the VM thread a wake-up when it resolves
+    /// the request (see `spin.rs`).
     pub(crate) fn wait(&self, deadline: Option<Instant>) -> bool {
-        // Spinning pays only if the answer may come within the spin. A
-        // request still queued a spin's time after its submission waits
-        // behind other work, and a spinning waiter would take a core from
-        // the VMs doing it.
-        let behind_others =
-            self.header.phase.load(Ordering::Relaxed) == QUEUED && spun_out(self.header.submitted);
-        if !behind_others && spin_until(|| self.is_ready()) {
+        if spin_until(|| self.is_ready()) {
             return true;
         }
         let mut slot = self.slot.lock();
