@@ -162,14 +162,7 @@ impl Hub {
                 Ok(())
             })?,
         )?;
-        g.set(
-            "yield_once",
-            lua.create_async_function(|_, ()| async move {
-                common::yield_once().await;
-                Ok(())
-            })?,
-        )?;
-        Ok(())
+        common::set_yield_once(lua, "yield_once")
     }
 }
 

@@ -114,11 +114,7 @@ fn install(lua: &Lua, started: crossbeam_channel::Sender<()>) -> mlua::Result<()
         nest.call_async::<i64>((n, spin)).await
     })?;
     lua.globals().set("nest_async", nest_async)?;
-    let yield_now = lua.create_async_function(|_, ()| async {
-        common::yield_once().await;
-        Ok(())
-    })?;
-    lua.globals().set("yield_now", yield_now)?;
+    common::set_yield_once(lua, "yield_now")?;
     let forever = lua.create_async_function(|_, ()| async {
         let _guard = CountsDrop;
         std::future::pending::<mlua::Result<()>>().await

@@ -388,6 +388,17 @@ pub fn yield_once() -> YieldOnce {
     YieldOnce(false)
 }
 
+/// Sets the global `name` to an async function that awaits [`yield_once`]:
+/// a request that calls it suspends once, then goes on.
+#[cfg(feature = "async")]
+pub fn set_yield_once(lua: &Lua, name: &str) -> mlua::Result<()> {
+    let f = lua.create_async_function(|_, ()| async {
+        yield_once().await;
+        Ok(())
+    })?;
+    lua.globals().set(name, f)
+}
+
 /// See [`yield_once`].
 pub struct YieldOnce(bool);
 

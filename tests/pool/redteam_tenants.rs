@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{eventually, gate, hold_pool, within, Flag, GateFn};
-use mlua_isle::{mlua, IsleError, IslePool, PoolMetrics, Session, Task};
+use mlua_isle::{mlua, IsleError, IslePool, Permit, PoolMetrics, Session, Task};
 use parking_lot::Mutex;
 
 type Log = Arc<Mutex<Vec<(&'static str, usize)>>>;
@@ -664,6 +664,15 @@ fn permits_dropped_or_used_on_other_threads_give_their_room_back() {
     });
 }
 
+/// Session `s` of `pool`, a permit taken on it, and the session then
+/// closed: the permit outlives the session it was taken on.
+fn stale_permit(pool: &IslePool) -> (Session, Permit<Session>) {
+    let s = pool.session("s");
+    let permit = s.try_reserve().unwrap();
+    assert!(s.close());
+    (s, permit)
+}
+
 /// A permit taken on a session, then the session closed: the permit's
 /// request binds the session afresh, and that fresh session's own bound
 /// still holds (the stale permit's room is not the new session's).
@@ -672,9 +681,7 @@ fn a_permit_outliving_its_session_does_not_overfill_the_next_one() {
     within("stale permit", || {
         let pool = capped(1);
         let (g, held) = hold_pool(&pool);
-        let s = pool.session("s");
-        let permit = s.try_reserve().unwrap();
-        assert!(s.close());
+        let (s, permit) = stale_permit(&pool);
         let by_permit = permit.spawn_eval::<i64>("return 1");
         // The fresh session holds one queued request: its bound is reached.
         let mut plain = s.spawn_eval::<i64>("return 2");
@@ -700,9 +707,7 @@ fn a_permit_outliving_its_session_is_refused_when_the_next_one_is_full() {
     within("stale permit, full session", || {
         let pool = capped(1);
         let (g, held) = hold_pool(&pool);
-        let s = pool.session("s");
-        let permit = s.try_reserve().unwrap();
-        assert!(s.close());
+        let (s, permit) = stale_permit(&pool);
         let plain = s.spawn_eval::<i64>("return 2");
         let by_permit = permit.spawn_eval::<i64>("return 1");
         assert_eq!(by_permit.wait(), Err(IsleError::QueueFull));

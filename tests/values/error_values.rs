@@ -355,11 +355,7 @@ fn the_value_survives_a_suspended_request() {
     within("suspended", || {
         fronts()
             .init(|lua| {
-                let pause = lua.create_async_function(|_, ()| async {
-                    common::yield_once().await;
-                    Ok(())
-                })?;
-                lua.globals().set("pause", pause)?;
+                common::set_yield_once(lua, "pause")?;
                 init_paths(lua)
             })
             .each(|front| {

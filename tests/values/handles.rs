@@ -568,13 +568,7 @@ mod suspended {
     fn a_handle_made_after_a_session_request_suspended_is_the_sessions() {
         let pool = IslePool::builder()
             .workers(1)
-            .init(|lua| {
-                let y = lua.create_async_function(|_, ()| async move {
-                    common::yield_once().await;
-                    Ok(())
-                })?;
-                lua.globals().set("yield_once", y)
-            })
+            .init(|lua| common::set_yield_once(lua, "yield_once"))
             .build()
             .unwrap();
         let s = pool.session("later");

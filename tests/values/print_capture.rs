@@ -634,11 +634,7 @@ mod suspended {
     use super::*;
 
     fn init(lua: &Lua) -> mlua::Result<()> {
-        let f = lua.create_async_function(|_, ()| async {
-            common::yield_once().await;
-            Ok(())
-        })?;
-        lua.globals().set("yield", f)?;
+        common::set_yield_once(lua, "yield")?;
         lua.globals().set("turn", "a")
     }
 

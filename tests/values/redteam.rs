@@ -857,11 +857,7 @@ fn map_inputs_after_a_suspension_stay_within_the_memory_limit() {
                     .workers(1)
                     .memory_limit(32 << 20)
                     .init(|lua| {
-                        let pause = lua.create_async_function(|_, ()| async {
-                            common::yield_once().await;
-                            Ok(())
-                        })?;
-                        lua.globals().set("pause", pause)?;
+                        common::set_yield_once(lua, "pause")?;
                         lua.load(
                             "local big = string.rep('y', 1048576) \
                              function many(n) pause() local t = {} \
