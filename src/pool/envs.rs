@@ -60,10 +60,12 @@ pub(super) enum Waiting {
 
 /// The VM and what lives in it: replaced as a whole when recycled.
 pub(super) struct WorkerVm {
-    pub(super) vm: Vm,
-    /// Session environments by binding id.
+    /// Session environments by binding id. Before `vm`: dropped first, so
+    /// the collection mlua runs as the VM closes finds them unreachable
+    /// (see `Vm`'s `Drop`).
     pub(super) envs: ById<Env>,
     make_env: EnvFactory,
+    pub(super) vm: Vm,
     /// Requests run since this VM started.
     pub(super) served: u64,
 }

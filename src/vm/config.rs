@@ -265,12 +265,17 @@ macro_rules! vm_options {
         /// Lua's emergency collection: with garbage pending, such a call
         /// can fail near the limit where a collection would have made room.
         /// So that garbage left by earlier requests does not stand in the
-        /// way, the VM runs a full collection after a request whenever the
-        /// memory in use has grown by more than a quarter of the room left
-        /// above the live data (measured at the previous collection): each
-        /// request starts with about three quarters of that room free.
-        /// Garbage a request makes itself still counts against it; leave
-        /// headroom above what one request needs.
+        /// way, the VM runs a full collection at the end of a request
+        /// whenever the memory in use has grown by more than a quarter of
+        /// the room left above the live data (measured at the previous
+        /// collection): each request starts with about three quarters of
+        /// that room free. Garbage a request makes itself still counts
+        /// against it; leave headroom above what one request needs. That
+        /// collection is part of the request that grew the memory, before
+        /// it resolves: its time counts in the request's, and a stop or
+        /// time limit reaches it as it reaches any C function (a heap can
+        /// be built to take minutes to collect; see
+        /// [`stop_grace`](Self::stop_grace)).
         ///
         /// A request's results are converted to Rust within the limit too:
         /// conversions copy each reference to a string or table again (one
@@ -348,6 +353,14 @@ macro_rules! vm_options {
         /// Applied after `init`, which may still use everything. Combine it with `memory_limit` and a
         /// time limit or `max_instructions`; see SECURITY.md for what it does
         /// not cover.
+        ///
+        /// A sandboxed VM's globals are emptied when the VM is dropped
+        /// (shutdown, recycling, a replaced VM's thread exiting), before
+        /// the state is closed: mlua runs a full collection as it drops a
+        /// `Lua`, and what request code left there must not make that take
+        /// longer than the heap's size does (a shuffled chain of weak-keyed
+        /// entries takes a collection minutes). Finalizers that `init` set
+        /// up and that still run then find the globals empty.
         pub fn sandbox(mut self, on: bool) -> Self {
             self.config.sandbox = on;
             self

@@ -29,6 +29,11 @@ pub(crate) struct Ctx<'a> {
     pub(crate) chunks: &'a ChunkCache,
     /// The VM's memory limit: results are converted within it.
     pub(crate) memory_limit: Option<usize>,
+    /// Under a memory limit, collects the garbage when the request has
+    /// eaten much of the room (`true`: it ran out of memory). Called by the
+    /// request itself once its work is done, before it resolves: the
+    /// collection is C work a stop must reach like any other.
+    pub(crate) keep_room: &'a dyn Fn(bool),
     /// The VM's request coroutines, and the waker that takes this request
     /// up again if it suspends (the `async` feature).
     #[cfg(feature = "async")]
@@ -224,6 +229,12 @@ impl Outcome {
             (outcome, _) => outcome,
         }
     }
+}
+
+/// The work ran out of memory (its own result, or the captured result a
+/// request with captured prints resolves with).
+fn ran_out_of_memory<T>(result: &Result<T, IsleError>, capture: Option<&Capture>) -> bool {
+    Outcome::of(result).judged(capture) == Outcome::OutOfMemory
 }
 
 /// A request on its way to a VM: the work plus the request it resolves.
@@ -431,6 +442,7 @@ where
                 suspended::park(waiting, interrupted, ctx, interrupt)
             }
             Ok(Run::Done(result)) => {
+                (ctx.keep_room)(ran_out_of_memory(&result, scope.capture.as_deref()));
                 let interrupted = interrupt.leave();
                 let outcome = settle(req, result, interrupted, garbage);
                 Ran::Done(outcome.judged(scope.capture.as_deref()))
@@ -441,6 +453,7 @@ where
                     crate::vm::tasks::discard_spawned();
                     drop(children);
                 }
+                (ctx.keep_room)(false);
                 let interrupted = interrupt.leave();
                 let result = caught(Err(payload), &mut garbage);
                 Ran::Done(settle(req, result, interrupted, garbage))

@@ -63,13 +63,36 @@ pub(crate) struct Vm {
     memory_limit: Option<usize>,
     /// Bytes in use right after the last full collection (with a limit).
     live: Cell<usize>,
+    /// Request code is a tenant's: the globals are emptied before the VM
+    /// is closed (see `Drop`).
+    sandboxed: bool,
 }
 
 impl Drop for Vm {
+    /// Besides ending what is suspended: mlua's `Lua` runs a full
+    /// collection when dropped, before it closes the state, and a tenant
+    /// can build a heap that takes minutes to collect (a long shuffled
+    /// chain of weak-keyed entries, whose convergence in the collector's
+    /// atomic step is quadratic). No stop reaches that: it runs outside any
+    /// request, on the thread that drops the VM (a recycling worker, a VM
+    /// thread that shutdown joins). So a sandboxed VM's globals are emptied
+    /// first (raw, no metamethod runs), once nothing of the VM runs any
+    /// more: what tenants' code can write is reached only through them,
+    /// its sessions' environments and its cached chunks (both dropped
+    /// before the state: the pool's `WorkerVm` and `Vm`'s field order), and
+    /// the collection then marks only what the host built and sweeps the
+    /// rest, in time linear in the heap. Closing the state runs no
+    /// collection of its own. Outside the sandbox the globals stay: a
+    /// trusted script's finalizers may read them while the state closes.
     fn drop(&mut self) {
         self.close_suspended(&mut |_, _| {});
         if let Some(binding) = self.interrupt.binding() {
             crate::interrupt::alarm::unbind(&binding);
+        }
+        if self.sandboxed {
+            // Fails only where globals are read-only (Luau's own sandbox,
+            // which ours does not use): they stay, and are collected.
+            let _ = self.lua.globals().clear();
         }
     }
 }
@@ -190,6 +213,7 @@ impl Vm {
                 interrupt,
                 released,
                 memory_limit: config.memory_limit,
+                sandboxed: config.sandbox,
             }),
             Ok(Err(e)) => Err(init_error(e)),
             Err(payload) => Err(IsleError::from_panic(&*payload)),
@@ -223,6 +247,7 @@ impl Vm {
             session,
             chunks: &self.chunks,
             memory_limit: self.memory_limit,
+            keep_room: &|out_of_memory| self.keep_room(out_of_memory),
             #[cfg(feature = "async")]
             coroutines: &self.coroutines,
             #[cfg(feature = "async")]
@@ -243,15 +268,7 @@ impl Vm {
         #[cfg(feature = "async")]
         self.suspension.release(slot);
         let _ = tag;
-        self.after(outcome);
         Some(outcome)
-    }
-
-    /// After a request resolved.
-    fn after(&self, outcome: Outcome) {
-        if let Some(limit) = self.memory_limit {
-            self.keep_room(limit, outcome == Outcome::OutOfMemory);
-        }
     }
 
     /// Polls the suspended requests whose futures woke; `ran` gets the tag
@@ -269,7 +286,9 @@ impl Vm {
             };
             let start = std::time::Instant::now();
             let polled = catch_unwind(AssertUnwindSafe(|| {
-                let r = paused.poll(&self.lua, &self.interrupt, &waker);
+                let r = paused.poll(&self.lua, &self.interrupt, &waker, &|oom| {
+                    self.keep_room(oom)
+                });
                 coroutine::close_terminated();
                 r
             }));
@@ -325,7 +344,6 @@ impl Vm {
     ) {
         self.interrupt.set_suspended(slot, None);
         self.suspension.release(slot);
-        self.after(outcome);
         done(tag, outcome);
     }
 
@@ -354,13 +372,21 @@ impl Vm {
         let _ = nudge;
     }
 
-    /// Under a memory limit, collects the garbage after a request when it
-    /// has eaten more than a quarter of the room that live data leaves, or
-    /// after running out of memory; so every request starts with at least
-    /// three quarters of that room free. (Buffers built by `string.rep`,
-    /// `table.concat`, ... get no emergency collection: garbage left by
-    /// earlier requests must not stand in their way.)
-    fn keep_room(&self, limit: usize, out_of_memory: bool) {
+    /// Under a memory limit, collects the garbage at the end of a request
+    /// when it has eaten more than a quarter of the room that live data
+    /// leaves, or after running out of memory; so every request starts
+    /// with at least three quarters of that room free. (Buffers built by
+    /// `string.rep`, `table.concat`, ... get no emergency collection:
+    /// garbage left by earlier requests must not stand in their way.)
+    ///
+    /// The request calls it before it resolves (`Ctx::keep_room`): a
+    /// collection can take as long as a tenant's heap makes it (see
+    /// `Drop`), and only inside a request does a stop reach it, and the VM
+    /// get replaced if it does not let go.
+    fn keep_room(&self, out_of_memory: bool) {
+        let Some(limit) = self.memory_limit else {
+            return;
+        };
         let live = self.live.get();
         let room = limit.saturating_sub(live);
         if out_of_memory {

@@ -20,7 +20,13 @@ const DROP_UNDER_STOP: bool = cfg!(any(feature = "lua54", feature = "lua55"));
 pub(crate) struct Paused(Box<dyn Resume>);
 
 trait Resume {
-    fn poll(&mut self, lua: &Lua, interrupt: &Arc<Interrupt>, waker: &Waker) -> Option<Outcome>;
+    fn poll(
+        &mut self,
+        lua: &Lua,
+        interrupt: &Arc<Interrupt>,
+        waker: &Waker,
+        keep_room: &dyn Fn(bool),
+    ) -> Option<Outcome>;
     fn stop(&mut self, lua: &Lua, interrupt: &Arc<Interrupt>) -> Outcome;
     fn token(&self) -> &CancelToken;
 }
@@ -40,14 +46,16 @@ pub(super) struct Waiting<T> {
 
 impl Paused {
     /// Polls the work again (its future woke). `Some` once the request
-    /// has resolved (done, failed, or found stopped).
+    /// has resolved (done, failed, or found stopped). `keep_room` as in
+    /// `Ctx`.
     pub(crate) fn poll(
         &mut self,
         lua: &Lua,
         interrupt: &Arc<Interrupt>,
         waker: &Waker,
+        keep_room: &dyn Fn(bool),
     ) -> Option<Outcome> {
-        self.0.poll(lua, interrupt, waker)
+        self.0.poll(lua, interrupt, waker, keep_room)
     }
 
     /// Stops the request (if nobody has) with `Shutdown` and drops its
@@ -77,7 +85,13 @@ pub(super) fn park<T: Send + 'static>(
 }
 
 impl<T: Send + 'static> Resume for Waiting<T> {
-    fn poll(&mut self, lua: &Lua, interrupt: &Arc<Interrupt>, waker: &Waker) -> Option<Outcome> {
+    fn poll(
+        &mut self,
+        lua: &Lua,
+        interrupt: &Arc<Interrupt>,
+        waker: &Waker,
+        keep_room: &dyn Fn(bool),
+    ) -> Option<Outcome> {
         if !self.req.unsuspend() {
             return Some(self.stop(lua, interrupt));
         }
@@ -121,11 +135,16 @@ impl<T: Send + 'static> Resume for Waiting<T> {
             Ok(Poll::Ready(r)) => Ok(r),
             Err(payload) => Err(payload),
         };
-        let interrupted = interrupt.leave();
         // The work is done: drop what is left of it (its coroutine,
         // closed) before resolving.
         self.work = None;
         let result = caught(result, &mut garbage);
+        // Inside the request, as for one that never suspended (`Ctx`).
+        keep_room(super::ran_out_of_memory(
+            &result,
+            self.scope.capture.as_deref(),
+        ));
+        let interrupted = interrupt.leave();
         let outcome = settle(&self.req, result, interrupted, garbage);
         Some(outcome.judged(self.scope.capture.as_deref()))
     }
