@@ -90,6 +90,11 @@ impl Drop for Vm {
             crate::interrupt::alarm::unbind(&binding);
         }
         if self.sandboxed {
+            // A VM at its memory limit must still take a reference to its
+            // globals (mlua panics when it cannot): the VM is going anyway.
+            if self.memory_limit.is_some() {
+                let _ = self.lua.set_memory_limit(0);
+            }
             // Fails only where globals are read-only (Luau's own sandbox,
             // which ours does not use): they stay, and are collected.
             let _ = self.lua.globals().clear();
