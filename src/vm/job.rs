@@ -29,11 +29,11 @@ pub(crate) struct Ctx<'a> {
     pub(crate) chunks: &'a ChunkCache,
     /// The VM's memory limit: results are converted within it.
     pub(crate) memory_limit: Option<usize>,
-    /// Under a memory limit, collects the garbage when the request has
-    /// eaten much of the room (`true`: it ran out of memory). Called by the
-    /// request itself once its work is done, before it resolves: the
-    /// collection is C work a stop must reach like any other.
-    pub(crate) keep_room: &'a dyn Fn(bool),
+    /// Under a memory limit (else `None`), collects the garbage when the
+    /// request has eaten much of the room (`true`: it ran out of memory).
+    /// Called by the request itself once its work is done, before it
+    /// resolves: the collection is C work a stop must reach like any other.
+    pub(crate) keep_room: KeepRoom<'a>,
     /// The VM's request coroutines, and the waker that takes this request
     /// up again if it suspends (the `async` feature).
     #[cfg(feature = "async")]
@@ -231,10 +231,16 @@ impl Outcome {
     }
 }
 
-/// The work ran out of memory (its own result, or the captured result a
-/// request with captured prints resolves with).
-fn ran_out_of_memory<T>(result: &Result<T, IsleError>, capture: Option<&Capture>) -> bool {
-    Outcome::of(result).judged(capture) == Outcome::OutOfMemory
+/// See [`Ctx::keep_room`].
+pub(crate) type KeepRoom<'a> = Option<&'a dyn Fn(bool)>;
+
+/// Calls `keep_room`, if any, for a request whose work ended with `result`
+/// (its own, or the captured one a request with captured prints resolves
+/// with).
+fn keep_room<T>(keep_room: KeepRoom<'_>, result: &Result<T, IsleError>, capture: Option<&Capture>) {
+    if let Some(keep_room) = keep_room {
+        keep_room(Outcome::of(result).judged(capture) == Outcome::OutOfMemory);
+    }
 }
 
 /// A request on its way to a VM: the work plus the request it resolves.
@@ -442,7 +448,7 @@ where
                 suspended::park(waiting, interrupted, ctx, interrupt)
             }
             Ok(Run::Done(result)) => {
-                (ctx.keep_room)(ran_out_of_memory(&result, scope.capture.as_deref()));
+                keep_room(ctx.keep_room, &result, scope.capture.as_deref());
                 let interrupted = interrupt.leave();
                 let outcome = settle(req, result, interrupted, garbage);
                 Ran::Done(outcome.judged(scope.capture.as_deref()))
@@ -453,9 +459,9 @@ where
                     crate::vm::tasks::discard_spawned();
                     drop(children);
                 }
-                (ctx.keep_room)(false);
-                let interrupted = interrupt.leave();
                 let result = caught(Err(payload), &mut garbage);
+                keep_room(ctx.keep_room, &result, None);
+                let interrupted = interrupt.leave();
                 Ran::Done(settle(req, result, interrupted, garbage))
             }
         }

@@ -246,13 +246,14 @@ impl Vm {
         #[cfg(feature = "async")]
         let (slot, waker) = self.suspension.reserve();
         let (env, session) = session.unzip();
+        let keep_room = |out_of_memory| self.keep_room(out_of_memory);
         let ctx = Ctx {
             lua: &self.lua,
             env,
             session,
             chunks: &self.chunks,
             memory_limit: self.memory_limit,
-            keep_room: &|out_of_memory| self.keep_room(out_of_memory),
+            keep_room: self.keep_room_fn(&keep_room),
             #[cfg(feature = "async")]
             coroutines: &self.coroutines,
             #[cfg(feature = "async")]
@@ -291,9 +292,13 @@ impl Vm {
             };
             let start = std::time::Instant::now();
             let polled = catch_unwind(AssertUnwindSafe(|| {
-                let r = paused.poll(&self.lua, &self.interrupt, &waker, &|oom| {
-                    self.keep_room(oom)
-                });
+                let keep_room = |out_of_memory| self.keep_room(out_of_memory);
+                let r = paused.poll(
+                    &self.lua,
+                    &self.interrupt,
+                    &waker,
+                    self.keep_room_fn(&keep_room),
+                );
                 coroutine::close_terminated();
                 r
             }));
@@ -375,6 +380,11 @@ impl Vm {
         self.suspension.on_wake(Box::new(nudge));
         #[cfg(not(feature = "async"))]
         let _ = nudge;
+    }
+
+    /// `keep_room` for a request's `Ctx`: `None` without a memory limit.
+    fn keep_room_fn<'a>(&self, keep_room: &'a dyn Fn(bool)) -> job::KeepRoom<'a> {
+        self.memory_limit.map(|_| keep_room)
     }
 
     /// Under a memory limit, collects the garbage at the end of a request

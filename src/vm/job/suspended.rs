@@ -25,7 +25,7 @@ trait Resume {
         lua: &Lua,
         interrupt: &Arc<Interrupt>,
         waker: &Waker,
-        keep_room: &dyn Fn(bool),
+        keep_room: KeepRoom<'_>,
     ) -> Option<Outcome>;
     fn stop(&mut self, lua: &Lua, interrupt: &Arc<Interrupt>) -> Outcome;
     fn token(&self) -> &CancelToken;
@@ -53,7 +53,7 @@ impl Paused {
         lua: &Lua,
         interrupt: &Arc<Interrupt>,
         waker: &Waker,
-        keep_room: &dyn Fn(bool),
+        keep_room: KeepRoom<'_>,
     ) -> Option<Outcome> {
         self.0.poll(lua, interrupt, waker, keep_room)
     }
@@ -90,7 +90,7 @@ impl<T: Send + 'static> Resume for Waiting<T> {
         lua: &Lua,
         interrupt: &Arc<Interrupt>,
         waker: &Waker,
-        keep_room: &dyn Fn(bool),
+        keep_room: KeepRoom<'_>,
     ) -> Option<Outcome> {
         if !self.req.unsuspend() {
             return Some(self.stop(lua, interrupt));
@@ -140,10 +140,7 @@ impl<T: Send + 'static> Resume for Waiting<T> {
         self.work = None;
         let result = caught(result, &mut garbage);
         // Inside the request, as for one that never suspended (`Ctx`).
-        keep_room(super::ran_out_of_memory(
-            &result,
-            self.scope.capture.as_deref(),
-        ));
+        super::keep_room(keep_room, &result, self.scope.capture.as_deref());
         let interrupted = interrupt.leave();
         let outcome = settle(&self.req, result, interrupted, garbage);
         Some(outcome.judged(self.scope.capture.as_deref()))
