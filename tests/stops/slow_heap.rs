@@ -1,0 +1,217 @@
+//! A tenant's heap built to be slow to collect: a long, shuffled chain of
+//! weak-keyed entries (ephemerons), whose convergence in the collector's
+//! atomic step is quadratic (seconds for 40,000 entries, with no Lua
+//! instruction a hook could stop). A stop reaches every collection that
+//! runs for a request, and the VM's own work outside requests (closing a
+//! VM, recycling it) does not collect the tenant's heap.
+//!
+//! Lua 5.2 to 5.5 (5.1 and LuaJIT have no ephemerons; Luau's collector is
+//! its own). Each test runs in a child process: a collection left running
+//! on a detached thread keeps a core busy until the process exits.
+
+use crate::common;
+use crate::stop_on_time::{wait_within, GRACE};
+
+use common::within;
+use mlua_isle::mlua::{Function, Lua, Table};
+use mlua_isle::{Isle, IsleError, IslePool};
+
+/// `slow_chain()`, for tenants: a weak-keyed table holding a shuffled
+/// chain of `n` ephemerons, which every full collection that reaches it
+/// takes seconds to converge (built with the collector stopped, so that
+/// building it is quick; a tenant can build it with the collector running,
+/// in more time).
+fn register_slow_chain(lua: &Lua) -> mlua_isle::mlua::Result<()> {
+    let build = lua
+        .load(
+            "local n = ...
+            local keys, order = {}, {}
+            for i = 1, n do keys[i] = {} order[i] = i end
+            math.randomseed(1)
+            for i = n, 2, -1 do
+                local j = math.random(i)
+                order[i], order[j] = order[j], order[i]
+            end
+            local weak = setmetatable({}, { __mode = 'k' })
+            for i = 1, n - 1 do weak[keys[order[i]]] = keys[order[i + 1]] end
+            return { root = keys[order[1]], chain = weak }",
+        )
+        .into_function()?;
+    let f = lua.create_function(move |lua, n: i64| {
+        lua.gc_stop();
+        let built = build.call::<Table>(n);
+        lua.gc_restart();
+        built
+    })?;
+    lua.globals().set("slow_chain", f)
+}
+
+/// Large enough that one full collection of the chain takes well over the
+/// watchdog's patience (`common::PATIENCE`) unoptimised (about 14 s for
+/// 40,000 entries).
+const SLOW_CHAIN: i64 = 60_000;
+
+/// The collector's atomic phase on a long, shuffled chain of weak-keyed
+/// entries (ephemerons) takes seconds, with no Lua instruction a hook could
+/// stop: the caller is answered at once, and the VM replaced.
+///
+/// The cancel is sent when `started()` says the collection is about to
+/// begin; it may still reach the VM first, while a Lua instruction remains
+/// before the collector runs, and stop the request there. That try stops
+/// nothing in the collector (the VM is not replaced), so its isle is
+/// dropped and the test tries again.
+#[test]
+fn a_long_collection_answers_on_time() {
+    common::in_child("a_long_collection_answers_on_time", || {
+        for _ in 0..5 {
+            let isle = Isle::builder()
+                .stop_grace(GRACE)
+                .sandbox(true)
+                .spawn(|_| Ok(()))
+                .unwrap();
+            let script = "started(); collectgarbage()";
+            let (tx, started) = crossbeam_channel::unbounded();
+            isle.exec(move |lua| {
+                register_slow_chain(lua)?;
+                let f = lua.create_function(move |_, ()| {
+                    let _ = tx.send(());
+                    Ok(())
+                })?;
+                lua.globals().set("started", f)
+            })
+            .unwrap();
+            isle.eval::<()>(&format!("kept = slow_chain({SLOW_CHAIN})"))
+                .unwrap();
+            let task = isle.spawn_eval::<()>(script);
+            common::expect_msg(&started, "the chain is built");
+            task.cancel();
+            assert_eq!(
+                wait_within("the collection", task),
+                Err(IsleError::Cancelled)
+            );
+            let next = isle.spawn_eval::<i64>("1 + 1");
+            assert_eq!(wait_within("the next request", next), Ok(2));
+            if isle.wedged() == 0 {
+                // Stopped before the collector ran: try again.
+                within("dropping an isle", move || drop(isle));
+                continue;
+            }
+            assert_eq!(isle.wedged(), 1);
+            within("shutdown", move || isle.shutdown()).unwrap();
+            return;
+        }
+        panic!("in five tries, the cancel never reached the VM inside the collection");
+    });
+}
+
+/// A sandboxed VM is closed without first collecting what its tenants left:
+/// mlua's `Lua` runs a full collection when dropped, which a heap built to
+/// be slow to collect turns into minutes, outside any request, so no stop
+/// reaches it. A graceful shutdown joins the VM thread after that.
+#[test]
+fn shutdown_does_not_collect_a_sandboxed_tenants_slow_heap() {
+    common::in_child(
+        "shutdown_does_not_collect_a_sandboxed_tenants_slow_heap",
+        || {
+            let isle = Isle::builder()
+                .sandbox(true)
+                .spawn(register_slow_chain)
+                .unwrap();
+            isle.eval::<()>(&format!("kept = slow_chain({SLOW_CHAIN})"))
+                .unwrap();
+            within("shutdown", move || isle.shutdown()).unwrap();
+        },
+    );
+}
+
+/// The same for a pool: a session's environment holding the heap, and the
+/// shared globals holding another, at shutdown.
+#[test]
+fn pool_shutdown_does_not_collect_a_sandboxed_tenants_slow_heap() {
+    common::in_child(
+        "pool_shutdown_does_not_collect_a_sandboxed_tenants_slow_heap",
+        || {
+            let pool = IslePool::builder()
+                .workers(1)
+                .sandbox(true)
+                .init(register_slow_chain)
+                .build()
+                .unwrap();
+            let session = pool.session("tenant");
+            session
+                .eval::<()>(&format!("kept = slow_chain({SLOW_CHAIN})"))
+                .unwrap();
+            pool.eval::<()>(&format!("shared_kept = slow_chain({SLOW_CHAIN})"))
+                .unwrap();
+            within("shutdown", move || pool.shutdown()).unwrap();
+        },
+    );
+}
+
+/// Recycling replaces the VM on its worker's thread: a tenant whose heap
+/// is slow to collect must not stall the worker there (the next request,
+/// another session's, is served).
+#[test]
+fn recycling_a_sandboxed_vm_does_not_collect_its_tenants_slow_heap() {
+    common::in_child(
+        "recycling_a_sandboxed_vm_does_not_collect_its_tenants_slow_heap",
+        || {
+            let pool = IslePool::builder()
+                .workers(1)
+                .sandbox(true)
+                .recycle_after(1)
+                .init(register_slow_chain)
+                .build()
+                .unwrap();
+            // One in a session's environment, one in the shared globals.
+            pool.session("tenant")
+                .eval::<()>(&format!("kept = slow_chain({SLOW_CHAIN})"))
+                .unwrap();
+            pool.eval::<()>(&format!("kept = slow_chain({SLOW_CHAIN})"))
+                .unwrap();
+            let next = pool.session("other").spawn_eval::<i64>("1 + 1");
+            assert_eq!(wait_within("the next request", next), Ok(2));
+            assert!(pool.metrics().workers[0].recycled >= 1);
+            within("shutdown", move || pool.shutdown()).unwrap();
+        },
+    );
+}
+
+/// Under a memory limit, a VM collects after a request that ate more than a
+/// quarter of its room. That collection belongs to the request: a stop
+/// reaches its caller, and a VM still collecting a grace period later is
+/// replaced, as inside any C function. (It used to run after the request
+/// had resolved, where no stop reached it: the VM served nothing while a
+/// tenant's heap was collected, minutes for a chain like this one.)
+#[test]
+fn the_collection_after_a_request_is_stopped_with_it() {
+    common::in_child("the_collection_after_a_request_is_stopped_with_it", || {
+        let (tx, built) = crossbeam_channel::unbounded();
+        let isle = Isle::builder()
+            .sandbox(true)
+            .memory_limit(16 << 20)
+            .stop_grace(GRACE)
+            .spawn(move |lua| {
+                register_slow_chain(lua)?;
+                // `keep(n)`: the chain, kept in the globals before the
+                // caller hears it is built (so a cancel that lands first
+                // stops nothing but the collection).
+                let f = lua.create_function(move |lua, n: i64| {
+                    let chain: Function = lua.globals().get("slow_chain")?;
+                    lua.globals().set("kept", chain.call::<Table>(n)?)?;
+                    let _ = tx.send(());
+                    Ok(())
+                })?;
+                lua.globals().set("keep", f)
+            })
+            .unwrap();
+        let task = isle.spawn_eval::<()>(&format!("keep({SLOW_CHAIN})"));
+        common::expect_msg(&built, "the chain is built");
+        task.cancel();
+        assert_eq!(wait_within("the request", task), Err(IsleError::Cancelled));
+        let next = isle.spawn_eval::<i64>("1 + 1");
+        assert_eq!(wait_within("the next request", next), Ok(2));
+        assert_eq!(isle.wedged(), 1);
+        within("shutdown", move || isle.shutdown()).unwrap();
+    });
+}
