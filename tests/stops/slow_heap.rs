@@ -215,3 +215,63 @@ fn the_collection_after_a_request_is_stopped_with_it() {
         within("shutdown", move || isle.shutdown()).unwrap();
     });
 }
+
+/// The collector runs only inside requests: a pool's own Lua work between
+/// them (a new session's environment) takes no collection step, where a
+/// step that reached the atomic phase on a heap like the chain above would
+/// hold the worker with no stop to reach it. Observed through finalizers
+/// (set up by `init`, which may): each says whether a request was running.
+#[test]
+#[ignore = "KNOWN GAP: a new session's environment is made before its first request \
+            starts, and collection steps run there (3,120 finalizers of 57,709 here). \
+            Holding the collector around it (gc_stop/gc_restart) made a new session \
+            20x slower (restart resets the collector's debt); the fix is to make the \
+            environment inside the request"]
+fn the_collector_runs_only_inside_requests() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let inside = Arc::new(AtomicUsize::new(0));
+    let outside = Arc::new(AtomicUsize::new(0));
+    let (i, o) = (inside.clone(), outside.clone());
+    let pool = IslePool::builder()
+        .workers(1)
+        .sandbox(true)
+        .init(move |lua| {
+            let (i, o) = (i.clone(), o.clone());
+            let note = lua.create_function(move |lua, ()| {
+                let counter = match mlua_isle::current_token(lua) {
+                    Some(_) => &i,
+                    None => &o,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            })?;
+            let make = lua
+                .load(
+                    "local note, setmetatable = ...
+                    local mt = { __gc = function() note() end }
+                    return function(n)
+                        for _ = 1, n do setmetatable({}, mt) end
+                    end",
+                )
+                .call::<Function>((note, lua.globals().get::<Function>("setmetatable")?))?;
+            lua.globals().set("make_garbage", make)
+        })
+        .build()
+        .unwrap();
+    for s in 0..3000 {
+        pool.session(format!("tenant {s}"))
+            .eval::<()>("make_garbage(20)")
+            .unwrap();
+    }
+    let (inside, outside) = (
+        inside.load(Ordering::Relaxed),
+        outside.load(Ordering::Relaxed),
+    );
+    assert!(inside > 0, "no finalizer ran: the test shows nothing");
+    assert_eq!(
+        outside, 0,
+        "finalizers ran outside a request ({inside} inside)"
+    );
+    within("shutdown", move || pool.shutdown()).unwrap();
+}
