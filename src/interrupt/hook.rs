@@ -35,6 +35,12 @@ pub(crate) struct Interrupt {
     /// (advanced by `interval` per tick).
     pub(super) budget: Option<u64>,
     pub(super) executed: AtomicU64,
+    /// Ticks that found mlua's async wrapper running while a request must
+    /// stop, and let it run (see `interrupt_from_hook`), left in this
+    /// stop; set when a request enters. Not on Lua 5.4 and 5.5, whose
+    /// `alarm::raise` keeps its own count.
+    #[cfg(all(feature = "async", not(any(feature = "lua54", feature = "lua55"))))]
+    wrapper_left: std::sync::atomic::AtomicU32,
     /// Set when the hook is armed on demand (see `interrupt/alarm`) instead of
     /// ticking all the time: this thread's alarm and the VM's binding.
     pub(super) on_demand: Option<(ThreadAlarm, VmAddrs)>,
@@ -129,6 +135,8 @@ impl Interrupt {
             out_of_memory: AtomicBool::new(false),
             budget,
             executed: AtomicU64::new(0),
+            #[cfg(all(feature = "async", not(any(feature = "lua54", feature = "lua55"))))]
+            wrapper_left: std::sync::atomic::AtomicU32::new(0),
             on_demand,
             #[cfg(feature = "async")]
             suspended: Mutex::new(std::collections::HashMap::new()),
@@ -293,7 +301,26 @@ impl Interrupt {
             Ok(VmState::Continue)
         }
         #[cfg(not(any(feature = "lua54", feature = "lua55")))]
-        Interrupt::interrupt(this, lua, reason)
+        {
+            // mlua's wrapper of an async Rust function: a stop that lands
+            // in the poll that suspends a request (its future pending, the
+            // wrapper about to yield) must not raise there, or the
+            // coroutine dies with the future on its stack, dropped only
+            // when Lua collects it. The tick lets the wrapper run on,
+            // armed: the wrapper yields, the request is found stopped, and
+            // its future is dropped by mlua's signal (`vm/coroutine.rs`);
+            // anything else the wrapper calls raises. Bounded like
+            // `alarm::raise`'s: any chunk can take the wrapper's name.
+            #[cfg(feature = "async")]
+            if this.wrapper_left.load(Ordering::Relaxed) > 0 && alarm::running_in_async_wrapper(lua)
+            {
+                // ORDERING: Relaxed: only the VM thread touches the count.
+                this.wrapper_left.fetch_sub(1, Ordering::Relaxed);
+                Interrupt::stop_running(this, lua)?;
+                return Ok(VmState::Continue);
+            }
+            Interrupt::interrupt(this, lua, reason)
+        }
     }
 
     /// Makes every Lua thread tick (or, on 5.4 and 5.5, raise) from its next
@@ -461,6 +488,10 @@ impl Interrupt {
     /// The request of `token` starts running.
     pub(crate) fn enter(&self, token: &CancelToken) {
         self.executed.store(FIRST_TICK, Ordering::Relaxed);
+        // ORDERING: Relaxed: only the VM thread touches the count.
+        #[cfg(all(feature = "async", not(any(feature = "lua54", feature = "lua55"))))]
+        self.wrapper_left
+            .store(alarm::WRAPPER_BUDGET, Ordering::Relaxed);
         self.out_of_memory.store(false, Ordering::Relaxed);
         *self.current.lock() = Some(token.clone());
         // ORDERING: `abort_running` raises the flag before taking the lock we

@@ -259,7 +259,6 @@ pub(crate) fn print_over(
 /// `Function::call_async`, that answers the thread `call_async` was called
 /// from (mlua's "thread ownership"), so a hook would be set, or taken away,
 /// on a thread that is not running while the one running loops on.
-#[cfg(not(feature = "luau"))]
 pub(crate) fn running_state(lua: &mlua::Lua) -> *mut mlua::ffi::lua_State {
     let mut state = std::ptr::null_mut();
     // SAFETY: `exec_raw` runs the closure as a C function called
@@ -293,25 +292,54 @@ pub(crate) fn new_lua_with_unsafe_libs(libs: mlua::StdLib, options: mlua::LuaOpt
 /// "drop the future" signal (`vm/coroutine.rs`).
 #[cfg(feature = "async")]
 pub(crate) fn yielded_in_async_wrapper(thread: &mlua::Thread) -> bool {
-    use std::ffi::CStr;
     if thread.status() != mlua::thread::ThreadStatus::Resumable {
         return false;
     }
-    let state = thread.to_pointer() as *mut mlua::ffi::lua_State;
-    // SAFETY: `state` is the suspended coroutine `thread` references (alive
-    // while we hold it), used on its VM's thread; `lua_getstack` and
-    // `lua_getinfo` only read its call info into `ar`, a zeroed plain C
-    // struct, and `ar.source` points into the function's prototype,
-    // which the coroutine's stack keeps alive while we read it. Level 1
-    // is the Lua function that called `coroutine.yield` (level 0).
+    // SAFETY: the suspended coroutine `thread` references, alive while we
+    // hold it, used on its VM's thread. Level 1 is the Lua function that
+    // called `coroutine.yield` (level 0).
+    unsafe { is_async_wrapper(thread.to_pointer() as *mut mlua::ffi::lua_State, 1) }
+}
+
+/// True if the Lua function running now (from a hook, or Luau's
+/// interrupt) is mlua's wrapper of an async Rust function.
+#[cfg(all(feature = "async", not(any(feature = "lua54", feature = "lua55"))))]
+pub(crate) fn running_in_async_wrapper(lua: &mlua::Lua) -> bool {
+    // SAFETY: the Lua thread running on this OS thread, which is in a hook
+    // or interrupt of ours: level 0 is the function running there.
+    unsafe { is_async_wrapper(running_state(lua), 0) }
+}
+
+/// Instructions (ticks, where a hook ticks on each) of mlua's async wrapper
+/// a stop lets run (it needs a few per future it drops). The wrapper is
+/// known by its chunk name, which any chunk can take (`load(src,
+/// "=__mlua_async_poll")`): without a bound, a loop in such a chunk would
+/// never be stopped (cancel, time limits, `max_instructions`).
+#[cfg(any(feature = "async", feature = "lua54", feature = "lua55"))]
+pub(crate) const WRAPPER_BUDGET: u32 = 100_000;
+
+/// True if the function at `level` of `state`'s stack is mlua's wrapper of
+/// an async Rust function, by its chunk name, as mlua itself recognises it.
+///
+/// # Safety
+/// `state` is a live Lua thread of the VM on this OS thread, running (in a
+/// hook or callback of ours) or suspended.
+#[cfg(feature = "async")]
+unsafe fn is_async_wrapper(state: *mut mlua::ffi::lua_State, level: std::ffi::c_int) -> bool {
+    // SAFETY: `lua_getstack` and `lua_getinfo` only read the thread's call
+    // info into `ar`, a zeroed plain C struct; `ar.source` points into the
+    // function's prototype, which the thread's stack keeps alive while we
+    // read it.
     unsafe {
         let mut ar: mlua::ffi::lua_Debug = std::mem::zeroed();
         #[cfg(not(feature = "luau"))]
-        let found = mlua::ffi::lua_getstack(state, 1, &mut ar) != 0
+        let found = mlua::ffi::lua_getstack(state, level, &mut ar) != 0
             && mlua::ffi::lua_getinfo(state, c"S".as_ptr(), &mut ar) != 0;
         #[cfg(feature = "luau")]
-        let found = mlua::ffi::lua_getinfo(state, 1, c"s".as_ptr(), &mut ar) != 0;
-        found && !ar.source.is_null() && CStr::from_ptr(ar.source) == c"=__mlua_async_poll"
+        let found = mlua::ffi::lua_getinfo(state, level, c"s".as_ptr(), &mut ar) != 0;
+        found
+            && !ar.source.is_null()
+            && std::ffi::CStr::from_ptr(ar.source) == c"=__mlua_async_poll"
     }
 }
 

@@ -23,6 +23,8 @@ use std::ffi::c_int;
 
 use mlua::ffi::{self, lua_Debug, lua_State};
 
+use super::WRAPPER_BUDGET;
+
 thread_local! {
     /// True while this VM thread's request must stop.
     static STOPPING: Cell<bool> = const { Cell::new(false) };
@@ -33,13 +35,6 @@ thread_local! {
     /// thread whose `raise_hook` finds nothing to stop.
     static RESTORE: Cell<(usize, c_int)> = const { Cell::new((0, 0)) };
 }
-
-/// Instructions of mlua's wrapper of an async function that `raise_hook`
-/// lets run in one stop (it needs a few per future it drops). The wrapper
-/// is known by its chunk name, which any chunk can take (`load(src,
-/// "=__mlua_async_poll")`): without a bound, a loop in such a chunk would
-/// never be stopped (cancel, time limits, `max_instructions`).
-const WRAPPER_BUDGET: u32 = 100_000;
 
 /// The message of the error `raise_hook` raises (the request resolves
 /// with its stop reason, whatever the error says).
