@@ -185,7 +185,25 @@ fn recycling_a_sandboxed_vm_does_not_collect_its_tenants_slow_heap() {
 /// tenant's heap was collected, minutes for a chain like this one.)
 #[test]
 fn the_collection_after_a_request_is_stopped_with_it() {
-    common::in_child("the_collection_after_a_request_is_stopped_with_it", || {
+    collection_after_a_request("the_collection_after_a_request_is_stopped_with_it", "");
+}
+
+/// The same for a request that suspended first (the `async` feature): it
+/// ends in a later poll, which runs the collection as the first run does.
+#[cfg(feature = "async")]
+#[test]
+fn the_collection_after_a_resumed_request_is_stopped_with_it() {
+    collection_after_a_request(
+        "the_collection_after_a_resumed_request_is_stopped_with_it",
+        "pause(); ",
+    );
+}
+
+/// Runs `prefix .. keep(SLOW_CHAIN)` on a sandboxed isle with a memory
+/// limit, cancels it once the chain is built and kept, and checks that the
+/// cancel was answered and the VM, stuck collecting, replaced.
+fn collection_after_a_request(test: &str, prefix: &str) {
+    common::in_child(test, || {
         let (tx, built) = crossbeam_channel::unbounded();
         let isle = Isle::builder()
             .sandbox(true)
@@ -193,6 +211,8 @@ fn the_collection_after_a_request_is_stopped_with_it() {
             .stop_grace(GRACE)
             .spawn(move |lua| {
                 register_slow_chain(lua)?;
+                #[cfg(feature = "async")]
+                common::set_yield_once(lua, "pause")?;
                 // `keep(n)`: the chain, kept in the globals before the
                 // caller hears it is built (so a cancel that lands first
                 // stops nothing but the collection).
@@ -205,7 +225,7 @@ fn the_collection_after_a_request_is_stopped_with_it() {
                 lua.globals().set("keep", f)
             })
             .unwrap();
-        let task = isle.spawn_eval::<()>(&format!("keep({SLOW_CHAIN})"));
+        let task = isle.spawn_eval::<()>(&format!("{prefix}keep({SLOW_CHAIN})"));
         common::expect_msg(&built, "the chain is built");
         task.cancel();
         assert_eq!(wait_within("the request", task), Err(IsleError::Cancelled));
