@@ -140,7 +140,7 @@ where
     A: IntoLuaMulti + Send + 'static,
     T: FromLuaMulti + Send + 'static,
 {
-    move |ctx| match ctx.chunks.load(ctx.lua, ctx.env, &chunk) {
+    move |ctx| match ctx.chunks.load(ctx.lua, ctx.env(), &chunk) {
         Ok(function) => ctx.call(&function, args),
         Err(e) => Run::Done(Err(e)),
     }

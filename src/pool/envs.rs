@@ -1,6 +1,6 @@
 //! The VM a worker serves with, and the session environments living in it.
 
-use std::collections::hash_map::Entry;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -14,7 +14,10 @@ use crate::IsleError;
 /// One session's environment on this VM (one per open session: kept small).
 pub(super) struct Env {
     pub(super) binding: Arc<Binding>,
-    pub(super) table: Table,
+    /// Made by the session's first request, inside it (see `SessionEnv`):
+    /// `None` until then, and while a request of the session runs (it has
+    /// the table meanwhile).
+    pub(super) table: Option<Table>,
     /// A request of this session is suspended (the `async` feature): the
     /// session's next requests, and its close, wait here, in order.
     pub(super) busy: bool,
@@ -64,50 +67,51 @@ pub(super) struct WorkerVm {
     /// the collection mlua runs as the VM closes finds them unreachable
     /// (see `Vm`'s `Drop`).
     pub(super) envs: ById<Env>,
-    make_env: EnvFactory,
+    env_factory: RefCell<EnvFactory>,
     pub(super) vm: Vm,
     /// Requests run since this VM started.
-    pub(super) served: u64,
+    pub(super) served: Cell<u64>,
 }
 
 impl WorkerVm {
     pub(super) fn new(vm: Vm) -> WorkerVm {
-        let make_env = EnvFactory::Parts(env_parts(&vm));
+        let env_factory = RefCell::new(EnvFactory::Parts(env_parts(&vm)));
         WorkerVm {
             vm,
             envs: ById::default(),
-            make_env,
-            served: 0,
+            env_factory,
+            served: Cell::new(0),
         }
     }
 
-    /// The environment of `binding`, created on its first request.
-    pub(super) fn env(&mut self, binding: &Arc<Binding>) -> Result<&mut Env, IsleError> {
-        let vacant = match self.envs.entry(binding.id) {
-            Entry::Occupied(env) => return Ok(env.into_mut()),
-            Entry::Vacant(vacant) => vacant,
-        };
-        let table = self
-            .make_env
-            .function(self.vm.lua())
-            .and_then(|f| f.call::<Table>(()))
-            .map_err(|e| match e {
-                // Each open session holds one of mlua's references, which
-                // live on a Lua stack: 8,000 slots on Lua 5.1 and LuaJIT,
-                // a million on 5.2+.
-                mlua::Error::StackError => IsleError::from_lua(&mlua::Error::runtime(
-                    "this VM holds as many open sessions as its Lua stack allows \
-                     (about 8,000 on Lua 5.1 and LuaJIT): close idle \
-                     sessions (close_session, session_idle_timeout) or add workers",
-                )),
-                e => IsleError::from_lua(&e),
-            })?;
-        Ok(vacant.insert(Env {
+    /// `binding`'s record on this VM, made on its first request (without
+    /// its environment: the request makes that, see `SessionEnv`).
+    pub(super) fn env(&mut self, binding: &Arc<Binding>) -> &mut Env {
+        self.envs.entry(binding.id).or_insert_with(|| Env {
             binding: binding.clone(),
-            table,
+            table: None,
             busy: false,
             waiting: Queue::default(),
-        }))
+        })
+    }
+
+    /// Makes a session's environment, for its first request (which calls
+    /// this once it has started: see `SessionEnv`).
+    pub(super) fn make_env(&self, lua: &Lua) -> Result<Table, IsleError> {
+        let factory = self.env_factory.borrow_mut().function(lua);
+        factory
+            .and_then(|f| f.call::<Table>(()))
+            .map_err(|e| match e {
+                // Each open session holds one of mlua's references, which live
+                // on a Lua stack: 8,000 slots on Lua 5.1 and LuaJIT, a million
+                // on 5.2+.
+                mlua::Error::StackError => IsleError::from_lua(&mlua::Error::runtime(
+                    "this VM holds as many open sessions as its Lua stack allows \
+                 (about 8,000 on Lua 5.1 and LuaJIT): close idle \
+                 sessions (close_session, session_idle_timeout) or add workers",
+                )),
+                e => crate::interrupt::request_error(lua, &e),
+            })
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_deque::Worker as Deque;
-use mlua::Table;
+use mlua::Lua;
 
 use super::envs::{Waiting, WorkerVm};
 use super::fair::FairSlot;
@@ -18,7 +18,7 @@ use crate::metrics::{Pending, Timing};
 use crate::request::spin::spin_until;
 use crate::sync::Parker;
 use crate::vm::Vm;
-use crate::vm::{Job, Outcome};
+use crate::vm::{Job, Outcome, SessionEnv};
 use crate::IsleError;
 
 /// Starts a fresh VM (runs `init`) on the calling thread: a worker's first,
@@ -118,14 +118,14 @@ impl Worker {
                 }
                 match found {
                     Found::Unkeyed(job) => {
-                        self.run_job(&mut host, job, None, 0);
+                        self.run_job(&host, job, None, 0);
                     }
                     Found::Pinned(Pinned::Session(binding, job)) => {
                         let (ran, suspended) = self.session_job(&mut host, &binding, job);
                         self.served_key(binding.id, ran, suspended);
                     }
                     Found::Pinned(Pinned::Direct(job)) => {
-                        self.run_job(&mut host, job, None, 0);
+                        self.run_job(&host, job, None, 0);
                     }
                     Found::Pinned(Pinned::Broadcast(job)) => {
                         // Not a request of the pool's: not in its metrics.
@@ -211,11 +211,14 @@ impl Worker {
                 }
             }
             Control::Rollback(version, ack) => {
-                reload::rollback(host.vm.lua(), version);
+                host.vm
+                    .between_requests(|lua| reload::rollback(lua, version));
                 self.show_version(host);
                 let _ = ack.send(());
             }
-            Control::Commit(version) => reload::commit(host.vm.lua(), version),
+            Control::Commit(version) => {
+                host.vm.between_requests(|lua| reload::commit(lua, version));
+            }
         }
     }
 
@@ -269,22 +272,12 @@ impl Worker {
             self.session_request_done(binding);
             return (Duration::ZERO, false);
         }
-        match host.env(binding) {
-            Ok(env) if env.busy => {
-                env.waiting.push_back(Waiting::Job(job));
-                (Duration::ZERO, false)
-            }
-            Ok(env) => {
-                let table = env.table.clone();
-                self.run_session(host, binding, job, &table)
-            }
-            Err(e) => {
-                job.abandon(e);
-                self.shared.counters[self.index].record(Outcome::Failed, Duration::ZERO);
-                binding.counters.resolved(Outcome::Failed);
-                self.session_request_done(binding);
-                (Duration::ZERO, false)
-            }
+        let env = host.env(binding);
+        if env.busy {
+            env.waiting.push_back(Waiting::Job(job));
+            (Duration::ZERO, false)
+        } else {
+            self.run_session(host, binding, job)
         }
     }
 
@@ -296,18 +289,24 @@ impl Worker {
         host: &mut WorkerVm,
         binding: &Arc<Binding>,
         job: Job,
-        table: &Table,
     ) -> (Duration, bool) {
+        // The request has the session's environment while it runs (or
+        // makes it, on the session's first), and gives it back after.
+        let table = host.env(binding).table.take();
+        let make = |lua: &Lua| host.make_env(lua);
+        let env = SessionEnv::new(table, &make);
         // The session is the request's: a `LuaHandle` made by it belongs
         // to the session (`vm/scope.rs`).
-        let session = Some((table, binding.clone() as crate::vm::scope::SessionTag));
+        let session = Some((&env, binding.clone() as crate::vm::scope::SessionTag));
         let (outcome, ran) = self.run_job(host, job, session, binding.id);
+        let table = env.into_table();
+        let record = host.env(binding);
+        record.table = table;
+        record.busy = outcome.is_none();
         binding.counters.ran(ran);
         if let Some(outcome) = outcome {
             binding.counters.resolved(outcome);
             self.session_request_done(binding);
-        } else if let Some(env) = host.envs.get_mut(&binding.id) {
-            env.busy = true;
         }
         (ran, outcome.is_none())
     }
@@ -327,7 +326,9 @@ impl Worker {
     /// Closes a session: its environment goes.
     fn close(&self, host: &mut WorkerVm, id: u64, lost: &mut Vec<Arc<Binding>>) {
         if let Some(env) = host.envs.remove(&id) {
-            host.vm.chunks().forget_env(&env.table);
+            if let Some(table) = &env.table {
+                host.vm.chunks().forget_env(table);
+            }
             self.shared.counters[self.index]
                 .sessions
                 .fetch_sub(1, Ordering::Relaxed);
@@ -417,7 +418,7 @@ impl Worker {
             return;
         }
         self.shared.counters[self.index].record(outcome, Duration::ZERO);
-        host.served += 1;
+        host.served.set(host.served.get() + 1);
         if tag == 0 {
             return;
         }
@@ -450,8 +451,7 @@ impl Worker {
                 Some(Waiting::Job(job)) => {
                     // Aborting, `run_job` resolves it `Shutdown` unrun, and
                     // counts it (pool and session) like any other.
-                    let table = env.table.clone();
-                    self.run_session(host, &binding, job, &table);
+                    self.run_session(host, &binding, job);
                 }
             }
         }
@@ -491,9 +491,9 @@ impl Worker {
     /// through `resume_woken`, with `tag`). Returns how long it ran.
     fn run_job(
         &self,
-        host: &mut WorkerVm,
+        host: &WorkerVm,
         job: Job,
-        session: Option<(&Table, crate::vm::scope::SessionTag)>,
+        session: Option<(&SessionEnv<'_>, crate::vm::scope::SessionTag)>,
         tag: u64,
     ) -> (Option<Outcome>, Duration) {
         let counters = &self.shared.counters[self.index];
@@ -515,7 +515,7 @@ impl Worker {
         match outcome {
             Some(outcome) => {
                 counters.record(outcome, busy);
-                host.served += 1;
+                host.served.set(host.served.get() + 1);
             }
             None => {
                 counters
@@ -540,7 +540,7 @@ impl Worker {
 
     fn due_for_recycling(&self, host: &WorkerVm) -> bool {
         let shared = &*self.shared;
-        shared.recycle_after.is_some_and(|n| host.served >= n)
+        shared.recycle_after.is_some_and(|n| host.served.get() >= n)
             || shared
                 .recycle_above
                 .is_some_and(|bytes| host.vm.lua().used_memory() > bytes)
@@ -566,7 +566,7 @@ impl Worker {
             }
             Err(_) => {
                 counters.recycle_failures.fetch_add(1, Ordering::Relaxed);
-                host.served = 0;
+                host.served.set(0);
             }
         }
     }
@@ -590,7 +590,9 @@ impl Worker {
         let WorkerVm { vm, envs, .. } = host;
         envs.retain(|_, env| {
             if expire(&env.binding) {
-                vm.chunks().forget_env(&env.table);
+                if let Some(table) = &env.table {
+                    vm.chunks().forget_env(table);
+                }
                 shared.counters[self.index]
                     .sessions
                     .fetch_sub(1, Ordering::Relaxed);

@@ -22,7 +22,8 @@ pub(crate) use suspended::{Paused, Work};
 pub(crate) struct Ctx<'a> {
     pub(crate) lua: &'a Lua,
     /// The session's environment, for session work; `None` for plain work.
-    pub(crate) env: Option<&'a Table>,
+    /// Read through [`env`](Self::env).
+    pub(crate) session_env: Option<&'a SessionEnv<'a>>,
     /// The session, for session work (see `scope.rs`).
     pub(crate) session: Option<super::scope::SessionTag>,
     /// The VM's compiled `eval` chunks.
@@ -42,11 +43,58 @@ pub(crate) struct Ctx<'a> {
     pub(crate) waker: &'a std::task::Waker,
 }
 
+/// A session's environment as its request sees it. The session's first
+/// request makes it, once the request has started (`Pending::run`): making
+/// it allocates, so collection steps (and the finalizers of whatever a
+/// tenant left behind) may run there, and a stop must reach them as it
+/// reaches any of the request's work.
+pub(crate) struct SessionEnv<'a> {
+    table: std::cell::OnceCell<Table>,
+    make: &'a dyn Fn(&Lua) -> Result<Table, IsleError>,
+}
+
+impl<'a> SessionEnv<'a> {
+    /// The environment `table` if the session has one already, else one
+    /// `make` makes on the request's start.
+    pub(crate) fn new(
+        table: Option<Table>,
+        make: &'a dyn Fn(&Lua) -> Result<Table, IsleError>,
+    ) -> SessionEnv<'a> {
+        SessionEnv {
+            table: table.map(Into::into).unwrap_or_default(),
+            make,
+        }
+    }
+
+    /// The environment, if it was made (before, or by the request).
+    pub(crate) fn into_table(self) -> Option<Table> {
+        self.table.into_inner()
+    }
+
+    /// Makes the environment unless the session has one.
+    fn open(&self, lua: &Lua) -> Result<(), IsleError> {
+        if self.table.get().is_none() {
+            let _ = self.table.set((self.make)(lua)?);
+        }
+        Ok(())
+    }
+}
+
 impl Ctx<'_> {
+    /// The session's environment, for session work (`None` for plain
+    /// work).
+    pub(crate) fn env(&self) -> Option<&Table> {
+        self.session_env.map(|env| {
+            env.table
+                .get()
+                .expect("a session's request makes its environment before its work runs")
+        })
+    }
+
     /// Runs `f` with the table globals resolve in: the session's
     /// environment, or the VM's globals.
     pub(crate) fn with_scope<R>(&self, f: impl FnOnce(&Table) -> R) -> R {
-        match self.env {
+        match self.env() {
             Some(env) => f(env),
             None => f(&self.lua.globals()),
         }
@@ -413,7 +461,10 @@ where
         #[cfg(feature = "async")]
         let mut children = crate::vm::tasks::Children::default();
         let out = catch_unwind(AssertUnwindSafe(|| {
-            let run = work(ctx);
+            let run = match ctx.session_env.map(|env| env.open(ctx.lua)) {
+                Some(Err(e)) => Run::Done(Err(e)),
+                _ => work(ctx),
+            };
             #[cfg(feature = "async")]
             {
                 children.adopt();

@@ -31,7 +31,7 @@ use crate::vm::config::VmConfig;
 use crate::IsleError;
 #[cfg(feature = "async")]
 pub(crate) use job::call_later;
-pub(crate) use job::{take_started, Ctx, Job, Outcome, Run};
+pub(crate) use job::{take_started, Ctx, Job, Outcome, Run, SessionEnv};
 
 /// Lua's `type()` of `v`: `number` for integers too, `userdata` for light
 /// userdata and mlua's error values.
@@ -225,7 +225,9 @@ impl Vm {
         }
     }
 
-    /// Runs one job (in a session's environment when `env` is given). `None`
+    /// Runs one job (a session's request when `session` is given: in its
+    /// environment, which the request makes if the session has none yet,
+    /// see [`SessionEnv`]). `None`
     /// if it suspended (the `async` feature): it resolves later, from
     /// [`resume_woken`](Self::resume_woken), which hands back `tag` with
     /// its outcome.
@@ -239,17 +241,17 @@ impl Vm {
     pub(crate) fn run(
         &self,
         job: Job,
-        session: Option<(&Table, scope::SessionTag)>,
+        session: Option<(&SessionEnv<'_>, scope::SessionTag)>,
         tag: u64,
     ) -> Option<Outcome> {
         crate::handle::route::expire_released(&self.lua, &self.released);
         #[cfg(feature = "async")]
         let (slot, waker) = self.suspension.reserve();
-        let (env, session) = session.unzip();
+        let (session_env, session) = session.unzip();
         let keep_room = |out_of_memory| self.keep_room(out_of_memory);
         let ctx = Ctx {
             lua: &self.lua,
-            env,
+            session_env,
             session,
             chunks: &self.chunks,
             memory_limit: self.memory_limit,
@@ -385,6 +387,34 @@ impl Vm {
     /// `keep_room` for a request's `Ctx`: `None` without a memory limit.
     fn keep_room_fn<'a>(&self, keep_room: &'a dyn Fn(bool)) -> job::KeepRoom<'a> {
         self.memory_limit.map(|_| keep_room)
+    }
+
+    /// Runs `f`, Lua work of the VM's own between requests (a pool's
+    /// reload being committed or rolled back), with the collector held.
+    /// The collector runs only inside requests: a step taken here could run
+    /// a tenant's finalizer, or the atomic phase of a heap built to be slow
+    /// to collect (see `Drop`), where no stop reaches and no VM is judged
+    /// wedged. For rare work only: restarting the collector resets its
+    /// debt, so the next request takes a step. (A session's environment,
+    /// made once per session, is made by its first request instead: see
+    /// `SessionEnv`.)
+    ///
+    /// On Lua 5.1 and LuaJIT a tenant can make neither a finalizer (the
+    /// sandbox takes `newproxy`) nor a weak-keyed chain, and whether the
+    /// host stopped the collector cannot be read: `f` just runs.
+    pub(crate) fn between_requests<R>(&self, f: impl FnOnce(&Lua) -> R) -> R {
+        #[cfg(not(any(feature = "lua51", feature = "luajit")))]
+        let _held = self.lua.gc_is_running().then(|| {
+            self.lua.gc_stop();
+            struct Restart<'a>(&'a Lua);
+            impl Drop for Restart<'_> {
+                fn drop(&mut self) {
+                    self.0.gc_restart();
+                }
+            }
+            Restart(&self.lua)
+        });
+        f(&self.lua)
     }
 
     /// Under a memory limit, collects the garbage at the end of a request

@@ -12,9 +12,13 @@
 use crate::common;
 use crate::stop_on_time::{wait_within, GRACE};
 
-use common::within;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{eventually, within};
 use mlua_isle::mlua::{Function, Lua, Table};
-use mlua_isle::{Isle, IsleError, IslePool};
+use mlua_isle::{Isle, IsleError, IslePool, IslePoolBuilder, LuaHandle};
 
 /// `slow_chain()`, for tenants: a weak-keyed table holding a shuffled
 /// chain of `n` ephemerons, which every full collection that reaches it
@@ -236,32 +240,25 @@ fn collection_after_a_request(test: &str, prefix: &str) {
     });
 }
 
-/// The collector runs only inside requests: a pool's own Lua work between
-/// them (a new session's environment) takes no collection step, where a
-/// step that reached the atomic phase on a heap like the chain above would
-/// hold the worker with no stop to reach it. Observed through finalizers
-/// (set up by `init`, which may): each says whether a request was running.
-#[test]
-#[ignore = "KNOWN GAP: a new session's environment is made before its first request \
-            starts, and collection steps run there (3,120 finalizers of 57,709 here). \
-            Holding the collector around it (gc_stop/gc_restart) made a new session \
-            20x slower (restart resets the collector's debt); the fix is to make the \
-            environment inside the request"]
-fn the_collector_runs_only_inside_requests() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
-    let inside = Arc::new(AtomicUsize::new(0));
-    let outside = Arc::new(AtomicUsize::new(0));
-    let (i, o) = (inside.clone(), outside.clone());
-    let pool = IslePool::builder()
-        .workers(1)
-        .sandbox(true)
-        .init(move |lua| {
-            let (i, o) = (i.clone(), o.clone());
+/// Counts of the finalizers that ran inside a request and outside one.
+#[derive(Clone, Default)]
+struct Finalized {
+    inside: Arc<AtomicUsize>,
+    outside: Arc<AtomicUsize>,
+}
+
+impl Finalized {
+    /// An `init` that defines `make_garbage(n)`: `n` tables whose
+    /// finalizers count whether a request was running (`init` may set
+    /// `__gc`; the sandbox keeps tenants from it).
+    fn init(&self) -> impl Fn(&Lua) -> mlua_isle::mlua::Result<()> + Send + Sync + 'static {
+        let this = self.clone();
+        move |lua| {
+            let this = this.clone();
             let note = lua.create_function(move |lua, ()| {
                 let counter = match mlua_isle::current_token(lua) {
-                    Some(_) => &i,
-                    None => &o,
+                    Some(_) => &this.inside,
+                    None => &this.outside,
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
                 Ok(())
@@ -276,22 +273,189 @@ fn the_collector_runs_only_inside_requests() {
                 )
                 .call::<Function>((note, lua.globals().get::<Function>("setmetatable")?))?;
             lua.globals().set("make_garbage", make)
-        })
+        }
+    }
+
+    /// Every finalizer that ran, ran inside a request (and some did).
+    fn assert_only_inside(&self, what: &str) {
+        let inside = self.inside.load(Ordering::Relaxed);
+        let outside = self.outside.load(Ordering::Relaxed);
+        assert!(
+            inside > 0,
+            "{what}: no finalizer ran: the test shows nothing"
+        );
+        assert_eq!(
+            outside, 0,
+            "{what}: finalizers ran outside a request ({inside} inside)"
+        );
+    }
+}
+
+/// A sandboxed pool (one worker unless `builder` says) whose tenants can
+/// make finalized garbage.
+fn pool_with(finalized: &Finalized, builder: IslePoolBuilder) -> IslePool {
+    builder
+        .sandbox(true)
+        .init(finalized.init())
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+/// The collector runs only inside requests: a pool's own Lua work between
+/// them takes no collection step, where a step that reached the atomic
+/// phase on a heap like the chain above would hold the worker with no stop
+/// to reach it, and a tenant's finalizer would run with no limit on it.
+/// Observed through finalizers: each says whether a request was running.
+///
+/// Here, new sessions (their environments are made by their first
+/// requests).
+#[test]
+fn the_collector_runs_only_inside_requests() {
+    let finalized = Finalized::default();
+    let pool = pool_with(&finalized, IslePool::builder().workers(1));
     for s in 0..3000 {
         pool.session(format!("tenant {s}"))
             .eval::<()>("make_garbage(20)")
             .unwrap();
     }
-    let (inside, outside) = (
-        inside.load(Ordering::Relaxed),
-        outside.load(Ordering::Relaxed),
+    finalized.assert_only_inside("new sessions");
+    within("shutdown", move || pool.shutdown()).unwrap();
+}
+
+/// ... closing sessions, by the host and by the idle timeout.
+#[test]
+fn the_collector_runs_only_inside_requests_when_sessions_close() {
+    let finalized = Finalized::default();
+    let pool = pool_with(
+        &finalized,
+        IslePool::builder()
+            .workers(1)
+            .session_idle_timeout(Duration::from_millis(1)),
     );
-    assert!(inside > 0, "no finalizer ran: the test shows nothing");
-    assert_eq!(
-        outside, 0,
-        "finalizers ran outside a request ({inside} inside)"
-    );
+    for s in 0..3000 {
+        let session = pool.session(format!("tenant {s}"));
+        session.eval::<()>("kept = {} make_garbage(20)").unwrap();
+        if s % 2 == 0 {
+            pool.close_session(format!("tenant {s}"));
+        }
+    }
+    eventually("the idle sessions expire", || {
+        pool.metrics().sessions_open == 0
+    });
+    pool.eval::<()>("make_garbage(20)").unwrap();
+    finalized.assert_only_inside("closing sessions");
+    within("shutdown", move || pool.shutdown()).unwrap();
+}
+
+/// ... reloads, committed and rolled back (every other reload fails on
+/// the second VM to run it, and the first VM undoes it between requests).
+#[test]
+fn the_collector_runs_only_inside_requests_around_reloads() {
+    let finalized = Finalized::default();
+    let pool = pool_with(&finalized, IslePool::builder().workers(2));
+    for r in 0..1000 {
+        for done in pool.broadcast(|lua| lua.load("make_garbage(20)").exec()) {
+            done.unwrap();
+        }
+        let ran = AtomicUsize::new(0);
+        let reloaded = pool.reload(move |lua| {
+            lua.globals().set(format!("v{r}"), lua.create_table()?)?;
+            lua.load("make_garbage(20)").exec()?;
+            if r % 2 == 1 && ran.fetch_add(1, Ordering::Relaxed) == 1 {
+                return Err(mlua_isle::mlua::Error::runtime("this reload fails"));
+            }
+            Ok(())
+        });
+        assert_eq!(reloaded.is_ok(), r % 2 == 0, "{reloaded:?}");
+    }
+    finalized.assert_only_inside("reloads");
+    within("shutdown", move || pool.shutdown()).unwrap();
+}
+
+/// ... handles released by the host, on a pool and on an isle.
+#[test]
+fn the_collector_runs_only_inside_requests_when_handles_are_released() {
+    let finalized = Finalized::default();
+    let pool = pool_with(&finalized, IslePool::builder().workers(1));
+    let session = pool.session("tenant");
+    for _ in 0..3000 {
+        let h: LuaHandle = session.eval("make_garbage(20) return {}").unwrap();
+        drop(h);
+    }
+    finalized.assert_only_inside("pool handles");
+    within("shutdown", move || pool.shutdown()).unwrap();
+
+    let finalized = Finalized::default();
+    let isle = Isle::builder()
+        .sandbox(true)
+        .init(finalized.init())
+        .build()
+        .unwrap();
+    for _ in 0..3000 {
+        let h: LuaHandle = isle.eval("make_garbage(20) return {}").unwrap();
+        drop(h);
+    }
+    finalized.assert_only_inside("isle handles");
+    within("shutdown", move || isle.shutdown()).unwrap();
+}
+
+/// ... requests that suspend (the `async` feature): resumed, and
+/// cancelled while suspended. (The finalizers of what is left run when the
+/// VM closes, at shutdown: only `init` can make one, and the tenants' heap
+/// is unreachable by then, see `Vm`'s `Drop`.)
+#[cfg(feature = "async")]
+#[test]
+fn the_collector_runs_only_inside_requests_that_suspend() {
+    let finalized = Finalized::default();
+    let init = finalized.init();
+    let (parked_tx, parked) = crossbeam_channel::unbounded();
+    let pool = IslePool::builder()
+        .workers(1)
+        .sandbox(true)
+        .init(move |lua| {
+            init(lua)?;
+            // `park(forever)`: suspends the request once (`false`), or
+            // until it is stopped.
+            let parked_tx = parked_tx.clone();
+            let park = lua.create_async_function(move |_, forever: bool| {
+                let _ = parked_tx.send(());
+                async move {
+                    if forever {
+                        futures::future::pending::<()>().await;
+                    } else {
+                        let mut once = false;
+                        futures::future::poll_fn(|cx| {
+                            once = !once;
+                            cx.waker().wake_by_ref();
+                            if once {
+                                std::task::Poll::Pending
+                            } else {
+                                std::task::Poll::Ready(())
+                            }
+                        })
+                        .await;
+                    }
+                    Ok(())
+                }
+            })?;
+            lua.globals().set("park", park)
+        })
+        .build()
+        .unwrap();
+    for i in 0..1000 {
+        let session = pool.session(i % 10);
+        let resumed = session.spawn_eval::<()>("make_garbage(10) park(false) make_garbage(10)");
+        let stopped = session.spawn_eval::<()>("make_garbage(10) park(true)");
+        within("resumed", move || resumed.wait()).unwrap();
+        parked.recv().unwrap();
+        parked.recv().unwrap();
+        pool.eval::<()>("make_garbage(10)").unwrap();
+        stopped.cancel();
+        assert_eq!(
+            within("cancelled", move || stopped.wait()),
+            Err(IsleError::Cancelled)
+        );
+    }
+    finalized.assert_only_inside("suspended requests");
     within("shutdown", move || pool.shutdown()).unwrap();
 }
