@@ -23,7 +23,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use mlua::{Lua, LuaOptions, Table};
+use mlua::{Lua, LuaOptions};
 
 use crate::interrupt::Interrupt;
 use crate::vm::chunk::ChunkCache;
@@ -195,7 +195,7 @@ impl Vm {
                 // Lua's C pattern matcher cannot be interrupted: the
                 // sandbox's is budgeted (Lua 5.4's semantics, so only there).
                 #[cfg(any(feature = "lua54", feature = "lua55"))]
-                if let Some(string) = lua.globals().get::<Option<Table>>("string")? {
+                if let Some(string) = lua.globals().get::<Option<mlua::Table>>("string")? {
                     crate::sandbox::pattern::install(
                         lua,
                         &string,
