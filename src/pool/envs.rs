@@ -15,9 +15,8 @@ use crate::IsleError;
 pub(super) struct Env {
     pub(super) binding: Arc<Binding>,
     /// Made by the session's first request, inside it (see `SessionEnv`):
-    /// `None` until then, and while a request of the session runs (it has
-    /// the table meanwhile).
-    pub(super) table: Option<Table>,
+    /// `None` until then.
+    pub(super) kept: Option<Kept>,
     /// A request of this session is suspended (the `async` feature): the
     /// session's next requests, and its close, wait here, in order.
     pub(super) busy: bool,
@@ -87,31 +86,143 @@ impl WorkerVm {
     /// `binding`'s record on this VM, made on its first request (without
     /// its environment: the request makes that, see `SessionEnv`).
     pub(super) fn env(&mut self, binding: &Arc<Binding>) -> &mut Env {
-        self.envs.entry(binding.id).or_insert_with(|| Env {
-            binding: binding.clone(),
-            table: None,
-            busy: false,
-            waiting: Queue::default(),
-        })
+        record(&mut self.envs, binding)
     }
 
-    /// Makes a session's environment, for its first request (which calls
-    /// this once it has started: see `SessionEnv`).
-    pub(super) fn make_env(&self, lua: &Lua) -> Result<Table, IsleError> {
-        let factory = self.env_factory.borrow_mut().function(lua);
-        factory
-            .and_then(|f| f.call::<Table>(()))
-            .map_err(|e| match e {
-                // Each open session holds one of mlua's references, which live
-                // on a Lua stack: 8,000 slots on Lua 5.1 and LuaJIT, a million
-                // on 5.2+.
-                mlua::Error::StackError => IsleError::from_lua(&mlua::Error::runtime(
-                    "this VM holds as many open sessions as its Lua stack allows \
-                 (about 8,000 on Lua 5.1 and LuaJIT): close idle \
-                 sessions (close_session, session_idle_timeout) or add workers",
-                )),
-                e => crate::interrupt::request_error(lua, &e),
-            })
+    /// What a request of `binding`'s session is lent of its environment
+    /// (see [`Kept`]): what it does not get, it opens itself
+    /// ([`open_env`](Self::open_env)).
+    pub(super) fn lend_env(&mut self, binding: &Arc<Binding>) -> Option<Table> {
+        Kept::lend(&mut record(&mut self.envs, binding).kept)
+    }
+
+    /// After a request of `binding`'s session: keeps the environment it
+    /// `made`, or takes back what it was `lent`.
+    pub(super) fn end_env_loan(
+        &mut self,
+        binding: &Arc<Binding>,
+        lent: Option<Table>,
+        made: Option<Kept>,
+    ) {
+        let record = record(&mut self.envs, binding);
+        match made {
+            Some(kept) => record.kept = Some(kept),
+            None => Kept::give_back(&mut record.kept, lent),
+        }
+    }
+
+    /// The environment of session `id`, for its request, which calls this
+    /// once it has started (see `SessionEnv`) when it was lent none: the
+    /// one kept in the registry (Lua 5.1, LuaJIT), or on the session's
+    /// first request a new one, made and kept (`Some`).
+    pub(super) fn open_env(&self, id: u64, lua: &Lua) -> Result<(Table, Option<Kept>), IsleError> {
+        let opened = match self.envs.get(&id).and_then(|env| env.kept.as_ref()) {
+            Some(kept) => kept.table(lua).map(|table| (table, None)),
+            None => {
+                let factory = self.env_factory.borrow_mut().function(lua);
+                factory
+                    .and_then(|f| f.call::<Table>(()))
+                    .and_then(|table| Kept::new(lua, &table).map(|kept| (table, Some(kept))))
+            }
+        };
+        opened.map_err(|e| match e {
+            // Each open session holds one of mlua's references, which live
+            // on a Lua stack: a million slots on 5.2+ (on 5.1 and LuaJIT,
+            // sessions are kept in the registry: see `Kept`).
+            mlua::Error::StackError => IsleError::from_lua(&mlua::Error::runtime(
+                "this VM holds as many references to Lua values as its Lua stack \
+                 allows: close idle sessions (close_session, session_idle_timeout), \
+                 cache fewer chunks (chunk_cache) or add workers",
+            )),
+            e => crate::interrupt::request_error(lua, &e),
+        })
+    }
+}
+
+fn record<'a>(envs: &'a mut ById<Env>, binding: &Arc<Binding>) -> &'a mut Env {
+    envs.entry(binding.id).or_insert_with(|| Env {
+        binding: binding.clone(),
+        kept: None,
+        busy: false,
+        waiting: Queue::default(),
+    })
+}
+
+/// A session's environment between its requests.
+///
+/// One of mlua's references, lent to each request (taken, and given back
+/// after: no Lua work). On Lua 5.1 and LuaJIT mlua keeps its references in
+/// the slots of one Lua stack, which stops at 8,000: there an environment
+/// is an entry in the registry instead, and each request gets a reference
+/// of its own for its run, so open sessions are not bounded by that stack.
+#[cfg(not(any(feature = "lua51", feature = "luajit")))]
+pub(super) struct Kept(Table);
+
+/// See the other `Kept`.
+#[cfg(any(feature = "lua51", feature = "luajit"))]
+pub(super) struct Kept(mlua::RegistryKey);
+
+impl Kept {
+    /// Keeps `table`: called inside the request that made it, since on
+    /// Lua 5.1 and LuaJIT this writes the registry.
+    fn new(lua: &Lua, table: &Table) -> mlua::Result<Kept> {
+        #[cfg(not(any(feature = "lua51", feature = "luajit")))]
+        return {
+            let _ = lua;
+            Ok(Kept(table.clone()))
+        };
+        #[cfg(any(feature = "lua51", feature = "luajit"))]
+        lua.create_registry_value(table).map(Kept)
+    }
+
+    /// The environment, lent to a request of the session until it is
+    /// given back ([`give_back`](Self::give_back)); on Lua 5.1 and LuaJIT
+    /// none: the request gets it itself ([`table`](Self::table)), since
+    /// that takes a slot of mlua's stack, which may be full.
+    fn lend(kept: &mut Option<Kept>) -> Option<Table> {
+        #[cfg(not(any(feature = "lua51", feature = "luajit")))]
+        return kept.take().map(|k| k.0);
+        #[cfg(any(feature = "lua51", feature = "luajit"))]
+        {
+            let _ = kept;
+            None
+        }
+    }
+
+    /// The environment.
+    fn table(&self, lua: &Lua) -> mlua::Result<Table> {
+        #[cfg(not(any(feature = "lua51", feature = "luajit")))]
+        return {
+            let _ = lua;
+            Ok(self.0.clone())
+        };
+        #[cfg(any(feature = "lua51", feature = "luajit"))]
+        lua.registry_value(&self.0)
+    }
+
+    /// Takes back what [`lend`](Self::lend) lent (`None`: nothing was).
+    fn give_back(kept: &mut Option<Kept>, lent: Option<Table>) {
+        #[cfg(not(any(feature = "lua51", feature = "luajit")))]
+        if let Some(table) = lent {
+            *kept = Some(Kept(table));
+        }
+        #[cfg(any(feature = "lua51", feature = "luajit"))]
+        let _ = (kept, lent);
+    }
+
+    /// The session closed: its cached chunks go, and on Lua 5.1 and
+    /// LuaJIT its registry entry (the environment is garbage then, as
+    /// elsewhere once its reference is dropped).
+    pub(super) fn forget(self, vm: &Vm) {
+        #[cfg(not(any(feature = "lua51", feature = "luajit")))]
+        vm.chunks().forget_env(&self.0);
+        #[cfg(any(feature = "lua51", feature = "luajit"))]
+        {
+            if let Ok(table) = self.table(vm.lua()) {
+                vm.chunks().forget_env(&table);
+            }
+            let _ = vm.lua().remove_registry_value(self.0);
+        }
     }
 }
 

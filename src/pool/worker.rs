@@ -1,7 +1,7 @@
 //! A pool worker: one VM thread taking work from its queues, stealing when
 //! idle, sleeping when there is nothing anywhere.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -292,17 +292,20 @@ impl Worker {
     ) -> (Duration, bool) {
         // The request has the session's environment while it runs (or
         // makes it, on the session's first), and gives it back after.
-        let table = host.env(binding).table.take();
-        let make = |lua: &Lua| host.make_env(lua);
-        let env = SessionEnv::new(table, &make);
+        let lent = host.lend_env(binding);
+        let made = Cell::new(None);
+        let open = |lua: &Lua| {
+            let (table, kept) = host.open_env(binding.id, lua)?;
+            made.set(kept);
+            Ok(table)
+        };
+        let env = SessionEnv::new(lent, &open);
         // The session is the request's: a `LuaHandle` made by it belongs
         // to the session (`vm/scope.rs`).
         let session = Some((&env, binding.clone() as crate::vm::scope::SessionTag));
         let (outcome, ran) = self.run_job(host, job, session, binding.id);
-        let table = env.into_table();
-        let record = host.env(binding);
-        record.table = table;
-        record.busy = outcome.is_none();
+        host.end_env_loan(binding, env.into_table(), made.take());
+        host.env(binding).busy = outcome.is_none();
         binding.counters.ran(ran);
         if let Some(outcome) = outcome {
             binding.counters.resolved(outcome);
@@ -326,8 +329,8 @@ impl Worker {
     /// Closes a session: its environment goes.
     fn close(&self, host: &mut WorkerVm, id: u64, lost: &mut Vec<Arc<Binding>>) {
         if let Some(env) = host.envs.remove(&id) {
-            if let Some(table) = &env.table {
-                host.vm.chunks().forget_env(table);
+            if let Some(kept) = env.kept {
+                kept.forget(&host.vm);
             }
             self.shared.counters[self.index]
                 .sessions
@@ -590,8 +593,8 @@ impl Worker {
         let WorkerVm { vm, envs, .. } = host;
         envs.retain(|_, env| {
             if expire(&env.binding) {
-                if let Some(table) = &env.table {
-                    vm.chunks().forget_env(table);
+                if let Some(kept) = env.kept.take() {
+                    kept.forget(vm);
                 }
                 shared.counters[self.index]
                     .sessions

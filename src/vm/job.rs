@@ -43,38 +43,40 @@ pub(crate) struct Ctx<'a> {
     pub(crate) waker: &'a std::task::Waker,
 }
 
-/// A session's environment as its request sees it. The session's first
-/// request makes it, once the request has started (`Pending::run`): making
-/// it allocates, so collection steps (and the finalizers of whatever a
-/// tenant left behind) may run there, and a stop must reach them as it
-/// reaches any of the request's work.
+/// A session's environment as its request sees it: handed to the request,
+/// or opened by the request itself once it has started (`Pending::run`).
+/// The session's first request makes it there: making it allocates, so
+/// collection steps (and the finalizers of whatever a tenant left behind)
+/// may run, and a stop must reach them as it reaches any of the request's
+/// work. (A pool on Lua 5.1 or LuaJIT opens every session's environment
+/// there too: see the pool's `Kept`.)
 pub(crate) struct SessionEnv<'a> {
     table: std::cell::OnceCell<Table>,
-    make: &'a dyn Fn(&Lua) -> Result<Table, IsleError>,
+    open: &'a dyn Fn(&Lua) -> Result<Table, IsleError>,
 }
 
 impl<'a> SessionEnv<'a> {
-    /// The environment `table` if the session has one already, else one
-    /// `make` makes on the request's start.
+    /// The environment `table`, if the request is handed it; else `open`
+    /// gives it once the request has started.
     pub(crate) fn new(
         table: Option<Table>,
-        make: &'a dyn Fn(&Lua) -> Result<Table, IsleError>,
+        open: &'a dyn Fn(&Lua) -> Result<Table, IsleError>,
     ) -> SessionEnv<'a> {
         SessionEnv {
             table: table.map(Into::into).unwrap_or_default(),
-            make,
+            open,
         }
     }
 
-    /// The environment, if it was made (before, or by the request).
+    /// The environment, unless the request could not open it.
     pub(crate) fn into_table(self) -> Option<Table> {
         self.table.into_inner()
     }
 
-    /// Makes the environment unless the session has one.
+    /// Opens the environment, unless the request was handed it.
     fn open(&self, lua: &Lua) -> Result<(), IsleError> {
         if self.table.get().is_none() {
-            let _ = self.table.set((self.make)(lua)?);
+            let _ = self.table.set((self.open)(lua)?);
         }
         Ok(())
     }
@@ -87,7 +89,7 @@ impl Ctx<'_> {
         self.session_env.map(|env| {
             env.table
                 .get()
-                .expect("a session's request makes its environment before its work runs")
+                .expect("a session's request opens its environment before its work runs")
         })
     }
 
