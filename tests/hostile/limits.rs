@@ -298,3 +298,39 @@ fn running_out_of_memory_is_a_memory_limit_error_however_the_error_travels() {
         ));
     }
 }
+
+/// A new session's first request makes the session's environment inside
+/// the request, so on a VM with no room left it fails as any request would
+/// (a memory-limit error, the VM usable), and once there is room the
+/// session's next request makes it and runs.
+#[test]
+fn a_new_session_on_a_full_vm_fails_its_first_request_then_works() {
+    let pool = mlua_isle::IslePool::builder()
+        .workers(1)
+        .memory_limit(4 * MB)
+        .build()
+        .unwrap();
+    // Fills the room with a chain of small live tables until one more does
+    // not fit (a growing array would leave up to half of it free).
+    let filled = pool.eval::<()>("while true do hoard = { hoard } end");
+    assert!(
+        matches!(filled, Err(IsleError::MemoryLimit(_))),
+        "{filled:?}"
+    );
+    let tenant = pool.session("tenant");
+    let first = tenant.eval::<i64>("mine = 7 return mine");
+    assert!(matches!(first, Err(IsleError::MemoryLimit(_))), "{first:?}");
+    // Room again (from Rust: with none, even a request's coroutine may not
+    // fit; collected there, since Lua 5.1 and Luau have no emergency
+    // collection).
+    pool.exec(|lua| {
+        lua.globals()
+            .raw_set("hoard", mlua_isle::mlua::Value::Nil)?;
+        lua.gc_collect()
+    })
+    .unwrap();
+    assert_eq!(tenant.eval::<i64>("mine = 7 return mine"), Ok(7));
+    assert_eq!(tenant.eval::<i64>("return mine"), Ok(7));
+    assert_eq!(pool.eval::<Option<i64>>("return mine"), Ok(None));
+    pool.shutdown().unwrap();
+}
