@@ -96,19 +96,22 @@ impl WorkerVm {
         Kept::lend(&mut record(&mut self.envs, binding).kept)
     }
 
-    /// After a request of `binding`'s session: keeps the environment it
-    /// `made`, or takes back what it was `lent`.
-    pub(super) fn end_env_loan(
+    /// A request of `binding`'s session has run: the session keeps the
+    /// environment the request `made`, or takes back what it was `lent`,
+    /// and is busy while the request is `suspended`.
+    pub(super) fn session_ran(
         &mut self,
         binding: &Arc<Binding>,
         lent: Option<Table>,
         made: Option<Kept>,
+        suspended: bool,
     ) {
         let record = record(&mut self.envs, binding);
         match made {
             Some(kept) => record.kept = Some(kept),
             None => Kept::give_back(&mut record.kept, lent),
         }
+        record.busy = suspended;
     }
 
     /// The environment of session `id`, for its request, which calls this
@@ -155,6 +158,10 @@ fn record<'a>(envs: &'a mut ById<Env>, binding: &Arc<Binding>) -> &'a mut Env {
 /// the slots of one Lua stack, which stops at 8,000: there an environment
 /// is an entry in the registry instead, and each request gets a reference
 /// of its own for its run, so open sessions are not bounded by that stack.
+/// (Those entries are removed only as sessions close: when the VM closes,
+/// mlua's last collection still finds them, unlike the references, which
+/// `WorkerVm` drops first. Neither backend has the weak-keyed chains that
+/// make a collection slow, see `Vm`'s `Drop`.)
 #[cfg(not(any(feature = "lua51", feature = "luajit")))]
 pub(super) struct Kept(Table);
 

@@ -304,8 +304,7 @@ impl Worker {
         // to the session (`vm/scope.rs`).
         let session = Some((&env, binding.clone() as crate::vm::scope::SessionTag));
         let (outcome, ran) = self.run_job(host, job, session, binding.id);
-        host.end_env_loan(binding, env.into_table(), made.take());
-        host.env(binding).busy = outcome.is_none();
+        host.session_ran(binding, env.into_table(), made.take(), outcome.is_none());
         binding.counters.ran(ran);
         if let Some(outcome) = outcome {
             binding.counters.resolved(outcome);
