@@ -15,6 +15,10 @@ use crate::request::{CancelToken, Reason};
 /// `Interrupt::executed` before a request's first tick.
 const FIRST_TICK: u64 = u64::MAX;
 
+/// `Interrupt::executed` while the crate's own Lua work runs inside a
+/// request (see [`Interrupt::uncounted`]): not charged to its budget.
+const UNCOUNTED: u64 = u64::MAX - 1;
+
 /// Per-VM hook state, shared by the hook closure and the VM thread.
 ///
 /// Uses `Arc`/`Mutex` rather than `Rc`/`RefCell` so the crate also builds
@@ -375,11 +379,10 @@ impl Interrupt {
             return;
         };
         // ORDERING: Relaxed: only the VM thread touches the count.
-        let executed = self.executed.load(Ordering::Relaxed);
-        let executed = if executed == FIRST_TICK {
-            0
-        } else {
-            executed.saturating_add(n)
+        let executed = match self.executed.load(Ordering::Relaxed) {
+            UNCOUNTED => return,
+            FIRST_TICK => 0,
+            executed => executed.saturating_add(n),
         };
         self.executed.store(executed, Ordering::Relaxed);
         if executed >= budget {
@@ -499,6 +502,19 @@ impl Interrupt {
         if self.abort.load(Ordering::SeqCst) {
             token.stop(Reason::Shutdown);
         }
+    }
+
+    /// Runs `f`, the crate's own Lua work inside the running request (a
+    /// session's environment, opened by its request: `vm/job.rs`), outside
+    /// the request's instruction budget, which counts the request's code
+    /// from here as from its start. A stop still reaches `f`.
+    pub(crate) fn uncounted<R>(&self, f: impl FnOnce() -> R) -> R {
+        // ORDERING: Relaxed: only the VM thread touches the count.
+        self.executed.store(UNCOUNTED, Ordering::Relaxed);
+        let r = f();
+        // ORDERING: Relaxed, as above.
+        self.executed.store(FIRST_TICK, Ordering::Relaxed);
+        r
     }
 
     /// A suspended request's work runs again, having executed `executed`

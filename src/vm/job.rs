@@ -463,7 +463,12 @@ where
         #[cfg(feature = "async")]
         let mut children = crate::vm::tasks::Children::default();
         let out = catch_unwind(AssertUnwindSafe(|| {
-            let run = match ctx.session_env.map(|env| env.open(ctx.lua)) {
+            // Opening the session's environment is the crate's work, not
+            // the request's: not charged to its instruction budget.
+            let opened = ctx
+                .session_env
+                .map(|env| interrupt.uncounted(|| env.open(ctx.lua)));
+            let run = match opened {
                 Some(Err(e)) => Run::Done(Err(e)),
                 _ => work(ctx),
             };

@@ -334,3 +334,37 @@ fn a_new_session_on_a_full_vm_fails_its_first_request_then_works() {
     assert_eq!(pool.eval::<Option<i64>>("return mine"), Ok(None));
     pool.shutdown().unwrap();
 }
+
+/// A session's first request opens the session's environment (and a VM's
+/// first session builds what makes them): the crate's Lua work, not the
+/// request's, so not charged to its instruction budget. New sessions'
+/// first requests fit in a budget that fits an unkeyed request, from the
+/// VM's first session on.
+#[test]
+#[cfg(not(feature = "luau"))] // no instruction count: max_instructions is refused
+fn opening_a_sessions_environment_is_not_charged_to_its_budget() {
+    let pool = |budget| {
+        mlua_isle::IslePool::builder()
+            .workers(1)
+            .max_instructions(budget)
+            .build()
+            .unwrap()
+    };
+    let smallest = (1..=50)
+        .find(|&b| pool(b).eval::<i64>("return 1").is_ok())
+        .expect("an unkeyed request fits in some budget");
+    // Twice that fits the unkeyed request wherever the hook's count stands
+    // when it starts (the count is checked every `budget` instructions, and
+    // a request is stopped at its second check).
+    let budget = 2 * smallest;
+    let pool = pool(budget);
+    for k in 0..20 {
+        let first = pool.session(k).eval::<i64>("return 1");
+        assert_eq!(first, Ok(1), "session {k}, budget {budget}");
+    }
+    // The budget still holds in a session's first request.
+    let over = pool
+        .session("over")
+        .eval::<i64>("local n = 0 for i = 1, 100 do n = n + i end return n");
+    assert_eq!(over, Err(IsleError::InstructionLimit), "budget {budget}");
+}
