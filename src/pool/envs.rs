@@ -160,8 +160,8 @@ fn record<'a>(envs: &'a mut ById<Env>, binding: &Arc<Binding>) -> &'a mut Env {
 /// of its own for its run, so open sessions are not bounded by that stack.
 /// (Those entries are removed only as sessions close: when the VM closes,
 /// mlua's last collection still finds them, unlike the references, which
-/// `WorkerVm` drops first. Neither backend has the weak-keyed chains that
-/// make a collection slow, see `Vm`'s `Drop`.)
+/// `WorkerVm` drops first. Neither backend's collector has the ephemerons
+/// that make a collection slow, see `Vm`'s `Drop`.)
 #[cfg(not(any(feature = "lua51", feature = "luajit")))]
 pub(super) struct Kept(Table);
 

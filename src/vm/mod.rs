@@ -399,9 +399,10 @@ impl Vm {
     /// made once per session, is made by its first request instead: see
     /// `SessionEnv`.)
     ///
-    /// On Lua 5.1 and LuaJIT a tenant can make neither a finalizer (the
-    /// sandbox takes `newproxy`) nor a weak-keyed chain, and whether the
-    /// host stopped the collector cannot be read: `f` just runs.
+    /// On Lua 5.1 and LuaJIT a tenant can make no finalizer (the sandbox
+    /// takes `newproxy`), their collectors have no ephemerons (what makes
+    /// the slow heap slow), and whether the host stopped the collector
+    /// cannot be read: `f` just runs.
     pub(crate) fn between_requests<R>(&self, f: impl FnOnce(&Lua) -> R) -> R {
         #[cfg(not(any(feature = "lua51", feature = "luajit")))]
         let _held = self.lua.gc_is_running().then(|| {
