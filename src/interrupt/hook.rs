@@ -392,6 +392,35 @@ impl Interrupt {
         }
     }
 
+    /// Charges the allocations the memory limit refused since the last
+    /// tick (Lua 5.2–5.5: see `alarm/refusals.rs`), each as one instruction
+    /// per 8 bytes the VM holds: Lua ran a full collection before refusing
+    /// (a full collection of a heap of small tables takes about as long as
+    /// 12 to 14 of the cheapest instructions per byte, here). Elsewhere Lua
+    /// collects nothing before it refuses, and nothing is counted.
+    fn charge_refusals(&self, lua: &Lua) {
+        #[cfg(any(
+            feature = "lua52",
+            feature = "lua53",
+            feature = "lua54",
+            feature = "lua55"
+        ))]
+        if self.budget.is_some() {
+            let refused = alarm::refusals::take_refused();
+            if refused > 0 {
+                let bytes = u64::try_from(lua.used_memory()).unwrap_or(u64::MAX);
+                self.charge(refused.saturating_mul(bytes / 8));
+            }
+        }
+        #[cfg(not(any(
+            feature = "lua52",
+            feature = "lua53",
+            feature = "lua54",
+            feature = "lua55"
+        )))]
+        let _ = lua;
+    }
+
     #[cfg(any(feature = "lua54", feature = "lua55"))]
     /// The sandbox's pattern matcher (`sandbox/pattern`) polls this every so
     /// many steps: the steps count as instructions against the budget, and
@@ -417,6 +446,7 @@ impl Interrupt {
         // interval: it is not counted. A request is therefore never stopped
         // before its budget, and at most one interval after it.
         this.charge(u64::from(this.interval));
+        this.charge_refusals(lua);
         if let Some(reason) = this.stop_reason() {
             return Interrupt::interrupt_from_hook(this, lua, reason);
         }
@@ -491,6 +521,16 @@ impl Interrupt {
     /// The request of `token` starts running.
     pub(crate) fn enter(&self, token: &CancelToken) {
         self.executed.store(FIRST_TICK, Ordering::Relaxed);
+        // Refusals before the request are not its own.
+        #[cfg(any(
+            feature = "lua52",
+            feature = "lua53",
+            feature = "lua54",
+            feature = "lua55"
+        ))]
+        if self.budget.is_some() {
+            alarm::refusals::take_refused();
+        }
         // ORDERING: Relaxed: only the VM thread touches the count.
         #[cfg(all(feature = "async", not(any(feature = "lua54", feature = "lua55"))))]
         self.wrapper_left

@@ -18,6 +18,17 @@ pub(crate) const MEMORY_ERROR: &str = "not enough memory";
 /// The VM's memory limit, if it has one. (mlua 0.12 has no getter: the
 /// limit is read by setting it and putting it back, two stores.)
 pub(super) fn limit(lua: &Lua) -> Option<usize> {
+    // Where an instruction budget counts the limit's refusals, mlua cannot
+    // tell the limit (`interrupt/alarm/refusals.rs`): it is kept there.
+    #[cfg(any(
+        feature = "lua52",
+        feature = "lua53",
+        feature = "lua54",
+        feature = "lua55"
+    ))]
+    if let Some(limit) = crate::interrupt::alarm::refusals::limit(lua) {
+        return (limit != 0).then_some(limit);
+    }
     let limit = lua.set_memory_limit(0).ok()?;
     let _ = lua.set_memory_limit(limit);
     (limit != 0).then_some(limit)

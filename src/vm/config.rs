@@ -322,6 +322,19 @@ macro_rules! vm_options {
         /// count. Counting needs the hook to tick all the time, so a VM with
         /// a budget runs pure-Lua code 2–3x slower than one without (see
         /// the README's Performance section).
+        ///
+        /// On Lua 5.2–5.5 an allocation that the
+        /// [`memory_limit`](Self::memory_limit) refuses counts too: Lua
+        /// collects the whole heap before it gives up on one, so a script
+        /// that keeps its heap at the limit would otherwise make every
+        /// instruction cost a collection. Each refusal is charged one
+        /// instruction per 8 bytes the VM holds, at the next tick. To count
+        /// them the crate wraps the VM's allocator once `init` has run, and
+        /// mlua then cannot find its memory settings: in such a VM,
+        /// `Lua::set_memory_limit` fails with `MemoryControlNotAvailable`
+        /// (set the limit with [`memory_limit`](Self::memory_limit) or in
+        /// `init`), and `Lua::used_memory` asks Lua's collector (the same
+        /// count).
         pub fn max_instructions(mut self, n: u64) -> Self {
             self.config.max_instructions = Some(n);
             self

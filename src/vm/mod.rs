@@ -66,6 +66,15 @@ pub(crate) struct Vm {
     /// Request code is a tenant's: the globals are emptied before the VM
     /// is closed (see `Drop`).
     sandboxed: bool,
+    /// With an instruction budget, the allocations the memory limit
+    /// refuses are counted for it (`interrupt/alarm/refusals.rs`).
+    #[cfg(any(
+        feature = "lua52",
+        feature = "lua53",
+        feature = "lua54",
+        feature = "lua55"
+    ))]
+    refusals: Option<crate::interrupt::alarm::refusals::Counting>,
 }
 
 impl Drop for Vm {
@@ -86,6 +95,14 @@ impl Drop for Vm {
     /// trusted script's finalizers may read them while the state closes.
     fn drop(&mut self) {
         self.close_suspended(&mut |_, _| {});
+        // mlua's allocator back, before mlua looks for its memory state.
+        #[cfg(any(
+            feature = "lua52",
+            feature = "lua53",
+            feature = "lua54",
+            feature = "lua55"
+        ))]
+        drop(self.refusals.take());
         if let Some(binding) = self.interrupt.binding() {
             crate::interrupt::alarm::unbind(&binding);
         }
@@ -208,6 +225,15 @@ impl Vm {
         };
         match catch_unwind(AssertUnwindSafe(|| init_then_sandbox(&lua))) {
             Ok(Ok(())) => Ok(Vm {
+                #[cfg(any(
+                    feature = "lua52",
+                    feature = "lua53",
+                    feature = "lua54",
+                    feature = "lua55"
+                ))]
+                refusals: config
+                    .max_instructions
+                    .and_then(|_| crate::interrupt::alarm::refusals::count(&lua)),
                 #[cfg(feature = "async")]
                 suspension: suspend::Suspension::new(),
                 #[cfg(feature = "async")]

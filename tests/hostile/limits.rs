@@ -368,3 +368,52 @@ fn opening_a_sessions_environment_is_not_charged_to_its_budget() {
         .eval::<i64>("local n = 0 for i = 1, 100 do n = n + i end return n");
     assert_eq!(over, Err(IsleError::InstructionLimit), "budget {budget}");
 }
+
+/// A heap held at its memory limit makes Lua run a full collection at
+/// every allocation (its emergency collection, before it gives up), and
+/// whether the allocation then fits or fails, no instruction count sees
+/// that work: one instruction can cost milliseconds. The budget counts
+/// each allocation refused at the limit as the collection it caused, so it
+/// still stops such a loop, within one hook interval of the first refusal
+/// past the budget. (The request's own time limit is the watchdog: without
+/// the charge, these loops run for hours under a 5M budget.) Lua 5.1,
+/// LuaJIT and Luau collect nothing before they refuse an allocation (and
+/// Luau has no budget).
+#[test]
+#[cfg(any(
+    feature = "lua52",
+    feature = "lua53",
+    feature = "lua54",
+    feature = "lua55"
+))]
+fn the_budget_stops_a_loop_that_keeps_the_heap_at_its_limit() {
+    // Fills the heap until an allocation fails, and keeps what it made.
+    const FILL: &str = "local hog = {} pcall(function() while true do hog[#hog + 1] = {} end end) ";
+    // Each new table fits once the collection frees the last one, or the
+    // error is caught.
+    let loops = [
+        "while true do pcall(error, {}) end",
+        "while true do pcall(function() local t = { {}, {} } end) end",
+        "while true do pcall(function() return tostring({}) .. 'x' end) end",
+    ];
+    for sandbox in [false, true] {
+        let isle = Isle::builder()
+            .sandbox(sandbox)
+            .memory_limit(4 * MB)
+            .max_instructions(5_000_000)
+            .spawn(|_| Ok(()))
+            .unwrap();
+        for body in loops {
+            let r = isle
+                .spawn_eval::<()>(format!("{FILL}{body}"))
+                .timeout(4 * PATIENCE)
+                .wait();
+            assert!(
+                matches!(r, Err(IsleError::InstructionLimit)),
+                "sandbox {sandbox}, `{body}` at the limit: {r:?}"
+            );
+            // The VM serves on, its memory back.
+            assert_eq!(isle.eval::<i64>("return 6 * 7"), Ok(42));
+        }
+    }
+}

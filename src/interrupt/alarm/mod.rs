@@ -121,6 +121,8 @@
 //!   `pcall`, `xpcall`, `load`, `loadfile`, `dofile` and the untracked
 //!   `coroutine.resume` (`mod protected`, which argues its own soundness),
 //!   and there too `print` where it stays Lua's own (`sandbox/print.rs`);
+//! - Lua 5.2–5.5's allocator, wrapped where a VM has an instruction budget
+//!   to count the allocations its memory limit refuses (`mod refusals`);
 //! - `new_lua_with_unsafe_libs`, for the host's `unsafe_std_libs`.
 
 // Luau has no hooks to arm: only the alarm, its interrupt (`mod luau`),
@@ -148,6 +150,14 @@ pub(crate) use raise::{end_raising, raise_from_next_instruction, set_tick, tick_
     feature = "lua55"
 ))]
 mod protected;
+
+#[cfg(any(
+    feature = "lua52",
+    feature = "lua53",
+    feature = "lua54",
+    feature = "lua55"
+))]
+pub(crate) mod refusals;
 
 #[cfg(feature = "luau")]
 mod luau;
