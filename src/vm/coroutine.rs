@@ -7,8 +7,11 @@
 //! returns `Pending`, and the request suspends (`vm/job.rs`).
 //!
 //! Coroutines are reused: a request that finishes leaves its (finished)
-//! coroutine to the next one, so a request that never waits costs one
-//! `lua_resume` more than a plain call, not a new Lua thread. A request's
+//! coroutine to the next one of the same tenant (the same session, or
+//! unkeyed work), so a request that never waits costs one `lua_resume`
+//! more than a plain call, not a new Lua thread. Only of the same tenant:
+//! Lua code can keep its coroutine (`coroutine.running()`), and with it
+//! resume or close whatever request runs on that coroutine later. A request's
 //! coroutine is recorded as the running Lua thread while it is polled
 //! (`alarm::on_coroutine`), so a stop arms the hook on it, as on any
 //! coroutine switch Lua code makes.
@@ -44,10 +47,29 @@ static REQUEST: Precompiled = Precompiled::new("=mlua-isle request", include_str
 /// Finished coroutines kept for reuse.
 const SPARES: usize = 16;
 
+/// Whose requests a spare coroutine ran: a session's (its tag, held weakly:
+/// the allocation, hence the address `ptr_eq` compares, outlives the
+/// session while this is kept), or unkeyed work's (`None`).
+type Tenant = Option<std::sync::Weak<dyn std::any::Any + Send + Sync>>;
+
+/// The tenant of the running request.
+fn tenant() -> Tenant {
+    crate::vm::scope::session().map(|tag| std::sync::Arc::downgrade(&tag))
+}
+
+fn same_tenant(a: &Tenant, b: &Tenant) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => std::sync::Weak::ptr_eq(a, b),
+        _ => false,
+    }
+}
+
 /// One VM's request coroutines.
 pub(crate) struct Coroutines {
     lua: Lua,
-    spares: RefCell<Vec<Thread>>,
+    /// Finished coroutines, with the tenant whose request ran on each.
+    spares: RefCell<Vec<(Tenant, Thread)>>,
     /// Every request's function runs under Lua's own `xpcall`, inside its
     /// coroutine (`body(...)`), with a message handler like mlua's, so
     /// that its error is handled inside the coroutine, as a request's on
@@ -155,7 +177,12 @@ impl Coroutines {
         let f = function;
         #[cfg(not(feature = "lua51"))]
         let f = &self.body;
-        let spare = self.spares.borrow_mut().pop();
+        let tenant = tenant();
+        let spare = {
+            let mut spares = self.spares.borrow_mut();
+            let mine = spares.iter().rposition(|(t, _)| same_tenant(t, &tenant));
+            mine.map(|i| spares.swap_remove(i).1)
+        };
         let thread = match spare {
             Some(thread) => {
                 thread.reset(f.clone())?;
@@ -170,6 +197,7 @@ impl Coroutines {
             thread,
             future: Some(future),
             home: self.clone(),
+            tenant,
         })
     }
 }
@@ -244,6 +272,8 @@ pub(crate) struct Call<R> {
     /// `None` once finished.
     future: Option<AsyncThread<R>>,
     home: Rc<Coroutines>,
+    /// Whose request runs on it (see [`Tenant`]).
+    tenant: Tenant,
 }
 
 impl<R: FromLuaMulti> Future for Call<R> {
@@ -262,9 +292,11 @@ impl<R: FromLuaMulti> Future for Call<R> {
         let result = this.home.outcome(&this.thread, result);
         if result.is_ok() && this.thread.status() == mlua::thread::ThreadStatus::Finished {
             let mut spares = this.home.spares.borrow_mut();
-            if spares.len() < SPARES {
-                spares.push(this.thread.clone());
+            if spares.len() == SPARES {
+                // The oldest goes (`swap_remove` keeps no order: any one).
+                spares.swap_remove(0);
             }
+            spares.push((this.tenant.take(), this.thread.clone()));
         } else {
             // Died of an error: Lua 5.4 and 5.5 leave its to-be-closed
             // variables open until it is closed (the request is still
