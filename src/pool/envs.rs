@@ -265,6 +265,14 @@ struct EnvParts {
     /// Luau), `load` has no environment argument everywhere (5.1), and
     /// `loadstring` none at all: the loaded function gets it set instead.
     setfenv: Option<Function>,
+    /// The functions the factory calls, as the VM started with them: it is
+    /// built later, when unkeyed work may have rebound the globals.
+    setmetatable: Function,
+    select: Function,
+    error: Function,
+    type_of: Function,
+    /// The sandbox's `set_session_finder` (see `sandbox::session_finder`).
+    finder: Option<Function>,
 }
 
 impl EnvFactory {
@@ -277,13 +285,20 @@ impl EnvFactory {
             EnvFactory::Parts(Ok(p)) => {
                 let caller_env =
                     lua.create_function(|lua, meta: Table| Ok(caller_env(lua, &meta)))?;
-                SESSION_ENV.load(lua)?.call::<Function>((
+                let chunk = SESSION_ENV.load(lua)?;
+                chunk.set_environment(lua.create_table()?)?;
+                chunk.call::<Function>((
                     p.shared.clone(),
                     p.is_copy,
                     p.load.clone(),
                     p.loadstring.clone(),
                     p.setfenv.clone(),
                     caller_env,
+                    p.select.clone(),
+                    p.setmetatable.clone(),
+                    p.error.clone(),
+                    p.type_of.clone(),
+                    p.finder.clone(),
                 ))?
             }
         };
@@ -304,6 +319,11 @@ fn env_parts(vm: &Vm) -> mlua::Result<EnvParts> {
             Some(own) => Some(own),
             None => globals.get("setfenv")?,
         },
+        setmetatable: globals.get("setmetatable")?,
+        select: globals.get("select")?,
+        error: globals.get("error")?,
+        type_of: globals.get("type")?,
+        finder: crate::sandbox::session_finder(vm.lua())?,
     })
 }
 

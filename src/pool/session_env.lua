@@ -6,8 +6,12 @@
 -- reads fall back to: `own` (the session `load` and `loadstring`) and then
 -- the globals. In the sandbox, `own` is the sandbox's copy of the globals
 -- itself (sessions alone read it), so a global read takes one step.
-local globals, copy, load, loadstring, setfenv, caller_env = ...
-local select = select
+--
+-- Built on a VM's first session request, when unkeyed work may have
+-- rebound any global: this chunk reads none (it runs with an empty
+-- environment). What it calls was taken when the VM started (`EnvParts`).
+local globals, copy, load, loadstring, setfenv, caller_env, select, setmetatable, error, type,
+      set_session_finder = ...
 local own = copy and globals or setmetatable({}, { __index = globals })
 local meta = { __index = own, __metatable = false }
 
@@ -32,14 +36,18 @@ local function in_env(env, f, ...)
 end
 if load then
     own.load = function(chunk, name, mode, ...)
+        if setfenv then
+            -- `load` takes no environment here (5.1), or only a table
+            -- (LuaJIT): what else it is given must not leave the chunk with
+            -- the thread's environment, the shared globals.
+            local env = ...
+            if type(env) ~= "table" then env = caller() end
+            return in_env(env, load(chunk, name, mode))
+        end
         if select('#', ...) ~= 0 then
             return load(chunk, name, mode, ...)
         end
-        local env = caller()
-        if setfenv then
-            return in_env(env, load(chunk, name, mode))
-        end
-        return load(chunk, name, mode, env)
+        return load(chunk, name, mode, caller())
     end
 end
 if loadstring and setfenv then
@@ -47,6 +55,13 @@ if loadstring and setfenv then
         local env = caller()
         return in_env(env, loadstring(...))
     end
+end
+
+-- In the sandbox, the VM's own `load` and `loadstring` (which session code
+-- may reach through what `init` shares) also load into the calling
+-- session's environment.
+if set_session_finder then
+    set_session_finder(function() return caller_env(meta) end)
 end
 
 return function()

@@ -86,14 +86,24 @@ const SESSION_GLOBALS: &str = "mlua-isle session globals";
 const SETFENV: &str = "mlua-isle setfenv";
 /// Where `apply` keeps `adopt` (see [`adopt`]).
 const ADOPT: &str = "mlua-isle sandbox adopt";
+/// Where the functions the crate replaced before the sandbox ran (Lua's
+/// pattern functions, on 5.4 and 5.5) are kept, each with its replacement.
+const REPLACED: &str = "mlua-isle replaced";
+/// Where `apply` keeps `set_session_finder` (see [`session_finder`]).
+const SESSION_FINDER: &str = "mlua-isle sandbox session finder";
 
 /// Applies the sandbox to `lua` (see the module docs). `load` refuses
 /// sources longer than `max_source` bytes.
 pub(crate) fn apply(lua: &Lua, max_source: usize) -> mlua::Result<()> {
-    let (base, setfenv, adopt): (Table, Option<Function>, Function) =
-        SANDBOX.load(lua)?.call(max_source)?;
+    let (base, setfenv, adopt, finder): (Table, Option<Function>, Function, Function) =
+        SANDBOX.load(lua)?.call((
+            max_source,
+            lua.named_registry_value::<Option<Table>>(REPLACED)?,
+        ))?;
+    lua.unset_named_registry_value(REPLACED)?;
     lua.set_named_registry_value(SESSION_GLOBALS, base)?;
     lua.set_named_registry_value(ADOPT, adopt)?;
+    lua.set_named_registry_value(SESSION_FINDER, finder)?;
     lua.set_named_registry_value(SETFENV, setfenv)
 }
 
@@ -103,6 +113,14 @@ pub(crate) fn apply(lua: &Lua, max_source: usize) -> mlua::Result<()> {
 /// ([`session_globals`]). `None` without the sandbox.
 pub(crate) fn adopt(lua: &Lua) -> mlua::Result<Option<Function>> {
     lua.named_registry_value(ADOPT)
+}
+
+/// In a sandboxed VM, the Lua function `set_session_finder(f)`: the VM's
+/// `load` and `loadstring` then give a chunk the environment `f()` returns
+/// (the calling session's, or `nil`) when not given one. `None` without
+/// the sandbox.
+pub(crate) fn session_finder(lua: &Lua) -> mlua::Result<Option<Function>> {
+    lua.named_registry_value(SESSION_FINDER)
 }
 
 /// Lua's own `setfenv` (5.1, LuaJIT, Luau), which the sandbox replaces.

@@ -1,5 +1,7 @@
 -- The sandbox (see mod.rs). Runs once per VM, after `init`.
-local max_source = ...
+-- `earlier`: functions the crate replaced before (Lua's pattern functions,
+-- on 5.4 and 5.5), each with its replacement.
+local max_source, earlier = ...
 local G = _G
 local tonumber = tonumber
 local error, type, tostring, ipairs, pairs, next, select = error, type, tostring, ipairs, pairs, next, select
@@ -20,6 +22,32 @@ local function load_text(source, name)
 end
 local string_lib = rawget(G, "string")
 local sub, byte = string_lib and string_lib.sub, string_lib and string_lib.byte
+
+-- Every function the sandbox replaces, with its replacement (filled at the
+-- end, from `seen`). `init` may have shared Lua's own under other names
+-- (`api = { compile = load }`): a view hands out the replacement instead,
+-- as the globals do, so no shared table leads past the sandbox's rules.
+local replaced = {}
+if type(earlier) == "table" then
+    for f, ours in next, earlier do replaced[f] = ours end
+end
+-- Where each function stood before the sandbox ran: {table, key, function}.
+local seen = {}
+do
+    local function note(t)
+        for k, f in next, t do
+            if type(f) == "function" then seen[#seen + 1] = { t, k, f } end
+        end
+    end
+    note(G)
+    for _, name in ipairs({ "string", "table", "math", "utf8", "coroutine", "os", "bit32", "bit" }) do
+        local t = rawget(G, name)
+        if type(t) == "table" then note(t) end
+    end
+end
+-- Replacements that only refuse: not handed out for what `init` shared
+-- on purpose under another name.
+local stubs = setmetatable({}, { __mode = "k" })
 
 -- ===== Errors as Lua's C functions raise them =====
 -- A replacement calls Lua's C function through `pcall` and an inner Lua
@@ -68,9 +96,11 @@ local function named(name, f)
 end
 
 local function unavailable(name)
-    return function()
+    local stub = function()
         error(name .. " is not available in the sandbox", 2)
     end
+    stubs[stub] = true
+    return stub
 end
 
 -- ===== Read-only views =====
@@ -90,6 +120,12 @@ local views = setmetatable({}, { __mode = "k" })
 local iters = setmetatable({}, { __mode = "k" })
 local names = setmetatable({}, { __mode = "k" })
 local whys = setmetatable({}, { __mode = "k" })
+
+-- What sessions read through (filled at the end, see there). Every path a
+-- view hands out that leads to the globals themselves (a table `init`
+-- keeps them in, a module whose metatable reads through to them) leads
+-- here instead: to what sessions read, read-only.
+local base = {}
 
 local LIBRARY = "library tables are read-only in the sandbox"
 local SHARED = "tables shared by init are read-only in the sandbox"
@@ -115,6 +151,7 @@ local function out(x, name, k, why)
     if type(x) == "table" and locked[x] == nil then
         return view(x, field(name, k), why)
     end
+    if type(x) == "function" then return replaced[x] or x end
     return x
 end
 
@@ -129,6 +166,11 @@ end
 -- `fast`: `t` holds no table and has no metatable (a library), so reads go
 -- straight to it, at table speed.
 view = function(t, name, why, fast)
+    if rawequal(t, G) then
+        -- The shared globals, kept somewhere by `init`: what unkeyed work
+        -- writes there must not reach sessions, nor sessions write it.
+        t, name, why, fast = base, "_G", SHARED, nil
+    end
     local v = views[t]
     if v then return v end
     v = {}
@@ -136,12 +178,24 @@ view = function(t, name, why, fast)
         local nk, nx = next(t, key(k))
         return out(nk, name, nil, why), out(nx, name, nk, why)
     end
+    -- A table reading through to the globals (Lua 5.1's
+    -- `module(name, package.seeall)`) reads through to `base` instead.
+    local read = t
+    local tmt = getmetatable(t)
+    if type(tmt) == "table" and rawequal(rawget(tmt, "__index"), G) then
+        read = setmetatable({}, { __index = function(_, k)
+            local x = rawget(t, k)
+            if x == nil then x = base[k] end
+            return x
+        end })
+    end
     local mt = {
         __index = fast and t or function(_, k)
-            local x = t[key(k)]
+            local x = read[key(k)]
             if type(x) == "table" and locked[x] == nil then
                 return view(x, field(name, k), why)
             end
+            if type(x) == "function" then return replaced[x] or x end
             return x
         end,
         __newindex = function(_, k)
@@ -152,7 +206,6 @@ view = function(t, name, why, fast)
         __len = function() return #t end,
         __metatable = false,
     }
-    local tmt = getmetatable(t)
     if type(tmt) == "table" then
         for _, e in ipairs(FORWARDED) do
             local h = rawget(tmt, e)
@@ -209,6 +262,11 @@ G.dofile = unavailable("dofile")
 -- Lua 5.1, LuaJIT: `newproxy(true)` makes a userdata whose metatable Lua
 -- code may give a `__gc` (see 4.). (Luau's goes too: one rule.)
 if rawget(G, "newproxy") ~= nil then G.newproxy = unavailable("newproxy") end
+-- Lua 5.1, LuaJIT: `module(name, ...)` finds `name` in the registry's
+-- `_LOADED` (the real `package.loaded`, holding the real `io`, `debug`,
+-- `package` and `_G`), makes it the caller's environment and hands it to
+-- each further argument.
+if rawget(G, "module") ~= nil then G.module = unavailable("module") end
 
 -- ===== 2. The collector stays on and tuned as the host set it =====
 -- Options that stop or retune it (of every backend); any other goes to
@@ -461,14 +519,45 @@ local function bounded_reader(read)
         return piece
     end
 end
+-- The VM's `load` and `loadstring` default to the shared globals. Session
+-- code reaches them only through what `init` shares (a table holding
+-- `load`), and a chunk it loads so must not run in the shared globals: by
+-- default it runs in the environment of the session whose code called
+-- (found as the session's own `load` finds it, once the VM has sessions:
+-- `set_session_finder`, from `pool/session_env.lua`).
+local session_of_caller = function() return nil end
+local function set_session_finder(f) session_of_caller = f end
+local setfenv_c = rawget(G, "setfenv")
+-- The session whose code called, where the call gives no environment a
+-- chunk could run in (LuaJIT's `load` takes a table only, 5.1's none).
+local function caller_session(with_env, env)
+    if setfenv_c then
+        if type(env) ~= "table" then return session_of_caller() end
+    elseif not with_env then
+        return session_of_caller()
+    end
+end
+-- A chunk loaded for session code into its environment `env`. (Rare, so
+-- an argument error here is placed at this frame, not the caller's.)
+local function into(env, f, e)
+    if f and setfenv_c then setfenv_c(f, env) end
+    return f, e
+end
 if load then
     local load_c = named("load", load)
     G.load = function(...)
-        local chunk = ...
+        local chunk, name, mode, env = ...
+        local session = caller_session(select("#", ...) >= 4, env)
         if type(chunk) == "string" then
             if #chunk > max_source then return nil, too_large(#chunk) end
         elseif type(chunk) == "function" then
+            if session then
+                return into(session, placed(pcall(load_c, bounded_reader(chunk), name, mode, session)))
+            end
             return placed(pcall(load_c, bounded_reader(chunk), select(2, ...)))
+        end
+        if session then
+            return into(session, placed(pcall(load_c, chunk, name, mode, session)))
         end
         return placed(pcall(load_c, ...))
     end
@@ -476,8 +565,13 @@ end
 if loadstring then
     local loadstring_c = named("loadstring", loadstring)
     G.loadstring = function(...)
-        local s = ...
+        local s, name = ...
         if type(s) == "string" and #s > max_source then return nil, too_large(#s) end
+        local session = caller_session(false)
+        if session then
+            -- 5.2's compat `loadstring` is `load`: it takes the environment.
+            return into(session, placed(pcall(loadstring_c, s, name, nil, session)))
+        end
         return placed(pcall(loadstring_c, ...))
     end
 end
@@ -641,9 +735,20 @@ if type(string_mt) == "table" then string_mt.__metatable = false end
 -- What sessions read through: the globals as `init` and the sandbox left
 -- them. Unkeyed work shares the VM's globals, and may rebind them; sessions
 -- must not see that (nor anything unkeyed work adds).
-local base = {}
+for _, at in ipairs(seen) do
+    local t, k, f = at[1], at[2], at[3]
+    local now = rawget(t, k)
+    if type(now) == "function" and now ~= f and not stubs[now] then replaced[f] = now end
+end
+-- Globals `init` set to Lua's own functions under other names.
+for k, x in next, G do
+    if type(x) == "function" and replaced[x] then rawset(G, k, replaced[x]) end
+end
 for k, x in next, G do base[k] = x end
 base._G = nil
+for k, x in next, base do
+    if rawequal(x, G) then base[k] = view(G) end
+end
 
 -- A global the host set after the sandbox (a pool's reload): a table
 -- becomes a view, as those `init` left do, and sessions read it.
@@ -653,7 +758,12 @@ local function adopt(k)
         x = view(x, type(k) == "string" and k or "(global)", SHARED)
         rawset(G, k, x)
     end
+    if rawequal(x, G) then x = view(G) end
+    if type(x) == "function" and replaced[x] then
+        x = replaced[x]
+        rawset(G, k, x)
+    end
     if k ~= "_G" then base[k] = x end
 end
 -- Lua's own `setfenv` for the session environments' `load` (theirs).
-return base, setfenv, adopt
+return base, setfenv, adopt, set_session_finder

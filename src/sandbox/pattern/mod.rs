@@ -156,11 +156,21 @@ fn install_ctx(lua: &Lua, string: &Table, ctx: Arc<PatternCtx>) -> mlua::Result<
             gsub_rs,
             error,
         ))?;
-    string.set("find", find)?;
-    string.set("match", match_)?;
-    string.set("gmatch", gmatch)?;
-    string.set("gsub", gsub)?;
-    Ok(())
+    // What each replaces, for the sandbox: a table `init` shared may hold
+    // Lua's own (`sandbox.lua`, `replaced`).
+    let replaced = lua.create_table()?;
+    for (name, ours) in [
+        ("find", find),
+        ("match", match_),
+        ("gmatch", gmatch),
+        ("gsub", gsub),
+    ] {
+        if let Some(lua_s) = string.raw_get::<Option<Function>>(name)? {
+            replaced.raw_set(lua_s, &ours)?;
+        }
+        string.set(name, ours)?;
+    }
+    lua.set_named_registry_value(super::REPLACED, replaced)
 }
 
 /// Why a call stopped early. Boxed, so that results stay small through the
