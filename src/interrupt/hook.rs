@@ -399,26 +399,14 @@ impl Interrupt {
     /// 12 to 14 of the cheapest instructions per byte, here). Elsewhere Lua
     /// collects nothing before it refuses, and nothing is counted.
     fn charge_refusals(&self, lua: &Lua) {
-        #[cfg(any(
-            feature = "lua52",
-            feature = "lua53",
-            feature = "lua54",
-            feature = "lua55"
-        ))]
-        if self.budget.is_some() {
-            let refused = alarm::refusals::take_refused();
-            if refused > 0 {
-                let bytes = u64::try_from(lua.used_memory()).unwrap_or(u64::MAX);
-                self.charge(refused.saturating_mul(bytes / 8));
-            }
+        if self.budget.is_none() {
+            return;
         }
-        #[cfg(not(any(
-            feature = "lua52",
-            feature = "lua53",
-            feature = "lua54",
-            feature = "lua55"
-        )))]
-        let _ = lua;
+        let refused = alarm::take_refused();
+        if refused > 0 {
+            let bytes = u64::try_from(lua.used_memory()).unwrap_or(u64::MAX);
+            self.charge(refused.saturating_mul(bytes / 8));
+        }
     }
 
     #[cfg(any(feature = "lua54", feature = "lua55"))]
@@ -522,14 +510,8 @@ impl Interrupt {
     pub(crate) fn enter(&self, token: &CancelToken) {
         self.executed.store(FIRST_TICK, Ordering::Relaxed);
         // Refusals before the request are not its own.
-        #[cfg(any(
-            feature = "lua52",
-            feature = "lua53",
-            feature = "lua54",
-            feature = "lua55"
-        ))]
         if self.budget.is_some() {
-            alarm::refusals::take_refused();
+            alarm::take_refused();
         }
         // ORDERING: Relaxed: only the VM thread touches the count.
         #[cfg(all(feature = "async", not(any(feature = "lua54", feature = "lua55"))))]

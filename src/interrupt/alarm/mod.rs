@@ -158,6 +158,25 @@ mod protected;
     feature = "lua55"
 ))]
 pub(crate) mod refusals;
+#[cfg(any(
+    feature = "lua52",
+    feature = "lua53",
+    feature = "lua54",
+    feature = "lua55"
+))]
+pub(crate) use refusals::take_refused;
+
+/// Lua 5.1, LuaJIT and Luau collect nothing before they refuse an
+/// allocation: no refusal is counted (see `mod refusals`).
+#[cfg(not(any(
+    feature = "lua52",
+    feature = "lua53",
+    feature = "lua54",
+    feature = "lua55"
+)))]
+pub(crate) fn take_refused() -> u64 {
+    0
+}
 
 #[cfg(feature = "luau")]
 mod luau;
