@@ -40,7 +40,7 @@ do
         end
     end
     note(G)
-    for _, name in ipairs({ "string", "table", "math", "utf8", "coroutine", "os", "bit32", "bit" }) do
+    for _, name in ipairs({ "string", "table", "math", "utf8", "coroutine", "os", "bit32", "bit", "buffer", "vector", "integer" }) do
         local t = rawget(G, name)
         if type(t) == "table" then note(t) end
     end
@@ -577,7 +577,7 @@ if loadstring then
 end
 
 -- ===== 6. `require`: only what is already loaded, as views =====
-local LIBRARIES = { "string", "table", "math", "utf8", "coroutine", "os", "bit32", "bit", "jit", "buffer", "vector" }
+local LIBRARIES = { "string", "table", "math", "utf8", "coroutine", "os", "bit32", "bit", "jit", "buffer", "vector", "integer" }
 local is_library = {}
 for _, name in ipairs(LIBRARIES) do is_library[name] = true end
 local loaded = {}
