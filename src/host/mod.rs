@@ -161,6 +161,12 @@ impl Host {
         // shutdown meanwhile waits for no `init`.
         let next = self.life.new_generation();
         let Some((fresh, go)) = start(slot, next) else {
+            // The fresh VM could not start (`init` failed, or no thread):
+            // the stuck thread keeps the slot, and this check comes again
+            // one grace period from now, for as long as the thread stays
+            // in `req`: it tries again, or (once shutdown has begun) marks
+            // the thread wedged, so that shutdown stops waiting for it.
+            crate::request::timer::watch(req);
             return;
         };
         // Serialised with shutdown, which takes the thread list.

@@ -95,8 +95,15 @@ pub(crate) fn try_reserve<F: Submit + Clone>(front: &F) -> Result<Permit<F>, Isl
     if front.is_closed() {
         return Err(IsleError::Shutdown);
     }
+    // The queue's room first, then the session's, asked for only once the
+    // queue's is had: taking it binds the session's key, and a reservation
+    // the pool refuses opens no session (as a request it refuses does not).
+    let queue = front.room().cloned();
+    let rooms = queue
+        .into_iter()
+        .chain(std::iter::once_with(|| front.first_room()).flatten());
     let mut admission = Admission::none();
-    for room in rooms(front).into_iter().flatten() {
+    for room in rooms {
         // On failure, room taken in the first is given back.
         admission = admission.and(room.try_acquire().ok_or(IsleError::QueueFull)?);
     }
@@ -119,7 +126,7 @@ pub(crate) fn reserve_until<F: Submit + Clone>(
         return Err(IsleError::Shutdown);
     }
     let mut admission = Admission::none();
-    for room in rooms(front).into_iter().flatten() {
+    for room in rooms(front) {
         admission = admission.and(room.acquire_until(deadline).map_err(refused)?);
     }
     Ok(Permit {
@@ -128,10 +135,12 @@ pub(crate) fn reserve_until<F: Submit + Clone>(
     })
 }
 
-/// The rooms a request of `front` takes, in order: a session's own, then
-/// the queue's.
-fn rooms<F: Submit>(front: &F) -> [Option<Arc<Room>>; 2] {
+/// The rooms a waiting reservation of `front` takes, in order: a
+/// session's own, then the queue's (waiting in its session's line first).
+fn rooms<F: Submit>(front: &F) -> impl Iterator<Item = Arc<Room>> {
     [front.first_room(), front.room().cloned()]
+        .into_iter()
+        .flatten()
 }
 
 fn refused(r: Refused) -> IsleError {
@@ -163,11 +172,7 @@ impl<F> Reserve<F> {
     where
         F: Submit,
     {
-        let waits = rooms(&front)
-            .into_iter()
-            .flatten()
-            .map(Acquire::new)
-            .collect();
+        let waits = rooms(&front).map(Acquire::new).collect();
         Reserve {
             front: Some(front),
             waits,

@@ -174,6 +174,7 @@ impl IslePoolBuilder {
             pinned: (0..n).map(|_| Injector::new()).collect(),
             fair: (0..n).map(|_| CachePadded::default()).collect(),
             control: (0..n).map(|_| Injector::new()).collect(),
+            bound: (0..n).map(|_| Injector::new()).collect(),
             reloads: Reloads::default(),
             versions: (0..n).map(|_| AtomicU64::new(0)).collect(),
             sleep,

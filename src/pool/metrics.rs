@@ -87,8 +87,11 @@ pub struct WorkerMetrics {
     /// Times this worker replaced its VM (`recycle_after`,
     /// `recycle_when_memory_above`).
     pub recycled: u64,
-    /// Times a replacement VM failed to start (its `init` failed); the old
-    /// VM kept serving.
+    /// Times a replacement VM failed to start (its `init` failed). When
+    /// recycling, the old VM kept serving. When replacing a wedged VM, the
+    /// stuck thread keeps the slot (its queue waits for it), shutdown no
+    /// longer waits for it, and the pool tries again every `stop_grace`
+    /// while it stays stuck.
     pub recycle_failures: u64,
     /// Times this worker's VM was wedged (it did not let go of a stopped
     /// request within `stop_grace`) and a fresh VM took over.

@@ -46,10 +46,28 @@ pub(crate) struct Binding {
     pub(super) last_used: AtomicU64,
     /// Set when the VM holding this session's state was recycled.
     pub(super) lost: AtomicBool,
+    /// Counted in its worker's `sessions` (from binding until it is closed,
+    /// expires or is lost, whichever comes first: see [`uncount`](Self::uncount)).
+    counted: AtomicBool,
     /// Its requests and their run time (`SessionMetrics`).
     pub(super) counters: KeyCounters,
     /// Its own bound on queued requests (`session_queue_capacity`).
     pub(super) room: Option<Arc<Room>>,
+}
+
+impl Binding {
+    /// Takes the session out of its worker's count of open sessions, once
+    /// however many of its ends meet (closed, expired, lost with its VM to
+    /// recycling, then to a wedge): each path calls this.
+    pub(super) fn uncount(&self, shared: &Shared) {
+        // ORDERING: AcqRel: the swap alone decides which caller subtracts;
+        // the count itself is a statistic (Relaxed).
+        if self.counted.swap(false, Ordering::AcqRel) {
+            shared.counters[self.worker]
+                .sessions
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A map by binding id (environments, fair queues).
@@ -272,8 +290,15 @@ fn bind(shared: &Shared, shard: &mut HashSet<ByKey, Prehashed>, key: &HashedKey)
         hash: key.hash,
         worker: least_loaded(shared),
         pending: AtomicU32::new(0),
-        last_used: AtomicU64::new(0),
+        // Idle from now: a session opened by a reservation and never used
+        // expires one idle timeout after it opened.
+        last_used: AtomicU64::new(if shared.idle_timeout.is_some() {
+            shared.now_ns()
+        } else {
+            0
+        }),
         lost: AtomicBool::new(false),
+        counted: AtomicBool::new(true),
         counters: KeyCounters::default(),
         room: shared.session_capacity.map(Room::new),
     });
@@ -282,6 +307,10 @@ fn bind(shared: &Shared, shard: &mut HashSet<ByKey, Prehashed>, key: &HashedKey)
         .sessions
         .fetch_add(1, Ordering::Relaxed);
     shard.insert(ByKey(b.clone()));
+    if shared.idle_timeout.is_some() {
+        // Its worker sweeps it for expiry (`Worker::expire_idle`).
+        shared.bound[b.worker].push(b.clone());
+    }
     b
 }
 
@@ -289,8 +318,16 @@ fn bind(shared: &Shared, shard: &mut HashSet<ByKey, Prehashed>, key: &HashedKey)
 /// key if it is not bound; `None` without that option.
 fn key_room(shared: &Shared, key: &HashedKey) -> Option<Arc<Room>> {
     shared.session_capacity?;
-    let mut shard = shared.sessions.shard(key).lock();
-    bind(shared, &mut shard, key).room.clone()
+    let binding = {
+        let mut shard = shared.sessions.shard(key).lock();
+        bind(shared, &mut shard, key)
+    };
+    if shared.idle_timeout.is_some() {
+        // A worker asleep with nothing to sweep sweeps again: this session
+        // may never send it a request.
+        shared.sleep.wake(binding.worker);
+    }
+    binding.room.clone()
 }
 
 /// Submits `job` for `key`: binds the key on first use (to the least loaded
@@ -362,6 +399,7 @@ pub(super) fn close(shared: &Shared, key: &HashedKey) -> bool {
         let Some(ByKey(binding)) = shard.take(key as &dyn Probe) else {
             return false;
         };
+        binding.uncount(shared);
         shared.counters[binding.worker]
             .closes_queued
             .fetch_add(1, Ordering::Relaxed);

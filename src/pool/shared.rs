@@ -51,6 +51,10 @@ pub(super) struct Shared {
     pub(super) fair: Box<[CachePadded<FairSlot>]>,
     /// Each worker's control queue (reloads): taken before other work.
     pub(super) control: Box<[Injector<Control>]>,
+    /// With a `session_idle_timeout`: each worker's sessions bound since it
+    /// last swept (see `bind`), so that one that never runs a request there
+    /// (opened by a reservation) expires too.
+    pub(super) bound: Box<[Injector<Arc<Binding>>]>,
     /// The committed reloads and the one in flight.
     pub(super) reloads: Reloads,
     /// The version of the code each worker's VM runs (see `reload`).

@@ -56,8 +56,10 @@ impl PoolInner {
             },
             |w, (go, unparker)| {
                 let lost = shared.sessions.mark_lost(w);
+                for b in &lost {
+                    b.uncount(shared);
+                }
                 let counters = &shared.counters[w];
-                counters.sessions.fetch_sub(lost.len(), Ordering::Relaxed);
                 counters.running.store(false, Ordering::Relaxed);
                 counters.wedged.fetch_add(1, Ordering::Relaxed);
                 shared.sleep.replace(w, unparker);

@@ -13,7 +13,7 @@ use super::envs::{Waiting, WorkerVm};
 use super::fair::FairSlot;
 use super::reload::{self, Control};
 use super::session::Binding;
-use super::shared::{Found, Pinned, Shared};
+use super::shared::{steal_one, Found, Pinned, Shared};
 use crate::metrics::{Pending, Timing};
 use crate::request::spin::spin_until;
 use crate::sync::Parker;
@@ -181,7 +181,9 @@ impl Worker {
                 }
             }
             self.flush_latency();
-            let timeout = sweep_every.filter(|_| !host.envs.is_empty() || !lost.is_empty());
+            let timeout = sweep_every.filter(|_| {
+                !host.envs.is_empty() || !lost.is_empty() || !shared.bound[w].is_empty()
+            });
             shared
                 .sleep
                 .sleep(w, &self.parker, timeout, || self.more(&host.vm, room));
@@ -331,9 +333,7 @@ impl Worker {
             if let Some(kept) = env.kept {
                 kept.forget(&host.vm);
             }
-            self.shared.counters[self.index]
-                .sessions
-                .fetch_sub(1, Ordering::Relaxed);
+            env.binding.uncount(&self.shared);
             // Whatever still waited (nothing can: a close comes after its
             // session's requests) resolves.
             for w in env.waiting {
@@ -536,6 +536,7 @@ impl Worker {
         // Unbind before answering: the caller's next request must bind
         // afresh, not queue behind the lost binding.
         self.shared.sessions.remove_if(binding, |_| true);
+        binding.uncount(&self.shared);
         job.abandon(IsleError::SessionLost);
         self.shared.counters[self.index].record(Outcome::Failed, Duration::ZERO);
     }
@@ -561,8 +562,8 @@ impl Worker {
                 self.show_version(host);
                 for env in old.envs.into_values() {
                     env.binding.lost.store(true, Ordering::Release);
+                    env.binding.uncount(&self.shared);
                     lost.push(env.binding);
-                    counters.sessions.fetch_sub(1, Ordering::Relaxed);
                 }
                 counters.recycled.fetch_add(1, Ordering::Relaxed);
             }
@@ -589,15 +590,21 @@ impl Worker {
         // Checked again under the shard lock: a request may be binding to
         // the session right now.
         let expire = |b: &Arc<Binding>| is_idle(b) && shared.sessions.remove_if(b, is_idle);
+        // Sessions bound here since the last sweep: those with no
+        // environment on this VM are swept with the lost ones (a session
+        // opened by a reservation may never send a request).
+        while let Some(b) = steal_one(|| shared.bound[self.index].steal()) {
+            if !host.envs.contains_key(&b.id) {
+                lost.push(b);
+            }
+        }
         let WorkerVm { vm, envs, .. } = host;
         envs.retain(|_, env| {
             if expire(&env.binding) {
                 if let Some(kept) = env.kept.take() {
                     kept.forget(vm);
                 }
-                shared.counters[self.index]
-                    .sessions
-                    .fetch_sub(1, Ordering::Relaxed);
+                env.binding.uncount(shared);
                 shared.sessions_expired.fetch_add(1, Ordering::Relaxed);
                 false
             } else {
@@ -605,7 +612,11 @@ impl Worker {
             }
         });
         lost.retain(|b| {
+            if envs.contains_key(&b.id) {
+                return false; // opened here since: swept with the others
+            }
             if expire(b) {
+                b.uncount(shared);
                 shared.sessions_expired.fetch_add(1, Ordering::Relaxed);
                 false
             } else {

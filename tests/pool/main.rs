@@ -4,8 +4,9 @@
 //! (`pool_stealing`), `broadcast`, `map` and `reload` (`pool_broadcast`,
 //! `pool_map`, `pool_reload`), recycling (`pool_recycle`), its errors
 //! (`pool_errors`), metrics and latency histograms (`pool_metrics`,
-//! `latency`), shutdown (`pool_shutdown`), and the red team's attacks on the
-//! tenant controls (`redteam_tenants`).
+//! `latency`), shutdown (`pool_shutdown`), the red team's attacks on the
+//! tenant controls (`redteam_tenants`), and on the pool's accounting and
+//! promises through its host API (`accounting`).
 //!
 //! One test binary, each file a module: every backend's suite in CI links
 //! it once instead of fifteen times.
@@ -13,6 +14,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod accounting;
 mod latency;
 mod pool_backpressure;
 mod pool_broadcast;
