@@ -285,8 +285,13 @@ impl EnvFactory {
             EnvFactory::Parts(Ok(p)) => {
                 let caller_env =
                     lua.create_function(|lua, meta: Table| Ok(caller_env(lua, &meta)))?;
+                let in_session = lua.create_function(|_, ()| Ok(crate::vm::scope::in_session()))?;
+                // It reads no global (what it calls comes in as arguments),
+                // so its environment only marks its functions as shared:
+                // the sandbox's `getfenv` does not hand the environment of
+                // a function of the shared globals out, nor `setfenv`
+                // change it (the session `load` is every session's).
                 let chunk = SESSION_ENV.load(lua)?;
-                chunk.set_environment(lua.create_table()?)?;
                 chunk.call::<Function>((
                     p.shared.clone(),
                     p.is_copy,
@@ -299,6 +304,7 @@ impl EnvFactory {
                     p.error.clone(),
                     p.type_of.clone(),
                     p.finder.clone(),
+                    in_session,
                 ))?
             }
         };
@@ -327,14 +333,34 @@ fn env_parts(vm: &Vm) -> mlua::Result<EnvParts> {
     })
 }
 
-/// The environment of the nearest function on the call stack whose
-/// environment is a session's (has the metatable `meta`, which Lua code
-/// cannot reach).
-fn caller_env(lua: &Lua, meta: &Table) -> Option<Table> {
-    (1..)
-        .map_while(|level| lua.inspect_stack(level, |d| d.function()))
-        .filter_map(|f| f.environment())
-        .find(|env| env.metatable().as_ref() == Some(meta))
+/// The environment of the code calling `load`: that of the nearest Lua
+/// function on the running Lua thread's call stack that is not the
+/// crate's own (C functions and the crate's chunks, named "mlua-isle...",
+/// are passed over), and whether it is a session's (has the metatable
+/// `meta`, which Lua code cannot reach). `(nil, false)` when there is no
+/// such function (`load` itself is a coroutine's body).
+///
+/// The nearest caller, not any session function deeper down: a function of
+/// the shared globals (one `init` defined, or unkeyed work rebound) that a
+/// session's request runs must not get that session's environment, nor
+/// load into the shared globals.
+fn caller_env(lua: &Lua, meta: &Table) -> (Option<Table>, bool) {
+    let frames = (1..).map_while(|level| {
+        lua.inspect_stack(level, |d| {
+            let source = d.source();
+            let ours = source
+                .source
+                .as_deref()
+                .is_some_and(|s| s.trim_start_matches(['=', '@']).starts_with("mlua-isle"));
+            let lua_code = source.what != "C";
+            (lua_code && !ours).then(|| d.function())
+        })
+    });
+    let env = frames.flatten().next().and_then(|f| f.environment());
+    let is_session = env
+        .as_ref()
+        .is_some_and(|env| env.metatable().as_ref() == Some(meta));
+    (env, is_session)
 }
 
 static SESSION_ENV: Precompiled =

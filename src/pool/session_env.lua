@@ -8,21 +8,21 @@
 -- itself (sessions alone read it), so a global read takes one step.
 --
 -- Built on a VM's first session request, when unkeyed work may have
--- rebound any global: this chunk reads none (it runs with an empty
--- environment). What it calls was taken when the VM started (`EnvParts`).
+-- rebound any global: this chunk reads none. What it calls was taken when
+-- the VM started (`EnvParts`).
 local globals, copy, load, loadstring, setfenv, caller_env, select, setmetatable, error, type,
-      set_session_finder = ...
+      set_session_finder, in_session = ...
 local own = copy and globals or setmetatable({}, { __index = globals })
 local meta = { __index = own, __metatable = false }
 
 -- The environment of the session whose code called `load`: that of the
--- nearest function on the call stack that runs in one of this VM's
--- session environments (C functions and those `init` defined are passed
--- over). Never the shared globals.
+-- nearest Lua function on the call stack (C functions and the crate's
+-- are passed over), which must be a session's. Never the shared globals.
 local function caller()
-    local env = caller_env(meta)
-    if env == nil then
-        error("load: no session code on the call stack; give it an environment", 3)
+    local env, is_session = caller_env(meta)
+    if not is_session then
+        error("load: not called by session code (a function of the shared globals, "
+            .. "or none, called it); give it an environment", 3)
     end
     return env
 end
@@ -60,8 +60,15 @@ end
 -- In the sandbox, the VM's own `load` and `loadstring` (which session code
 -- may reach through what `init` shares) also load into the calling
 -- session's environment.
+-- During a session's request they never load into the shared globals:
+-- the finder answers the caller's environment (`false` when there is no
+-- Lua caller), and `nil` in unkeyed work.
 if set_session_finder then
-    set_session_finder(function() return caller_env(meta) end)
+    set_session_finder(function()
+        if not in_session() then return nil end
+        local env = caller_env(meta)
+        return env or false
+    end)
 end
 
 return function()

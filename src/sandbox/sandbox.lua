@@ -49,6 +49,14 @@ end
 -- on purpose under another name.
 local stubs = setmetatable({}, { __mode = "k" })
 
+-- Real tables the sandbox takes away (`io`, `debug`, `package` and what it
+-- holds), each with what request code gets instead (filled where each is
+-- replaced): `init` may keep them elsewhere (`app.modules =
+-- package.loaded`), and a view hands out the replacement, as for `G`.
+local instead = {}
+local real_package = rawget(G, "package")
+local real_libraries = { io = rawget(G, "io"), debug = rawget(G, "debug") }
+
 -- ===== Errors as Lua's C functions raise them =====
 -- A replacement calls Lua's C function through `pcall` and an inner Lua
 -- function named as the library names it: an error the C function raises
@@ -171,6 +179,8 @@ view = function(t, name, why, fast)
         -- writes there must not reach sessions, nor sessions write it.
         t, name, why, fast = base, "_G", SHARED, nil
     end
+    local replacement = instead[t]
+    if replacement ~= nil then return replacement end
     local v = views[t]
     if v then return v end
     v = {}
@@ -257,6 +267,9 @@ local function unavailable_table(prefix)
 end
 G.io = unavailable_table("io")
 G.debug = unavailable_table("debug")
+for name, real in next, real_libraries do
+    if type(real) == "table" then instead[real] = G[name] end
+end
 G.loadfile = unavailable("loadfile")
 G.dofile = unavailable("dofile")
 -- Lua 5.1, LuaJIT: `newproxy(true)` makes a userdata whose metatable Lua
@@ -267,6 +280,14 @@ if rawget(G, "newproxy") ~= nil then G.newproxy = unavailable("newproxy") end
 -- `package` and `_G`), makes it the caller's environment and hands it to
 -- each further argument.
 if rawget(G, "module") ~= nil then G.module = unavailable("module") end
+-- `math.random`'s generator is the VM's (on Lua 5.1-5.3, C's, the
+-- process's): one tenant's seed would fix every other's numbers.
+do
+    local math_t = rawget(G, "math")
+    if type(math_t) == "table" and math_t.randomseed ~= nil then
+        math_t.randomseed = unavailable("math.randomseed")
+    end
+end
 
 -- ===== 2. The collector stays on and tuned as the host set it =====
 -- Options that stop or retune it (of every backend); any other goes to
@@ -520,22 +541,34 @@ local function bounded_reader(read)
     end
 end
 -- The VM's `load` and `loadstring` default to the shared globals. Session
--- code reaches them only through what `init` shares (a table holding
--- `load`), and a chunk it loads so must not run in the shared globals: by
--- default it runs in the environment of the session whose code called
--- (found as the session's own `load` finds it, once the VM has sessions:
--- `set_session_finder`, from `pool/session_env.lua`).
+-- code reaches them through what `init` shares (a table holding `load`),
+-- and during a session's request they must never load into the shared
+-- globals: by default a chunk gets the environment of the code that called
+-- (its nearest Lua caller, found as the session's own `load` finds it);
+-- when that is the shared globals, a view, or nothing (`load` as a
+-- coroutine's body), they refuse. `set_session_finder` (from
+-- `pool/session_env.lua`, once the VM has sessions) gives the finder: the
+-- caller's environment in a session's request (`false`: no Lua caller),
+-- `nil` in unkeyed work.
 local session_of_caller = function() return nil end
 local function set_session_finder(f) session_of_caller = f end
 local setfenv_c = rawget(G, "setfenv")
--- The session whose code called, where the call gives no environment a
--- chunk could run in (LuaJIT's `load` takes a table only, 5.1's none).
+-- The environment a chunk loaded now without one gets: `nil` for the
+-- default (the shared globals: unkeyed work).
 local function caller_session(with_env, env)
     if setfenv_c then
-        if type(env) ~= "table" then return session_of_caller() end
-    elseif not with_env then
-        return session_of_caller()
+        -- `load` takes no environment (5.1), or a table only (LuaJIT).
+        if type(env) == "table" then return nil end
+    elseif with_env then
+        return nil
     end
+    local own = session_of_caller()
+    if own == nil then return nil end
+    if own == false or rawequal(own, G) or rawequal(own, base) or locked[own] then
+        error("load: called in a session's request by a function of the shared globals "
+            .. "(or as a coroutine's body); give it an environment", 3)
+    end
+    return own
 end
 -- A chunk loaded for session code into its environment `env`. (Rare, so
 -- an argument error here is placed at this frame, not the caller's.)
@@ -597,6 +630,16 @@ if type(package) == "table" and type(package.loaded) == "table" then
 end
 G.package = unavailable_table("package")
 loaded.io, loaded.debug, loaded.package = G.io, G.debug, G.package
+if type(real_package) == "table" then
+    instead[real_package] = G.package
+    for _, k in ipairs({ "loaded", "preload", "loaders", "searchers" }) do
+        local t = rawget(real_package, k)
+        if type(t) == "table" and instead[t] == nil then
+            instead[t] = k == "loaded" and view(loaded, "package.loaded", SHARED)
+                or unavailable_table("package." .. k)
+        end
+    end
+end
 G.require = function(...)
     local name = ...
     if type(name) ~= "string" and type(name) ~= "number" then

@@ -205,10 +205,23 @@ impl Coroutines {
 /// Closes the coroutines of the futures just dropped on this thread: runs
 /// their pending `__close` handlers (Lua 5.4 and 5.5; Luau resets them).
 /// The caller has armed the stop machinery, so the handlers can be stopped.
+/// Their request is ending: what the handlers spawn (`task.spawn`) has
+/// no request to belong to, and is discarded, never left for the next
+/// request on this thread to adopt (it would run in another tenant's).
+///
+/// Until nothing is left: dropping a discarded child closes its coroutine
+/// in turn. (Each round runs Lua code only in handlers, which a stop
+/// reaches; a child dropped before it ran has none.)
 pub(crate) fn close_terminated() {
-    let closing = CLOSING.with(|c| std::mem::take(&mut *c.borrow_mut()));
-    for thread in closing {
-        close(&thread);
+    loop {
+        let closing = CLOSING.with(|c| std::mem::take(&mut *c.borrow_mut()));
+        let any = !closing.is_empty();
+        for thread in closing {
+            close(&thread);
+        }
+        if !crate::vm::tasks::discard_spawned() && !any {
+            return;
+        }
     }
 }
 

@@ -214,9 +214,12 @@ impl Drop for Children {
     }
 }
 
-/// Drops children spawned by a poll whose request is not tracked (should
-/// not happen: every poll is followed by its job's `adopt`).
-pub(crate) fn discard_spawned() {
+/// Drops children spawned where no request will adopt them (by `__close`
+/// handlers run as a request ends, or a poll whose request is not
+/// tracked). True if there were any.
+pub(crate) fn discard_spawned() -> bool {
     let spawned = SPAWNED.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    let any = !spawned.is_empty();
     drop(Children(spawned));
+    any
 }

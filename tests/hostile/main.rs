@@ -16,4 +16,5 @@ mod isolation;
 mod limits;
 mod sandbox;
 mod sandbox_errors;
+mod shared_by_init;
 mod transparency;
