@@ -283,8 +283,9 @@ impl EnvFactory {
             EnvFactory::Built(f) => return Ok(f.clone()),
             EnvFactory::Parts(Err(e)) => return Err(e.clone()),
             EnvFactory::Parts(Ok(p)) => {
-                let caller_env =
-                    lua.create_function(|lua, meta: Table| Ok(caller_env(lua, &meta)))?;
+                let strict = p.is_copy;
+                let caller_env = lua
+                    .create_function(move |lua, meta: Table| Ok(caller_env(lua, &meta, strict)))?;
                 let in_session = lua.create_function(|_, ()| Ok(crate::vm::scope::in_session()))?;
                 // It reads no global (what it calls comes in as arguments),
                 // so its environment only marks its functions as shared:
@@ -333,18 +334,23 @@ fn env_parts(vm: &Vm) -> mlua::Result<EnvParts> {
     })
 }
 
-/// The environment of the code calling `load`: that of the nearest Lua
-/// function on the running Lua thread's call stack that is not the
-/// crate's own (C functions and the crate's chunks, named "mlua-isle...",
-/// are passed over), and whether it is a session's (has the metatable
-/// `meta`, which Lua code cannot reach). `(nil, false)` when there is no
-/// such function (`load` itself is a coroutine's body).
+/// The environment of the code calling `load`, and whether it is a
+/// session's (has the metatable `meta`, which Lua code cannot reach).
 ///
-/// The nearest caller, not any session function deeper down: a function of
-/// the shared globals (one `init` defined, or unkeyed work rebound) that a
-/// session's request runs must not get that session's environment, nor
-/// load into the shared globals.
-fn caller_env(lua: &Lua, meta: &Table) -> (Option<Table>, bool) {
+/// In the sandbox (`strict`), that of the nearest Lua function on the
+/// running Lua thread's call stack that is not the crate's own (C
+/// functions and the crate's chunks, named "mlua-isle...", are passed
+/// over); `(nil, false)` when there is none (`load` itself is a
+/// coroutine's body). The nearest caller, not a session function deeper
+/// down: a function of the shared globals (one `init` defined, or one
+/// unkeyed work rebound) that a session's request runs must not get that
+/// session's environment, nor load into the shared globals.
+///
+/// Outside the sandbox, where tenants are not kept apart from hostile code
+/// anyway, the nearest function of a session, however deep (so a function
+/// of `init`'s that calls a session's `load` for it loads into the
+/// session); `None` if there is none.
+fn caller_env(lua: &Lua, meta: &Table, strict: bool) -> (Option<Table>, bool) {
     let frames = (1..).map_while(|level| {
         lua.inspect_stack(level, |d| {
             let source = d.source();
@@ -352,15 +358,21 @@ fn caller_env(lua: &Lua, meta: &Table) -> (Option<Table>, bool) {
                 .source
                 .as_deref()
                 .is_some_and(|s| s.trim_start_matches(['=', '@']).starts_with("mlua-isle"));
-            let lua_code = source.what != "C";
+            // Not "C", nor Lua 5.1's "tail" (a frame a tail call replaced).
+            let lua_code = matches!(source.what, "Lua" | "main");
             (lua_code && !ours).then(|| d.function())
         })
     });
-    let env = frames.flatten().next().and_then(|f| f.environment());
-    let is_session = env
-        .as_ref()
-        .is_some_and(|env| env.metatable().as_ref() == Some(meta));
-    (env, is_session)
+    let is_session = |env: &Table| env.metatable().as_ref() == Some(meta);
+    let mut envs = frames.flatten().map(|f| f.environment());
+    if !strict {
+        // Outside the sandbox: the nearest function of any session.
+        let env = envs.flatten().find(is_session);
+        return (env, true);
+    }
+    let env = envs.next().flatten();
+    let session = env.as_ref().is_some_and(is_session);
+    (env, session)
 }
 
 static SESSION_ENV: Precompiled =

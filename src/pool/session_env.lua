@@ -20,6 +20,9 @@ local meta = { __index = own, __metatable = false }
 -- are passed over), which must be a session's. Never the shared globals.
 local function caller()
     local env, is_session = caller_env(meta)
+    if env == nil then
+        error("load: no session code on the call stack; give it an environment", 3)
+    end
     if not is_session then
         error("load: not called by session code (a function of the shared globals, "
             .. "or none, called it); give it an environment", 3)

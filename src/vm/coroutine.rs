@@ -46,6 +46,8 @@ static REQUEST: Precompiled = Precompiled::new("=mlua-isle request", include_str
 
 /// Finished coroutines kept for reuse.
 const SPARES: usize = 16;
+/// Of those, at most this many sessions' (see `Call::poll`).
+const SESSION_SPARES: usize = 2;
 
 /// Whose requests a spare coroutine ran: a session's (its tag, held weakly:
 /// the allocation, hence the address `ptr_eq` compares, outlives the
@@ -180,6 +182,8 @@ impl Coroutines {
         let tenant = tenant();
         let spare = {
             let mut spares = self.spares.borrow_mut();
+            // A closed session's are of no more use: their memory goes back.
+            spares.retain(|(t, _)| t.as_ref().is_none_or(|t| t.strong_count() > 0));
             let mine = spares.iter().rposition(|(t, _)| same_tenant(t, &tenant));
             mine.map(|i| spares.swap_remove(i).1)
         };
@@ -305,11 +309,25 @@ impl<R: FromLuaMulti> Future for Call<R> {
         let result = this.home.outcome(&this.thread, result);
         if result.is_ok() && this.thread.status() == mlua::thread::ThreadStatus::Finished {
             let mut spares = this.home.spares.borrow_mut();
-            if spares.len() == SPARES {
-                // The oldest goes (`swap_remove` keeps no order: any one).
-                spares.swap_remove(0);
+            let tenant = this.tenant.take();
+            // A session's spare serves only its next requests: few are kept
+            // (a VM may serve thousands of sessions, each leaving one).
+            let full = match tenant {
+                None => spares.len() >= SPARES,
+                Some(_) => spares.iter().filter(|(t, _)| t.is_some()).count() >= SESSION_SPARES,
+            };
+            if full {
+                // The oldest of its kind goes.
+                if let Some(i) = spares
+                    .iter()
+                    .position(|(t, _)| t.is_some() == tenant.is_some())
+                {
+                    spares.remove(i);
+                }
             }
-            spares.push((this.tenant.take(), this.thread.clone()));
+            if spares.len() < SPARES {
+                spares.push((tenant, this.thread.clone()));
+            }
         } else {
             // Died of an error: Lua 5.4 and 5.5 leave its to-be-closed
             // variables open until it is closed (the request is still
