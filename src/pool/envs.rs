@@ -287,6 +287,11 @@ impl EnvFactory {
                 let caller_env = lua
                     .create_function(move |lua, meta: Table| Ok(caller_env(lua, &meta, strict)))?;
                 let in_session = lua.create_function(|_, ()| Ok(crate::vm::scope::in_session()))?;
+                // Whether a value is a table with that metatable (read raw:
+                // a session environment's hides it).
+                let has_metatable = lua.create_function(|_, (v, meta): (mlua::Value, Table)| {
+                    Ok(matches!(v, mlua::Value::Table(t) if t.metatable().as_ref() == Some(&meta)))
+                })?;
                 // It reads no global (what it calls comes in as arguments),
                 // so its environment only marks its functions as shared:
                 // the sandbox's `getfenv` does not hand the environment of
@@ -306,6 +311,7 @@ impl EnvFactory {
                     p.type_of.clone(),
                     p.finder.clone(),
                     in_session,
+                    has_metatable,
                 ))?
             }
         };

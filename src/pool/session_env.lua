@@ -11,7 +11,7 @@
 -- rebound any global: this chunk reads none. What it calls was taken when
 -- the VM started (`EnvParts`).
 local globals, copy, load, loadstring, setfenv, caller_env, select, setmetatable, error, type,
-      set_session_finder, in_session = ...
+      set_session_finder, in_session, has_metatable = ...
 local own = copy and globals or setmetatable({}, { __index = globals })
 local meta = { __index = own, __metatable = false }
 
@@ -71,7 +71,7 @@ if set_session_finder then
         if not in_session() then return nil end
         local env = caller_env(meta)
         return env or false
-    end)
+    end, function(t) return has_metatable(t, meta) end)
 end
 
 return function()

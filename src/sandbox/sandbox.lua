@@ -551,14 +551,19 @@ end
 -- caller's environment in a session's request (`false`: no Lua caller),
 -- `nil` in unkeyed work.
 local session_of_caller = function() return nil end
-local function set_session_finder(f) session_of_caller = f end
+-- Whether a table is a session's environment (none before the first).
+local is_session_env = function() return false end
+local function set_session_finder(f, is_session)
+    session_of_caller, is_session_env = f, is_session
+end
 local setfenv_c = rawget(G, "setfenv")
 -- The environment a chunk loaded now without one gets: `nil` for the
 -- default (the shared globals: unkeyed work).
 local function caller_session(with_env, env)
     if setfenv_c then
-        -- `load` takes no environment (5.1), or a table only (LuaJIT).
-        if type(env) == "table" then return nil end
+        -- `load` takes no environment (5.1), or a table only (LuaJIT):
+        -- a table given is set on the chunk (`into`), as 5.2's `load` would.
+        if type(env) == "table" then return env end
     elseif with_env then
         return nil
     end
@@ -570,6 +575,20 @@ local function caller_session(with_env, env)
     end
     return own
 end
+-- Chunk names of the crate's own Lua ("=mlua-isle ..."), which `load`
+-- (finding its caller) passes over on the call stack: not for tenants.
+local function crate_named(name)
+    if type(name) ~= "string" then return false end
+    -- Without the string library, no name can be checked: none is taken.
+    if not (sub and byte) then return true end
+    local b = byte(name, 1)
+    local from = (b == 61 or b == 64) and 2 or 1 -- '=' or '@'
+    return sub(name, from, from + 8) == "mlua-isle"
+end
+local function crate_name(name)
+    return "chunk name " .. name .. " is the crate's own (names starting with "
+        .. "'mlua-isle' are not available in the sandbox)"
+end
 -- A chunk loaded for session code into its environment `env`. (Rare, so
 -- an argument error here is placed at this frame, not the caller's.)
 local function into(env, f, e)
@@ -580,6 +599,7 @@ if load then
     local load_c = named("load", load)
     G.load = function(...)
         local chunk, name, mode, env = ...
+        if crate_named(name) then return nil, crate_name(name) end
         local session = caller_session(select("#", ...) >= 4, env)
         if type(chunk) == "string" then
             if #chunk > max_source then return nil, too_large(#chunk) end
@@ -600,6 +620,7 @@ if loadstring then
     G.loadstring = function(...)
         local s, name = ...
         if type(s) == "string" and #s > max_source then return nil, too_large(#s) end
+        if crate_named(name) then return nil, crate_name(name) end
         local session = caller_session(false)
         if session then
             -- 5.2's compat `loadstring` is `load`: it takes the environment.
@@ -754,16 +775,34 @@ if getfenv and setfenv then
         if type(f) == "number" and f > 0 then return f + 1 end
         return f
     end
+    -- In a session's request, the only environment handed out is the
+    -- caller's own (that of its nearest Lua caller, as `load` finds it),
+    -- and only a function running in it may be given another: never the
+    -- shared globals, one `init` made, or another tenant's (a function of
+    -- the shared globals run by a session's request reaches that session's
+    -- frames by level). Unkeyed work never gets a session's.
     G.getfenv = function(f)
         local env = getfenv(level(f))
-        if rawequal(env, G) then
-            env = getfenv(2) -- the caller's (not a tail call: level 2 must be it)
+        local own = session_of_caller()
+        if own == nil then
+            if rawequal(env, G) or is_session_env(env) then
+                env = getfenv(2) -- the caller's (not a tail call: level 2 must be it)
+            end
+            if is_session_env(env) then env = G end
+            return env
         end
-        return env
+        if own == false then
+            error("getfenv: no Lua function called it", 2)
+        end
+        return own
     end
     G.setfenv = function(f, env)
         local target = level(f)
-        if target == 0 or rawequal(getfenv(target), G) or locked[getfenv(target)] then
+        local own = session_of_caller()
+        local current = target ~= 0 and getfenv(target)
+        if target == 0 or rawequal(current, G) or locked[current]
+            or (own == nil and is_session_env(current))
+            or (own ~= nil and not rawequal(current, own)) then
             error("setfenv: cannot change a shared environment in the sandbox", 2)
         end
         if type(f) == "function" then return setfenv(f, env) end

@@ -167,11 +167,13 @@ impl Children {
     /// drops those cancelled. New children they spawn are adopted too.
     pub(crate) fn poll(&mut self, cx: &mut Context<'_>) {
         let mut i = 0;
+        let mut dropped = false;
         while i < self.0.len() {
             let child = &mut self.0[i];
             if let Some(future) = child.future.as_mut() {
                 if matches!(*child.cell.state.lock(), State::Cancelled) {
                     child.future = None;
+                    dropped = true;
                     child.cell.end(State::Cancelled);
                 } else if let Poll::Ready(result) = future.as_mut().poll(cx) {
                     child.future = None;
@@ -184,6 +186,12 @@ impl Children {
         // Forget children that ended and have nothing left to report.
         self.0
             .retain(|c| c.future.is_some() || matches!(*c.cell.state.lock(), State::Done(Err(_))));
+        if dropped {
+            // A cancelled child's coroutine is closed now, inside its
+            // request (its scope, its stop): its `__close` handlers are the
+            // request's, never run between requests.
+            super::coroutine::close_terminated();
+        }
     }
 
     /// The error of a child that failed and was never joined.

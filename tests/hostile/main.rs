@@ -14,6 +14,7 @@ mod crossings;
 mod hostile;
 mod isolation;
 mod limits;
+mod nearest_caller;
 mod sandbox;
 mod sandbox_errors;
 mod shared_by_init;
