@@ -357,29 +357,76 @@ fn env_parts(vm: &Vm) -> mlua::Result<EnvParts> {
 /// of `init`'s that calls a session's `load` for it loads into the
 /// session); `None` if there is none.
 fn caller_env(lua: &Lua, meta: &Table, strict: bool) -> (Option<Table>, bool) {
-    let frames = (1..).map_while(|level| {
+    /// One level of the call stack, as the search sees it.
+    enum Level {
+        /// The crate's, or a C function's: passed over.
+        Passed {
+            tail: bool,
+        },
+        /// Lua 5.1's mark of a frame a tail call replaced.
+        Replaced,
+        Lua(Function),
+    }
+    let levels = (1..).map_while(|level| {
         lua.inspect_stack(level, |d| {
             let source = d.source();
+            // Exactly the prefix the sandbox refuses in tenants' chunk names.
             let ours = source
                 .source
                 .as_deref()
-                .is_some_and(|s| s.trim_start_matches(['=', '@']).starts_with("mlua-isle"));
-            // Not "C", nor Lua 5.1's "tail" (a frame a tail call replaced).
-            let lua_code = matches!(source.what, "Lua" | "main");
-            (lua_code && !ours).then(|| d.function())
+                .is_some_and(|s| s.starts_with(CRATE_CHUNKS));
+            #[cfg(any(
+                feature = "lua52",
+                feature = "lua53",
+                feature = "lua54",
+                feature = "lua55"
+            ))]
+            let tail = d.is_tail_call();
+            #[cfg(not(any(
+                feature = "lua52",
+                feature = "lua53",
+                feature = "lua54",
+                feature = "lua55"
+            )))]
+            let tail = false;
+            match source.what {
+                "tail" => Level::Replaced,
+                "Lua" | "main" if !ours => Level::Lua(d.function()),
+                _ => Level::Passed { tail },
+            }
         })
     });
     let is_session = |env: &Table| env.metatable().as_ref() == Some(meta);
-    let mut envs = frames.flatten().map(|f| f.environment());
     if !strict {
         // Outside the sandbox: the nearest function of any session.
-        let env = envs.flatten().find(is_session);
+        let env = levels
+            .filter_map(|l| match l {
+                Level::Lua(f) => f.environment(),
+                _ => None,
+            })
+            .find(is_session);
         return (env, true);
     }
-    let env = envs.next().flatten();
-    let session = env.as_ref().is_some_and(is_session);
-    (env, session)
+    for level in levels {
+        match level {
+            Level::Lua(f) => {
+                let env = f.environment();
+                let session = env.as_ref().is_some_and(is_session);
+                return (env, session);
+            }
+            // A tail call replaced the caller's frame (`return load(s)`
+            // in a function of the shared globals would otherwise load for
+            // whoever called that function): the caller is not known.
+            Level::Replaced | Level::Passed { tail: true } => return (None, false),
+            Level::Passed { tail: false } => {}
+        }
+    }
+    (None, false)
 }
+
+/// The chunk names of the crate's own Lua code, which the sandbox does not
+/// let tenants' chunks take (`sandbox.lua`, `crate_named`).
+const CRATE_CHUNKS: &str = "=mlua-isle";
 
 static SESSION_ENV: Precompiled =
     Precompiled::new("=mlua-isle session", include_str!("session_env.lua"));

@@ -68,8 +68,11 @@ end
 -- Lua caller), and `nil` in unkeyed work.
 if set_session_finder then
     set_session_finder(function()
+        local env, is_session = caller_env(meta)
+        -- A session's function that unkeyed work runs (a hook `init`
+        -- keeps) is still that session's: never the shared globals.
+        if is_session then return env end
         if not in_session() then return nil end
-        local env = caller_env(meta)
         return env or false
     end, function(t) return has_metatable(t, meta) end)
 end

@@ -99,6 +99,8 @@ pub(crate) fn apply(lua: &Lua, max_source: usize) -> mlua::Result<()> {
         SANDBOX.load(lua)?.call((
             max_source,
             lua.named_registry_value::<Option<Table>>(REPLACED)?,
+            // LuaJIT leaves no trace of a tail call on its stack.
+            cfg!(feature = "luajit"),
         ))?;
     lua.unset_named_registry_value(REPLACED)?;
     lua.set_named_registry_value(SESSION_GLOBALS, base)?;

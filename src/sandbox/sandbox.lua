@@ -1,7 +1,7 @@
 -- The sandbox (see mod.rs). Runs once per VM, after `init`.
 -- `earlier`: functions the crate replaced before (Lua's pattern functions,
 -- on 5.4 and 5.5), each with its replacement.
-local max_source, earlier = ...
+local max_source, earlier, hidden_tail_calls = ...
 local G = _G
 local tonumber = tonumber
 local error, type, tostring, ipairs, pairs, next, select = error, type, tostring, ipairs, pairs, next, select
@@ -570,20 +570,20 @@ local function caller_session(with_env, env)
     local own = session_of_caller()
     if own == nil then return nil end
     if own == false or rawequal(own, G) or rawequal(own, base) or locked[own] then
-        error("load: called in a session's request by a function of the shared globals "
-            .. "(or as a coroutine's body); give it an environment", 3)
+        error("load: called in a session's request by a function of the shared globals, "
+            .. "through a tail call, or as a coroutine's body; give it an environment "
+            .. "(or call it as `local f = load(...)`, not `return load(...)`)", 3)
     end
     return own
 end
 -- Chunk names of the crate's own Lua ("=mlua-isle ..."), which `load`
 -- (finding its caller) passes over on the call stack: not for tenants.
+-- Exactly the prefix `pool/envs.rs` (`caller_env`) passes over.
 local function crate_named(name)
     if type(name) ~= "string" then return false end
     -- Without the string library, no name can be checked: none is taken.
-    if not (sub and byte) then return true end
-    local b = byte(name, 1)
-    local from = (b == 61 or b == 64) and 2 or 1 -- '=' or '@'
-    return sub(name, from, from + 8) == "mlua-isle"
+    if not sub then return true end
+    return sub(name, 1, 10) == "=mlua-isle"
 end
 local function crate_name(name)
     return "chunk name " .. name .. " is the crate's own (names starting with "
@@ -791,8 +791,9 @@ if getfenv and setfenv then
             if is_session_env(env) then env = G end
             return env
         end
-        if own == false then
-            error("getfenv: no Lua function called it", 2)
+        if own == false or rawequal(own, G) or rawequal(own, base) or locked[own] then
+            error("getfenv: not called by session code (a function of the shared globals, "
+                .. "a tail call, or none, called it)", 2)
         end
         return own
     end
@@ -804,6 +805,12 @@ if getfenv and setfenv then
             or (own == nil and is_session_env(current))
             or (own ~= nil and not rawequal(current, own)) then
             error("setfenv: cannot change a shared environment in the sandbox", 2)
+        end
+        -- On LuaJIT a function of the shared globals that tail-calls
+        -- `setfenv(1, t)` reaches its caller's frame unseen: in a session's
+        -- request, only functions are given environments there.
+        if hidden_tail_calls and own ~= nil and type(f) ~= "function" then
+            error("setfenv: only a function, not a level, in a session's request on LuaJIT", 2)
         end
         if type(f) == "function" then return setfenv(f, env) end
         setfenv(target, env)

@@ -173,8 +173,11 @@ fn a_session_cannot_reach_a_later_sessions_globals() {
                     if load == nil then return nil end -- Luau
                     local ok, f = pcall(load, s, 'x', 't', 1)
                     if ok and f then return f end
+                    -- Not `return load(...)`: a tail-called `load` does not
+                    -- know its caller, and refuses.
                     local done = false
-                    return load(function() if done then return nil end done = true return s end, 'x', 't', 1)
+                    local g = load(function() if done then return nil end done = true return s end, 'x', 't', 1)
+                    return g
                 end
                 pcall(loaded("STOLEN = ...") or function() end, STOLEN)
                 pcall(loaded(src) or function() end)

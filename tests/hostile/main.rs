@@ -10,6 +10,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod caller_tricks;
 mod crossings;
 mod hostile;
 mod isolation;
