@@ -5,6 +5,7 @@
 //! work runs. Each runs under `common::within`: a hang fails.
 
 use crate::common;
+use crate::tenants::{sandboxed_pool, shown as s};
 
 use std::time::Duration;
 
@@ -20,20 +21,7 @@ const INIT: &str = r#"
 "#;
 
 fn pool() -> IslePool {
-    IslePool::builder()
-        .workers(1)
-        .sandbox(true)
-        .default_timeout(Duration::from_secs(5))
-        .init(move |lua| lua.load(INIT).exec())
-        .build()
-        .unwrap()
-}
-
-fn s<T: std::fmt::Debug>(r: Result<T, mlua_isle::IsleError>) -> String {
-    match r {
-        Ok(v) => format!("{v:?}"),
-        Err(e) => format!("ERR {e}"),
-    }
+    sandboxed_pool(INIT)
 }
 
 /// `crate_named` strips ONE leading '=' or '@'; `caller_env` strips ALL

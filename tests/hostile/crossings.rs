@@ -8,8 +8,7 @@
 //! fails.
 
 use crate::common;
-
-use std::time::Duration;
+use crate::tenants::sandboxed_pool as pool_with;
 
 use mlua_isle::IslePool;
 
@@ -17,16 +16,6 @@ const INIT: &str = r#"
     config = { greeting = 'hello', nested = { x = 1 } }
     api = { greet = function(name) return 'hi ' .. name end }
 "#;
-
-fn pool_with(init: &'static str) -> IslePool {
-    IslePool::builder()
-        .workers(1)
-        .sandbox(true)
-        .default_timeout(Duration::from_secs(5))
-        .init(move |lua| lua.load(init).exec())
-        .build()
-        .unwrap()
-}
 
 fn pool() -> IslePool {
     pool_with(INIT)
@@ -331,7 +320,7 @@ fn a_seeall_modules_view_reads_what_sessions_read() {
         let pool = IslePool::builder()
             .workers(1)
             .sandbox(true)
-            .default_timeout(Duration::from_secs(5))
+            .default_timeout(std::time::Duration::from_secs(5))
             .init(|lua| {
                 lua.load("module('mymod', package.seeall) function hello() return 'hi' end")
                     .exec()
@@ -374,7 +363,7 @@ fn a_session_cannot_resume_another_sessions_suspended_request() {
             let pool = IslePool::builder()
                 .workers(1)
                 .sandbox(true)
-                .default_timeout(Duration::from_secs(5))
+                .default_timeout(std::time::Duration::from_secs(5))
                 .init(move |lua| {
                     let (ready, waker) = (ready_i.clone(), waker_i.clone());
                     let f = lua.create_async_function(move |_, ()| {

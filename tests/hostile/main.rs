@@ -19,4 +19,5 @@ mod nearest_caller;
 mod sandbox;
 mod sandbox_errors;
 mod shared_by_init;
+mod tenants;
 mod transparency;

@@ -6,6 +6,7 @@
 //! `__close` handler. Each runs under `common::within`: a hang fails.
 
 use crate::common;
+use crate::tenants::{sandboxed_pool as pool_with, shown as s};
 
 use std::time::Duration;
 
@@ -19,25 +20,8 @@ const INIT: &str = r#"
     function helper(name) return 'hi ' .. name end
 "#;
 
-fn pool_with(init: &'static str) -> IslePool {
-    IslePool::builder()
-        .workers(1)
-        .sandbox(true)
-        .default_timeout(Duration::from_secs(5))
-        .init(move |lua| lua.load(init).exec())
-        .build()
-        .unwrap()
-}
-
 fn pool() -> IslePool {
     pool_with(INIT)
-}
-
-fn s<T: std::fmt::Debug>(r: Result<T, mlua_isle::IsleError>) -> String {
-    match r {
-        Ok(v) => format!("{v:?}"),
-        Err(e) => format!("ERR {e}"),
-    }
 }
 
 /// Unkeyed work rebinds `helper` (which init's `api.greet` tail-calls) with

@@ -6,8 +6,7 @@
 //! `common::within`: a hang fails.
 
 use crate::common;
-
-use std::time::Duration;
+use crate::tenants::sandboxed_pool as pool_with;
 
 use mlua_isle::IslePool;
 
@@ -17,16 +16,6 @@ const INIT: &str = r#"
             greet = function(name) return helper(name) end }
     function helper(name) return 'hi ' .. name end
 "#;
-
-fn pool_with(init: &'static str) -> IslePool {
-    IslePool::builder()
-        .workers(1)
-        .sandbox(true)
-        .default_timeout(Duration::from_secs(5))
-        .init(move |lua| lua.load(init).exec())
-        .build()
-        .unwrap()
-}
 
 fn pool() -> IslePool {
     pool_with(INIT)
@@ -240,7 +229,7 @@ fn a_child_spawned_by_a_close_handler_runs_in_the_next_tenants_request() {
             .workers(1)
             .sandbox(true)
             .task_library(true)
-            .default_timeout(Duration::from_secs(5))
+            .default_timeout(std::time::Duration::from_secs(5))
             .build()
             .unwrap();
         let a = pool.session("a");
@@ -290,7 +279,7 @@ fn a_child_spawned_by_a_close_handler_prints_into_the_next_tenants_capture() {
             .workers(1)
             .sandbox(true)
             .task_library(true)
-            .default_timeout(Duration::from_secs(5))
+            .default_timeout(std::time::Duration::from_secs(5))
             .build()
             .unwrap();
         let a = pool.session("a");
@@ -346,7 +335,7 @@ fn a_session_takes_an_unkeyed_requests_result_through_a_planted_child() {
                 .workers(1)
                 .sandbox(true)
                 .task_library(true)
-                .default_timeout(Duration::from_secs(5))
+                .default_timeout(std::time::Duration::from_secs(5))
                 .init(move |lua| {
                     let (ready, waker) = (ready_i.clone(), waker_i.clone());
                     let f = lua.create_async_function(move |_, ()| {
@@ -387,8 +376,9 @@ fn a_session_takes_an_unkeyed_requests_result_through_a_planted_child() {
             let u0 = pool.eval::<i64>("task.sleep(0.02) return 1");
             let u1 = pool.spawn_eval::<String>("local v = wait_flag() return 'U1: ' .. v");
             let u2 = pool.spawn_eval::<String>("local v = wait_flag() return 'U2 secret: ' .. v");
-            common::eventually("suspended", || waker.lock().is_some());
-            std::thread::sleep(Duration::from_millis(50));
+            common::eventually("both suspended", || {
+                pool.metrics().workers[0].suspended == 2
+            });
             ready.store(true, Ordering::SeqCst);
             let stolen = a.eval::<String>(
                 "if not HELD then return 'no HELD' end \
