@@ -21,15 +21,24 @@ local function after_x(seen, ok, ...)
     if not ok then check(seen.e, (...)) end
     return ok, ...
 end
+-- The message handler's frame is in a chunk named for it: `load`'s search
+-- for its caller (`pool/envs.rs`) stops there, since what a handler calls
+-- runs at the error's level, above whoever raised it. The user's handler
+-- is not tail-called, so the frame stays on the stack.
+local handler_for = (loadstring or load)([[
+    local stopping = ...
+    return function(seen, handler)
+        return function(e)
+            seen.e = e
+            -- Raised by the hook, this runs with hooks disabled: never
+            -- hand it to user code that could loop.
+            if stopping() then return e end
+            return (handler(e))
+        end
+    end]], "=mlua-isle handler")(stopping)
 local function protected(f, handler, ...)
     local seen = {}
-    return after_x(seen, xpcall(f, function(e)
-        seen.e = e
-        -- Raised by the hook, this runs with hooks disabled: never
-        -- hand it to user code that could loop.
-        if stopping() then return e end
-        return handler(e)
-    end, ...))
+    return after_x(seen, xpcall(f, handler_for(seen, handler), ...))
 end
 -- Lua 5.1's xpcall is ours (`interrupt/alarm/native.rs`); Luau and LuaJIT check
 -- and word their arguments themselves.

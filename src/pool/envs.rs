@@ -363,7 +363,9 @@ fn caller_env(lua: &Lua, meta: &Table, strict: bool) -> (Option<Table>, bool) {
         Passed {
             tail: bool,
         },
-        /// Lua 5.1's mark of a frame a tail call replaced.
+        /// The caller is not known past here: Lua 5.1's mark of a frame a
+        /// tail call replaced, or the crate's `xpcall` message handler
+        /// (what a handler calls runs above whoever raised the error).
         Replaced,
         Lua(Function),
     }
@@ -389,6 +391,23 @@ fn caller_env(lua: &Lua, meta: &Table, strict: bool) -> (Option<Table>, bool) {
                 feature = "lua55"
             )))]
             let tail = false;
+            #[cfg(any(
+                feature = "lua52",
+                feature = "lua53",
+                feature = "lua54",
+                feature = "lua55"
+            ))]
+            if source.what == "C" && crate::interrupt::alarm::is_message_handler(lua, &d.function())
+            {
+                // xpcall's message handler runs at the error's level: what
+                // it calls has no caller of its own.
+                return Level::Replaced;
+            }
+            // The message handler of the crate's `xpcall` in Lua (5.1,
+            // LuaJIT, Luau): the same barrier.
+            if source.source.as_deref() == Some(MESSAGE_HANDLER) {
+                return Level::Replaced;
+            }
             match source.what {
                 "tail" => Level::Replaced,
                 "Lua" | "main" if !ours => Level::Lua(d.function()),
@@ -427,6 +446,9 @@ fn caller_env(lua: &Lua, meta: &Table, strict: bool) -> (Option<Table>, bool) {
 /// The chunk names of the crate's own Lua code, which the sandbox does not
 /// let tenants' chunks take (`sandbox.lua`, `crate_named`).
 const CRATE_CHUNKS: &str = "=mlua-isle";
+/// The chunk of the message handler of the crate's `xpcall` written in Lua
+/// (`interrupt/catchers.lua`).
+const MESSAGE_HANDLER: &str = "=mlua-isle handler";
 
 static SESSION_ENV: Precompiled =
     Precompiled::new("=mlua-isle session", include_str!("session_env.lua"));

@@ -73,7 +73,9 @@ if set_session_finder then
         -- keeps) is still that session's: never the shared globals.
         if is_session then return env end
         if not in_session() then return nil end
-        return env or false
+        -- Any other environment (the shared globals, one init gave its
+        -- own functions, a view) is not this request's: refused.
+        return false
     end, function(t) return has_metatable(t, meta) end)
 end
 

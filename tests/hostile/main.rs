@@ -15,6 +15,7 @@ mod crossings;
 mod hostile;
 mod isolation;
 mod limits;
+mod message_handlers;
 mod nearest_caller;
 mod sandbox;
 mod sandbox_errors;

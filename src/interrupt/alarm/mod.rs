@@ -264,6 +264,13 @@ pub(crate) use protected::install_catchers;
     feature = "lua54",
     feature = "lua55"
 ))]
+pub(crate) use protected::is_message_handler;
+#[cfg(any(
+    feature = "lua52",
+    feature = "lua53",
+    feature = "lua54",
+    feature = "lua55"
+))]
 pub(crate) use protected::print_over;
 
 /// Lua 5.1, LuaJIT, Luau: no C `print` of ours (`sandbox/print.rs`

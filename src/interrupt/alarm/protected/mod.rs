@@ -58,6 +58,7 @@ mod print;
 use load::*;
 use pcall::*;
 pub(crate) use print::print_over;
+
 use std::ffi::c_int;
 
 use mlua::ffi::{self, lua_State};
@@ -248,4 +249,22 @@ pub(crate) fn cap_string_rep(lua: &mlua::Lua) -> mlua::Result<()> {
     plain_c_function(lua, &original)?;
     // Upvalue 1 (`CHECK`) is unused here.
     string.set("rep", closure(lua, capped_rep, (false, original))?)
+}
+
+/// Whether `f` is our `xpcall`'s message handler: a C frame `load`'s
+/// search for its caller must not pass (`pool/envs.rs`), since what the
+/// user's handler calls runs at the error's level, above whoever raised it.
+pub(crate) fn is_message_handler(lua: &mlua::Lua, f: &mlua::Function) -> bool {
+    // SAFETY: `exec_raw` runs the closure as a C function with `f` pushed
+    // as its one argument; the closure reads it, clears the frame and
+    // leaves one boolean, its result.
+    unsafe {
+        lua.exec_raw::<bool>(f, |state| {
+            let ours = ffi::lua_tocfunction(state, -1)
+                .is_some_and(|c| std::ptr::fn_addr_eq(c, handler as ffi::lua_CFunction));
+            ffi::lua_settop(state, 0);
+            ffi::lua_pushboolean(state, c_int::from(ours));
+        })
+        .unwrap_or(false)
+    }
 }

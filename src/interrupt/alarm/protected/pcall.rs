@@ -182,7 +182,7 @@ unsafe fn push_handler(state: *mut lua_State) {
 
 /// `xpcall`'s message handler: records the error value, and hands it to
 /// the user's handler unless the request is stopping.
-unsafe extern "C-unwind" fn handler(state: *mut lua_State) -> c_int {
+pub(super) unsafe extern "C-unwind" fn handler(state: *mut lua_State) -> c_int {
     // SAFETY: Lua calls a message handler with the error value and
     // takes one result. Upvalues: as made in `push_handler`. At most
     // two pushes, within LUA_MINSTACK.
