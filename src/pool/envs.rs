@@ -284,8 +284,10 @@ impl EnvFactory {
             EnvFactory::Parts(Err(e)) => return Err(e.clone()),
             EnvFactory::Parts(Ok(p)) => {
                 let strict = p.is_copy;
-                let caller_env = lua
-                    .create_function(move |lua, meta: Table| Ok(caller_env(lua, &meta, strict)))?;
+                let caller_env =
+                    lua.create_function(move |lua, (meta, named): (Table, Option<bool>)| {
+                        Ok(caller_env(lua, &meta, strict, named.unwrap_or(false)))
+                    })?;
                 let in_session = lua.create_function(|_, ()| Ok(crate::vm::scope::in_session()))?;
                 // Whether a value is a table with that metatable (read raw:
                 // a session environment's hides it).
@@ -356,12 +358,15 @@ fn env_parts(vm: &Vm) -> mlua::Result<EnvParts> {
 /// anyway, the nearest function of a session, however deep (so a function
 /// of `init`'s that calls a session's `load` for it loads into the
 /// session); `None` if there is none.
-fn caller_env(lua: &Lua, meta: &Table, strict: bool) -> (Option<Table>, bool) {
+fn caller_env(lua: &Lua, meta: &Table, strict: bool, named: bool) -> (Option<Table>, bool, bool) {
     /// One level of the call stack, as the search sees it.
     enum Level {
         /// The crate's, or a C function's: passed over.
         Passed {
             tail: bool,
+            /// Called by a metamethod or a generic `for` (not a call the
+            /// Lua frame below wrote).
+            indirect: bool,
         },
         /// The caller is not known past here: Lua 5.1's mark of a frame a
         /// tail call replaced, or the crate's `xpcall` message handler
@@ -411,7 +416,23 @@ fn caller_env(lua: &Lua, meta: &Table, strict: bool) -> (Option<Table>, bool) {
             match source.what {
                 "tail" => Level::Replaced,
                 "Lua" | "main" if !ours => Level::Lua(d.function()),
-                _ => Level::Passed { tail },
+                _ => {
+                    let what = d.names().name_what;
+                    // Lua 5.1 and LuaJIT name no metamethod: a call their
+                    // code did not write has no name.
+                    // Acted on for `getfenv`/`setfenv` only (`named`):
+                    // `(loadstring or load)(s)` has no name either.
+                    #[cfg(any(feature = "lua51", feature = "luajit"))]
+                    let unnamed = named && what.is_none();
+                    #[cfg(not(any(feature = "lua51", feature = "luajit")))]
+                    let unnamed = {
+                        let _ = named;
+                        false
+                    };
+                    let indirect = unnamed
+                        || matches!(what, Some("for iterator" | "metamethod" | "hook" | "__gc"));
+                    Level::Passed { tail, indirect }
+                }
             }
         })
     });
@@ -424,23 +445,27 @@ fn caller_env(lua: &Lua, meta: &Table, strict: bool) -> (Option<Table>, bool) {
                 _ => None,
             })
             .find(is_session);
-        return (env, true);
+        return (env, true, false);
     }
+    let mut indirect_call = false;
     for level in levels {
         match level {
+            // The Lua frame did not call what it called: a metamethod or
+            // an iterator it was handed.
+            Level::Lua(_) if indirect_call => return (None, false, true),
             Level::Lua(f) => {
                 let env = f.environment();
                 let session = env.as_ref().is_some_and(is_session);
-                return (env, session);
+                return (env, session, false);
             }
             // A tail call replaced the caller's frame (`return load(s)`
             // in a function of the shared globals would otherwise load for
             // whoever called that function): the caller is not known.
-            Level::Replaced | Level::Passed { tail: true } => return (None, false),
-            Level::Passed { tail: false } => {}
+            Level::Replaced | Level::Passed { tail: true, .. } => return (None, false, false),
+            Level::Passed { indirect, .. } => indirect_call = indirect,
         }
     }
-    (None, false)
+    (None, false, false)
 }
 
 /// The chunk names of the crate's own Lua code, which the sandbox does not

@@ -67,8 +67,11 @@ end
 -- the finder answers the caller's environment (`false` when there is no
 -- Lua caller), and `nil` in unkeyed work.
 if set_session_finder then
-    set_session_finder(function()
-        local env, is_session = caller_env(meta)
+    set_session_finder(function(named)
+        local env, is_session, indirect = caller_env(meta, named)
+        -- Called by a metamethod or a `for` iterator (a value the caller
+        -- was handed): nobody's, even in unkeyed work.
+        if indirect then return false end
         -- A session's function that unkeyed work runs (a hook `init`
         -- keeps) is still that session's: never the shared globals.
         if is_session then return env end

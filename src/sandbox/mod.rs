@@ -99,8 +99,10 @@ pub(crate) fn apply(lua: &Lua, max_source: usize) -> mlua::Result<()> {
         SANDBOX.load(lua)?.call((
             max_source,
             lua.named_registry_value::<Option<Table>>(REPLACED)?,
-            // LuaJIT leaves no trace of a tail call on its stack.
-            cfg!(feature = "luajit"),
+            // Where a level given to `setfenv` cannot be trusted: LuaJIT
+            // leaves no trace of a tail call on its stack, and Luau names
+            // no call (a metamethod's is not told from a plain one).
+            cfg!(any(feature = "luajit", feature = "luau")),
         ))?;
     lua.unset_named_registry_value(REPLACED)?;
     lua.set_named_registry_value(SESSION_GLOBALS, base)?;

@@ -781,9 +781,13 @@ if getfenv and setfenv then
     -- shared globals, one `init` made, or another tenant's (a function of
     -- the shared globals run by a session's request reaches that session's
     -- frames by level). Unkeyed work never gets a session's.
-    G.getfenv = function(f)
+    G.getfenv = function(...)
+        local f = ...
         local env = getfenv(level(f))
-        local own = session_of_caller()
+        local own = session_of_caller(true)
+        -- Two arguments: an arithmetic metamethod or an iterator (Luau
+        -- names neither, so the caller search cannot tell).
+        if select("#", ...) > 1 and own ~= nil then own = false end
         if own == nil then
             if rawequal(env, G) or is_session_env(env) then
                 env = getfenv(2) -- the caller's (not a tail call: level 2 must be it)
@@ -799,7 +803,7 @@ if getfenv and setfenv then
     end
     G.setfenv = function(f, env)
         local target = level(f)
-        local own = session_of_caller()
+        local own = session_of_caller(true)
         local current = target ~= 0 and getfenv(target)
         if target == 0 or rawequal(current, G) or locked[current]
             or (own == nil and is_session_env(current))
@@ -807,10 +811,12 @@ if getfenv and setfenv then
             error("setfenv: cannot change a shared environment in the sandbox", 2)
         end
         -- On LuaJIT a function of the shared globals that tail-calls
-        -- `setfenv(1, t)` reaches its caller's frame unseen: in a session's
-        -- request, only functions are given environments there.
+        -- `setfenv(1, t)` reaches its caller's frame unseen, and on Luau a
+        -- metamethod's call looks like any: in a session's request, only
+        -- functions are given environments there.
         if hidden_tail_calls and own ~= nil and type(f) ~= "function" then
-            error("setfenv: only a function, not a level, in a session's request on LuaJIT", 2)
+            error("setfenv: only a function, not a level, in a session's request "
+                .. "on LuaJIT and Luau", 2)
         end
         if type(f) == "function" then return setfenv(f, env) end
         setfenv(target, env)

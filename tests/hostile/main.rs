@@ -14,6 +14,7 @@ mod caller_tricks;
 mod crossings;
 mod hostile;
 mod isolation;
+mod iterators_and_metamethods;
 mod limits;
 mod message_handlers;
 mod nearest_caller;
