@@ -274,7 +274,6 @@ fn close_expiry_and_cancel_racing_session_work_resolve_everything_once() {
                         if rng.below(3) == 0 {
                             pool.close_session(rng.below(8));
                         }
-                        let mut last = 0;
                         for (i, mut task) in tasks.into_iter().enumerate() {
                             if rng.below(4) == 0 {
                                 task.cancel();
@@ -290,11 +289,11 @@ fn close_expiry_and_cancel_racing_session_work_resolve_everything_once() {
                             resolved.fetch_add(1, Ordering::Relaxed);
                             match r {
                                 Ok(n) => {
-                                    // Fresh or continuing: never backwards
-                                    // within one session's life, unless
-                                    // it was closed/expired (then 1).
-                                    assert!(n > last || n == 1, "n {n} after {last}");
-                                    last = n;
+                                    // Any count: other threads close these
+                                    // keys and open them afresh between
+                                    // this thread's requests. What is
+                                    // checked is that each resolves once.
+                                    assert!(n >= 1, "n {n}");
                                 }
                                 Err(IsleError::Cancelled)
                                 | Err(IsleError::QueueFull)
