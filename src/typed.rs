@@ -121,6 +121,8 @@ fn from_lua_options() -> DeserializeOptions {
     DeserializeOptions::new()
         .deny_unsupported_types(true)
         .deny_recursive_tables(true)
+        // No deeper than a result is measured against the memory limit.
+        .recursion_limit(crate::vm::result::DEEPEST)
 }
 
 impl<T: DeserializeOwned> FromLua for Serde<T> {
@@ -156,10 +158,16 @@ impl<T: Serialize> IntoLua for Serde<T> {
     }
 }
 
-/// serde's words for what did not fit, without mlua's prefix.
+/// serde's words for what did not fit, without mlua's prefix, cut to
+/// [`CAUSE`] bytes: serde quotes the value it refused (`invalid type:
+/// string "..."`), which may be a string of megabytes.
 fn cause(e: &mlua::Error) -> String {
-    match e {
+    let m = match e {
         mlua::Error::SerializeError(m) | mlua::Error::DeserializeError(m) => m.clone(),
         other => other.to_string(),
-    }
+    };
+    crate::error_value::cap(&m, CAUSE, &mut false)
 }
+
+/// The longest cause a conversion error quotes, in bytes.
+const CAUSE: usize = 1024;

@@ -5,6 +5,8 @@
 mod json;
 mod read;
 
+#[cfg(feature = "serde")]
+pub(crate) use read::cap;
 pub(crate) use read::read;
 
 use std::fmt;

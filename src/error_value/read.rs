@@ -129,7 +129,7 @@ pub(super) fn lossy(s: &mlua::LuaString, max: usize, truncated: &mut bool) -> St
 }
 
 /// At most `max` bytes of `s`, cut at a character boundary.
-pub(super) fn cap(s: &str, max: usize, truncated: &mut bool) -> String {
+pub(crate) fn cap(s: &str, max: usize, truncated: &mut bool) -> String {
     if s.len() <= max {
         return s.to_string();
     }

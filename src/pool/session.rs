@@ -275,13 +275,18 @@ impl Sessions {
     }
 }
 
-/// `key`'s binding, made on first use (bound to the least loaded VM).
+/// `key`'s binding, made on first use (bound to the least loaded VM), and
+/// whether this call made it.
 // A binding's hash and equality are its key's, which never changes; its
 // atomics are not part of either.
 #[allow(clippy::mutable_key_type)]
-fn bind(shared: &Shared, shard: &mut HashSet<ByKey, Prehashed>, key: &HashedKey) -> Arc<Binding> {
+fn bind(
+    shared: &Shared,
+    shard: &mut HashSet<ByKey, Prehashed>,
+    key: &HashedKey,
+) -> (Arc<Binding>, bool) {
     if let Some(ByKey(b)) = shard.get(key as &dyn Probe) {
-        return b.clone();
+        return (b.clone(), false);
     }
     let b = Arc::new(Binding {
         // ORDERING: Relaxed: a unique number; nothing is published by it.
@@ -311,20 +316,20 @@ fn bind(shared: &Shared, shard: &mut HashSet<ByKey, Prehashed>, key: &HashedKey)
         // Its worker sweeps it for expiry (`Worker::expire_idle`).
         shared.bound[b.worker].push(b.clone());
     }
-    b
+    (b, true)
 }
 
 /// The room of `key`'s own queue (`session_queue_capacity`), binding the
 /// key if it is not bound; `None` without that option.
 fn key_room(shared: &Shared, key: &HashedKey) -> Option<Arc<Room>> {
     shared.session_capacity?;
-    let binding = {
+    let (binding, new) = {
         let mut shard = shared.sessions.shard(key).lock();
         bind(shared, &mut shard, key)
     };
-    if shared.idle_timeout.is_some() {
-        // A worker asleep with nothing to sweep sweeps again: this session
-        // may never send it a request.
+    if new && shared.idle_timeout.is_some() {
+        // A worker asleep with nothing to sweep sweeps again: this new
+        // session may never send it a request.
         shared.sleep.wake(binding.worker);
     }
     binding.room.clone()
@@ -335,7 +340,7 @@ fn key_room(shared: &Shared, key: &HashedKey) -> Option<Arc<Room>> {
 fn enqueue(shared: &Shared, key: &HashedKey, job: Job) {
     let worker = {
         let mut shard = shared.sessions.shard(key).lock();
-        let binding = bind(shared, &mut shard, key);
+        let (binding, _) = bind(shared, &mut shard, key);
         // Counted only for idle expiry: a session with requests pending is
         // not idle (no stamp here: its idle clock starts when the last of
         // them ends). Without an idle timeout, neither side touches the

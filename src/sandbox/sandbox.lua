@@ -353,6 +353,13 @@ if type(tbl) == "table" then
     local function slow(t)
         return type(t) == "table" and (locked[t] ~= nil or getmetatable(t) ~= nil)
     end
+    -- True if `insert` or `remove` may shift more than a few thousand
+    -- elements, which C does where no hook reaches: a plain table's border
+    -- can be anywhere (one with entries at 1, 2, 4, ... 2^62 has it near
+    -- 2^62). Those shifts run in Lua, under the request's limits.
+    local function long(t)
+        return type(t) == "table" and #t > 4096
+    end
     local function refuse(fname, t)
         error("table." .. fname .. " cannot change " .. (names[t] or "this table") .. ": "
             .. (whys[t] or SHARED), 3)
@@ -373,7 +380,7 @@ if type(tbl) == "table" then
     tbl.insert = function(...)
         local t = ...
         if locked[t] then refuse("insert", t) end
-        if not slow(t) then return placed(pcall(insert_c, ...)) end
+        if not slow(t) and not long(t) then return placed(pcall(insert_c, ...)) end
         local nargs = select("#", ...) - 1 -- after `t`
         local e = len(t) + 1
         if nargs == 1 then
@@ -394,7 +401,7 @@ if type(tbl) == "table" then
     tbl.remove = function(...)
         local t = ...
         if locked[t] then refuse("remove", t) end
-        if not slow(t) then return placed(pcall(remove_c, ...)) end
+        if not slow(t) and not long(t) then return placed(pcall(remove_c, ...)) end
         local size = len(t)
         local pos = integer((select(2, ...)), 2, "remove", size)
         if pos ~= size and (pos < 1 or pos > size + 1) then

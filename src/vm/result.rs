@@ -13,7 +13,10 @@
 //! never costs more than Lua itself paid for a value held once (a string
 //! 24 bytes plus its length, any other value 16 bytes, a table the sum of
 //! its values and of its keys that are strings or tables): results that
-//! Lua held without sharing always fit; only sharing can exceed it. It reads tables raw (no `__index`, `__pairs`
+//! Lua held without sharing always fit; only sharing can exceed it, and
+//! a border far past a table's entries (`serde` reads a table with a length
+//! as that many values, nils included: each hole below the border is
+//! charged as a value). It reads tables raw (no `__index`, `__pairs`
 //! or any other Lua code runs), stops at the limit, and follows tables 64
 //! deep, a table inside itself not at all (no conversion copies a cycle).
 //! No hook reaches it, so it looks every few thousand values whether its
@@ -33,8 +36,9 @@ use mlua::{FromLua, FromLuaMulti, Lua, MultiValue, Table, Value};
 
 use crate::IsleError;
 
-/// Tables deeper than this are not followed (counted as one value).
-const DEEPEST: usize = 64;
+/// Tables deeper than this are not followed (counted as one value); no
+/// conversion follows them either (`Serde`'s recursion limit is this).
+pub(crate) const DEEPEST: usize = 64;
 
 /// What a string costs beyond its bytes, and any other value.
 const STRING: usize = 24;
@@ -142,8 +146,10 @@ impl<'a> Walk<'a> {
         }
         self.path.push(me);
         let mut ended = Ok(());
+        let mut entries = 0usize;
         // Raw (`for_each` runs no metamethod); an error ends it early.
         let _ = table.for_each::<Value, Value>(|key, value| {
+            entries += 1;
             ended = self.key(&key).and_then(|()| self.value(&value));
             match ended {
                 Ok(()) => Ok(()),
@@ -151,7 +157,21 @@ impl<'a> Walk<'a> {
             }
         });
         self.path.pop();
-        ended
+        ended?;
+        self.holes(table, entries)
+    }
+
+    /// What reading `table` as an array of its length adds: one value per
+    /// hole below its border. (`serde` reads a table with a length as a
+    /// sequence of that many values, nils included. A table with a few
+    /// entries at 1, 2, 4, ... 2^62 has a border near 2^62.)
+    fn holes(&mut self, table: &Table, entries: usize) -> Result<(), IsleError> {
+        let holes = table.raw_len().saturating_sub(entries);
+        self.left = self
+            .left
+            .checked_sub(holes.saturating_mul(VALUE))
+            .ok_or_else(|| too_big(self.limit))?;
+        Ok(())
     }
 
     /// The request's stop, if it was stopped (its caller has the answer).

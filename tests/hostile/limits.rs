@@ -417,3 +417,59 @@ fn the_budget_stops_a_loop_that_keeps_the_heap_at_its_limit() {
         }
     }
 }
+
+/// A plain table whose border Lua finds near 2^62: 63 entries at 1, 2, 4,
+/// ... 2^62, all in its hash part, so `#t` doubles through them.
+fn far_border_table() -> String {
+    let keys: Vec<String> = (0..63).map(|k| format!("[{}]=true", 1u64 << k)).collect();
+    format!("local t = {{{}}}", keys.join(","))
+}
+
+/// `table.insert(t, 1, x)` and `table.remove(t, 1)` on a table whose
+/// border is near 2^62 would shift that many elements in C, where no hook
+/// reaches. In the sandbox they shift in Lua, under the request's limits:
+/// the time limit stops them there, and the session keeps its VM (a VM
+/// stuck in C past `stop_grace` is replaced, and its sessions lost). The
+/// other table functions stop early on such a table by themselves.
+#[test]
+fn the_sandbox_shifts_a_table_with_a_far_border_under_the_requests_limits() {
+    common::in_child(
+        "the_sandbox_shifts_a_table_with_a_far_border_under_the_requests_limits",
+        || {
+            common::within("far border", || {
+                let pool = mlua_isle::IslePool::builder()
+                    .workers(1)
+                    .sandbox(true)
+                    .default_timeout(std::time::Duration::from_millis(200))
+                    .stop_grace(std::time::Duration::from_millis(500))
+                    .build()
+                    .unwrap();
+                let s = pool.session("tenant");
+                s.eval::<()>("kept = 'state'").unwrap();
+                let t = far_border_table();
+                for op in [
+                    "table.insert(t, 1, 'x')",
+                    "table.remove(t, 1)",
+                    "table.insert(t, 'x')",
+                    "table.remove(t)",
+                    "table.move(t, 1, #t, 2)",
+                    "table.concat(t)",
+                    "table.sort(t)",
+                    "table.unpack(t)",
+                    "for _ in ipairs(t) do end",
+                ] {
+                    let r = s.eval::<()>(format!("{t} {op}"));
+                    assert!(
+                        matches!(r, Ok(()) | Err(IsleError::Timeout | IsleError::Lua(_))),
+                        "`{op}`: {r:?}"
+                    );
+                    assert_eq!(
+                        s.eval::<String>("kept"),
+                        Ok("state".to_string()),
+                        "after `{op}`"
+                    );
+                }
+            });
+        },
+    );
+}

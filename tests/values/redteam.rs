@@ -1179,3 +1179,141 @@ fn a_finalizers_raised_value_is_not_blamed_on_the_request_it_ran_in() {
         }
     });
 }
+
+/// A plain table whose border Lua finds near 2^62: 63 entries at 1, 2, 4,
+/// ... 2^62, all in its hash part, so `#t` doubles through them.
+#[cfg(feature = "serde")]
+fn far_border_table() -> String {
+    let keys: Vec<String> = (0..63).map(|k| format!("[{}]=true", 1u64 << k)).collect();
+    format!("local t = {{{}}}", keys.join(","))
+}
+
+/// serde reads a table with a length as a sequence of that many values,
+/// nils included: the table of 63 entries above would be a sequence of
+/// 2^62, built in Rust where no stop reaches. The measure of results
+/// charges the holes below a table's border, so it is refused before the
+/// conversion starts, however it is asked for.
+#[cfg(feature = "serde")]
+#[test]
+fn a_result_whose_border_is_far_past_its_entries_is_refused() {
+    in_child(
+        "a_result_whose_border_is_far_past_its_entries_is_refused",
+        || {
+            within("far border", || {
+                use mlua_isle::Serde;
+                use serde::de::IgnoredAny;
+                let t = far_border_table();
+                let isle = Isle::builder()
+                    .memory_limit(32 << 20)
+                    .spawn(|_| Ok(()))
+                    .unwrap();
+                let json = isle.eval::<Serde<serde_json::Value>>(format!("{t} return t"));
+                assert!(
+                    matches!(json, Err(IsleError::MemoryLimit(_))),
+                    "{:?}",
+                    json.map(|_| ())
+                );
+                let ignored = isle.eval::<Serde<IgnoredAny>>(format!("{t} return {{ t }}"));
+                assert!(
+                    matches!(ignored, Err(IsleError::MemoryLimit(_))),
+                    "{:?}",
+                    ignored.map(|_| ())
+                );
+                let seq = isle.eval::<Serde<Vec<Option<bool>>>>(format!("{t} return t"));
+                assert!(
+                    matches!(seq, Err(IsleError::MemoryLimit(_))),
+                    "{:?}",
+                    seq.map(|_| ())
+                );
+                // Holes a sequence really has are only charged, not refused.
+                let holes = isle
+                    .eval::<Serde<Vec<Option<i64>>>>("return {1, nil, 3}")
+                    .unwrap();
+                assert_eq!(holes.0.len(), 3);
+                assert_eq!(isle.eval::<i64>("return 1").unwrap(), 1);
+            });
+        },
+    );
+}
+
+/// The same from a session of a sandboxed pool with every limit set: the
+/// request fails, and another tenant on the VM keeps its session (a VM
+/// stuck in a conversion past `stop_grace` would be replaced).
+#[cfg(feature = "serde")]
+#[test]
+fn a_far_border_result_costs_other_tenants_nothing() {
+    in_child("a_far_border_result_costs_other_tenants_nothing", || {
+        within("far border, tenants", || {
+            let pool = IslePool::builder()
+                .workers(1)
+                .sandbox(true)
+                .memory_limit(32 << 20)
+                .default_timeout(Duration::from_secs(1))
+                .stop_grace(Duration::from_millis(200))
+                .build()
+                .unwrap();
+            let (a, b) = (pool.session("a"), pool.session("b"));
+            b.eval::<()>("x = 1").unwrap();
+            let r = a.eval::<mlua_isle::Serde<serde_json::Value>>(format!(
+                "{} return t",
+                far_border_table()
+            ));
+            assert!(
+                matches!(r, Err(IsleError::MemoryLimit(_))),
+                "{:?}",
+                r.map(|_| ())
+            );
+            assert_eq!(b.eval::<Option<i64>>("return x").unwrap(), Some(1));
+        });
+    });
+}
+
+/// The measure follows tables as deep as serde does: sharing below depth
+/// 64 (a table holding one 1 MiB string 200 times, under 70 wrapping
+/// tables; or 2^40 paths to one leaf) is not copied past the memory
+/// limit, nor walked for ever.
+#[cfg(feature = "serde")]
+#[test]
+fn sharing_deeper_than_the_measure_goes_is_not_copied() {
+    in_child("sharing_deeper_than_the_measure_goes_is_not_copied", || {
+        within("deep sharing", || {
+            use mlua_isle::Serde;
+            use serde::de::IgnoredAny;
+            let isle = Isle::builder()
+                .memory_limit(32 << 20)
+                .spawn(|_| Ok(()))
+                .unwrap();
+            let wide = "local big = string.rep('x', 1 << 20) \
+                        local t = {} for i = 1, 200 do t[i] = big end \
+                        for i = 1, 70 do t = { t } end return t";
+            let r = isle.eval::<Serde<serde_json::Value>>(wide);
+            assert!(r.is_err(), "200 MiB copied under a 32 MiB limit");
+            let dag = "local t = {1} for i = 1, 40 do t = { t, t } end \
+                       for i = 1, 70 do t = { t } end return t";
+            let r = isle.eval::<Serde<IgnoredAny>>(dag);
+            assert!(r.is_err(), "2^40 paths walked");
+            // 64 levels are still read.
+            let deep: Serde<serde_json::Value> = isle
+                .eval("local t = {} for i = 1, 63 do t = { t } end return t")
+                .unwrap();
+            assert!(deep.0.is_array());
+            assert_eq!(isle.eval::<i64>("return 1").unwrap(), 1);
+        });
+    });
+}
+
+/// serde's error quotes the value it refused: a string of megabytes is
+/// cut, not copied into the message.
+#[cfg(feature = "serde")]
+#[test]
+fn a_conversion_error_quotes_at_most_a_kilobyte() {
+    within("long cause", || {
+        let isle = Isle::spawn(|_| Ok(())).unwrap();
+        let r = isle.eval::<mlua_isle::Serde<u16>>("return string.rep('x', 1 << 20)");
+        let Err(IsleError::Lua(e)) = r else {
+            panic!("{r:?}")
+        };
+        assert!(e.message().len() < 4096, "{} bytes", e.message().len());
+        assert!(e.message().contains("u16"), "{}", e.message());
+    });
+}
