@@ -96,6 +96,13 @@ pub(super) fn install_wrappers(
     if let Some(coroutine) = &coroutine {
         if tracked {
             install_tracked_coroutines(lua, coroutine, &check, &stopping)?;
+        } else {
+            // The hook ticks on a count, which a new Lua thread starts
+            // afresh (`alarm/threads.rs`). Before `guard_close`, whose
+            // `wrap` calls the `create` it finds.
+            let state = this.clone();
+            let charge = lua.create_function(move |lua, ()| Interrupt::thread_made(&state, lua))?;
+            alarm::charge_new_threads(lua, coroutine, &charge)?;
         }
         #[cfg(any(feature = "lua54", feature = "lua55"))]
         guard_close(lua, coroutine, &check, &stopping, tracked)?;

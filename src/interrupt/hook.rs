@@ -392,6 +392,19 @@ impl Interrupt {
         }
     }
 
+    /// A Lua thread was made while the hook ticks on a count: charges the
+    /// instructions it may run before its first tick (its countdown starts
+    /// afresh, so a thread that ends sooner is never counted otherwise),
+    /// and raises a pending stop. Called by `coroutine.create` and `wrap`
+    /// (`alarm/threads.rs`) and for a `task.spawn` child.
+    pub(crate) fn thread_made(this: &Arc<Self>, lua: &Lua) -> mlua::Result<()> {
+        this.charge(u64::from(this.interval));
+        match this.stop_reason() {
+            Some(reason) => Interrupt::interrupt(this, lua, reason).map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
     /// Charges the allocations the memory limit refused since the last
     /// tick (Lua 5.2–5.5: see `alarm/refusals.rs`), each as one instruction
     /// per 8 bytes the VM holds: Lua ran a full collection before refusing
@@ -454,6 +467,17 @@ impl Interrupt {
             }
         }
         Ok(VmState::Continue)
+    }
+}
+
+/// [`Interrupt::thread_made`] on the VM of `lua`, for a Lua thread the
+/// crate makes for Lua code (a `task.spawn` child).
+#[cfg(feature = "async")]
+pub(crate) fn thread_made(lua: &Lua) -> mlua::Result<()> {
+    let this = lua.app_data_ref::<Arc<Interrupt>>().map(|i| Arc::clone(&i));
+    match this {
+        Some(this) if this.on_demand.is_none() => Interrupt::thread_made(&this, lua),
+        _ => Ok(()),
     }
 }
 

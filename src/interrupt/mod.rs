@@ -40,6 +40,11 @@
 //! - `coroutine.resume` (and, armed on demand, `coroutine.close` and
 //!   `coroutine.wrap`), whose caller runs on another coroutine; and `load`,
 //!   which returns its reader's error.
+//! - Ticking all the time, `coroutine.create` and `coroutine.wrap` (and
+//!   `task.spawn`): a new Lua thread starts a countdown of its own, so each
+//!   is charged one interval when it is made, and sees a pending stop there
+//!   (`alarm/threads.rs`): a tree of coroutines that each end before their
+//!   first tick is counted and stopped.
 //!
 //! Finally, a request whose interruption fired resolves with its stop reason
 //! even if its code ended normally after swallowing it.
@@ -56,4 +61,6 @@ mod raised;
 
 pub use errors::current_token;
 pub(crate) use errors::request_error;
+#[cfg(feature = "async")]
+pub(crate) use hook::thread_made;
 pub(crate) use hook::{HookOptions, Interrupt};

@@ -317,9 +317,11 @@ macro_rules! vm_options {
         /// [`IsleError::InstructionLimit`](crate::IsleError::InstructionLimit).
         /// Counted at hook ticks, every `min(hook_interval, n)` instructions
         /// of a coroutine: a request is never stopped before `n`, and may
-        /// run up to one such interval past it (a coroutine that ends before
-        /// its first tick is not counted). Rust code called from Lua does not
-        /// count. Counting needs the hook to tick all the time, so a VM with
+        /// run up to one such interval past it. Lua starts each new
+        /// coroutine's countdown afresh, so each one made
+        /// (`coroutine.create`, `coroutine.wrap`, `task.spawn`) is charged
+        /// one interval when it is made: what it may run before its first
+        /// tick. Rust code called from Lua does not count. Counting needs the hook to tick all the time, so a VM with
         /// a budget runs pure-Lua code 2–3x slower than one without (see
         /// the README's Performance section).
         ///

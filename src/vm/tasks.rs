@@ -50,7 +50,10 @@ pub(crate) fn install(lua: &Lua) -> mlua::Result<()> {
     )?;
     task.set(
         "spawn",
-        lua.create_function(|_, (f, args): (Function, MultiValue)| {
+        lua.create_function(|lua, (f, args): (Function, MultiValue)| {
+            // A child's thread may be new, and end before its first tick
+            // (`interrupt/alarm/threads.rs`).
+            crate::interrupt::thread_made(lua)?;
             // `Arc`, not `Rc`: with mlua's `send` feature (which another
             // crate may turn on), userdata must be `Send`, and the values
             // held then are.

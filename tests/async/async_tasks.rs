@@ -191,3 +191,37 @@ fn there_is_no_task_global_unless_asked_for() {
     let isle = mlua_isle::Isle::builder().build().unwrap();
     assert_eq!(isle.eval::<bool>("task == nil"), Ok(true));
 }
+
+/// Children that each end before the hook's first tick on their thread
+/// (a new Lua thread starts its countdown afresh): each spawn is charged
+/// one interval against the budget, so a loop of short children stops at
+/// the budget, not many times past it.
+#[test]
+#[cfg(not(feature = "luau"))]
+fn short_children_are_counted_against_the_budget() {
+    common::in_child("short_children_are_counted_against_the_budget", || {
+        within("short children", || {
+            const BUDGET: u64 = 200_000;
+            let isle = mlua_isle::Isle::builder()
+                .task_library(true)
+                .max_instructions(BUDGET)
+                .spawn(|_| Ok(()))
+                .unwrap();
+            let r = isle.eval::<()>(
+                "work = 0
+                 local hs = {}
+                 while true do
+                     for k = 1, 200 do
+                         hs[k] = task.spawn(function() for _ = 1, 400 do end end)
+                     end
+                     for k = 1, 200 do hs[k]:join() end
+                     work = work + 80000
+                 end",
+            );
+            assert!(matches!(r, Err(IsleError::InstructionLimit)), "{r:?}");
+            // The children's loops alone, which the budget must have covered.
+            let work: f64 = isle.eval("return work").unwrap();
+            assert!(work <= 2.0 * BUDGET as f64, "{work} ran");
+        });
+    });
+}

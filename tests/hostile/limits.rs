@@ -473,3 +473,82 @@ fn the_sandbox_shifts_a_table_with_a_far_border_under_the_requests_limits() {
         },
     );
 }
+
+/// A tree of short coroutines: each runs fewer instructions than the hook
+/// interval, then starts two more, 60 levels deep. Lua keeps the hook's
+/// countdown per Lua thread and a new one starts afresh, so no tick ever
+/// came: the tree ran past its budget and its time limit for ever (the VM
+/// wedged, replaced, and its thread spinning). Each new thread is charged
+/// its first countdown when it is made, and sees a pending stop there.
+const TREE: &str = "work = 0
+    local wrap = coroutine.wrap
+    local function node(d)
+        for _ = 1, 440 do end
+        work = work + 440
+        if d < 60 then wrap(node)(d + 1) wrap(node)(d + 1) end
+    end
+    wrap(node)(1)";
+
+/// The same with one level: a loop making coroutines that each run 400
+/// instructions.
+const CHURN: &str = "work = 0
+    while true do
+        coroutine.wrap(function() for _ = 1, 400 do end end)()
+        work = work + 400
+    end";
+
+#[test]
+#[cfg(not(feature = "luau"))]
+fn short_coroutines_are_counted_against_the_budget() {
+    common::in_child("short_coroutines_are_counted_against_the_budget", || {
+        common::within("short coroutines, budget", || {
+            const BUDGET: u64 = 200_000;
+            for sandbox in [false, true] {
+                let isle = Isle::builder()
+                    .sandbox(sandbox)
+                    .max_instructions(BUDGET)
+                    .spawn(|_| Ok(()))
+                    .unwrap();
+                for body in [TREE, CHURN] {
+                    let r = isle.eval::<()>(body);
+                    assert!(
+                        matches!(r, Err(IsleError::InstructionLimit)),
+                        "sandbox {sandbox}: {r:?}"
+                    );
+                    // The loops' own instructions alone (each `for` step is
+                    // one), which the budget must have covered.
+                    let work: f64 = isle.eval("return work").unwrap();
+                    assert!(work <= 2.0 * BUDGET as f64, "sandbox {sandbox}: {work} ran");
+                }
+            }
+        });
+    });
+}
+
+/// With the hook ticking all the time (`permanent_hook`), a time limit
+/// reaches the tree too, and the VM serves on (a VM stuck past
+/// `stop_grace` would be replaced, its globals gone).
+#[test]
+fn a_time_limit_reaches_short_coroutines_when_the_hook_ticks_all_the_time() {
+    common::in_child(
+        "a_time_limit_reaches_short_coroutines_when_the_hook_ticks_all_the_time",
+        || {
+            common::within("short coroutines, permanent hook", || {
+                let isle = Isle::builder()
+                    .permanent_hook(true)
+                    .stop_grace(std::time::Duration::from_secs(2))
+                    .spawn(|_| Ok(()))
+                    .unwrap();
+                isle.eval::<()>("kept = 'state'").unwrap();
+                for body in [TREE, CHURN] {
+                    let r = isle
+                        .spawn_eval::<()>(body)
+                        .timeout(std::time::Duration::from_millis(200))
+                        .wait();
+                    assert!(matches!(r, Err(IsleError::Timeout)), "{r:?}");
+                    assert_eq!(isle.eval::<String>("kept"), Ok("state".to_string()));
+                }
+            });
+        },
+    );
+}

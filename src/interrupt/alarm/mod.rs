@@ -121,6 +121,8 @@
 //!   `pcall`, `xpcall`, `load`, `loadfile`, `dofile` and the untracked
 //!   `coroutine.resume` (`mod protected`, which argues its own soundness),
 //!   and there too `print` where it stays Lua's own (`sandbox/print.rs`);
+//! - Lua 5.1–5.5's `coroutine.create` and `wrap` where the hook ticks on
+//!   a count, charging a new thread's first countdown (`mod threads`);
 //! - Lua 5.2–5.5's allocator, wrapped where a VM has an instruction budget
 //!   to count the allocations its memory limit refuses (`mod refusals`);
 //! - `new_lua_with_unsafe_libs`, for the host's `unsafe_std_libs`.
@@ -131,6 +133,34 @@
 
 #[cfg(any(feature = "lua51", feature = "luajit"))]
 pub(crate) mod native;
+
+#[cfg(any(
+    feature = "lua51",
+    feature = "lua52",
+    feature = "lua53",
+    feature = "lua54",
+    feature = "lua55"
+))]
+mod threads;
+#[cfg(any(
+    feature = "lua51",
+    feature = "lua52",
+    feature = "lua53",
+    feature = "lua54",
+    feature = "lua55"
+))]
+pub(crate) use threads::charge_new_threads;
+
+/// LuaJIT keeps one hook countdown per VM, and Luau has no count: new
+/// threads hide nothing from them (`mod threads`).
+#[cfg(any(feature = "luajit", feature = "luau"))]
+pub(crate) fn charge_new_threads(
+    _lua: &mlua::Lua,
+    _coroutine: &mlua::Table,
+    _charge: &mlua::Function,
+) -> mlua::Result<()> {
+    Ok(())
+}
 
 mod registry;
 pub(crate) use registry::*;
