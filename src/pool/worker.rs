@@ -53,6 +53,10 @@ impl Worker {
     /// `lost`: sessions whose state went with the VM this one replaces.
     pub(super) fn run(self, vm: Vm, mut lost: Vec<Arc<Binding>>) {
         let shared = &*self.shared;
+        if shared.idle_timeout.is_none() {
+            // Kept only to expire (see `recycle`).
+            lost.clear();
+        }
         let w = self.index;
         let weak = Arc::downgrade(&self.shared);
         vm.on_wake(move || {
@@ -563,7 +567,13 @@ impl Worker {
                 for env in old.envs.into_values() {
                     env.binding.lost.store(true, Ordering::Release);
                     env.binding.uncount(&self.shared);
-                    lost.push(env.binding);
+                    // Kept to expire if it is never told (a session told
+                    // is unbound, and forgotten by the next sweep); with no
+                    // idle timeout nothing expires, and keeping it would
+                    // hold its key for the life of the pool.
+                    if self.shared.idle_timeout.is_some() {
+                        lost.push(env.binding);
+                    }
                 }
                 counters.recycled.fetch_add(1, Ordering::Relaxed);
             }

@@ -861,3 +861,42 @@ fn a_replacement_that_failed_to_start_is_tried_again() {
     assert_eq!(out.2, Ok(42), "{out:?}");
     assert_eq!((out.3, out.4), (1, 1), "{out:?}");
 }
+
+/// A session whose VM was recycled, told `SessionLost`, then opened again
+/// and closed, with no idle timeout: nothing of it stays in the pool (the
+/// worker kept every recycled session's record, its key included, for the
+/// life of the pool). The key is an `Arc<str>` the pool shares: its count
+/// says who still holds it.
+#[test]
+fn a_session_lost_to_recycling_leaves_nothing_behind() {
+    within("lost sessions forgotten", || {
+        let pool = IslePool::builder()
+            .workers(1)
+            .recycle_after(2)
+            .build()
+            .unwrap();
+        // The VM recycles after every second request.
+        pool.eval::<i64>("return 1").unwrap();
+        pool.eval::<i64>("return 1").unwrap();
+        let keys: Vec<Arc<str>> = (0..8).map(|i| Arc::from(format!("tenant-{i}"))).collect();
+        for key in &keys {
+            let s = pool.session(key.clone());
+            s.eval::<()>("x = 1").unwrap();
+            // Recycled after this one: the session is lost.
+            pool.eval::<i64>("return 1").unwrap();
+            assert_eq!(s.eval::<()>("return"), Err(IsleError::SessionLost));
+            s.eval::<()>("x = 2").unwrap();
+            assert!(pool.close_session(key.clone()));
+            // Another recycle, with nothing open.
+            pool.eval::<i64>("return 1").unwrap();
+        }
+        // The closes are taken before these.
+        pool.eval::<i64>("return 1").unwrap();
+        pool.eval::<i64>("return 1").unwrap();
+        assert_eq!(pool.metrics().sessions_open, 0);
+        for key in &keys {
+            assert_eq!(Arc::strong_count(key), 1, "{key} is still held");
+        }
+        pool.shutdown().unwrap();
+    });
+}
