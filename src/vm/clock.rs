@@ -2,8 +2,7 @@
 //! (`mlua-isle-clock`, started on the first sleep) wakes sleeping futures
 //! when their time comes.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::OnceLock;
@@ -12,31 +11,18 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-struct Entry {
-    at: Instant,
-    seq: u64,
-    waker: Waker,
-}
+/// An entry's place: when it is due, then the order it came in.
+type Key = (Instant, u64);
 
-impl PartialEq for Entry {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.seq) == (other.at, other.seq)
-    }
-}
-impl Eq for Entry {}
-impl PartialOrd for Entry {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Entry {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.at, self.seq).cmp(&(other.at, other.seq))
-    }
+/// The wakers of the sleeps pending, by when they are due.
+#[derive(Default)]
+struct Due {
+    wakers: BTreeMap<Key, Waker>,
+    next: u64,
 }
 
 struct Clock {
-    due: Mutex<(BinaryHeap<Reverse<Entry>>, u64)>,
+    due: Mutex<Due>,
     changed: Condvar,
 }
 
@@ -44,7 +30,7 @@ fn clock() -> &'static Clock {
     static CLOCK: OnceLock<&'static Clock> = OnceLock::new();
     CLOCK.get_or_init(|| {
         let clock: &'static Clock = Box::leak(Box::new(Clock {
-            due: Mutex::new((BinaryHeap::new(), 0)),
+            due: Mutex::new(Due::default()),
             changed: Condvar::new(),
         }));
         // If the thread cannot start, sleeps never end: their requests
@@ -61,12 +47,13 @@ impl Clock {
         let mut due = self.due.lock();
         loop {
             let now = Instant::now();
-            while due.0.peek().is_some_and(|Reverse(e)| e.at <= now) {
-                if let Some(Reverse(e)) = due.0.pop() {
-                    e.waker.wake();
+            while let Some(first) = due.wakers.first_entry() {
+                if first.key().0 > now {
+                    break;
                 }
+                first.remove().wake();
             }
-            match due.0.peek().map(|Reverse(e)| e.at) {
+            match due.wakers.first_key_value().map(|((at, _), _)| *at) {
                 Some(at) => {
                     self.changed.wait_until(&mut due, at);
                 }
@@ -75,15 +62,30 @@ impl Clock {
         }
     }
 
-    fn add(&self, at: Instant, waker: Waker) {
+    /// Wakes `waker` at `at`; returns the entry's key.
+    fn add(&self, at: Instant, waker: Waker) -> Key {
         let mut due = self.due.lock();
-        due.1 += 1;
-        let seq = due.1;
-        let first = due.0.peek().is_none_or(|Reverse(e)| at < e.at);
-        due.0.push(Reverse(Entry { at, seq, waker }));
+        due.next += 1;
+        let key = (at, due.next);
+        let first = due.wakers.first_key_value().is_none_or(|(k, _)| key < *k);
+        due.wakers.insert(key, waker);
         if first {
             self.changed.notify_one();
         }
+        key
+    }
+
+    /// The entry of `key`, if it is still pending, wakes `waker` instead.
+    fn replace(&self, key: Key, waker: Waker) {
+        if let Some(w) = self.due.lock().wakers.get_mut(&key) {
+            *w = waker;
+        }
+    }
+
+    /// Forgets the entry of `key` (its sleep was dropped), if it is still
+    /// pending.
+    fn remove(&self, key: Key) {
+        self.due.lock().wakers.remove(&key);
     }
 }
 
@@ -92,13 +94,16 @@ impl Clock {
 pub(crate) fn sleep(duration: Duration) -> Sleep {
     Sleep {
         at: Instant::now().checked_add(duration),
-        waiting: false,
+        entry: None,
     }
 }
 
+/// A pending sleep keeps an entry in the clock, with the waker it was last
+/// polled with; dropped (its request stopped, or its coroutine collected)
+/// it takes the entry out, so sleeps that never end cost nothing once gone.
 pub(crate) struct Sleep {
     at: Option<Instant>,
-    waiting: bool,
+    entry: Option<(Key, Waker)>,
 }
 
 impl Future for Sleep {
@@ -111,11 +116,26 @@ impl Future for Sleep {
         if Instant::now() >= at {
             return Poll::Ready(());
         }
-        // Once is enough: the waker a request polls with stays the same.
-        if !self.waiting {
-            self.waiting = true;
-            clock().add(at, cx.waker().clone());
+        match &mut self.entry {
+            None => {
+                let key = clock().add(at, cx.waker().clone());
+                self.entry = Some((key, cx.waker().clone()));
+            }
+            // Polled by another task since: that one is woken.
+            Some((key, waker)) if !waker.will_wake(cx.waker()) => {
+                *waker = cx.waker().clone();
+                clock().replace(*key, cx.waker().clone());
+            }
+            Some(_) => {}
         }
         Poll::Pending
+    }
+}
+
+impl Drop for Sleep {
+    fn drop(&mut self) {
+        if let Some((key, _)) = self.entry.take() {
+            clock().remove(key);
+        }
     }
 }

@@ -225,3 +225,41 @@ fn short_children_are_counted_against_the_budget() {
         });
     });
 }
+
+/// Resident memory of this process, in KiB.
+fn rss_kib() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: usize = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4
+}
+
+/// A sleep dropped before its time (its coroutine collected, or its
+/// request stopped) takes its entry out of the process-wide clock: a
+/// tenant making and dropping sleeps of 31 years grew the host's memory
+/// (outside `memory_limit`) by about 40 bytes each, for as long as they
+/// would have slept.
+#[test]
+fn dropped_sleeps_leave_nothing_in_the_clock() {
+    common::in_child("dropped_sleeps_leave_nothing_in_the_clock", || {
+        within("dropped sleeps", || {
+            let isle = mlua_isle::Isle::builder()
+                .task_library(true)
+                .memory_limit(16 << 20)
+                .sandbox(true)
+                .spawn(|_| Ok(()))
+                .unwrap();
+            let churn = "for i = 1, 150000 do coroutine.wrap(task.sleep)(1e9) end collectgarbage()";
+            // The clock's thread started, the allocator settled.
+            isle.eval::<()>(churn).unwrap();
+            let before = rss_kib();
+            for _ in 0..6 {
+                isle.eval::<()>(churn).unwrap();
+            }
+            let grown = rss_kib().saturating_sub(before);
+            assert!(
+                grown < 8 << 10,
+                "{grown} KiB grown by 900,000 dropped sleeps"
+            );
+        });
+    });
+}
