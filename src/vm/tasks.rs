@@ -167,12 +167,14 @@ impl Children {
     }
 
     /// Polls the running children once (the request's token current);
-    /// drops those cancelled. New children they spawn are adopted too.
+    /// drops those cancelled, and forgets those ended with nothing left to
+    /// report. Children spawned meanwhile are adopted, and polled on the
+    /// next pass (the request is woken for them): a child that spawns
+    /// another as it runs cannot keep one poll going, or its finished
+    /// children piling up, for ever.
     pub(crate) fn poll(&mut self, cx: &mut Context<'_>) {
-        let mut i = 0;
         let mut dropped = false;
-        while i < self.0.len() {
-            let child = &mut self.0[i];
+        for child in &mut self.0 {
             if let Some(future) = child.future.as_mut() {
                 if matches!(*child.cell.state.lock(), State::Cancelled) {
                     child.future = None;
@@ -183,12 +185,14 @@ impl Children {
                     child.cell.end(State::Done(result));
                 }
             }
-            i += 1;
-            self.adopt();
         }
-        // Forget children that ended and have nothing left to report.
         self.0
             .retain(|c| c.future.is_some() || matches!(*c.cell.state.lock(), State::Done(Err(_))));
+        let before = self.0.len();
+        self.adopt();
+        if self.0.len() > before {
+            cx.waker().wake_by_ref();
+        }
         if dropped {
             // A cancelled child's coroutine is closed now, inside its
             // request (its scope, its stop): its `__close` handlers are the

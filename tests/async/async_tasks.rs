@@ -263,3 +263,29 @@ fn dropped_sleeps_leave_nothing_in_the_clock() {
         });
     });
 }
+
+/// A child that spawns another as it runs, for ever: each generation is
+/// polled on a later pass, so the relay never holds the VM in one poll
+/// (piling up finished children in host memory, which no `memory_limit`
+/// counts): other requests are served meanwhile, and a cancel ends it.
+#[test]
+fn a_relay_of_children_does_not_hold_its_vm() {
+    common::in_child("a_relay_of_children_does_not_hold_its_vm", || {
+        within("relay of children", || {
+            let isle = mlua_isle::Isle::builder()
+                .task_library(true)
+                .sandbox(true)
+                .spawn(|_| Ok(()))
+                .unwrap();
+            let relay = isle.spawn_eval::<()>(
+                "local function f() task.spawn(f) end task.spawn(f) task.sleep(1e9)",
+            );
+            for i in 0..100 {
+                assert_eq!(isle.eval_with::<i64>("return ... + 1", i), Ok(i + 1));
+            }
+            relay.cancel();
+            assert_eq!(relay.wait(), Err(IsleError::Cancelled));
+            assert_eq!(isle.eval::<i64>("return 42"), Ok(42));
+        });
+    });
+}
