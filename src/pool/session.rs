@@ -179,6 +179,17 @@ pub(super) struct Sessions {
     shards: Box<[CachePadded<Shard>]>,
     hasher: RandomState,
     next_id: AtomicU64,
+    /// The rooms of sessions gone from the table (closed, expired, told
+    /// lost) while callers still waited in them (for a permit of the old
+    /// session to be dropped): shutdown refuses those callers too.
+    orphans: Mutex<Orphans>,
+}
+
+#[derive(Default)]
+struct Orphans {
+    rooms: Vec<Arc<Room>>,
+    /// Shutdown closed the rooms: one orphaned later is closed at once.
+    closed: bool,
 }
 
 impl Sessions {
@@ -190,6 +201,7 @@ impl Sessions {
                 .collect(),
             hasher: RandomState::new(),
             next_id: AtomicU64::new(1),
+            orphans: Mutex::new(Orphans::default()),
         }
     }
 
@@ -241,6 +253,30 @@ impl Sessions {
                 }
             }
         }
+        let mut orphans = self.orphans.lock();
+        orphans.closed = true;
+        for room in orphans.rooms.drain(..) {
+            room.close();
+        }
+    }
+
+    /// `binding` left the table: if callers wait in its room, it is kept
+    /// for shutdown to close (rooms nobody waits in any more are dropped
+    /// meanwhile).
+    fn orphan(&self, binding: &Binding) {
+        let Some(room) = &binding.room else {
+            return;
+        };
+        if room.waiting() == 0 {
+            return;
+        }
+        let mut orphans = self.orphans.lock();
+        if orphans.closed {
+            room.close();
+            return;
+        }
+        orphans.rooms.retain(|r| r.waiting() > 0);
+        orphans.rooms.push(room.clone());
     }
 
     /// Marks every session bound to worker `w` lost (its VM was replaced
@@ -268,6 +304,8 @@ impl Sessions {
         match shard.get(probe) {
             Some(ByKey(b)) if Arc::ptr_eq(b, binding) && still(b) => {
                 shard.remove(probe);
+                drop(shard);
+                self.orphan(binding);
                 true
             }
             _ => false,
@@ -399,7 +437,7 @@ fn least_loaded(shared: &Shared) -> usize {
 /// Closes `key`'s session if open: its VM drops the environment after the
 /// session's already-queued requests. Returns whether it was open.
 pub(super) fn close(shared: &Shared, key: &HashedKey) -> bool {
-    let worker = {
+    let binding = {
         let mut shard = shared.sessions.shard(key).lock();
         let Some(ByKey(binding)) = shard.take(key as &dyn Probe) else {
             return false;
@@ -409,9 +447,10 @@ pub(super) fn close(shared: &Shared, key: &HashedKey) -> bool {
             .closes_queued
             .fetch_add(1, Ordering::Relaxed);
         shared.pinned[binding.worker].push(Pinned::Close(binding.id));
-        binding.worker
+        binding
     };
-    shared.sleep.wake(worker);
+    shared.sessions.orphan(&binding);
+    shared.sleep.wake(binding.worker);
     true
 }
 

@@ -586,3 +586,46 @@ fn a_zero_capacity_is_refused_at_build() {
         "{err}"
     );
 }
+
+/// Callers waiting for room in a session's own queue when the session is
+/// closed (its room held by a permit of the old session) are refused
+/// `Shutdown` when the pool shuts down, blocking and async alike: the
+/// session is gone from the table shutdown walks, but its room is kept
+/// while anyone waits in it.
+#[test]
+fn shutdown_refuses_callers_waiting_in_a_closed_sessions_room() {
+    let pool = IslePool::builder()
+        .workers(1)
+        .session_queue_capacity(1)
+        .build()
+        .unwrap();
+    let s = pool.session("tenant");
+    let permit = s.try_reserve().unwrap();
+    let (tx, rx) = crossbeam_channel::bounded(2);
+    {
+        let (s, tx) = (s.clone(), tx.clone());
+        std::thread::spawn(move || {
+            let _ = tx.send(s.reserve_timeout(Duration::MAX).map(drop));
+        });
+    }
+    {
+        let s = s.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(futures::executor::block_on(s.reserve()).map(drop));
+        });
+    }
+    eventually("two waiters", || {
+        s.metrics().is_some_and(|m| m.waiting_for_room == 2)
+    });
+    assert!(s.close());
+    within("shutdown", {
+        let pool = pool.clone();
+        move || pool.shutdown().unwrap()
+    });
+    let woken: Vec<_> = (0..2)
+        .map_while(|_| rx.recv_timeout(PATIENCE).ok())
+        .collect();
+    // Let any still waiting go before failing.
+    drop(permit);
+    assert_eq!(woken, [Err(IsleError::Shutdown), Err(IsleError::Shutdown)]);
+}
