@@ -571,3 +571,67 @@ fn a_bounded_shutdown_during_a_reload_resolves_it() {
         let _ = stopper.join().unwrap();
     });
 }
+
+/// Cancelling a `spawn_reload` whose `f` loops on a VM (no time limit)
+/// stops `f` there: the VM serves again, and the next reload runs.
+#[test]
+fn cancelling_a_spawned_reload_stops_its_function_on_the_vms() {
+    within("cancelled looping reload", || {
+        let pool = IslePool::builder().workers(1).build().unwrap();
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let t = pool.spawn_reload(move |lua| {
+            let _ = tx.send(());
+            lua.load("while true do end").exec()
+        });
+        rx.recv().unwrap();
+        t.cancel();
+        assert_eq!(t.wait(), Err(IsleError::Cancelled));
+        assert_eq!(pool.eval::<i64>("return 1"), Ok(1));
+        assert_eq!(pool.reload(|lua| lua.globals().set("v", 2)), Ok(1));
+        assert_eq!(pool.eval::<i64>("return v"), Ok(2));
+        pool.shutdown().unwrap();
+    });
+}
+
+/// A reload under `default_timeout` fails on time when one slot's VM is
+/// stuck for good (wedged in a host callback, its replacement unable to
+/// start): its roll back waits for that slot at most the time limit plus
+/// one grace, and the slot rolls back when it gets back.
+#[test]
+fn a_reload_fails_on_time_when_a_slot_is_stuck_for_good() {
+    let (g, block) = common::gate();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let pool = {
+        let runs = runs.clone();
+        IslePool::builder()
+            .workers(2)
+            .default_timeout(Duration::from_millis(300))
+            .stop_grace(Duration::from_millis(100))
+            .init(move |lua| {
+                if runs.fetch_add(1, Ordering::SeqCst) >= 2 {
+                    return Err(mlua_isle::mlua::Error::runtime("init: backend unavailable"));
+                }
+                block.clone().register(lua, "block")
+            })
+            .build()
+            .unwrap()
+    };
+    let s = pool.session("tenant");
+    s.eval::<()>("return").unwrap();
+    let w = s.metrics().unwrap().worker;
+    let stuck = s.spawn_eval::<()>("block()");
+    g.wait_started();
+    assert_eq!(stuck.wait(), Err(IsleError::Timeout));
+    common::eventually("a failed replacement", || {
+        pool.metrics().workers[w].recycle_failures >= 1
+    });
+    let r = within("reload past a stuck slot", {
+        let pool = pool.clone();
+        move || pool.reload(|lua| lua.globals().set("v", 1))
+    });
+    assert_eq!(r, Err(IsleError::Timeout));
+    // The other slot is back on `init`'s version.
+    assert!(pool.metrics().workers.iter().all(|m| m.version == 0));
+    g.release();
+    let _ = pool.shutdown_timeout(Duration::from_millis(50));
+}

@@ -41,6 +41,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
 
 use mlua::Lua;
 use parking_lot::Mutex;
@@ -144,7 +145,9 @@ impl IslePool {
     /// If `f` fails on any VM (an error, a panic, the pool's
     /// `default_timeout`, a stop), the reload is rolled back: no VM stays
     /// on the new version, VMs started later do not run `f`, and the error
-    /// is returned once every VM is back. What rolls back is the global
+    /// is returned once every VM is back (under `default_timeout`, once
+    /// every VM is back or that long plus one `stop_grace` has passed: a
+    /// VM stuck for good rolls back when it gets back). What rolls back is the global
     /// table: entries `f` added are removed, and those it changed or
     /// removed get their values back (in the sandbox, also in the copy
     /// sessions read). Changes inside tables reachable from the globals, to
@@ -203,8 +206,9 @@ impl IslePool {
     /// has no time limit of its own (the pool's `default_timeout` applies
     /// to `f` on each VM); cancelling it, dropping it unfinished, or its
     /// [`timeout`](Task::timeout) passing before the reload commits rolls
-    /// the reload back (it resolves `Cancelled` or `Timeout` at once; the
-    /// roll back finishes on its own thread).
+    /// the reload back (it resolves `Cancelled` or `Timeout` at once; `f`
+    /// is stopped on the VMs where it still runs, and the roll back
+    /// finishes on its own thread).
     pub fn spawn_reload<F>(&self, f: F) -> Task<u64>
     where
         F: Fn(&Lua) -> mlua::Result<()> + Send + Sync + 'static,
@@ -270,7 +274,7 @@ impl IslePool {
                 })
                 .collect();
         self.after_push();
-        let ran = first_error(&mut tasks).and_then(|()| {
+        let ran = first_error(&mut tasks, &wanted).and_then(|()| {
             let mut commit = || {
                 reloads.commit();
                 for w in 0..shared.workers() {
@@ -308,8 +312,24 @@ impl IslePool {
                 drop(ack);
                 self.after_push();
                 // Ends when every worker has rolled back, or (shutdown) its
-                // queue was drained, dropping the sender unsent.
-                while acks.recv().is_ok() {}
+                // queue was drained, dropping the sender unsent. Under a
+                // `default_timeout`, at most that long plus one grace: a
+                // slot whose VM is stuck for good (wedged, its replacement
+                // unable to start) rolls back when it gets back, and must
+                // not hold the reload's caller, or the next reload.
+                let owner = &self.inner.host.owner;
+                match owner.default_timeout {
+                    Some(d) => {
+                        let deadline = Instant::now()
+                            .checked_add(d)
+                            .and_then(|t| t.checked_add(owner.timer.grace()));
+                        while match deadline {
+                            Some(at) => acks.recv_deadline(at).is_ok(),
+                            None => acks.recv().is_ok(),
+                        } {}
+                    }
+                    None => while acks.recv().is_ok() {},
+                }
                 drop(tasks);
                 Err(e)
             }
@@ -317,9 +337,15 @@ impl IslePool {
     }
 }
 
+/// How often a reload whose caller may give up (`spawn_reload`) looks
+/// whether it still wants it, while VMs run `f`.
+const WANTED_EVERY: Duration = Duration::from_millis(20);
+
 /// Waits until every task has succeeded, or one has failed (its error; the
-/// others go on).
-fn first_error(tasks: &mut [Task<()>]) -> Result<(), IsleError> {
+/// others go on). If the caller stops wanting the reload meanwhile (its
+/// task cancelled, dropped or timed out), stops the VMs' runs of `f` (one
+/// may loop) and returns `Cancelled`.
+fn first_error(tasks: &mut [Task<()>], wanted: &dyn Fn() -> bool) -> Result<(), IsleError> {
     struct Unpark(std::thread::Thread);
     impl Wake for Unpark {
         fn wake(self: Arc<Self>) {
@@ -346,8 +372,15 @@ fn first_error(tasks: &mut [Task<()>]) -> Result<(), IsleError> {
         if open.is_empty() {
             return Ok(());
         }
-        // Woken by any task's completion (or spuriously: then polled again).
-        std::thread::park();
+        if !wanted() {
+            for task in tasks.iter() {
+                task.cancel();
+            }
+            return Err(IsleError::Cancelled);
+        }
+        // Woken by any task's completion (or spuriously: then polled
+        // again), or after a while to look at `wanted` again.
+        std::thread::park_timeout(WANTED_EVERY);
     }
 }
 
