@@ -154,7 +154,9 @@ fn refused(r: Refused) -> IsleError {
 ///
 /// Dropping it gives up the wait (and gives back room handed to it
 /// meanwhile). It resolves [`IsleError::Shutdown`] if its isle or pool
-/// shuts down first; it never resolves `QueueFull`. Runtime-agnostic: any
+/// shuts down first, and [`IsleError::Reentrant`] if a session's own
+/// request would wait for room in that session's queue (held by requests
+/// that wait behind it); it never resolves `QueueFull`. Runtime-agnostic: any
 /// executor, or [`futures::executor::block_on`](https://docs.rs/futures),
 /// can drive it. Polling it again after it resolved panics, as futures may.
 #[must_use = "futures do nothing unless polled; dropping it gives up the wait"]
@@ -163,6 +165,8 @@ pub struct Reserve<F> {
     front: Option<F>,
     /// The rooms still to wait for, in order (none: an unbounded queue).
     waits: VecDeque<Acquire>,
+    /// True while the first of `waits` is a session's own room.
+    session_room: bool,
     /// Room had so far.
     held: Admission,
 }
@@ -172,10 +176,12 @@ impl<F> Reserve<F> {
     where
         F: Submit,
     {
+        let session_room = front.first_room().is_some();
         let waits = rooms(&front).map(Acquire::new).collect();
         Reserve {
             front: Some(front),
             waits,
+            session_room,
             held: Admission::none(),
         }
     }
@@ -204,11 +210,18 @@ impl<F: Submit + Unpin> Future for Reserve<F> {
                     Poll::Ready(Ok(a)) => {
                         this.held = std::mem::take(&mut this.held).and(a);
                         this.waits.pop_front();
+                        this.session_room = false;
                     }
                     Poll::Ready(Err(r)) => {
                         // Room had in a first room goes back now.
                         this.held = Admission::none();
                         break Err(refused(r));
+                    }
+                    // A session's own request, suspended: the requests
+                    // holding its session's room wait behind it.
+                    Poll::Pending if this.session_room && front.waits_on_itself() => {
+                        this.waits.clear();
+                        break Err(IsleError::Reentrant);
                     }
                     Poll::Pending => return Poll::Pending,
                 }

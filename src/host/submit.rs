@@ -66,6 +66,13 @@ pub(crate) trait Submit {
         None
     }
 
+    /// True if the caller is a request of this very session (running on
+    /// its VM): room in the session's own queue is then held by requests
+    /// that wait behind it, and waiting for it would never end.
+    fn waits_on_itself(&self) -> bool {
+        false
+    }
+
     /// True once shutdown has begun.
     fn is_closed(&self) -> bool;
 

@@ -554,6 +554,11 @@ impl Submit for Session {
         key_room(self.pool.shared(), &self.key)
     }
 
+    fn waits_on_itself(&self) -> bool {
+        crate::handle::route::current_session()
+            .is_some_and(|b| b.key == self.key.key && self.pool.shared().sessions.is_bound(&b))
+    }
+
     fn is_closed(&self) -> bool {
         self.pool.is_shutdown()
     }

@@ -1721,3 +1721,41 @@ fn an_await_inside_pcall_on_lua51_fails_cleanly() {
         still_serves(&front);
     });
 }
+
+/// A session's request whose async code waits for room in its own
+/// session's queue: the requests holding that room wait behind it, so the
+/// wait would never end. It is refused `Reentrant` (as the blocking form
+/// is), and the session's queued requests then run.
+#[test]
+fn a_session_request_waiting_for_room_in_its_own_session_is_refused() {
+    within("reserve in its own session", || {
+        let pool = mlua_isle::IslePool::builder()
+            .workers(1)
+            .session_queue_capacity(2)
+            .build()
+            .unwrap();
+        let s = pool.session("tenant");
+        let (go_tx, go_rx) = oneshot::channel::<()>();
+        let me = s.clone();
+        let first = s.spawn_exec_async(move |_lua, _env| async move {
+            let _ = go_rx.await;
+            Ok(me.reserve().await.map(drop))
+        });
+        eventually("the first request suspended", || {
+            pool.metrics().workers[0].suspended == 1
+        });
+        // The session's queue fills behind it.
+        let second = s.spawn_eval::<i64>("return 2");
+        let third = s.spawn_eval::<i64>("return 3");
+        go_tx.send(()).unwrap();
+        assert_eq!(first.wait(), Ok(Err(mlua_isle::IsleError::Reentrant)));
+        assert_eq!((second.wait(), third.wait()), (Ok(2), Ok(3)));
+        // With room free it takes it, as anywhere.
+        let me = s.clone();
+        let got = s
+            .spawn_exec_async(move |_lua, _env| async move { Ok(me.reserve().await.is_ok()) })
+            .wait();
+        assert_eq!(got, Ok(true));
+        pool.shutdown().unwrap();
+    });
+}
