@@ -83,6 +83,14 @@ impl WorkerVm {
         }
     }
 
+    /// Gives back the room a burst of sessions left unused in `envs`
+    /// (see [`oversized`](super::session::oversized)).
+    pub(super) fn shrink_envs(&mut self) {
+        if super::session::oversized(self.envs.len(), self.envs.capacity()) {
+            self.envs.shrink_to(self.envs.len() * 2);
+        }
+    }
+
     /// `binding`'s record on this VM, made on its first request (without
     /// its environment: the request makes that, see `SessionEnv`).
     pub(super) fn env(&mut self, binding: &Arc<Binding>) -> &mut Env {

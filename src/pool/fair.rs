@@ -46,12 +46,8 @@ use std::time::Duration;
 use crossbeam_deque::Injector;
 use parking_lot::Mutex;
 
-use super::session::ById;
+use super::session::{oversized, ById};
 use super::shared::{steal_one, Pinned};
-
-/// Room for this many keys with queued work is kept once they are served;
-/// beyond it, the table is freed when the last is.
-const KEEP_KEYS: usize = 1024;
 
 /// One worker's fair queue, and counts of what it holds (read without the
 /// lock: by the worker when deciding whether to sleep, and by metrics).
@@ -391,10 +387,11 @@ impl Fair {
         };
         if entry.get().items.is_empty() {
             entry.remove();
-            if self.keys.is_empty() && self.keys.capacity() > KEEP_KEYS {
-                // A burst of many keys is over: give its memory back.
-                self.keys = ById::default();
-                self.ring = VecDeque::new();
+            if oversized(self.keys.len(), self.keys.capacity()) {
+                // A burst of many keys is over (or mostly): give its
+                // memory back.
+                self.keys.shrink_to(self.keys.len() * 2);
+                self.ring.shrink_to(self.ring.len() * 2);
             }
         } else {
             let q = entry.into_mut();
@@ -464,6 +461,42 @@ mod tests {
             intake.push(Pinned::Close(key));
         }
     }
+
+    /// A burst of 100,000 keys, served while one key always has work (so
+    /// the table never empties): the table gives its room back.
+    #[test]
+    fn a_burst_of_keys_gives_its_room_back_while_one_key_stays_busy() {
+        let (slot, intake) = (FairSlot::default(), Injector::new());
+        queue(&intake, 1, 2);
+        for k in 2..100_002 {
+            queue(&intake, k, 1);
+        }
+        let Some(Pinned::Close(1)) = slot.next(&intake, 7) else {
+            panic!("key 1 first");
+        };
+        let peak = slot.fair.lock().keys.capacity();
+        slot.done(1, 7, Duration::from_micros(1), false);
+        // Every burst key is served; key 1 always has an item waiting.
+        for _ in 0..100_000 {
+            let Some(Pinned::Close(k)) = slot.next(&intake, 7) else {
+                panic!("an item");
+            };
+            slot.done(k, 7, Duration::from_micros(1), false);
+            if k == 1 {
+                queue(&intake, 1, 1);
+            }
+        }
+        let fair = slot.fair.lock();
+        assert!(fair.keys.len() <= 2, "{} keys", fair.keys.len());
+        assert!(
+            fair.keys.capacity() <= KEEP_SLOTS_FOR_TESTS,
+            "room for {} keys kept of {peak}",
+            fair.keys.capacity()
+        );
+    }
+
+    /// Room kept after the burst: a few times what a table that never grew keeps.
+    const KEEP_SLOTS_FOR_TESTS: usize = 4 * crate::pool::session::KEEP_SLOTS;
 
     #[test]
     fn equal_costs_take_plain_turns() {

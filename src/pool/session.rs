@@ -73,6 +73,17 @@ impl Binding {
 /// A map by binding id (environments, fair queues).
 pub(super) type ById<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
 
+/// Tables keep the room a burst of keys grew them to. Past this many
+/// slots, one that a burst left three-quarters empty gives half of its
+/// room back (amortised: it then has to empty again by half).
+pub(super) const KEEP_SLOTS: usize = 1024;
+
+/// True if a table of `len` entries and room for `capacity` should shrink
+/// (to twice its length: see [`KEEP_SLOTS`]).
+pub(super) fn oversized(len: usize, capacity: usize) -> bool {
+    capacity > KEEP_SLOTS && len < capacity / 4
+}
+
 /// Binding ids are a counter: spread them over the table's bits with one
 /// multiplication (the table uses the top bits as well as the low ones).
 #[derive(Default)]
@@ -304,6 +315,10 @@ impl Sessions {
         match shard.get(probe) {
             Some(ByKey(b)) if Arc::ptr_eq(b, binding) && still(b) => {
                 shard.remove(probe);
+                let len = shard.len();
+                if oversized(len, shard.capacity()) {
+                    shard.shrink_to(len * 2);
+                }
                 drop(shard);
                 self.orphan(binding);
                 true
@@ -442,6 +457,10 @@ pub(super) fn close(shared: &Shared, key: &HashedKey) -> bool {
         let Some(ByKey(binding)) = shard.take(key as &dyn Probe) else {
             return false;
         };
+        let len = shard.len();
+        if oversized(len, shard.capacity()) {
+            shard.shrink_to(len * 2);
+        }
         binding.uncount(shared);
         shared.counters[binding.worker]
             .closes_queued

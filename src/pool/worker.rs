@@ -334,6 +334,7 @@ impl Worker {
     /// Closes a session: its environment goes.
     fn close(&self, host: &mut WorkerVm, id: u64, lost: &mut Vec<Arc<Binding>>) {
         if let Some(env) = host.envs.remove(&id) {
+            host.shrink_envs();
             if let Some(kept) = env.kept {
                 kept.forget(&host.vm);
             }
@@ -621,8 +622,9 @@ impl Worker {
                 true
             }
         });
+        host.shrink_envs();
         lost.retain(|b| {
-            if envs.contains_key(&b.id) {
+            if host.envs.contains_key(&b.id) {
                 return false; // opened here since: swept with the others
             }
             if expire(b) {
