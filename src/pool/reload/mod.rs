@@ -155,6 +155,12 @@ impl IslePool {
     /// undone. Until the reload ends, VMs where `f` has run serve requests
     /// with it.
     ///
+    /// `f` runs under the VM's `memory_limit` like any request: on a VM
+    /// whose sessions hold memory near the limit, a reload that allocates
+    /// fails `MemoryLimit` and is rolled back everywhere (bound what
+    /// tenants may hold with `session_queue_capacity`, recycling or a
+    /// lower limit per tenant, or leave `f` room).
+    ///
     /// On a live VM, `f` runs under the pool's `default_timeout` (without
     /// one, a VM where `f` never returns holds the reload, as it would any
     /// request). Like `init`, it runs with no time limit on a VM that starts
