@@ -157,9 +157,9 @@ impl IslePool {
     ///
     /// `f` runs under the VM's `memory_limit` like any request: on a VM
     /// whose sessions hold memory near the limit, a reload that allocates
-    /// fails `MemoryLimit` and is rolled back everywhere (bound what
-    /// tenants may hold with `session_queue_capacity`, recycling or a
-    /// lower limit per tenant, or leave `f` room).
+    /// fails `MemoryLimit` and is rolled back everywhere (keep headroom:
+    /// size the limit for it, or recycle VMs above a mark with
+    /// `recycle_when_memory_above`).
     ///
     /// On a live VM, `f` runs under the pool's `default_timeout` (without
     /// one, a VM where `f` never returns holds the reload, as it would any
