@@ -191,8 +191,8 @@ pub(super) struct Sessions {
     hasher: RandomState,
     next_id: AtomicU64,
     /// The rooms of sessions gone from the table (closed, expired, told
-    /// lost) while callers still waited in them (for a permit of the old
-    /// session to be dropped): shutdown refuses those callers too.
+    /// lost) while still in use: callers may wait in them (for a permit of
+    /// the old session to be dropped), and shutdown refuses those too.
     orphans: Mutex<Orphans>,
 }
 
@@ -271,14 +271,15 @@ impl Sessions {
         }
     }
 
-    /// `binding` left the table: if callers wait in its room, it is kept
-    /// for shutdown to close (rooms nobody waits in any more are dropped
-    /// meanwhile).
+    /// `binding` left the table: if its room is in use (held by a permit
+    /// or a queued request, or waited for), callers may wait in it until
+    /// that room is given back, so it is kept for shutdown to close (rooms
+    /// no longer in use are dropped meanwhile).
     fn orphan(&self, binding: &Binding) {
         let Some(room) = &binding.room else {
             return;
         };
-        if room.waiting() == 0 {
+        if !room.in_use() {
             return;
         }
         let mut orphans = self.orphans.lock();
@@ -286,7 +287,7 @@ impl Sessions {
             room.close();
             return;
         }
-        orphans.rooms.retain(|r| r.waiting() > 0);
+        orphans.rooms.retain(|r| r.in_use());
         orphans.rooms.push(room.clone());
     }
 

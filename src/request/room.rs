@@ -181,6 +181,14 @@ impl Room {
         }
     }
 
+    /// True if any room is taken or anyone waits: callers may wait here
+    /// now or later.
+    pub(crate) fn in_use(&self) -> bool {
+        // ORDERING: Relaxed: a snapshot for bookkeeping (`pool/session.rs`
+        // keeps a room in use for shutdown to close).
+        self.state.load(Ordering::Relaxed) != 0
+    }
+
     /// Callers waiting for room now.
     pub(crate) fn waiting(&self) -> usize {
         self.queue.lock().waiters.len()
