@@ -18,7 +18,8 @@
 //! as that many values, nils included: each hole below the border is
 //! charged as a value). It reads tables raw (no `__index`, `__pairs`
 //! or any other Lua code runs), stops at the limit, and follows tables 64
-//! deep, a table inside itself not at all (no conversion copies a cycle).
+//! deep, a table inside itself 8 deep (a conversion to a type of fixed
+//! depth copies it at every level; `Serde` refuses it).
 //! No hook reaches it, so it looks every few thousand values whether its
 //! request was stopped, and ends: under a large limit, a result shared
 //! deeply enough could take seconds to walk.
@@ -39,6 +40,9 @@ use crate::IsleError;
 /// Tables deeper than this are not followed (counted as one value); no
 /// conversion follows them either (`Serde`'s recursion limit is this).
 pub(crate) const DEEPEST: usize = 64;
+
+/// How deep a table inside itself is walked again (see `Walk::table`).
+const AROUND: usize = 8;
 
 /// What a string costs beyond its bytes, and any other value.
 const STRING: usize = 24;
@@ -140,8 +144,15 @@ impl<'a> Walk<'a> {
     }
 
     fn table(&mut self, table: &Table) -> Result<(), IsleError> {
+        // A table inside itself is walked again, as a shared one is, while
+        // the walk is less than `AROUND` deep: a conversion to a type of
+        // fixed depth (`Vec<Vec<Vec<bool>>>`: any value reads as a `bool`)
+        // copies it at every level, n references n^depth times. Types are
+        // not nested deeper than that; a cycle walked further would charge
+        // an object that points back at itself (a linked list's `prev`)
+        // for copies no conversion makes.
         let me = table.to_pointer();
-        if self.path.len() >= DEEPEST || self.path.contains(&me) {
+        if self.path.len() >= DEEPEST || (self.path.len() >= AROUND && self.path.contains(&me)) {
             return Ok(());
         }
         self.path.push(me);

@@ -1317,3 +1317,37 @@ fn a_conversion_error_quotes_at_most_a_kilobyte() {
         assert!(e.message().contains("u16"), "{}", e.message());
     });
 }
+
+/// A table holding itself n times, converted to a type of fixed depth
+/// whose leaves take any value (`bool`): the copy is n^depth. The measure
+/// walks a table inside itself again (8 levels deep), so it is refused
+/// before anything is copied; an object that merely points back at itself
+/// (a doubly linked list, `t.me = t`) still converts.
+#[test]
+fn a_table_holding_itself_is_measured_as_its_copies() {
+    in_child("a_table_holding_itself_is_measured_as_its_copies", || {
+        within("cycles", || {
+            let isle = Isle::builder()
+                .memory_limit(1 << 20)
+                .spawn(|_| Ok(()))
+                .unwrap();
+            let r = isle.eval::<Vec<Vec<Vec<bool>>>>(
+                "local t = {} for i = 1, 300 do t[i] = t end return t",
+            );
+            assert!(is_memory_limit(&r), "{:?}", r.map(|v| v.len()));
+            let r = isle
+                .eval::<std::collections::HashMap<String, std::collections::HashMap<String, bool>>>(
+                    "local t = {} for i = 1, 300 do t['k' .. i] = t end return t",
+                );
+            assert!(is_memory_limit(&r), "{:?}", r.map(|v| v.len()));
+            let list = "local first = {} local node = first \
+                        for i = 1, 1000 do local n = { prev = node } node.next = n node = n end \
+                        first.me = first return first";
+            assert_eq!(isle.eval::<()>(list), Ok(()));
+            assert_eq!(
+                isle.eval::<Vec<bool>>("local t = {} t[1] = t t[2] = t return t"),
+                Ok(vec![true, true])
+            );
+        });
+    });
+}
