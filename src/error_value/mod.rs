@@ -5,7 +5,7 @@
 mod json;
 mod read;
 
-#[cfg(feature = "serde")]
+#[cfg(any(feature = "serde", feature = "async"))]
 pub(crate) use read::cap;
 pub(crate) use read::read;
 

@@ -507,7 +507,10 @@ macro_rules! vm_options {
         /// off): `task.sleep(seconds)`, and `task.spawn(f, ...)`, which runs
         /// `f(...)` beside the request and returns a handle with `:join()`
         /// (`f`'s results, or its error raised) and `:cancel()`. Children
-        /// belong to the request that spawned them: they end with it. See
+        /// belong to the request that spawned them: they end with it, and
+        /// the first error of a child nobody joined fails it. A failed
+        /// child's error keeps at most 4 KiB of its message and of its
+        /// traceback (a Rust copy, which no `memory_limit` counts). See
         /// [the crate docs](crate#async-lua-awaits-rust).
         pub fn task_library(mut self, on: bool) -> Self {
             self.config.task_library = on;

@@ -151,6 +151,36 @@ impl Future for Join {
     }
 }
 
+/// The longest message (and traceback) a failed child's error keeps, in
+/// bytes: it is a Rust copy, outside the VM's memory limit, kept as long as
+/// the child's handle (Lua's collector does not see its size).
+const KEPT: usize = 4096;
+
+/// How many failed, unjoined children a request keeps (see `Children::poll`).
+const FAILED_KEPT: usize = 16;
+
+/// A failed child's error, its text cut to [`KEPT`] bytes.
+// mlua's `CallbackError` holds its cause in an `Arc` (`Send` with mlua's
+// `error-send` feature, which another crate may turn on).
+#[allow(clippy::arc_with_non_send_sync)]
+fn kept(e: mlua::Error) -> mlua::Error {
+    let cut = |s: String| {
+        if s.len() > KEPT {
+            crate::error_value::cap(&s, KEPT, &mut false)
+        } else {
+            s
+        }
+    };
+    match e {
+        mlua::Error::RuntimeError(m) => mlua::Error::RuntimeError(cut(m)),
+        mlua::Error::CallbackError { traceback, cause } => mlua::Error::CallbackError {
+            traceback: cut(traceback),
+            cause: Arc::new(kept((*cause).clone())),
+        },
+        e => e,
+    }
+}
+
 /// The children of one request.
 #[derive(Default)]
 pub(crate) struct Children(Vec<Child>);
@@ -182,12 +212,23 @@ impl Children {
                     child.cell.end(State::Cancelled);
                 } else if let Poll::Ready(result) = future.as_mut().poll(cx) {
                     child.future = None;
-                    child.cell.end(State::Done(result));
+                    child.cell.end(State::Done(result.map_err(kept)));
                 }
             }
         }
-        self.0
-            .retain(|c| c.future.is_some() || matches!(*c.cell.state.lock(), State::Done(Err(_))));
+        // Failed children nobody joined yet are kept to fail the request
+        // (`unjoined_error`), the first [`FAILED_KEPT`] of them: a relay of
+        // failing children would keep one error per generation. (Past
+        // those, an error is lost only if all of those are joined later.)
+        let mut failed = 0;
+        self.0.retain(|c| {
+            if c.future.is_some() {
+                return true;
+            }
+            let unjoined = matches!(*c.cell.state.lock(), State::Done(Err(_)));
+            failed += usize::from(unjoined);
+            unjoined && failed <= FAILED_KEPT
+        });
         let before = self.0.len();
         self.adopt();
         if self.0.len() > before {

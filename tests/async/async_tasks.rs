@@ -289,3 +289,37 @@ fn a_relay_of_children_does_not_hold_its_vm() {
         });
     });
 }
+
+/// A failed child's error is a Rust copy of its message, outside the
+/// memory limit, kept as long as its handle: it keeps at most 4 KiB of the
+/// message, so children failing with a megabyte each cost the host little.
+#[test]
+fn a_failed_childs_error_keeps_a_few_kilobytes() {
+    within("failed children", || {
+        let isle = mlua_isle::Isle::builder()
+            .task_library(true)
+            .memory_limit(16 << 20)
+            .spawn(|_| Ok(()))
+            .unwrap();
+        let joined: i64 = isle
+            .eval(
+                "local big = string.rep('x', 1 << 20) \
+                 local h = task.spawn(function() error(big, 0) end) \
+                 local ok, e = pcall(h.join, h) \
+                 assert(not ok) return #tostring(e)",
+            )
+            .unwrap();
+        assert!((1024..16 << 10).contains(&joined), "{joined} bytes");
+        let r = isle.eval::<()>(
+            "local big = string.rep('y', 1 << 20) \
+             local last \
+             for i = 1, 400 do last = task.spawn(function() error(big, 0) end) end \
+             pcall(last.join, last)",
+        );
+        let Err(IsleError::Lua(e)) = r else {
+            panic!("{r:?}")
+        };
+        assert!(e.message().contains("yyyy"), "{}", e.message());
+        assert!(e.message().len() < 16 << 10, "{} bytes", e.message().len());
+    });
+}
