@@ -156,7 +156,8 @@ fn refused(r: Refused) -> IsleError {
 /// meanwhile). It resolves [`IsleError::Shutdown`] if its isle or pool
 /// shuts down first, and [`IsleError::Reentrant`] if a session's own
 /// request would wait for room in that session's queue (held by requests
-/// that wait behind it); it never resolves `QueueFull`. Runtime-agnostic: any
+/// that wait behind it; also when a permit held elsewhere would free it);
+/// it never resolves `QueueFull`. Runtime-agnostic: any
 /// executor, or [`futures::executor::block_on`](https://docs.rs/futures),
 /// can drive it. Polling it again after it resolved panics, as futures may.
 #[must_use = "futures do nothing unless polled; dropping it gives up the wait"]

@@ -321,7 +321,9 @@ macro_rules! vm_options {
         /// coroutine's countdown afresh, so each one made
         /// (`coroutine.create`, `coroutine.wrap`, `task.spawn`) is charged
         /// one interval when it is made: what it may run before its first
-        /// tick. Rust code called from Lua does not count. Counting needs the hook to tick all the time, so a VM with
+        /// tick (so a budget of `n` makes at most `n / interval`
+        /// coroutines; lower `hook_interval` for scripts that make many
+        /// small ones). Rust code called from Lua does not count. Counting needs the hook to tick all the time, so a VM with
         /// a budget runs pure-Lua code 2–3x slower than one without (see
         /// the README's Performance section).
         ///
