@@ -51,9 +51,11 @@ static GUARD_CLOSE: Precompiled = Precompiled::new(
                 if err == memory_error then error(err, 0) end
                 error(err, 2) -- tail-called: level 2 is the wrapped function's caller
             end
-            local function wrap(f)
+            local function wrap(...)
+                local f = ...
                 if type(f) ~= "function" then
-                    error("bad argument #1 to 'wrap' (function expected)", 2)
+                    local got = select("#", ...) == 0 and "no value" or type(f)
+                    error("bad argument #1 to 'wrap' (function expected, got " .. got .. ")", 2)
                 end
                 local co = create(f)
                 return function(...) return after(co, resume(co, ...)) end

@@ -232,3 +232,42 @@ return table.concat(out, "\n---\n")
         assert!(expected.contains("'pcall'"), "{expected}");
     });
 }
+
+/// Where the hook ticks on a count (`permanent_hook`, `max_instructions`)
+/// `coroutine.create` and `coroutine.wrap` are ours (each new thread is
+/// charged), and on Lua 5.4 and 5.5 `wrap` is written in Lua: their
+/// argument errors read as Lua's own. (Not `pcall(coroutine.wrap)` on 5.4
+/// and 5.5, where Lua names the function it finds in `coroutine` and our
+/// `wrap` can only say `'wrap'`.)
+#[test]
+fn coroutine_constructors_argue_as_luas_own_where_the_hook_ticks() {
+    use mlua_isle::Isle;
+    common::within("coroutine constructors", || {
+        let isle = Isle::builder()
+            .permanent_hook(true)
+            .spawn(|_| Ok(()))
+            .unwrap();
+        let plain = mlua_isle::mlua::Lua::new();
+        for snippet in [
+            "return select(2, pcall(coroutine.create))",
+            "return select(2, pcall(coroutine.create, {}))",
+            "return select(2, pcall(function() coroutine.wrap(1) end))",
+            "return select(2, pcall(function() coroutine.create(1) end))",
+            "return coroutine.wrap(function(...) return select('#', ...) end)(1, nil, 3)",
+            "return coroutine.resume(coroutine.create(function(a) return a * 2 end), 21)",
+        ] {
+            let ours = isle.eval::<String>(format!(
+                "return tostring(({}))",
+                snippet.trim_start_matches("return ")
+            ));
+            let lua = plain
+                .load(format!(
+                    "return tostring(({}))",
+                    snippet.trim_start_matches("return ")
+                ))
+                .set_name("=eval")
+                .eval::<String>();
+            assert_eq!(ours.ok(), lua.ok(), "{snippet}");
+        }
+    });
+}
