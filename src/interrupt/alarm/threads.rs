@@ -59,7 +59,7 @@ pub(crate) fn charge_new_threads(
         let Some(original) = coroutine.get::<Option<mlua::Function>>(name)? else {
             continue;
         };
-        if !plain_c_function(lua, &original)? {
+        if !is_plain_c_function(lua, &original)? {
             continue;
         }
         // SAFETY: `exec_raw` pushes the two upvalues; the closure replaces
@@ -75,8 +75,8 @@ pub(crate) fn charge_new_threads(
 }
 
 /// Whether `f` is a C function without upvalues (which can run on a
-/// frame of ours).
-fn plain_c_function(lua: &mlua::Lua, f: &mlua::Function) -> mlua::Result<bool> {
+/// frame of ours; `mod protected` runs Lua's functions so too).
+pub(super) fn is_plain_c_function(lua: &mlua::Lua, f: &mlua::Function) -> mlua::Result<bool> {
     let mut plain = false;
     // SAFETY: reads the pushed function only; `lua_getupvalue` pushes
     // nothing when there is no upvalue 1, else we pop what it pushed.

@@ -176,19 +176,7 @@ fn closure(
 /// `f`, if it is a C function without upvalues (which can run on a
 /// frame of ours).
 fn plain_c_function(lua: &mlua::Lua, f: &mlua::Function) -> mlua::Result<()> {
-    let mut plain = false;
-    // SAFETY: reads the pushed function only; `lua_getupvalue` pushes
-    // nothing when there is no upvalue 1, else we pop what it pushed.
-    unsafe {
-        lua.exec_raw::<()>(f, |state| {
-            plain = ffi::lua_tocfunction(state, -1).is_some();
-            if !ffi::lua_getupvalue(state, -1, 1).is_null() {
-                ffi::lua_pop(state, 1);
-                plain = false;
-            }
-        })?;
-    }
-    if plain {
+    if super::threads::is_plain_c_function(lua, f)? {
         Ok(())
     } else {
         Err(mlua::Error::runtime(
