@@ -303,7 +303,7 @@ fn a_failed_childs_error_keeps_a_few_kilobytes() {
             .unwrap();
         let joined: i64 = isle
             .eval(
-                "local big = string.rep('x', 1 << 20) \
+                "local big = string.rep('x', 2^20) \
                  local h = task.spawn(function() error(big, 0) end) \
                  local ok, e = pcall(h.join, h) \
                  assert(not ok) return #tostring(e)",
@@ -311,7 +311,7 @@ fn a_failed_childs_error_keeps_a_few_kilobytes() {
             .unwrap();
         assert!((1024..16 << 10).contains(&joined), "{joined} bytes");
         let r = isle.eval::<()>(
-            "local big = string.rep('y', 1 << 20) \
+            "local big = string.rep('y', 2^20) \
              local last \
              for i = 1, 400 do last = task.spawn(function() error(big, 0) end) end \
              pcall(last.join, last)",

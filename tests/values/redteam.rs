@@ -1283,7 +1283,7 @@ fn sharing_deeper_than_the_measure_goes_is_not_copied() {
                 .memory_limit(32 << 20)
                 .spawn(|_| Ok(()))
                 .unwrap();
-            let wide = "local big = string.rep('x', 1 << 20) \
+            let wide = "local big = string.rep('x', 2^20) \
                         local t = {} for i = 1, 200 do t[i] = big end \
                         for i = 1, 70 do t = { t } end return t";
             let r = isle.eval::<Serde<serde_json::Value>>(wide);
@@ -1309,7 +1309,7 @@ fn sharing_deeper_than_the_measure_goes_is_not_copied() {
 fn a_conversion_error_quotes_at_most_a_kilobyte() {
     within("long cause", || {
         let isle = Isle::spawn(|_| Ok(())).unwrap();
-        let r = isle.eval::<mlua_isle::Serde<u16>>("return string.rep('x', 1 << 20)");
+        let r = isle.eval::<mlua_isle::Serde<u16>>("return string.rep('x', 2^20)");
         let Err(IsleError::Lua(e)) = r else {
             panic!("{r:?}")
         };
