@@ -123,7 +123,9 @@ impl IslePool {
 
     /// Closes the session `key`: requests already queued for it still run,
     /// then its VM drops its environment. The next request for `key` starts
-    /// a fresh session (possibly on another VM). Returns whether it was open.
+    /// a fresh session (possibly on another VM, where it may run before or
+    /// beside the closed session's last requests: the two sessions share
+    /// nothing but the key). Returns whether it was open.
     /// Never blocks on the VM.
     pub fn close_session(&self, key: impl Into<SessionKey>) -> bool {
         let shared = &self.inner.shared;

@@ -88,6 +88,12 @@ impl Worker {
                     self.retire();
                     return;
                 }
+                // The last suspended request may have resolved: the VM's
+                // count may be due (a VM whose requests all suspend is
+                // recycled too).
+                if host.vm.suspended() == 0 && self.due_for_recycling(&host) {
+                    self.recycle(&mut host, &mut lost);
+                }
             }
             if shared.life.is_aborting() && host.vm.suspended() > 0 {
                 self.close_suspended(&mut host, &mut lost);

@@ -1,7 +1,7 @@
 -- The sandbox (see mod.rs). Runs once per VM, after `init`.
 -- `earlier`: functions the crate replaced before (Lua's pattern functions,
 -- on 5.4 and 5.5), each with its replacement.
-local max_source, earlier, hidden_tail_calls = ...
+local max_source, earlier, hidden_tail_calls, luau = ...
 local G = _G
 local tonumber = tonumber
 local error, type, tostring, ipairs, pairs, next, select = error, type, tostring, ipairs, pairs, next, select
@@ -303,10 +303,16 @@ G.collectgarbage = function(...)
     return placed(pcall(collectgarbage, ...))
 end
 
--- ===== 3. No finalizers =====
+-- ===== 3. No finalizers, and no metatable on the shared globals =====
+-- A metatable unkeyed work put on the globals would run its code inside
+-- the host's own writes to them (`pool.reload`'s `f`), and see (and keep)
+-- the tables the host puts there, which sessions then read.
 local setmetatable_c = named("setmetatable", setmetatable)
 G.setmetatable = function(...)
-    local _, mt = ...
+    local t, mt = ...
+    if rawequal(t, G) then
+        error("setmetatable: the shared globals take no metatable in the sandbox", 2)
+    end
     if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
         error("__gc metamethods are not available in the sandbox", 2)
     end
@@ -336,6 +342,52 @@ if type(string) == "table" then
             return rep("", 0)
         end
         return placed(pcall(rep_c, ...))
+    end
+
+    -- Luau searches a plain needle (`plain`, or no magic characters) in
+    -- C, comparing it at every place: a 1 MiB needle in 4 MiB takes
+    -- minutes with no interrupt. Its matcher calls the interrupt at every
+    -- step: a long needle, escaped and captured, goes there instead (the
+    -- same places, found the same way). `split` with a long separator
+    -- searches the same way.
+    if luau and string.find and string.gsub and string.split then
+        local find, gsub, split = string.find, string.gsub, string.split
+        local find_c, split_c = named("find", find), named("split", split)
+        local LONG = 64
+        -- `p` as a pattern matching it literally, captured (so that it has
+        -- a special character, and goes to the matcher).
+        local function literal(p)
+            return "(" .. gsub(p, "[%^%$%(%)%%%.%[%]%*%+%-%?]", "%%%0") .. ")"
+        end
+        -- Luau's test for a plain needle (its `SPECIALS`).
+        local function magic(p)
+            return find(p, "[%^%$%*%+%?%.%(%[%%%-]") ~= nil
+        end
+        string.find = function(...)
+            local s, p, init, plain = ...
+            if type(s) == "string" and type(p) == "string" and #p > LONG
+                and (plain or not magic(p)) then
+                local a, b = find(s, literal(p), init)
+                return a, b
+            end
+            return placed(pcall(find_c, ...))
+        end
+        string.split = function(...)
+            local s, sep = ...
+            if type(s) == "string" and type(sep) == "string" and #sep > LONG then
+                local out, i, pattern = {}, 1, literal(sep)
+                while true do
+                    local a, b = find(s, pattern, i)
+                    if not a then
+                        out[#out + 1] = sub(s, i)
+                        return out
+                    end
+                    out[#out + 1] = sub(s, i, a - 1)
+                    i = b + 1
+                end
+            end
+            return placed(pcall(split_c, ...))
+        end
     end
 end
 
@@ -524,6 +576,11 @@ if type(tbl) == "table" then
             tbl[fname] = function(...)
                 local t = ...
                 if locked[t] then refuse(fname, t) end
+                -- Luau: frozen globals would refuse the host's own writes
+                -- (`pool.reload`).
+                if fname == "freeze" and rawequal(t, G) then
+                    error("table.freeze cannot freeze the shared globals", 2)
+                end
                 return placed(pcall(f_c, ...))
             end
         end
@@ -540,6 +597,8 @@ local function bounded_reader(read)
     local total = 0
     return function()
         local piece = read()
+        -- Lua takes numbers as pieces too (as their text).
+        if type(piece) == "number" then piece = tostring(piece) end
         if type(piece) == "string" then
             total = total + #piece
             if total > max_source then error(too_large(total), 0) end

@@ -105,6 +105,30 @@ thread_local! {
     static CLOSING: RefCell<Vec<Thread>> = const { RefCell::new(Vec::new()) };
 }
 
+/// The coroutines current before a VM is built on this thread (a pool
+/// worker recycling its VM builds the new one beside the old): put back
+/// if the new VM fails to start, and the old one serves on.
+pub(crate) struct KeepCurrent(Option<std::rc::Weak<Coroutines>>);
+
+impl KeepCurrent {
+    pub(crate) fn new() -> KeepCurrent {
+        KeepCurrent(Some(CURRENT.with(|c| c.borrow().clone())))
+    }
+
+    /// The new VM started: its coroutines stay current.
+    pub(crate) fn started(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for KeepCurrent {
+    fn drop(&mut self) {
+        if let Some(before) = self.0.take() {
+            CURRENT.with(|c| *c.borrow_mut() = before);
+        }
+    }
+}
+
 impl Coroutines {
     /// Before the VM's catchers replace `xpcall` (`interrupt/catchers.rs`):
     /// the request's top-level `xpcall` must catch everything, the

@@ -194,6 +194,8 @@ impl Vm {
         )
         .map_err(init_error)?;
         #[cfg(feature = "async")]
+        let keep_current = coroutine::KeepCurrent::new();
+        #[cfg(feature = "async")]
         let coroutines = coroutine::Coroutines::new(&lua).map_err(init_error)?;
         let interrupt = Interrupt::install(&lua, config.hook(), abort).map_err(init_error)?;
         #[cfg(feature = "lua55")]
@@ -225,6 +227,11 @@ impl Vm {
         };
         match catch_unwind(AssertUnwindSafe(|| init_then_sandbox(&lua))) {
             Ok(Ok(())) => Ok(Vm {
+                #[cfg(feature = "async")]
+                coroutines: {
+                    keep_current.started();
+                    coroutines
+                },
                 #[cfg(any(
                     feature = "lua52",
                     feature = "lua53",
@@ -236,8 +243,6 @@ impl Vm {
                     .and_then(|_| crate::interrupt::alarm::refusals::count(&lua)),
                 #[cfg(feature = "async")]
                 suspension: suspend::Suspension::new(),
-                #[cfg(feature = "async")]
-                coroutines,
                 chunks: ChunkCache::new(config.chunk_cache, config.memory_limit),
                 live: Cell::new(lua.used_memory()),
                 lua,

@@ -117,6 +117,9 @@ impl<'a> Walk<'a> {
     fn value(&mut self, value: &Value) -> Result<(), IsleError> {
         let cost = match value {
             Value::String(s) => STRING.saturating_add(s.as_bytes().len()),
+            // Copied to bytes as a string is.
+            #[cfg(feature = "luau")]
+            Value::Buffer(b) => STRING.saturating_add(b.len()),
             _ => VALUE,
         };
         self.left = self

@@ -323,3 +323,58 @@ fn a_failed_childs_error_keeps_a_few_kilobytes() {
         assert!(e.message().len() < 16 << 10, "{} bytes", e.message().len());
     });
 }
+
+/// A recycle whose fresh VM fails to start leaves the old VM serving, and
+/// `task.spawn` with it (the failed VM's coroutines had taken the thread's
+/// place, and every later spawn failed "not on a VM of mlua-isle").
+#[test]
+fn task_spawn_works_after_a_recycle_fails_to_start() {
+    within("spawn after a failed recycle", || {
+        let starts = Arc::new(AtomicUsize::new(0));
+        let pool = {
+            let starts = starts.clone();
+            IslePool::builder()
+                .workers(1)
+                .task_library(true)
+                .recycle_after(2)
+                .init(move |_| {
+                    if starts.fetch_add(1, Ordering::SeqCst) == 1 {
+                        return Err(mlua_isle::mlua::Error::runtime("the second start fails"));
+                    }
+                    Ok(())
+                })
+                .build()
+                .unwrap()
+        };
+        for i in 0..6_i64 {
+            let r = pool.eval_with::<i64>(
+                "local h = task.spawn(function(x) return x * 2 end, ...) return h:join()",
+                i,
+            );
+            assert_eq!(r, Ok(i * 2), "request {i}");
+        }
+        assert!(pool.metrics().workers[0].recycle_failures >= 1);
+        pool.shutdown().unwrap();
+    });
+}
+
+/// `recycle_after` counts requests that suspended too: a VM whose requests
+/// all wait on a future is recycled like any other (the count was looked
+/// at only after a request that did not suspend).
+#[test]
+fn a_vm_whose_requests_all_suspend_is_recycled() {
+    within("recycling suspending requests", || {
+        let pool = IslePool::builder()
+            .workers(1)
+            .task_library(true)
+            .recycle_after(2)
+            .build()
+            .unwrap();
+        for _ in 0..10 {
+            pool.eval::<()>("task.sleep(0.001)").unwrap();
+        }
+        // The recycle after the last one may come just after it resolved.
+        common::eventually("recycled", || pool.metrics().workers[0].recycled >= 4);
+        pool.shutdown().unwrap();
+    });
+}

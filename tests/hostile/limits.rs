@@ -552,3 +552,59 @@ fn a_time_limit_reaches_short_coroutines_when_the_hook_ticks_all_the_time() {
         },
     );
 }
+
+/// Luau searches a plain needle in C, with no interrupt: a 1 MiB needle in
+/// 4 MiB of text took minutes, and the VM was replaced (its sessions lost).
+/// In the sandbox a long needle goes to Luau's matcher, which the time
+/// limit reaches; `split` with a long separator too. What they find is
+/// what Luau's own functions find.
+#[test]
+#[cfg(feature = "luau")]
+fn luau_plain_searches_with_long_needles_stop_on_time() {
+    common::in_child("luau_plain_searches_with_long_needles_stop_on_time", || {
+        common::within("long needles", || {
+            let pool = mlua_isle::IslePool::builder()
+                .workers(1)
+                .sandbox(true)
+                .default_timeout(std::time::Duration::from_millis(200))
+                .stop_grace(std::time::Duration::from_millis(500))
+                .build()
+                .unwrap();
+            let victim = pool.session("victim");
+            victim.eval::<()>("kept = 'state'").unwrap();
+            let attacker = pool.session("attacker");
+            let setup = "local s = string.rep('a', 2^22) local p = string.rep('a', 2^20) .. 'b' ";
+            for op in [
+                "return string.find(s, p)",
+                "return string.find(s, p, 1, true)",
+                "return s:find(p, 2)",
+                "return #s:split(p)",
+            ] {
+                let r = attacker.eval::<Option<i64>>(format!("{setup}{op}"));
+                assert_eq!(r, Err(IsleError::Timeout), "`{op}`");
+                assert_eq!(
+                    victim.eval::<String>("kept"),
+                    Ok("state".to_string()),
+                    "after `{op}`"
+                );
+            }
+            // The same answers as Luau's own functions.
+            let plain = Isle::spawn(|_| Ok(())).unwrap();
+            // Without magic characters, and (found only as plain) with.
+            let (needle, magic) = ("string.rep('ab,', 40)", "string.rep('ab(%', 40)");
+            for op in [
+                format!("return string.find('x' .. {needle} .. 'y', {needle})"),
+                format!("return string.find('x' .. {needle} .. 'y', {needle}, 3)"),
+                format!("return string.find('xx' .. {needle} .. {needle}, {needle}, -90)"),
+                format!("return string.find('x' .. {magic} .. 'y', {magic}, 1, true)"),
+                format!("return string.find('x' .. {magic}, {magic} .. 'z', 1, true)"),
+                format!("return table.concat(('1' .. {magic} .. '2' .. {magic} .. {magic}):split({magic}), '|')"),
+                format!("return #({needle}):split({needle})"),
+            ] {
+                let ours = victim.eval::<mlua_isle::mlua::Variadic<String>>(op.as_str());
+                let luau = plain.eval::<mlua_isle::mlua::Variadic<String>>(op.as_str());
+                assert_eq!(ours.map(|v| v.to_vec()), luau.map(|v| v.to_vec()), "`{op}`");
+            }
+        });
+    });
+}

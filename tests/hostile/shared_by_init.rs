@@ -513,3 +513,66 @@ fn package_loaded_kept_by_init_hands_out_what_the_sandbox_gives() {
         "{r:?}"
     );
 }
+
+/// Unkeyed sandboxed code puts a metatable on the shared globals: its
+/// `__newindex` would run inside the host's own writes to them
+/// (`pool.reload`'s `f`), keep the real table the host puts there, and
+/// change what every session reads (or make every reload fail). The
+/// sandbox refuses a metatable on the shared globals; on Luau, freezing
+/// them too.
+#[test]
+fn unkeyed_work_cannot_hook_the_hosts_writes_to_the_globals() {
+    common::within("globals' metatable", || {
+        let p = pool();
+        let r = p.eval::<()>(
+            "local box = {} function getbox() return box end \
+             setmetatable(_G, { __newindex = function(t, k, v) box[k] = v rawset(t, k, v) end })",
+        );
+        let Err(mlua_isle::IsleError::Lua(e)) = r else {
+            panic!("{r:?}")
+        };
+        assert!(e.message().contains("no metatable"), "{}", e.message());
+        assert_eq!(p.eval::<bool>("return getmetatable(_G) == nil"), Ok(true));
+        let v = p
+            .reload(|lua| {
+                let news = lua.create_table()?;
+                news.set("motd", "hello")?;
+                lua.globals().set("news", news)
+            })
+            .unwrap();
+        assert_eq!(v, 1);
+        let s = p.session("victim");
+        assert_eq!(
+            s.eval::<String>("return news.motd"),
+            Ok("hello".to_string())
+        );
+        #[cfg(feature = "luau")]
+        {
+            let r = p.eval::<()>("table.freeze(_G)");
+            assert!(r.is_err(), "{r:?}");
+            assert_eq!(p.reload(|lua| lua.globals().set("version", 2)), Ok(2));
+        }
+    });
+}
+
+/// `load` with a reader that returns numbers (Lua takes them as their
+/// text): they count against `max_load_size` as strings do.
+#[test]
+#[cfg(not(feature = "luau"))] // Luau has no `load` of Lua source
+fn a_load_reader_returning_numbers_counts_against_the_size_limit() {
+    common::within("reader of numbers", || {
+        let p = pool();
+        let r: (bool, String) = p
+            .eval(
+                "local n = 0 \
+                 local f, e = load(function() \
+                     n = n + 1 \
+                     if n == 1 then return 'return 0' end \
+                     if n <= 100000 then return -1/0 end \
+                 end) \
+                 return f ~= nil, tostring(e)",
+            )
+            .unwrap();
+        assert!(!r.0 && r.1.contains("too large"), "{r:?}");
+    });
+}

@@ -1351,3 +1351,26 @@ fn a_table_holding_itself_is_measured_as_its_copies() {
         });
     });
 }
+
+/// Luau: a `buffer` is copied to bytes as a string is (`BString`), so the
+/// measure charges its length: a 4 MiB buffer held 10 times is refused
+/// under an 8 MiB limit, as the same string is.
+#[test]
+#[cfg(feature = "luau")]
+fn a_luau_buffer_is_measured_as_its_bytes() {
+    in_child("a_luau_buffer_is_measured_as_its_bytes", || {
+        within("buffers", || {
+            use mlua::BString;
+            let isle = Isle::builder()
+                .memory_limit(8 << 20)
+                .spawn(|_| Ok(()))
+                .unwrap();
+            let r = isle.eval::<Vec<BString>>(
+                "local b = buffer.create(2^22) local t = {} for i = 1, 10 do t[i] = b end return t",
+            );
+            assert!(is_memory_limit(&r), "{:?}", r.map(|v| v.len()));
+            let one = isle.eval::<BString>("return buffer.create(1024)").unwrap();
+            assert_eq!(one.len(), 1024);
+        });
+    });
+}
