@@ -62,6 +62,13 @@ impl PoolInner {
                 let counters = &shared.counters[w];
                 counters.running.store(false, Ordering::Relaxed);
                 counters.wedged.fetch_add(1, Ordering::Relaxed);
+                // The stuck VM's suspended requests were stopped with the
+                // hand-over (`Lifecycle::hand_over_if_running`) and are
+                // never counted by it (it drops them if it gets back):
+                // counted here, as stopped, and the fresh VM has none.
+                for _ in 0..counters.suspended.swap(0, Ordering::Relaxed) {
+                    counters.record(crate::vm::Outcome::Cancelled, std::time::Duration::ZERO);
+                }
                 shared.sleep.replace(w, unparker);
                 let _ = go.send(lost);
             },

@@ -900,3 +900,45 @@ fn a_session_lost_to_recycling_leaves_nothing_behind() {
         pool.shutdown().unwrap();
     });
 }
+
+/// A VM wedged (stuck in a host callback) while requests are suspended on
+/// it: they are answered when it is replaced, and counted then, as
+/// stopped (the stuck VM never counts them: it drops them if it gets
+/// back). The fresh VM shows none suspended, and once the stuck request
+/// returns the ledger balances.
+#[cfg(feature = "async")]
+#[test]
+fn suspended_requests_of_a_wedged_vm_are_counted() {
+    within("wedged with suspended requests", || {
+        let (g, block) = gate();
+        let pool = IslePool::builder()
+            .workers(1)
+            .stop_grace(Duration::from_millis(50))
+            .init(move |lua| {
+                block.clone().register(lua, "block")?;
+                let never = lua.create_async_function(|_, ()| {
+                    std::future::pending::<mlua_isle::mlua::Result<()>>()
+                })?;
+                lua.globals().set("never", never)
+            })
+            .build()
+            .unwrap();
+        let parked: Vec<_> = (0..3).map(|_| pool.spawn_eval::<()>("never()")).collect();
+        common::eventually("three suspended", || {
+            pool.metrics().workers[0].suspended == 3
+        });
+        let stuck = pool
+            .spawn_eval::<()>("block()")
+            .timeout(Duration::from_millis(10));
+        g.wait_started();
+        assert_eq!(stuck.wait(), Err(IsleError::Timeout));
+        for t in parked {
+            assert!(t.wait().is_err());
+        }
+        common::eventually("replaced", || pool.metrics().workers[0].wedged == 1);
+        assert_eq!(pool.metrics().workers[0].suspended, 0);
+        g.release();
+        common::eventually("the ledger balances", || ledger_balanced(&pool.metrics()));
+        pool.shutdown().unwrap();
+    });
+}
