@@ -206,6 +206,13 @@ impl Shared {
     }
 
     /// True if worker `w` could find anything to do.
+    /// True if work only worker `w` may take waits: sessions' requests
+    /// (also those released by a request that just resolved), closes,
+    /// broadcasts, reloads.
+    pub(super) fn has_pinned_work(&self, w: usize) -> bool {
+        !self.control[w].is_empty() || !self.pinned[w].is_empty() || self.fair[w].ready() > 0
+    }
+
     pub(super) fn has_work(&self, w: usize, local: &Deque<Job>) -> bool {
         !self.control[w].is_empty()
             || !self.pinned[w].is_empty()

@@ -58,12 +58,7 @@ impl Worker {
             lost.clear();
         }
         let w = self.index;
-        let weak = Arc::downgrade(&self.shared);
-        vm.on_wake(move || {
-            if let Some(shared) = weak.upgrade() {
-                shared.sleep.wake(w);
-            }
-        });
+        self.wake_on_futures(&vm);
         crate::handle::route::set_home(vm.lua(), &shared.home, Some(w));
         let mut host = WorkerVm::new(vm);
         self.show_version(&host);
@@ -88,10 +83,16 @@ impl Worker {
                     self.retire();
                     return;
                 }
-                // The last suspended request may have resolved: the VM's
-                // count may be due (a VM whose requests all suspend is
-                // recycled too).
-                if host.vm.suspended() == 0 && self.due_for_recycling(&host) {
+                // The last suspended request may have resolved, and the
+                // VM's count be due: a VM whose requests all suspend is
+                // recycled too. Not while work of its own waits (a
+                // session's requests queued behind the one that resolved
+                // run in their session first): the check after the next
+                // request recycles then.
+                if host.vm.suspended() == 0
+                    && !shared.has_pinned_work(w)
+                    && self.due_for_recycling(&host)
+                {
                     self.recycle(&mut host, &mut lost);
                 }
             }
@@ -427,7 +428,9 @@ impl Worker {
         outcome: Outcome,
         lost: &mut Vec<Arc<Binding>>,
     ) {
-        if tag == BROADCAST {
+        if tag == BROADCAST || !self.is_current() {
+            // Replaced while it was stuck: what it had suspended was
+            // counted at the hand-over (`pool/wedge.rs`).
             return;
         }
         self.shared.counters[self.index].record(outcome, Duration::ZERO);
@@ -471,6 +474,10 @@ impl Worker {
     }
 
     fn count_suspended(&self, host: &WorkerVm) {
+        if !self.is_current() {
+            // Replaced: the slot's gauge is the fresh VM's.
+            return;
+        }
         self.shared.counters[self.index]
             .suspended
             .store(host.vm.suspended(), Ordering::Relaxed);
@@ -552,6 +559,17 @@ impl Worker {
         self.shared.counters[self.index].record(Outcome::Failed, Duration::ZERO);
     }
 
+    /// A future `vm`'s suspended requests wait on wakes this worker (also
+    /// a VM it starts when it recycles).
+    fn wake_on_futures(&self, vm: &Vm) {
+        let (w, weak) = (self.index, Arc::downgrade(&self.shared));
+        vm.on_wake(move || {
+            if let Some(shared) = weak.upgrade() {
+                shared.sleep.wake(w);
+            }
+        });
+    }
+
     fn due_for_recycling(&self, host: &WorkerVm) -> bool {
         let shared = &*self.shared;
         shared.recycle_after.is_some_and(|n| host.served.get() >= n)
@@ -567,6 +585,7 @@ impl Worker {
         let counters = &self.shared.counters[self.index];
         match (self.restart)() {
             Ok(vm) => {
+                self.wake_on_futures(&vm);
                 crate::handle::route::set_home(vm.lua(), &self.shared.home, Some(self.index));
                 self.shared.life.serve_with(self.index, vm.interrupt());
                 let old = std::mem::replace(host, WorkerVm::new(vm));

@@ -318,6 +318,12 @@ G.setmetatable = function(...)
     end
     return placed(pcall(setmetatable_c, ...))
 end
+-- One `init` put there is out of reach too (editing it would do the same).
+local getmetatable_c = named("getmetatable", getmetatable)
+G.getmetatable = function(...)
+    if rawequal((...), G) then return nil end
+    return placed(pcall(getmetatable_c, ...))
+end
 
 -- LuaJIT: the JIT stays off (compiled traces never reach the hook).
 local jit = rawget(G, "jit")

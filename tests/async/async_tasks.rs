@@ -378,3 +378,26 @@ fn a_vm_whose_requests_all_suspend_is_recycled() {
         pool.shutdown().unwrap();
     });
 }
+
+/// A VM started by a recycle wakes its suspended requests too (its
+/// wake-ups reached no one: the first request to suspend on it hung).
+#[test]
+fn a_recycled_vm_wakes_its_suspended_requests() {
+    within("wake after recycle", || {
+        let pool = IslePool::builder()
+            .workers(1)
+            .task_library(true)
+            .recycle_after(1)
+            .build()
+            .unwrap();
+        for i in 0..4 {
+            assert_eq!(
+                pool.eval::<i64>("task.sleep(0.01) return 1"),
+                Ok(1),
+                "request {i}"
+            );
+        }
+        common::eventually("recycled", || pool.metrics().workers[0].recycled >= 3);
+        pool.shutdown().unwrap();
+    });
+}

@@ -576,3 +576,37 @@ fn a_load_reader_returning_numbers_counts_against_the_size_limit() {
         assert!(!r.0 && r.1.contains("too large"), "{r:?}");
     });
 }
+
+/// A metatable `init` put on the shared globals (a strict mode, say) is
+/// out of reach of sandboxed code: `getmetatable(_G)` shows none, so no
+/// tenant edits its `__newindex` to hook the host's later writes.
+#[test]
+fn a_metatable_init_put_on_the_globals_is_out_of_reach() {
+    common::within("init's metatable on the globals", || {
+        let p = pool_with("setmetatable(_G, { __index = function() end })");
+        assert_eq!(p.eval::<bool>("return getmetatable(_G) == nil"), Ok(true));
+        let r = p.eval::<()>(
+            "local box = {} function getbox() return box end \
+             local mt = getmetatable(_G) \
+             mt.__newindex = function(t, k, v) box[k] = v rawset(t, k, v) end",
+        );
+        assert!(r.is_err(), "{r:?}");
+        p.reload(|lua| {
+            let news = lua.create_table()?;
+            news.set("motd", "hello")?;
+            lua.globals().set("news", news)
+        })
+        .unwrap();
+        let _ = p.eval::<()>("getbox().news.motd = 'pwned'");
+        assert_eq!(
+            p.session("victim").eval::<String>("return news.motd"),
+            Ok("hello".to_string())
+        );
+        // Other values' metatables read as before.
+        assert_eq!(p.eval::<bool>("return getmetatable('') ~= nil"), Ok(true));
+        assert_eq!(
+            p.eval::<bool>("local mt = {} return getmetatable(setmetatable({}, mt)) == mt"),
+            Ok(true)
+        );
+    });
+}

@@ -942,3 +942,68 @@ fn suspended_requests_of_a_wedged_vm_are_counted() {
         pool.shutdown().unwrap();
     });
 }
+
+/// The same, with the VM stuck inside a resumed poll (the stuck request is
+/// itself suspended, so counted at the hand-over): when its thread gets
+/// back, it counts nothing again and leaves the fresh VM's gauge alone.
+#[cfg(feature = "async")]
+#[test]
+fn a_vm_wedged_in_a_resumed_poll_is_counted_once() {
+    within("wedged in a resumed poll", || {
+        let (g, block) = gate();
+        let (dropped_tx, dropped_rx) = crossbeam_channel::unbounded::<usize>();
+        let starts = Arc::new(AtomicUsize::new(0));
+        struct OnDrop(usize, crossbeam_channel::Sender<usize>);
+        impl Drop for OnDrop {
+            fn drop(&mut self) {
+                let _ = self.1.send(self.0);
+            }
+        }
+        let pool = {
+            let starts = starts.clone();
+            IslePool::builder()
+                .workers(1)
+                .stop_grace(Duration::from_millis(50))
+                .init(move |lua| {
+                    let n = starts.fetch_add(1, Ordering::SeqCst);
+                    lua.set_app_data(OnDrop(n, dropped_tx.clone()));
+                    block.clone().register(lua, "block")?;
+                    let never = lua.create_async_function(|_, ()| {
+                        std::future::pending::<mlua_isle::mlua::Result<()>>()
+                    })?;
+                    lua.globals().set("never", never)?;
+                    common::set_yield_once(lua, "yield_once")
+                })
+                .build()
+                .unwrap()
+        };
+        let s = pool.session("s");
+        let parked = [
+            pool.spawn_eval::<()>("never()"),
+            s.spawn_eval::<()>("never()"),
+        ];
+        let queued = s.spawn_eval::<i64>("return 1");
+        common::eventually("two suspended", || pool.metrics().workers[0].suspended == 2);
+        let stuck = pool
+            .spawn_eval::<()>("yield_once() block()")
+            .timeout(Duration::from_millis(100));
+        g.wait_started();
+        assert_eq!(stuck.wait(), Err(IsleError::Timeout));
+        for t in parked {
+            assert!(t.wait().is_err());
+        }
+        assert!(queued.wait().is_err());
+        common::eventually("replaced", || pool.metrics().workers[0].wedged == 1);
+        g.release();
+        // The stuck VM (the first started) is dropped once its thread retires.
+        while dropped_rx
+            .recv_timeout(common::PATIENCE)
+            .expect("the stuck VM is dropped")
+            != 0
+        {}
+        let m = pool.metrics();
+        assert!(ledger_balanced(&m), "{m:?}");
+        assert_eq!(m.workers[0].suspended, 0);
+        pool.shutdown().unwrap();
+    });
+}
