@@ -418,6 +418,19 @@ fn the_budget_stops_a_loop_that_keeps_the_heap_at_its_limit() {
     }
 }
 
+/// A sandboxed pool of one VM whose requests stop after `ms`: a VM still
+/// stuck in C half a second later is replaced (its sessions lost, which
+/// the tests below look for).
+fn one_sandboxed_vm_stopping_at(ms: u64) -> mlua_isle::IslePool {
+    mlua_isle::IslePool::builder()
+        .workers(1)
+        .sandbox(true)
+        .default_timeout(std::time::Duration::from_millis(ms))
+        .stop_grace(std::time::Duration::from_millis(500))
+        .build()
+        .unwrap()
+}
+
 /// A plain table whose border Lua finds near 2^62: 63 entries at 1, 2, 4,
 /// ... 2^62, all in its hash part, so `#t` doubles through them.
 fn far_border_table() -> String {
@@ -437,13 +450,7 @@ fn the_sandbox_shifts_a_table_with_a_far_border_under_the_requests_limits() {
         "the_sandbox_shifts_a_table_with_a_far_border_under_the_requests_limits",
         || {
             common::within("far border", || {
-                let pool = mlua_isle::IslePool::builder()
-                    .workers(1)
-                    .sandbox(true)
-                    .default_timeout(std::time::Duration::from_millis(200))
-                    .stop_grace(std::time::Duration::from_millis(500))
-                    .build()
-                    .unwrap();
+                let pool = one_sandboxed_vm_stopping_at(200);
                 let s = pool.session("tenant");
                 s.eval::<()>("kept = 'state'").unwrap();
                 let t = far_border_table();
@@ -563,13 +570,7 @@ fn a_time_limit_reaches_short_coroutines_when_the_hook_ticks_all_the_time() {
 fn luau_plain_searches_with_long_needles_stop_on_time() {
     common::in_child("luau_plain_searches_with_long_needles_stop_on_time", || {
         common::within("long needles", || {
-            let pool = mlua_isle::IslePool::builder()
-                .workers(1)
-                .sandbox(true)
-                .default_timeout(std::time::Duration::from_millis(200))
-                .stop_grace(std::time::Duration::from_millis(500))
-                .build()
-                .unwrap();
+            let pool = one_sandboxed_vm_stopping_at(200);
             let victim = pool.session("victim");
             victim.eval::<()>("kept = 'state'").unwrap();
             let attacker = pool.session("attacker");
