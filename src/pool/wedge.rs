@@ -66,6 +66,8 @@ impl PoolInner {
                 // hand-over (`Lifecycle::hand_over_if_running`) and are
                 // never counted by it (it drops them if it gets back):
                 // counted here, as stopped, and the fresh VM has none.
+                // ORDERING: Relaxed: a statistic; the stuck worker no longer
+                // writes it (`Worker::count_suspended` once replaced).
                 for _ in 0..counters.suspended.swap(0, Ordering::Relaxed) {
                     counters.record(crate::vm::Outcome::Cancelled, std::time::Duration::ZERO);
                 }
