@@ -410,22 +410,38 @@ fn long_c_functions_answer_on_time_and_their_vm_is_replaced() {
                 "table.remove(setmetatable({}, {__index = hit, __len = function() return math.maxinteger end}), 1)",
                 #[cfg(not(feature = "lua52"))]
                 "table.insert(setmetatable({}, {__index = hit, __len = function() return math.maxinteger - 1 end}), 1, 'x')",
-                #[cfg(any(feature = "lua52", feature = "lua53"))]
+                #[cfg(feature = "lua53")]
                 "table.remove(setmetatable({}, {__index = hit, __len = function() return 2^30 end}), 1)",
-                #[cfg(any(feature = "lua52", feature = "lua53"))]
+                #[cfg(feature = "lua53")]
                 "table.insert(setmetatable({}, {__index = hit, __len = function() return 2^30 end}), 1, 'x')",
+                // Lua 5.2's move elements raw (no `__index`): `hit_len`, a
+                // Rust function too, says "started" as the C function asks
+                // the length.
+                #[cfg(feature = "lua52")]
+                "table.remove(setmetatable({}, {__len = hit_len}), 1)",
+                #[cfg(feature = "lua52")]
+                "table.insert(setmetatable({}, {__len = hit_len}), 1, 'x')",
             ] {
                 let (tx, started) = crossbeam_channel::unbounded();
                 let isle = Isle::builder()
                     .stop_grace(GRACE)
                     .spawn(move |lua| {
-                        let first = std::sync::atomic::AtomicBool::new(true);
-                        let hit = lua.create_function(move |_, ()| {
+                        let first = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+                        let say = move || {
                             if first.swap(false, Ordering::SeqCst) {
                                 let _ = tx.send(());
                             }
+                        };
+                        let said = say.clone();
+                        let hit = lua.create_function(move |_, ()| {
+                            said();
                             Ok(())
                         })?;
+                        let hit_len = lua.create_function(move |_, _: mlua_isle::mlua::Value| {
+                            say();
+                            Ok(1_i64 << 30)
+                        })?;
+                        lua.globals().set("hit_len", hit_len)?;
                         lua.globals().set("hit", hit)
                     })
                     .unwrap();

@@ -19,15 +19,20 @@ use mlua::ffi::{self, lua_State};
 const RECORD: c_int = 1;
 
 /// Whether the value at `idx` is a message, to which `error` adds a
-/// position: a string (Lua 5.1, LuaJIT and Luau: or a number, which
-/// becomes one).
+/// position: a string (Lua 5.1, 5.2, LuaJIT and Luau: or a number, which
+/// becomes one; Lua 5.3 on take strings only).
 ///
 /// # Safety
 /// `idx` is a valid index of `state`.
 unsafe fn is_message(state: *mut lua_State, idx: c_int) -> bool {
     // SAFETY: as the caller guarantees; both only read the value.
     unsafe {
-        if cfg!(any(feature = "lua51", feature = "luajit", feature = "luau")) {
+        if cfg!(any(
+            feature = "lua51",
+            feature = "lua52",
+            feature = "luajit",
+            feature = "luau"
+        )) {
             ffi::lua_isstring(state, idx) != 0
         } else {
             ffi::lua_type(state, idx) == ffi::LUA_TSTRING
