@@ -13,7 +13,8 @@ use std::fmt;
 
 /// The value a failing request raised with `error(value)` (or, from Lua
 /// 5.3 on, `assert(false, value)`), when it was not a string: a table, `nil`, a
-/// boolean, a number, a function, a userdata ... Read on the VM, owned,
+/// boolean, a number (from Lua 5.3 on: 5.1, 5.2, LuaJIT and Luau's `error`
+/// makes one a message), a function, a userdata ... Read on the VM, owned,
 /// `Send + Sync`: see [`LuaError::value`](crate::LuaError::value).
 ///
 /// It keeps, within bounds (a hostile script can raise anything):
