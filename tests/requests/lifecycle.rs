@@ -45,11 +45,15 @@ fn the_last_pool_handle_dropped_on_a_worker_waits_only_for_the_others() {
         .build()
         .unwrap();
     let own = pool.clone();
+    // The worker drops the last handle: the caller's goes first.
+    let (dropped, caller_dropped) = crossbeam_channel::bounded::<()>(1);
     let task = pool.spawn_exec(move |_| {
+        let _ = caller_dropped.recv();
         drop(own);
         Ok(7)
     });
     drop(pool);
+    dropped.send(()).unwrap();
     assert_eq!(
         within("the exec that dropped the last handle", move || task.wait()),
         Ok(7)
